@@ -1,0 +1,26 @@
+# fss-jax developer commands.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+setup: $(VENV)/bin/activate  ## create .venv and install runtime + dev requirements
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+
+test:  ## run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo:  ## synthetic data -> build -> train PANet -> evaluate -> overlays
+	$(PY) -m fss_jax.demo --workdir /tmp/fss_jax_demo
+
+bench:  ## benchmarks (print JSON)
+	$(PY) bench/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,123 @@
+"""Model registry: name -> (module factory, loss, key map, parity adapter).
+
+Every method module (``fss_jax/models/<name>.py``) defines a module-level
+``SPEC = ModelSpec(...)``. The registry imports it lazily, so importing the
+registry never pulls in every model.
+
+Contracts (see DESIGN.md):
+* ``make_model(**fields) -> flax.linen.Module`` whose ``__call__(episode, *,
+  train: bool) -> dict`` returns at least ``logits [B, h, w, C]``.
+* ``loss_fn(outputs, episode) -> (scalar loss, dict of scalar metrics)``.
+* ``keymap(**fields) -> list[Rule | Ignore]`` (fss_jax.keymaps) mapping the
+  official PyTorch state dict to the Flax variables of ``make_model(**fields)``.
+* ``parity`` (optional) tells ``checkpoints.verify`` how to run a fixture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+# name -> module path. A name may be registered before its module exists; then
+# `get` says it is not supported yet.
+_MODULES: dict[str, str] = {
+    "panet": "fss_jax.models.panet",
+    "sccan": "fss_jax.models.sccan",
+    "pspnet": "fss_jax.models.pspnet",
+    "hdmnet": "fss_jax.models.hdmnet",
+    "ssp": "fss_jax.models.ssp",
+    "sccan_pahnet": "fss_jax.models.pahnet",
+    "hdmnet_pahnet": "fss_jax.models.pahnet",
+    "jc2a": "fss_jax.models.jc2a",
+    "symnet": "fss_jax.models.symnet",
+    # Backbones alone (their parity fixtures and ImageNet weight conversion).
+    "resnet_torchvision": "fss_jax.nn.backbones.specs",
+    "resnet_deep_stem": "fss_jax.nn.backbones.specs",
+    "resnet_sccan": "fss_jax.nn.backbones.specs",
+    "pspnet_backbone": "fss_jax.nn.backbones.specs",
+    "vgg16_panet": "fss_jax.nn.backbones.specs",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityAdapter:
+  """How `checkpoints.verify` runs a fixture of the official code.
+
+  Attributes:
+    model_classes: values of the fixture json's ``model_class`` handled here.
+    model_fields: fixture json -> keyword fields for ``make_model``/``keymap``
+      (shots, ways, sizes... read from the json, nothing hard-coded).
+    inputs: (npz arrays, fixture json) -> the model's input (an Episode dict,
+      or whatever ``apply`` expects), NHWC.
+    outputs: (model outputs, fixture json) -> {"out_...": array, "mid_...":
+      array} in the fixture's (PyTorch) layout. ``out_`` names are compared for
+      pass/fail; ``mid_`` names are reported to locate a mismatch.
+    apply: optional (module, variables, inputs) -> outputs; defaults to
+      ``module.apply(variables, inputs, train=False)``.
+    logit_outputs: ``out_`` names whose class axis (axis 1, NCHW) is compared
+      by argmax agreement.
+    tolerances: ``out_`` name -> absolute tolerance overriding the default
+      1e-4 * max(1, max|ref|) (the fixture's tolerance_suggestion).
+  """
+  model_classes: tuple[str, ...]
+  model_fields: Callable[[Mapping[str, Any]], dict]
+  inputs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], Any]
+  outputs: Callable[[Any, Mapping[str, Any]], dict]
+  apply: Callable | None = None
+  logit_outputs: tuple[str, ...] = ()
+  tolerances: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  name: str
+  make_model: Callable[..., Any]
+  keymap: Callable[..., list]
+  loss_fn: Callable | None = None
+  parity: ParityAdapter | None = None
+  # Parameter-path regexes frozen during training (optax-masked).
+  frozen: tuple[str, ...] = ()
+
+
+class UnsupportedModelError(ValueError):
+  pass
+
+
+def names() -> list[str]:
+  return sorted(_MODULES)
+
+
+def get(name: str) -> ModelSpec:
+  """Returns the ModelSpec of `name`; clear errors for unknown / unbuilt models."""
+  if name not in _MODULES:
+    close = difflib.get_close_matches(name, _MODULES, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UnsupportedModelError(f"unknown model {name!r}{hint}; known: {', '.join(names())}")
+  try:
+    module = importlib.import_module(_MODULES[name])
+  except ModuleNotFoundError as e:
+    if e.name and _MODULES[name].startswith(e.name):
+      raise UnsupportedModelError(f"model {name} is not supported yet") from None
+    raise
+  specs = getattr(module, "SPECS", None) or {module.SPEC.name: module.SPEC}
+  if name not in specs:
+    raise UnsupportedModelError(f"model {name} is not supported yet")
+  return specs[name]
+
+
+def for_fixture(meta: Mapping[str, Any]) -> ModelSpec:
+  """Finds the registered model whose parity adapter handles this fixture json."""
+  model_class = meta.get("model_class", "")
+  for name in _MODULES:
+    try:
+      spec = get(name)
+    except UnsupportedModelError:
+      continue
+    if spec.parity and model_class in spec.parity.model_classes:
+      return spec
+  label = meta.get("fixture") or model_class
+  raise UnsupportedModelError(f"model {label} ({model_class}) is not supported yet")

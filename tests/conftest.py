@@ -1,0 +1,33 @@
+"""Shared test fixtures: parity fixture lookup, CPU-only jax settings."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PARITY_DIR = pathlib.Path(os.environ.get("FSS_PARITY_DIR", REPO.parent / "shared" / "parity"))
+SHARED_DIR = PARITY_DIR.parent
+
+
+def parity_fixture(folder: str, name: str | None = None) -> pathlib.Path:
+  """Path of a parity fixture .npz; skips locally, fails under CI, when absent."""
+  d = PARITY_DIR / folder
+  paths = sorted(d.glob(f"{name or '*'}.npz")) if d.is_dir() else []
+  if not paths:
+    msg = f"parity fixture {folder}/{name or '*'}.npz not found under {PARITY_DIR}"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return paths[0]
+
+
+def load_fixture(folder: str, name: str | None = None):
+  """Returns (npz dict, json meta, npz path)."""
+  path = parity_fixture(folder, name)
+  with np.load(path) as z:
+    arrays = {k: z[k] for k in z.files}
+  meta = json.loads(path.with_suffix(".json").read_text())
+  return arrays, meta, path
