@@ -38,7 +38,7 @@ _MODULES: dict[str, str] = {
     "resnet_torchvision": "fss_jax.nn.backbones.specs",
     "resnet_deep_stem": "fss_jax.nn.backbones.specs",
     "resnet_sccan": "fss_jax.nn.backbones.specs",
-    "pspnet_backbone": "fss_jax.nn.backbones.specs",
+    "pspnet_backbone": "fss_jax.models.pspnet",
     "vgg16_panet": "fss_jax.nn.backbones.specs",
 }
 
