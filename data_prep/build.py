@@ -1,0 +1,277 @@
+"""Build PASCAL-5i / COCO-20i as TFDS array_record datasets plus the fss index and build report.
+
+  python -m data_prep.build --dataset pascal5i --manual_dir ~/data/VOC2012 --data_dir ~/tensorflow_datasets
+  python -m data_prep.build --dataset coco20i --manual_dir ~/data/coco2014 --data_dir ~/tensorflow_datasets
+
+writes ``<data_dir>/<dataset>/1.0.0/`` as `fss_jax.data.source` reads it:
+the TFDS files (records in list order), ``fss_index_{train,val}.npz`` (derived
+from the records as TFDS reads them back, checked against the list order) and
+``fss_build_report.json`` (options, counts per split, skipped files and why).
+
+Safety:
+* Everything is built in ``<data_dir>/<dataset>/incomplete.build-<pid>-<tag>.1.0.0/``;
+  the report (the completeness marker) is written last, then the finished
+  folder is renamed into place. An interrupted build therefore never leaves a
+  dataset that looks complete; the next build removes the leftovers of dead
+  builds.
+* A complete build (dataset_info.json + both index files + a report saying
+  ``complete``) makes a rerun a no-op; ``--overwrite`` rebuilds and replaces
+  the old dataset only after the new one is finished.
+* Raw-data problems stop the build before anything is written, with a message
+  that shows the expected layout (`data_prep.raw.RawDataError`); corrupt
+  images/labels are skipped, logged and listed in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import logging
+import os
+import pathlib
+import secrets
+import shutil
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from data_prep import raw
+from fss_jax.data import source
+
+log = logging.getLogger(__name__)
+
+DATASETS = {"pascal5i": ("data_prep.pascal5i", "Pascal5i"), "coco20i": ("data_prep.coco20i", "Coco20i")}
+REPORT_FORMAT = 1
+_STAGING_PREFIX = "incomplete.build-"
+_READ_CHUNK = 256
+
+
+class BuildError(RuntimeError):
+  """The build cannot proceed (existing data in the way, inconsistent output); the message says what to do."""
+
+
+def builder_class(dataset: str):
+  """The TFDS builder class of ``dataset`` ("pascal5i" or "coco20i")."""
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+  module, name = DATASETS[dataset]
+  return getattr(importlib.import_module(module), name)
+
+
+def _missing_parts(path: pathlib.Path) -> list[str]:
+  """What a complete build at ``path`` lacks (empty list: complete)."""
+  missing = [n for n in ["dataset_info.json"] + [source.index_filename(s) for s in raw.SPLITS]
+             if not (path / n).is_file()]
+  report = path / source.REPORT_FILE
+  if not report.is_file():
+    missing.append(source.REPORT_FILE)
+  else:
+    try:
+      if not json.loads(report.read_text()).get("complete"):
+        missing.append(f"{source.REPORT_FILE} saying complete")
+    except ValueError:
+      missing.append(f"a readable {source.REPORT_FILE}")
+  return missing
+
+
+def is_complete(data_dir: str | os.PathLike, dataset: str) -> bool:
+  """True when ``<data_dir>/<dataset>/1.0.0`` holds a finished build of this tool."""
+  path = source.dataset_dir(data_dir, dataset)
+  return path.is_dir() and not _missing_parts(path)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _remove_stale_staging(parent: pathlib.Path) -> None:
+  """Deletes the staging folders of builds whose process is gone (interrupted builds)."""
+  if not parent.is_dir():
+    return
+  for d in parent.glob(f"{_STAGING_PREFIX}*"):
+    try:
+      pid = int(d.name[len(_STAGING_PREFIX):].split("-")[0])
+    except ValueError:
+      continue
+    if pid != os.getpid() and not _pid_alive(pid):
+      log.info("removing the leftovers of an interrupted build: %s", d)
+      shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def index_from_records(path: pathlib.Path, split: str) -> source.DatasetIndex:
+  """Reads the split's records back through TFDS (reading order) -> `source.DatasetIndex`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder_from_directory(os.fspath(path))
+  records = builder.as_data_source(
+      split, decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()})
+  n = len(records)
+  ids, hs, ws, cps, igs = [], [], [], [], []
+  for start in range(0, n, _READ_CHUNK):
+    for rec in records.__getitems__(list(range(start, min(n, start + _READ_CHUNK)))):
+      iid = rec["image_id"]
+      ids.append(iid.decode("utf-8") if isinstance(iid, bytes) else str(iid))
+      hs.append(int(rec["height"]))
+      ws.append(int(rec["width"]))
+      cps.append(np.asarray(rec["class_pixels"], np.int64))
+      igs.append(int(rec["ignore_pixels"]))
+  c1 = builder.info.features["class_pixels"].shape[0]
+  return source.DatasetIndex(
+      image_ids=np.asarray(ids, dtype=str) if ids else np.zeros((0,), "<U1"),
+      heights=np.asarray(hs, np.int32), widths=np.asarray(ws, np.int32),
+      class_pixels=np.stack(cps) if cps else np.zeros((0, c1), np.int64),
+      ignore_pixels=np.asarray(igs, np.int64))
+
+
+def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
+          overwrite: bool = False, num_workers: int = 0, progress: bool = True) -> pathlib.Path:
+  """Builds ``dataset`` from the raw files in ``manual_dir`` into ``data_dir``.
+
+  Args:
+    dataset: "pascal5i" or "coco20i".
+    manual_dir: the raw data (layouts in `data_prep.raw.VOC_LAYOUT` / `COCO_LAYOUT`).
+    data_dir: TFDS data dir; the dataset lands in ``<data_dir>/<dataset>/1.0.0``.
+    overwrite: rebuild even when a complete build exists (replaced only on success).
+    num_workers: >1 decodes images in that many processes (record order unchanged).
+    progress: show progress bars.
+
+  Returns:
+    The dataset folder ``<data_dir>/<dataset>/1.0.0``.
+
+  Raises:
+    raw.RawDataError: missing or malformed raw data (nothing is written).
+    BuildError: an incomplete dataset is in the way (without ``overwrite``) or
+      the written records disagree with the lists.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  cls = builder_class(dataset)
+  final = source.dataset_dir(data_dir, dataset)
+  if final.exists() and not overwrite:
+    missing = _missing_parts(final)
+    if not missing:
+      log.info("%s is already built in %s (use --overwrite to rebuild)", dataset, final)
+      return final
+    raise BuildError(f"{final} exists but is not a complete build of this tool (it lacks {', '.join(missing)}). "
+                     f"Rerun with --overwrite to replace it, or move it away.")
+
+  manual_dir = pathlib.Path(os.path.expanduser(os.fspath(manual_dir))).resolve()
+  plan = raw.plan(dataset, manual_dir)  # raises before anything is written
+
+  parent = final.parent
+  parent.mkdir(parents=True, exist_ok=True)
+  _remove_stale_staging(parent)
+  staging = parent / f"{_STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.{source.DATASET_VERSION}"
+  try:
+    builder = cls(data_dir=os.fspath(staging), file_format="array_record")
+    builder.fss_manual_dir = os.fspath(manual_dir)
+    builder.fss_plan = plan
+    builder.fss_num_workers = num_workers
+    builder.fss_progress = progress
+    tfds.disable_progress_bar()  # ours (per split, per image) replaces TFDS's
+    builder.download_and_prepare(
+        download_dir=os.fspath(staging / "downloads"),
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir), compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    built = pathlib.Path(builder.data_dir)
+    skipped = builder.fss_skipped
+
+    split_counts = {}
+    for split, entries in plan.splits.items():
+      index = index_from_records(built, split)
+      skipped_ids = {s.image_id for s in skipped[split]}
+      expected = [e.image_id for e in entries if e.image_id not in skipped_ids]
+      if index.image_ids.tolist() != expected:
+        raise BuildError(f"{dataset}/{split}: TFDS reads the records in a different order than the list "
+                         f"(first records {index.image_ids[:5].tolist()} vs {expected[:5]}); this is a bug.")
+      if not len(index):
+        raise raw.RawDataError(f"{dataset}/{split}: every listed image was skipped as corrupt; see the log.")
+      source.save_index(built / source.index_filename(split), index, dataset=dataset, split=split)
+      split_counts[split] = {"listed": len(entries), "records": len(index), "skipped": len(skipped[split])}
+
+    report = {
+        "format": REPORT_FORMAT,
+        "dataset": dataset,
+        "version": source.DATASET_VERSION,
+        "num_classes": plan.num_classes,
+        "manual_dir": os.fspath(manual_dir),
+        "raw_root": plan.root,
+        "sources": plan.sources,
+        "splits": split_counts,
+        "skipped": [dict(split=split, image_id=s.image_id, file=s.file, reason=s.reason)
+                    for split in plan.splits for s in skipped[split]],
+        # Only when some split's labels were rendered from an instances json (§3.2 choices).
+        "coco_label_rendering": ({"draw_crowd": raw.COCO_DRAW_CROWD, "paint_order": raw.COCO_PAINT_ORDER}
+                                 if any("pycocotools" in v for v in plan.sources.values()) else None),
+        "tfds_version": tfds.__version__,
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": round(time.time() - t0, 2),
+        "complete": True,  # completeness marker: the report is the last file written
+    }
+    _write_json_atomic(built / source.REPORT_FILE, report)
+
+    old = None
+    if final.exists():  # --overwrite: move the old build aside only now that the new one is done
+      old = parent / f"{_STAGING_PREFIX}{os.getpid()}-replaced.{source.DATASET_VERSION}"
+      os.rename(final, old)
+    os.rename(built, final)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+  for split, c in split_counts.items():
+    log.info("%s/%s: %d records (%d listed, %d skipped)", dataset, split, c["records"], c["listed"],
+             c["skipped"])
+  for s in report["skipped"]:
+    log.warning("skipped %s/%s %s: %s", s["split"], s["image_id"], s["file"], s["reason"])
+  return final
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="Raw layouts:\npascal5i\n" + raw.VOC_LAYOUT + "\ncoco20i\n" + raw.COCO_LAYOUT)
+  p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+  p.add_argument("--manual_dir", required=True, help="folder with the raw files (see the layouts below)")
+  p.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"),
+                 help="TFDS data dir (default ~/tensorflow_datasets)")
+  p.add_argument("--overwrite", action="store_true", help="rebuild and replace an existing build")
+  p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                 help="image decoding processes (default: min(8, CPUs)); 0 or 1 decodes in-process")
+  p.add_argument("--no_progress", action="store_true", help="no progress bars")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  try:
+    path = build(args.dataset, args.manual_dir, args.data_dir, overwrite=args.overwrite,
+                 num_workers=args.num_workers, progress=not args.no_progress)
+  except (raw.RawDataError, BuildError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  report = json.loads((path / source.REPORT_FILE).read_text())
+  counts = ", ".join(f"{s} {c['records']} records ({c['skipped']} skipped)" for s, c in report["splits"].items())
+  print(f"{args.dataset} ready in {path}: {counts}; report {path / source.REPORT_FILE}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
