@@ -110,14 +110,24 @@ def get(name: str) -> ModelSpec:
 
 
 def for_fixture(meta: Mapping[str, Any]) -> ModelSpec:
-  """Finds the registered model whose parity adapter handles this fixture json."""
+  """Finds the registered model whose parity adapter handles this fixture json.
+
+  A model module that fails to import (a missing optional dependency, work in
+  progress) does not prevent finding the others; it is named in the error when
+  no model handles the fixture.
+  """
   model_class = meta.get("model_class", "")
+  broken = []
   for name in _MODULES:
     try:
       spec = get(name)
     except UnsupportedModelError:
       continue
+    except Exception as e:  # pylint: disable=broad-except  # reported below
+      broken.append(f"{name}: {type(e).__name__}: {e}")
+      continue
     if spec.parity and model_class in spec.parity.model_classes:
       return spec
   label = meta.get("fixture") or model_class
-  raise UnsupportedModelError(f"model {label} ({model_class}) is not supported yet")
+  hint = f" (modules that failed to import: {'; '.join(broken)})" if broken else ""
+  raise UnsupportedModelError(f"model {label} ({model_class}) is not supported yet{hint}")

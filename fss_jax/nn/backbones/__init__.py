@@ -1,0 +1,11 @@
+"""Backbones: one ResNet with its variants (resnet.py), PANet's VGG-16 (vgg.py).
+
+Registry entries for the backbones alone live in specs.py (imported lazily by
+fss_jax.models.registry).
+"""
+
+from fss_jax.nn.backbones.resnet import (ResNet, ResNetDeepStem, ResNetSCCAN, ResNetSSP,
+                                         ResNetTorchvision, resnet_keymap)
+
+__all__ = ["ResNet", "ResNetDeepStem", "ResNetSCCAN", "ResNetSSP", "ResNetTorchvision",
+           "resnet_keymap"]

@@ -1,0 +1,164 @@
+"""Parity check of a Flax model against a fixture of the official PyTorch code.
+
+  python -m checkpoints.verify --fixture X.npz [--json OUT]
+
+1. reads ``X.npz`` + ``X.json``; 2. rebuilds the reference weights from the
+json (`checkpoints.fixtures.regenerate`, every key's check verified);
+3. finds the model whose parity adapter handles the json's ``model_class``
+(`registry.for_fixture`); 4. fields = ``adapter.model_fields(meta)`` (shots,
+sizes... from the json); 5. converts the weights with the model's key map;
+6. runs the model in float32 under ``jax.default_matmul_precision("highest")``;
+7. prints ``name max_abs scale`` per ``out_`` array (and the ``mid_`` arrays
+the adapter returns, marked informational) and optionally writes OUT as::
+
+  {"fixture": str, "model": str,
+   "outputs": {"out_x": {"max_abs": float, "scale": float, "argmax_agree": float|null}},
+   "passed": bool}
+
+(plus "intermediates" with the same fields for ``mid_`` arrays). scale =
+max|reference|; argmax_agree = fraction of positions whose argmax over the
+class axis (axis 1, NCHW / NC) agrees, for the adapter's logit outputs. An
+output passes when max_abs <= 1e-4 * max(1, scale), or the adapter's
+tolerance for it.
+
+Exit status: 0 passed, 1 a mismatch, 2 bad input (missing/corrupt fixture,
+unsupported model, weights that do not fit the key map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+from checkpoints import fixtures
+
+DEFAULT_RTOL = 1e-4
+
+
+def _compare(pred, ref, logit: bool) -> dict[str, Any]:
+  pred = np.asarray(pred)
+  ref = np.asarray(ref)
+  scale = float(np.max(np.abs(ref.astype(np.float64)))) if ref.size else 0.0
+  if pred.shape != ref.shape:
+    return {"max_abs": None, "scale": scale, "argmax_agree": None,
+            "error": f"shape {tuple(pred.shape)} != reference {tuple(ref.shape)}"}
+  diff = np.abs(pred.astype(np.float64) - ref.astype(np.float64))
+  max_abs = float(np.max(diff)) if diff.size else 0.0
+  agree = None
+  if logit and ref.ndim >= 2:
+    agree = float(np.mean(np.argmax(pred, axis=1) == np.argmax(ref, axis=1)))
+  return {"max_abs": max_abs, "scale": scale, "argmax_agree": agree}
+
+
+def _fmt(v) -> str:
+  return "nan" if v is None else f"{v:.3e}"
+
+
+def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False) -> dict[str, Any]:
+  """Runs one fixture; returns the report dict (see module docstring).
+
+  Raises:
+    FileNotFoundError / fixtures.FixtureError: unreadable fixture.
+    registry.UnsupportedModelError: no registered model handles the fixture.
+    keymaps.ConversionError: the regenerated weights do not fit the key map.
+  """
+  import jax
+
+  from fss_jax import keymaps
+  from fss_jax.models import registry
+
+  path = pathlib.Path(path)
+  arrays, meta = fixtures.load_fixture(path)
+  spec = registry.for_fixture(meta)
+  adapter = spec.parity
+  state_dict = keymaps.strip_prefixes(fixtures.regenerate(meta))
+  fields = adapter.model_fields(meta)
+  variables = keymaps.convert(state_dict, spec.keymap(**fields), model=spec.name)
+  model = spec.make_model(**fields)
+  with jax.default_matmul_precision("highest"):
+    inputs = adapter.inputs(arrays, meta)
+    if adapter.apply is not None:
+      outputs = adapter.apply(model, variables, inputs)
+    else:
+      outputs = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, inputs)
+    outputs = jax.tree.map(np.asarray, jax.device_get(outputs))
+  preds = adapter.outputs(outputs, meta)
+
+  report: dict[str, Any] = {"fixture": str(path), "model": spec.name, "outputs": {},
+                            "passed": True, "intermediates": {}}
+  lines = []
+  for name in sorted(k for k in arrays if k.startswith("out_")):
+    if name not in preds:
+      entry = {"max_abs": None, "scale": float(np.max(np.abs(arrays[name]))),
+               "argmax_agree": None, "error": "not returned by the model's parity adapter"}
+    else:
+      entry = _compare(preds[name], arrays[name], name in adapter.logit_outputs)
+    tol = adapter.tolerances.get(name, DEFAULT_RTOL * max(1.0, entry["scale"]))
+    ok = entry["max_abs"] is not None and not math.isnan(entry["max_abs"]) \
+        and entry["max_abs"] <= tol
+    report["passed"] &= ok
+    note = entry.pop("error", None)
+    report["outputs"][name] = entry
+    lines.append(f"{name} {_fmt(entry['max_abs'])} {_fmt(entry['scale'])} "
+                 f"{'ok' if ok else 'FAIL'} (tol {tol:.3e}"
+                 + (f", argmax {entry['argmax_agree']:.4f}" if entry["argmax_agree"] is not None
+                    else "") + (f"; {note}" if note else "") + ")")
+  for name in sorted(k for k in preds if k.startswith("mid_") and k in arrays):
+    entry = _compare(preds[name], arrays[name], False)
+    note = entry.pop("error", None)
+    report["intermediates"][name] = entry
+    lines.append(f"{name} {_fmt(entry['max_abs'])} {_fmt(entry['scale'])} informational"
+                 + (f" ({note})" if note else ""))
+  unknown = sorted(k for k in preds if k.startswith("out_") and k not in arrays)
+  if unknown:
+    lines.append(f"# the adapter returned outputs absent from the fixture: {', '.join(unknown)}")
+  if not report["outputs"]:
+    report["passed"] = False
+    lines.append("# the fixture holds no out_ arrays: nothing to compare")
+  report["lines"] = lines
+  if verbose:
+    print("\n".join(lines))
+  return report
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m checkpoints.verify",
+      description="Compare a Flax model with a parity fixture of the official PyTorch code.")
+  parser.add_argument("--fixture", required=True, help="path of the fixture .npz (json beside it)")
+  parser.add_argument("--json", help="write the report to this file")
+  args = parser.parse_args(argv)
+
+  from fss_jax.keymaps import ConversionError
+  from fss_jax.models.registry import UnsupportedModelError
+
+  try:
+    report = verify_fixture(args.fixture)
+  except UnsupportedModelError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except ConversionError as e:
+    print(f"error: the fixture's weights do not fit the model's key map.\n{e}", file=sys.stderr)
+    return 2
+  except (FileNotFoundError, fixtures.FixtureError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  lines = report.pop("lines")
+  print(f"# {report['fixture']} -> model {report['model']}")
+  print("\n".join(lines))
+  print("PASSED" if report["passed"] else "FAILED")
+  if args.json:
+    out = pathlib.Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+  return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
