@@ -1,0 +1,405 @@
+"""Episode transforms: small named grain ops (data_protocol.md §8 training, §9 test).
+
+Every op maps one *episode element* (a dict, before batching) and moves images and
+their labels together::
+
+  query_image        f32 [H, W, 3]   RGB in 0..255 until `Normalize`
+  query_mask         u8  [H, W]      0 / 1 / 255 (N-way: 0..N / 255)
+  query_base_label   u8  [H, W]      optional: base classes 1..|base|, novel 0, 255 kept (§6)
+  support_images     list of f32 [h, w, 3]   (way-major: way 0 shots 0..K-1, way 1 ...)
+  support_masks      list of u8 [h, w]       0 / 1 / 255
+  ... scalars (class_id, class_index, episode_index) pass through untouched.
+
+The query and its labels share one set of random draws; each support draws its own
+(independently, from the same Generator, after the query). Random ops are
+``grain.transforms.RandomMap`` (``op.random_map(ep, rng)``), deterministic ones
+``grain.transforms.Map`` (``op.map(ep)``), so they run the same directly and inside a
+grain pipeline (``ds.random_map(op)`` / ``ds.map(op)``).
+
+All arithmetic follows the reference (OpenCV on float32 images, no uint8 rounding):
+
+* training (§8): `RandScale` -> `RandRotate` -> `RandomGaussianBlur` ->
+  `RandomHorizontalFlip` -> `RandomCrop` (PFENet/BAM/SCCAN) or `SquashResize`
+  (HDMNet) -> `Normalize` -> `ToArrays`;
+* test (§9): `KeepOriginalLabel` -> `AspectResizePad` (§9.1) or `SquashResize` (§9.2)
+  -> `Normalize` -> `ToArrays`.
+
+Use `train_ops` / `test_ops` to get these chains and `batch_episodes` to stack
+episodes into a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import cv2
+import grain
+import numpy as np
+
+IGNORE = 255
+# ImageNet statistics x 255, computed as the reference does (Python doubles, RGB).
+MEAN = tuple(v * 255 for v in (0.485, 0.456, 0.406))
+STD = tuple(v * 255 for v in (0.229, 0.224, 0.225))
+_LABELS = ("query_mask", "query_base_label")
+
+
+# -- group plumbing -------------------------------------------------------------------
+
+
+def _apply(ep: dict, fn: Callable[[np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]) -> dict:
+  """Applies ``fn(image, labels) -> (image, labels)`` to the query group, then to each
+  support; ``labels[0]`` is always the (binary) mask. Returns a new dict."""
+  out = dict(ep)
+  keys = [k for k in _LABELS if k in ep]
+  image, labels = fn(ep["query_image"], [ep[k] for k in keys])
+  out["query_image"] = image
+  out.update(zip(keys, labels))
+  if "support_images" in ep:
+    s_img, s_msk = [], []
+    for image, mask in zip(ep["support_images"], ep["support_masks"]):
+      image, (mask,) = fn(image, [mask])
+      s_img.append(image)
+      s_msk.append(mask)
+    out["support_images"], out["support_masks"] = s_img, s_msk
+  return out
+
+
+def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(size, (int, np.integer)):
+    return int(size), int(size)
+  h, w = size
+  return int(h), int(w)
+
+
+# -- training augmentation (§8) ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RandScale(grain.transforms.RandomMap):
+  """§8.1: s = lo + (hi - lo)·u; ``cv2.resize(fx=fy=s)``, image bilinear, labels nearest."""
+  scale: tuple[float, float] = (0.9, 1.1)
+
+  def __post_init__(self):
+    lo, hi = self.scale
+    if not 0 < lo < hi:
+      raise ValueError(f"RandScale needs 0 < scale_min < scale_max, got {self.scale}")
+
+  def apply(self, image, labels, rng):
+    lo, hi = self.scale
+    s = lo + (hi - lo) * rng.random()
+    image = cv2.resize(image, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
+    labels = [cv2.resize(l, None, fx=s, fy=s, interpolation=cv2.INTER_NEAREST) for l in labels]
+    return image, labels
+
+  def random_map(self, ep, rng):
+    return _apply(ep, lambda i, l: self.apply(i, l, rng))
+
+
+@dataclasses.dataclass(frozen=True)
+class RandRotate(grain.transforms.RandomMap):
+  """§8.2: with probability p rotate by lo + (hi - lo)·u degrees about (W/2, H/2);
+  image bilinear with the mean-colour border, labels nearest with 255."""
+  angle: tuple[float, float] = (-10.0, 10.0)
+  p: float = 0.5
+  border: tuple[float, float, float] = MEAN
+  ignore_label: int = IGNORE
+
+  def apply(self, image, labels, rng):
+    if rng.random() < self.p:
+      lo, hi = self.angle
+      angle = lo + (hi - lo) * rng.random()
+      h, w = labels[0].shape
+      m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
+      image = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=self.border)
+      labels = [cv2.warpAffine(l, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                               borderValue=self.ignore_label) for l in labels]
+    return image, labels
+
+  def random_map(self, ep, rng):
+    return _apply(ep, lambda i, l: self.apply(i, l, rng))
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomGaussianBlur(grain.transforms.RandomMap):
+  """§8.3: with probability p a k×k Gaussian (σ from k: 1.1 for 5), image only."""
+  ksize: int = 5
+  p: float = 0.5
+
+  def apply(self, image, labels, rng):
+    if rng.random() < self.p:
+      image = cv2.GaussianBlur(image, (self.ksize, self.ksize), 0)
+    return image, labels
+
+  def random_map(self, ep, rng):
+    return _apply(ep, lambda i, l: self.apply(i, l, rng))
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomHorizontalFlip(grain.transforms.RandomMap):
+  """§8.4: with probability p mirror image and labels."""
+  p: float = 0.5
+
+  def apply(self, image, labels, rng):
+    if rng.random() < self.p:
+      image = cv2.flip(image, 1)
+      labels = [cv2.flip(l, 1) for l in labels]
+    return image, labels
+
+  def random_map(self, ep, rng):
+    return _apply(ep, lambda i, l: self.apply(i, l, rng))
+
+
+def pad_to(image: np.ndarray, labels: list[np.ndarray], size: tuple[int, int], *,
+           value: Sequence[float] = MEAN, ignore_label: int = IGNORE):
+  """Symmetric padding up to ``size`` (top = ⌊pad/2⌋, bottom = the rest; same for
+  left/right): image with ``value``, labels with ``ignore_label``. [H, W, 3] -> [≥h, ≥w, 3]."""
+  h, w = labels[0].shape
+  ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
+  if ph == 0 and pw == 0:
+    return image, labels
+  t, l = ph // 2, pw // 2
+  args = (t, ph - t, l, pw - l, cv2.BORDER_CONSTANT)
+  image = cv2.copyMakeBorder(image, *args, value=tuple(value))
+  labels = [cv2.copyMakeBorder(x, *args, value=ignore_label) for x in labels]
+  return image, labels
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCrop(grain.transforms.RandomMap):
+  """§8.5 (PFENet/BAM/SCCAN): pad symmetrically to ``size`` if smaller (mean colour /
+  255), then a uniform random crop; if it keeps fewer than ``min_keep`` of the label-1
+  pixels of the padded label, redraw up to ``retries`` more times, keeping the last."""
+  size: tuple[int, int] = (473, 473)
+  pad_value: tuple[float, float, float] = MEAN
+  ignore_label: int = IGNORE
+  min_keep: float = 0.85
+  retries: int = 31
+
+  def offsets(self, labels0: np.ndarray, rng) -> tuple[int, int]:
+    """The (top, left) offset the retry rule settles on for the padded label ``labels0``."""
+    ch, cw = _size_hw(self.size)
+    h, w = labels0.shape
+    raw_pos = np.count_nonzero(labels0 == 1)
+    for attempt in range(self.retries + 1):
+      top = int(rng.integers(0, h - ch + 1))
+      left = int(rng.integers(0, w - cw + 1))
+      if attempt == self.retries:
+        break
+      if np.count_nonzero(labels0[top:top + ch, left:left + cw] == 1) >= self.min_keep * raw_pos:
+        break
+    return top, left
+
+  def apply(self, image, labels, rng):
+    ch, cw = _size_hw(self.size)
+    image, labels = pad_to(image, labels, (ch, cw), value=self.pad_value, ignore_label=self.ignore_label)
+    top, left = self.offsets(labels[0], rng)
+    image = image[top:top + ch, left:left + cw]
+    labels = [l[top:top + ch, left:left + cw] for l in labels]
+    return image, labels
+
+  def random_map(self, ep, rng):
+    return _apply(ep, lambda i, l: self.apply(i, l, rng))
+
+
+# -- deterministic resizes (§8.5 HDMNet, §9) ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SquashResize(grain.transforms.Map):
+  """§8.5 HDMNet / §9.2: ``cv2.resize`` to ``size`` ignoring the aspect ratio (image
+  bilinear, labels nearest)."""
+  size: tuple[int, int] = (473, 473)
+
+  def apply(self, image, labels):
+    h, w = _size_hw(self.size)
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    labels = [cv2.resize(l, (w, h), interpolation=cv2.INTER_NEAREST) for l in labels]
+    return image, labels
+
+  def map(self, ep):
+    return _apply(ep, self.apply)
+
+
+def aspect_size(h: int, w: int, size: int) -> tuple[int, int]:
+  """§9.1 content size: long side -> ``size``, short side ⌊short·size/long⌋, then each
+  side not a multiple of 8 floored to one (500×375 at 473 -> (352, 472))."""
+  if h >= w:
+    new_h, new_w = size, int(w * (size * 1.0 / h))
+  else:
+    new_h, new_w = int(h * (size * 1.0 / w)), size
+  return (new_h // 8) * 8, (new_w // 8) * 8
+
+
+@dataclasses.dataclass(frozen=True)
+class AspectResizePad(grain.transforms.Map):
+  """§9.1 (PFENet/BAM/SCCAN test): resize to `aspect_size` (image bilinear, labels
+  nearest) and paste top-left into a size×size canvas of zeros (image) / 255 (labels)."""
+  size: int = 473
+  ignore_label: int = IGNORE
+
+  def apply(self, image, labels):
+    s = int(self.size)
+    nh, nw = aspect_size(*labels[0].shape, s)
+    canvas = np.zeros((s, s, 3), np.float32)
+    canvas[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    out = []
+    for l in labels:
+      c = np.full((s, s), self.ignore_label, l.dtype)
+      c[:nh, :nw] = cv2.resize(l, (nw, nh), interpolation=cv2.INTER_NEAREST)
+      out.append(c)
+    return canvas, out
+
+  def map(self, ep):
+    return _apply(ep, self.apply)
+
+
+def pad_label(label: np.ndarray, bucket: tuple[int, int], *, value: int = IGNORE, what: str = "label") -> np.ndarray:
+  """[h, w] -> [Hb, Wb] padded bottom/right with ``value``; ValueError if it does not fit."""
+  hb, wb = bucket
+  h, w = label.shape
+  if h > hb or w > wb:
+    raise ValueError(f"{what} is {h}x{w}, larger than the label bucket {hb}x{wb}; raise the eval "
+                     f"label bucket (EpisodeConfig.label_bucket) to at least {max(h, w)}")
+  out = np.full((hb, wb), value, label.dtype)
+  out[:h, :w] = label
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepOriginalLabel(grain.transforms.Map):
+  """Test (§7.1.10, §9): keeps the untransformed query mask for scoring at the original
+  resolution: ``label_original`` u8 [Hb, Wb] (255-padded) and ``label_size`` i32 [2]
+  (true h, w); also ``query_base_label_original`` when a base label is present.
+  Run it before any resize."""
+  bucket: tuple[int, int] = (512, 512)
+
+  def map(self, ep):
+    out = dict(ep)
+    mask = ep["query_mask"]
+    what = f"query image {ep.get('query_id', '')!s}".strip()
+    out["label_original"] = pad_label(mask, _size_hw(self.bucket), what=what)
+    out["label_size"] = np.asarray(mask.shape, np.int32)
+    if "query_base_label" in ep:
+      out["query_base_label_original"] = pad_label(ep["query_base_label"], _size_hw(self.bucket), what=what)
+    return out
+
+
+# -- normalisation and output arrays ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize(grain.transforms.Map):
+  """§8.6: (x - mean) / std per RGB channel in float32 (bit-exact with torch's
+  ``sub_(m).div_(s)`` on float32 tensors)."""
+  mean: tuple[float, float, float] = MEAN
+  std: tuple[float, float, float] = STD
+
+  def apply(self, image, labels):
+    h, w, c = image.shape
+    # Rows of W·C values against a tiled mean/std row: contiguous inner loops (a
+    # broadcast over a trailing axis of 3 is ~10x slower), the same float32 ops.
+    mean = np.tile(np.asarray(self.mean, np.float32), w)
+    std = np.tile(np.asarray(self.std, np.float32), w)
+    out = np.empty((h, w * c), np.float32)
+    np.subtract(image.reshape(h, w * c), mean, out=out)
+    np.divide(out, std, out=out)
+    return out.reshape(h, w, c), labels
+
+  def map(self, ep):
+    return _apply(ep, self.apply)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToArrays(grain.transforms.Map):
+  """Final per-episode op: images float32 contiguous, labels int32, scalars as numpy
+  arrays; drops bookkeeping (``query_id``). Supports stay lists: `batch_episodes`
+  stacks them straight into the batch (one copy)."""
+
+  def map(self, ep):
+    out = {k: v for k, v in ep.items() if k != "query_id"}
+    out["query_image"] = np.ascontiguousarray(ep["query_image"], np.float32)
+    for k in ("query_mask", "query_base_label", "label_original", "query_base_label_original"):
+      if k in ep:
+        out[k] = np.asarray(ep[k], np.int32)
+    if "support_images" in ep:
+      out["support_images"] = [np.asarray(x, np.float32) for x in ep["support_images"]]
+      out["support_masks"] = [np.asarray(x, np.int32) for x in ep["support_masks"]]
+    return out
+
+
+def batch_episodes(elements: Sequence[dict]) -> dict[str, np.ndarray]:
+  """Stacks episode elements (after `ToArrays`) into a batch (DESIGN.md Episode).
+
+  Supports become [B, K, H, W, 3] / [B, K, H, W], or [B, N, K, ...] when ``class_id``
+  is [N] (N-way; the lists are way-major). Every other entry is stacked along a new
+  leading axis. All supports of the batch must share one size (true after a crop or
+  resize op).
+  """
+  first = elements[0]
+  out = {}
+  for k, v in first.items():
+    if k in ("support_images", "support_masks"):
+      continue
+    out[k] = np.stack([e[k] for e in elements])
+  if "support_images" in first:
+    n = len(first["support_images"])
+    way = int(np.size(first["class_id"])) if np.ndim(first["class_id"]) else 1
+    for key in ("support_images", "support_masks"):
+      x0 = first[key][0]
+      arr = np.empty((len(elements), n, *x0.shape), x0.dtype)
+      for b, e in enumerate(elements):
+        if len(e[key]) != n:
+          raise ValueError(f"episodes of one batch have {n} and {len(e[key])} supports")
+        for k, x in enumerate(e[key]):
+          arr[b, k] = x
+      out[key] = arr.reshape(len(elements), way, n // way, *x0.shape) if way > 1 else arr
+  return out
+
+
+# -- chains ---------------------------------------------------------------------------------
+
+
+def train_ops(size: int | tuple[int, int], *, scale: tuple[float, float] = (0.9, 1.1),
+              rotate: tuple[float, float] = (-10.0, 10.0), resize: str = "crop") -> list:
+  """The §8 chain. ``resize``: "crop" (PFENet/BAM/SCCAN) or "squash" (HDMNet)."""
+  size = _size_hw(size)
+  if resize == "crop":
+    last = RandomCrop(size=size)
+  elif resize == "squash":
+    last = SquashResize(size=size)
+  else:
+    raise ValueError(f"train resize must be 'crop' or 'squash', got {resize!r}")
+  return [RandScale(scale=tuple(scale)), RandRotate(angle=tuple(rotate)), RandomGaussianBlur(),
+          RandomHorizontalFlip(), last, Normalize(), ToArrays()]
+
+
+def test_ops(size: int, *, resize: str = "aspect", bucket: tuple[int, int] | None = (512, 512)) -> list:
+  """The §9 chain. ``resize``: "aspect" (§9.1, aspect + pad) or "squash" (§9.2).
+  ``bucket``: keep the original query label padded to it (None: don't)."""
+  if resize == "aspect":
+    r = AspectResizePad(size=int(size))
+  elif resize == "squash":
+    r = SquashResize(size=_size_hw(size))
+  else:
+    raise ValueError(f"test resize must be 'aspect' or 'squash', got {resize!r}")
+  keep = [KeepOriginalLabel(bucket=_size_hw(bucket))] if bucket is not None else []
+  return keep + [r, Normalize(), ToArrays()]
+
+
+def apply_ops(ep: dict, ops: Sequence, rng: np.random.Generator | None = None) -> dict:
+  """Runs ``ops`` on one episode outside grain (one Generator for all random ops)."""
+  for op in ops:
+    if isinstance(op, grain.transforms.RandomMap):
+      if rng is None:
+        raise ValueError(f"{type(op).__name__} is random: pass rng=np.random.default_rng(...)")
+      ep = op.random_map(ep, rng)
+    else:
+      ep = op.map(ep)
+  return ep
+
+
+__all__ = ["MEAN", "STD", "IGNORE", "RandScale", "RandRotate", "RandomGaussianBlur", "RandomHorizontalFlip",
+           "RandomCrop", "SquashResize", "AspectResizePad", "KeepOriginalLabel", "Normalize", "ToArrays",
+           "aspect_size", "pad_to", "pad_label", "train_ops", "test_ops", "apply_ops", "batch_episodes"]
