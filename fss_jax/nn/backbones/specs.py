@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fss_jax.models.registry import ModelSpec, ParityAdapter
-from fss_jax.nn.backbones import resnet
+from fss_jax.nn.backbones import resnet, vgg
 
 
 # -- helpers shared by the adapters ------------------------------------------------------------
@@ -145,4 +145,6 @@ SPECS = {
                                     parity=TORCHVISION_PARITY),
     "resnet_sccan": ModelSpec("resnet_sccan", make_sccan, keymap_sccan, parity=SCCAN_PARITY),
     "resnet_deep_stem": ModelSpec("resnet_deep_stem", make_deep_stem, keymap_deep_stem),
+    # PANet's VGG-16 encoder alone (ImageNet torchvision `vgg16` weights by default).
+    "vgg16_panet": ModelSpec("vgg16_panet", vgg.make_encoder, vgg.encoder_keymap),
 }

@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from fss_jax import keymaps
@@ -131,3 +130,27 @@ def feature_size(size: int) -> int:
     size = (size + 1) // 2
   return size
 
+
+
+# -- the encoder on its own (registry name "vgg16_panet", wired in specs.py) -------------------
+
+def make_encoder(last_relu: bool = False, **_unused) -> PANetVGG16:
+  """The encoder as a top-level module (variables ``params/conv{b}_{i}``)."""
+  return PANetVGG16(last_relu=last_relu)
+
+
+def encoder_keymap(source: str = "imagenet", prefix: str | None = None, **_unused) -> list:
+  """Key map for `make_encoder`.
+
+  Args:
+    source: ``"imagenet"`` (torchvision ``vgg16``: ``features.*``, classifier
+      ignored) or ``"panet"`` (PANet snapshot: ``encoder.backbone.features.*``).
+    prefix: source-key prefix in front of ``features.`` (defaults: "" for
+      imagenet, "encoder.backbone." for panet).
+  """
+  if source == "imagenet":
+    rules = imagenet_vgg_keymap(dst=())
+    return keymaps.prefixed(prefix, rules) if prefix else rules
+  if source == "panet":
+    return panet_vgg_keymap(prefix="encoder.backbone." if prefix is None else prefix, dst=())
+  raise ValueError(f"VGG-16 key map source must be 'imagenet' or 'panet', got {source!r}")
