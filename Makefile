@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# Two pytest workers (one per core); a test file stays on one worker (module-scoped jits).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: setup test demo bench clean
 

@@ -80,6 +80,10 @@ def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *
     raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it, "
                           "or choose another destination")
   state_dict = keymaps.strip_prefixes(ckpt_io.read_state_dict(src))
+  if spec.check_checkpoint is not None:
+    accepted = inspect.signature(spec.check_checkpoint).parameters
+    spec.check_checkpoint(state_dict, source=src.name,
+                          **{k: v for k, v in fields.items() if k in accepted})
   variables = keymaps.convert(state_dict, spec.keymap(**fields), model=model)
   metadata = {"model": model, "fields": fields, "source": str(src.absolute()),
               "sha256": _sha256(src), "format": "fss_jax converted checkpoint v1"}

@@ -11,6 +11,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
+# torch's lazily imported triton segfaults when it is first loaded after TensorFlow (which
+# clu's metric writers import); load it first, once, where torch is installed.
+try:
+  import torch
+  torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+except ImportError:
+  pass
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PARITY_DIR = pathlib.Path(os.environ.get("FSS_PARITY_DIR", REPO.parent / "shared" / "parity"))
 SHARED_DIR = PARITY_DIR.parent
@@ -35,3 +43,18 @@ def load_fixture(folder: str, name: str | None = None):
     arrays = {k: z[k] for k in z.files}
   meta = json.loads(path.with_suffix(".json").read_text())
   return arrays, meta, path
+
+
+# Fixtures made with the official code beyond those in shared/parity (other shots,
+# sizes, backbones, seeds): tests/parity_extra/<folder>/<name>.{npz,json}.
+EXTRA_PARITY_DIR = REPO / "tests" / "parity_extra"
+
+
+def extra_fixture_paths(folder: str, exclude: tuple[str, ...] = ()) -> list[pathlib.Path]:
+  """Every fixture .npz of `folder` in shared/parity and tests/parity_extra, minus `exclude` stems."""
+  paths = []
+  for root in (PARITY_DIR, EXTRA_PARITY_DIR):
+    d = root / folder
+    if d.is_dir():
+      paths += [p for p in sorted(d.glob("*.npz")) if p.stem not in exclude]
+  return paths

@@ -81,6 +81,10 @@ class ModelSpec:
   parity: ParityAdapter | None = None
   # Parameter-path regexes frozen during training (optax-masked).
   frozen: tuple[str, ...] = ()
+  # Optional (state_dict, *, source: str, **fields) -> None that raises a
+  # ValueError saying what a checkpoint is (other depth, shot count, dataset)
+  # when it does not fit the model asked for; the converter calls it first.
+  check_checkpoint: Callable[..., None] | None = None
 
 
 class UnsupportedModelError(ValueError):

@@ -1,0 +1,223 @@
+"""Regenerates bench/RESULTS.md from the JSON lines in bench/results/*.jsonl.
+
+Every benchmark script appends its record with ``--out bench/results/<name>.jsonl``;
+this script turns all of them into one Markdown page, a section per model (JAX vs
+PyTorch comparisons, every single run with its machine and versions, device
+scaling, and the exact commands), so the numbers in RESULTS.md are never typed::
+
+  python bench/results.py                 # writes bench/RESULTS.md
+  python bench/results.py --check         # exit 1 when RESULTS.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any, Iterable, Sequence
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+OUTPUT = HERE / "RESULTS.md"
+
+
+def load(results_dir: pathlib.Path) -> list[dict[str, Any]]:
+  """All records, in file-name then line order; a bad line is an error naming file and line."""
+  out = []
+  for path in sorted(results_dir.glob("*.jsonl")):
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{i} is not a JSON line ({e}); fix or delete it and rerun") from None
+      rec["_file"] = path.name
+      out.append(rec)
+  return out
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+  if v is None or v == "":
+    return "–"
+  if isinstance(v, float):
+    if v == 0:
+      return "0"
+    if abs(v) >= 100:
+      return f"{v:.0f}"
+    if abs(v) >= 10:
+      return f"{v:.1f}"
+    return f"{v:.{nd}g}"
+  return str(v)
+
+
+def _mib(v: Any) -> str:
+  return "–" if v is None else f"{v / 2**20:.0f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+  return lines
+
+
+def _device(r: dict) -> str:
+  kind = r.get("device_kind") or ""
+  backend = r.get("backend") or ""
+  return backend if kind in ("", backend) else f"{backend} ({kind})"
+
+
+def _load(r: dict) -> str:
+  la = (r.get("host") or {}).get("load_avg")
+  return "–" if not la else f"{la[0]:.1f}"
+
+
+def _versions(r: dict) -> str:
+  if r.get("impl") == "torch":
+    return f"torch {r.get('torch_version', '?')} ({r.get('torch_threads', '?')} threads)"
+  return f"jax {r.get('jax_version', '?')}, flax {r.get('flax_version', '?')}"
+
+
+def _rate_name(r: dict) -> str:
+  return "steps/s" if r.get("mode") == "train" else "episodes/s"
+
+
+def _single_rows(runs: list[dict]) -> list[list[Any]]:
+  rows = []
+  for r in runs:
+    mem = _mib(r.get("peak_memory_bytes"))
+    kind = r.get("peak_memory_kind") or ""
+    mem += " (host RSS)" if "RSS" in kind else (" (device)" if kind else "")
+    flops = r.get("flops_per_step")
+    params = r.get("params_total")
+    trainable = r.get("params_trainable")
+    rows.append([
+        r.get("impl"), r.get("mode"), r.get("size"), r.get("batch"), r.get("shot"), r.get("dtype"),
+        r.get("devices"), ("pipeline" if r.get("with_pipeline") else "synthetic"), _device(r),
+        r.get("steps_per_s"), r.get("episodes_per_s"), r.get("images_per_s"),
+        r.get("compile_s") if r.get("compile_s") is not None else (
+            f"first step {r['first_step_s']}" if r.get("first_step_s") is not None else None),
+        mem, None if flops is None else flops / 1e9, r.get("mfu"),
+        None if params is None else f"{params / 1e6:.2f}M" + (
+            f" ({trainable / 1e6:.2f}M)" if trainable is not None else ""),
+        _versions(r), _load(r), (r.get("host") or {}).get("time_utc"),
+    ])
+  return rows
+
+
+SINGLE_HEADER = ("impl", "mode", "size", "B", "K", "dtype", "dev", "input", "backend (device)",
+                 "steps/s", "episodes/s", "images/s", "compile s", "peak MiB", "GFLOP/step", "MFU",
+                 "params (trainable)", "versions", "load", "time (UTC)")
+
+
+def render(records: list[dict[str, Any]]) -> str:
+  """The Markdown page."""
+  by_model: dict[str, dict[str, list]] = {}
+  for rec in records:
+    model = rec.get("model") or "?"
+    slot = by_model.setdefault(model, {"compare": [], "runs": [], "scaling": [], "commands": [],
+                                       "hosts": []})
+    kind = rec.get("bench")
+    if rec.get("command"):
+      slot["commands"].append(rec["command"])
+    if kind == "compare":
+      slot["compare"].append(rec)
+      for side in ("jax", "torch"):
+        if "error" not in rec.get(side, {"error": 1}):
+          slot["runs"].append(rec[side])
+    elif kind == "scaling":
+      slot["scaling"].append(rec)
+    else:
+      slot["runs"].append(rec)
+    host = rec.get("host") or (rec.get("jax") or {}).get("host")
+    if host:
+      slot["hosts"].append(host)
+
+  out = ["# fss-jax benchmark results", "",
+         "Generated by `python bench/results.py` from `bench/results/*.jsonl` — do not edit by hand;",
+         "rerun a benchmark with `--out bench/results/<file>.jsonl` and regenerate.",
+         "Rates exclude compilation (`compile s`) and warm-up steps. Episodes are synthetic and",
+         "device-resident unless `input` says pipeline. `load` is the host's 1-minute load",
+         "average when the run started (CPU figures on a loaded, shared machine are noisy).",
+         "`peak MiB` is the device's peak allocation where the backend reports it, else the",
+         "process's peak host RSS (which includes the framework itself). GFLOP/step is XLA's",
+         "cost analysis of the compiled step (per device).", ""]
+  if not records:
+    out += ["No results yet.", ""]
+  for model in sorted(by_model):
+    slot = by_model[model]
+    out += [f"## {model}", ""]
+    if slot["compare"]:
+      out += ["### JAX vs PyTorch (same machine, same run)", ""]
+      rows = []
+      for c in slot["compare"]:
+        j, t = c.get("jax", {}), c.get("torch", {})
+        rows.append([c.get("mode"), c.get("size"), c.get("batch"), c.get("shot"), _device(j) if j else None,
+                     j.get("steps_per_s"), t.get("steps_per_s"), c.get("speedup"),
+                     j.get("compile_s"), _mib(j.get("peak_memory_bytes")), _mib(t.get("peak_memory_bytes")),
+                     _load(j), j.get("error") or t.get("error")])
+      out += _table(("mode", "size", "B", "K", "backend", "JAX steps/s", "PyTorch steps/s",
+                     "speed-up (JAX/PyTorch)", "JAX compile s", "JAX peak MiB", "PyTorch peak MiB", "load",
+                     "error"), rows)
+      out.append("")
+    if slot["runs"]:
+      out += ["### Runs", ""]
+      out += _table(SINGLE_HEADER, _single_rows(slot["runs"]))
+      out.append("")
+    for s in slot["scaling"]:
+      out += [f"### Scaling over devices ({s.get('mode')}, size {s.get('size')}, global batch "
+              f"{s.get('batch')}, K={s.get('shot')})", ""]
+      rows = []
+      for r in s.get("rows", []):
+        cm = r.get("compiled_memory_per_device_bytes") or {}
+        rows.append([r.get("devices"), r.get("batch_per_device"), r.get("steps_per_s"),
+                     r.get("relative_steps_per_s"), r.get("compile_s"), r.get("final_loss"),
+                     _mib(cm.get("argument")), _mib(cm.get("temp")), r.get("error")])
+      out += _table(("devices", "B/device", "steps/s", "relative", "compile s", "final loss",
+                     "args MiB/device", "temp MiB/device", "error"), rows)
+      out += ["", f"Loss spread over device counts: {_fmt(s.get('loss_spread'))}. {s.get('note', '')}", ""]
+    refs = []
+    for r in slot["runs"]:
+      if r.get("impl") == "torch":
+        ref = (f"{r.get('reference')} from `{r.get('repo')}`"
+               + (f" @ {r['repo_commit'][:12]}" if r.get("repo_commit") else "")
+               + (f"; shims: {', '.join(r['shims'])}" if r.get("shims") else ""))
+        if ref not in refs:
+          refs.append(ref)
+    if refs:
+      out += ["PyTorch reference: " + " | ".join(refs), ""]
+    hosts = {(h.get("cpu"), h.get("cpu_count"), h.get("os"), h.get("python")) for h in slot["hosts"]}
+    if hosts:
+      out += ["Machine: " + "; ".join(f"{c} × {n} cores, {o}, Python {p}" for c, n, o, p in sorted(
+          hosts, key=str)), ""]
+    if slot["commands"]:
+      out += ["Commands:", "", "```"]
+      seen = []
+      for cmd in slot["commands"]:
+        if cmd not in seen:
+          seen.append(cmd)
+      out += seen + ["```", ""]
+  return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--results-dir", default=str(RESULTS_DIR))
+  p.add_argument("--output", default=str(OUTPUT))
+  p.add_argument("--check", action="store_true", help="only check that the output is up to date")
+  a = p.parse_args(argv)
+  text = render(load(pathlib.Path(a.results_dir)))
+  out = pathlib.Path(a.output)
+  if a.check:
+    ok = out.is_file() and out.read_text() == text
+    print(f"{out} is {'up to date' if ok else 'out of date: run python bench/results.py'}")
+    return 0 if ok else 1
+  out.write_text(text)
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,175 @@
+"""Evaluation over stored test episode lists: several seeds -> mean ± std, results JSON.
+
+`evaluate_episodes` runs the jitted eval step (`fss_jax.train.step.make_eval_step`)
+over one loader of stored episodes and accumulates a `metrics.ClassIoU`;
+`evaluate_seeds` does that for every seed and summarises:
+
+  {"seeds": {"510": {"miou": 61.2, "fb_iou": 75.0, "per_class": {...}, "episodes": 1000}, ...},
+   "miou_mean": ..., "miou_std": ..., "fb_iou_mean": ..., "fb_iou_std": ...,
+   "per_class_mean": {...}, "num_seeds": 5}
+
+(percent; std over seeds with ddof=0, so one seed gives std 0). `write_json`
+writes results atomically (temporary file + rename) from process 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from fss_jax import parallel
+from fss_jax.eval import metrics as metrics_lib
+
+# Keys of an eval batch that are bookkeeping, not model input.
+_META_KEYS = ("valid",)
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Numeric arrays of a host batch (strings / object arrays dropped)."""
+  out = {}
+  for k, v in batch.items():
+    a = np.asarray(v)
+    if a.dtype.kind in "biuf":
+      out[k] = a
+  return out
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads a short host batch to ``size`` episodes with copies of episode 0 (valid = 0)."""
+  n = len(next(iter(batch.values())))
+  valid = np.asarray(batch.get("valid", np.ones(n, np.int32)), np.int32)
+  if n == size:
+    return {**batch, "valid": valid}
+  if n > size:
+    raise ValueError(f"eval batch has {n} episodes, more than the per-process batch {size}")
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = np.concatenate([v, np.repeat(v[:1], size - n, axis=0)], axis=0)
+  out["valid"] = np.concatenate([valid, np.zeros(size - n, np.int32)])
+  return out
+
+
+def evaluate_episodes(eval_fn: Callable, state: Any, batches: Iterable[Mapping[str, Any]], *,
+                      classes: Sequence[int], mesh, local_batch_size: int,
+                      class_names: Mapping[int, str] | None = None,
+                      max_batches: int | None = None,
+                      baseline: metrics_lib.ClassIoU | None = None) -> metrics_lib.ClassIoU:
+  """Accumulates the eval step's counts over ``batches`` (this process's shards).
+
+  Args:
+    eval_fn: jitted ``(state, global batch) -> {"intersection", "union", "class_id", "valid"}``.
+    state: the train state.
+    batches: host batches of this process (every process must yield the same number).
+    classes: the novel classes (global ids) of the fold.
+    mesh: the device mesh.
+    local_batch_size: episodes per process per step (short batches are padded).
+    class_names: optional names for the table.
+    max_batches: stop after this many batches.
+    baseline: if given, also accumulates the trivial "every pixel is the episode's
+      foreground" prediction on the same episodes (from the target areas).
+
+  Returns:
+    The filled `metrics.ClassIoU` (identical on every process).
+  """
+  acc = metrics_lib.ClassIoU(classes, class_names)
+  for i, batch in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    host = pad_batch(model_inputs(batch), local_batch_size)
+    out = parallel.to_host(eval_fn(state, parallel.to_global(host, mesh)))
+    acc.add(out["intersection"], out["union"], out["class_id"], out["valid"] > 0)
+    if baseline is not None:
+      baseline.add(*all_foreground_counts(out["target"]), out["class_id"], out["valid"] > 0)
+  return acc
+
+
+def all_foreground_counts(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(intersection, union) [B, C] of predicting way 1 everywhere, from target areas [B, C]."""
+  target = np.asarray(target, np.int64)
+  inter = np.zeros_like(target)
+  inter[:, 1] = target[:, 1]
+  union = target.copy()
+  union[:, 1] = target.sum(axis=1)
+  return inter, union
+
+
+def summarize(per_seed: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
+  """Mean ± std (ddof=0) over seeds of mIoU, FB-IoU and every class IoU."""
+  seeds = list(per_seed)
+  if not seeds:
+    raise ValueError("no seed results to summarise")
+  miou = np.asarray([per_seed[s]["miou"] for s in seeds], np.float64)
+  fb = np.asarray([per_seed[s]["fb_iou"] for s in seeds], np.float64)
+  classes = list(per_seed[seeds[0]]["per_class"])
+  per_class = {c: float(np.mean([per_seed[s]["per_class"][c] for s in seeds])) for c in classes}
+  return {"seeds": {str(s): dict(per_seed[s]) for s in seeds},
+          "num_seeds": len(seeds),
+          "miou_mean": float(miou.mean()), "miou_std": float(miou.std()),
+          "miou_max": float(miou.max()),
+          "fb_iou_mean": float(fb.mean()), "fb_iou_std": float(fb.std()),
+          "per_class_mean": per_class}
+
+
+def evaluate_seeds(eval_fn: Callable, state: Any, make_loader: Callable[[int], Iterable], *,
+                   seeds: Sequence[int], classes: Sequence[int], mesh, local_batch_size: int,
+                   class_names: Mapping[int, str] | None = None) -> tuple[dict, dict[int, str]]:
+  """Runs `evaluate_episodes` for every seed.
+
+  Args:
+    make_loader: seed -> this process's batches of that seed's stored episodes.
+
+  Returns:
+    (the `summarize` dict, {seed: per-class table text}).
+  """
+  per_seed, tables = {}, {}
+  for seed in seeds:
+    t0 = time.time()
+    acc = evaluate_episodes(eval_fn, state, make_loader(int(seed)), classes=classes, mesh=mesh,
+                            local_batch_size=local_batch_size, class_names=class_names)
+    r = acc.result()
+    r["seconds"] = round(time.time() - t0, 3)
+    per_seed[int(seed)] = r
+    tables[int(seed)] = acc.table()
+    logging.info("seed %d: mIoU %.2f FB-IoU %.2f over %d episodes (%.1fs)\n%s", seed, r["miou"],
+                 r["fb_iou"], r["episodes"], r["seconds"], tables[int(seed)])
+  return summarize(per_seed), tables
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path | None:
+  """Writes ``obj`` as JSON atomically (process 0 only); returns the path (None elsewhere)."""
+  if jax.process_index() != 0:
+    return None
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return path
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+  """One line: mIoU mean ± std (per seed) and FB-IoU."""
+  seeds = ", ".join(f"{s}: {r['miou']:.2f}" for s, r in summary["seeds"].items())
+  return (f"mIoU {summary['miou_mean']:.2f} ± {summary['miou_std']:.2f} "
+          f"(FB-IoU {summary['fb_iou_mean']:.2f} ± {summary['fb_iou_std']:.2f}) over "
+          f"{summary['num_seeds']} seed(s) [{seeds}]")
+
+
+__all__ = ["evaluate_episodes", "all_foreground_counts", "evaluate_seeds", "summarize", "write_json", "format_summary",
+           "model_inputs", "pad_batch"]

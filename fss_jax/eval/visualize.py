@@ -1,0 +1,393 @@
+"""Pictures of predictions: mask overlays, episode panels, TensorBoard images, IoU bar charts.
+
+Host-side numpy / OpenCV / matplotlib (Agg) helpers shared by evaluation
+(`fss_jax.eval.evaluate`, `fss_jax.train.loop`) and inference
+(`fss_jax.predict`):
+
+* `overlay(image, mask, color, alpha)`: ``uint8 [H, W, 3]`` with the mask's
+  foreground tinted: ``rint((1 - alpha) * image + alpha * color)`` on the
+  foreground pixels, the other pixels unchanged (255 = ignore, optionally
+  tinted with ``ignore_color``).
+* `denormalize(image)`: an ImageNet-normalised float image (the Episode
+  contract) back to ``uint8`` RGB.
+* `episode_panel(...)`: one row ``[support 1 .. support K | query + prediction |
+  query + target]`` as ``uint8 [H, W', 3]``.
+* `panels_from_batch(batch, logits, ...)`: panels for the first episodes of an
+  eval batch and the model's logits.
+* `write_image_summaries(writer, step, panels)`: a clu ``MetricWriter``'s
+  ``write_images`` with one stable key per panel (``eval/episode_0`` ...).
+* `iou_bar_chart(per_class_iou, path)` / `summary_bar_chart(summary, path)`:
+  a per-class IoU bar chart PNG, written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+IGNORE = 255
+# ImageNet statistics x 255 (RGB), as fss_jax.data.transforms.Normalize uses them.
+MEAN = tuple(v * 255 for v in (0.485, 0.456, 0.406))
+STD = tuple(v * 255 for v in (0.229, 0.224, 0.225))
+
+PRED_COLOR = (230, 25, 75)      # prediction (red)
+TARGET_COLOR = (60, 180, 75)    # ground truth / support masks (green)
+SUPPORT_COLOR = TARGET_COLOR
+IGNORE_COLOR = (128, 128, 128)  # ignore (255) pixels of a target, when shown
+ALPHA = 0.5
+
+
+# ---------------------------------------------------------------------------
+# Overlays and panels
+# ---------------------------------------------------------------------------
+
+def foreground(mask: np.ndarray) -> np.ndarray:
+  """bool [H, W]: True where ``mask`` is foreground (bool True, or an integer label
+  that is neither 0 nor 255)."""
+  mask = np.asarray(mask)
+  if mask.dtype == bool:
+    return mask
+  return (mask != 0) & (mask != IGNORE)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PRED_COLOR,
+            alpha: float = ALPHA, *, ignore_color: Sequence[int] | None = None) -> np.ndarray:
+  """Tints the foreground of ``mask`` on ``image``.
+
+  Args:
+    image: uint8 [H, W, 3] RGB (a [H, W] grey image is repeated to 3 channels).
+    mask: [H, W] bool, or integer labels (0 background, 255 ignore, anything else
+      foreground).
+    color: RGB of the tint.
+    alpha: tint opacity in [0, 1].
+    ignore_color: when given, pixels with ``mask == 255`` are tinted with it too.
+
+  Returns:
+    uint8 [H, W, 3]: ``rint((1 - alpha) * image + alpha * color)`` (float32, clipped
+    to 0..255) where the mask is foreground; ``image`` elsewhere.
+  """
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"overlay expects an RGB image [H, W, 3], got shape {image.shape}")
+  image = image.astype(np.uint8) if image.dtype != np.uint8 else image
+  mask = np.asarray(mask)
+  if mask.shape != image.shape[:2]:
+    raise ValueError(f"overlay: mask {mask.shape} and image {image.shape[:2]} differ in size; "
+                     "resize the mask to the image first (nearest neighbour)")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
+  out = image.copy()
+  regions = [(foreground(mask), color)]
+  if ignore_color is not None and mask.dtype != bool:
+    regions.append((mask == IGNORE, ignore_color))
+  a = np.float32(alpha)
+  for region, c in regions:
+    if not region.any():
+      continue
+    px = image[region].astype(np.float32)
+    tint = (np.float32(1) - a) * px + a * np.asarray(c, np.float32)
+    out[region] = np.clip(np.rint(tint), 0, 255).astype(np.uint8)
+  return out
+
+
+def denormalize(image: np.ndarray, mean: Sequence[float] = MEAN,
+                std: Sequence[float] = STD) -> np.ndarray:
+  """ImageNet-normalised float [..., H, W, 3] -> uint8 RGB (``x * std + mean``, clipped)."""
+  x = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+  """uint8 images are kept; float images are taken as ImageNet-normalised (Episode)."""
+  image = np.asarray(image)
+  if image.dtype == np.uint8:
+    return image
+  if np.issubdtype(image.dtype, np.floating):
+    return denormalize(image)
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  if image.shape[:2] == tuple(hw):
+    return image
+  return cv2.resize(image, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  mask = np.asarray(mask)
+  if mask.shape == tuple(hw):
+    return mask
+  if mask.dtype == bool or (mask.min(initial=0) >= 0 and mask.max(initial=0) <= 255):
+    return cv2.resize(mask.astype(np.uint8), (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+  return cv2.resize(mask.astype(np.float32), (hw[1], hw[0]),
+                    interpolation=cv2.INTER_NEAREST).astype(np.int32)
+
+
+def episode_panel(query_image: np.ndarray, support_images: Sequence[np.ndarray] | np.ndarray,
+                  support_masks: Sequence[np.ndarray] | np.ndarray, prediction: np.ndarray,
+                  target: np.ndarray | None = None, *, height: int | None = None, gap: int = 4,
+                  alpha: float = ALPHA) -> np.ndarray:
+  """One row of tiles: ``[support_1 .. support_K | query + prediction | query + target]``.
+
+  Args:
+    query_image: [H, W, 3], uint8 RGB or ImageNet-normalised float (Episode).
+    support_images: K images [h, w, 3] (a [K, h, w, 3] array or a list; any sizes).
+    support_masks: K masks [h, w] (0 / 1 / 255), drawn green.
+    prediction: [h', w'] predicted labels (any resolution; resized to the query
+      with nearest neighbour), drawn red.
+    target: optional [H, W] ground truth (0 / 1 / 255), drawn green, ignore grey.
+    height: tile height (default: the query's); every tile keeps its aspect ratio.
+    gap: white pixels between tiles.
+    alpha: tint opacity.
+
+  Returns:
+    uint8 [height, W_total, 3].
+  """
+  q = _as_uint8(query_image)
+  th = int(height or q.shape[0])
+
+  def fit(img, mask, color, ignore=None):
+    img = _as_uint8(img)
+    mask = _resize_mask(mask, img.shape[:2])
+    tile = overlay(img, mask, color, alpha, ignore_color=ignore)
+    tw = max(1, int(round(tile.shape[1] * th / tile.shape[0])))
+    return _resize_image(tile, (th, tw))
+
+  if len(support_images) != len(support_masks):
+    raise ValueError(f"episode_panel: {len(support_images)} support images but "
+                     f"{len(support_masks)} support masks")
+  tiles = [fit(img, m, SUPPORT_COLOR) for img, m in zip(support_images, support_masks)]
+  tiles.append(fit(q, prediction, PRED_COLOR))
+  if target is not None:
+    tiles.append(fit(q, target, TARGET_COLOR, IGNORE_COLOR))
+  sep = np.full((th, gap, 3), 255, np.uint8)
+  row = [tiles[0]]
+  for t in tiles[1:]:
+    row += [sep, t] if gap > 0 else [t]
+  return np.concatenate(row, axis=1)
+
+
+def panels_from_batch(batch: Mapping[str, Any], predictions: Any, *, max_panels: int = 4,
+                      valid: Any = None) -> list[np.ndarray]:
+  """Panels for the first ``max_panels`` episodes of a host batch.
+
+  Args:
+    batch: an Episode dict (numpy): ``query_image [B, H, W, 3]`` (normalised),
+      ``support_images [B, K, H, W, 3]`` (N-way ``[B, N, K, ...]``: the way and shot
+      axes are flattened), ``support_masks``, optional ``query_mask [B, H, W]``
+      (shown as the target) and ``valid [B]`` (padding episodes are skipped).
+    predictions: int labels [B, h, w] (``fss_jax.train.step.make_predict_step``), or
+      float logits [B, h, w, C] (their argmax is taken); any resolution.
+    max_panels: at most this many panels.
+    valid: optional [B] override of ``batch["valid"]``.
+
+  Returns:
+    A list of uint8 [H, W', 3] panels (all the same size for one batch).
+  """
+  pred = np.asarray(predictions)
+  if pred.ndim == 4:
+    pred = np.argmax(pred, axis=-1)
+  pred = pred.astype(np.int32)                                          # [B, h, w]
+  q = np.asarray(batch["query_image"])
+  b = q.shape[0]
+  si = np.asarray(batch["support_images"])
+  sm = np.asarray(batch["support_masks"])
+  si = si.reshape(b, -1, *si.shape[-3:])
+  sm = sm.reshape(b, -1, *sm.shape[-2:])
+  target = batch.get("query_mask")
+  ok = np.asarray(valid if valid is not None else batch.get("valid", np.ones(b))).reshape(-1) > 0
+  panels = []
+  for i in range(b):
+    if len(panels) >= max_panels:
+      break
+    if not ok[i]:
+      continue
+    panels.append(episode_panel(q[i], si[i], sm[i], pred[i],
+                                None if target is None else np.asarray(target[i])))
+  return panels
+
+
+def write_image_summaries(writer, step: int, panels: Sequence[np.ndarray] | Mapping[str, np.ndarray],
+                          *, prefix: str = "eval/episode") -> dict[str, np.ndarray]:
+  """Writes panels as images with a clu ``MetricWriter`` (``writer.write_images``).
+
+  Each panel gets its own key (``f"{prefix}_{i}"``, or ``f"{prefix}/{name}"`` for a
+  mapping) so that the same fixed episodes line up across steps in TensorBoard,
+  whatever their sizes.
+
+  Args:
+    writer: a clu metric writer (``SummaryWriter``, ``LoggingWriter``,
+      ``create_default_writer(...)``).
+    step: the training step.
+    panels: uint8 [H, W, 3] images (a list, or {name: image}).
+    prefix: key prefix.
+
+  Returns:
+    The {key: [1, H, W, 3]} dict that was written.
+  """
+  items = panels.items() if isinstance(panels, Mapping) else \
+      ((str(i), p) for i, p in enumerate(panels))
+  sep = "/" if isinstance(panels, Mapping) else "_"
+  images = {}
+  for name, p in items:
+    p = np.asarray(p)
+    if p.ndim == 2:
+      p = p[..., None]
+    if p.ndim != 3 or p.shape[-1] not in (1, 3, 4):
+      raise ValueError(f"image summary {name!r}: expected [H, W, C] with C in 1/3/4, got {p.shape}")
+    images[f"{prefix}{sep}{name}"] = _as_uint8(p)[None] if p.shape[-1] == 3 else p.astype(np.uint8)[None]
+  if images:
+    writer.write_images(int(step), images)
+  return images
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> pathlib.Path:
+  """Writes ``data`` to ``path`` via a temporary file in the same folder + rename.
+
+  Raises:
+    FileExistsError: ``path`` exists and ``overwrite`` is False (nothing written).
+  """
+  path = pathlib.Path(path)
+  if not overwrite and path.exists():
+    raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  """uint8 [H, W] or RGB [H, W, 3] -> PNG bytes (RGB order, OpenCV encoder)."""
+  image = np.asarray(image)
+  if image.ndim == 3:
+    image = cv2.cvtColor(np.ascontiguousarray(image, np.uint8), cv2.COLOR_RGB2BGR)
+  ok, buf = cv2.imencode(".png", np.ascontiguousarray(image))
+  if not ok:
+    raise ValueError(f"could not encode an image of shape {image.shape} as PNG")
+  return buf.tobytes()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = True) -> pathlib.Path:
+  """Writes an RGB / grey uint8 image as PNG atomically."""
+  return atomic_write_bytes(path, encode_png(image), overwrite=overwrite)
+
+
+def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *,
+                  errors: Mapping[str, float] | None = None, title: str | None = None,
+                  mean: float | None = None, overwrite: bool = True, dpi: int = 100
+                  ) -> pathlib.Path:
+  """Per-class IoU bar chart as a PNG (matplotlib Agg, no pyplot state), written atomically.
+
+  Args:
+    per_class_iou: {class name: IoU in percent}, drawn in the given order.
+    path: the PNG to write.
+    errors: optional {class name: std} drawn as error bars (e.g. over seeds).
+    title: figure title (default "per-class IoU").
+    mean: the mIoU line (default: the mean of the values); NaN hides it.
+    overwrite: replace an existing file.
+    dpi: resolution.
+
+  Returns:
+    The path written.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  import io as io_lib  # pylint: disable=g-import-not-at-top
+
+  if not per_class_iou:
+    raise ValueError("iou_bar_chart: no classes to draw")
+  names = [str(k) for k in per_class_iou]
+  values = np.asarray([float(v) for v in per_class_iou.values()], np.float64)
+  err = None if errors is None else np.asarray([float(errors.get(k, 0.0)) for k in per_class_iou])
+  m = float(np.mean(values)) if mean is None else float(mean)
+  fig = Figure(figsize=(max(4.0, 0.45 * len(names) + 1.5), 3.6), dpi=dpi)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  x = np.arange(len(names))
+  ax.bar(x, values, yerr=err, color="#4c72b0", capsize=3 if err is not None else 0)
+  above = values + (err if err is not None else 0.0)
+  for xi, v, y in zip(x, values, above):
+    ax.text(xi, y + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+  if not math.isnan(m):
+    ax.axhline(m, color="#c44e52", linestyle="--", linewidth=1, label=f"mean {m:.2f}")
+    ax.legend(loc="upper right", fontsize=8)
+  ax.set_xticks(x)
+  ax.set_xticklabels(names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
+                     fontsize=8)
+  top = max(100.0, float(np.nanmax(values + (err if err is not None else 0))) * 1.05) \
+      if np.nanmax(values) > 1.5 else 1.0
+  ax.set_ylim(0, top)
+  ax.set_ylabel("IoU (%)" if top > 1.0 else "IoU")
+  ax.set_title(title or "per-class IoU", fontsize=10)
+  fig.tight_layout()
+  buf = io_lib.BytesIO()
+  fig.savefig(buf, format="png")
+  return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
+
+
+def chart_path(results_json: str | os.PathLike) -> pathlib.Path:
+  """``.../results_pascal5i_f0_1shot.json`` -> ``.../results_pascal5i_f0_1shot_iou.png``."""
+  p = pathlib.Path(results_json)
+  return p.with_name(f"{p.stem}_iou.png")
+
+
+def summary_bar_chart(summary: Mapping[str, Any], path: str | os.PathLike, *,
+                      class_names: Mapping[Any, str] | None = None, title: str | None = None
+                      ) -> pathlib.Path:
+  """The bar chart of an `fss_jax.eval.evaluate.summarize` result.
+
+  Bars are ``summary["per_class_mean"]`` (percent), error bars the std over
+  ``summary["seeds"]`` when there is more than one seed; the title gives the mIoU
+  mean ± std. ``class_names`` maps class ids (int or str) to labels ("3 car").
+  """
+  per_class = dict(summary["per_class_mean"])
+  seeds = list((summary.get("seeds") or {}).values())
+  errors = None
+  if len(seeds) > 1:
+    errors = {c: float(np.std([s["per_class"][c] for s in seeds])) for c in per_class}
+  names = dict(class_names or {})
+
+  def label(c):
+    n = names.get(c)
+    if n is None and str(c).lstrip("-").isdigit():
+      n = names.get(int(c))
+    return f"{c} {n}" if n else str(c)
+
+  labelled = {label(c): v for c, v in per_class.items()}
+  lab_err = None if errors is None else {label(c): v for c, v in errors.items()}
+  if title is None:
+    head = " ".join(str(summary[k]) for k in ("model", "dataset") if k in summary)
+    fold = f" fold {summary['fold']}" if "fold" in summary else ""
+    shot = f" {summary['shot']}-shot" if "shot" in summary else ""
+    mi = summary.get("miou_mean")
+    score = f": mIoU {mi:.2f} ± {summary.get('miou_std', 0.0):.2f} ({summary.get('num_seeds', 1)} seed(s))" \
+        if mi is not None else ""
+    title = f"{head}{fold}{shot}{score}".strip() or None
+  return iou_bar_chart(labelled, path, errors=lab_err, title=title,
+                       mean=summary.get("miou_mean"))
+
+
+__all__ = ["overlay", "foreground", "denormalize", "episode_panel", "panels_from_batch",
+           "write_image_summaries", "iou_bar_chart", "summary_bar_chart", "chart_path",
+           "write_png", "encode_png", "atomic_write_bytes", "PRED_COLOR", "TARGET_COLOR"]

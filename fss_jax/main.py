@@ -1,0 +1,161 @@
+"""Command-line entry point: train or evaluate one configuration.
+
+  python -m fss_jax.main --config configs/panet.py:dataset=pascal5i,fold=0,shot=1 \\
+      --workdir /tmp/panet_f0 --mode train [--config.key=value ...]
+  python -m fss_jax.main --config configs/panet.py:dataset=pascal5i,fold=0,shot=1 \\
+      --workdir /tmp/panet_f0 --mode eval
+
+``--mode train`` resumes from the workdir when it holds a checkpoint; ``--mode eval``
+scores the workdir's best checkpoint (or ``--config.init`` converted weights) on
+the stored test episodes of every ``config.eval.seeds`` and writes a results JSON.
+The last stdout line is a JSON summary. Exit status: 0 done, 1 training stopped
+(NaN/Inf loss), 2 bad input (config, data, checkpoint), with a message saying
+what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import pathlib
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and argument, e.g. configs/panet.py:dataset=pascal5i,fold=0,shot=1.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes) or eval.")
+
+_OVERRIDE = re.compile(r"^--?config\.([A-Za-z0-9_.]+)(=.*)?$")
+
+
+def _fail(message: str, code: int = 2) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _flat_keys(cfg, prefix: str = "", leaves_only: bool = False) -> list[str]:
+  keys = []
+  for k in cfg.keys():
+    v = cfg[k]
+    path = f"{prefix}{k}"
+    node = hasattr(v, "keys") and hasattr(v, "lock")
+    if not (node and leaves_only):
+      keys.append(path)
+    if node:
+      keys += _flat_keys(v, path + ".", leaves_only)
+  return keys
+
+
+def _load_config_file(argv: list[str]):
+  spec = None
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  if not spec:
+    return None
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("_fss_config", path)
+  if mod_spec is None or not pathlib.Path(path).is_file():
+    return None
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
+def unknown_override_message(argv: list[str]) -> str | None:
+  """'unknown config key ...; did you mean ...' for the first bad ``--config.x`` in argv."""
+  try:
+    cfg = _load_config_file(argv)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if cfg is None:
+    return None
+  keys = _flat_keys(cfg)
+  leaves = _flat_keys(cfg, leaves_only=True)
+  for a in argv:
+    m = _OVERRIDE.match(a)
+    if not m or m.group(1) in keys:
+      continue
+    key = m.group(1)
+    close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
+    if not close:  # match on the last component, e.g. 'data.dir' -> 'data.data_dir'
+      last = key.rsplit(".", 1)[-1]
+      names = difflib.get_close_matches(last, [k.rsplit(".", 1)[-1] for k in leaves], n=3, cutoff=0.6)
+      close = [k for k in leaves if k.rsplit(".", 1)[-1] in names][:3]
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    return f"unknown config key {key!r}{hint}"
+  return None
+
+
+def _last_error_line(text: str) -> str:
+  """The final 'SomeError: message' line of a traceback embedded in a flag error."""
+  lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+  for line in reversed(lines):
+    if re.match(r"^[A-Za-z_.]*(Error|Exception): ", line):
+      return line.split(": ", 1)[1]
+  return lines[0] if lines else text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with readable errors for config mistakes."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    msg = unknown_override_message(argv)
+    if msg is None and "Error whilst parsing config file" in str(e):
+      msg = f"bad --config argument: {_last_error_line(str(e))}"
+    _fail(msg or f"{e}\nPass --helpshort for the flags.")
+  except (AttributeError, KeyError) as e:
+    msg = unknown_override_message(argv)
+    _fail(msg or f"bad --config override: {e}")
+  except ValueError as e:  # raised by a config's get_config(arg)
+    _fail(f"bad --config argument: {e}")
+  return []
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONFIG.value is None:
+    _fail("--config is required, e.g. --config configs/panet.py:dataset=pascal5i,fold=0,shot=1")
+  if not _WORKDIR.value:
+    _fail("--workdir is required (checkpoints, logs and results go there)")
+  # Imported here so that flag errors are reported without loading JAX.
+  from fss_jax.data import source  # pylint: disable=g-import-not-at-top
+  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  loop.quiet_library_logs()
+  config = _CONFIG.value
+  try:
+    if _MODE.value == "train":
+      summary = loop.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      summary = loop.evaluate(config, _WORKDIR.value)
+      summary.pop("tables", None)
+  except loop.NonFiniteLossError as e:
+    _fail(str(e), code=1)
+  except (source.DatasetNotReadyError, loop.WorkdirMismatchError, state_lib.InitMismatchError,
+          registry.UnsupportedModelError, FileNotFoundError, ValueError) as e:
+    logging.debug("run failed", exc_info=True)
+    _fail(str(e))
+  print(json.dumps(summary, default=str))
+
+
+def run() -> None:
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

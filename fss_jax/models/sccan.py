@@ -1,0 +1,399 @@
+"""SCCAN (ICCV'23): self-calibrated cross attention network, with PyTorch parity.
+
+The forward follows ``model/SCCAN.py`` of Sam1224/SCCAN (spec:
+shared/reference/sccan.md), NHWC:
+
+1. frozen SCCAN-dilation ResNet-50/101 on the query and the B*K supports;
+2. ``down_query`` / ``down_supp``: 1x1 conv on [layer2, layer3] -> ReLU ->
+   Dropout2d(0.5), resized to the 64x64 working grid (align_corners=True);
+3. per shot: mask resized to 64x64, masked support feature, prototype (WGAP),
+   softmax-weighted mask prior from layer4; shots are averaged;
+4. ``init_merge_query`` / ``init_merge_supp`` 1x1 convs on [feature, prototype,
+   prior | mask];
+5. the SCCA transformer (8 blocks, windows 8, alternate half-window pad shift);
+6. ReLU -> ASPP decoder -> 2-class logits at 64x64, resized (align_corners=True)
+   to ``(H - 1) / 8 * zoom_factor + 1``.
+
+Training loss: SCCAN's weighted Dice (sigmoid per channel) on the full-size
+logits; the CE the reference logs at validation is reported as a metric.
+
+The key map converts the official checkpoints (489 entries for ResNet-50;
+``module.`` prefixes are stripped by the converter). `check_checkpoint` says
+what a state dict is (backbone depth; shot count from the released file name)
+when it does not fit the model asked for.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fss_jax import keymaps as K
+from fss_jax.models.registry import ModelSpec, ParityAdapter
+from fss_jax.nn.aspp import ASPPDecoder
+from fss_jax.nn.attention.sccan import SCCATransformer
+from fss_jax.nn.backbones import resnet
+from fss_jax.nn.layers import Conv2d
+from fss_jax.ops.pooling import masked_average_pool
+from fss_jax.ops.resize import resize_bilinear
+from fss_jax.ops.similarity import correlation_prior
+from fss_jax.ops import losses
+
+MODEL_CLASSES = ("model.SCCAN.OneModel",)
+BACKBONE_PREFIX = "backbone.body."
+
+
+def _conv1x1(features: int, name: str) -> Conv2d:
+  return Conv2d(features, 1, use_bias=False, name=name)
+
+
+class SCCAN(nn.Module):
+  """SCCAN meta learner on a frozen ResNet.
+
+  Attributes:
+    shot: supports per episode (K); episodes must match.
+    layers: backbone depth, 50 or 101.
+    grid: working resolution of the transformer (64; a multiple of `window`).
+    reduce_dim: feature width (256).
+    depth, num_heads, window, mlp_ratio: SCCA transformer (8, 8, 8, 1).
+    zoom_factor: output size ``int((H - 1) / 8 * zoom_factor + 1)`` (8 = input size).
+    classes: 2.
+    feature_dropout: Dropout2d after down_query / down_supp (0.5).
+    classifier_dropout: Dropout2d in the classifier (0.1).
+  """
+  shot: int = 1
+  layers: int = 50
+  grid: int = 64
+  reduce_dim: int = 256
+  depth: int = 8
+  num_heads: int = 8
+  window: int = 8
+  mlp_ratio: float = 1.0
+  zoom_factor: int = 8
+  classes: int = 2
+  feature_dropout: float = 0.5
+  classifier_dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, episode: Mapping[str, jnp.ndarray], *, train: bool) -> dict:
+    """Runs one batch of episodes.
+
+    Args:
+      episode: ``query_image`` [B, H, W, 3], ``support_images`` [B, K, H, W, 3],
+        ``support_masks`` [B, K, H, W] (0 / 1 / 255).
+      train: dropout on (needs a "dropout" rng).
+
+    Returns:
+      ``logits`` [B, h, w, 2] (h = w = input size for zoom 8), ``logits_low``
+      [B, 64, 64, 2], ``prior`` [B, 64, 64, 1], ``support_mask`` [B, 64, 64, 1].
+    """
+    x = episode["query_image"]
+    sx = episode["support_images"]
+    sy = episode["support_masks"]
+    b, hi, wi, _ = x.shape
+    k = sx.shape[1]
+    if k != self.shot:
+      raise ValueError(f"episode has {k} supports per query but the model was built with "
+                       f"shot={self.shot}; build it with shot={k} (config.shot) or fix the data")
+    if sx.shape[2:4] != (hi, wi) or sy.shape[2:] != (hi, wi):
+      raise ValueError(f"support images {tuple(sx.shape)} / masks {tuple(sy.shape)} must share "
+                       f"the query size {hi}x{wi}")
+    size = (self.grid, self.grid)
+    resize = lambda t, s=size: resize_bilinear(t, s, align_corners=True)  # noqa: E731
+
+    # 1. Frozen backbone (query and the B*K supports in one batch, b * K + k order).
+    backbone = resnet.ResNetSCCAN(depth=self.layers, name="backbone")
+    feats = backbone(jnp.concatenate([x, sx.reshape(b * k, hi, wi, 3)], axis=0))
+    feats = {n: jax.lax.stop_gradient(v) for n, v in feats.items() if n != "layer0"}
+    fq = {n: v[:b] for n, v in feats.items()}
+    fs = {n: v[b:] for n, v in feats.items()}
+    for n in ("layer1", "layer2", "layer3", "layer4"):
+      self.sow("intermediates", f"backbone_query_{n}", fq[n])
+      self.sow("intermediates", f"backbone_support_{n}", fs[n])
+
+    # 2. Mid-level features: [layer2, layer3] -> 1x1 conv -> ReLU -> Dropout2d -> 64x64.
+    drop = nn.Dropout(self.feature_dropout, broadcast_dims=(1, 2), deterministic=not train)
+    q_mid = drop(nn.relu(_conv1x1(self.reduce_dim, "down_query")(
+        jnp.concatenate([fq["layer2"], fq["layer3"]], axis=-1))))
+    s_mid = drop(nn.relu(_conv1x1(self.reduce_dim, "down_supp")(
+        jnp.concatenate([fs["layer2"], fs["layer3"]], axis=-1))))
+    self.sow("intermediates", "down_query_out", q_mid)
+    self.sow("intermediates", "down_supp_out", s_mid)
+    query_feat = resize(q_mid)                                              # [B, 64, 64, 256]
+    supp_feat = resize(s_mid).reshape(b, k, *size, self.reduce_dim)         # [B, K, 64, 64, 256]
+    supp_high = resize(fs["layer4"]).reshape(b, k, *size, -1)               # [B, K, 64, 64, 2048]
+
+    # 3. Per-shot masks, masked features, prototypes and priors; shots averaged.
+    fg = (sy == 1).astype(x.dtype).reshape(b * k, hi, wi, 1)
+    masks = resize(fg).reshape(b, k, *size, 1)                              # [B, K, 64, 64, 1]
+    protos, priors = [], []
+    for i in range(k):
+      protos.append(masked_average_pool(supp_feat[:, i], masks[:, i], eps=0.0005))
+      # Softmax-weighted support mask over the unmasked support layer4 (sccan.md §2 step 6).
+      priors.append(correlation_prior(fq["layer4"], supp_high[:, i], masks[:, i], eps=1e-7,
+                                      reduce="softmax_mask", mask_support=False,
+                                      output_size=size, align_corners=True))
+    supp_mask = jnp.mean(masks, axis=1)                                     # [B, 64, 64, 1]
+    supp_masked = jnp.mean(supp_feat * masks, axis=1)                       # [B, 64, 64, 256]
+    proto = jnp.mean(jnp.stack(protos, axis=1), axis=1)                     # [B, 256]
+    proto = jnp.broadcast_to(proto[:, None, None, :], query_feat.shape)
+    prior = jnp.mean(jnp.concatenate(priors, axis=-1), axis=-1, keepdims=True)
+    self.sow("intermediates", "prior_mask", prior)
+
+    # 4. Input projections (no activation).
+    q0 = _conv1x1(self.reduce_dim, "init_merge_query")(
+        jnp.concatenate([query_feat, proto, prior], axis=-1))
+    s0 = _conv1x1(self.reduce_dim, "init_merge_supp")(
+        jnp.concatenate([supp_masked, proto, supp_mask], axis=-1))
+    self.sow("intermediates", "init_merge_query_out", q0)
+    self.sow("intermediates", "init_merge_supp_out", s0)
+
+    # 5. SCCA transformer.
+    t = SCCATransformer(self.reduce_dim, self.depth, self.num_heads, self.window,
+                        self.mlp_ratio, name="transformer")(q0, s0, supp_mask)
+    self.sow("intermediates", "transformer_out", t)
+
+    # 6. Decoder and output size.
+    logits_low = ASPPDecoder(self.reduce_dim, self.classes, self.classifier_dropout,
+                             name="decoder")(t, train=train)
+    h = int((hi - 1) / 8 * self.zoom_factor + 1)
+    w = int((wi - 1) / 8 * self.zoom_factor + 1)
+    logits = resize(logits_low, (h, w)) if self.zoom_factor != 1 else logits_low
+    return {"logits": logits, "logits_low": logits_low, "prior": prior,
+            "support_mask": supp_mask}
+
+
+def make_model(shot: int = 1, layers: int = 50, **fields) -> SCCAN:
+  """SCCAN(shot, layers, ...); other fields as the `SCCAN` attributes."""
+  if layers not in (50, 101):
+    raise ValueError(f"SCCAN supports ResNet-50 and ResNet-101 backbones, got layers={layers}")
+  return SCCAN(shot=shot, layers=layers, **fields)
+
+
+def loss_fn(outputs: Mapping[str, jnp.ndarray], episode: Mapping[str, jnp.ndarray]):
+  """SCCAN's training loss: weighted Dice on the full-size logits (sccan.md §5).
+
+  Returns (dice, {"dice", "ce", "loss"}); the CE (ignore 255) is only reported,
+  as the reference computes it for logging.
+  """
+  logits, target = outputs["logits"], episode["query_mask"]
+  if logits.shape[1:3] != target.shape[1:3]:
+    raise ValueError(f"logits {tuple(logits.shape)} and query_mask {tuple(target.shape)} differ "
+                     "in size; SCCAN trains with zoom_factor=8 (logits at the input size)")
+  dice = losses.weighted_dice_loss(logits, target)
+  ce = jax.lax.stop_gradient(losses.cross_entropy(logits, target))
+  return dice, {"dice": dice, "ce": ce, "loss": dice}
+
+
+# ---------------------------------------------------------------------------
+# Key map (official state dict -> Flax variables)
+# ---------------------------------------------------------------------------
+
+def _block_rules(n: int) -> list:
+  src, dst = f"transformer.layers.0.blocks.{n}", ("transformer", f"blocks_{n}")
+  rules = K.layer_norm(f"{src}.norm1", (*dst, "norm1")) + K.layer_norm(f"{src}.norm2",
+                                                                       (*dst, "norm2"))
+  for a in ("attn_q", "attn_s"):
+    for lin in ("q", "kv", "proj"):
+      rules += K.linear(f"{src}.{a}.{lin}", (*dst, a, lin))
+  for m in ("mlp_q", "mlp_s"):
+    for lin in ("fc1", "fc2"):
+      rules += K.linear(f"{src}.{m}.{lin}", (*dst, m, lin))
+  return rules
+
+
+def keymap(shot: int = 1, layers: int = 50, depth: int = 8, **unused) -> list:
+  """Official SCCAN state-dict names -> variables of `make_model(shot, layers)`.
+
+  The shot count does not change the keys (SCCAN has no K-specific module).
+  """
+  del shot, unused
+  rules = resnet.resnet_keymap(depth=layers, stem="deep", naming="resnet_v2",
+                               prefix=BACKBONE_PREFIX, dst=("backbone",))
+  for name in ("down_query", "down_supp", "init_merge_query", "init_merge_supp"):
+    rules += K.conv(f"{name}.0", (name,), bias=False)
+  for n in range(depth):
+    rules += _block_rules(n)
+  rules += K.layer_norm("transformer.norm0", ("transformer", "norm0"))
+  dec = ("decoder",)
+  for i in range(5):
+    rules += K.conv(f"ASPP_meta.layer6_{i}.0", (*dec, "aspp", f"layer6_{i}"))
+  rules += K.conv("res1_meta.0", (*dec, "res1"), bias=False)
+  rules += K.conv("res2_meta.0", (*dec, "res2_0"), bias=False)
+  rules += K.conv("res2_meta.2", (*dec, "res2_1"), bias=False)
+  rules += K.conv("cls_meta.0", (*dec, "cls_0"), bias=False)
+  rules += K.conv("cls_meta.3", (*dec, "cls_1"))
+  return rules
+
+
+_SHOT_IN_NAME = re.compile(r"train(\d+)_epoch|(\d+)s(?:hot)?\b|(\d+)[-_]?shot")
+
+
+def describe_checkpoint(keys: Sequence[str], source: str | None = None) -> dict:
+  """What an SCCAN state dict is: {"layers": 50 | 101, "shot": K or None}.
+
+  The depth comes from the layer3 block count. The keys are the same for every
+  shot count, so the shot is read from the released file name when it says so
+  (``win8_train5_epoch_..`` = 5-shot, ``win8_train_epoch_..`` = 1-shot, or
+  ``..5s..`` / ``5shot``); otherwise it is None (unknown).
+  """
+  keys = [k[7:] if k.startswith("module.") else k for k in keys]
+  if not any(k.startswith(BACKBONE_PREFIX) for k in keys):
+    raise ValueError("not an SCCAN checkpoint: no 'backbone.body.*' keys (an ImageNet "
+                     "backbone alone converts with --model resnet_sccan)")
+  layers, _ = resnet.depth_from_keys(keys, BACKBONE_PREFIX)
+  shot = None
+  if source:
+    name = str(source).replace("\\", "/").rsplit("/", 1)[-1]
+    if re.search(r"train_epoch", name):
+      shot = 1
+    else:
+      m = _SHOT_IN_NAME.search(name)
+      if m:
+        shot = int(next(g for g in m.groups() if g))
+  return {"layers": layers, "shot": shot}
+
+
+def check_checkpoint(state_dict: Mapping[str, Any], *, shot: int = 1, layers: int = 50,
+                     source: str | None = None) -> None:
+  """Raises a ValueError naming what the checkpoint is when it is not for this model.
+
+  Args:
+    state_dict: the (possibly ``module.``-prefixed) official state dict.
+    shot, layers: what the model is built for.
+    source: the checkpoint's file name, used to tell 1-shot from 5-shot files.
+  """
+  what = describe_checkpoint(list(state_dict), source)
+  problems = []
+  if what["layers"] != layers:
+    problems.append(f"a ResNet-{what['layers']} backbone, but the model is built with "
+                    f"layers={layers} (ResNet-{layers}); pass layers={what['layers']}")
+  if what["shot"] is not None and what["shot"] != shot:
+    problems.append(f"a {what['shot']}-shot model (file name {source!r}), but shot={shot} was "
+                    f"asked; pass shot={what['shot']} (the keys are the same, the weights are not)")
+  if problems:
+    raise ValueError("this SCCAN checkpoint is " + "; and ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# Parity with the official code's fixtures
+# ---------------------------------------------------------------------------
+
+def _fields_from_fixture(meta: Mapping[str, Any]) -> dict:
+  values = (meta.get("config") or {}).get("values") or {}
+  shapes = meta.get("input_shapes") or {}
+  shot = int(values.get("shot", shapes.get("in_supp_img", [0, 1])[1]))
+  if "in_supp_img" in shapes and shapes["in_supp_img"][1] != shot:
+    raise ValueError(f"fixture config says shot={shot} but in_supp_img has shape "
+                     f"{shapes['in_supp_img']}")
+  keys = [e["key"] for e in meta["state_dict"]["keys"]]
+  layers, _ = resnet.depth_from_keys(keys, BACKBONE_PREFIX)
+  if "layers" in values and int(values["layers"]) != layers:
+    raise ValueError(f"fixture config says layers={values['layers']} but its keys are "
+                     f"ResNet-{layers}")
+  fields = {"shot": shot, "layers": layers}
+  if "zoom_factor" in values:
+    fields["zoom_factor"] = int(values["zoom_factor"])
+  return fields
+
+
+def _episode_from_fixture(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
+  q = np.asarray(arrays["in_query_img"], np.float32)
+  s = np.asarray(arrays["in_supp_img"], np.float32)
+  ep = {
+      "query_image": jnp.asarray(q.transpose(0, 2, 3, 1)),
+      "support_images": jnp.asarray(s.transpose(0, 1, 3, 4, 2)),
+      "support_masks": jnp.asarray(np.asarray(arrays["in_supp_label"]).astype(np.int32)),
+      "class_id": jnp.zeros((q.shape[0],), jnp.int32),
+  }
+  if "in_query_label" in arrays:
+    ep["query_mask"] = jnp.asarray(np.asarray(arrays["in_query_label"]).astype(np.int32))
+  return ep
+
+
+def _parity_apply(module, variables, episode):
+  """Eval-mode forward that also returns the sown ``intermediates`` (jitted once)."""
+  def fwd(v, e):
+    out, state = module.apply(v, e, train=False, mutable=["intermediates"])
+    return {**out, "intermediates": state["intermediates"]}
+  return jax.jit(fwd)(variables, episode)
+
+
+def _first(v):
+  return v[0] if isinstance(v, tuple) else v
+
+
+_SWIN_MIDS = {"window_index": "window_index", "attn_q": "attn_q_out", "mlp_q": "mlp_q_out",
+              "attn_s": "attn_s_out", "mlp_s": "mlp_s_out", "q": "q_out", "s": "s_out"}
+
+
+def _mid_source(base: str, inter: Mapping[str, Any]):
+  """The Flax intermediate behind a fixture ``mid_`` base name (NHWC maps / NLC tokens)."""
+  m = re.fullmatch(r"swin_block(\d+)_(\w+)", base)
+  if m and m.group(2) in _SWIN_MIDS:
+    return _first(inter["transformer"][f"blocks_{m.group(1)}"][_SWIN_MIDS[m.group(2)]])
+  dec = {"aspp": "aspp_out", "res1": "res1_out", "res2": "res2_out"}
+  if base in dec:
+    return _first(inter["decoder"][dec[base]])
+  for name in (f"{base}_out", base):
+    if name in inter:
+      return _first(inter[name])
+  return None
+
+
+def _to_torch_layout(x: np.ndarray, suffix: str) -> np.ndarray:
+  x = np.asarray(x)
+  if suffix == "chmean":
+    axes = (1, 2) if x.ndim == 4 else (1,)
+    return x.astype(np.float64).mean(axis=axes).astype(np.float32)
+  if x.ndim == 4:
+    x = x.transpose(0, 3, 1, 2)
+  if suffix.startswith("c") and suffix[1:].isdigit():
+    n = int(suffix[1:])
+    x = x[:, :n] if x.ndim == 4 else x[..., :n]
+  return x
+
+
+def _outputs_to_fixture(out: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
+  res = {"out_logits": np.asarray(out["logits"]).transpose(0, 3, 1, 2)}
+  inter = out.get("intermediates") or {}
+  extra = {"meta_logits_64": out["logits_low"]}
+  for name in (meta.get("tensors") or {}):
+    if not name.startswith("mid_"):
+      continue
+    base, _, suffix = name[4:].partition("__")
+    src = extra.get(base)
+    if src is None:
+      src = _mid_source(base, inter)
+    if src is None:
+      continue
+    v = _to_torch_layout(src, suffix)
+    if base.endswith("window_index"):
+      v = v.astype(np.int64)
+    res[name] = v
+  return res
+
+
+PARITY = ParityAdapter(
+    model_classes=MODEL_CLASSES,
+    model_fields=_fields_from_fixture,
+    inputs=_episode_from_fixture,
+    outputs=_outputs_to_fixture,
+    apply=_parity_apply,
+    logit_outputs=("out_logits",),
+)
+
+SPEC = ModelSpec(
+    name="sccan",
+    make_model=make_model,
+    keymap=keymap,
+    loss_fn=loss_fn,
+    parity=PARITY,
+    frozen=(r"backbone/.*",),
+    check_checkpoint=check_checkpoint,
+)

@@ -1,0 +1,494 @@
+"""Sym-Net (Sunbaoquan/Sym-Net): symmetrical support-query prototypes with a self-activation
+prior mask, visual-text alignment and top-down hyper-correlation (symnet.md).
+
+Forward (§2), NHWC, sizes for a 473 input (60 x 60 features), 1-way, K shots:
+
+1. Class embedding ``t = E[class_id]`` [B, 300] from the packaged word2vec table
+   (`fss_jax.assets`, SHA-256 checked; row = original class id).
+2. Frozen deep-stem ResNet on the query and the *unmasked* supports, bottleneck by
+   bottleneck (`ResNetBlocks`): stage outputs and the 16 pre-ReLU block outputs.
+3. ``f_q = Dropout2d(ReLU(conv1x1([l3, l2])))`` (``down_query``), ``f_s`` likewise
+   (``down_supp``); support prototypes by Weighted GAP; support text prototypes
+   ``APA(f_s * m, t, p)``; multi-layer correlations (layer4/3/2 blocks).
+4. TDC on the shot-mean correlation stacks -> H [B, 60, 60, 48].
+5. Gram scene difference of layer2 and K-shot weights w (BAM).
+6. SPM prior pyramid R (60, 30, 15, 8) from layer4, shots weighted by w.
+7. ``ts = sum_k w_k ts_k``; query self-prototypes (fg / ambiguous / bg) on R_0;
+   ``tq = APA(f_q * R_0, t, q_fg)``; hybrid prototype ``g = (tq + ts) / 2``.
+8. Per level ``init_merge([pool(f_q), g, H, R_l])`` -> PFENet FEM decoder -> meta logits
+   and 4 auxiliary logits.
+9. Base learner (PPM + PSPNet classifier on layer4) and the BAM ensemble.
+10. final / meta / base bilinearly (align_corners=True) up-sampled to the input size;
+    ``logits`` = final (probability-like values used as logits, as in the reference).
+
+Loss (§6): ``CE(final) + CE(meta) + CE(base) [no gradient] + mean_l CE(aux_l) +
+triplet`` (support + query hard triplet terms), all weights 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fss_jax import assets, keymaps
+from fss_jax.models import pspnet as pspnet_lib
+from fss_jax.models.registry import ModelSpec, ParityAdapter
+from fss_jax.nn.backbones import resnet
+from fss_jax.nn.block_features import ResNetBlocksDeepStem
+from fss_jax.nn.decoder import FEMDecoder, MergeConv, pfenet_decoder_keymap
+from fss_jax.nn.ensemble import ensemble_keymap
+from fss_jax.nn.layers import BatchNorm2d, Conv2d
+from fss_jax.nn.ppm import PPM
+from fss_jax.nn.symnet_blocks import (APA, TDC, ShotWeightedEnsemble, hard_triplet_loss,
+                                      multilayer_correlation, query_self_prototypes,
+                                      self_activation_prior)
+from fss_jax.ops.pooling import adaptive_avg_pool, masked_average_pool
+from fss_jax.ops.resize import resize_bilinear, resize_nearest
+from fss_jax.ops import losses
+
+FIXTURE_CLASS = "model.SymNet.SymNet"
+REDUCE_DIM = 256
+
+
+def default_scales(feature_size: int, levels: int = 4) -> tuple[int, ...]:
+  """Pyramid bins that follow the feature size: ``round(s / 2^l)`` (round half to even).
+
+  60 -> (60, 30, 15, 8) (PASCAL 473), 81 -> (81, 40, 20, 10) (COCO 641),
+  31 -> (31, 16, 8, 4) (241, the parity fixture): the values of the released configs.
+  """
+  return tuple(max(1, int(round(feature_size / 2 ** l))) for l in range(levels))
+
+
+def feature_size(input_size: int) -> int:
+  """Side of the stride-8 backbone maps for an input side (473 -> 60, 641 -> 81)."""
+  s = (input_size - 1) // 2 + 1    # stem conv s2
+  s = (s - 1) // 2 + 1             # max-pool s2
+  return (s - 1) // 2 + 1          # layer2 s2
+
+
+class PSPNetBlocks(pspnet_lib.PSPNet):
+  """The PSPNet base learner whose backbone also returns every block's pre-ReLU output.
+
+  Same fields and variables as `pspnet.PSPNet` (``backbone``, ``ppm``, ``cls_conv``,
+  ``cls_bn``, ``classifier``), so BAM's converted base learner loads under
+  ``init_prefix="pspnet"``; only the backbone is `ResNetBlocks` instead of `ResNet`.
+  """
+
+  def setup(self):
+    self.backbone = ResNetBlocksDeepStem(depth=self.depth, frozen=self.frozen)
+    self.ppm = PPM(tuple(self.bins), 2048 // len(self.bins), frozen_bn=self.frozen)
+    self.cls_conv = Conv2d(512, 3, padding=1, use_bias=False)
+    self.cls_bn = BatchNorm2d()
+    self.classifier = Conv2d(self.num_classes, 1)
+    self.drop = nn.Dropout(self.dropout, broadcast_dims=(1, 2))
+
+  def base_logits(self, layer4: jax.Array, *, train: bool = False) -> jax.Array:
+    """``learner_base`` = PPM -> cls conv + BN -> classifier: ``[B, h, w, 2048]`` ->
+    ``[B, h, w, N]`` (Dropout2d active when ``train``; BN frozen)."""
+    feat5 = self.cls_bn(self.cls_conv(self.ppm(layer4, train=False)), use_running_average=True)
+    return self.classify(feat5, train=train)
+
+
+def base_channel(episode: Mapping[str, jax.Array]) -> jax.Array | None:
+  """``[B]`` base-learner channel of the episode class (``class_index + 1``) or None."""
+  if "class_index" not in episode:
+    return None
+  return jnp.asarray(episode["class_index"]).reshape(-1).astype(jnp.int32) + 1
+
+
+class SymNet(nn.Module):
+  """Sym-Net ``SymNet`` (ResNet PSPNet backbone, word2vec APA).
+
+  Attributes:
+    shot: K.
+    dataset: "pascal5i" or "coco20i": selects the word2vec table (and must agree with
+      ``num_base_classes``).
+    num_base_classes: base learner outputs incl. background (16 PASCAL, 61 COCO).
+    depth: backbone depth (50; 101 builds but no released config uses it).
+    scales: decoder / SPM pyramid bins; ``()`` follows the feature size
+      (`default_scales`). The first bin must equal the feature size.
+    kshot_hidden: ``kshot_trans_dim`` (hard-coded 2 in the reference).
+    embedding_path: optional custom class-embedding table (.npy, rows = class ids);
+      "" uses the packaged word2vec table.
+    check_class_ids: raise `assets.AssetError` when a class id falls outside the
+      embedding table (when the ids are concrete; under jit such an episode's outputs
+      are NaN).
+  """
+  shot: int = 1
+  dataset: str = "pascal5i"
+  num_base_classes: int = 16
+  depth: int = 50
+  scales: Sequence[int] = ()
+  kshot_hidden: int = 2
+  embedding_path: str = ""
+  check_class_ids: bool = True
+
+  def _embeddings(self, episode: Mapping[str, jax.Array], b: int) -> jax.Array:
+    if "class_embedding" in episode:
+      return jnp.asarray(episode["class_embedding"], jnp.float32).reshape(b, -1)
+    table = assets.load_class_embeddings(self.dataset, self.embedding_path or None)
+    ids = jnp.asarray(episode["class_id"]).reshape(-1).astype(jnp.int32)
+    if ids.shape[0] != b:
+      raise ValueError(f"Sym-Net is 1-way: expected one class id per episode ({b}), got "
+                       f"class_id of shape {tuple(jnp.shape(episode['class_id']))}")
+    rows = table.shape[0]
+    if self.check_class_ids and not isinstance(ids, jax.core.Tracer):
+      assets.check_class_ids(np.asarray(ids), self.dataset, rows)
+    # Under jit the ids are not known: an id outside the table gives a NaN embedding, so
+    # every output of that episode is NaN (the engine stops on a NaN loss) rather than
+    # silently reading another class's row.
+    emb = jnp.asarray(table)[jnp.clip(ids, 0, rows - 1)]
+    return jnp.where(((ids >= 0) & (ids < rows))[:, None], emb, jnp.nan)
+
+  @nn.compact
+  def __call__(self, episode: Mapping[str, jax.Array], *, train: bool = False) -> dict:
+    """episode: query_image [B, H, W, 3], support_images [B, K, H, W, 3],
+    support_masks [B, K, H, W] (0/1/255), class_id [B] (original class id);
+    training also query_mask and class_index (fold-local base index).
+
+    Returns:
+      {"logits": final [B, H', W', 2], "meta_logits": [B, H', W', 2], "base_logits":
+      [B, H', W', N], "aux_logits": 4 x [B, s_l, s_l, 2], "est_val": [B], "prior":
+      [B, h, w, 1], and (training) the triplet-loss inputs "support_text",
+      "support_features", "query_text", "query_ambiguous", "query_background"}.
+      H' = (H - 1) / 8 * 8 + 1 = H.
+    """
+    x = episode["query_image"]
+    s_x = episode["support_images"]
+    b, hh, ww, _ = x.shape
+    k = s_x.shape[1]
+    if k != self.shot:
+      raise ValueError(f"the model was built for {self.shot}-shot episodes, got {k} supports; "
+                       f"set config.shot={k} (model field shot)")
+    dataset = assets.canonical_dataset(self.dataset)
+    want_base = pspnet_lib.num_base_classes(dataset)
+    if self.num_base_classes != want_base:
+      raise ValueError(f"num_base_classes={self.num_base_classes} does not fit {dataset} "
+                       f"({want_base} = background + base classes); the dataset and the base "
+                       f"learner must agree")
+    h = w = feature_size(hh)
+    if hh != ww:
+      raise ValueError(f"Sym-Net's square pyramid bins need square inputs, got {hh}x{ww}; "
+                       f"use square crops (config data.train_size / test_size)")
+    scales = tuple(self.scales) or default_scales(h)
+    if scales[0] != h:
+      raise ValueError(f"the first pyramid bin ({scales[0]}) must equal the feature size {h} "
+                       f"(input {hh}); set scales=() to follow the input size, or "
+                       f"{default_scales(h)}")
+    sow = lambda n, v: self.sow("intermediates", n, v)
+
+    # 1. class embedding
+    text = self._embeddings(episode, b)                                # [B, T]
+
+    # 2. frozen backbone, block by block (query and supports in one pass; BN frozen)
+    psp = PSPNetBlocks(num_classes=self.num_base_classes, depth=self.depth, frozen=True,
+                       name="pspnet")
+    imgs = jnp.concatenate([x, s_x.reshape(b * k, hh, ww, s_x.shape[-1])], 0)
+    feats = jax.lax.stop_gradient(psp.backbone(imgs, train=False))
+    lq = {n: feats[f"layer{n}"][:b] for n in range(5)}
+    ls = {n: feats[f"layer{n}"][b:] for n in range(5)}                 # [B*K, ...]
+    bq = [f[:b] for f in feats["blocks"]]
+    bs = [f[b:] for f in feats["blocks"]]
+    for n in range(5):
+      sow(f"feat_query_layer{n}", lq[n])
+      sow(f"feat_support_layer{n}", ls[n])
+    for i, (fq_i, fs_i) in enumerate(zip(bq, bs)):
+      sow(f"block_query_{i}", fq_i)
+      sow(f"block_support_{i}", fs_i)
+    assert lq[4].shape[1:3] == (h, w), (lq[4].shape, h, w)
+
+    # 3. mid-level features, prototypes, support text prototypes, correlations
+    def down(name, f2, f3):
+      y = MergeConv(REDUCE_DIM, name=name)(jnp.concatenate([f3, f2], -1))
+      return nn.Dropout(0.5, broadcast_dims=(1, 2))(y, deterministic=not train)
+
+    f_q = down("down_query", lq[2], lq[3])                            # [B, h, w, 256]
+    f_s = down("down_supp", ls[2], ls[3])                             # [B*K, h, w, 256]
+    sow("down_query_out", f_q)
+    sow("down_supp_out", f_s)
+    masks = (episode["support_masks"] == 1).astype(x.dtype)           # [B, K, H, W]
+    m_full = masks.reshape(b * k, hh, ww, 1)
+    m = resize_bilinear(m_full, (h, w), align_corners=True)           # binary (§0)
+    proto = masked_average_pool(f_s, m, eps=0.0005)                    # [B*K, 256]
+    sow("supp_proto", proto)
+    apa = APA(REDUCE_DIM, name="apa")
+    ts_k = apa(f_s * m, jnp.repeat(text, k, axis=0), proto, train=train)   # [B*K, 256]
+    sow("apa_support", ts_k)
+
+    sizes = resnet.stage_sizes(self.depth)
+    corr = [[], [], []]
+    for j in range(k):
+      pick = lambda f: f.reshape(b, k, *f.shape[1:])[:, j]
+      cs = multilayer_correlation(bq, [pick(f) for f in bs], pick(m_full), sizes)
+      for lvl in range(3):
+        corr[lvl].append(cs[lvl])
+    for lvl, name in enumerate(("l4", "l3", "l2")):
+      sow(f"corr_shot0_{name}", corr[lvl][0])
+    h4, h3, h2 = (sum(c) / k for c in corr)
+
+    # 4. top-down hyper-correlation
+    hyper = TDC(name="tdc")(h2, h3, h4)                                # [B, h, w, 48]
+    sow("tdc_out", hyper)
+
+    # 5. scene difference, shot weights
+    ensemble = ShotWeightedEnsemble(shot=k, kshot_hidden=self.kshot_hidden, name="ensemble")
+    weights, e_all = ensemble.shot_weights(lq[2], ls[2].reshape(b, k, *ls[2].shape[1:]))
+    est = jnp.sum(weights * e_all, axis=1)                             # [B]
+    sow("shot_weight", weights)
+    sow("est_val", est)
+
+    # 6. SPM prior pyramid
+    priors = self_activation_prior(lq[4], ls[4].reshape(b, k, h, w, -1),
+                                   m.reshape(b, k, h, w), weights, scales)
+    for i, r in enumerate(priors):
+      sow(f"spm_bin{i}", r)
+
+    # 7. prototypes
+    ts = jnp.sum(weights[..., None] * ts_k.reshape(b, k, -1), axis=1)  # [B, 256]
+    q_fg, q_amb, q_bg = query_self_prototypes(f_q, priors[0])
+    sow("query_pro_fg", q_fg)
+    sow("query_pro_hard", q_amb)
+    sow("query_pro_bg", q_bg)
+    tq = apa(f_q * priors[0], text, q_fg, train=train)
+    sow("apa_query", tq)
+    g = 0.5 * tq + 0.5 * ts
+    sow("hybrid_proto", g)
+
+    # 8. multi-scale merge + PFENet decoder
+    merged = []
+    for idx, s in enumerate(scales):
+      parts = [adaptive_avg_pool(f_q, (s, s)),
+               jnp.broadcast_to(g[:, None, None, :], (b, s, s, g.shape[-1])),
+               resize_bilinear(hyper, (s, s), align_corners=True), priors[idx]]
+      merged.append(MergeConv(REDUCE_DIM, name=f"init_merge_{idx}")(jnp.concatenate(parts, -1)))
+    meta, aux = FEMDecoder(REDUCE_DIM, 2, name="decoder")(merged, train=train)
+    for i, a in enumerate(aux):
+      sow(f"inner_cls{i}", a)
+    sow("meta_logits_lowres", meta)
+
+    # 9. base learner + ensemble
+    base = psp.base_logits(lq[4], train=train)        # no gradient reaches pspnet (frozen)
+    sow("base_logits_lowres", base)
+    ens = ensemble(meta, base, est, exclude_channel=base_channel(episode) if train else None)
+    for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
+      sow(name, ens[name])
+
+    # 10. outputs at the input resolution
+    size = (pspnet_lib.output_size(hh), pspnet_lib.output_size(ww))
+    up = lambda t: resize_bilinear(t, size, align_corners=True)
+    out = {"logits": up(ens["final"]), "meta_logits": up(meta), "base_logits": up(base),
+           "aux_logits": aux, "est_val": est, "prior": priors[0]}
+    if train:
+      out.update(support_text=ts, support_features=f_s.reshape(b, k, h, w, -1), query_text=tq,
+                 query_ambiguous=q_amb, query_background=q_bg)
+    return out
+
+
+def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]
+            ) -> tuple[jax.Array, dict]:
+  """Sym-Net's training loss (symnet.md §6), every weight 1.0.
+
+  ``main = CE(final)``, ``aux1 = CE(meta)``, ``aux2 = CE(base, query_base_label)``
+  (stop-gradient: frozen base learner; left out without base labels),
+  ``aux_inner = mean_l CE(up(aux_l))``, ``triplet`` = support + query hard triplet
+  loss. CE ignores 255 and runs at the input resolution.
+  """
+  y = episode["query_mask"]
+  size = y.shape[1:3]
+  terms = {
+      "main": losses.cross_entropy(outputs["logits"], y),
+      "aux1": losses.cross_entropy(outputs["meta_logits"], y),
+  }
+  if "query_base_label" in episode:
+    terms["aux2"] = jax.lax.stop_gradient(
+        losses.cross_entropy(outputs["base_logits"], episode["query_base_label"]))
+  aux = outputs["aux_logits"]
+  terms["aux_inner"] = sum(losses.cross_entropy(resize_bilinear(a, size, align_corners=True), y)
+                           for a in aux) / len(aux)
+  if "support_features" in outputs:
+    feats = outputs["support_features"]
+    b, k, h, w, _ = feats.shape
+    masks = (episode["support_masks"] == 1).astype(jnp.float32)
+    small = resize_nearest(masks.reshape(b * k, *masks.shape[2:], 1), (h, w)).reshape(b, k, h, w)
+    terms["triplet"] = hard_triplet_loss(outputs["support_text"], feats, small,
+                                         outputs["query_text"], outputs["query_ambiguous"],
+                                         outputs["query_background"])
+  return losses.weighted_sum(terms)
+
+
+# ---------------------------------------------------------------------------
+# Key map (official checkpoints: 420 keys 1-shot, 424 5-shot, `module.` stripped)
+# ---------------------------------------------------------------------------
+
+def symnet_keymap(*, shot: int = 1, depth: int = 50, levels: int = 4, kshot_hidden: int = 2,
+                  prefix: str = "") -> list:
+  """Official Sym-Net state-dict keys -> `SymNet` variables."""
+  # The PSPNet base learner under BAM's names, renamed to Sym-Net's: the backbone keeps
+  # layer0..4, `learner_base = Sequential(ppm, cls)` (BAM's encoder.* copies do not exist).
+  rename = (("ppm.", "learner_base.0."), ("cls.", "learner_base.1."))
+  rules = []
+  for r in pspnet_lib.pspnet_keymap(naming="bam", depth=depth, dst=("pspnet",)):
+    if r.src.startswith("encoder."):
+      continue
+    for old, new in rename:
+      if r.src.startswith(old):
+        r = dataclasses.replace(r, src=new + r.src[len(old):])
+    rules.append(r)
+  for name in ("down_query", "down_supp"):
+    rules += keymaps.conv(f"{name}.0", (name, "conv"), bias=False)
+  for i in range(levels):
+    rules += keymaps.conv(f"init_merge.{i}.0", (f"init_merge_{i}", "conv"), bias=False)
+  rules += pfenet_decoder_keymap("", ("decoder",), levels=levels)
+  tdc = {"conv1": "conv1", "conv2": "conv2", "conv3": "conv3", "merge1.0": "merge1_conv",
+         "merge2.0": "merge2_conv", "merge2.3": "merge2_out"}
+  for src, dst in tdc.items():
+    rules += keymaps.conv(f"hyper_final.{src}", ("tdc", dst))
+  for src, dst in (("merge1.1", "merge1_norm"), ("merge2.1", "merge2_norm")):
+    rules += keymaps.layer_norm(f"hyper_final.{src}", ("tdc", dst))   # GroupNorm: scale/bias
+  rules += ensemble_keymap("", ("ensemble",), shot=shot, kshot_hidden=kshot_hidden)
+  rules += keymaps.copy("CrossAttention.weight", ("apa", "weight"))  # used as q @ W: no transpose
+  rules += keymaps.linear("CrossAttention.w_q", ("apa", "w_q"), bias=False)
+  rules += keymaps.conv("CrossAttention.w_k", ("apa", "w_k"), bias=False)
+  rules += keymaps.linear("CrossAttention.proj", ("apa", "proj"))
+  return keymaps.prefixed(prefix, rules)
+
+
+def make_model(shot: int = 1, dataset: str = "pascal5i", num_base_classes: int = 0,
+               depth: int = 50, scales: Sequence[int] = (), kshot_hidden: int = 2,
+               embedding_path: str = "", check_class_ids: bool = True) -> SymNet:
+  """Registry factory; ``num_base_classes=0`` follows the dataset (16 / 61)."""
+  dataset = assets.canonical_dataset(dataset)
+  return SymNet(shot=shot, dataset=dataset,
+                num_base_classes=num_base_classes or pspnet_lib.num_base_classes(dataset),
+                depth=depth, scales=tuple(scales), kshot_hidden=kshot_hidden,
+                embedding_path=embedding_path, check_class_ids=check_class_ids)
+
+
+def keymap(shot: int = 1, dataset: str = "pascal5i", num_base_classes: int = 0, depth: int = 50,
+           scales: Sequence[int] = (), kshot_hidden: int = 2, embedding_path: str = "",
+           check_class_ids: bool = True) -> list:
+  return symnet_keymap(shot=shot, depth=depth, levels=len(scales) or 4, kshot_hidden=kshot_hidden)
+
+
+# ---------------------------------------------------------------------------
+# Parity adapter (model.SymNet.SymNet fixtures)
+# ---------------------------------------------------------------------------
+
+def _fixture_fields(meta: Mapping[str, Any]) -> dict:
+  shapes = {e["key"].removeprefix("module."): tuple(e["shape"]) for e in meta["state_dict"]["keys"]}
+  values = (meta.get("config") or {}).get("values") or {}
+  shot = int(values.get("shot", meta["input_shapes"]["in_supp_img"][1]))
+  fields = dict(shot=shot, dataset=assets.canonical_dataset(values.get("data_set", "pascal")),
+                num_base_classes=int(shapes["learner_base.1.4.weight"][0]),
+                depth=resnet.depth_from_keys(shapes)[0])
+  if values.get("scales"):
+    fields["scales"] = tuple(int(s) for s in values["scales"])
+  if shot > 1:
+    fields["kshot_hidden"] = int(shapes["kshot_rw.0.weight"][0])
+  return fields
+
+
+def _fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
+  """NCHW fixture arrays -> an NHWC Episode (class_id = in_class_chosen)."""
+  f32 = lambda a: np.asarray(a, np.float32)
+  return {
+      "query_image": jnp.asarray(np.transpose(f32(arrays["in_query_img"]), (0, 2, 3, 1))),
+      "support_images": jnp.asarray(np.transpose(f32(arrays["in_supp_img"]), (0, 1, 3, 4, 2))),
+      "support_masks": jnp.asarray(arrays["in_supp_label"].astype(np.int32)),
+      "query_mask": jnp.asarray(arrays["in_query_label"].astype(np.int32)),
+      "class_id": jnp.asarray(np.asarray(arrays["in_class_chosen"]).astype(np.int32)),
+  }
+
+
+def _fixture_apply(model, variables, episode):
+  assets.check_class_ids(np.asarray(episode["class_id"]), model.dataset)
+  # The decoder's res1 / res2 outputs are captured too: their sum is the cls input that the
+  # fixture stores as mid_decoder_feat.
+  capture = lambda mdl, method: method == "__call__" and mdl.name in ("res1", "res2")
+  fn = jax.jit(lambda v, e: model.apply(v, e, train=False, mutable=["intermediates"],
+                                        capture_intermediates=capture))
+  return fn(variables, episode)
+
+
+def _nchw(x) -> np.ndarray:
+  x = np.asarray(x)
+  return np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
+
+
+def _chmean(x) -> np.ndarray:
+  return np.asarray(x, np.float64).mean(axis=(1, 2)).astype(np.float32)
+
+
+def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
+  out, state = result
+  inter = dict(state.get("intermediates", {}))
+  decoder = inter.pop("decoder", {})
+  mid = {n: v[0] for n, v in inter.items() if isinstance(v, tuple)}
+  b = out["logits"].shape[0]
+  col = lambda v: np.asarray(v)[:, :, None, None]                      # [B, C] -> NCHW 1x1
+  d = {"out_final": _nchw(out["logits"]), "out_meta": _nchw(out["meta_logits"]),
+       "out_base": _nchw(out["base_logits"])}
+  first_shot = lambda v: np.asarray(v).reshape(b, -1, *np.shape(v)[1:])[:, 0]
+  for who, tag in (("query", "query"), ("support", "support0")):
+    pick = (lambda v: v) if who == "query" else first_shot
+    for n in range(5):
+      f = pick(mid[f"feat_{who}_layer{n}"])
+      d[f"mid_feat_{tag}_layer{n}__chmean"] = _chmean(f)
+      if n >= 2:
+        d[f"mid_feat_{tag}_layer{n}__c4"] = _nchw(f)[:, :4]
+    sizes = resnet.stage_sizes(int(_fixture_fields(meta)["depth"]))
+    for i in range(sum(sizes) - (sizes[0] - 1)):
+      d[f"mid_hyperfeat_{tag}_{i:02d}__chmean"] = _chmean(pick(mid[f"block_{who}_{i + sizes[0] - 1}"]))
+  d["mid_down_query__chmean"] = _chmean(mid["down_query_out"])
+  d["mid_down_query__c8"] = _nchw(mid["down_query_out"])[:, :8]
+  s0 = first_shot(mid["down_supp_out"])
+  d["mid_down_supp_shot0__chmean"] = _chmean(s0)
+  d["mid_down_supp_shot0__c8"] = _nchw(s0)[:, :8]
+  d["mid_supp_pro_shot0"] = col(first_shot(mid["supp_proto"]))
+  d["mid_apa_support0"] = first_shot(mid["apa_support"])[:, None, :]
+  d["mid_apa_query"] = np.asarray(mid["apa_query"])[:, None, :]
+  for name in ("l4", "l3", "l2"):
+    d[f"mid_corr_shot0_{name}"] = _nchw(mid[f"corr_shot0_{name}"])
+  d["mid_tdc"] = _nchw(mid["tdc_out"])
+  for i in range(4):
+    d[f"mid_spm_bin{i}"] = _nchw(mid[f"spm_bin{i}"])
+    d[f"mid_inner_cls{i}"] = _nchw(mid[f"inner_cls{i}"])
+  d["mid_shot_weight"] = col(mid["shot_weight"])
+  d["mid_est_val"] = np.asarray(mid["est_val"]).reshape(b, 1, 1, 1)
+  d["mid_query_pro_fg"] = col(mid["query_pro_fg"])
+  d["mid_query_pro_hard"] = col(mid["query_pro_hard"])
+  d["mid_query_pro_bg"] = col(mid["query_pro_bg"])
+  d["mid_hybrid_proto"] = col(mid["hybrid_proto"])
+  if "res1" in decoder and "res2" in decoder:
+    feat = np.asarray(decoder["res1"]["__call__"][0]) + np.asarray(decoder["res2"]["__call__"][0])
+    d["mid_decoder_feat__chmean"] = _chmean(feat)
+    d["mid_decoder_feat__c4"] = _nchw(feat)[:, :4]
+  d["mid_meta_logits_lowres"] = _nchw(mid["meta_logits_lowres"])
+  d["mid_base_logits_lowres"] = _nchw(mid["base_logits_lowres"])
+  for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
+    d[f"mid_{name}"] = _nchw(mid[name])
+  return d
+
+
+PARITY = ParityAdapter(
+    model_classes=(FIXTURE_CLASS,),
+    model_fields=_fixture_fields,
+    inputs=_fixture_inputs,
+    outputs=_fixture_outputs,
+    apply=_fixture_apply,
+    logit_outputs=("out_final", "out_meta", "out_base"),
+    # out_final goes through est_val (difference of two nearly equal Gram matrices) and
+    # the saturated meta softmax: parity/README.md allows ~1e-3 absolute there.
+    tolerances={"out_final": 1e-3},
+)
+
+# Frozen: the PSPNet base learner (backbone, PPM, cls, classifier). Everything else is in
+# the reference's optimiser groups (incl. kshot_rw for K > 1 and the [1, 0] merges).
+FROZEN = ("pspnet/.*",)
+
+SPEC = ModelSpec("symnet", make_model, keymap, loss_fn=loss_fn, parity=PARITY, frozen=FROZEN)

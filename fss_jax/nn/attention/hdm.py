@@ -1,0 +1,501 @@
+"""HDMNet's hierarchical dense-matching transformer (Pbihao/HDMNet `model/Transformer.py`).
+
+Building blocks, smallest first, each usable on its own (PAHNet's HDMNetPlus
+reuses them with its own attention through ``attention_cls`` / ``attn_kwargs``):
+
+* `self_attention` / `cross_attention`: the two score rules of
+  ``MaskMultiHeadAttention`` as pure functions on per-head tensors.
+* `MaskedMultiHeadAttention`: the four bias-free 64x64 projections around them.
+* `EfficientAttention`: optional spatial reduction of the keys/values
+  (conv sr x sr, stride sr, + LayerNorm) + attention + dropout + residual.
+* `MixFFN`: conv1x1 -> depthwise conv3x3 -> GELU (erf) -> dropout -> conv1x1 -> dropout.
+* `EncoderLayer`: pre-norm ``x + attn(LN1(x), LN1(src))``, ``x + ffn(LN2(x))``.
+* `PatchEmbed`, `DownStage` (patch-embed + 2 self-attention layers + LN),
+  `ConvModule` (conv3x3 no bias + BN + ReLU), `ParseBlock`, `MetaClassifier`.
+* `HierarchicalTransformer`: self-attention down-sampling path (60 -> 30 -> 15)
+  shared by query and supports, then cross-attention matching coarse to fine
+  with the prior, fused by bilinear (align_corners=False) up-sampling.
+* `correlation_distillation_loss`: the coarse-to-fine KL on the correlation maps.
+
+Tokens are ``[B, L, C]`` with L row-major over the grid (token = y * W + x),
+maps NHWC. The numerics follow the mmcv/mmseg blocks of the reference:
+LayerNorm eps 1e-6 with two-pass variance, exact-erf GELU, BN always in
+inference mode (the reference freezes every BN, see hdmnet.md §4.5),
+dropout only when ``train``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fss_jax import keymaps
+from fss_jax.nn.layers import BatchNorm2d, Conv2d, Linear, kaiming_normal_fan_out
+from fss_jax.ops.resize import resize_bilinear, resize_nearest
+
+def layer_norm(eps: float, name: str) -> nn.LayerNorm:
+  """torch.nn.LayerNorm semantics (two-pass variance)."""
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
+def frozen_bn(name: str) -> BatchNorm2d:
+  """The transformer's (Sync)BatchNorms: always running statistics (hdmnet.md §4.5)."""
+  return BatchNorm2d(use_running_average=True, name=name)
+
+
+def tokens_to_map(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
+  """``[B, h*w, C]`` -> ``[B, h, w, C]``."""
+  return x.reshape(x.shape[0], hw[0], hw[1], x.shape[-1])
+
+
+def map_to_tokens(x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+  """``[B, h, w, C]`` -> (``[B, h*w, C]``, (h, w))."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h * w, c), (h, w)
+
+
+# ---------------------------------------------------------------------------
+# Attention score rules (per head: q [B, Lq, H, d], k / v [B, Lk, H, d]).
+# ---------------------------------------------------------------------------
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+  """``[B, L, H*d]`` -> ``[B, L, H, d]`` (head h = channels h*d .. (h+1)*d - 1)."""
+  b, l, c = x.shape
+  return x.reshape(b, l, heads, c // heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  """``[B, L, H, d]`` -> ``[B, L, H*d]``."""
+  b, l, h, d = x.shape
+  return x.reshape(b, l, h * d)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """torch ``F.normalize(x, dim=-1, eps)``: x / max(||x||, eps)."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                   bias: jax.Array | None = None) -> jax.Array:
+  """Scaled dot-product attention, softmax over keys.
+
+  Args:
+    q: ``[B, Lq, H, d]``; k, v: ``[B, Lk, H, d]``.
+    bias: optional additive score bias broadcastable to ``[B, H, Lq, Lk]``.
+
+  Returns:
+    ``[B, Lq, H, d]``.
+  """
+  d = q.shape[-1]
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / (math.sqrt(d) + 1e-9)
+  if bias is not None:
+    scores = scores + bias
+  attn = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+
+
+def cosine_scores(q: jax.Array, k: jax.Array, temperature: float = 0.1) -> jax.Array:
+  """``<q/|q|, k/|k|> / temperature`` -> ``[B, H, Lq, Lk]`` (range +-1/temperature)."""
+  return jnp.einsum("bqhd,bkhd->bhqk", l2_normalize(q), l2_normalize(k)) / temperature
+
+
+def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, *,
+                    temperature: float = 0.1) -> tuple[jax.Array, jax.Array]:
+  """HDMNet's masked cosine cross-attention.
+
+  The softmax runs over the QUERY axis (each support token distributes its mass
+  over the query positions), then background support tokens are zeroed; rows do
+  not sum to one (reference behaviour). The correlation map is the mean over
+  foreground keys of the scaled cosine, averaged over heads.
+
+  Args:
+    q: ``[B, Lq, H, d]``; k, v: ``[B, Lk, H, d]``.
+    key_mask: ``[B, Lk]`` 0/1 (support foreground).
+    temperature: cosine temperature (0.1).
+
+  Returns:
+    (``[B, Lq, H, d]``, correlation map ``[B, Lq]``).
+  """
+  m = key_mask.astype(q.dtype)
+  scores = cosine_scores(q, k, temperature)
+  attn = jax.nn.softmax(scores, axis=-2) * m[:, None, None, :]
+  y = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+  corr = jnp.einsum("bhqk,bk->bhq", scores, m) / (jnp.sum(m, axis=-1)[:, None, None] + 1e-9)
+  return y, jnp.mean(corr, axis=1)
+
+
+class MaskedMultiHeadAttention(nn.Module):
+  """``MaskMultiHeadAttention``: bias-free q/k/v/o projections around the score rules.
+
+  Call with ``key_mask`` for the cross-attention rule (returns its correlation
+  map), without for plain self-attention (returns None as the map).
+  """
+  dim: int = 64
+  heads: int = 2
+  temperature: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, source: jax.Array, *, key_mask: jax.Array | None = None,
+               bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """x ``[B, Lq, C]``, source ``[B, Lk, C]`` -> (``[B, Lq, C]``, map ``[B, Lq]`` | None)."""
+    dense = lambda n: Linear(self.dim, use_bias=False, name=n)
+    q = split_heads(dense("linear_q")(x), self.heads)
+    k = split_heads(dense("linear_k")(source), self.heads)
+    v = split_heads(dense("linear_v")(source), self.heads)
+    if key_mask is None:
+      y, corr = self_attention(q, k, v, bias=bias), None
+    else:
+      y, corr = cross_attention(q, k, v, key_mask, temperature=self.temperature)
+    return dense("linear_o")(merge_heads(y)), corr
+
+
+class EfficientAttention(nn.Module):
+  """mmseg ``EfficientMultiheadAttention``: spatial reduction of K/V, attention, residual.
+
+  ``sr > 1`` reshapes the source with the *query* grid ``hw``, applies conv
+  sr x sr / stride sr (+bias) and LayerNorm, giving the key/value tokens.
+  Output ``identity + dropout(attn_out)``.
+  """
+  dim: int = 64
+  heads: int = 2
+  sr: int = 1
+  dropout: float = 0.1
+  ln_eps: float = 1e-6
+  attention_cls: Any = MaskedMultiHeadAttention
+
+  @nn.compact
+  def __call__(self, x: jax.Array, hw: tuple[int, int], *, identity: jax.Array,
+               source: jax.Array | None = None, train: bool = False,
+               attn_kwargs: dict | None = None) -> tuple[jax.Array, jax.Array | None]:
+    kv = x if source is None else source
+    if self.sr > 1:
+      kv = tokens_to_map(kv, hw)
+      kv = Conv2d(self.dim, self.sr, self.sr, name="sr")(kv)
+      kv, _ = map_to_tokens(kv)
+      kv = layer_norm(self.ln_eps, "norm")(kv)
+    out, corr = self.attention_cls(dim=self.dim, heads=self.heads, name="attn")(
+        x, kv, **(attn_kwargs or {}))
+    out = nn.Dropout(self.dropout)(out, deterministic=not train)
+    return identity + out, corr
+
+
+class MixFFN(nn.Module):
+  """SegFormer Mix-FFN without its residual: ``[B, L, C]`` -> ``[B, L, C]``."""
+  dim: int = 64
+  hidden: int = 256
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, hw: tuple[int, int], *, train: bool = False) -> jax.Array:
+    y = tokens_to_map(x, hw)
+    y = Conv2d(self.hidden, 1, name="fc1")(y)
+    y = Conv2d(self.hidden, 3, padding=1, groups=self.hidden, name="pe_conv")(y)
+    y = nn.gelu(y, approximate=False)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = Conv2d(self.dim, 1, name="fc2")(y)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return map_to_tokens(y)[0]
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm transformer layer (self- or cross-attention) with Mix-FFN.
+
+  Self mode: ``x + attn(LN1(x))``; cross mode (``source`` given): ``x +
+  attn(LN1(x), LN1(source))`` with the same LN1. Then ``x + ffn(LN2(x))``.
+  """
+  dim: int = 64
+  heads: int = 2
+  sr: int = 1
+  mlp_ratio: int = 4
+  dropout: float = 0.1
+  ln_eps: float = 1e-6
+  attention_cls: Any = MaskedMultiHeadAttention
+
+  @nn.compact
+  def __call__(self, x: jax.Array, hw: tuple[int, int], *, source: jax.Array | None = None,
+               train: bool = False, attn_kwargs: dict | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """x ``[B, L, C]`` (grid hw), source ``[B, Ls, C]`` -> (``[B, L, C]``, corr | None)."""
+    norm1 = layer_norm(self.ln_eps, "norm1")
+    src = None if source is None else norm1(source)
+    x, corr = EfficientAttention(self.dim, self.heads, self.sr, self.dropout, self.ln_eps,
+                                 self.attention_cls, name="attn")(
+        norm1(x), hw, identity=x, source=src, train=train, attn_kwargs=attn_kwargs)
+    y = layer_norm(self.ln_eps, "norm2")(x)
+    x = x + MixFFN(self.dim, self.dim * self.mlp_ratio, self.dropout, name="ffn")(
+        y, hw, train=train)
+    return x, corr
+
+
+class PatchEmbed(nn.Module):
+  """mmseg PatchEmbed: conv k x k (stride, padding, bias) -> tokens -> LayerNorm."""
+  dim: int = 64
+  kernel: int = 1
+  stride: int = 1
+  padding: int = 0
+  ln_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    """``[B, H, W, C]`` -> (``[B, h*w, dim]``, (h, w))."""
+    y = Conv2d(self.dim, self.kernel, self.stride, self.padding, name="projection")(x)
+    tokens, hw = map_to_tokens(y)
+    return layer_norm(self.ln_eps, "norm")(tokens), hw
+
+
+class DownStage(nn.Module):
+  """One down-sampling stage: PatchEmbed, ``depth`` self-attention layers, LayerNorm."""
+  dim: int = 64
+  heads: int = 2
+  sr: int = 1
+  kernel: int = 1
+  stride: int = 1
+  depth: int = 2
+  mlp_ratio: int = 4
+  dropout: float = 0.1
+  ln_eps: float = 1e-6
+  attention_cls: Any = MaskedMultiHeadAttention
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False, attn_kwargs: dict | None = None,
+               tag: str = "", split: int | None = None) -> tuple[jax.Array, tuple[int, int]]:
+    """``[N, H, W, C]`` -> (tokens ``[N, h*w, dim]``, (h, w)).
+
+    ``tag`` suffixes the names of the sown intermediates; with ``split = B`` the
+    batch holds B queries followed by supports and both halves are sown
+    (``_query``, ``_support``).
+    """
+    def sow(name, value):
+      if split is None:
+        self.sow("intermediates", f"{name}{tag}", value)
+      else:
+        self.sow("intermediates", f"{name}_query", value[:split])
+        self.sow("intermediates", f"{name}_support", value[split:])
+
+    x, hw = PatchEmbed(self.dim, self.kernel, self.stride, self.stride // 2, self.ln_eps,
+                       name="patch_embed")(x)
+    sow("patch_embed", x)
+    for j in range(self.depth):
+      x, _ = EncoderLayer(self.dim, self.heads, self.sr, self.mlp_ratio, self.dropout,
+                          self.ln_eps, self.attention_cls, name=f"layer_{j}")(
+          x, hw, train=train, attn_kwargs=attn_kwargs)
+      sow(f"self{j + 1}", x)
+    return layer_norm(self.ln_eps, "norm")(x), hw
+
+
+class ConvModule(nn.Module):
+  """mmcv ConvModule(conv3x3 without bias, BN, ReLU); BN in inference mode."""
+  features: int = 64
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = Conv2d(self.features, 3, padding=1, use_bias=False,
+               kernel_init=kaiming_normal_fan_out, name="conv")(x)
+    return nn.relu(frozen_bn("bn")(x))
+
+
+class ParseBlock(nn.Module):
+  """``parse_layers[i]``: conv1x1, BN, conv3x3, BN, conv1x1, BN, ReLU (no inner ReLUs)."""
+  dim: int = 64
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = frozen_bn("bn_0")(Conv2d(self.hidden, 1, name="conv_0")(x))
+    x = frozen_bn("bn_1")(Conv2d(self.hidden, 3, padding=1, name="conv_1")(x))
+    x = frozen_bn("bn_2")(Conv2d(self.dim, 1, name="conv_2")(x))
+    return nn.relu(x)
+
+
+class MetaClassifier(nn.Module):
+  """Transformer ``cls``: conv1x1 -> BN -> conv3x3 -> BN -> conv1x1 (no ReLU anywhere)."""
+  dim: int = 64
+  hidden: int = 256
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = frozen_bn("bn_0")(Conv2d(self.hidden, 1, name="conv_0")(x))
+    x = frozen_bn("bn_1")(Conv2d(self.hidden, 3, padding=1, name="conv_1")(x))
+    return Conv2d(self.num_classes, 1, name="conv_2")(x)
+
+
+class HierarchicalTransformer(nn.Module):
+  """HDMNet ``MixVisionTransformer``.
+
+  Attributes mirror the reference constructor defaults (3 stages, dim 64,
+  heads (2, 4, 8), patch kernels (1, 3, 3) / strides (1, 2, 2), spatial
+  reduction (4, 2, 1), 2 matching heads, MLP ratio 4, dropout 0.1).
+  """
+  shot: int = 1
+  dim: int = 64
+  heads: Sequence[int] = (2, 4, 8)
+  match_heads: int = 2
+  kernels: Sequence[int] = (1, 3, 3)
+  strides: Sequence[int] = (1, 2, 2)
+  sr_ratios: Sequence[int] = (4, 2, 1)
+  depth: int = 2
+  mlp_ratio: int = 4
+  dropout: float = 0.1
+  ln_eps: float = 1e-6
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, query: jax.Array, support: jax.Array, support_mask: jax.Array,
+               similarity: jax.Array, *, train: bool = False
+               ) -> tuple[jax.Array, list[jax.Array]]:
+    """Runs the down-sampling and matching paths.
+
+    Args:
+      query: ``[B, H, W, dim]`` merged query features.
+      support: ``[B*K, H, W, dim]`` merged support features (row b*K + k).
+      support_mask: ``[B*K, Hm, Wm]`` binary support masks at input resolution.
+      similarity: ``[B, H, W, S]`` prior (unscaled).
+      train: dropout on.
+
+    Returns:
+      (meta logits ``[B, H, W, num_classes]``, correlation maps coarse to fine
+      ``[[B, h2, w2], [B, h1, w1], [B, h0, w0]]``).
+    """
+    b, k = query.shape[0], self.shot
+    n = len(self.heads)
+    q_tokens, s_tokens, grids, masks, priors = [], [], [], [], []
+    q, s = query, support
+    for i in range(n):
+      stage = DownStage(self.dim, self.heads[i], self.sr_ratios[i], self.kernels[i],
+                        self.strides[i], self.depth, self.mlp_ratio, self.dropout, self.ln_eps,
+                        name=f"down_{i}")
+      if q.shape[1:] == s.shape[1:]:
+        # Query and supports share the stage and never interact in it: one batched call.
+        ts, hw = stage(jnp.concatenate([q, s], axis=0), train=train, tag="", split=b)
+        qt, st, shw = ts[:b], ts[b:], hw
+      else:
+        qt, hw = stage(q, train=train, tag="_query")
+        st, shw = stage(s, train=train, tag="_support")
+      self.sow("intermediates", f"down{i}_norm_query", qt)
+      self.sow("intermediates", f"down{i}_norm_support", st)
+      m = resize_nearest(support_mask[..., None].astype(query.dtype), shw)
+      masks.append(m.reshape(b, k * shw[0] * shw[1]))                 # shot-major keys
+      priors.append(resize_bilinear(similarity, hw, align_corners=True))
+      q_tokens.append(qt)
+      s_tokens.append(st.reshape(b, k * st.shape[1], self.dim))
+      grids.append(hw)
+      q, s = tokens_to_map(qt, hw), tokens_to_map(st, shw)
+
+    fused, corr_maps = None, []
+    for i in reversed(range(n)):
+      hw = grids[i]
+      x, corr = EncoderLayer(self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout,
+                             self.ln_eps, name=f"match_{i}")(
+          q_tokens[i], hw, source=s_tokens[i], train=train,
+          attn_kwargs={"key_mask": masks[i]})
+      self.sow("intermediates", f"match{i}_cross_x", x)
+      self.sow("intermediates", f"match{i}_cross_weight", corr)
+      corr_maps.append(corr.reshape(b, hw[0], hw[1]))
+      x = ConvModule(self.dim, name=f"match_conv_{i}")(
+          jnp.concatenate([tokens_to_map(x, hw), priors[i]], axis=-1))
+      self.sow("intermediates", f"match{i}_conv", x)
+      parse = ParseBlock(self.dim, self.dim * 4, name=f"parse_{i}")
+      if fused is None:
+        fused = parse(x)
+        self.sow("intermediates", f"parse{i}", fused)
+      else:
+        fused = resize_bilinear(fused, hw, align_corners=False)
+        p = parse(x + fused)
+        self.sow("intermediates", f"parse{i}", p)
+        fused = fused + p
+    logits = MetaClassifier(self.dim, self.dim * 4, self.num_classes, name="cls")(fused)
+    return logits, corr_maps
+
+
+# ---------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------
+
+def correlation_distillation_loss(corr_maps: Sequence[jax.Array], query_mask: jax.Array,
+                                  *, eps: float = 1e-12) -> jax.Array:
+  """Coarse-to-fine KL(teacher || student) over the correlation maps (hdmnet.md §5.2).
+
+  The ground truth teaches the coarsest map (foreground 1, everything else,
+  ignore included, -1e9, bilinearly down-sampled with align_corners=False);
+  each finer map is taught by the previous map (stop-gradient).
+
+  Args:
+    corr_maps: ``[B, h_i, w_i]`` maps, coarse to fine.
+    query_mask: ``[B, H, W]`` labels (1 = foreground).
+    eps: log epsilon.
+
+  Returns:
+    scalar, mean over the maps of the batch-mean KL.
+  """
+  teacher = jnp.where(query_mask == 1, 1.0, -1e9).astype(jnp.float32)
+  total = 0.0
+  for w in corr_maps:
+    bsz, h, wd = w.shape
+    if teacher.shape[1:] != (h, wd):
+      teacher = resize_bilinear(teacher[..., None], (h, wd), align_corners=False)[..., 0]
+    t = jax.nn.softmax(teacher.reshape(bsz, -1), axis=-1)
+    s = jax.nn.softmax(w.reshape(bsz, -1).astype(jnp.float32), axis=-1)
+    kl = jnp.sum(t * jnp.log(t + eps) - t * jnp.log(s + eps), axis=-1)
+    total = total + jnp.mean(kl)
+    teacher = jax.lax.stop_gradient(w.astype(jnp.float32))
+  return total / len(corr_maps)
+
+
+# ---------------------------------------------------------------------------
+# Key maps (official PyTorch names -> Flax paths)
+# ---------------------------------------------------------------------------
+
+def encoder_layer_keymap(src: str, dst: tuple[str, ...], sr: int = 1) -> list:
+  """``TransformerEncoderLayer`` keys under ``src`` -> `EncoderLayer` at ``dst``."""
+  rules = keymaps.layer_norm(f"{src}.norm1", (*dst, "norm1"))
+  for p in ("q", "k", "v", "o"):
+    rules += keymaps.linear(f"{src}.attn.attn.linear_{p}", (*dst, "attn", "attn", f"linear_{p}"),
+                            bias=False)
+  if sr > 1:
+    rules += keymaps.conv(f"{src}.attn.sr", (*dst, "attn", "sr"))
+    rules += keymaps.layer_norm(f"{src}.attn.norm", (*dst, "attn", "norm"))
+  rules += keymaps.layer_norm(f"{src}.norm2", (*dst, "norm2"))
+  for i, name in ((0, "fc1"), (1, "pe_conv"), (4, "fc2")):
+    rules += keymaps.conv(f"{src}.ffn.layers.{i}", (*dst, "ffn", name))
+  return rules
+
+
+def _sequential_keymap(src: str, dst: tuple[str, ...], layout: Sequence[str]) -> list:
+  """Keys of an nn.Sequential whose entries are 'conv', 'bn' or '-' (no parameters)."""
+  rules, nc, nb = [], 0, 0
+  for i, kind in enumerate(layout):
+    if kind == "conv":
+      rules += keymaps.conv(f"{src}.{i}", (*dst, f"conv_{nc}"))
+      nc += 1
+    elif kind == "bn":
+      rules += keymaps.bn(f"{src}.{i}", (*dst, f"bn_{nb}"))
+      nb += 1
+  return rules
+
+
+def hierarchical_transformer_keymap(src: str, dst: tuple[str, ...],
+                                    sr_ratios: Sequence[int] = (4, 2, 1),
+                                    depth: int = 2) -> list:
+  """``MixVisionTransformer`` keys (prefix ``src``) -> `HierarchicalTransformer` at ``dst``."""
+  rules = []
+  for i, sr in enumerate(sr_ratios):
+    d = f"{src}.down_sample_layers.{i}"
+    rules += keymaps.conv(f"{d}.0.projection", (*dst, f"down_{i}", "patch_embed", "projection"))
+    rules += keymaps.layer_norm(f"{d}.0.norm", (*dst, f"down_{i}", "patch_embed", "norm"))
+    for j in range(depth):
+      rules += encoder_layer_keymap(f"{d}.{j + 1}", (*dst, f"down_{i}", f"layer_{j}"), sr)
+    rules += keymaps.layer_norm(f"{d}.{depth + 1}", (*dst, f"down_{i}", "norm"))
+    m = f"{src}.match_layers.{i}"
+    rules += encoder_layer_keymap(f"{m}.0", (*dst, f"match_{i}"), 1)
+    rules += keymaps.conv(f"{m}.1.conv", (*dst, f"match_conv_{i}", "conv"), bias=False)
+    rules += keymaps.bn(f"{m}.1.bn", (*dst, f"match_conv_{i}", "bn"))
+    rules += _sequential_keymap(f"{src}.parse_layers.{i}", (*dst, f"parse_{i}"),
+                                ("conv", "bn", "conv", "bn", "conv", "bn", "-"))
+  rules += _sequential_keymap(f"{src}.cls", (*dst, "cls"), ("conv", "bn", "conv", "bn", "conv"))
+  return rules

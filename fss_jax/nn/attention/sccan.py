@@ -1,0 +1,271 @@
+"""SCCA: SCCAN's self-calibrated cross attention transformer (Flax linen, NHWC).
+
+The pieces compose, so that variants (PAHNet's SCCANPlus) can reuse them:
+
+* `align_support_windows` — patch alignment: for every query window, the index
+  of the support window whose masked mean token is most similar (argmax, first
+  index on ties) to the query window's mean token.
+* `ScaledCosineAttention` — multi-head attention over ``[x ; support]`` keys,
+  scaled dot product against the query's own tokens and plain cosine against
+  the support tokens, fused in one softmax. Without support tokens it is
+  ordinary scaled-dot-product self-attention. Optional additive / multiplicative
+  logit terms let variants mask or re-weight the two halves.
+* `Mlp` — Linear -> exact GELU -> Linear.
+* `SCCABlock` — one (optionally shifted) block: shared LayerNorm, alignment,
+  query cross attention, support window self-attention, two MLPs.
+* `SCCATransformer` — the stack of blocks (shift 0 / half a window alternately)
+  plus the output LayerNorm on the query stream.
+
+Parameter names follow the official module names (``norm1``, ``attn_q.q``,
+``attn_q.kv``, ``attn_q.proj``, ``mlp_q.fc1``, ...), blocks are ``blocks_{n}``.
+Blocks sow ``window_index`` [B, n_windows] and the residual branches
+(``attn_q_out`` / ``attn_s_out`` windows [B, n_windows * T, C], ``mlp_q_out``,
+``mlp_s_out``, and the block outputs ``q_out``, ``s_out``, tokens [B, H * W, C])
+into the ``intermediates`` collection.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fss_jax.nn.layers import Linear
+from fss_jax.ops import windows as W
+
+
+def _l2norm(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
+  return jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+
+
+def align_support_windows(q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray, window: int, *,
+                          area_eps: float = 5e-4, cos_eps: float = 1e-7,
+                          return_scores: bool = False):
+  """Patch alignment (SCCAN ``generate_indices``): one support window per query window.
+
+  For query window j and support window i:
+  ``score[i, j] = valid_i * (cos(s_i, q_j) + 1) / 2`` with ``q_j`` the plain window
+  mean of the query tokens, ``s_i = sum(s * m) / (sum(m) + area_eps)`` the masked
+  window mean of the support tokens and ``valid_i = (sum(m) + area_eps != area_eps)``
+  (in float32, as the reference compares). The index is the argmax over i; ties
+  (e.g. a support without foreground) go to the first index, as torch's CPU max.
+
+  Args:
+    q: [B, H, W, C] query tokens (already layer-normed / padded).
+    s: [B, H, W, C] support tokens.
+    s_mask: [B, H, W, 1] soft support mask.
+    window: window side.
+    return_scores: also return the score matrix [B, n_support, n_query].
+
+  Returns:
+    index [B, nH * nW] int32 (support window per query window), and the scores
+    when asked.
+  """
+  area = window * window
+  q_proto = W.window_mean(q, window)                                # [B, Nq, C]
+  m_area = W.window_mean(s_mask, window) * area + area_eps          # [B, Ns, 1]
+  s_proto = W.window_mean(s * s_mask, window) * area / m_area       # [B, Ns, C]
+  valid = (m_area != jnp.asarray(area_eps, m_area.dtype)).astype(q.dtype)
+  dots = jnp.einsum("bic,bjc->bij", s_proto, q_proto)
+  norms = _l2norm(s_proto) * jnp.swapaxes(_l2norm(q_proto), 1, 2)  # [B, Ns, Nq]
+  cos = dots / (norms + cos_eps)
+  scores = (cos + 1) / 2 * valid
+  index = jnp.argmax(scores, axis=1).astype(jnp.int32)
+  return (index, scores) if return_scores else index
+
+
+class ScaledCosineAttention(nn.Module):
+  """Window attention with scaled-dot self keys and cosine support keys.
+
+  Keys/values are ``[x ; support]`` through one shared ``kv`` projection
+  (output channels ``[k | v]``, head channel = head * head_dim + d). Logits are
+  ``<q, k> / sqrt(head_dim)`` for the query's own keys and
+  ``<q, k> / (|q| |k| + cos_eps)`` for the support keys (no temperature), then
+  one softmax over all keys.
+
+  Attributes:
+    dim: channels C.
+    num_heads: heads (C must be divisible).
+    qkv_bias: biases on q and kv.
+    cos_eps: added to the product of norms in the cosine half.
+  """
+  dim: int
+  num_heads: int
+  qkv_bias: bool = True
+  cos_eps: float = 1e-7
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, support: Optional[jnp.ndarray] = None, *,
+               self_bias: Optional[jnp.ndarray] = None,
+               cross_weight: Optional[jnp.ndarray] = None,
+               cross_bias: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Attends from `x` to ``[x ; support]``.
+
+    Args:
+      x: [N, Lq, C] query tokens (N = batch x windows).
+      support: [N, Ls, C] support tokens, or None for plain self-attention.
+      self_bias: optional additive term for the self logits, broadcastable to
+        [N, heads, Lq, Lq] (e.g. -inf masks).
+      cross_weight: optional factor multiplying the cosine logits,
+        broadcastable to [N, heads, Lq, Ls].
+      cross_bias: optional additive term for the cosine logits (after the factor).
+
+    Returns:
+      [N, Lq, C].
+    """
+    n, lq, c = x.shape
+    h = self.num_heads
+    if c != self.dim or c % h:
+      raise ValueError(f"tokens have {c} channels; expected dim={self.dim} divisible by "
+                       f"{h} heads")
+    d = c // h
+    y = x if support is None else jnp.concatenate([x, support], axis=1)
+    lk = y.shape[1]
+    q = Linear(c, use_bias=self.qkv_bias, name="q")(x).reshape(n, lq, h, d)
+    kv = Linear(2 * c, use_bias=self.qkv_bias, name="kv")(y).reshape(n, lk, 2, h, d)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k)                 # [N, h, Lq, Lk]
+    self_logits = logits[..., :lq] * (d ** -0.5)
+    if self_bias is not None:
+      self_logits = self_logits + self_bias
+    if support is None:
+      logits = self_logits
+    else:
+      q_norm = jnp.transpose(_l2norm(q), (0, 2, 1, 3))           # [N, h, Lq, 1]
+      k_norm = jnp.transpose(_l2norm(k[:, lq:]), (0, 2, 3, 1))   # [N, h, 1, Ls]
+      cross = logits[..., lq:] / (q_norm * k_norm + self.cos_eps)
+      if cross_weight is not None:
+        cross = cross_weight * cross
+      if cross_bias is not None:
+        cross = cross + cross_bias
+      logits = jnp.concatenate([self_logits, cross], axis=-1)
+    attn = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("nhqk,nkhd->nqhd", attn, v).reshape(n, lq, c)
+    return Linear(c, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  """Linear(C -> hidden) -> GELU (exact erf) -> Linear(hidden -> C). Dropout 0."""
+  hidden: int
+  out: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    out = self.out or x.shape[-1]
+    x = Linear(self.hidden, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return Linear(out, name="fc2")(x)
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+  """PyTorch-default LayerNorm (eps 1e-5)."""
+  return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
+
+
+class SCCABlock(nn.Module):
+  """One SCCA block on [B, H, W, C] maps (H, W multiples of the window).
+
+  ``q, s = LN1(q), LN1(s)`` (shared norm), zero-pad by half a window when
+  `shifted`, align support windows to query windows, query attention over
+  ``[query window ; aligned support window]``, support window self-attention
+  on the un-aligned windows, crop, residuals and MLPs (shared ``norm2``).
+
+  Attributes:
+    dim, num_heads, window: token width, heads, window side.
+    shifted: pad by half a window (SCCAN's odd blocks).
+    mlp_ratio: MLP hidden width / dim.
+  """
+  dim: int = 256
+  num_heads: int = 8
+  window: int = 8
+  shifted: bool = False
+  mlp_ratio: float = 1.0
+
+  def setup(self):
+    self.norm1 = layer_norm("norm1")
+    self.norm2 = layer_norm("norm2")
+    self.attn_q = ScaledCosineAttention(self.dim, self.num_heads)
+    self.attn_s = ScaledCosineAttention(self.dim, self.num_heads)
+    hidden = int(self.dim * self.mlp_ratio)
+    self.mlp_q = Mlp(hidden)
+    self.mlp_s = Mlp(hidden)
+
+  def _pad(self, x):
+    return W.pad_half_window(x, self.window) if self.shifted else x
+
+  def _unwindow(self, windows, hp, wp, h, w):
+    x = W.window_merge(windows, hp, wp)
+    return W.crop_half_window(x, self.window, h, w) if self.shifted else x
+
+  def __call__(self, q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray):
+    """Runs the block.
+
+    Args:
+      q: [B, H, W, C] query tokens.
+      s: [B, H, W, C] support tokens.
+      s_mask: [B, H, W, 1] soft support mask (the same for every block).
+
+    Returns:
+      (q [B, H, W, C], s [B, H, W, C], window_index [B, n_windows] int32).
+    """
+    b, h, w, c = q.shape
+    qn = self._pad(self.norm1(q))
+    sn = self._pad(self.norm1(s))
+    mp = self._pad(s_mask.astype(q.dtype))
+    hp, wp = qn.shape[1:3]
+    index = align_support_windows(qn, sn, mp, self.window)
+    self.sow("intermediates", "window_index", index)
+
+    q_win = W.window_partition(qn, self.window)                  # [B, N, T, C]
+    s_win = W.window_partition(sn, self.window)
+    s_aligned = W.gather_windows(s_win, index)
+    nw, t = q_win.shape[1:3]
+    o = self.attn_q(q_win.reshape(b * nw, t, c), s_aligned.reshape(b * nw, t, c))
+    self.sow("intermediates", "attn_q_out", o.reshape(b, nw * t, c))
+    q = q + self._unwindow(o.reshape(b, nw, t, c), hp, wp, h, w)
+    m = self.mlp_q(self.norm2(q))
+    self.sow("intermediates", "mlp_q_out", m.reshape(b, h * w, c))
+    q = q + m
+
+    u = self.attn_s(s_win.reshape(b * nw, t, c))
+    self.sow("intermediates", "attn_s_out", u.reshape(b, nw * t, c))
+    s = s + self._unwindow(u.reshape(b, nw, t, c), hp, wp, h, w)
+    m = self.mlp_s(self.norm2(s))
+    self.sow("intermediates", "mlp_s_out", m.reshape(b, h * w, c))
+    s = s + m
+    self.sow("intermediates", "q_out", q.reshape(b, h * w, c))
+    self.sow("intermediates", "s_out", s.reshape(b, h * w, c))
+    return q, s, index
+
+
+class SCCATransformer(nn.Module):
+  """SCCAN's cross swin transformer: `depth` SCCA blocks + output LayerNorm.
+
+  Even blocks use unshifted windows, odd blocks the half-window zero-pad shift.
+  Only the query stream is returned (after ``norm0``); the support stream is
+  updated block to block and discarded.
+
+  Attributes:
+    dim: token width (256).
+    depth: number of blocks (8).
+    num_heads: heads (8).
+    window: window side (8).
+    mlp_ratio: MLP hidden / dim (1).
+  """
+  dim: int = 256
+  depth: int = 8
+  num_heads: int = 8
+  window: int = 8
+  mlp_ratio: float = 1.0
+
+  @nn.compact
+  def __call__(self, q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray) -> jnp.ndarray:
+    """q, s [B, H, W, C], s_mask [B, H, W, 1] -> query tokens [B, H, W, C]."""
+    h, w = q.shape[1:3]
+    W.window_grid(h, w, self.window)  # checks the size
+    for i in range(self.depth):
+      q, s, _ = SCCABlock(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
+                          mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask)
+    return layer_norm("norm0")(q)

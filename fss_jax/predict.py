@@ -1,0 +1,747 @@
+"""Few-shot segmentation of your own images with a trained or converted checkpoint.
+
+  python -m fss_jax.predict --model sccan --checkpoint DIR \\
+      --support dog1.jpg:dog1_mask.png [--support dog2.jpg:dog2_mask.png ...] \\
+      --query a.jpg [b.jpg ...] --out OUT/ [--size 473] [--resize {pad,squash}] \\
+      [--batch-size 4] [--class-id 0] [--overwrite]
+
+Python API::
+
+  p = Predictor("sccan", "DIR")                # or Predictor(None, "DIR"): model from the metadata
+  preds = p.segment([img1, img2], [mask1, mask2], [query_a, query_b])   # arrays or paths
+  preds[0].mask                                # uint8 [H, W] 0/1 at the query's size
+  supports = p.load_supports([img1, img2], [mask1, mask2])
+  preds = p.segment(supports, None, [query_a, query_b])
+  write_outputs(p, supports, preds, "OUT/")    # what the command line writes
+
+``--checkpoint`` is either a converted checkpoint (``DIR/variables`` +
+``DIR/metadata.json``, from ``python -m checkpoints.convert``) or a training
+workdir of ``python -m fss_jax.main`` (its ``best/`` checkpoint, else the latest
+of ``checkpoints/``; a ``best``/``checkpoints`` folder or one step folder works
+too). The model name and fields come from the checkpoint's metadata; a
+checkpoint of another model is refused.
+
+Inputs. Images: any size, anything OpenCV decodes (EXIF orientation ignored, as
+in the data pipeline); grey images become RGB. Masks (``--support IMAGE:MASK``,
+same size as the image):
+
+* any non-zero pixel is foreground: grey / 16-bit / 1-bit PNGs by value, palette
+  PNGs by palette *index* (VOC style), colour (RGB) masks by colour (not black);
+  an RGBA mask with transparency uses its alpha channel (alpha > 0 = foreground);
+* 255 means *ignore* (left out of the prototypes, as in the datasets) only in a
+  label map: a grey mask whose values are exactly {0, 1, 255} with 1s present,
+  or a palette PNG with index 255 and another non-zero index (the VOC border).
+  Otherwise 255 is foreground (a 0/255 black-and-white mask);
+* a mask without foreground is an error.
+
+Method (data_protocol.md §9): every image is resized to the model's square input
+(``--resize pad``: aspect-preserving resize + top-left zero padding, §9.1;
+``squash``: plain resize, §9.2) with the ops of `fss_jax.data.transforms`, and
+ImageNet-normalised. Defaults come from the model's config (``configs/``; 473 /
+pad when there is none). Queries are run in batches (padded to a power of two
+up to ``--batch-size``) of one compiled function, so many queries of any sizes
+compile once per batch bucket. The logits are resized back on the host with the
+evaluation's rule (align_corners=True bilinear; §9.1: to the padded L x L square,
+L = max(H, W), then cropped), then arg-maxed.
+
+Outputs in OUT/ (written atomically; an existing file is never replaced without
+``--overwrite``, checked before anything runs):
+
+* ``<query>_mask.png``: palette PNG, index 0 background / 1 foreground, the
+  query's original size;
+* ``<query>_overlay.png``: the query with the predicted mask (red);
+* ``support<k>_<image>_overlay.png``: each support with its mask as read (green,
+  ignore grey);
+* ``predictions.json``: per query the original size, ``foreground_fraction``
+  (predicted foreground pixels / all pixels), ``confidence`` (mean max-softmax
+  probability over the predicted-foreground pixels; null when nothing is
+  predicted), ``confidence_all`` (the same over all pixels) and the file names;
+  plus the model, checkpoint, input size and resize mode.
+
+Exit status: 0 written; 2 bad input (unreadable image, mask of another size,
+empty mask, checkpoint of another model, existing output files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from fss_jax.data import transforms
+from fss_jax.eval import visualize
+
+IGNORE = 255
+RESIZE_MODES = {"pad": "aspect", "aspect": "aspect", "squash": "squash"}
+DEFAULT_SIZE = 473
+DEFAULT_RESIZE = "aspect"
+_IMAGE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# Model name -> (configs module, config arg) that holds its test-time size / resize.
+_CONFIGS = {"sccan_pahnet": ("pahnet", "variant=sccan"), "hdmnet_pahnet": ("pahnet", "variant=hdmnet")}
+CONFIDENCE = ("mean over the predicted-foreground pixels of the largest softmax probability "
+              "(null when no pixel is predicted foreground); confidence_all: the same over all pixels")
+
+
+class PredictInputError(ValueError):
+  """Bad user input (image, mask, checkpoint, output folder); the message names the file."""
+
+
+# ---------------------------------------------------------------------------
+# Reading inputs
+# ---------------------------------------------------------------------------
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+  """An image file -> uint8 RGB [H, W, 3] (grey / alpha images converted).
+
+  Raises:
+    PredictInputError: missing or undecodable file.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise PredictInputError(f"image {path} not found; check the path")
+  bgr = cv2.imdecode(np.fromfile(path, np.uint8), _IMAGE_FLAGS)
+  if bgr is None:
+    raise PredictInputError(f"cannot read image {path}: not an image OpenCV can decode, or the "
+                            f"file is truncated/corrupt. Pass a JPEG/PNG/BMP/TIFF/WebP image.")
+  return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def mask_from_values(values: np.ndarray, *, palette: bool = False, alpha: np.ndarray | None = None
+                     ) -> np.ndarray:
+  """Decoded mask values -> uint8 [H, W] label with 0 background, 1 foreground, 255 ignore.
+
+  Args:
+    values: [H, W] grey / index values, or [H, W, C] colours.
+    palette: the values are palette indices (255 is ignore when another non-zero
+      index is present, VOC style).
+    alpha: optional [H, W] alpha channel; when it has transparency, foreground is
+      ``alpha > 0``.
+
+  See the module docstring for the rule.
+  """
+  values = np.asarray(values)
+  if alpha is not None and alpha.size and int(alpha.min()) < int(alpha.max()):
+    return (np.asarray(alpha) > 0).astype(np.uint8)
+  if values.ndim == 3:
+    if values.shape[-1] == 1 or all(np.array_equal(values[..., 0], values[..., c])
+                                    for c in range(1, values.shape[-1])):
+      values = values[..., 0]
+    else:
+      return np.any(values != 0, axis=-1).astype(np.uint8)
+  values = values.astype(np.int64) if values.dtype != bool else values.astype(np.uint8)
+  out = (values != 0).astype(np.uint8)
+  uniq = np.unique(values)
+  has_255 = bool(np.any(uniq == IGNORE))
+  if palette:
+    ignore = has_255 and bool(np.any((uniq != 0) & (uniq != IGNORE)))
+  else:
+    ignore = has_255 and set(uniq.tolist()) <= {0, 1, IGNORE} and 1 in uniq
+  if ignore:
+    out[values == IGNORE] = IGNORE
+  return out
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+  """A mask file -> uint8 [H, W] 0 / 1 / 255 (the rule of the module docstring).
+
+  Raises:
+    PredictInputError: missing or undecodable file.
+  """
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise PredictInputError(f"mask {path} not found; check the path")
+  try:
+    with Image.open(path) as im:
+      im.load()
+      mode = im.mode
+      if mode == "P":
+        if "transparency" in im.info:
+          rgba = np.asarray(im.convert("RGBA"))
+          alpha = rgba[..., 3]
+          if int(alpha.min()) < int(alpha.max()):
+            return mask_from_values(rgba[..., :3], alpha=alpha)
+        return mask_from_values(np.asarray(im), palette=True)
+      if mode in ("RGBA", "LA", "PA") or (mode == "RGB" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"))
+        base = np.asarray(im.convert("L")) if mode == "LA" else rgba[..., :3]
+        return mask_from_values(base, alpha=rgba[..., 3])
+      if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+        return mask_from_values(np.asarray(im.convert("RGB")))
+      return mask_from_values(np.asarray(im))        # L, 1, I, I;16, F
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise PredictInputError(f"cannot read mask {path} ({type(e).__name__}: {e}); pass a PNG mask "
+                            "(non-zero pixels = the object)") from None
+
+
+def _load(item: Any, kind: str, index: int) -> tuple[np.ndarray, str, str | None]:
+  """(array, display name, path or None) of an image / mask given as a path or array."""
+  if isinstance(item, (str, os.PathLike)):
+    arr = read_image(item) if kind == "image" else read_mask(item)
+    return arr, pathlib.Path(item).stem, os.fspath(item)
+  arr = np.asarray(item)
+  name = f"{kind}_{index}"
+  if kind == "image":
+    if arr.ndim == 2:
+      arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+      raise PredictInputError(f"{name}: expected an RGB image [H, W, 3], got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+      if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0
+      arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+  else:
+    if arr.ndim not in (2, 3):
+      raise PredictInputError(f"{name}: expected a mask [H, W], got shape {arr.shape}")
+    arr = mask_from_values(arr)
+  return arr, name, None
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """Where the weights came from and what they are."""
+  path: pathlib.Path
+  kind: str                     # "converted" | "workdir"
+  model: str | None
+  fields: dict
+  metadata_file: pathlib.Path | None
+  weights_dir: pathlib.Path
+  step: int | None = None
+
+
+def _latest_step_dir(folder: pathlib.Path) -> pathlib.Path | None:
+  steps = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir()] \
+      if folder.is_dir() else []
+  return max(steps, key=lambda p: int(p.name)) if steps else None
+
+
+def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
+  """Finds the weights and the model metadata under ``path``.
+
+  Accepts a converted checkpoint (``variables/`` + ``metadata.json``), a training
+  workdir (``best/`` preferred, else ``checkpoints/``), one of those two folders, or
+  a single step folder (``.../checkpoints/1200``).
+
+  Raises:
+    PredictInputError: nothing usable under ``path``.
+  """
+  from checkpoints import io as ckpt_io  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  if not root.exists():
+    raise PredictInputError(f"checkpoint {root} not found. Convert official weights with `python -m "
+                            f"checkpoints.convert --model <name> --src best.pth --dst {root}` or "
+                            f"pass a training workdir")
+  if (root / ckpt_io.VARIABLES_DIR).is_dir():
+    meta_file = root / ckpt_io.METADATA_FILE
+    meta = {}
+    if meta_file.is_file():
+      try:
+        meta = ckpt_io.read_metadata(root)
+      except (json.JSONDecodeError, OSError) as e:
+        raise PredictInputError(f"{meta_file} is not valid JSON ({e}); convert the checkpoint "
+                                f"again with python -m checkpoints.convert") from None
+    return Checkpoint(root, "converted", meta.get("model"), dict(meta.get("fields") or {}),
+                      meta_file if meta_file.is_file() else None, root / ckpt_io.VARIABLES_DIR)
+  step_dir = None
+  if (root / "state").is_dir():
+    step_dir = root
+  else:
+    for sub in (root / "best", root / "checkpoints", root):
+      step_dir = _latest_step_dir(sub)
+      if step_dir is not None:
+        break
+  if step_dir is None:
+    raise PredictInputError(
+        f"{root} holds no checkpoint: expected a converted checkpoint (variables/ and "
+        f"metadata.json, written by `python -m checkpoints.convert`) or a training workdir with "
+        f"best/<step>/ or checkpoints/<step>/ (written by `python -m fss_jax.main --mode train`)")
+  meta_file = step_dir / "meta" / "metadata"
+  meta = {}
+  if meta_file.is_file():
+    try:
+      meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, OSError) as e:
+      raise PredictInputError(f"{meta_file} is not valid JSON ({e}); the checkpoint is damaged, "
+                              f"use another step") from None
+  return Checkpoint(root, "workdir", meta.get("model"), dict(meta.get("model_fields") or {}),
+                    meta_file if meta_file.is_file() else None, step_dir / "state",
+                    int(step_dir.name) if step_dir.name.isdigit() else None)
+
+
+def default_transform(model: str) -> tuple[int, str]:
+  """(test size, "aspect" | "squash") of ``model``'s config, or (473, "aspect")."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module, arg = _CONFIGS.get(model, (model, ""))
+  try:
+    c = importlib.import_module(f"configs.{module}").get_config(arg or None)
+    return int(c.data.test_size), str(c.data.test_resize)
+  except Exception:  # pylint: disable=broad-except  # no config for this model: generic default
+    return DEFAULT_SIZE, DEFAULT_RESIZE
+
+
+# ---------------------------------------------------------------------------
+# Host-side resizing back to the original size
+# ---------------------------------------------------------------------------
+
+def _axis_weights(out_size: int, in_size: int, keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """align_corners=True source indices (i0, i1) and weight of i1 for the first ``keep``
+  of ``out_size`` outputs (torch's rule, float32)."""
+  scale = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
+  src = np.minimum(np.arange(keep, dtype=np.float32) * scale, np.float32(in_size - 1))
+  i0 = np.floor(src).astype(np.int64)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  return i0, i1, (src - i0.astype(np.float32))
+
+
+def logits_to_original(logits: np.ndarray, hw: tuple[int, int], resize: str) -> np.ndarray:
+  """[h, w, C] model logits -> [H, W, C] at the query's original size (host, float32).
+
+  ``resize="squash"``: bilinear (align_corners=True) to (H, W) (§9.2).
+  ``resize="aspect"``: bilinear to the padded square L x L, L = max(H, W), then the
+  top-left H x W (§9.1, the evaluation's scoring rule).
+  """
+  h_out, w_out = int(hw[0]), int(hw[1])
+  th, tw = (max(hw), max(hw)) if resize == "aspect" else (h_out, w_out)
+  x = np.asarray(logits, np.float32)
+  i0, i1, l1 = _axis_weights(th, x.shape[0], h_out)
+  x = x[i0] * (1 - l1)[:, None, None] + x[i1] * l1[:, None, None]
+  j0, j1, m1 = _axis_weights(tw, x.shape[1], w_out)
+  return x[:, j0] * (1 - m1)[None, :, None] + x[:, j1] * m1[None, :, None]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------
+# Predictor
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Support:
+  """One support as the model sees it: uint8 RGB image [H, W, 3], mask 0/1/255 [H, W]."""
+  image: np.ndarray
+  mask: np.ndarray
+  name: str
+  image_path: str | None = None
+  mask_path: str | None = None
+
+  @property
+  def foreground_fraction(self) -> float:
+    return float(np.mean(self.mask == 1))
+
+
+@dataclasses.dataclass
+class Prediction:
+  """The segmentation of one query at its original size.
+
+  Attributes:
+    name: display name (file stem, or ``image_<i>``).
+    image: uint8 RGB [H, W, 3] query.
+    mask: uint8 [H, W], 1 = predicted foreground.
+    probability: float32 [H, W] softmax probability of the foreground (1 - p(bg)).
+    foreground_fraction: mean of ``mask``.
+    confidence: mean max-softmax over predicted-foreground pixels (None if none).
+    confidence_all: mean max-softmax over all pixels.
+    path: the query file, when given as a path.
+  """
+  name: str
+  image: np.ndarray
+  mask: np.ndarray
+  probability: np.ndarray
+  foreground_fraction: float
+  confidence: float | None
+  confidence_all: float
+  path: str | None = None
+
+  def summary(self) -> dict:
+    h, w = self.mask.shape
+    return {"name": self.name, "image": self.path, "height": int(h), "width": int(w),
+            "foreground_fraction": round(self.foreground_fraction, 6),
+            "confidence": None if self.confidence is None else round(self.confidence, 6),
+            "confidence_all": round(self.confidence_all, 6)}
+
+
+def _shot_field(fields: Mapping[str, Any]) -> str | None:
+  for k in ("shot", "shots"):
+    if fields.get(k) is not None:
+      return k
+  return None
+
+
+class Predictor:
+  """Runs a registered model on user images (see the module docstring).
+
+  Args:
+    model: registered model name (``fss_jax.models.registry.names()``); None takes it
+      from the checkpoint's metadata.
+    checkpoint: converted checkpoint dir or training workdir.
+    size: model input side (default: the model's config test size, else 473).
+    resize: "pad" (= "aspect", §9.1) or "squash" (§9.2) (default: the config's).
+    batch_size: largest query batch per call of the compiled function.
+    class_id: ``class_id`` given to the model (only methods that read it, e.g.
+      Sym-Net's word embeddings, care).
+    fields: overrides of the model fields stored in the checkpoint.
+
+  Attributes:
+    traces: how many times the forward was traced (= compilations).
+  """
+
+  def __init__(self, model: str | None, checkpoint: str | os.PathLike, *, size: int | None = None,
+               resize: str | None = None, batch_size: int = 4, class_id: int = 0,
+               fields: Mapping[str, Any] | None = None):
+    from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+    self.ckpt = locate_checkpoint(checkpoint)
+    where = self.ckpt.metadata_file or self.ckpt.path
+    saved = self.ckpt.model
+    if model is None and saved is None:
+      raise PredictInputError(f"{where} does not name its model; pass --model "
+                              f"({', '.join(registry.names())})")
+    if model is not None and saved is not None and model != saved:
+      raise PredictInputError(
+          f"checkpoint {self.ckpt.path} holds weights of model {saved!r} (says {where}), not "
+          f"{model!r}. Pass --model {saved}, or convert weights of {model} with `python -m "
+          f"checkpoints.convert --model {model} --src <file.pth> --dst <dir>`.")
+    self.model_name = model or saved
+    self.spec = registry.get(self.model_name)
+    self.fields = {**self.ckpt.fields, **dict(fields or {})}
+    dsize, dresize = default_transform(self.model_name)
+    self.size = int(size or dsize)
+    resize = resize or dresize
+    if resize not in RESIZE_MODES:
+      raise PredictInputError(f"resize must be one of pad, squash; got {resize!r}")
+    self.resize = RESIZE_MODES[resize]
+    if batch_size < 1:
+      raise PredictInputError(f"batch size must be >= 1, got {batch_size}")
+    self.batch_size = int(batch_size)
+    self.class_id = int(class_id)
+    self.traces = 0
+    self._loaded = None
+    self._models: dict[int, tuple[Any, dict, Any]] = {}   # shots -> (module, variables, jitted fn)
+
+  # -- model for K shots ----------------------------------------------------------------------
+
+  def _read_weights(self) -> dict:
+    from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    if self._loaded is None:
+      try:
+        self._loaded = state_lib.read_variables(self.ckpt.weights_dir)
+      except FileNotFoundError as e:
+        raise PredictInputError(str(e)) from None
+      except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
+        raise PredictInputError(f"cannot read the weights in {self.ckpt.weights_dir} "
+                                f"({type(e).__name__}: {e}); the checkpoint is incomplete or "
+                                f"corrupt: convert / copy it again") from None
+    return self._loaded
+
+  def _build(self, shots: int):
+    """(module, variables, jitted forward) for ``shots`` supports."""
+    if shots in self._models:
+      return self._models[shots]
+    import jax  # pylint: disable=g-import-not-at-top
+    from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    fields = dict(self.fields)
+    key = _shot_field(fields)
+    built_for = fields.get(key) if key else None
+    if key and built_for != shots:
+      fields[key] = shots
+    try:
+      module = self.spec.make_model(**fields)
+    except TypeError as e:
+      raise PredictInputError(f"the model fields stored with {self.ckpt.path} do not fit model "
+                              f"{self.model_name!r}: {e}") from None
+    example = self._episode(np.zeros((1, self.size, self.size, 3), np.float32),
+                            np.zeros((1, shots, self.size, self.size, 3), np.float32),
+                            np.zeros((1, shots, self.size, self.size), np.int32))
+    target = jax.eval_shape(lambda k: state_lib.init_variables(module, example, k),
+                            jax.random.PRNGKey(0))
+    try:
+      merged = state_lib.merge_variables(target, self._read_weights(),
+                                         source=f"weights in {self.ckpt.weights_dir}")
+    except state_lib.InitMismatchError as e:
+      if built_for is not None and built_for != shots:
+        raise PredictInputError(
+            f"checkpoint {self.ckpt.path} is a {built_for}-shot model ({key}={built_for}) whose "
+            f"weights depend on the shot count; pass exactly {built_for} --support, or use a "
+            f"{shots}-shot checkpoint") from None
+      raise PredictInputError(f"{e}") from None
+    variables = {"params": merged["params"]}
+    if merged.get("batch_stats"):
+      variables["batch_stats"] = merged["batch_stats"]
+    variables = jax.device_put(variables)
+
+    def forward(v, episode):
+      self.traces += 1                               # runs once per trace (= compilation)
+      out = module.apply(v, episode, train=False)
+      return jax.numpy.asarray(out["logits"], jax.numpy.float32)
+
+    entry = (module, variables, jax.jit(forward))
+    self._models[shots] = entry
+    return entry
+
+  def _episode(self, query, s_img, s_msk) -> dict[str, np.ndarray]:
+    b = query.shape[0]
+    return {"query_image": query,
+            "query_mask": np.full(query.shape[:3], IGNORE, np.int32),   # unknown
+            "support_images": np.repeat(s_img, b, axis=0) if s_img.shape[0] != b else s_img,
+            "support_masks": np.repeat(s_msk, b, axis=0) if s_msk.shape[0] != b else s_msk,
+            "class_id": np.full((b,), self.class_id, np.int32)}
+
+  # -- preprocessing --------------------------------------------------------------------------
+
+  def _resize_op(self):
+    if self.resize == "aspect":
+      return transforms.AspectResizePad(size=self.size)
+    return transforms.SquashResize(size=(self.size, self.size))
+
+  def preprocess(self, image: np.ndarray, mask: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 RGB [H, W, 3] (+ mask [H, W]) -> normalised f32 [S, S, 3], mask int32 [S, S]."""
+    if mask is None:
+      mask = np.zeros(image.shape[:2], np.uint8)
+    img, (msk,) = self._resize_op().apply(image.astype(np.float32), [np.asarray(mask, np.uint8)])
+    img, _ = transforms.Normalize().apply(img, [msk])
+    return img, msk.astype(np.int32)
+
+  def load_supports(self, support_images: Sequence[Any], support_masks: Sequence[Any]) -> list[Support]:
+    """Reads / checks the supports (paths or arrays) -> `Support` list.
+
+    Raises:
+      PredictInputError: no supports, counts differ, unreadable file, size mismatch,
+        empty mask.
+    """
+    if len(support_images) == 0:
+      raise PredictInputError("give at least one support (--support IMAGE:MASK)")
+    if len(support_images) != len(support_masks):
+      raise PredictInputError(f"{len(support_images)} support images but {len(support_masks)} masks")
+    out = []
+    for k, (im, mk) in enumerate(zip(support_images, support_masks)):
+      image, name, ipath = _load(im, "image", k)
+      mask, mname, mpath = _load(mk, "mask", k)
+      iname, mname = ipath or f"support image {k}", mpath or f"support mask {k}"
+      if mask.shape != image.shape[:2]:
+        raise PredictInputError(
+            f"mask {mname} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {iname} is "
+            f"{image.shape[1]}x{image.shape[0]}; give the mask made for that image (same size), "
+            f"or resize it with nearest-neighbour interpolation")
+      if not np.any(mask == 1):
+        raise PredictInputError(
+            f"mask {mname} has no foreground pixel (all background or ignore); mark the object "
+            f"in {iname} with non-zero pixels")
+      out.append(Support(image, mask, name, ipath, mpath))
+    return out
+
+  # -- inference ----------------------------------------------------------------------------
+
+  def segment(self, support_images: Sequence[Any], support_masks: Sequence[Any],
+              queries: Sequence[Any]) -> list[Prediction]:
+    """Segments every query with the K supports.
+
+    Args:
+      support_images: K images (paths, or uint8 RGB arrays [h, w, 3] of any size).
+      support_masks: K masks (paths, or [h, w] arrays; non-zero = foreground, see the
+        module docstring for 255). Ignored when ``support_images`` are `Support`s
+        (the result of `load_supports`).
+      queries: images (paths or arrays) of any sizes.
+
+    Returns:
+      One `Prediction` per query, at the query's original size.
+    """
+    if len(support_images) and all(isinstance(s, Support) for s in support_images):
+      supports = list(support_images)                # from `load_supports`
+    else:
+      supports = self.load_supports(support_images, support_masks)
+    items = [_load(q, "image", i) for i, q in enumerate(queries)]
+    if not items:
+      raise PredictInputError("give at least one query image (--query IMAGE)")
+    k = len(supports)
+    _, variables, fn = self._build(k)
+    pre = [self.preprocess(s.image, s.mask) for s in supports]
+    s_img = np.stack([p[0] for p in pre])[None]                    # [1, K, S, S, 3]
+    s_msk = np.stack([p[1] for p in pre])[None]                    # [1, K, S, S]
+    n = len(items)
+    bucket = min(self.batch_size, 1 << max(0, math.ceil(math.log2(n))))
+    results = []
+    for start in range(0, n, bucket):
+      chunk = items[start:start + bucket]
+      q = np.stack([self.preprocess(img)[0] for img, _, _ in chunk])
+      if len(chunk) < bucket:
+        q = np.concatenate([q, np.repeat(q[-1:], bucket - len(chunk), axis=0)])
+      logits = np.asarray(fn(variables, self._episode(q, s_img, s_msk)))
+      for (img, name, path), lg in zip(chunk, logits):
+        results.append(self._postprocess(img, name, path, lg))
+    return results
+
+  def _postprocess(self, image, name, path, logits) -> Prediction:
+    if not np.all(np.isfinite(logits)):
+      raise PredictInputError(
+          f"model {self.model_name} produced NaN/Inf scores for query {path or name} with the "
+          f"weights in {self.ckpt.weights_dir}; the checkpoint is broken (e.g. negative BatchNorm "
+          f"variances or a diverged training run): use another checkpoint")
+    full = logits_to_original(logits, image.shape[:2], self.resize)
+    probs = _softmax(full)
+    pred = np.argmax(full, axis=-1)
+    mask = (pred != 0).astype(np.uint8)
+    top = probs.max(axis=-1)
+    fg = mask.astype(bool)
+    return Prediction(name=name, image=image, mask=mask,
+                      probability=(1.0 - probs[..., 0]).astype(np.float32),
+                      foreground_fraction=float(fg.mean()),
+                      confidence=float(top[fg].mean()) if fg.any() else None,
+                      confidence_all=float(top.mean()), path=path)
+
+
+# ---------------------------------------------------------------------------
+# Writing outputs
+# ---------------------------------------------------------------------------
+
+def _mask_png(mask: np.ndarray) -> bytes:
+  """uint8 [H, W] 0/1 -> palette PNG bytes (0 black, 1 red)."""
+  import io as io_lib  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  im = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
+  im.putpalette([0, 0, 0, *visualize.PRED_COLOR] + [0, 0, 0] * 254)
+  buf = io_lib.BytesIO()
+  im.save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+  safe = ["".join(c if c.isalnum() or c in "-_." else "_" for c in n) or "image" for n in names]
+  if len(set(safe)) == len(safe):
+    return safe
+  return [f"{i:02d}_{n}" for i, n in enumerate(safe)]
+
+
+def output_files(supports: Sequence[Support], predictions_or_names: Sequence[Any]) -> dict:
+  """{"queries": [(mask file, overlay file)], "supports": [overlay file], "json": name}."""
+  qnames = [p.name if isinstance(p, Prediction) else str(p) for p in predictions_or_names]
+  q = _unique_names(qnames)
+  s = _unique_names([s.name for s in supports])
+  s_files = {f"support{k}_{n}_overlay.png" for k, n in enumerate(s)}
+  if any(f"{n}_overlay.png" in s_files for n in q):  # a query named like a support overlay
+    q = [f"query{i}_{n}" for i, n in enumerate(q)]
+  return {"queries": [(f"{n}_mask.png", f"{n}_overlay.png") for n in q],
+          "supports": [f"support{k}_{n}_overlay.png" for k, n in enumerate(s)],
+          "json": "predictions.json"}
+
+
+def check_outputs(out_dir: str | os.PathLike, files: Mapping[str, Any], *, overwrite: bool) -> None:
+  """Raises PredictInputError listing output files that exist (unless ``overwrite``)."""
+  out = pathlib.Path(out_dir)
+  if out.exists() and not out.is_dir():
+    raise PredictInputError(f"--out {out} is a file, not a folder; choose a folder")
+  names = [n for pair in files["queries"] for n in pair] + list(files["supports"]) + [files["json"]]
+  existing = [n for n in names if (out / n).exists()]
+  if existing and not overwrite:
+    shown = ", ".join(existing[:8]) + (f" and {len(existing) - 8} more" if len(existing) > 8 else "")
+    raise PredictInputError(f"{out} already has {shown}; pass --overwrite to replace them or "
+                            f"choose another --out folder")
+
+
+def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions: Sequence[Prediction],
+                  out_dir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+  """Writes masks, overlays and ``predictions.json`` to ``out_dir``; returns the json path.
+
+  Every file goes through a temporary file + rename; nothing is replaced unless
+  ``overwrite``.
+  """
+  out = pathlib.Path(out_dir)
+  files = output_files(supports, predictions)
+  check_outputs(out, files, overwrite=overwrite)
+  out.mkdir(parents=True, exist_ok=True)
+  s_rows = []
+  for s, name in zip(supports, files["supports"]):
+    visualize.write_png(out / name, visualize.overlay(s.image, s.mask, visualize.SUPPORT_COLOR,
+                                                      ignore_color=visualize.IGNORE_COLOR),
+                        overwrite=overwrite)
+    s_rows.append({"image": s.image_path, "mask": s.mask_path, "overlay": name,
+                   "height": int(s.mask.shape[0]), "width": int(s.mask.shape[1]),
+                   "foreground_fraction": round(s.foreground_fraction, 6)})
+  q_rows = []
+  for p, (mask_name, ov_name) in zip(predictions, files["queries"]):
+    visualize.atomic_write_bytes(out / mask_name, _mask_png(p.mask), overwrite=overwrite)
+    visualize.write_png(out / ov_name, visualize.overlay(p.image, p.mask, visualize.PRED_COLOR),
+                        overwrite=overwrite)
+    q_rows.append({**p.summary(), "mask": mask_name, "overlay": ov_name})
+  ck = predictor.ckpt
+  doc = {"model": predictor.model_name, "fields": predictor.fields,
+         "checkpoint": os.fspath(ck.path), "checkpoint_kind": ck.kind, "checkpoint_step": ck.step,
+         "input_size": predictor.size,
+         "resize": "pad" if predictor.resize == "aspect" else predictor.resize,
+         "shots": len(supports), "mask_png": "palette PNG: index 0 background, 1 foreground",
+         "confidence": CONFIDENCE, "supports": s_rows, "queries": q_rows}
+  data = (json.dumps(doc, indent=1, default=str) + "\n").encode()
+  return visualize.atomic_write_bytes(out / files["json"], data, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _parse_support(text: str) -> tuple[str, str]:
+  if ":" not in text:
+    raise PredictInputError(f"--support expects IMAGE:MASK, got {text!r}")
+  image, mask = text.rsplit(":", 1)
+  if not image or not mask:
+    raise PredictInputError(f"--support expects IMAGE:MASK, got {text!r}")
+  return image, mask
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m fss_jax.predict",
+                              description="Segment the object of the support masks in query images.")
+  p.add_argument("--model", default=None, help="registered model name (default: from the checkpoint)")
+  p.add_argument("--checkpoint", required=True, help="converted checkpoint dir or training workdir")
+  p.add_argument("--support", action="append", required=True, metavar="IMAGE:MASK",
+                 help="a support image and its mask; repeat for K shots")
+  p.add_argument("--query", nargs="+", required=True, metavar="IMAGE", help="query images")
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--size", type=int, default=None, help="model input side (default: the config's)")
+  p.add_argument("--resize", choices=("pad", "squash"), default=None,
+                 help="pad: aspect-preserving + zero pad (§9.1); squash: plain resize (§9.2)")
+  p.add_argument("--batch-size", type=int, default=4, help="queries per forward call")
+  p.add_argument("--class-id", type=int, default=0, help="class id passed to the model (Sym-Net)")
+  p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  try:
+    pairs = [_parse_support(s) for s in args.support]
+    predictor = Predictor(args.model, args.checkpoint, size=args.size, resize=args.resize,
+                          batch_size=args.batch_size, class_id=args.class_id)
+    supports = predictor.load_supports([a for a, _ in pairs], [b for _, b in pairs])
+    # Refuse existing outputs before the (slow) model run.
+    check_outputs(args.out, output_files(supports, [pathlib.Path(q).stem for q in args.query]),
+                  overwrite=args.overwrite)
+    preds = predictor.segment(supports, None, args.query)
+    path = write_outputs(predictor, supports, preds, args.out, overwrite=args.overwrite)
+  except (PredictInputError, registry.UnsupportedModelError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for p in preds:
+    conf = "n/a" if p.confidence is None else f"{p.confidence:.3f}"
+    print(f"{p.path}: foreground {100 * p.foreground_fraction:.1f}%, confidence {conf}")
+  print(f"wrote {len(preds)} prediction(s) to {path.parent} ({path.name})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,696 @@
+"""The training loop: owns every side effect (data, checkpoints, logs, evaluation).
+
+``train_and_evaluate(config, workdir)``:
+
+1. mesh (`fss_jax.parallel`), model + loss from the registry, data loaders
+   (`fss_jax.data.pipeline`, or an injected `Data` in tests);
+2. state, in the fixed resume order: the workdir's latest checkpoint >
+   ``config.resume`` (another run's workdir) > ``config.init`` (converted weights,
+   strict keys) > random init. A workdir holding a checkpoint of another model,
+   other model fields, dataset, fold, shot or way, or other parameter shapes is
+   refused with the reason;
+3. the jitted train step; every ``log_every_steps`` the metrics are averaged
+   and written (clu ``metric_writers``: TensorBoard + log) and
+   ``periodic_actions.ReportProgress`` reports speed;
+4. periodic validation on stored episodes (seed ``config.eval.val_seed``) ->
+   ``<workdir>/best`` keeps the best val-mIoU params (data_protocol.md §10:
+   the references select on the test classes);
+5. orbax checkpoints in ``<workdir>/checkpoints`` (async; state + data-iterator
+   state of every process + metadata). Losses are checked before every
+   checkpoint: a NaN/Inf stops the run with `NonFiniteLossError`, and the last
+   good checkpoint is kept untouched.
+
+``evaluate(config, workdir)`` scores the best (or latest) checkpoint — or the
+converted weights of ``config.init`` — on ``config.eval.seeds`` and writes
+``<workdir>/results_<dataset>_f<fold>_<shot>shot.json``.
+
+A checkpoint's step ``s`` means: ``s`` optimiser steps done, the data iterator
+positioned at batch ``s``, and step ``s`` draws ``fold_in(rng, s)`` — so a
+resumed run reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+from fss_jax import parallel
+from fss_jax.eval import evaluate as evaluate_lib
+from fss_jax.models import registry
+from fss_jax.train import optim as optim_lib
+from fss_jax.train import state as state_lib
+from fss_jax.train import step as step_lib
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+META_FORMAT = 1
+_HISTORY = 1000   # logged train metrics kept in the returned summary
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN/Inf; the message names the step and the kept checkpoint."""
+
+
+class WorkdirMismatchError(ValueError):
+  """The workdir (or config.resume) holds a checkpoint of another model or shape."""
+
+
+class _QuietLibraries:
+  """absl log filter: orbax's INFO records (several per checkpoint) and its notes on
+  read-only managers (used to read checkpoints for evaluation) are dropped."""
+
+  def filter(self, record) -> bool:
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.levelno <= 20:
+      return False
+    return record.levelno > 30 or "read only" not in record.getMessage().replace("_", " ")
+
+
+def quiet_library_logs() -> None:
+  """Keeps the run's own INFO lines readable (orbax logs every file it renames)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Data:
+  """What the loop reads.
+
+  Attributes:
+    train: () -> training loader: ``iter(loader)`` yields this process's host
+      batches (Episode dicts of numpy arrays) and has ``get_state()`` /
+      ``set_state()``; optional ``steps_per_epoch``.
+    eval: (seed, num_episodes) -> this process's batches of the stored test
+      episodes of that seed (each with ``valid``; all processes yield the same
+      number of batches).
+    classes: the fold's novel classes (global ids) scored by the mIoU.
+    class_names: optional {id: name}.
+  """
+  train: Callable[[], Any]
+  eval: Callable[[int, int], Iterable[Mapping[str, Any]]] | None
+  classes: tuple[int, ...]
+  class_names: Mapping[int, str] | None = None
+
+
+def episode_config(config):
+  """``config.data`` + run fields -> `fss_jax.data.pipeline.EpisodeConfig`."""
+  from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  d = config.data
+  return pipeline.EpisodeConfig(
+      dataset=config.dataset, data_dir=os.path.expanduser(d.data_dir), fold=config.fold,
+      shot=config.shot, way=config.way, seed=config.seed, train_size=d.train_size,
+      train_resize=d.train_resize, scale=tuple(d.scale), rotate=tuple(d.rotate),
+      test_size=d.test_size, test_resize=d.test_resize, label_bucket=d.label_bucket or None,
+      protocol=d.protocol, coco_split=d.coco_split, base_label=d.base_label,
+      worker_count=d.worker_count, read_threads=d.read_threads,
+      prefetch_batches=d.prefetch_batches)
+
+
+def episodes_path(config, workdir: pathlib.Path, seed: int, num: int) -> pathlib.Path:
+  """Where the stored test episodes of (dataset, fold, way, shot, seed, num) live."""
+  root = pathlib.Path(os.path.expanduser(config.eval.episodes_dir)) if config.eval.episodes_dir \
+      else workdir / "episodes"
+  way = f"{config.way}way" if config.way > 1 else ""
+  name = f"{config.dataset}_f{config.fold}_{way}{config.shot}shot_s{seed}_n{num}.jsonl"
+  return root / name
+
+
+def ensure_episodes(config, workdir: pathlib.Path, seed: int, num: int) -> pathlib.Path:
+  """The stored test episode list, generated (deterministically) when absent."""
+  from fss_jax.data import episodes as episodes_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  path = episodes_path(config, workdir, seed, num)
+  if not path.is_file():
+    src = source_lib.open_split(os.path.expanduser(config.data.data_dir), config.dataset, "val")
+    records = episodes_lib.generate(src.index, config.dataset, config.fold, "test", shot=config.shot,
+                                    num_episodes=num, seed=seed, way=config.way,
+                                    protocol=config.data.protocol, coco_split=config.data.coco_split)
+    episodes_lib.write_episodes(path, records)
+    logging.info("wrote %d test episodes (seed %d) to %s", num, seed, path)
+  return path
+
+
+def make_data(config, workdir: pathlib.Path, *, eval_batch_size: int) -> Data:
+  """The real data: grain loaders over the built TFDS dataset."""
+  from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  ecfg = episode_config(config)
+  p, n = jax.process_index(), jax.process_count()
+
+  task = config.data.get("task", "episodes")
+  if task not in ("episodes", "base"):
+    raise ValueError(f"config.data.task must be 'episodes' or 'base', got {task!r}")
+  make = pipeline.make_base_train_loader if task == "base" else pipeline.make_train_loader
+
+  def train():
+    # "base": base-learner batches {"image", "label"} over the whole train pool (BAM BaseData).
+    return make(ecfg, global_batch_size=config.batch_size, shard_index=p, shard_count=n)
+
+  def evaluate(seed: int, num: int):
+    path = ensure_episodes(config, workdir, seed, num)
+    return pipeline.make_eval_loader(ecfg, path, global_batch_size=eval_batch_size, shard_index=p,
+                                     shard_count=n)
+
+  return Data(train=train, eval=evaluate, classes=tuple(ecfg.fold_classes().novel))
+
+
+# ---------------------------------------------------------------------------
+# Set-up helpers
+# ---------------------------------------------------------------------------
+
+def model_fields(config) -> dict:
+  f = config.model_fields
+  return f.to_dict() if hasattr(f, "to_dict") else dict(f)
+
+
+def build_model(config):
+  """(ModelSpec, module) of ``config.model`` with ``config.model_fields``."""
+  spec = registry.get(config.model)
+  fields = model_fields(config)
+  try:
+    model = spec.make_model(**fields)
+  except TypeError as e:
+    raise ValueError(f"config.model_fields do not fit model {config.model!r}: {e}") from None
+  return spec, model
+
+
+def _jsonable(x: Any) -> Any:
+  return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def checkpoint_meta(config) -> dict:
+  """What a checkpoint must agree on to be resumed: model, fields, episode setting."""
+  return _jsonable({"format": META_FORMAT, "model": config.model, "model_fields": model_fields(config),
+                    "dataset": config.dataset, "fold": config.fold, "shot": config.shot,
+                    "way": config.way})
+
+
+def _meta_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  diffs = []
+  for key in ("model", "dataset", "fold", "shot", "way"):
+    if saved.get(key) != current.get(key):
+      diffs.append(f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}")
+  sf, cf = saved.get("model_fields", {}) or {}, current.get("model_fields", {}) or {}
+  for k in sorted(set(sf) | set(cf)):
+    if sf.get(k, "<unset>") != cf.get(k, "<unset>"):
+      diffs.append(f"model_fields.{k}: checkpoint {sf.get(k, '<unset>')!r}, this run "
+                   f"{cf.get(k, '<unset>')!r}")
+  return diffs
+
+
+def _shape_differences(saved_tree: Any, target: Any) -> list[str]:
+  def name(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+
+  def flat(tree):
+    # Saved trees are plain dicts/lists; the target has dataclasses and namedtuples.
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      out["/".join(name(k) for k in path)] = tuple(getattr(leaf, "shape", ()) or ())
+    return out
+  a, b = flat(saved_tree), flat(target)
+  diffs = [f"{k}: only in the checkpoint {a[k]}" for k in sorted(set(a) - set(b))]
+  diffs += [f"{k}: only in this model {b[k]}" for k in sorted(set(b) - set(a))]
+  diffs += [f"{k}: checkpoint {a[k]}, this model {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+  return diffs
+
+
+class _FrozenState:
+  """Hands grain's orbax handler an iterator state captured at save time."""
+
+  def __init__(self, state: Any):
+    self._data = json.dumps(state).encode() if not isinstance(state, bytes) else state
+
+  def get_state(self) -> bytes:
+    return self._data
+
+
+class _StateCatcher:
+  """Receives the iterator state from grain's orbax handler on restore."""
+
+  def __init__(self):
+    self.state = None
+
+  def set_state(self, state: bytes) -> None:
+    self.state = state
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def _set_iter_state(it: Any, raw: bytes) -> None:
+  try:
+    it.set_state(json.loads(raw.decode()))
+  except (TypeError, ValueError, AttributeError):
+    it.set_state(raw)
+
+
+def _get_iter_state(it: Any) -> Any:
+  if not hasattr(it, "get_state"):
+    raise TypeError(f"the training iterator {type(it).__name__} has no get_state(); it cannot be "
+                    f"checkpointed")
+  return it.get_state()
+
+
+def checkpoint_manager(directory: pathlib.Path, *, keep: int, async_save: bool,
+                       read_only: bool = False):
+  import grain  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+              "data": grain.checkpoint.CheckpointHandler()}
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         enable_async_checkpointing=async_save,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(os.fspath(directory), item_handlers=handlers, options=options)
+
+
+def _checkpoint_root(path: pathlib.Path) -> pathlib.Path:
+  """A run's workdir or its checkpoints folder -> the checkpoints folder."""
+  return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+
+
+def restore_checkpoint(mngr, step: int, abstract_state: Any, meta: Mapping[str, Any], *,
+                       where: str, data_iter: Any = None, with_data: bool = True):
+  """Restores (state, data state) of ``step`` after checking meta and shapes.
+
+  Raises:
+    WorkdirMismatchError: other model / fields / setting / shapes.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+  diffs = _meta_differences(saved_meta, meta)
+  if not diffs:
+    md = mngr.item_metadata(step)
+    tree = md["state"].tree if md is not None and hasattr(md["state"], "tree") else None
+    if tree is not None:
+      diffs = _shape_differences(tree, abstract_state)
+  if diffs:
+    raise WorkdirMismatchError(
+        f"refusing to resume from {where} (step {step}): it holds a checkpoint of model "
+        f"{saved_meta.get('model')!r} that does not match this run:\n  " + "\n  ".join(diffs[:30])
+        + "\nUse another --workdir for this configuration (or delete that checkpoint folder).")
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  catcher = _StateCatcher()
+  if with_data and data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(catcher)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  except ValueError as e:
+    if "process_" in str(e):
+      raise WorkdirMismatchError(
+          f"{where} step {step} has no data-iterator state for process {jax.process_index()} of "
+          f"{jax.process_count()} (saved with another process count?): {e}") from None
+    raise
+  if catcher.state is not None:
+    _set_iter_state(data_iter, catcher.state)
+  return restored["state"]
+
+
+# ---------------------------------------------------------------------------
+# Metric bookkeeping
+# ---------------------------------------------------------------------------
+
+class _Pending:
+  """Device metrics since the last flush; checked for NaN/Inf and averaged on the host."""
+
+  def __init__(self):
+    self.items: list[tuple[int, Any]] = []
+    self.last: dict[str, float] = {}
+    self.history: list[dict[str, float]] = []
+
+  def add(self, step: int, metrics: Any) -> None:
+    self.items.append((step, metrics))
+
+  def flush(self, *, last_good: int | None, workdir: pathlib.Path) -> dict[str, float] | None:
+    if not self.items:
+      return None
+    steps = [s for s, _ in self.items]
+    host = [parallel.to_host(m) for _, m in self.items]
+    self.items = []
+    for s, m in zip(steps, host):
+      if not np.isfinite(m["loss"]):
+        kept = (f"the last good checkpoint (step {last_good}) in {workdir / CHECKPOINT_DIR} is kept"
+                if last_good is not None else "no checkpoint had been written yet")
+        others = ", ".join(f"{k}={float(v):.4g}" for k, v in m.items())
+        raise NonFiniteLossError(
+            f"training stopped: the loss is {float(m['loss'])} at step {s} ({others}); {kept}. "
+            f"Lower config.optim.lr, enable config.optim.grad_clip_norm, or check the data; "
+            f"rerunning resumes from that checkpoint.")
+    keys = host[-1].keys()
+    self.last = {k: float(np.mean([float(m[k]) for m in host])) for k in keys}
+    self.history.append({"step": steps[-1], **self.last})
+    del self.history[:-_HISTORY]
+    return self.last
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+def _eval_batch_size(config, mesh) -> int:
+  bs = int(config.eval.batch_size)
+  d = parallel.data_size(mesh)
+  if bs <= 0:
+    bs = d
+  return bs
+
+
+def _score_mode(config) -> str:
+  return "pad_square" if config.data.test_resize == "aspect" else "original"
+
+
+def _host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  return evaluate_lib.model_inputs(batch)
+
+
+def _writer(config, workdir: pathlib.Path):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  just_logging = jax.process_index() > 0 or not config.tensorboard
+  return metric_writers.create_default_writer(os.fspath(workdir), just_logging=just_logging,
+                                              asynchronous=True)
+
+
+def _write_episode_images(config, writer, step: int, state, predict_step, batches, mesh,
+                          local_batch_size: int) -> None:
+  """Query/support/prediction panels of the first stored test episodes -> TensorBoard.
+
+  Always the first batch of the same stored list, so panels line up across steps.
+  Collective (every process calls it); only process 0's writer records images.
+  """
+  from fss_jax.eval import visualize  # pylint: disable=g-import-not-at-top
+
+  num = int(config.eval.get("num_images", 0))
+  if num <= 0 or predict_step is None:
+    return
+  batch = evaluate_lib.pad_batch(evaluate_lib.model_inputs(next(iter(batches))), local_batch_size)
+  inputs = {k: v for k, v in batch.items() if k != "valid"}
+  pred = parallel.to_host(predict_step(state, parallel.to_global(inputs, mesh)))
+  panels = visualize.panels_from_batch(batch, np.asarray(pred)[:local_batch_size], max_panels=num,
+                                       valid=batch.get("valid"))
+  visualize.write_image_summaries(writer, step, panels, prefix="val/episode")
+
+
+def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, repl, workdir):
+  """The fixed resume order: workdir latest > config.resume > config.init > scratch.
+
+  Returns:
+    (state, where it came from, the first batch or None when the data iterator was restored).
+  """
+  latest = mngr.latest_step()
+  if latest is not None:
+    state = restore_checkpoint(mngr, latest, abstract, meta, where=f"workdir {workdir}", data_iter=it)
+    return state, "workdir", None
+  if config.resume:
+    src = _checkpoint_root(pathlib.Path(os.path.expanduser(config.resume)))
+    other = checkpoint_manager(src, keep=1, async_save=False, read_only=True)
+    try:
+      step = other.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"config.resume={config.resume!r} holds no checkpoint (looked in {src})")
+      state = restore_checkpoint(other, step, abstract, meta, where=f"config.resume {src}", data_iter=it)
+    finally:
+      other.close()
+    return state, "resume", None
+  init = os.path.expanduser(config.init) if config.init else ""
+  if config.get("init_required", False) and not (init and os.path.exists(init)):
+    # A frozen part (the fold's base learner) must come from somewhere; training it as random
+    # weights would silently give a meaningless model.
+    problem = (f"config.init={config.init!r} does not exist" if init else
+               "config.init is empty")
+    raise FileNotFoundError(f"{config.model} needs converted or trained weights for its frozen parts: "
+                            f"{problem}.\n{config.get('init_help', '')}".rstrip())
+  state = state_lib.create(model, opt.tx, first, rng=rng, sharding=repl)
+  if init:
+    state = state_lib.load_init(state, init, opt.tx, prefix=config.init_prefix, sharding=repl)
+    return state, "init", first
+  return state, "scratch", first
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming when possible); returns a summary.
+
+  Returns:
+    {"step", "train": last averaged train metrics, "history": [{"step", metrics...}]
+    per log interval of this invocation, "val": last validation result (or None),
+    "best_miou", "resumed_from": "workdir"|"resume"|"init"|"scratch", "total_steps"}.
+
+  Raises:
+    NonFiniteLossError, WorkdirMismatchError, registry.UnsupportedModelError,
+    source.DatasetNotReadyError (with the build command), ValueError for bad config.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(os.path.expanduser(os.fspath(workdir)))
+  parallel.initialize(config.distributed)
+  mesh = parallel.make_mesh(config.mesh)
+  local_bs = parallel.local_batch_size(config.batch_size, mesh)
+  eval_bs = _eval_batch_size(config, mesh)
+  local_eval_bs = parallel.local_batch_size(eval_bs, mesh)
+  spec, model = build_model(config)
+  if spec.loss_fn is None:
+    raise ValueError(f"model {config.model!r} has no loss_fn; it cannot be trained")
+  if data is None:
+    data = make_data(config, workdir, eval_batch_size=eval_bs)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+
+  # -- data and sizes --------------------------------------------------------------------
+  loader = data.train()
+  it = iter(loader)
+  first = _host_batch(next(it))
+  got = len(next(iter(first.values())))
+  if got != local_bs:
+    raise ValueError(f"the training loader yields {got} episodes per process, expected {local_bs} "
+                     f"(config.batch_size={config.batch_size} over {jax.process_count()} processes)")
+  steps_per_epoch = int(getattr(loader, "steps_per_epoch", 0) or 0)
+  if config.epochs > 0:
+    if not steps_per_epoch:
+      raise ValueError("config.epochs needs a loader with steps_per_epoch; set config.total_steps")
+    total_steps = config.epochs * steps_per_epoch
+  else:
+    total_steps = int(config.total_steps)
+  eval_every = int(config.eval.every_steps)
+  if eval_every == -1:
+    eval_every = steps_per_epoch or 0
+  ckpt_every = int(config.checkpoint.every_steps)
+  log_every = max(1, int(config.log_every_steps))
+
+  # -- optimiser and state ---------------------------------------------------------------
+  repl = parallel.replicated(mesh)
+  rng = jax.random.PRNGKey(int(config.seed))
+  params_shape = jax.eval_shape(
+      lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(first), k)["params"], rng)
+  opt = optim_lib.build(config.optim, params_shape, total_steps=total_steps, frozen=spec.frozen)
+  logging.info("optimiser labels (tensors per label): %s", opt.summary)
+  abstract = state_lib.abstract(model, opt.tx, first, sharding=repl)
+  meta = checkpoint_meta(config)
+
+  mngr = checkpoint_manager(workdir / CHECKPOINT_DIR, keep=int(config.checkpoint.keep),
+                            async_save=bool(config.checkpoint.async_save))
+  best_mngr = checkpoint_manager(workdir / BEST_DIR, keep=1, async_save=False)
+  try:
+    state, resumed_from, first = _initial_state(config, mngr, abstract, meta, it, first, model, opt,
+                                                rng, repl, workdir)
+  except BaseException:
+    mngr.close()
+    best_mngr.close()
+    raise
+  start = int(jax.device_get(parallel.to_host(state.step)))
+  best_miou = _best_so_far(best_mngr)
+  logging.info("state from %s at step %d of %d (best val mIoU so far: %s)", resumed_from, start,
+               total_steps, best_miou)
+
+  # -- steps -------------------------------------------------------------------------------
+  train_step = step_lib.make_train_step(model=model, loss_fn=spec.loss_fn, tx=opt.tx, mesh=mesh,
+                                        trainable=opt.trainable)
+  eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config)) \
+      if data.eval is not None else None
+  predict_step = step_lib.make_predict_step(model=model, mesh=mesh) \
+      if eval_step is not None and int(config.eval.get("num_images", 0)) > 0 else None
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  writer = _writer(config, workdir)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=log_every)
+  pending = _Pending()
+  last_good = mngr.latest_step()
+  val_result = None
+
+  def save(step_done: int) -> None:
+    nonlocal last_good
+    pending.flush(last_good=last_good, workdir=workdir)
+    if mngr.latest_step() == step_done:
+      return
+    data_state = _FrozenState(_get_iter_state(it))
+    mngr.save(step_done, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "step": step_done}),
+        data=grain.checkpoint.CheckpointSave(data_state)))
+    last_good = step_done
+
+  try:
+    for step in range(start, total_steps):
+      batch = first if first is not None else _host_batch(next(it))
+      first = None
+      state, metrics = train_step(state, parallel.to_global(batch, mesh))
+      done = step + 1
+      pending.add(done, metrics)
+      report(done)
+      if done % log_every == 0 or done == total_steps:
+        means = pending.flush(last_good=last_good, workdir=workdir)
+        if means:
+          lrs = {f"lr/{k}": v for k, v in opt.learning_rates(done - 1).items()}
+          writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()} | lrs)
+      if eval_step is not None and eval_every and (done % eval_every == 0 or done == total_steps):
+        pending.flush(last_good=last_good, workdir=workdir)
+        with report.timed("eval"):
+          acc = evaluate_lib.evaluate_episodes(
+              eval_step, state, data.eval(int(config.eval.val_seed), int(config.eval.val_episodes)),
+              classes=data.classes, mesh=mesh, local_batch_size=local_eval_bs,
+              class_names=data.class_names)
+        val_result = acc.result()
+        writer.write_scalars(done, {"val/miou": val_result["miou"], "val/fb_iou": val_result["fb_iou"]})
+        _write_episode_images(config, writer, done, state, predict_step,
+                              data.eval(int(config.eval.val_seed), int(config.eval.val_episodes)),
+                              mesh, local_eval_bs)
+        logging.info("step %d validation: mIoU %.2f FB-IoU %.2f\n%s", done, val_result["miou"],
+                     val_result["fb_iou"], acc.table())
+        if best_miou is None or val_result["miou"] > best_miou:
+          best_miou = val_result["miou"]
+          _save_best(best_mngr, done, state, meta, val_result)
+      if (ckpt_every and done % ckpt_every == 0) or done == total_steps:
+        save(done)
+    pending.flush(last_good=last_good, workdir=workdir)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    best_mngr.close()
+    writer.close()
+  return {"step": int(jax.device_get(parallel.to_host(state.step))), "train": dict(pending.last),
+          "history": list(pending.history), "val": val_result, "best_miou": best_miou, "resumed_from": resumed_from,
+          "total_steps": total_steps}
+
+
+def _best_so_far(best_mngr) -> float | None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = best_mngr.latest_step()
+  if step is None:
+    return None
+  meta = best_mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+  return meta.get("val", {}).get("miou")
+
+
+def _save_best(best_mngr, step: int, state, meta: Mapping[str, Any], val: Mapping[str, Any]) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  best_mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      meta=ocp.args.JsonSave({**meta, "step": step, "val": _jsonable(dict(val))})), force=True)
+  best_mngr.wait_until_finished()
+
+
+# ---------------------------------------------------------------------------
+# Evaluation mode
+# ---------------------------------------------------------------------------
+
+def results_path(config, workdir: pathlib.Path) -> pathlib.Path:
+  way = f"{config.way}way" if config.way > 1 else ""
+  return workdir / f"results_{config.dataset}_f{config.fold}_{way}{config.shot}shot.json"
+
+
+def load_for_eval(config, workdir: pathlib.Path, model, tx, example, mesh):
+  """State for ``--mode eval``: best > latest checkpoint of the workdir (order by
+  ``config.eval.checkpoint``), else config.resume, else config.init; else an error."""
+  repl = parallel.replicated(mesh)
+  abstract = state_lib.abstract(model, tx, example, sharding=repl)
+  meta = checkpoint_meta(config)
+  order = [BEST_DIR, CHECKPOINT_DIR] if config.eval.checkpoint == "best" else [CHECKPOINT_DIR, BEST_DIR]
+  candidates = [(workdir / d, f"workdir {workdir / d}") for d in order]
+  if config.resume:
+    candidates.append((_checkpoint_root(pathlib.Path(os.path.expanduser(config.resume))),
+                       f"config.resume {config.resume}"))
+  for path, where in candidates:
+    if not path.is_dir():
+      continue
+    mngr = checkpoint_manager(path, keep=1, async_save=False, read_only=True)
+    step = mngr.latest_step()
+    if step is not None:
+      state = restore_checkpoint(mngr, step, abstract, meta, where=where, with_data=False)
+      mngr.close()
+      return state, f"{where} step {step}"
+    mngr.close()
+  if config.init:
+    state = state_lib.create(model, tx, example, rng=jax.random.PRNGKey(int(config.seed)), sharding=repl)
+    return state_lib.load_init(state, config.init, tx, prefix=config.init_prefix, sharding=repl), \
+        f"config.init {config.init}"
+  raise FileNotFoundError(
+      f"nothing to evaluate: {workdir} has no checkpoint (train first with --mode train) and "
+      f"config.init / config.resume are not set (--config.init=<converted weights dir>)")
+
+
+def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) -> dict:
+  """``--mode eval``: every seed of ``config.eval.seeds`` -> results JSON; returns the summary."""
+  workdir = pathlib.Path(os.path.expanduser(os.fspath(workdir)))
+  parallel.initialize(config.distributed)
+  mesh = parallel.make_mesh(config.mesh)
+  eval_bs = _eval_batch_size(config, mesh)
+  local_eval_bs = parallel.local_batch_size(eval_bs, mesh)
+  spec, model = build_model(config)
+  if data is None:
+    data = make_data(config, workdir, eval_batch_size=eval_bs)
+  seeds = [int(s) for s in config.eval.seeds]
+  num = int(config.eval.episodes)
+  first_loader = data.eval(seeds[0], num)
+  example = evaluate_lib.model_inputs(next(iter(first_loader)))
+  example = {k: v for k, v in example.items() if k != "valid"}
+  params_shape = jax.eval_shape(
+      lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(example), k)["params"],
+      jax.random.PRNGKey(0))
+  opt = optim_lib.build(config.optim, params_shape, total_steps=max(1, int(config.total_steps)),
+                        frozen=spec.frozen)
+  state, source = load_for_eval(config, workdir, model, opt.tx, example, mesh)
+  logging.info("evaluating %s on %d seed(s) x %d episodes", source, len(seeds), num)
+  eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config))
+  t0 = time.time()
+  summary, tables = evaluate_lib.evaluate_seeds(
+      eval_step, state, lambda s: first_loader if s == seeds[0] else data.eval(s, num), seeds=seeds,
+      classes=data.classes, mesh=mesh, local_batch_size=local_eval_bs, class_names=data.class_names)
+  summary.update({"model": config.model, "dataset": config.dataset, "fold": config.fold,
+                  "shot": config.shot, "way": config.way, "episodes_per_seed": num,
+                  "checkpoint": source, "score": _score_mode(config),
+                  "seconds": round(time.time() - t0, 3),
+                  "tables": {str(k): v for k, v in tables.items()}})
+  path = evaluate_lib.write_json(results_path(config, workdir), summary)
+  if path is not None:  # process 0
+    from fss_jax.eval import visualize  # pylint: disable=g-import-not-at-top
+    visualize.summary_bar_chart(summary, visualize.chart_path(path), class_names=data.class_names)
+  if int(config.eval.get("num_images", 0)) > 0:
+    writer = _writer(config, workdir)
+    try:
+      _write_episode_images(config, writer, int(jax.device_get(parallel.to_host(state.step))), state,
+                            step_lib.make_predict_step(model=model, mesh=mesh), data.eval(seeds[0], num),
+                            mesh, local_eval_bs)
+    finally:
+      writer.close()
+  logging.info("%s -> %s", evaluate_lib.format_summary(summary), path)
+  return summary
+
+
+__all__ = ["train_and_evaluate", "evaluate", "Data", "make_data", "episode_config", "ensure_episodes",
+           "episodes_path", "NonFiniteLossError", "WorkdirMismatchError", "checkpoint_meta",
+           "results_path"]

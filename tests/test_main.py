@@ -1,0 +1,92 @@
+"""``python -m fss_jax.main``: config errors, missing data, too large K, and a PANet smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import common
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _main(*args, timeout=600):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "fss_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def voc_data(tmp_path_factory):
+  synthetic = pytest.importorskip("data_prep.synthetic")
+  return synthetic.make_built_dataset(tmp_path_factory.mktemp("data"), "voc", num_images=32, seed=0)
+
+
+def test_parse_arg():
+  a = common.parse_arg("dataset=coco,fold=2,smoke", dataset="pascal5i", fold=0, shot=1, smoke=False)
+  assert (a.dataset, a.fold, a.shot, a.smoke) == ("coco", 2, 1, True)
+  with pytest.raises(ValueError, match="unknown config argument 'shots'.*known: dataset, fold, shot"):
+    common.parse_arg("shots=5", dataset="pascal5i", fold=0, shot=1)
+  from configs import panet  # pylint: disable=g-import-not-at-top
+  c = panet.get_config("dataset=coco,fold=1,shot=5")
+  assert (c.dataset, c.fold, c.model_fields.shots, c.optim.milestones) == ("coco20i", 1, 5, (10000, 20000))
+  assert c.is_locked
+
+
+def test_unknown_config_key_lists_close_matches(tmp_path):
+  r = _main("--config", "configs/panet.py:dataset=pascal5i", "--workdir", str(tmp_path),
+            "--config.optim.lrr=0.1")
+  assert r.returncode == 2
+  assert "unknown config key 'optim.lrr'; close matches: optim.lr" in r.stderr
+  r = _main("--config", "configs/panet.py:dataset=pascal5i,shots=5", "--workdir", str(tmp_path))
+  assert r.returncode == 2 and "unknown config argument 'shots'" in r.stderr
+
+
+def test_missing_data_dir_says_how_to_build(tmp_path):
+  r = _main("--config", "configs/panet.py:smoke", "--workdir", str(tmp_path / "w"),
+            f"--config.data.data_dir={tmp_path / 'nothing'}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "is not built" in r.stderr and "python -m data_prep.build --dataset pascal5i" in r.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_shot_larger_than_available_supports(tmp_path, voc_data):
+  r = _main("--config", "configs/panet.py:smoke,shot=40", "--workdir", str(tmp_path),
+            f"--config.data.data_dir={voc_data}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "K=40" in r.stderr and "support images" in r.stderr and "smaller shot" in r.stderr
+
+
+@pytest.mark.slow
+def test_panet_smoke_train_via_main(tmp_path, voc_data):
+  """3 PANet steps on synthetic VOC data: checkpoints, validation on stored episodes, summary JSON."""
+  work = tmp_path / "panet"
+  r = _main("--config", "configs/panet.py:smoke", "--workdir", str(work), f"--config.data.data_dir={voc_data}")
+  assert r.returncode == 0, r.stderr[-4000:]
+  summary = json.loads(r.stdout.strip().splitlines()[-1])
+  assert summary["step"] == 3 and summary["resumed_from"] == "scratch"
+  assert len(summary["history"]) == 3 and all(h["loss"] > 0 for h in summary["history"])
+  assert summary["train"]["align_loss"] > 0   # PAR is on in training
+  assert summary["val"]["episodes"] == 4 and 0 <= summary["val"]["miou"] <= 100
+  assert (work / "checkpoints" / "3").is_dir() and (work / "best").is_dir()
+  assert list((work / "episodes").glob("pascal5i_f0_1shot_s321_n4.jsonl"))
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_tiny_settings(tmp_path):
+  """`make demo`'s path (build, train, novel-class eval + baseline, overlays) with tiny settings."""
+  pytest.importorskip("data_prep.synthetic")
+  from fss_jax import demo  # pylint: disable=g-import-not-at-top
+  opts = demo.Options(num_images=32, steps=2, size=33, episodes=6, overlays=2)
+  out = demo.run(tmp_path, opts)
+  assert set(out) == {"model", "novel_mIoU", "fb_iou", "baseline_mIoU", "episodes", "seconds"}
+  assert out["model"] == "panet" and out["episodes"] == 6
+  assert 0 < out["baseline_mIoU"] < 100 and 0 <= out["novel_mIoU"] <= 100
+  assert len(list((tmp_path / "overlays").glob("episode_*.png"))) == 2
+  saved = json.loads((tmp_path / "demo_result.json").read_text())
+  assert saved["novel_mIoU"] == out["novel_mIoU"]

@@ -1,0 +1,243 @@
+"""fss_jax.predict end to end on synthetic images with a freshly initialised PANet.
+
+The checkpoint is random weights (fan-in scaled normals in the shapes of
+``PANet.init``) written as a converted checkpoint (``checkpoints.io.write_orbax``
++ metadata) and as a training workdir (``fss_jax.train.loop`` checkpoint
+manager); the model input is 64 x 64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import cv2
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from checkpoints import io as ckpt_io
+from fss_jax import predict
+from fss_jax.models import registry
+from fss_jax.train import state as state_lib
+
+SIZE = 64
+
+
+def _random_variables(model, size: int) -> dict:
+  """Numpy weights in the shapes of ``model.init`` (no compilation of the init)."""
+  ep = {"query_image": np.zeros((1, size, size, 3), np.float32),
+        "query_mask": np.zeros((1, size, size), np.int32),
+        "support_images": np.zeros((1, 1, size, size, 3), np.float32),
+        "support_masks": np.zeros((1, 1, size, size), np.int32),
+        "class_id": np.zeros((1,), np.int32)}
+  shapes = jax.eval_shape(lambda k: state_lib.init_variables(model, ep, k), jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+
+  def leaf(s):
+    if len(s.shape) == 4:                                   # HWIO conv kernel (PANet: no BN)
+      return (rng.standard_normal(s.shape) * math.sqrt(2.0 / np.prod(s.shape[:3]))).astype(np.float32)
+    return (0.01 * rng.standard_normal(s.shape)).astype(np.float32)
+
+  return jax.tree.map(leaf, shapes)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("predict")
+  variables = _random_variables(registry.get("panet").make_model(), SIZE)
+  ckpt = ckpt_io.write_orbax(variables, root / "panet_ckpt", metadata={"model": "panet", "fields": {}})
+  rng = np.random.default_rng(1)
+  files = {}
+  # Support 1: 50x60 JPEG + palette PNG (VOC style: class index 15, border 255 = ignore).
+  s1 = rng.integers(0, 256, (50, 60, 3), np.uint8)
+  m1 = np.zeros((50, 60), np.uint8)
+  m1[10:30, 15:45] = 15
+  m1[9, 15:45] = 255
+  cv2.imwrite(str(root / "s1.jpg"), cv2.cvtColor(s1, cv2.COLOR_RGB2BGR))
+  pm = Image.fromarray(m1, mode="P")
+  pm.putpalette([0, 0, 0] * 15 + [192, 128, 128] + [0, 0, 0] * 239 + [224, 224, 192])
+  pm.save(root / "s1_mask.png")
+  # Support 2: 40x40 PNG + a black/white 0/255 grayscale mask.
+  s2 = rng.integers(0, 256, (40, 40, 3), np.uint8)
+  m2 = np.zeros((40, 40), np.uint8)
+  m2[5:25, 5:25] = 255
+  cv2.imwrite(str(root / "s2.png"), cv2.cvtColor(s2, cv2.COLOR_RGB2BGR))
+  cv2.imwrite(str(root / "s2_mask.png"), m2)
+  # Queries of different sizes.
+  for name, (h, w) in {"q1": (70, 90), "q2": (45, 80), "q3": (96, 33)}.items():
+    cv2.imwrite(str(root / f"{name}.jpg"), rng.integers(0, 256, (h, w, 3), np.uint8))
+    files[name] = root / f"{name}.jpg"
+  files.update(s1=root / "s1.jpg", m1=root / "s1_mask.png", s2=root / "s2.png", m2=root / "s2_mask.png")
+  return {"root": root, "ckpt": ckpt, "variables": variables, "files": files,
+          "arrays": {"s1": s1, "m1": m1, "s2": s2, "m2": m2}}
+
+
+@pytest.fixture(scope="module")
+def predictor(setup):
+  return predict.Predictor("panet", setup["ckpt"], size=SIZE, resize="pad", batch_size=4)
+
+
+def test_cli_end_to_end(setup, capsys):
+  f, out = setup["files"], setup["root"] / "out"
+  argv = ["--model", "panet", "--checkpoint", str(setup["ckpt"]), "--support", f"{f['s1']}:{f['m1']}",
+          "--support", f"{f['s2']}:{f['m2']}", "--query", str(f["q1"]), str(f["q2"]), str(f["q3"]),
+          "--out", str(out), "--size", str(SIZE), "--resize", "pad"]
+  assert predict.main(argv) == 0
+  doc = json.loads((out / "predictions.json").read_text())
+  assert doc["model"] == "panet" and doc["input_size"] == SIZE and doc["resize"] == "pad"
+  assert doc["shots"] == 2 and doc["checkpoint_kind"] == "converted"
+  assert [q["name"] for q in doc["queries"]] == ["q1", "q2", "q3"]
+  for q, (h, w) in zip(doc["queries"], [(70, 90), (45, 80), (96, 33)]):
+    assert (q["height"], q["width"]) == (h, w)
+    assert q["image"].endswith(f"{q['name']}.jpg")
+    mask = np.asarray(Image.open(out / q["mask"]))
+    assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 1}
+    assert Image.open(out / q["mask"]).mode == "P"
+    assert q["foreground_fraction"] == pytest.approx(float(mask.mean()), abs=1e-6)
+    assert q["confidence"] is None or 0.5 <= q["confidence"] <= 1.0
+    assert 0.5 <= q["confidence_all"] <= 1.0
+    ov = cv2.imread(str(out / q["overlay"]))
+    assert ov.shape == (h, w, 3)
+  assert [s["overlay"] for s in doc["supports"]] == ["support0_s1_overlay.png", "support1_s2_overlay.png"]
+  assert cv2.imread(str(out / doc["supports"][0]["overlay"])).shape == (50, 60, 3)
+  # Palette index 15 is the object, the 255 border is ignored; 0/255 grey: 255 is the object.
+  assert doc["supports"][0]["foreground_fraction"] == pytest.approx(20 * 30 / (50 * 60))
+  assert doc["supports"][1]["foreground_fraction"] == pytest.approx(20 * 20 / (40 * 40))
+  assert not [p for p in out.iterdir() if p.name.startswith(".")]        # no temp files left
+  assert "wrote 3 prediction(s)" in capsys.readouterr().out
+
+  # An existing output is never replaced without --overwrite; nothing is touched.
+  before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  assert predict.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "already has" in err and "q1_mask.png" in err and "--overwrite" in err
+  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_one_compilation_for_queries_of_different_sizes(setup, predictor):
+  a = setup["arrays"]
+  rng = np.random.default_rng(2)
+  queries = [rng.integers(0, 256, hw + (3,), np.uint8) for hw in [(70, 90), (31, 64), (128, 20)]]
+  preds = predictor.segment(np.stack([a["s1"]]), np.stack([a["m1"]]), queries)   # arrays [K, ...]
+  assert predictor.traces == 1
+  assert [p.mask.shape for p in preds] == [(70, 90), (31, 64), (128, 20)]
+  assert [p.name for p in preds] == ["image_0", "image_1", "image_2"]
+  preds2 = predictor.segment([a["s1"]], [a["m1"]], queries[::-1] + [queries[0]])   # 4 queries, bucket 4
+  assert predictor.traces == 1
+  np.testing.assert_array_equal(preds2[0].mask, preds[2].mask)            # batching changes nothing
+  np.testing.assert_array_equal(preds2[3].mask, preds[0].mask)
+  for p in preds:
+    fg = p.mask.astype(bool)
+    top = np.maximum(p.probability, 1 - p.probability)
+    assert p.foreground_fraction == pytest.approx(fg.mean())
+    assert p.confidence_all == pytest.approx(top.mean(), rel=1e-5)
+    if fg.any():
+      assert p.confidence == pytest.approx(top[fg].mean(), rel=1e-5)
+      np.testing.assert_array_equal(fg, p.probability > 0.5)
+  # Squash resizing is host-side only: the same compiled function.
+  predictor.resize = "squash"
+  try:
+    sq = predictor.segment([a["s1"]], [a["m1"]], queries[:3])
+  finally:
+    predictor.resize = "aspect"
+  assert predictor.traces == 1 and [p.mask.shape for p in sq] == [(70, 90), (31, 64), (128, 20)]
+
+
+def test_bad_inputs_name_the_file(setup, predictor, tmp_path):
+  a, f = setup["arrays"], setup["files"]
+  bad = tmp_path / "broken.jpg"
+  bad.write_bytes(b"this is not a jpeg")
+  with pytest.raises(predict.PredictInputError, match=r"cannot read image .*broken\.jpg"):
+    predictor.segment([a["s1"]], [a["m1"]], [bad])
+  with pytest.raises(predict.PredictInputError, match=r"image .*missing\.jpg not found"):
+    predictor.segment([a["s1"]], [a["m1"]], [tmp_path / "missing.jpg"])
+  # Mask of another size than its image: both files named, and the fix.
+  with pytest.raises(predict.PredictInputError,
+                     match=r"mask .*s2_mask\.png is 40x40 .*image .*s1\.jpg is 60x50.*same size"):
+    predictor.load_supports([f["s1"]], [f["m2"]])
+  empty = tmp_path / "empty_mask.png"
+  cv2.imwrite(str(empty), np.zeros((50, 60), np.uint8))
+  with pytest.raises(predict.PredictInputError, match=r"mask .*empty_mask\.png has no foreground"):
+    predictor.load_supports([f["s1"]], [empty])
+  not_png = tmp_path / "mask.png"
+  not_png.write_bytes(b"garbage")
+  with pytest.raises(predict.PredictInputError, match=r"cannot read mask .*mask\.png"):
+    predictor.load_supports([f["s1"]], [not_png])
+  with pytest.raises(predict.PredictInputError, match=r"NaN/Inf scores for query q\.jpg"):
+    predictor._postprocess(a["s1"], "q", "q.jpg", np.full((SIZE, SIZE, 2), np.nan, np.float32))
+  assert predictor.traces <= 1                                           # nothing ran
+
+
+def test_checkpoint_of_another_model(setup, tmp_path):
+  other = tmp_path / "sccan_ckpt"
+  shutil.copytree(setup["ckpt"], other)
+  (other / "metadata.json").write_text(json.dumps({"model": "sccan", "fields": {}}))
+  with pytest.raises(predict.PredictInputError,
+                     match=r"holds weights of model 'sccan' \(says .*metadata\.json\), "
+                           r"not 'panet'.*--model sccan"):
+    predict.Predictor("panet", other)
+  with pytest.raises(predict.PredictInputError, match=r"holds no checkpoint"):
+    predict.Predictor("panet", tmp_path)
+  # A model built for 1 shot whose weights do not depend on it accepts 2 supports.
+  p = predict.Predictor("panet", setup["ckpt"], size=SIZE, fields={"shots": 1})
+  module, _, _ = p._build(2)
+  assert module.shots == 2 and p.traces == 0
+  f = setup["files"]
+  rc = predict.main(["--model", "panet", "--checkpoint", str(other), "--support", f"{f['s1']}:{f['m1']}",
+                     "--query", str(f["q1"]), "--out", str(tmp_path / "o")])
+  assert rc == 2 and not (tmp_path / "o").exists()
+
+
+def test_training_workdir_checkpoint(setup, tmp_path):
+  """A `fss_jax.main` workdir (best/<step>/{state,meta}) gives the same predictions."""
+  import orbax.checkpoint as ocp
+  from fss_jax.train import loop
+  v = setup["variables"]
+  state = state_lib.TrainState(step=np.int32(7), params=v["params"], batch_stats={}, opt_state={},
+                               rng=np.zeros(2, np.uint32))
+  mngr = loop.checkpoint_manager(tmp_path / "wd" / loop.BEST_DIR, keep=1, async_save=False)
+  mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       meta=ocp.args.JsonSave({"model": "panet", "model_fields": {}})))
+  mngr.wait_until_finished()
+  mngr.close()
+  p = predict.Predictor(None, tmp_path / "wd", size=SIZE, resize="pad")
+  assert p.model_name == "panet" and p.ckpt.kind == "workdir" and p.ckpt.step == 7
+  f = setup["files"]
+  got = p.segment([f["s1"]], [f["m1"]], [f["q1"]])
+  ref = predict.Predictor("panet", setup["ckpt"], size=SIZE, resize="pad").segment(
+      [f["s1"]], [f["m1"]], [f["q1"]])
+  np.testing.assert_array_equal(got[0].mask, ref[0].mask)
+  np.testing.assert_allclose(got[0].probability, ref[0].probability, atol=1e-6)
+  with pytest.raises(predict.PredictInputError, match="not 'sccan'"):
+    predict.Predictor("sccan", tmp_path / "wd")
+
+
+def test_mask_rule():
+  v = predict.mask_from_values
+  np.testing.assert_array_equal(v(np.array([[0, 1, 255]], np.uint8)), [[0, 1, 255]])    # label map
+  np.testing.assert_array_equal(v(np.array([[0, 255, 255]], np.uint8)), [[0, 1, 1]])    # 0/255 b&w
+  np.testing.assert_array_equal(v(np.array([[0, 128, 255]], np.uint8)), [[0, 1, 1]])    # soft edges
+  np.testing.assert_array_equal(v(np.array([[0, 15, 255]]), palette=True), [[0, 1, 255]])
+  np.testing.assert_array_equal(v(np.array([[0, 255]]), palette=True), [[0, 1]])
+  rgb = np.array([[[0, 0, 0], [0, 128, 0], [255, 255, 255]]], np.uint8)
+  np.testing.assert_array_equal(v(rgb), [[0, 1, 1]])
+  np.testing.assert_array_equal(v(rgb, alpha=np.array([[0, 0, 255]], np.uint8)), [[0, 0, 1]])
+  np.testing.assert_array_equal(v(np.array([[True, False]])), [[1, 0]])
+
+
+def test_logits_to_original_matches_torch():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(16, 16, 2)).astype(np.float32)
+  t = torch.from_numpy(x.transpose(2, 0, 1)[None])
+  # squash: straight to (H, W).
+  got = predict.logits_to_original(x, (30, 45), "squash")
+  want = torch.nn.functional.interpolate(t, size=(30, 45), mode="bilinear", align_corners=True)
+  np.testing.assert_allclose(got, want[0].numpy().transpose(1, 2, 0), atol=1e-5)
+  # pad (§9.1): to L x L with L = max(H, W), then the top-left H x W.
+  got = predict.logits_to_original(x, (30, 45), "aspect")
+  want = torch.nn.functional.interpolate(t, size=(45, 45), mode="bilinear", align_corners=True)
+  np.testing.assert_allclose(got, want[0].numpy().transpose(1, 2, 0)[:30, :45], atol=1e-5)
