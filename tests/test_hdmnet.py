@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from checkpoints import fixtures
 from checkpoints.verify import verify_fixture
-from conftest import load_fixture
+from conftest import extra_fixture_paths, load_fixture
 from fss_jax import keymaps
 from fss_jax.models import hdmnet, registry
 from fss_jax.nn import ensemble
@@ -54,6 +54,15 @@ def test_verify_hdmnet_fixture(fixture):
   est_ref = float(arrays["mid_gram_merge_in_bg"][0, 1, 0, 0])
   assert est_ref > 0
   assert mids["mid_gram_merge_in_bg"]["max_abs"] <= 1e-2 * est_ref
+
+
+@pytest.mark.parametrize("path", extra_fixture_paths("hdmnet", exclude=("hdmnet_1shot_241_b1",)),
+                         ids=lambda p: p.stem)
+def test_parity_other_fixtures(path):
+  """Unseen fixtures (other shots / sizes / batches / seeds) made with the official code."""
+  report = verify_fixture(path)
+  assert report["passed"], "\n".join(report["lines"])
+  assert set(report["outputs"]) == {"out_final", "out_meta", "out_base"}
 
 
 # ---------------------------------------------------------------------------

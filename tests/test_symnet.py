@@ -17,7 +17,7 @@ import pytest
 from checkpoints import fixtures, verify
 from fss_jax import assets, keymaps
 from fss_jax.models import registry, symnet
-from tests.conftest import PARITY_DIR, parity_fixture
+from tests.conftest import PARITY_DIR, extra_fixture_paths, parity_fixture
 
 FIXTURE = ("symnet", "symnet_1shot_241_b1")
 
@@ -92,6 +92,15 @@ def test_parity_fixture_through_verify():
     assert e["max_abs"] is not None, (name, e)
     rel = 1e-2 if "est_val" in name else 1e-3
     assert e["max_abs"] <= rel * max(1.0, e["scale"]), (name, e)
+
+
+@pytest.mark.parametrize("path", extra_fixture_paths("symnet", exclude=(FIXTURE[1],)),
+                         ids=lambda p: p.stem)
+def test_parity_other_fixtures(path):
+  """Unseen fixtures (other shots / sizes / batches / seeds) made with the official code."""
+  report = verify.verify_fixture(path)
+  assert report["passed"], "\n".join(report["lines"])
+  assert set(report["outputs"]) == {"out_final", "out_meta", "out_base"}
 
 
 def test_registry_finds_the_fixture():
