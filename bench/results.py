@@ -118,7 +118,7 @@ def render(records: list[dict[str, Any]]) -> str:
   for rec in records:
     model = rec.get("model") or "?"
     slot = by_model.setdefault(model, {"compare": [], "runs": [], "scaling": [], "commands": [],
-                                       "hosts": []})
+                                       "hosts": [], "precision": []})
     kind = rec.get("bench")
     if rec.get("command"):
       slot["commands"].append(rec["command"])
@@ -129,6 +129,8 @@ def render(records: list[dict[str, Any]]) -> str:
           slot["runs"].append(rec[side])
     elif kind == "scaling":
       slot["scaling"].append(rec)
+    elif kind == "precision":
+      slot["precision"].append(rec)
     else:
       slot["runs"].append(rec)
     host = rec.get("host") or (rec.get("jax") or {}).get("host")
@@ -178,6 +180,17 @@ def render(records: list[dict[str, Any]]) -> str:
       out += _table(("devices", "B/device", "steps/s", "relative", "compile s", "final loss",
                      "args MiB/device", "temp MiB/device", "error"), rows)
       out += ["", f"Loss spread over device counts: {_fmt(s.get('loss_spread'))}. {s.get('note', '')}", ""]
+    if slot["precision"]:
+      out += ["### bfloat16 drift from the float32 PyTorch fixtures (`bench/precision_drift.py`)", "",
+              "bf16 inputs and compute, float32 parameters (`config.compute_dtype=bfloat16`); "
+              "rel = max abs / max(1, max |reference|).", ""]
+      rows = []
+      for r in slot["precision"]:
+        for name, e in sorted(r.get("outputs", {}).items()):
+          rows.append([r.get("fixture"), name, e.get("max_abs"), e.get("scale"), e.get("rel"),
+                       e.get("argmax_agree"), r.get("compute_dtype")])
+      out += _table(("fixture", "output", "max abs", "scale", "rel", "argmax agree", "dtype"), rows)
+      out.append("")
     refs = []
     for r in slot["runs"]:
       if r.get("impl") == "torch":

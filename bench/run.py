@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import datetime
 import json
 import os
@@ -193,11 +192,8 @@ def load_config(model: str, shot: int, config_arg: str = ""):
   return mod.get_config(arg)
 
 
-def _module_fields(module) -> set[str]:
-  return {f.name for f in dataclasses.fields(module)} if dataclasses.is_dataclass(module) else set()
 
-
-def build(model_name: str, *, shot: int, config_arg: str, field_overrides: Mapping[str, Any], dtype: str):
+def build(model_name: str, *, shot: int, config_arg: str, field_overrides: Mapping[str, Any]):
   """(spec, module, fields, config) for the benchmark."""
   from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
   spec = registry.get(model_name)
@@ -213,12 +209,6 @@ def build(model_name: str, *, shot: int, config_arg: str, field_overrides: Mappi
   except TypeError as e:
     raise BenchError(f"model fields {fields} do not fit model {model_name!r}: {e}; "
                      f"fix --field / --config-arg") from None
-  if dtype != "float32":
-    if "dtype" not in _module_fields(module):
-      raise BenchError(f"{dtype} compute not implemented yet for model {model_name} (its module has no "
-                       f"'dtype' field); run with --dtype float32")
-    fields["dtype"] = dtype
-    module = spec.make_model(**fields)
   return spec, module, fields, config
 
 
@@ -296,7 +286,7 @@ def run(args) -> dict[str, Any]:
   from fss_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   spec, model, fields, config = build(args.model, shot=args.shot, config_arg=args.config_arg,
-                                      field_overrides=parse_fields(args.field), dtype=args.dtype)
+                                      field_overrides=parse_fields(args.field))
   if args.mode == "train" and spec.loss_fn is None:
     raise BenchError(f"model {args.model!r} has no loss_fn; only --mode eval can be benchmarked")
   if args.devices > jax.device_count():
@@ -337,15 +327,16 @@ def run(args) -> dict[str, Any]:
       total = max(total, args.warmup + args.steps + 1)
       opt = optim_lib.build(optim_cfg, params_shape, total_steps=total, frozen=spec.frozen)
       tx, trainable = opt.tx, opt.trainable
-      fn = step_lib.make_train_step(model=model, loss_fn=spec.loss_fn, tx=tx, mesh=mesh, trainable=trainable)
+      fn = step_lib.make_train_step(model=model, loss_fn=spec.loss_fn, tx=tx, mesh=mesh, trainable=trainable,
+                                    compute_dtype=args.dtype)
       step_source = "fss_jax.train.step.make_train_step (state donated)"
     else:
       tx, trainable = optax.identity(), None
       if args.eval_fn == "score":
-        fn = step_lib.make_eval_step(model=model, mesh=mesh, score=args.score)
+        fn = step_lib.make_eval_step(model=model, mesh=mesh, score=args.score, compute_dtype=args.dtype)
         step_source = f"fss_jax.train.step.make_eval_step (score={args.score})"
       else:
-        fn = step_lib.make_predict_step(model=model, mesh=mesh)
+        fn = step_lib.make_predict_step(model=model, mesh=mesh, compute_dtype=args.dtype)
         step_source = "fss_jax.train.step.make_predict_step (forward + argmax)"
     state = state_lib.create(model, tx, host, rng=rng, sharding=repl)
     n_params = _count(state.params)
@@ -431,7 +422,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=int, default=1, help="global episodes per step")
   p.add_argument("--shot", type=int, default=1)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="compute dtype (bfloat16 only for models with a 'dtype' field)")
+                 help="compute dtype (config.compute_dtype: bfloat16 = bf16 compute, float32 params/losses)")
   p.add_argument("--devices", type=int, default=1, help="devices of the data-parallel mesh (0: all)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")

@@ -1,6 +1,6 @@
 """Parity check of a Flax model against a fixture of the official PyTorch code.
 
-  python -m checkpoints.verify --fixture X.npz [--json OUT]
+  python -m checkpoints.verify --fixture X.npz [--json OUT] [--compute-dtype bfloat16]
 
 1. reads ``X.npz`` + ``X.json``; 2. rebuilds the reference weights from the
 json (`checkpoints.fixtures.regenerate`, every key's check verified);
@@ -20,6 +20,12 @@ max|reference|; argmax_agree = fraction of positions whose argmax over the
 class axis (axis 1, NCHW / NC) agrees, for the adapter's logit outputs. An
 output passes when max_abs <= 1e-4 * max(1, scale), or the adapter's
 tolerance for it.
+
+``--compute-dtype bfloat16`` runs the model under the mixed-precision policy of
+`fss_jax.train.precision` (bf16 inputs and compute, float32 parameters) and
+reports the drift from the float32 reference instead of judging it: every
+entry gains ``rel`` = max_abs / max(1, scale), and the run passes when all
+outputs are finite and have the reference's shapes.
 
 Exit status: 0 passed, 1 a mismatch, 2 bad input (missing/corrupt fixture,
 unsupported model, weights that do not fit the key map).
@@ -60,8 +66,11 @@ def _fmt(v) -> str:
   return "nan" if v is None else f"{v:.3e}"
 
 
-def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False) -> dict[str, Any]:
+def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
+                   compute_dtype: str = "float32") -> dict[str, Any]:
   """Runs one fixture; returns the report dict (see module docstring).
+
+  ``compute_dtype`` other than float32 measures the mixed-precision drift (no tolerances).
 
   Raises:
     FileNotFoundError / fixtures.FixtureError: unreadable fixture.
@@ -72,7 +81,9 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False) -> dict[s
 
   from fss_jax import keymaps
   from fss_jax.models import registry
+  from fss_jax.train import precision
 
+  drift_only = not precision.is_float32(compute_dtype)
   path = pathlib.Path(path)
   arrays, meta = fixtures.load_fixture(path)
   spec = registry.for_fixture(meta)
@@ -83,15 +94,17 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False) -> dict[s
   model = spec.make_model(**fields)
   with jax.default_matmul_precision("highest"):
     inputs = adapter.inputs(arrays, meta)
+    if drift_only:
+      inputs = precision.cast_floating(inputs, precision.compute_dtype(compute_dtype))
     if adapter.apply is not None:
       outputs = adapter.apply(model, variables, inputs)
     else:
       outputs = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, inputs)
-    outputs = jax.tree.map(np.asarray, jax.device_get(outputs))
+    outputs = jax.tree.map(np.asarray, jax.device_get(precision.to_float32(outputs)))
   preds = adapter.outputs(outputs, meta)
 
   report: dict[str, Any] = {"fixture": str(path), "model": spec.name, "outputs": {},
-                            "passed": True, "intermediates": {}}
+                            "passed": True, "intermediates": {}, "compute_dtype": compute_dtype}
   lines = []
   for name in sorted(k for k in arrays if k.startswith("out_")):
     if name not in preds:
@@ -100,13 +113,17 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False) -> dict[s
     else:
       entry = _compare(preds[name], arrays[name], name in adapter.logit_outputs)
     tol = adapter.tolerances.get(name, DEFAULT_RTOL * max(1.0, entry["scale"]))
-    ok = entry["max_abs"] is not None and not math.isnan(entry["max_abs"]) \
-        and entry["max_abs"] <= tol
+    finite = entry["max_abs"] is not None and math.isfinite(entry["max_abs"])
+    ok = finite and (drift_only or entry["max_abs"] <= tol)
     report["passed"] &= ok
     note = entry.pop("error", None)
+    if finite:
+      entry["rel"] = entry["max_abs"] / max(1.0, entry["scale"])
     report["outputs"][name] = entry
+    verdict = ((f"drift {entry['rel']:.3e}" if finite else "FAIL") if drift_only
+               else ("ok" if ok else "FAIL"))
     lines.append(f"{name} {_fmt(entry['max_abs'])} {_fmt(entry['scale'])} "
-                 f"{'ok' if ok else 'FAIL'} (tol {tol:.3e}"
+                 f"{verdict} (tol {tol:.3e}"
                  + (f", argmax {entry['argmax_agree']:.4f}" if entry["argmax_agree"] is not None
                     else "") + (f"; {note}" if note else "") + ")")
   for name in sorted(k for k in preds if k.startswith("mid_") and k in arrays):
@@ -133,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
       description="Compare a Flax model with a parity fixture of the official PyTorch code.")
   parser.add_argument("--fixture", required=True, help="path of the fixture .npz (json beside it)")
   parser.add_argument("--json", help="write the report to this file")
+  parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="bfloat16: report the mixed-precision drift from the float32 reference")
   args = parser.parse_args(argv)
 
   from fss_jax.keymaps import ConversionError
   from fss_jax.models.registry import UnsupportedModelError
 
   try:
-    report = verify_fixture(args.fixture)
+    report = verify_fixture(args.fixture, compute_dtype=args.compute_dtype)
   except UnsupportedModelError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -150,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   lines = report.pop("lines")
-  print(f"# {report['fixture']} -> model {report['model']}")
+  print(f"# {report['fixture']} -> model {report['model']} ({args.compute_dtype})")
   print("\n".join(lines))
   print("PASSED" if report["passed"] else "FAILED")
   if args.json:

@@ -171,6 +171,11 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
   # -- logging -------------------------------------------------------------------------
   c.tensorboard = True
 
+  # -- numerics ------------------------------------------------------------------------
+  # bfloat16: convolutions / matmuls / attention in bf16, params, statistics and losses in
+  # float32 (fss_jax.train.precision); float32 is what the parity fixtures are checked in.
+  c.compute_dtype = "float32"
+
   # -- devices -------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, num_devices=0))  # 0: all devices
   c.distributed = ml_collections.ConfigDict(dict(

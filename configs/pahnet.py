@@ -11,6 +11,13 @@ Frozen parts (``SPEC.frozen``): the SSP predictor (``ssp/``, trained per fold wi
 configs/ssp.py) and the fold's PSPNet base learner (``pspnet/``, BAM ``best.pth`` or
 configs/pspnet.py). A released PAHNet checkpoint holds both: ``python -m checkpoints.convert
 --model sccan_pahnet|hdmnet_pahnet --src best.pth --dst INIT`` and ``init_prefix=""`` (default).
+To train PAHNet from scratch, load the two parts from their own files::
+
+  --config.init=pspnet=PSP_DIR,ssp=SSP_DIR
+
+(PSP_DIR: a configs/pspnet.py workdir's ``checkpoints`` or ``checkpoints.convert --model
+pspnet``; SSP_DIR: a configs/ssp.py workdir's ``checkpoints`` or ``checkpoints.convert
+--model ssp``). Training refuses to start without them (``init_required``).
 
 Recipes (shared/reference/pahnet.md §6-§7):
 
@@ -34,6 +41,21 @@ from __future__ import annotations
 from configs import common
 
 _SCCAN_COCO_5SHOT_BATCH = (2, 2, 8, 8)
+
+
+def frozen_parts_help(model: str, dataset: str, fold: int) -> str:
+  """How to provide PAHNet's frozen PSPNet base learner and SSP predictor (error messages)."""
+  short = "coco" if common.canonical_dataset(dataset) == "coco20i" else "pascal"
+  return (
+      f"{model} needs its frozen parts for {short} fold {fold}: the PSPNet base learner and the SSP "
+      f"predictor. Either convert a released PAHNet checkpoint (it holds both):\n"
+      f"  python -m checkpoints.convert --model {model} --src best.pth --dst <dir>\n"
+      f"and run with --config.init=<dir>, or give the two parts separately:\n"
+      f"  --config.init=pspnet=<psp_dir>,ssp=<ssp_dir>\n"
+      f"with <psp_dir> from configs/pspnet.py:dataset={short},fold={fold} (<workdir>/checkpoints) or "
+      f"`checkpoints.convert --model pspnet` of BAM's initmodel/PSPNet/{short}/split{fold}/resnet50/"
+      f"best.pth, and <ssp_dir> from configs/ssp.py:dataset={short},fold={fold} (<workdir>/checkpoints) "
+      f"or `checkpoints.convert --model ssp` of initmodel/SSPNet/{short}/split{fold}/resnet50/best.pth.")
 
 
 def get_config(arg: str | None = None):
@@ -98,6 +120,8 @@ def get_config(arg: str | None = None):
     )
   c.optim.warmup_steps = 0
   c.init_prefix = ""
+  c.init_required = not c.smoke
+  c.init_help = frozen_parts_help(c.model, c.dataset, c.fold)
 
   if c.smoke and arg.variant == "sccan":
     c.model_fields.grid = 32

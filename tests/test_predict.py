@@ -146,6 +146,20 @@ def test_one_compilation_for_queries_of_different_sizes(setup, predictor):
   assert predictor.traces == 1 and [p.mask.shape for p in sq] == [(70, 90), (31, 64), (128, 20)]
 
 
+def test_bfloat16_prediction_agrees_with_float32(setup, predictor):
+  a = setup["arrays"]
+  query = np.random.default_rng(3).integers(0, 256, (70, 90, 3), np.uint8)
+  ref = predictor.segment([a["s1"]], [a["m1"]], [query])[0]
+  bf16 = predict.Predictor("panet", setup["ckpt"], size=SIZE, resize="pad", batch_size=4,
+                           compute_dtype="bfloat16")
+  got = bf16.segment([a["s1"]], [a["m1"]], [query])[0]
+  assert got.probability.dtype == ref.probability.dtype
+  assert np.abs(got.probability - ref.probability).max() < 0.1
+  assert (got.mask == ref.mask).mean() > 0.9
+  with pytest.raises(predict.PredictInputError, match="float16"):
+    predict.Predictor("panet", setup["ckpt"], compute_dtype="float16")
+
+
 def test_bad_inputs_name_the_file(setup, predictor, tmp_path):
   a, f = setup["arrays"], setup["files"]
   bad = tmp_path / "broken.jpg"

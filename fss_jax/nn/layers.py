@@ -178,3 +178,59 @@ class BatchNorm2d(nn.Module):
 
 FrozenBatchNorm2d = functools.partial(BatchNorm2d, use_running_average=True)
 
+
+
+def _normalize(x: jax.Array, axes: tuple[int, ...], eps: float, scale: jax.Array,
+               bias: jax.Array) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias over ``axes``, two-pass variance in float32.
+
+  The statistics and the affine map are computed in (at least) float32 and the
+  result is cast to x's dtype (bfloat16 compute stays bfloat16; see
+  `fss_jax.train.precision`). Same operation order as flax's normalisation
+  layers, so float32 results are identical to ``flax.linen.LayerNorm`` /
+  ``GroupNorm`` with ``use_fast_variance=False``.
+  """
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(xf, axes, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+  y = (xf - mean) * (jax.lax.rsqrt(var + eps) * scale)
+  return (y + bias).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm over the last axis: x [..., C] -> same shape and dtype.
+
+  Params ``scale`` / ``bias`` [C] (the tree of ``flax.linen.LayerNorm``, which
+  `fss_jax.keymaps.layer_norm` writes). Unlike flax's layer, the result keeps a
+  bfloat16 input's dtype instead of being promoted by the float32 params.
+  """
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return _normalize(x, (x.ndim - 1,), self.epsilon, scale, bias)
+
+
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm for NHWC: x [B, ..., C] -> same shape and dtype.
+
+  Statistics per sample and group over the spatial axes and the group's
+  C / num_groups channels; per-channel ``scale`` / ``bias`` [C] (flax's tree).
+  """
+  num_groups: int
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c, g = x.shape[-1], self.num_groups
+    if g <= 0 or c % g:
+      raise ValueError(f"GroupNorm: num_groups={g} does not divide the {c} channels")
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xg = x.reshape(x.shape[:-1] + (g, c // g))
+    axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+    y = _normalize(xg, axes, self.epsilon, scale.reshape(g, c // g), bias.reshape(g, c // g))
+    return y.reshape(x.shape)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from fss_jax import keymaps
 from fss_jax.nn.attention.sccan import Mlp
-from fss_jax.nn.layers import Linear
+from fss_jax.nn.layers import LayerNorm, Linear
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear
 from fss_jax.ops.similarity import cosine_similarity, cosine_similarity_matrix, minmax_normalize
@@ -237,8 +237,8 @@ class PrototypeEnhanced(nn.Module):
       channel 0 background)).
     """
     b, n, d = x.shape
-    norm1 = nn.LayerNorm(epsilon=self.ln_eps, use_fast_variance=False, name="norm1")
-    norm2 = nn.LayerNorm(epsilon=self.ln_eps, use_fast_variance=False, name="norm2")
+    norm1 = LayerNorm(epsilon=self.ln_eps, name="norm1")
+    norm2 = LayerNorm(epsilon=self.ln_eps, name="norm2")
     lin = lambda name, f=d: Linear(f, use_bias=False, name=name)  # noqa: E731
     m = mask.reshape(b, -1).astype(x.dtype)
     p = prob.reshape(b, -1).astype(x.dtype)

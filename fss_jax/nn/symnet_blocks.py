@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from fss_jax.nn.ensemble import KShotReweight, base_foreground, scene_difference
-from fss_jax.nn.layers import Conv2d, Linear
+from fss_jax.nn.layers import Conv2d, GroupNorm, Linear
 from fss_jax.ops.pooling import avg_pool2d
 from fss_jax.ops.resize import resize_bilinear
 
@@ -120,8 +120,7 @@ class TDC(nn.Module):
 
   @nn.compact
   def __call__(self, h2: jax.Array, h3: jax.Array, h4: jax.Array) -> jax.Array:
-    gn = lambda name: nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False,
-                                   name=name)
+    gn = lambda name: GroupNorm(num_groups=1, epsilon=1e-5, name=name)
     a = Conv2d(self.hidden, 1, name="conv2")(h3) + Conv2d(self.hidden, 1, name="conv1")(h4)
     a = nn.relu(gn("merge1_norm")(Conv2d(self.hidden, 3, padding=1, name="merge1_conv")(a)))
     a = a + Conv2d(self.hidden, 1, name="conv3")(h2)

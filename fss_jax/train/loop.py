@@ -46,6 +46,7 @@ from fss_jax import parallel
 from fss_jax.eval import evaluate as evaluate_lib
 from fss_jax.models import registry
 from fss_jax.train import optim as optim_lib
+from fss_jax.train import precision
 from fss_jax.train import state as state_lib
 from fss_jax.train import step as step_lib
 
@@ -376,6 +377,13 @@ def _score_mode(config) -> str:
   return "pad_square" if config.data.test_resize == "aspect" else "original"
 
 
+def _compute_dtype(config) -> str:
+  """``config.compute_dtype`` (float32 for configs written before the field existed), checked."""
+  name = str(config.get("compute_dtype", "float32"))
+  precision.compute_dtype(name)
+  return name
+
+
 def _host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return evaluate_lib.model_inputs(batch)
 
@@ -428,17 +436,22 @@ def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, rep
     finally:
       other.close()
     return state, "resume", None
-  init = os.path.expanduser(config.init) if config.init else ""
-  if config.get("init_required", False) and not (init and os.path.exists(init)):
+  inits = state_lib.parse_inits(config.init, config.init_prefix)
+  absent = [path for _, path in inits if not os.path.exists(path)]
+  if config.get("init_required", False) and (not inits or absent):
     # A frozen part (the fold's base learner) must come from somewhere; training it as random
     # weights would silently give a meaningless model.
-    problem = (f"config.init={config.init!r} does not exist" if init else
-               "config.init is empty")
+    if not inits:
+      problem = "config.init is empty"
+    elif len(inits) == 1:
+      problem = f"config.init={config.init!r} does not exist"
+    else:
+      problem = f"config.init={config.init!r}: {', '.join(absent)} not found"
     raise FileNotFoundError(f"{config.model} needs converted or trained weights for its frozen parts: "
                             f"{problem}.\n{config.get('init_help', '')}".rstrip())
   state = state_lib.create(model, opt.tx, first, rng=rng, sharding=repl)
-  if init:
-    state = state_lib.load_init(state, init, opt.tx, prefix=config.init_prefix, sharding=repl)
+  if inits:
+    state = state_lib.load_init(state, inits, opt.tx, sharding=repl)
     return state, "init", first
   return state, "scratch", first
 
@@ -519,11 +532,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None 
                total_steps, best_miou)
 
   # -- steps -------------------------------------------------------------------------------
+  dtype = _compute_dtype(config)
   train_step = step_lib.make_train_step(model=model, loss_fn=spec.loss_fn, tx=opt.tx, mesh=mesh,
-                                        trainable=opt.trainable)
-  eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config)) \
-      if data.eval is not None else None
-  predict_step = step_lib.make_predict_step(model=model, mesh=mesh) \
+                                        trainable=opt.trainable, compute_dtype=dtype)
+  eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config),
+                                      compute_dtype=dtype) if data.eval is not None else None
+  predict_step = step_lib.make_predict_step(model=model, mesh=mesh, compute_dtype=dtype) \
       if eval_step is not None and int(config.eval.get("num_images", 0)) > 0 else None
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = _writer(config, workdir)
@@ -636,7 +650,8 @@ def load_for_eval(config, workdir: pathlib.Path, model, tx, example, mesh):
     mngr.close()
   if config.init:
     state = state_lib.create(model, tx, example, rng=jax.random.PRNGKey(int(config.seed)), sharding=repl)
-    return state_lib.load_init(state, config.init, tx, prefix=config.init_prefix, sharding=repl), \
+    inits = state_lib.parse_inits(config.init, config.init_prefix)
+    return state_lib.load_init(state, inits, tx, sharding=repl), \
         f"config.init {config.init}"
   raise FileNotFoundError(
       f"nothing to evaluate: {workdir} has no checkpoint (train first with --mode train) and "
@@ -665,7 +680,9 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
                         frozen=spec.frozen)
   state, source = load_for_eval(config, workdir, model, opt.tx, example, mesh)
   logging.info("evaluating %s on %d seed(s) x %d episodes", source, len(seeds), num)
-  eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config))
+  dtype = _compute_dtype(config)
+  eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config),
+                                      compute_dtype=dtype)
   t0 = time.time()
   summary, tables = evaluate_lib.evaluate_seeds(
       eval_step, state, lambda s: first_loader if s == seeds[0] else data.eval(s, num), seeds=seeds,
@@ -683,7 +700,8 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
     writer = _writer(config, workdir)
     try:
       _write_episode_images(config, writer, int(jax.device_get(parallel.to_host(state.step))), state,
-                            step_lib.make_predict_step(model=model, mesh=mesh), data.eval(seeds[0], num),
+                            step_lib.make_predict_step(model=model, mesh=mesh, compute_dtype=dtype),
+                            data.eval(seeds[0], num),
                             mesh, local_eval_bs)
     finally:
       writer.close()

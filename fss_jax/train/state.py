@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
 import flax
 import jax
@@ -219,20 +220,70 @@ def merge_variables(target: Mapping[str, Any], loaded: Mapping[str, Any], *,
   return out
 
 
-def load_init(state: TrainState, path: str | os.PathLike, tx, *, prefix: str = "",
-              sharding=None) -> TrainState:
+_PREFIX_ENTRY = re.compile(r"^([A-Za-z_][\w/]*)=(.+)$")
+
+
+def parse_inits(init: str, init_prefix: str = "") -> list[tuple[str, str]]:
+  """``config.init`` (+ ``config.init_prefix``) -> [(prefix, path), ...].
+
+  ``init`` is either one path (loaded under ``init_prefix``; "" = the whole
+  model) or comma-separated ``prefix=path`` entries, one per sub-module, e.g.
+  ``pspnet=~/w/psp_fold0,ssp=~/w/ssp_fold0`` (PAHNet trained from scratch: the
+  frozen base learner and the frozen SSP predictor from two files). Entries are
+  loaded in order; a later one overrides what an earlier one wrote. A relative
+  path that itself looks like ``name=...`` must be written ``./name=...``.
+
+  Raises:
+    ValueError: a mix of plain paths and ``prefix=path`` entries, an empty entry,
+      or ``init_prefix`` set together with ``prefix=path`` entries.
+  """
+  init = (init or "").strip()
+  if not init:
+    return []
+  parts = [p.strip() for p in init.split(",")]
+  matches = [_PREFIX_ENTRY.match(p) for p in parts]
+  if not any(matches):
+    return [(init_prefix or "", os.path.expanduser(init))]
+  bad = [p for p, m in zip(parts, matches) if m is None]
+  if bad:
+    raise ValueError(f"config.init={init!r} mixes prefix=path entries with {bad}; write every entry as "
+                     f"prefix=path (e.g. pspnet=DIR,ssp=DIR) or give one path")
+  if init_prefix:
+    raise ValueError(f"config.init_prefix={init_prefix!r} applies to a single config.init path; with "
+                     f"prefix=path entries ({init!r}) leave config.init_prefix empty")
+  return [(m.group(1).strip("/"), os.path.expanduser(m.group(2).strip())) for m in matches]
+
+
+def _unwrap(loaded: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+  """Weights saved by a model that wraps the prefix's sub-module, e.g. the ``ssp`` model
+  (params ``ssp/...``) loaded under prefix ``ssp``: drops that one top-level name."""
+  name = [p for p in prefix.split("/") if p][-1:] or [None]
+  params = loaded.get("params") or {}
+  if name[0] is None or set(params) != {name[0]}:
+    return loaded
+  stats = loaded.get("batch_stats") or {}
+  if stats and set(stats) != {name[0]}:
+    return loaded
+  return {"params": params[name[0]], "batch_stats": stats.get(name[0], {}) if stats else {}}
+
+
+def load_init(state: TrainState, path: str | os.PathLike | Sequence[tuple[str, str]], tx, *,
+              prefix: str = "", sharding=None) -> TrainState:
   """``state`` with params/batch_stats from converted weights and a fresh opt_state.
 
   Args:
     state: a freshly created state (shapes/dtypes define what must match).
-    path: orbax directory written by ``checkpoints.convert``.
+    path: orbax directory written by ``checkpoints.convert``, or a list of
+      (prefix, directory) pairs (`parse_inits`) merged in order.
     tx: the optax transformation (opt_state is re-initialised for the new params).
-    prefix: see `merge_variables`.
+    prefix: see `merge_variables` (single-path form only).
     sharding: placement of the result (e.g. replicated).
   """
-  loaded = read_variables(path)
-  merged = merge_variables({"params": state.params, "batch_stats": state.batch_stats}, loaded,
-                           prefix=prefix, source=f"weights in {os.fspath(path)}")
+  sources = [(prefix, path)] if isinstance(path, (str, os.PathLike)) else list(path)
+  merged = {"params": state.params, "batch_stats": state.batch_stats}
+  for pre, src in sources:
+    merged = merge_variables(merged, _unwrap(read_variables(src), pre), prefix=pre,
+                             source=f"weights in {os.fspath(src)}")
 
   def _place(p, b, step, rng):
     return TrainState(step=step, params=p, batch_stats=b, opt_state=tx.init(p), rng=rng)
@@ -242,4 +293,4 @@ def load_init(state: TrainState, path: str | os.PathLike, tx, *, prefix: str = "
 
 
 __all__ = ["TrainState", "create", "abstract", "init_variables", "zeros_like_episode",
-           "read_variables", "merge_variables", "load_init", "InitMismatchError"]
+           "read_variables", "merge_variables", "load_init", "parse_inits", "InitMismatchError"]

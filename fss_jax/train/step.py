@@ -6,6 +6,10 @@
 over the mesh's data axis (``donate_argnums=0`` for the state). The same code
 runs on 1 CPU, 8 GPUs or a pod.
 
+Mixed precision: ``compute_dtype="bfloat16"`` runs the model on bfloat16 inputs
+with float32 parameters, statistics and losses (`fss_jax.train.precision`);
+"float32" (the default) applies the model unchanged.
+
 Randomness: step ``s`` uses ``fold_in(state.rng, s)`` as the ``dropout`` rng, so
 a resumed run draws exactly what an uninterrupted run draws.
 
@@ -28,6 +32,7 @@ import optax
 
 from fss_jax import parallel
 from fss_jax.eval import metrics as metrics_lib
+from fss_jax.train import precision
 from fss_jax.train.state import TrainState
 
 LossFn = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array]], tuple[jax.Array, dict]]
@@ -40,8 +45,9 @@ def _stop_frozen(params: Any, trainable: Any | None) -> Any:
 
 
 def loss_and_grads(params: Any, batch_stats: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
-                   *, model, loss_fn: LossFn, trainable: Any | None = None):
-  """Forward (train=True) + backward.
+                   *, model, loss_fn: LossFn, trainable: Any | None = None,
+                   compute_dtype: str = "float32"):
+  """Forward (train=True) + backward, the forward in ``compute_dtype``.
 
   Returns:
     ((loss, (metrics, new_batch_stats)), grads); grads of frozen leaves are 0.
@@ -52,11 +58,12 @@ def loss_and_grads(params: Any, batch_stats: Any, batch: Mapping[str, jax.Array]
     variables = {"params": _stop_frozen(p, trainable)}
     if has_bs:
       variables["batch_stats"] = batch_stats
-      outputs, mutated = model.apply(variables, dict(batch), train=True, rngs={"dropout": rng},
-                                     mutable=["batch_stats"])
+      outputs, mutated = precision.apply(model, variables, batch, dtype=compute_dtype, train=True,
+                                         rngs={"dropout": rng}, mutable=["batch_stats"])
       new_bs = mutated.get("batch_stats", batch_stats)
     else:
-      outputs = model.apply(variables, dict(batch), train=True, rngs={"dropout": rng})
+      outputs = precision.apply(model, variables, batch, dtype=compute_dtype, train=True,
+                                rngs={"dropout": rng})
       new_bs = batch_stats
     loss, aux = loss_fn(outputs, batch)
     return loss, (aux, new_bs)
@@ -65,8 +72,8 @@ def loss_and_grads(params: Any, batch_stats: Any, batch: Mapping[str, jax.Array]
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, loss_fn: LossFn,
-               tx: optax.GradientTransformation, trainable: Any | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, trainable: Any | None = None,
+               compute_dtype: str = "float32") -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step.
 
   Args:
@@ -76,13 +83,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, loss
     loss_fn: ``(outputs, episode) -> (loss, {name: scalar})``.
     tx: the optax transformation.
     trainable: params-shaped bool tree; False leaves get no gradient (frozen).
+    compute_dtype: "float32" or "bfloat16" (`fss_jax.train.precision`).
 
   Returns:
     (new state, {"loss", "grad_norm", <loss_fn metrics>}) — scalars.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   (loss, (aux, new_bs)), grads = loss_and_grads(state.params, state.batch_stats, batch, rng,
-                                                 model=model, loss_fn=loss_fn, trainable=trainable)
+                                                 model=model, loss_fn=loss_fn, trainable=trainable,
+                                                 compute_dtype=compute_dtype)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   out = {k: jnp.asarray(v, jnp.float32) for k, v in dict(aux).items()}
@@ -94,7 +103,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, loss
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
-              score: str = "pad_square") -> dict[str, jax.Array]:
+              score: str = "pad_square", compute_dtype: str = "float32") -> dict[str, jax.Array]:
   """Per-episode intersection / union at the original label resolution.
 
   Args:
@@ -102,6 +111,7 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
     batch: an eval Episode dict with ``label_original [B, Hb, Wb]`` and ``label_size [B, 2]``.
     score: "pad_square" (PFENet/BAM/SCCAN: logits -> L×L, L = max(H, W); data_protocol.md
       §9.1) or "original" (HDMNet: logits -> H×W; §9.2).
+    compute_dtype: the forward's dtype; the logits are scored in float32.
 
   Returns:
     {"intersection", "union", "target"}: int32 [B, C] per bin 0..C-1 (C = logits
@@ -109,7 +119,7 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
     ([B], ones when the batch has none) passed through for the host accumulator.
   """
   episode = {k: v for k, v in batch.items() if k != "valid"}
-  outputs = model.apply(state.variables(), episode, train=False)
+  outputs = precision.apply(model, state.variables(), episode, dtype=compute_dtype, train=False)
   out = metrics_lib.episode_counts(outputs["logits"], batch["label_original"],
                                    batch["label_size"], score=score)
   b = batch["label_original"].shape[0]
@@ -118,9 +128,10 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
   return out
 
 
-def predict_step(state: TrainState, batch: Mapping[str, jax.Array], *, model) -> jax.Array:
+def predict_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
+                 compute_dtype: str = "float32") -> jax.Array:
   """Prediction at the model's output resolution: int32 [B, h, w] (argmax of the logits)."""
-  outputs = model.apply(state.variables(), dict(batch), train=False)
+  outputs = precision.apply(model, state.variables(), batch, dtype=compute_dtype, train=False)
   return jnp.argmax(outputs["logits"], axis=-1).astype(jnp.int32)
 
 
@@ -140,17 +151,22 @@ def jit_eval_step(fn: Callable, mesh) -> Callable:
   return jax.jit(fn, in_shardings=(repl, data), out_shardings=data)
 
 
-def make_train_step(*, model, loss_fn: LossFn, tx, mesh, trainable: Any | None = None) -> Callable:
+def make_train_step(*, model, loss_fn: LossFn, tx, mesh, trainable: Any | None = None,
+                    compute_dtype: str = "float32") -> Callable:
+  precision.compute_dtype(compute_dtype)  # an unsupported dtype fails here, not inside jit
   return jit_train_step(functools.partial(train_step, model=model, loss_fn=loss_fn, tx=tx,
-                                          trainable=trainable), mesh)
+                                          trainable=trainable, compute_dtype=compute_dtype), mesh)
 
 
-def make_eval_step(*, model, mesh, score: str = "pad_square") -> Callable:
-  return jit_eval_step(functools.partial(eval_step, model=model, score=score), mesh)
+def make_eval_step(*, model, mesh, score: str = "pad_square", compute_dtype: str = "float32") -> Callable:
+  precision.compute_dtype(compute_dtype)
+  return jit_eval_step(functools.partial(eval_step, model=model, score=score,
+                                         compute_dtype=compute_dtype), mesh)
 
 
-def make_predict_step(*, model, mesh) -> Callable:
-  return jit_eval_step(functools.partial(predict_step, model=model), mesh)
+def make_predict_step(*, model, mesh, compute_dtype: str = "float32") -> Callable:
+  precision.compute_dtype(compute_dtype)
+  return jit_eval_step(functools.partial(predict_step, model=model, compute_dtype=compute_dtype), mesh)
 
 
 __all__ = ["train_step", "eval_step", "predict_step", "loss_and_grads", "make_train_step",
