@@ -76,6 +76,7 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
+from fss_jax import io as fss_io
 from fss_jax.data import transforms
 from fss_jax.eval import visualize
 from fss_jax.train import precision
@@ -681,7 +682,7 @@ def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions
                    "foreground_fraction": round(s.foreground_fraction, 6)})
   q_rows = []
   for p, (mask_name, ov_name) in zip(predictions, files["queries"]):
-    visualize.atomic_write_bytes(out / mask_name, _mask_png(p.mask), overwrite=overwrite)
+    fss_io.atomic_write(out / mask_name, _mask_png(p.mask), overwrite=overwrite)
     visualize.write_png(out / ov_name, visualize.overlay(p.image, p.mask, visualize.PRED_COLOR),
                         overwrite=overwrite)
     q_rows.append({**p.summary(), "mask": mask_name, "overlay": ov_name})
@@ -693,7 +694,7 @@ def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions
          "shots": len(supports), "mask_png": "palette PNG: index 0 background, 1 foreground",
          "confidence": CONFIDENCE, "supports": s_rows, "queries": q_rows}
   data = (json.dumps(doc, indent=1, default=str) + "\n").encode()
-  return visualize.atomic_write_bytes(out / files["json"], data, overwrite=overwrite)
+  return fss_io.atomic_write(out / files["json"], data, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------

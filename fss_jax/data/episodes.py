@@ -49,6 +49,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from fss_jax import io as fss_io
 from fss_jax.data import splits
 
 _LOG = logging.getLogger(__name__)
@@ -227,20 +228,7 @@ def format_records(records: Iterable[dict]) -> bytes:
 
 def write_episodes(path: str | os.PathLike, records: Iterable[dict]) -> pathlib.Path:
   """Writes the records as JSON lines atomically (temporary file + rename)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  data = format_records(records)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return path
+  return fss_io.atomic_write(path, format_records(records))
 
 
 def read_episodes(path: str | os.PathLike) -> list[dict]:

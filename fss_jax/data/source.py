@@ -44,6 +44,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from fss_jax import io as fss_io
+
 DATASET_VERSION = "1.0.0"
 NUM_CLASSES = {"pascal5i": 20, "coco20i": 80}
 INDEX_FORMAT = 1
@@ -120,21 +122,11 @@ class DatasetIndex:
 def save_index(path: str | os.PathLike, index: DatasetIndex, *, dataset: str, split: str) -> None:
   """Writes ``index`` to ``path`` (.npz) atomically (temporary file + rename)."""
   index.validate()
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      np.savez_compressed(
-          f, image_ids=index.image_ids, heights=index.heights.astype(np.int32),
-          widths=index.widths.astype(np.int32), class_pixels=index.class_pixels.astype(np.int64),
-          ignore_pixels=index.ignore_pixels.astype(np.int64), format=np.int64(INDEX_FORMAT),
-          dataset=np.str_(dataset), split=np.str_(split))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
+  fss_io.atomic_write(path, lambda f: np.savez_compressed(
+      f, image_ids=index.image_ids, heights=index.heights.astype(np.int32),
+      widths=index.widths.astype(np.int32), class_pixels=index.class_pixels.astype(np.int64),
+      ignore_pixels=index.ignore_pixels.astype(np.int64), format=np.int64(INDEX_FORMAT),
+      dataset=np.str_(dataset), split=np.str_(split)))
 
 
 def load_index(path: str | os.PathLike) -> tuple[DatasetIndex, dict[str, Any]]:

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from fss_jax import io as fss_io
 from fss_jax import parallel
 from fss_jax.eval import metrics as metrics_lib
 
@@ -147,20 +148,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path | None:
   """Writes ``obj`` as JSON atomically (process 0 only); returns the path (None elsewhere)."""
   if jax.process_index() != 0:
     return None
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=1, sort_keys=True)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return path
+  return fss_io.atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

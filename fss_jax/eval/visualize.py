@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
+
+from fss_jax import io as fss_io
 
 IGNORE = 255
 # ImageNet statistics x 255 (RGB), as fss_jax.data.transforms.Normalize uses them.
@@ -253,30 +254,6 @@ def write_image_summaries(writer, step: int, panels: Sequence[np.ndarray] | Mapp
 # Files
 # ---------------------------------------------------------------------------
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> pathlib.Path:
-  """Writes ``data`` to ``path`` via a temporary file in the same folder + rename.
-
-  Raises:
-    FileExistsError: ``path`` exists and ``overwrite`` is False (nothing written).
-  """
-  path = pathlib.Path(path)
-  if not overwrite and path.exists():
-    raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
-
-
 def encode_png(image: np.ndarray) -> bytes:
   """uint8 [H, W] or RGB [H, W, 3] -> PNG bytes (RGB order, OpenCV encoder)."""
   image = np.asarray(image)
@@ -290,7 +267,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = True) -> pathlib.Path:
   """Writes an RGB / grey uint8 image as PNG atomically."""
-  return atomic_write_bytes(path, encode_png(image), overwrite=overwrite)
+  return fss_io.atomic_write(path, encode_png(image), overwrite=overwrite)
 
 
 def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *,
@@ -343,7 +320,7 @@ def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *
   fig.tight_layout()
   buf = io_lib.BytesIO()
   fig.savefig(buf, format="png")
-  return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
+  return fss_io.atomic_write(path, buf.getvalue(), overwrite=overwrite)
 
 
 def chart_path(results_json: str | os.PathLike) -> pathlib.Path:
@@ -390,4 +367,4 @@ def summary_bar_chart(summary: Mapping[str, Any], path: str | os.PathLike, *,
 
 __all__ = ["overlay", "foreground", "denormalize", "episode_panel", "panels_from_batch",
            "write_image_summaries", "iou_bar_chart", "summary_bar_chart", "chart_path",
-           "write_png", "encode_png", "atomic_write_bytes", "PRED_COLOR", "TARGET_COLOR"]
+           "write_png", "encode_png", "PRED_COLOR", "TARGET_COLOR"]

@@ -1,0 +1,54 @@
+"""Atomic file writes: a failed or interrupted write never leaves a partial file.
+
+Every output of fss-jax (episode lists, dataset indexes, results JSON, charts,
+predicted masks) is written to a temporary file in the destination's folder,
+flushed to disk, then renamed over the destination, so readers see either the
+old file or the complete new one.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import BinaryIO, Callable
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None], *,
+                 overwrite: bool = True) -> pathlib.Path:
+  """Writes ``data`` to ``path`` via a temporary file in the same folder + rename.
+
+  Args:
+    path: destination; its folder is created when missing.
+    data: bytes, a str (written as UTF-8), or a function that writes into the
+      open binary file (e.g. ``lambda f: np.savez_compressed(f, ...)``).
+    overwrite: False refuses to replace an existing ``path``.
+
+  Returns:
+    ``path`` as a `pathlib.Path`.
+
+  Raises:
+    FileExistsError: ``path`` exists and ``overwrite`` is False (nothing written).
+  """
+  path = pathlib.Path(path)
+  if not overwrite and path.exists():
+    raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      if callable(data):
+        data(f)
+      else:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+__all__ = ["atomic_write"]
