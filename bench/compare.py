@@ -85,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out["speedup"] = round(jax_rec["steps_per_s"] / torch_rec["steps_per_s"], 3)
     out["jax_steps_per_s"] = jax_rec["steps_per_s"]
     out["torch_steps_per_s"] = torch_rec["steps_per_s"]
-  out["command"] = "python bench/compare.py " + " ".join(argv)
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flags:  # e.g. --xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+    out["xla_flags"] = flags
+  out["command"] = (f"XLA_FLAGS={flags} " if flags else "") + "python bench/compare.py " + " ".join(argv)
   jax_run.emit(out, a.out or None)
   return out
 

@@ -131,6 +131,7 @@ def host_info() -> dict[str, Any]:
   load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
   return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_avg": load, "python": platform.python_version(),
           "os": f"{platform.system()} {platform.release()}",
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

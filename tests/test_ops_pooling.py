@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from fss_jax.ops import pooling  # noqa: E402
@@ -138,3 +139,23 @@ def test_pool_gradients_match_torch_under_jit():
     t = _t(x).requires_grad_()
     (theirs(t) ** 2).sum().backward()
     np.testing.assert_allclose(_nchw(g), t.grad.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("size,stride", [(9, 2), (10, 2), (7, 1), (8, 1)])
+def test_max_pool_taps_matches_reduce_window_and_torch(size, stride):
+  # Quantised ReLU outputs: many ties (zeros and repeats) inside windows.
+  rng = np.random.default_rng(size)
+  x = np.maximum(np.round(rng.standard_normal((2, size, size + 1, 3)) * 2) / 2, 0).astype(np.float32)
+  ct = rng.standard_normal(np.asarray(pooling.max_pool2d_taps(x, 3, stride, 1)).shape).astype(np.float32)
+  pools = {"taps": pooling.max_pool2d_taps, "reduce_window": pooling.max_pool2d}
+  res = {}
+  for name, pool in pools.items():
+    fn = lambda v, pool=pool: jnp.sum(pool(v, 3, stride, 1) * ct)  # noqa: E731
+    res[name] = (np.asarray(pool(jnp.asarray(x), 3, stride, 1)), np.asarray(jax.jit(jax.grad(fn))(x)))
+  np.testing.assert_array_equal(res["taps"][0], res["reduce_window"][0])
+  np.testing.assert_array_equal(res["taps"][1], res["reduce_window"][1])
+  xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  yt = torch.nn.functional.max_pool2d(xt, 3, stride, 1)
+  (yt * torch.tensor(ct.transpose(0, 3, 1, 2))).sum().backward()
+  np.testing.assert_array_equal(res["taps"][0], yt.detach().numpy().transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(res["taps"][1], xt.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-6)

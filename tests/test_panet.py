@@ -238,3 +238,18 @@ def test_standalone_encoder_keymap():
   assert out["block5"].shape == (1, 31, 31, 512) == (1, vgg.feature_size(241),
                                                       vgg.feature_size(241), 512)
   assert [r.src for r in vgg.encoder_keymap()][:2] == ["features.0.weight", "features.0.bias"]
+
+
+def test_encoder_pool_choice_gives_identical_gradients():
+  ep = _episode(np.random.default_rng(4), b=1, n=None, k=1, size=21)
+  grads = {}
+  for pool in ("taps", "reduce_window"):
+    model = panet.PANet(encoder_pool=pool)
+    variables = model.init(jax.random.PRNGKey(0), ep, train=False)
+    total = lambda p, m=model: panet.loss_fn(m.apply({"params": p}, ep, train=True), ep)[0]  # noqa: E731
+    grads[pool] = jax.jit(jax.grad(total))(variables["params"])
+  for a, b in zip(jax.tree_util.tree_leaves(grads["taps"]),
+                  jax.tree_util.tree_leaves(grads["reduce_window"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="pool must be"):
+    vgg.PANetVGG16(pool="avg").init(jax.random.PRNGKey(0), jnp.zeros((1, 9, 9, 3)))

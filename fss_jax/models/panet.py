@@ -26,6 +26,13 @@ W]``; N-way adds a way axis after B (``[B, N, K, ...]``). Support masks hold
 background excludes *every* episode class; an episode can pass that exact
 mask as optional ``support_bg_masks`` (and ``support_fg_masks``), float, same
 shape as ``support_masks`` — the parity adapter does.
+
+CPU training speed (bench/profile_step.py, jax 0.10.2): XLA:CPU hands every
+convolution to YNNPACK, whose kernel-gradient convolutions (an image-sized
+window) run 4-10x slower than the forward ones and take most of a 473 px
+step. ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
+sends convolutions to Eigen: 473 px train steps 1.3-3.6x faster (the forward
+alone is ~10-20% slower there, so leave eval as is).
 """
 
 from __future__ import annotations
@@ -122,6 +129,9 @@ class PANet(nn.Module):
     ways, shots: optional; when set, episodes of another shape are rejected.
     return_intermediates: also return the encoder's block outputs (parity).
     precision: convolution precision (None follows the global default).
+    encoder_pool: the encoder's max-pool formulation, ``"taps"`` (default) or
+      ``"reduce_window"``; identical numbers, the first has a much cheaper
+      gradient on XLA:CPU (`fss_jax.ops.pooling.max_pool2d_taps`).
   """
   align: bool = True
   scaler: float = ALPHA
@@ -129,6 +139,7 @@ class PANet(nn.Module):
   shots: int | None = None
   return_intermediates: bool = False
   precision: Any = None
+  encoder_pool: str = "taps"
 
   @nn.compact
   def __call__(self, episode: Mapping[str, jax.Array], *, train: bool) -> dict:
@@ -150,7 +161,7 @@ class PANet(nn.Module):
     fore, back = fore.astype(jnp.float32), back.astype(jnp.float32)
 
     # 1. one encoder pass over supports (b, n, k order) and queries.
-    encoder = PANetVGG16(precision=self.precision, name="encoder")
+    encoder = PANetVGG16(precision=self.precision, pool=self.encoder_pool, name="encoder")
     blocks = encoder(jnp.concatenate([images.reshape(b * n * k, hm, wm, -1), query], axis=0))
     feats = blocks["block5"]
     _, h, w, c = feats.shape

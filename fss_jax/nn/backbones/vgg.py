@@ -19,6 +19,13 @@ PANet checkpoint keys (``encoder.backbone.features.{2(b-1)}.{2(i-1)}``) and
 `imagenet_vgg_keymap` torchvision's ``vgg16`` file (``features.{0,2,5,...}``;
 PANet's initialisation copies those 26 tensors positionally, which is the same
 mapping).
+
+Max-pooling runs as `fss_jax.ops.pooling.max_pool2d_taps` (default ``pool="taps"``): the same values
+and the same gradient as `fss_jax.ops.pooling.max_pool2d` (torch's first-max
+rule), but on XLA:CPU the ``reduce_window`` gradient (select-and-scatter) is
+expanded into an arg-max reduce-window plus an element-wise scatter: the four
+pool gradients of a 473 px PANet step take 2.2-2.5 s that way and 0.6 s as
+taps (2 CPU cores; bench/profile_step.py).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from flax import linen as nn
 
 from fss_jax import keymaps
 from fss_jax.nn.layers import Conv2d
-from fss_jax.ops.pooling import max_pool2d
+from fss_jax.ops.pooling import max_pool2d, max_pool2d_taps
 
 # (number of convs, output channels, dilation, stride of the pool that follows or None)
 VGG16_PANET_BLOCKS: tuple[tuple[int, int, int, int | None], ...] = (
@@ -63,9 +70,12 @@ class PANetVGG16(nn.Module):
       conv5_3 output).
     precision: convolution precision (None follows
       `jax.default_matmul_precision`).
+    pool: ``"taps"`` (`fss_jax.ops.pooling.max_pool2d_taps`, fast gradient on CPU) or
+      ``"reduce_window"`` (`fss_jax.ops.pooling.max_pool2d`); same numbers.
   """
   last_relu: bool = False
   precision: Any = None
+  pool: str = "taps"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -80,6 +90,9 @@ class PANetVGG16(nn.Module):
     """
     if x.ndim != 4:
       raise ValueError(f"PANetVGG16 expects images [N, H, W, 3], got {tuple(x.shape)}")
+    if self.pool not in ("taps", "reduce_window"):
+      raise ValueError(f"pool must be 'taps' or 'reduce_window', got {self.pool!r}")
+    pool = max_pool2d_taps if self.pool == "taps" else max_pool2d
     out = {}
     num_blocks = len(VGG16_PANET_BLOCKS)
     for b, (n_convs, ch, dil, pool_stride) in enumerate(VGG16_PANET_BLOCKS):
@@ -91,7 +104,7 @@ class PANetVGG16(nn.Module):
           x = nn.relu(x)
       out[f"block{b + 1}"] = x
       if pool_stride is not None:
-        x = max_pool2d(x, 3, pool_stride, 1)
+        x = pool(x, 3, pool_stride, 1)
     return out
 
 
