@@ -47,6 +47,7 @@ def get_config(arg: str | None = None):
 
   c.model_fields.shot = c.get_ref("shot")
   c.model_fields.num_base_classes = 61 if coco else 16
+  c.model_fields.remat = False  # nn.remat the attention blocks (same params)
 
   # Data (§7): BAM training lists, squash resize, base annotations.
   c.data.protocol = "bam"

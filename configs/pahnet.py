@@ -67,6 +67,7 @@ def get_config(arg: str | None = None):
   c.variant = arg.variant
   c.model_fields.shot = c.get_ref("shot")
   c.model_fields.num_base_classes = 61 if coco else 16
+  c.model_fields.remat = False  # nn.remat the attention blocks (same params)
   c.data.protocol = "bam"
   c.data.rotate = (-10.0, 10.0)
   c.data.scale = (0.8, 1.25) if coco else (0.9, 1.1)

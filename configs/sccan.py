@@ -45,6 +45,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"SCCAN has ResNet-50 and ResNet-101 configs, got layers={c.layers}")
   c.model_fields.shot = c.get_ref("shot")
   c.model_fields.layers = c.get_ref("layers")
+  c.model_fields.remat = False  # nn.remat the attention blocks (same params)
 
   # Data: BAM lists, random crop 473 for both datasets (SCCAN's COCO also uses 473).
   c.data.protocol = "bam"

@@ -373,3 +373,10 @@ def test_missing_required_init_says_how_to_get_it(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"does not exist"):
     loop.train_and_evaluate(cfg, tmp_path / "w2", data=fake_data(cfg))
   assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_resume_ignores_compute_only_fields():
+  saved = {"model": "hdmnet", "model_fields": {"shot": 1}}
+  assert loop._meta_differences(saved, {"model": "hdmnet", "model_fields": {"shot": 1, "remat": True}}) == []  # pylint: disable=protected-access
+  diffs = loop._meta_differences(saved, {"model": "hdmnet", "model_fields": {"shot": 5}})  # pylint: disable=protected-access
+  assert diffs == ["model_fields.shot: checkpoint 1, this run 5"]

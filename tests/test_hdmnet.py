@@ -19,6 +19,7 @@ from fss_jax import keymaps
 from fss_jax.models import hdmnet, registry
 from fss_jax.nn import ensemble
 from fss_jax.nn.attention import hdm
+from fss_jax.ops.softmax import softmax_dot_backward
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +319,15 @@ def test_config_and_optimizer_groups(fixture):
     lrs = {k: float(f(0)) for k, f in opt.schedules.items()}  # poly: t = 1 of 100
     assert lrs["default"] == pytest.approx(1e-4 * 0.99 ** 0.9, rel=1e-5)
     assert lrs["default*10"] == pytest.approx(1e-3 * 0.99 ** 0.9, rel=1e-5)
+
+
+@pytest.mark.parametrize("axis", [-2, -1, 1])
+def test_softmax_with_dot_backward_matches_jax(axis):
+  """hdm.softmax (backward sum as a dot, see its docstring) = jax.nn.softmax, value and grad."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 5, 7)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 5, 7)), jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    ours = jax.value_and_grad(lambda t: jnp.sum(w * softmax_dot_backward(t, axis)))(x)
+    ref = jax.value_and_grad(lambda t: jnp.sum(w * jax.nn.softmax(t, axis=axis)))(x)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
+  np.testing.assert_allclose(ours[1], ref[1], rtol=1e-5, atol=1e-7)

@@ -86,12 +86,14 @@ class HDMNet(nn.Module):
     kshot_hidden: ``kshot_trans_dim`` of the K-shot reweighting (2).
     mask_support_images: multiply support images by their masks before the
       backbone (HDMNet: True).
+    remat: recompute the transformer layers in the backward (less memory, same parameters).
   """
   shot: int = 1
   num_base_classes: int = 16
   depth: int = 50
   kshot_hidden: int = 2
   mask_support_images: bool = True
+  remat: bool = False
 
   @nn.compact
   def __call__(self, episode: Mapping[str, jax.Array], *, train: bool = False) -> dict:
@@ -166,7 +168,7 @@ class HDMNet(nn.Module):
     sow("query_merge_out", q_in)
 
     # 6. hierarchical transformer
-    meta, corr = HierarchicalTransformer(shot=k, name="transformer")(
+    meta, corr = HierarchicalTransformer(shot=k, remat=self.remat, name="transformer")(
         q_in, s_in, mask[..., 0], similarity, train=train)
     sow("meta_logits_lowres", meta)
 
@@ -228,13 +230,14 @@ def hdmnet_keymap(*, shot: int = 1, depth: int = 50, kshot_hidden: int = 2,
 
 
 def make_model(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
-               kshot_hidden: int = 2) -> HDMNet:
+               kshot_hidden: int = 2, remat: bool = False) -> HDMNet:
   return HDMNet(shot=shot, num_base_classes=num_base_classes, depth=depth,
-                kshot_hidden=kshot_hidden)
+                kshot_hidden=kshot_hidden, remat=remat)
 
 
 def keymap(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
-           kshot_hidden: int = 2) -> list:
+           kshot_hidden: int = 2, remat: bool = False) -> list:
+  del remat  # no parameters of its own
   return hdmnet_keymap(shot=shot, depth=depth, kshot_hidden=kshot_hidden)
 
 

@@ -54,6 +54,7 @@ from fss_jax.nn.prototype import (PrototypeEnhanced, asc_mismatch, asc_query_sta
 from fss_jax.ops import windows as W
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
+from fss_jax.ops.softmax import softmax_dot_backward
 from fss_jax.ops import losses
 
 SCCAN_CLASS = "SCCAN_PAHNet.model.SCCANPlus.OneModel"
@@ -194,6 +195,7 @@ class SCCAPlusTransformer(nn.Module):
   num_heads: int = 8
   window: int = 8
   mlp_ratio: float = 1.0
+  remat: bool = False
 
   @nn.compact
   def __call__(self, q, s, s_mask, prob):
@@ -202,8 +204,9 @@ class SCCAPlusTransformer(nn.Module):
     W.window_grid(*q.shape[1:3], self.window)
     pseudo = []
     for i in range(self.depth):
-      q, s, p = SCCAPlusBlock(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
-                              mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask, prob)
+      block = nn.remat(SCCAPlusBlock) if self.remat else SCCAPlusBlock
+      q, s, p = block(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
+                      mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask, prob)
       pseudo.append(p)
     return sccan_layer_norm("norm0")(q), tuple(pseudo)
 
@@ -220,6 +223,7 @@ class SCCANPlus(nn.Module):
     kshot_hidden: ``kshot_trans_dim`` (2).
     zoom_factor: output size ``int((H - 1) / 8 * zoom + 1)``.
     feature_dropout, classifier_dropout: Dropout2d rates (0.5, 0.1).
+    remat: recompute the transformer blocks in the backward (same parameters).
   """
   shot: int = 1
   num_base_classes: int = 16
@@ -234,6 +238,7 @@ class SCCANPlus(nn.Module):
   zoom_factor: int = 8
   feature_dropout: float = 0.5
   classifier_dropout: float = 0.1
+  remat: bool = False
 
   @nn.compact
   def __call__(self, episode: Mapping[str, jax.Array], *, train: bool = False) -> dict:
@@ -302,7 +307,8 @@ class SCCANPlus(nn.Module):
 
     # 8. transformer
     t, pseudo = SCCAPlusTransformer(self.reduce_dim, self.blocks, self.num_heads, self.window,
-                                    self.mlp_ratio, name="transformer")(q0, s0, supp_mask, p_fg)
+                                    self.mlp_ratio, remat=self.remat,
+                                    name="transformer")(q0, s0, supp_mask, p_fg)
     sow("transformer_out", t)
 
     # 9. decoder (ReLU -> ASPP -> res1 -> res2 -> cls)
@@ -416,7 +422,7 @@ class ASCMaskedAttention(nn.Module):
       s = asc_support_state(key_mask.astype(x.dtype))
       proj = lambda n, a: Linear(self.dim, use_bias=False, name=n)(a[..., None])  # noqa: E731
       reweight = jnp.einsum("bqc,bkc->bqk", proj("proj_q", r), proj("proj_s", s))
-      attn = jax.nn.softmax(reweight[:, None] * ell, axis=-2)
+      attn = softmax_dot_backward(reweight[:, None] * ell, -2)
       attn = jnp.where(asc_mismatch(t, s)[:, None], 0.0, attn)
       y = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
       hy = t[:, :, None] + s[:, None, :]
@@ -454,6 +460,7 @@ class TransformerPlus(nn.Module):
   dropout: float = 0.1
   ln_eps: float = 1e-6
   num_classes: int = 2
+  remat: bool = False
 
   @nn.compact
   def __call__(self, query, support, support_mask, similarity, prob, *, train: bool = False):
@@ -468,7 +475,7 @@ class TransformerPlus(nn.Module):
     for i in range(len(self.heads)):
       stage = hdm.DownStage(self.dim, self.heads[i], self.sr_ratios[i], self.kernels[i],
                             self.strides[i], self.depth, self.mlp_ratio, self.dropout,
-                            self.ln_eps, name=f"down_{i}")
+                            self.ln_eps, remat=self.remat, name=f"down_{i}")
       shw = tuple(_patch_grid(n, self.kernels[i], self.strides[i]) for n in s.shape[1:3])
       m = resize_nearest(support_mask[..., None].astype(query.dtype), shw)  # [B*K, h, w, 1]
       kwargs = None
@@ -502,11 +509,10 @@ class TransformerPlus(nn.Module):
       sow(f"match{i}_pe_y", xs)
       sow(f"match{i}_pe_pseudo", pseudo)
       pseudo_masks.append(pseudo)
-      x, corr = hdm.EncoderLayer(self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout,
-                                 self.ln_eps, attention_cls=ASCMaskedAttention,
-                                 name=f"match_{i}")(
-          xq, hw, source=xs, train=train,
-          attn_kwargs={"key_mask": lv["mask"], "query_prob": lv["p_near"]})
+      x, corr = hdm.encoder_layer_cls(self.remat)(
+          self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout, self.ln_eps,
+          attention_cls=ASCMaskedAttention, name=f"match_{i}")(
+          xq, hw, xs, train, {"key_mask": lv["mask"], "query_prob": lv["p_near"]})
       sow(f"match{i}_cross_x", x)
       sow(f"match{i}_cross_weight", corr)
       corr_maps.append(corr.reshape(b, *hw))
@@ -537,6 +543,7 @@ class HDMNetPlus(nn.Module):
     kshot_hidden: ``kshot_trans_dim`` (2).
     feature_dropout: Dropout2d after down_query / down_supp (0.5).
     transformer_dropout: dropout inside the transformer (0.1; the PFEs have none).
+    remat: recompute the transformer layers in the backward (same parameters).
   """
   shot: int = 1
   num_base_classes: int = 16
@@ -545,6 +552,7 @@ class HDMNetPlus(nn.Module):
   kshot_hidden: int = 2
   feature_dropout: float = 0.5
   transformer_dropout: float = 0.1
+  remat: bool = False
 
   @nn.compact
   def __call__(self, episode: Mapping[str, jax.Array], *, train: bool = False) -> dict:
@@ -594,7 +602,7 @@ class HDMNetPlus(nn.Module):
     sow("query_merge_out", q_in)
 
     meta, corr, pseudo = TransformerPlus(shot=k, dropout=self.transformer_dropout,
-                                         name="transformer")(
+                                         remat=self.remat, name="transformer")(
         q_in, s_in, mask[..., 0], prior, prob[..., 1], train=train)
     sow("meta_logits_lowres", meta)
 

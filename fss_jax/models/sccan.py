@@ -65,6 +65,7 @@ class SCCAN(nn.Module):
     classes: 2.
     feature_dropout: Dropout2d after down_query / down_supp (0.5).
     classifier_dropout: Dropout2d in the classifier (0.1).
+    remat: recompute the SCCA blocks in the backward (less memory, same parameters).
   """
   shot: int = 1
   layers: int = 50
@@ -78,6 +79,7 @@ class SCCAN(nn.Module):
   classes: int = 2
   feature_dropout: float = 0.5
   classifier_dropout: float = 0.1
+  remat: bool = False
 
   @nn.compact
   def __call__(self, episode: Mapping[str, jnp.ndarray], *, train: bool) -> dict:
@@ -155,7 +157,7 @@ class SCCAN(nn.Module):
 
     # 5. SCCA transformer.
     t = SCCATransformer(self.reduce_dim, self.depth, self.num_heads, self.window,
-                        self.mlp_ratio, name="transformer")(q0, s0, supp_mask)
+                        self.mlp_ratio, remat=self.remat, name="transformer")(q0, s0, supp_mask)
     self.sow("intermediates", "transformer_out", t)
 
     # 6. Decoder and output size.

@@ -199,13 +199,18 @@ def checkpoint_meta(config) -> dict:
                     "way": config.way})
 
 
+# Model fields that change how a step is computed but not the variables or the function
+# (rematerialisation): a run may resume with them switched.
+COMPUTE_ONLY_FIELDS = frozenset({"remat"})
+
+
 def _meta_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
   diffs = []
   for key in ("model", "dataset", "fold", "shot", "way"):
     if saved.get(key) != current.get(key):
       diffs.append(f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}")
   sf, cf = saved.get("model_fields", {}) or {}, current.get("model_fields", {}) or {}
-  for k in sorted(set(sf) | set(cf)):
+  for k in sorted((set(sf) | set(cf)) - COMPUTE_ONLY_FIELDS):
     if sf.get(k, "<unset>") != cf.get(k, "<unset>"):
       diffs.append(f"model_fields.{k}: checkpoint {sf.get(k, '<unset>')!r}, this run "
                    f"{cf.get(k, '<unset>')!r}")

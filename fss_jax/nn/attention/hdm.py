@@ -34,12 +34,13 @@ import jax
 import jax.numpy as jnp
 
 from fss_jax import keymaps
-from fss_jax.nn.layers import BatchNorm2d, Conv2d, Linear, kaiming_normal_fan_out
+from fss_jax.nn.layers import BatchNorm2d, Conv2d, LayerNorm, Linear, kaiming_normal_fan_out
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
+from fss_jax.ops.softmax import softmax_dot_backward
 
-def layer_norm(eps: float, name: str) -> nn.LayerNorm:
-  """torch.nn.LayerNorm semantics (two-pass variance)."""
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+def layer_norm(eps: float, name: str) -> LayerNorm:
+  """torch.nn.LayerNorm semantics (two-pass variance; keeps a bfloat16 input's dtype)."""
+  return LayerNorm(epsilon=eps, name=name)
 
 
 def frozen_bn(name: str) -> BatchNorm2d:
@@ -123,7 +124,7 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
   """
   m = key_mask.astype(q.dtype)
   scores = cosine_scores(q, k, temperature)
-  attn = jax.nn.softmax(scores, axis=-2) * m[:, None, None, :]
+  attn = softmax_dot_backward(scores, -2) * m[:, None, None, :]
   y = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
   corr = jnp.einsum("bhqk,bk->bhq", scores, m) / (jnp.sum(m, axis=-1)[:, None, None] + 1e-9)
   return y, jnp.mean(corr, axis=1)
@@ -217,10 +218,13 @@ class EncoderLayer(nn.Module):
   attention_cls: Any = MaskedMultiHeadAttention
 
   @nn.compact
-  def __call__(self, x: jax.Array, hw: tuple[int, int], *, source: jax.Array | None = None,
+  def __call__(self, x: jax.Array, hw: tuple[int, int], source: jax.Array | None = None,
                train: bool = False, attn_kwargs: dict | None = None
                ) -> tuple[jax.Array, jax.Array | None]:
-    """x ``[B, L, C]`` (grid hw), source ``[B, Ls, C]`` -> (``[B, L, C]``, corr | None)."""
+    """x ``[B, L, C]`` (grid hw), source ``[B, Ls, C]`` -> (``[B, L, C]``, corr | None).
+
+    Positional arguments as listed (`encoder_layer_cls` with remat needs them so).
+    """
     norm1 = layer_norm(self.ln_eps, "norm1")
     src = None if source is None else norm1(source)
     x, corr = EfficientAttention(self.dim, self.heads, self.sr, self.dropout, self.ln_eps,
@@ -230,6 +234,15 @@ class EncoderLayer(nn.Module):
     x = x + MixFFN(self.dim, self.dim * self.mlp_ratio, self.dropout, name="ffn")(
         y, hw, train=train)
     return x, corr
+
+
+def encoder_layer_cls(remat: bool = False) -> Any:
+  """`EncoderLayer`, or with ``remat`` the same layer under ``nn.remat`` (jax.checkpoint).
+
+  The parameter tree is the same either way. Call the result positionally:
+  ``layer(x, hw, source, train, attn_kwargs)`` (hw and train are static).
+  """
+  return nn.remat(EncoderLayer, static_argnums=(2, 4)) if remat else EncoderLayer
 
 
 class PatchEmbed(nn.Module):
@@ -260,6 +273,7 @@ class DownStage(nn.Module):
   dropout: float = 0.1
   ln_eps: float = 1e-6
   attention_cls: Any = MaskedMultiHeadAttention
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, attn_kwargs: dict | None = None,
@@ -281,9 +295,9 @@ class DownStage(nn.Module):
                        name="patch_embed")(x)
     sow("patch_embed", x)
     for j in range(self.depth):
-      x, _ = EncoderLayer(self.dim, self.heads, self.sr, self.mlp_ratio, self.dropout,
-                          self.ln_eps, self.attention_cls, name=f"layer_{j}")(
-          x, hw, train=train, attn_kwargs=attn_kwargs)
+      x, _ = encoder_layer_cls(self.remat)(
+          self.dim, self.heads, self.sr, self.mlp_ratio, self.dropout, self.ln_eps,
+          self.attention_cls, name=f"layer_{j}")(x, hw, None, train, attn_kwargs)
       sow(f"self{j + 1}", x)
     return layer_norm(self.ln_eps, "norm")(x), hw
 
@@ -330,7 +344,8 @@ class HierarchicalTransformer(nn.Module):
 
   Attributes mirror the reference constructor defaults (3 stages, dim 64,
   heads (2, 4, 8), patch kernels (1, 3, 3) / strides (1, 2, 2), spatial
-  reduction (4, 2, 1), 2 matching heads, MLP ratio 4, dropout 0.1).
+  reduction (4, 2, 1), 2 matching heads, MLP ratio 4, dropout 0.1);
+  ``remat`` recomputes every transformer layer in the backward (`encoder_layer_cls`).
   """
   shot: int = 1
   dim: int = 64
@@ -344,6 +359,7 @@ class HierarchicalTransformer(nn.Module):
   dropout: float = 0.1
   ln_eps: float = 1e-6
   num_classes: int = 2
+  remat: bool = False
 
   @nn.compact
   def __call__(self, query: jax.Array, support: jax.Array, support_mask: jax.Array,
@@ -369,7 +385,7 @@ class HierarchicalTransformer(nn.Module):
     for i in range(n):
       stage = DownStage(self.dim, self.heads[i], self.sr_ratios[i], self.kernels[i],
                         self.strides[i], self.depth, self.mlp_ratio, self.dropout, self.ln_eps,
-                        name=f"down_{i}")
+                        remat=self.remat, name=f"down_{i}")
       if q.shape[1:] == s.shape[1:]:
         # Query and supports share the stage and never interact in it: one batched call.
         ts, hw = stage(jnp.concatenate([q, s], axis=0), train=train, tag="", split=b)
@@ -390,10 +406,9 @@ class HierarchicalTransformer(nn.Module):
     fused, corr_maps = None, []
     for i in reversed(range(n)):
       hw = grids[i]
-      x, corr = EncoderLayer(self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout,
-                             self.ln_eps, name=f"match_{i}")(
-          q_tokens[i], hw, source=s_tokens[i], train=train,
-          attn_kwargs={"key_mask": masks[i]})
+      x, corr = encoder_layer_cls(self.remat)(
+          self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout, self.ln_eps,
+          name=f"match_{i}")(q_tokens[i], hw, s_tokens[i], train, {"key_mask": masks[i]})
       self.sow("intermediates", f"match{i}_cross_x", x)
       self.sow("intermediates", f"match{i}_cross_weight", corr)
       corr_maps.append(corr.reshape(b, hw[0], hw[1]))

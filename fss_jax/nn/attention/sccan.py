@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fss_jax.nn.layers import Linear
+from fss_jax.nn.layers import LayerNorm, Linear
 from fss_jax.ops import windows as W
 
 
@@ -159,9 +159,9 @@ class Mlp(nn.Module):
     return Linear(out, name="fc2")(x)
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-  """PyTorch-default LayerNorm (eps 1e-5)."""
-  return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
+def layer_norm(name: str) -> LayerNorm:
+  """PyTorch-default LayerNorm (eps 1e-5; keeps a bfloat16 input's dtype)."""
+  return LayerNorm(epsilon=1e-5, name=name)
 
 
 class SCCABlock(nn.Module):
@@ -253,12 +253,14 @@ class SCCATransformer(nn.Module):
     num_heads: heads (8).
     window: window side (8).
     mlp_ratio: MLP hidden / dim (1).
+    remat: recompute each block in the backward (``nn.remat``; same parameters).
   """
   dim: int = 256
   depth: int = 8
   num_heads: int = 8
   window: int = 8
   mlp_ratio: float = 1.0
+  remat: bool = False
 
   @nn.compact
   def __call__(self, q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray) -> jnp.ndarray:
@@ -266,6 +268,7 @@ class SCCATransformer(nn.Module):
     h, w = q.shape[1:3]
     W.window_grid(h, w, self.window)  # checks the size
     for i in range(self.depth):
-      q, s, _ = SCCABlock(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
-                          mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask)
+      block = nn.remat(SCCABlock) if self.remat else SCCABlock
+      q, s, _ = block(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
+                      mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask)
     return layer_norm("norm0")(q)
