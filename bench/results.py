@@ -112,6 +112,35 @@ SINGLE_HEADER = ("impl", "mode", "size", "B", "K", "dtype", "dev", "input", "bac
                  "params (trainable)", "versions", "load", "time (UTC)")
 
 
+# Plug-in models and the base model they extend: their sections get a cost table.
+PLUGIN_BASES = {"sccan_pahnet": "sccan", "hdmnet_pahnet": "hdmnet"}
+
+
+def _latest_jax(runs: list[dict]) -> dict[tuple, dict]:
+  """(mode, size, batch, shot, dtype, devices) -> the last float32 JAX record of that key."""
+  out = {}
+  for r in runs:
+    if r.get("impl") == "jax" and not r.get("with_pipeline") and "error" not in r:
+      out[(r.get("mode"), r.get("size"), r.get("batch"), r.get("shot"), r.get("dtype"),
+           r.get("devices"))] = r
+  return out
+
+
+def _plugin_rows(plus: list[dict], base: list[dict]) -> list[list[Any]]:
+  rows = []
+  base_by_key = _latest_jax(base)
+  for key, r in sorted(_latest_jax(plus).items(), key=str):
+    b = base_by_key.get(key)
+    if b is None:
+      continue
+    rows.append([key[0], key[1], key[2], key[3], key[4], b.get("steps_per_s"), r.get("steps_per_s"),
+                 round(r["step_ms"] / b["step_ms"], 2) if b.get("step_ms") and r.get("step_ms") else None,
+                 _fmt((r.get("flops_per_step") or 0) / 1e9) if r.get("flops_per_step") else None,
+                 _fmt((b.get("flops_per_step") or 0) / 1e9) if b.get("flops_per_step") else None,
+                 _load(b) + " / " + _load(r)])
+  return rows
+
+
 def render(records: list[dict[str, Any]]) -> str:
   """The Markdown page."""
   by_model: dict[str, dict[str, list]] = {}
@@ -180,6 +209,14 @@ def render(records: list[dict[str, Any]]) -> str:
       out += _table(("devices", "B/device", "steps/s", "relative", "compile s", "final loss",
                      "args MiB/device", "temp MiB/device", "error"), rows)
       out += ["", f"Loss spread over device counts: {_fmt(s.get('loss_spread'))}. {s.get('note', '')}", ""]
+    base_model = PLUGIN_BASES.get(model)
+    rows = _plugin_rows(slot["runs"], by_model[base_model]["runs"]) if base_model in by_model else []
+    if rows:
+      out += [f"### Cost of the plug-in over {base_model} (latest runs of each, same configuration)", ""]
+      out += _table(("mode", "size", "B", "K", "dtype", f"{base_model} steps/s", f"{model} steps/s",
+                     "time ratio", f"{model} GFLOP/step", f"{base_model} GFLOP/step",
+                     "load (base / plug-in)"), rows)
+      out.append("")
     if slot["precision"]:
       out += ["### bfloat16 drift from the float32 PyTorch fixtures (`bench/precision_drift.py`)", "",
               "bf16 inputs and compute, float32 parameters (`config.compute_dtype=bfloat16`); "

@@ -98,4 +98,8 @@ def test_results_render_compare_and_scaling():
            "rows": [{"devices": 1, "batch_per_device": 8, "steps_per_s": 1.0}], "loss_spread": 0.0}]
   page = results_lib.render(recs)
   assert "JAX vs PyTorch" in page and "| 2 |" in page and "Scaling over devices" in page
+  base = dict(jax_rec, model="sccan", mode="eval", size=473, batch=1, dtype="float32", devices=1, step_ms=100.0)
+  plus = dict(base, model="sccan_pahnet", step_ms=250.0)
+  plugin_page = results_lib.render([base, plus])
+  assert "Cost of the plug-in over sccan" in plugin_page and "| 2.5 | – | – | 3.0 / 3.0 |" in plugin_page
   assert "python bench/compare.py --model m" in page
