@@ -258,4 +258,4 @@ def test_verify_reports_failure_with_exit_1(tmp_path):
   assert report["outputs"]["out_layer2"]["max_abs"] >= 0.99
   assert report["outputs"]["out_layer1"]["max_abs"] <= 1e-4 * report["outputs"]["out_layer1"]["scale"]
   assert set(report) >= {"fixture", "model", "outputs", "passed"}
-  assert set(report["outputs"]["out_layer1"]) == {"max_abs", "scale", "argmax_agree"}
+  assert set(report["outputs"]["out_layer1"]) == {"max_abs", "scale", "argmax_agree", "rel"}

@@ -307,8 +307,17 @@ def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
   d["mid_similarity_ppm_cls"] = _nchw(mid["similarity_ppm_cls"])
   d["mid_transformer_in_similarity"] = np.concatenate(
       [d["mid_similarity_ppm_cls"], d["mid_similarity_layer4"]], axis=1)
-  d["mid_meta_logits_lowres"] = _nchw(mid["meta_logits_lowres"])
-  d["mid_base_logits_lowres"] = _nchw(mid["base_logits_lowres"])
+  d.update(transformer_mids(mid))
+  for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
+    d[f"mid_{name}"] = _nchw(mid[f"ensemble/{name}"])
+  return d
+
+
+def transformer_mids(mid: Mapping[str, Any]) -> dict:
+  """The fixture's ``mid_`` arrays of the hierarchical transformer and the low-res logits
+  (shared with PAHNet's HDMNetPlus), from `_flatten`'d intermediates."""
+  d = {"mid_meta_logits_lowres": _nchw(mid["meta_logits_lowres"]),
+       "mid_base_logits_lowres": _nchw(mid["base_logits_lowres"])}
   for i in range(3):
     t = f"transformer/down_{i}/"
     for who in ("query", "support"):
@@ -323,8 +332,6 @@ def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
     d[f"mid_match{i}_cross_weight"] = np.asarray(mid[f"transformer/match{i}_cross_weight"])
     d[f"mid_match{i}_conv"] = _nchw(mid[f"transformer/match{i}_conv"])
     d[f"mid_parse{i}"] = _nchw(mid[f"transformer/parse{i}"])
-  for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
-    d[f"mid_{name}"] = _nchw(mid[f"ensemble/{name}"])
   return d
 
 

@@ -436,7 +436,7 @@ def _patch_grid(n: int, kernel: int, stride: int) -> int:
   return (n + 2 * (stride // 2) - kernel) // stride + 1
 
 
-class TransformerPlus(nn.Module):
+class TransformerPlus(hdm.HierarchicalTransformer):
   """HDMNetPlus ``MixVisionTransformer`` (pahnet.md §5.2).
 
   HDMNet's `DownStage`s; the support self-attention of stages with spatial
@@ -446,24 +446,12 @@ class TransformerPlus(nn.Module):
   ASC cross-attention (predictor map resized nearest); then HDMNet's
   ConvModule with the prior, parse blocks and classifier.
 
-  Attributes mirror `fss_jax.nn.attention.hdm.HierarchicalTransformer`.
+  Attributes: those of `fss_jax.nn.attention.hdm.HierarchicalTransformer` (inherited).
   """
-  shot: int = 1
-  dim: int = 64
-  heads: Sequence[int] = (2, 4, 8)
-  match_heads: int = 2
-  kernels: Sequence[int] = (1, 3, 3)
-  strides: Sequence[int] = (1, 2, 2)
-  sr_ratios: Sequence[int] = (4, 2, 1)
-  depth: int = 2
-  mlp_ratio: int = 4
-  dropout: float = 0.1
-  ln_eps: float = 1e-6
-  num_classes: int = 2
-  remat: bool = False
 
   @nn.compact
-  def __call__(self, query, support, support_mask, similarity, prob, *, train: bool = False):
+  def __call__(self, query, support, support_mask, similarity, prob, *,  # pylint: disable=arguments-differ
+               train: bool = False):
     """query [B, H, W, dim], support [B*K, H, W, dim] (row b*K + k), support_mask
     [B*K, Hm, Wm] binary at input size, similarity [B, H, W, 2], prob [B, s, s]
     -> (meta logits [B, H, W, 2], corr maps coarse to fine, pseudo masks coarse to fine
@@ -808,25 +796,11 @@ def _hdmnet_outputs(result, meta: Mapping[str, Any]) -> dict:
   d["mid_supp_merge__c16"] = _nchw(mid["supp_merge_out"])[:, :16]
   d["mid_query_merge"] = _nchw(mid["query_merge_out"])
   d["mid_transformer_in_similarity"] = _nchw(mid["prior"])
-  d["mid_meta_logits_lowres"] = _nchw(mid["meta_logits_lowres"])
-  d["mid_base_logits_lowres"] = _nchw(mid["base_logits_lowres"])
-  for i in range(3):
-    t = f"transformer/down_{i}/"
-    for who in ("query", "support"):
-      d[f"mid_down{i}_patch_embed_{who}__chmean"] = _chmean(mid[f"{t}patch_embed_{who}"])
-      for j in (1, 2):
-        d[f"mid_down{i}_self{j}_{who}__chmean"] = _chmean(mid[f"{t}self{j}_{who}"])
-    d[f"mid_down{i}_norm_query"] = np.asarray(mid[f"transformer/down{i}_norm_query"])
-    s_norm = np.asarray(mid[f"transformer/down{i}_norm_support"])
-    d[f"mid_down{i}_norm_support__chmean"] = _chmean(s_norm)
-    d[f"mid_down{i}_norm_support__c8"] = s_norm[..., :8]
+  d.update(hdmnet_lib.transformer_mids(mid))
+  for i in range(3):                                      # PFE inside each match layer
     d[f"mid_match{i}_pe_x"] = np.asarray(mid[f"transformer/match{i}_pe_x"])
     d[f"mid_match{i}_pe_y__chmean"] = _chmean(mid[f"transformer/match{i}_pe_y"])
     d[f"mid_match{i}_pe_pseudo"] = _nchw(mid[f"transformer/match{i}_pe_pseudo"])
-    d[f"mid_match{i}_cross_x"] = np.asarray(mid[f"transformer/match{i}_cross_x"])
-    d[f"mid_match{i}_cross_weight"] = np.asarray(mid[f"transformer/match{i}_cross_weight"])
-    d[f"mid_match{i}_conv"] = _nchw(mid[f"transformer/match{i}_conv"])
-    d[f"mid_parse{i}"] = _nchw(mid[f"transformer/parse{i}"])
   return d
 
 
