@@ -38,6 +38,7 @@ from fss_jax.nn.layers import BatchNorm2d, Conv2d, LayerNorm, Linear, kaiming_no
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
 from fss_jax.ops.softmax import softmax_dot_backward
 
+
 def layer_norm(eps: float, name: str) -> LayerNorm:
   """torch.nn.LayerNorm semantics (two-pass variance; keeps a bfloat16 input's dtype)."""
   return LayerNorm(epsilon=eps, name=name)
