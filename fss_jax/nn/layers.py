@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fss_jax.ops import conv as conv_ops
+
 Initializer = Callable[..., jax.Array]
 IntOr2 = int | Sequence[int]
 
@@ -71,8 +73,8 @@ class Conv2d(nn.Module):
     use_bias: add a bias (torch ``bias=True``).
     kernel_init / bias_init: default to torch's initialisers; `bias_init`,
       when given, is a plain flax initializer.
-    precision: passed to `lax.conv_general_dilated` (None follows
-      `jax.default_matmul_precision`).
+    precision: passed to `fss_jax.ops.conv.conv2d` (None follows
+      `jax.default_matmul_precision`); 1 x 1 kernels run as matrix products.
   """
   features: int
   kernel_size: IntOr2 = 3
@@ -97,14 +99,9 @@ class Conv2d(nn.Module):
                        f"divisible by groups={self.groups}")
     kernel = self.param("kernel", self.kernel_init,
                         (kh, kw, cin // self.groups, self.features), jnp.float32)
-    y = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype),
-        window_strides=_pair(self.stride, "stride"),
-        padding=((ph, ph), (pw, pw)),
-        rhs_dilation=_pair(self.dilation, "dilation"),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.groups,
-        precision=self.precision)
+    y = conv_ops.conv2d(x, kernel.astype(x.dtype), stride=_pair(self.stride, "stride"),
+                        padding=(ph, pw), dilation=_pair(self.dilation, "dilation"),
+                        groups=self.groups, precision=self.precision)
     if self.use_bias:
       fan_in = cin // self.groups * kh * kw
       bias = self.param("bias", self.bias_init or torch_default_bias_init(fan_in),
