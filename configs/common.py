@@ -113,6 +113,7 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
   c.data.train_resize = "crop"        # PFENet/BAM/SCCAN | "squash" (HDMNet)
   c.data.scale = (0.9, 1.1) if c.dataset == "pascal5i" else (0.8, 1.25)
   c.data.rotate = (-10.0, 10.0)
+  c.data.blur = 0.5                   # Gaussian blur probability (0: none)
   c.data.test_size = 473
   c.data.test_resize = "aspect"       # §9.1 aspect + pad | "squash" (§9.2)
   c.data.label_bucket = 0             # 0: 512 PASCAL / 640 COCO
@@ -191,7 +192,8 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Same code path, tiny sizes (big_vision's ``runlocal``): a few steps on small images."""
   c.data.train_size = 65
   c.data.test_size = 65
-  c.data.scale = (0.9, 1.1)
+  if tuple(c.data.scale) != (1.0, 1.0):  # keep "no RandScale" recipes (PANet, SSP) as they are
+    c.data.scale = (0.9, 1.1)
   c.data.label_bucket = 512
   c.data.worker_count = 0
   c.batch_size = 2

@@ -15,10 +15,9 @@ The paper's recipe (shared/reference/panet.md §7, kaixin96/PANet ``config.py``)
   iterations 10k and 20k (``MultiStepLR`` stepped every iteration), 30k iterations,
   batch 1 episode; loss = CE(ignore 255) + 1 · PAR; nothing frozen; seed 1234;
   training starts from the ImageNet VGG-16 (``config.init``, converted as above).
-* Input: squash resize to 417 × 417 and random horizontal flip. The pipeline's §8
-  chain is used with rotation (0, 0); its RandScale runs before the squash (only
-  resampling, as in HDMNet) and its Gaussian blur (p 0.5) cannot be switched off:
-  small deviations from PANet's resize + mirror.
+* Input: squash resize to 417 × 417 and random horizontal flip, PANet's resize +
+  mirror: the pipeline's §8 chain with its RandScale, RandRotate and Gaussian blur
+  left out (``data.scale=(1, 1)``, ``data.rotate=(0, 0)``, ``data.blur=0``).
 
 Deliberate protocol choice: PANet's own test protocol (trainaug images, labels
 resized to 417, class-balanced episodes) is not comparable with the other methods.
@@ -45,8 +44,9 @@ def get_config(arg: str | None = None):
 
   c.data.train_size = 417
   c.data.train_resize = "squash"
-  c.data.scale = (0.9, 1.1)        # undone by the squash that follows
+  c.data.scale = (1.0, 1.0)        # no RandScale, no rotation, no blur: resize + mirror
   c.data.rotate = (0.0, 0.0)
+  c.data.blur = 0.0
   c.data.test_size = 417
   c.data.test_resize = "squash"
 

@@ -54,8 +54,9 @@ def get_config(arg: str | None = None):
   c.data.coco_split = "contiguous" if arg.split == "ssp" else "interleaved"
   c.data.train_size = 473
   c.data.train_resize = "crop"
-  c.data.scale = (1.0, 1.0)
+  c.data.scale = (1.0, 1.0)          # crop + flip only: no RandScale, rotation or blur
   c.data.rotate = (0.0, 0.0)
+  c.data.blur = 0.0
   c.data.test_size = 473
   c.data.test_resize = "aspect"
 

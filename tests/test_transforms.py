@@ -271,3 +271,25 @@ def test_deterministic_ops_run_the_same_inside_grain():
   assert set(got) == set(want)
   for k in want:
     assert np.array_equal(got[k], want[k]), k
+
+
+def test_train_chain_leaves_out_identity_steps():
+  kinds = lambda ops: [type(o).__name__ for o in ops]  # noqa: E731
+  full = kinds(T.train_ops(33))
+  assert full[:4] == ["RandScale", "RandRotate", "RandomGaussianBlur", "RandomHorizontalFlip"]
+  # PANet (resize + mirror) and SSP (crop + flip): no RandScale, rotation or blur.
+  bare = kinds(T.train_ops(33, scale=(1, 1), rotate=(0, 0), blur=0.0, resize="squash"))
+  assert bare == ["RandomHorizontalFlip", "SquashResize", "Normalize", "ToArrays"]
+  blur = T.train_ops(33, scale=(1, 1), rotate=(0, 0), blur=0.25)[0]
+  assert isinstance(blur, T.RandomGaussianBlur) and blur.p == 0.25
+  with pytest.raises(ValueError, match="probability"):
+    T.train_ops(33, blur=1.5)
+
+
+@pytest.mark.parametrize("method", ["panet", "ssp"])
+def test_flip_only_recipes_build_their_chain(method):
+  import importlib
+  c = importlib.import_module(f"configs.{method}").get_config("smoke")
+  ops = T.train_ops(c.data.train_size, scale=c.data.scale, rotate=c.data.rotate, blur=c.data.blur,
+                    resize=c.data.train_resize)
+  assert [type(o).__name__ for o in ops][0] == "RandomHorizontalFlip"

@@ -70,7 +70,9 @@ class EpisodeConfig:
     seed: sampling + augmentation seed of the training stream.
     train_size: crop (or squash) size, e.g. 473 (PASCAL), 641 (BAM COCO).
     train_resize: "crop" (PFENet/BAM/SCCAN) or "squash" (HDMNet).
-    scale, rotate: RandScale range and RandRotate angle range (§8).
+    scale, rotate: RandScale range and RandRotate angle range (§8); (1, 1) / (0, 0) leave
+      the step out.
+    blur: probability of the Gaussian blur (§8.3; 0 leaves it out).
     test_size: S of §9 (473; BAM COCO 641; HDMNet COCO 633).
     test_resize: "aspect" (§9.1, aspect + pad) or "squash" (§9.2).
     label_bucket: side of the padded original-size query label of eval batches
@@ -99,6 +101,7 @@ class EpisodeConfig:
   train_resize: str = "crop"
   scale: tuple[float, float] = (0.9, 1.1)
   rotate: tuple[float, float] = (-10.0, 10.0)
+  blur: float = 0.5
   test_size: int = 473
   test_resize: str = "aspect"
   label_bucket: int | None = None
@@ -460,7 +463,7 @@ def make_train_loader(cfg: EpisodeConfig, *, global_batch_size: int, shard_index
   ds = _Range(n).map(SampleEpisode(sampler))
   ds = ds.map(LoadEpisode(src, base_lut=fc.base_label_lut() if cfg.base_label else None))
   ds = ds.seed(cfg.seed)
-  ds = _apply_ops(ds, T.train_ops(cfg.train_size, scale=cfg.scale, rotate=cfg.rotate,
+  ds = _apply_ops(ds, T.train_ops(cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur,
                                   resize=cfg.train_resize))
   it = _finish(ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count)
   return Loader(dataset=it, global_batch_size=global_batch_size, batch_size=b, episodes_per_epoch=q,
@@ -581,7 +584,8 @@ def make_base_train_loader(cfg: EpisodeConfig, *, global_batch_size: int, shard_
   n = sys.maxsize if num_epochs is None else num_epochs * n_img
   lut = fc.base_label_lut()
   ds = _Range(n).map(_BaseImage(src, lut, cfg.seed, "shuffle")).seed(cfg.seed)
-  ops = T.train_ops(cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, resize=cfg.train_resize)
+  ops = T.train_ops(cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur,
+                    resize=cfg.train_resize)
   ds = _apply_ops(ds, ops).map(_RenameBase())
   it = _finish(ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count)
   return Loader(dataset=it, global_batch_size=global_batch_size, batch_size=b, episodes_per_epoch=n_img,

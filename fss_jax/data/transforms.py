@@ -362,8 +362,14 @@ def batch_episodes(elements: Sequence[dict]) -> dict[str, np.ndarray]:
 
 
 def train_ops(size: int | tuple[int, int], *, scale: tuple[float, float] = (0.9, 1.1),
-              rotate: tuple[float, float] = (-10.0, 10.0), resize: str = "crop") -> list:
-  """The §8 chain. ``resize``: "crop" (PFENet/BAM/SCCAN) or "squash" (HDMNet)."""
+              rotate: tuple[float, float] = (-10.0, 10.0), blur: float = 0.5,
+              resize: str = "crop") -> list:
+  """The §8 chain. ``resize``: "crop" (PFENet/BAM/SCCAN) or "squash" (HDMNet).
+
+  A step that does nothing is left out: ``scale=(1, 1)`` (no RandScale),
+  ``rotate=(0, 0)`` (no RandRotate), ``blur=0`` (no Gaussian blur; else its
+  probability) — PANet's resize + mirror and SSP's crop + flip recipes.
+  """
   size = _size_hw(size)
   if resize == "crop":
     last = RandomCrop(size=size)
@@ -371,8 +377,16 @@ def train_ops(size: int | tuple[int, int], *, scale: tuple[float, float] = (0.9,
     last = SquashResize(size=size)
   else:
     raise ValueError(f"train resize must be 'crop' or 'squash', got {resize!r}")
-  return [RandScale(scale=tuple(scale)), RandRotate(angle=tuple(rotate)), RandomGaussianBlur(),
-          RandomHorizontalFlip(), last, Normalize(), ToArrays()]
+  if not 0.0 <= blur <= 1.0:
+    raise ValueError(f"blur is a probability in [0, 1], got {blur}")
+  ops = []
+  if tuple(float(v) for v in scale) != (1.0, 1.0):
+    ops.append(RandScale(scale=tuple(scale)))
+  if tuple(float(v) for v in rotate) != (0.0, 0.0):
+    ops.append(RandRotate(angle=tuple(rotate)))
+  if blur > 0:
+    ops.append(RandomGaussianBlur(p=float(blur)))
+  return ops + [RandomHorizontalFlip(), last, Normalize(), ToArrays()]
 
 
 def test_ops(size: int, *, resize: str = "aspect", bucket: tuple[int, int] | None = (512, 512)) -> list:

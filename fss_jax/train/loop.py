@@ -115,6 +115,7 @@ def episode_config(config):
       dataset=config.dataset, data_dir=os.path.expanduser(d.data_dir), fold=config.fold,
       shot=config.shot, way=config.way, seed=config.seed, train_size=d.train_size,
       train_resize=d.train_resize, scale=tuple(d.scale), rotate=tuple(d.rotate),
+      blur=float(d.get("blur", 0.5)),
       test_size=d.test_size, test_resize=d.test_resize, label_bucket=d.label_bucket or None,
       protocol=d.protocol, coco_split=d.coco_split, base_label=d.base_label,
       worker_count=d.worker_count, read_threads=d.read_threads,
@@ -383,7 +384,8 @@ def _score_mode(config) -> str:
 
 
 def _compute_dtype(config) -> str:
-  """``config.compute_dtype`` (float32 for configs written before the field existed), checked."""
+  """``config.compute_dtype`` (float32 for configs written before the field existed), checked
+  here so that a wrong name stops the run before the model and data are built."""
   name = str(config.get("compute_dtype", "float32"))
   precision.compute_dtype(name)
   return name
