@@ -58,3 +58,36 @@ def extra_fixture_paths(folder: str, exclude: tuple[str, ...] = ()) -> list[path
     if d.is_dir():
       paths += [p for p in sorted(d.glob("*.npz")) if p.stem not in exclude]
   return paths
+
+
+def run_train_steps(spec, model, variables, optim_cfg, batch, *, total_steps: int, steps: int = 3):
+  """The engine's jitted train step `steps` times from `variables` on one `batch`.
+
+  Builds the optimiser of `optim_cfg` with the model's frozen patterns, as fss_jax.main
+  does. Returns (params before, params after, losses [steps], metrics of the last step);
+  every loss is checked to be finite.
+  """
+  from functools import partial
+  import jax
+  import jax.numpy as jnp
+  from fss_jax.train import optim, state as state_lib, step as step_lib
+  opt = optim.build(optim_cfg, variables["params"], total_steps=total_steps, frozen=spec.frozen)
+  st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                            batch_stats=variables["batch_stats"],
+                            opt_state=opt.tx.init(variables["params"]), rng=jax.random.PRNGKey(0))
+  before = jax.tree.map(np.asarray, st.params)
+  train = jax.jit(partial(step_lib.train_step, model=model, loss_fn=spec.loss_fn, tx=opt.tx,
+                          trainable=opt.trainable))
+  losses, metrics = [], {}
+  for _ in range(steps):
+    st, metrics = train(st, batch)
+    losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses[-1]), losses
+  return before, jax.tree.map(np.asarray, st.params), losses, metrics
+
+
+def leaf(tree, path):
+  """tree[path[0]][path[1]]...: one leaf of a nested parameter dict."""
+  for p in path:
+    tree = tree[p]
+  return tree

@@ -10,14 +10,13 @@ import functools
 import json
 import pathlib
 import re
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_fixture
+from conftest import leaf, load_fixture, run_train_steps
 from fss_jax import keymaps
 from fss_jax.models import pahnet, registry
 from fss_jax.nn import prototype
@@ -291,7 +290,6 @@ def test_smoke_config_training_lowers_the_loss(variant):
   """Engine train_step with the smoke config, 2-shot: the loss goes down; the predictor
   and the base learner stay frozen; the transformer (PFE / ASC) and kshot_rw train."""
   from configs import pahnet as cfg
-  from fss_jax.train import optim, state as state_lib, step as step_lib
   c = cfg.get_config(f"variant={variant},smoke,shot=2")
   name = c.model
   spec = registry.get(name)
@@ -309,23 +307,11 @@ def test_smoke_config_training_lowers_the_loss(variant):
   model = spec.make_model(**fields)
   variables = jax.tree.map(jnp.asarray, keymaps.convert(
       _state_dict(name, 2, drop), spec.keymap(**fields), model=name))
-  opt = optim.build(optim_cfg, variables["params"], total_steps=c.total_steps,
-                    frozen=spec.frozen)
-  st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                            batch_stats=variables["batch_stats"],
-                            opt_state=opt.tx.init(variables["params"]), rng=jax.random.PRNGKey(0))
-  before = jax.tree.map(np.asarray, st.params)
-  train = jax.jit(partial(step_lib.train_step, model=model, loss_fn=spec.loss_fn, tx=opt.tx,
-                          trainable=opt.trainable))
   batch = _episode(np.random.default_rng(0), 2, 2, 33)
-  losses = []
-  for _ in range(3):
-    st, metrics = train(st, batch)
-    losses.append(float(metrics["loss"]))
-    assert np.isfinite(losses[-1])
+  before, after, losses, metrics = run_train_steps(spec, model, variables, optim_cfg, batch,
+                                                   total_steps=c.total_steps)
   assert losses[-1] < losses[0], (losses, jax.tree.map(float, metrics))
   assert "ce_pseudo" in metrics
-  after = jax.tree.map(np.asarray, st.params)
   np.testing.assert_array_equal(after["ssp"]["backbone"]["layer3_5"]["conv3"]["kernel"],
                                 before["ssp"]["backbone"]["layer3_5"]["conv3"]["kernel"])
   np.testing.assert_array_equal(after["pspnet"]["classifier"]["kernel"],
@@ -333,7 +319,4 @@ def test_smoke_config_training_lowers_the_loss(variant):
   pe = ("transformer", "blocks_0", "pe", "q", "kernel") if variant == "sccan" else \
       ("transformer", "match_pe_0", "q", "kernel")
   for path in (pe, ("ensemble", "kshot_rw", "conv_0", "kernel")):
-    a, b = after, before
-    for p in path:
-      a, b = a[p], b[p]
-    assert not np.array_equal(a, b), path
+    assert not np.array_equal(leaf(after, path), leaf(before, path)), path

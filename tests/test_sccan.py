@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from checkpoints.verify import verify_fixture
-from conftest import PARITY_DIR, extra_fixture_paths, load_fixture, parity_fixture
+from conftest import PARITY_DIR, extra_fixture_paths, leaf, load_fixture, parity_fixture, run_train_steps
 from fss_jax import keymaps
 from fss_jax.models import registry
 from fss_jax.models import sccan
@@ -269,11 +269,10 @@ def _synthetic_episode(rng, b, h):
 def test_smoke_config_trains_with_both_optimisers():
   """Engine train_step with the smoke config (grid 32, 2 blocks): the loss goes down,
   the backbone stays frozen, SGD and AdamW groups both move."""
-  from functools import partial
 
   from checkpoints import fixtures
   from configs import sccan as cfg_sccan
-  from fss_jax.train import optim, state as state_lib, step as step_lib
+  from fss_jax.train import optim
   c = cfg_sccan.get_config("smoke")
   spec = registry.get("sccan")
   fields = dict(c.model_fields, feature_dropout=0.0, classifier_dropout=0.0)  # deterministic
@@ -286,24 +285,12 @@ def test_smoke_config_trains_with_both_optimisers():
   variables = jax.tree.map(jnp.asarray, keymaps.convert(sd, spec.keymap(**fields)))
   opt = optim.build(c.optim, variables["params"], total_steps=c.total_steps, frozen=spec.frozen)
   assert set(opt.summary) == {"frozen", "default*10", "transformer"}
-  st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                            batch_stats=variables["batch_stats"],
-                            opt_state=opt.tx.init(variables["params"]), rng=jax.random.PRNGKey(0))
-  before = jax.tree.map(np.asarray, st.params)
-  train = jax.jit(partial(step_lib.train_step, model=model, loss_fn=spec.loss_fn, tx=opt.tx,
-                          trainable=opt.trainable))
   batch = _synthetic_episode(np.random.default_rng(0), 2, 33)
-  losses = []
-  for _ in range(3):
-    st, metrics = train(st, batch)
-    losses.append(float(metrics["loss"]))
-    assert np.isfinite(losses[-1]) and np.isfinite(float(metrics["ce"]))
+  before, after, losses, metrics = run_train_steps(spec, model, variables, c.optim, batch,
+                                                   total_steps=c.total_steps)
+  assert np.isfinite(float(metrics["ce"]))
   assert losses[-1] < losses[0], losses
-  after = jax.tree.map(np.asarray, st.params)
   np.testing.assert_array_equal(after["backbone"]["conv1"]["kernel"],
                                 before["backbone"]["conv1"]["kernel"])          # frozen
   for path in (("transformer", "norm0", "scale"), ("down_query", "kernel")):  # AdamW, SGD
-    a, b = after, before
-    for p in path:
-      a, b = a[p], b[p]
-    assert not np.array_equal(a, b), path
+    assert not np.array_equal(leaf(after, path), leaf(before, path)), path

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_fixture
+from conftest import leaf, load_fixture, run_train_steps
 from fss_jax import keymaps
 from fss_jax.models import registry, ssp
 from fss_jax.nn import prototype
@@ -240,7 +240,6 @@ def test_config_recipe():
 
 
 def test_training_lowers_the_loss_and_freezes_the_recipe_parts():
-  from fss_jax.train import optim, state as state_lib, step as step_lib
   from configs import ssp as cfg
   _, meta, _ = load_fixture("sccan_pahnet", "sccan_pahnet_1shot_241_b2")
   c = cfg.get_config("smoke")
@@ -250,34 +249,17 @@ def test_training_lowers_the_loss_and_freezes_the_recipe_parts():
   variables = jax.tree.map(jnp.asarray, {col: {"ssp": t} for col, t in inner.items()})
   optim_cfg = c.optim.to_dict()
   optim_cfg["lr"] = 2e-3
-  opt = optim.build(optim_cfg, variables["params"], total_steps=c.total_steps, frozen=spec.frozen)
-  st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                            batch_stats=variables["batch_stats"],
-                            opt_state=opt.tx.init(variables["params"]), rng=jax.random.PRNGKey(0))
-  before = jax.tree.map(np.asarray, st.params)
-  train = jax.jit(partial(step_lib.train_step, model=model, loss_fn=spec.loss_fn, tx=opt.tx,
-                          trainable=opt.trainable))
   batch = _episode(np.random.default_rng(1), 2, 1, 33)
-  losses = []
-  for _ in range(3):
-    st, metrics = train(st, batch)
-    losses.append(float(metrics["loss"]))
-    assert np.isfinite(losses[-1])
+  before, after, losses, metrics = run_train_steps(spec, model, variables, optim_cfg, batch,
+                                                   total_steps=c.total_steps)
   assert losses[-1] < losses[0], losses
   assert {"ce_out1", "ce_self", "ce_support"} <= set(metrics)
-  after = jax.tree.map(np.asarray, st.params)
   bb_a, bb_b = after["ssp"]["backbone"], before["ssp"]["backbone"]
   for frozen in (("conv1", "kernel"), ("layer1_0", "conv1", "kernel"),
                  ("layer2_0", "bn1", "scale")):
-    a, b = bb_a, bb_b
-    for p in frozen:
-      a, b = a[p], b[p]
-    np.testing.assert_array_equal(a, b, err_msg=str(frozen))
+    np.testing.assert_array_equal(leaf(bb_a, frozen), leaf(bb_b, frozen), err_msg=str(frozen))
   for trained in (("layer2_0", "conv2", "kernel"), ("layer3_5", "conv3", "kernel")):
-    a, b = bb_a, bb_b
-    for p in trained:
-      a, b = a[p], b[p]
-    assert not np.array_equal(a, b), trained
+    assert not np.array_equal(leaf(bb_a, trained), leaf(bb_b, trained)), trained
 
 
 @pytest.mark.parametrize("source,stem", [

@@ -44,7 +44,8 @@ from fss_jax.models import ssp as ssp_lib
 from fss_jax.models.registry import ModelSpec, ParityAdapter
 from fss_jax.nn.aspp import ASPPDecoder
 from fss_jax.nn.attention import hdm
-from fss_jax.nn.attention.sccan import Mlp, ScaledCosineAttention, align_support_windows
+from fss_jax.nn.attention.sccan import (Mlp, ScaledCosineAttention, ShiftedWindowStreams,
+                                        align_support_windows)
 from fss_jax.nn.attention.sccan import layer_norm as sccan_layer_norm
 from fss_jax.nn.ensemble import LearnerEnsemble, ensemble_keymap
 from fss_jax.nn.layers import Conv2d, Linear
@@ -105,7 +106,7 @@ def _level_priors(fq: Mapping[str, jax.Array], fs: Mapping[str, jax.Array], mask
 # ---------------------------------------------------------------------------
 
 
-class SCCAPlusBlock(nn.Module):
+class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
   """One SCCANPlus block (pahnet.md §3): PFE, then SCCA with ASC.
 
   Query stream: ``LN1`` -> (pad when `shifted`) -> window alignment -> attention
@@ -122,13 +123,6 @@ class SCCAPlusBlock(nn.Module):
   window: int = 8
   shifted: bool = False
   mlp_ratio: float = 1.0
-
-  def _pad(self, x):
-    return W.pad_half_window(x, self.window) if self.shifted else x
-
-  def _unwindow(self, windows, hp, wp, h, w):
-    x = W.window_merge(windows, hp, wp)
-    return W.crop_half_window(x, self.window, h, w) if self.shifted else x
 
   @nn.compact
   def __call__(self, q: jax.Array, s: jax.Array, s_mask: jax.Array, prob: jax.Array):
@@ -167,22 +161,14 @@ class SCCAPlusBlock(nn.Module):
     reweight = jnp.einsum("nqhd,nkhd->nhqk", e, f)
     o = ScaledCosineAttention(c, heads, name="attn_q")(
         flat(q_win), flat(s_al), cross_weight=reweight, cross_bias=mismatch)
-    self.sow("intermediates", "attn_q_out", o.reshape(b, nw * t, c))
-    q = q + self._unwindow(o.reshape(b, nw, t, c), hp, wp, h, w)
     hidden = int(c * self.mlp_ratio)
-    m = Mlp(hidden, name="mlp_q")(norm2(q))
-    self.sow("intermediates", "mlp_q_out", m.reshape(b, h * w, c))
-    q = q + m
+    q = self._residual_mlp(q, o, Mlp(hidden, name="mlp_q"), norm2, (hp, wp), "q")
 
     # Support self-attention, FG-FG / BG-BG only (un-aligned windows).
     u = asc_support_state(flat(m_win))
     self_bias = jnp.where(asc_mismatch(u, u), -jnp.inf, 0.0)[:, None]
     o = ScaledCosineAttention(c, heads, name="attn_s")(flat(s_win), self_bias=self_bias)
-    self.sow("intermediates", "attn_s_out", o.reshape(b, nw * t, c))
-    s = s + self._unwindow(o.reshape(b, nw, t, c), hp, wp, h, w)
-    m = Mlp(hidden, name="mlp_s")(norm2(s))
-    self.sow("intermediates", "mlp_s_out", m.reshape(b, h * w, c))
-    s = s + m
+    s = self._residual_mlp(s, o, Mlp(hidden, name="mlp_s"), norm2, (hp, wp), "s")
     self.sow("intermediates", "q_out", q.reshape(b, h * w, c))
     self.sow("intermediates", "s_out", s.reshape(b, h * w, c))
     return q, s, pseudo
@@ -203,8 +189,8 @@ class SCCAPlusTransformer(nn.Module):
     tuple of `depth` pseudo masks [B, H, W, 2])."""
     W.window_grid(*q.shape[1:3], self.window)
     pseudo = []
+    block = nn.remat(SCCAPlusBlock) if self.remat else SCCAPlusBlock
     for i in range(self.depth):
-      block = nn.remat(SCCAPlusBlock) if self.remat else SCCAPlusBlock
       q, s, p = block(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
                       mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask, prob)
       pseudo.append(p)

@@ -164,7 +164,38 @@ def layer_norm(name: str) -> LayerNorm:
   return LayerNorm(epsilon=1e-5, name=name)
 
 
-class SCCABlock(nn.Module):
+class ShiftedWindowStreams:
+  """What the SCCA blocks share (SCCAN's and PAHNet's): half-window padding, window
+  merging, and each stream's residual + MLP tail. For modules with `window` and
+  `shifted` fields."""
+
+  def _pad(self, x):
+    return W.pad_half_window(x, self.window) if self.shifted else x
+
+  def _unwindow(self, windows, hp, wp, h, w):
+    x = W.window_merge(windows, hp, wp)
+    return W.crop_half_window(x, self.window, h, w) if self.shifted else x
+
+  def _residual_mlp(self, x, o, mlp, norm, padded_hw, stream: str):
+    """``x + crop(merge(o))``, then ``+ mlp(norm(.))``; sows ``attn_/mlp_<stream>_out``.
+
+    Args:
+      x: [B, H, W, C] the stream before the attention.
+      o: [B * N, T, C] attention output per window (N windows of T tokens).
+      mlp, norm: the stream's MLP and the block's second LayerNorm.
+      padded_hw: (H', W') of the padded token grid the windows came from.
+      stream: "q" or "s" (the intermediates' names).
+    """
+    b, h, w, c = x.shape
+    o = o.reshape(b, -1, o.shape[1], c)                           # [B, N, T, C]
+    self.sow("intermediates", f"attn_{stream}_out", o.reshape(b, -1, c))
+    x = x + self._unwindow(o, *padded_hw, h, w)
+    m = mlp(norm(x))
+    self.sow("intermediates", f"mlp_{stream}_out", m.reshape(b, h * w, c))
+    return x + m
+
+
+class SCCABlock(ShiftedWindowStreams, nn.Module):
   """One SCCA block on [B, H, W, C] maps (H, W multiples of the window).
 
   ``q, s = LN1(q), LN1(s)`` (shared norm), zero-pad by half a window when
@@ -192,13 +223,6 @@ class SCCABlock(nn.Module):
     self.mlp_q = Mlp(hidden)
     self.mlp_s = Mlp(hidden)
 
-  def _pad(self, x):
-    return W.pad_half_window(x, self.window) if self.shifted else x
-
-  def _unwindow(self, windows, hp, wp, h, w):
-    x = W.window_merge(windows, hp, wp)
-    return W.crop_half_window(x, self.window, h, w) if self.shifted else x
-
   def __call__(self, q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray):
     """Runs the block.
 
@@ -223,18 +247,9 @@ class SCCABlock(nn.Module):
     s_aligned = W.gather_windows(s_win, index)
     nw, t = q_win.shape[1:3]
     o = self.attn_q(q_win.reshape(b * nw, t, c), s_aligned.reshape(b * nw, t, c))
-    self.sow("intermediates", "attn_q_out", o.reshape(b, nw * t, c))
-    q = q + self._unwindow(o.reshape(b, nw, t, c), hp, wp, h, w)
-    m = self.mlp_q(self.norm2(q))
-    self.sow("intermediates", "mlp_q_out", m.reshape(b, h * w, c))
-    q = q + m
-
+    q = self._residual_mlp(q, o, self.mlp_q, self.norm2, (hp, wp), "q")
     u = self.attn_s(s_win.reshape(b * nw, t, c))
-    self.sow("intermediates", "attn_s_out", u.reshape(b, nw * t, c))
-    s = s + self._unwindow(u.reshape(b, nw, t, c), hp, wp, h, w)
-    m = self.mlp_s(self.norm2(s))
-    self.sow("intermediates", "mlp_s_out", m.reshape(b, h * w, c))
-    s = s + m
+    s = self._residual_mlp(s, u, self.mlp_s, self.norm2, (hp, wp), "s")
     self.sow("intermediates", "q_out", q.reshape(b, h * w, c))
     self.sow("intermediates", "s_out", s.reshape(b, h * w, c))
     return q, s, index
@@ -267,8 +282,8 @@ class SCCATransformer(nn.Module):
     """q, s [B, H, W, C], s_mask [B, H, W, 1] -> query tokens [B, H, W, C]."""
     h, w = q.shape[1:3]
     W.window_grid(h, w, self.window)  # checks the size
+    block = nn.remat(SCCABlock) if self.remat else SCCABlock
     for i in range(self.depth):
-      block = nn.remat(SCCABlock) if self.remat else SCCABlock
       q, s, _ = block(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
                       mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask)
     return layer_norm("norm0")(q)
