@@ -3,12 +3,13 @@
 #
 #   bash bench/gpu_suite.sh [OUT_DIR] [PEAK_TFLOPS]
 #
-# Appends JSON lines to OUT_DIR/{panet,sccan,hdmnet,pahnet,symnet}_gpu.jsonl (default
+# Appends JSON lines to OUT_DIR/{panet,sccan,hdmnet,pahnet,symnet,ssp,pspnet}_gpu.jsonl (default
 # bench/results); copy them into bench/results and run `python bench/results.py`.
 # PEAK_TFLOPS (default 989: H100/H200 SXM dense bf16) gives the MFU column; float32 runs use
 # TF32 matmuls unless jax_default_matmul_precision says otherwise.
-# Official PyTorch checkouts for the JAX/PyTorch ratio: REFS=/path with panet/ and sccan/ inside
-# (kaixin96/PANet, Sam1224/SCCAN); skipped when absent.
+# Official PyTorch checkouts for the JAX/PyTorch ratio: REFS=/path with panet/ sccan/ hdmnet/
+# pahnet/ symnet/ ssp/ inside (kaixin96/PANet, Sam1224/SCCAN, Pbihao/HDMNet, tianyu-zou/PAHNet,
+# Sunbaoquan/Sym-Net, fanq15/SSP); each missing one is skipped.
 # SMOKE=1 runs every command at toy sizes (checks the command lines on CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,12 +44,14 @@ for dt in float32 bfloat16; do
   run symnet_gpu.jsonl --model symnet --mode train --size $S --batch $B8 --steps $N --warmup 2 --dtype $dt
 done
 run panet_gpu.jsonl --model panet --mode train --size 417 --batch 1 --steps $N --warmup 2
-# 4. JAX vs the official PyTorch code on the same device.
-if [[ -n "$REFS" && -d "$REFS/panet" ]]; then
-  "$PY" bench/compare.py --repo "$REFS/panet" --model panet --mode train --size 417 --batch 1 \
-    --steps $N --warmup 2 --out "$OUT/panet_gpu.jsonl" || echo "FAILED: compare panet" >&2
-fi
-if [[ -n "$REFS" && -d "$REFS/sccan" ]]; then
-  "$PY" bench/compare.py --repo "$REFS/sccan" --model sccan --mode train --size $S --batch $B8 \
-    --steps $N --warmup 2 --out "$OUT/sccan_gpu.jsonl" || echo "FAILED: compare sccan" >&2
-fi
+# 4. JAX vs the official PyTorch code on the same device, training at the papers' batch.
+#    model:checkout under REFS:size:batch:results file
+for spec in panet:panet:417:1:panet sccan:sccan:$S:$B8:sccan hdmnet:hdmnet:$S:$B4:hdmnet \
+            sccan_pahnet:pahnet:$S:$B8:pahnet hdmnet_pahnet:pahnet:$S:$B4:pahnet \
+            symnet:symnet:$S:$B8:symnet ssp:ssp:$S:$B4:ssp; do
+  IFS=: read -r model repo size batch file <<< "$spec"
+  [[ -n "$REFS" && -d "$REFS/$repo" ]] || { echo "skipped compare $model: no \$REFS/$repo" >&2; continue; }
+  jax_arg=(); [[ $model == symnet && $size != 473 ]] && jax_arg=(--jax-arg=--field=scales=\(\))
+  "$PY" bench/compare.py --repo "$REFS/$repo" --model $model --mode train --size $size --batch $batch \
+    --steps $N --warmup 2 "${jax_arg[@]}" --out "$OUT/${file}_gpu.jsonl" || echo "FAILED: compare $model" >&2
+done

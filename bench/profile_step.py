@@ -137,8 +137,8 @@ def build_fn(args):
   from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  spec, model, fields, _ = bench_run.build(args.model, shot=args.shot, config_arg=args.config_arg,
-                                           field_overrides=bench_run.parse_fields(args.field))
+  spec, model, fields, config = bench_run.build(args.model, shot=args.shot, config_arg=args.config_arg,
+                                                field_overrides=bench_run.parse_fields(args.field))
   host = bench_run.synthetic_episode(args.batch, args.shot, args.size, seed=args.seed)
   if args.mode == "eval":
     host = {k: v for k, v in host.items() if k in bench_run.EVAL_KEYS}
@@ -148,10 +148,12 @@ def build_fn(args):
   if args.mode == "train":
     if spec.loss_fn is None:
       raise bench_run.BenchError(f"model {args.model!r} has no loss_fn")
+    trainable = bench_run.build_optimiser(spec, config, variables["params"], min_steps=1).trainable
     fn = functools.partial(step_lib.loss_and_grads, model=model, loss_fn=spec.loss_fn,
-                           compute_dtype=args.dtype)
+                           trainable=trainable, compute_dtype=args.dtype)
     call_args = (variables["params"], variables["batch_stats"], batch, rng)
-    what = "fss_jax.train.step.loss_and_grads (forward train=True + backward, no optimiser)"
+    what = ("fss_jax.train.step.loss_and_grads (forward train=True + backward of the trainable "
+            "parameters, as the engine; no optimiser)")
   else:
     import optax  # pylint: disable=g-import-not-at-top
     state = state_lib.create(model, optax.identity(), host, rng=rng)

@@ -141,6 +141,27 @@ def _plugin_rows(plus: list[dict], base: list[dict]) -> list[list[Any]]:
   return rows
 
 
+def _summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
+  """The latest JAX-vs-PyTorch comparison of every (model, mode, size, B, K, backend, XLA flags)."""
+  latest: dict[tuple, dict] = {}
+  for c in records:
+    if c.get("bench") != "compare" or "speedup" not in c:
+      continue
+    j = c.get("jax", {})
+    key = (c.get("model"), c.get("mode"), c.get("size"), c.get("batch"), c.get("shot"), _device(j),
+           c.get("xla_flags", ""))
+    if key not in latest or str((j.get("host") or {}).get("time_utc", "")) >= \
+        str((latest[key]["jax"].get("host") or {}).get("time_utc", "")):
+      latest[key] = c
+  rows = []
+  for key in sorted(latest, key=str):
+    c = latest[key]
+    rows.append(list(key[:6]) + [c["jax"].get("steps_per_s"), c["torch"].get("steps_per_s"), c["speedup"],
+                                 key[6] or "–", _load(c["jax"]),
+                                 (c["jax"].get("host") or {}).get("time_utc")])
+  return rows
+
+
 def render(records: list[dict[str, Any]]) -> str:
   """The Markdown page."""
   by_model: dict[str, dict[str, list]] = {}
@@ -177,6 +198,17 @@ def render(records: list[dict[str, Any]]) -> str:
          "cost analysis of the compiled step (per device).", ""]
   if not records:
     out += ["No results yet.", ""]
+  summary = _summary_rows(records)
+  if summary:
+    out += ["## Summary: fss-jax vs the official PyTorch code", "",
+            "Latest `bench/compare.py` run of each configuration (both sides on the same machine, one",
+            "after the other, same synthetic inputs); speed-up = JAX steps/s ÷ PyTorch steps/s. JC²A has",
+            "no official code to compare with. On a shared CPU the ratio moves with the load (PyTorch",
+            "loses more under contention), so compare rows of similar load and time; details and",
+            "commands in each model's section.", ""]
+    out += _table(("model", "mode", "size", "B", "K", "backend", "JAX steps/s", "PyTorch steps/s",
+                   "speed-up", "XLA_FLAGS", "load", "time (UTC)"), summary)
+    out.append("")
   for model in sorted(by_model):
     slot = by_model[model]
     out += [f"## {model}", ""]

@@ -213,6 +213,14 @@ def build(model_name: str, *, shot: int, config_arg: str, field_overrides: Mappi
   return spec, module, fields, config
 
 
+def build_optimiser(spec, config, params, *, min_steps: int):
+  """The config's optimiser with the model's frozen patterns (``optim.build``), as fss_jax.main builds it."""
+  from fss_jax.train import optim as optim_lib  # pylint: disable=g-import-not-at-top
+  optim_cfg = config.optim if config is not None else {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9}
+  total = int(config.total_steps) if config is not None and int(config.total_steps) > 0 else 10_000
+  return optim_lib.build(optim_cfg, params, total_steps=max(total, min_steps), frozen=spec.frozen)
+
+
 def _count(tree) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
@@ -269,6 +277,8 @@ def _pipeline_loader(args, config, tmp: str):
       dataset="pascal5i", data_dir=data_dir, fold=0, shot=args.shot, train_size=args.size,
       train_resize=d.train_resize if d is not None else "crop",
       base_label=bool(d.base_label) if d is not None else False,
+      **({"scale": tuple(d.scale), "rotate": tuple(d.rotate), "blur": float(d.get("blur", 0.5))}
+         if d is not None else {}),
       worker_count=args.workers, read_threads=args.read_threads, seed=0)
   return pipeline.make_train_loader(cfg, global_batch_size=args.batch)
 
@@ -282,7 +292,6 @@ def run(args) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from fss_jax import parallel  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import optim as optim_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
@@ -323,10 +332,7 @@ def run(args) -> dict[str, Any]:
     if args.mode == "train":
       params_shape = jax.eval_shape(
           lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(host), k)["params"], rng)
-      optim_cfg = config.optim if config is not None else {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9}
-      total = int(config.total_steps) if config is not None and int(config.total_steps) > 0 else 10_000
-      total = max(total, args.warmup + args.steps + 1)
-      opt = optim_lib.build(optim_cfg, params_shape, total_steps=total, frozen=spec.frozen)
+      opt = build_optimiser(spec, config, params_shape, min_steps=args.warmup + args.steps + 1)
       tx, trainable = opt.tx, opt.trainable
       fn = step_lib.make_train_step(model=model, loss_fn=spec.loss_fn, tx=tx, mesh=mesh, trainable=trainable,
                                     compute_dtype=args.dtype)

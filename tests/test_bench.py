@@ -84,7 +84,11 @@ def test_clear_errors():
   with pytest.raises(bench_run.BenchError, match="name=value"):
     bench_run.parse_fields(["grid"])
   with pytest.raises(torch_ref.NotSupportedError, match="not supported"):
-    torch_ref.main(["--repo", "/nonexistent", "--model", "hdmnet"])
+    torch_ref.main(["--repo", "/nonexistent", "--model", "unet"])
+  with pytest.raises(torch_ref.NotSupportedError, match="no public code"):
+    torch_ref.main(["--repo", "/nonexistent", "--model", "jc2a"])
+  with pytest.raises(FileNotFoundError, match="HDMNet_PAHNet/model/HDMNetPlus.py"):
+    torch_ref.main(["--repo", "/nonexistent", "--model", "hdmnet_pahnet", "--device", "cpu"])
 
 
 def test_results_render_compare_and_scaling():

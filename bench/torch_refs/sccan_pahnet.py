@@ -1,0 +1,75 @@
+"""tianyu-zou/PAHNet (SCCAN variant): ``SCCAN_PAHNet.model.SCCANPlus.OneModel`` and its training
+iteration (train_SCCAN_PAHNet.py)."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+from bench.torch_refs import common
+from bench.torch_refs import cuda_proxy
+
+REFERENCE = "tianyu-zou/PAHNet SCCAN_PAHNet.model.SCCANPlus.OneModel"
+SUBDIR = "SCCAN_PAHNet"
+
+
+def _check_root(repo: pathlib.Path) -> None:
+  """``--repo`` is the PAHNet root (the scripts import the package ``SCCAN_PAHNet``)."""
+  if (repo / SUBDIR / "model" / "SCCANPlus.py").is_file():
+    return
+  hint = (f"; {repo} looks like the {SUBDIR}/ subdirectory itself: pass its parent" if
+          (repo / "model" / "SCCANPlus.py").is_file() else "")
+  raise FileNotFoundError(f"--repo {repo} is not the PAHNet checkout root: expected the subdirectory "
+                          f"{SUBDIR}/ with {SUBDIR}/model/SCCANPlus.py (clone tianyu-zou/PAHNet and pass "
+                          f"its root){hint}")
+
+
+def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]) -> common.Reference:
+  """``args = load_cfg_from_cfg_file(SCCAN_PAHNet/config/pascal/[5-shot/]pascal_split0_resnet50.yaml);
+  OneModel(args)``, then train_SCCAN_PAHNet.py get_model(): get_optim, freeze_modules."""
+  del train
+  _check_root(repo)
+  common.use_repo(repo, (SUBDIR,), f"{SUBDIR}/model/SCCANPlus.py")
+  common.shim_timm(shims)
+  k = int(ep["support_images"].shape[1])
+  sub = repo / SUBDIR
+  yaml = sub / "config" / "pascal" / ("5-shot" if k == 5 else "") / "pascal_split0_resnet50.yaml"
+  args = common.load_yaml_cfg(sub, yaml)
+  args.shot = k
+  requested: list[str] = []
+  sccan_plus = importlib.import_module(f"{SUBDIR}.model.SCCANPlus")
+  cuda_proxy.patch_module(sccan_plus, device, shims)   # training branch: torch.arange(..., device='cuda')
+  with common.no_checkpoint_files(requested):
+    model = sccan_plus.OneModel(args)
+  optimizer, optimizer_swin = model.get_optim(model, args, LR=args.base_lr)
+  model.freeze_modules(model)
+  model = model.to(device)
+  x, s_x, s_y = ep["query_image"], ep["support_images"], ep["support_masks"].long()
+  y_m = ep["query_mask"].long()
+  cat_idx = [ep["class_index"].long()]
+  aux1, aux2 = float(args.aux_weight1), float(args.aux_weight2)
+  fix_bn = common.batchnorm_eval_in_train(model) if args.fix_bn else (lambda: None)
+
+  def train_iter():
+    fix_bn()
+    _, main_loss, aux_loss1, aux_loss2 = model(s_x=s_x, s_y=s_y, x=x, y_m=y_m, cat_idx=cat_idx)
+    loss = main_loss + aux1 * aux_loss1 + aux2 * aux_loss2
+    optimizer.zero_grad()
+    optimizer_swin.zero_grad()
+    loss.backward()
+    optimizer.step()
+    optimizer_swin.step()
+    return loss
+
+  def eval_fwd():
+    final_out, _, _ = model(s_x=s_x, s_y=s_y, x=x, y_m=y_m, cat_idx=cat_idx)
+    return final_out.argmax(dim=1)
+
+  info = {"construction": f"args = load_cfg_from_cfg_file({yaml.relative_to(repo)}); args.shot={k}; "
+                          f"OneModel(args); model.get_optim(...); model.freeze_modules(model); "
+                          f"fix_bn={bool(args.fix_bn)}",
+          "optimizer": f"model.get_optim(model, args, LR=args.base_lr) (SGD lr={args.base_lr}, momentum="
+                       f"{args.momentum}, weight_decay={args.weight_decay} + AdamW lr=6e-5 for the transformer)",
+          "loss": f"main CE + {aux1:g} * dice(meta) + {aux2:g} * mean CE(pseudo masks) (train_SCCAN_PAHNet.py)",
+          "checkpoint_files_skipped": requested}
+  return common.Reference(model, train_iter, eval_fwd, info)
