@@ -4,10 +4,39 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+from typing import Callable
 
 from bench.torch_refs import common
 
 REFERENCE = "Sam1224/SCCAN model.SCCAN.OneModel"
+
+
+def make_steps(model, optimizers, args, ep: dict, final: Callable):
+  """(train_iter, eval_fwd) of train_sccan.py / test_sccan.py for SCCAN-style models.
+
+  Train: ``fix_bn``, ``main + aux_weight1 * aux1 + aux_weight2 * aux2``, every optimiser
+  (SGD + AdamW) zeroed and stepped. Eval: argmax of ``final(model output)``.
+  """
+  fix_bn = common.batchnorm_eval_in_train(model) if getattr(args, "fix_bn", False) else (lambda: None)
+  inputs = {"s_x": ep["support_images"], "s_y": ep["support_masks"].long(), "x": ep["query_image"],
+            "y_m": ep["query_mask"].long(), "cat_idx": [ep["class_index"].long()]}
+  aux1, aux2 = float(getattr(args, "aux_weight1", 1.0)), float(getattr(args, "aux_weight2", 1.0))
+
+  def train_iter():
+    fix_bn()                              # model.train(); model.apply(fix_bn)
+    _, main_loss, aux_loss1, aux_loss2 = model(**inputs)
+    loss = main_loss + aux1 * aux_loss1 + aux2 * aux_loss2
+    for opt in optimizers:
+      opt.zero_grad()
+    loss.backward()
+    for opt in optimizers:
+      opt.step()
+    return loss
+
+  def eval_fwd():
+    return final(model(**inputs)).argmax(dim=1)
+
+  return train_iter, eval_fwd
 
 
 def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]) -> common.Reference:
@@ -28,27 +57,7 @@ def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]
   if hasattr(model, "freeze_modules"):
     model.freeze_modules(model)
   model = model.to(device)
-  fix_bn = common.batchnorm_eval_in_train(model) if getattr(args, "fix_bn", False) else (lambda: None)
-  x, s_x, s_y = ep["query_image"], ep["support_images"], ep["support_masks"].long()
-  y_m = ep["query_mask"].long()
-  cat_idx = [ep["class_index"].long()]
-  aux1, aux2 = float(getattr(args, "aux_weight1", 1.0)), float(getattr(args, "aux_weight2", 1.0))
-
-  def train_iter():
-    fix_bn()                              # train_sccan.py: model.train(); model.apply(fix_bn)
-    _, main_loss, aux_loss1, aux_loss2 = model(s_x=s_x, s_y=s_y, x=x, y_m=y_m, cat_idx=cat_idx)
-    loss = main_loss + aux1 * aux_loss1 + aux2 * aux_loss2
-    optimizer.zero_grad()
-    optimizer_swin.zero_grad()
-    loss.backward()
-    optimizer.step()
-    optimizer_swin.step()
-    return loss
-
-  def eval_fwd():
-    out = model(s_x=s_x, s_y=s_y, x=x, y_m=y_m, cat_idx=cat_idx)
-    return out.argmax(dim=1)
-
+  train_iter, eval_fwd = make_steps(model, (optimizer, optimizer_swin), args, ep, lambda out: out)
   info = {"construction": f"args = load_cfg_from_cfg_file({yaml.relative_to(repo)}); args.shot={k}; "
                           f"OneModel(args); model.get_optim(...); model.freeze_modules(model); "
                           f"fix_bn={bool(getattr(args, 'fix_bn', False))}",

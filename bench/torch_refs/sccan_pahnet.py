@@ -8,6 +8,7 @@ import pathlib
 
 from bench.torch_refs import common
 from bench.torch_refs import cuda_proxy
+from bench.torch_refs import sccan
 
 REFERENCE = "tianyu-zou/PAHNet SCCAN_PAHNet.model.SCCANPlus.OneModel"
 SUBDIR = "SCCAN_PAHNet"
@@ -44,32 +45,14 @@ def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]
   optimizer, optimizer_swin = model.get_optim(model, args, LR=args.base_lr)
   model.freeze_modules(model)
   model = model.to(device)
-  x, s_x, s_y = ep["query_image"], ep["support_images"], ep["support_masks"].long()
-  y_m = ep["query_mask"].long()
-  cat_idx = [ep["class_index"].long()]
-  aux1, aux2 = float(args.aux_weight1), float(args.aux_weight2)
-  fix_bn = common.batchnorm_eval_in_train(model) if args.fix_bn else (lambda: None)
-
-  def train_iter():
-    fix_bn()
-    _, main_loss, aux_loss1, aux_loss2 = model(s_x=s_x, s_y=s_y, x=x, y_m=y_m, cat_idx=cat_idx)
-    loss = main_loss + aux1 * aux_loss1 + aux2 * aux_loss2
-    optimizer.zero_grad()
-    optimizer_swin.zero_grad()
-    loss.backward()
-    optimizer.step()
-    optimizer_swin.step()
-    return loss
-
-  def eval_fwd():
-    final_out, _, _ = model(s_x=s_x, s_y=s_y, x=x, y_m=y_m, cat_idx=cat_idx)
-    return final_out.argmax(dim=1)
-
+  train_iter, eval_fwd = sccan.make_steps(model, (optimizer, optimizer_swin), args, ep,
+                                           lambda out: out[0])   # (final_out, meta_out, base_out)
   info = {"construction": f"args = load_cfg_from_cfg_file({yaml.relative_to(repo)}); args.shot={k}; "
                           f"OneModel(args); model.get_optim(...); model.freeze_modules(model); "
                           f"fix_bn={bool(args.fix_bn)}",
           "optimizer": f"model.get_optim(model, args, LR=args.base_lr) (SGD lr={args.base_lr}, momentum="
                        f"{args.momentum}, weight_decay={args.weight_decay} + AdamW lr=6e-5 for the transformer)",
-          "loss": f"main CE + {aux1:g} * dice(meta) + {aux2:g} * mean CE(pseudo masks) (train_SCCAN_PAHNet.py)",
+          "loss": f"main CE + {args.aux_weight1:g} * dice(meta) + {args.aux_weight2:g} * mean CE(pseudo masks) "
+                  "(train_SCCAN_PAHNet.py)",
           "checkpoint_files_skipped": requested}
   return common.Reference(model, train_iter, eval_fwd, info)
