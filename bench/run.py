@@ -277,7 +277,7 @@ def _pipeline_loader(args, config, tmp: str):
       dataset="pascal5i", data_dir=data_dir, fold=0, shot=args.shot, train_size=args.size,
       train_resize=d.train_resize if d is not None else "crop",
       base_label=bool(d.base_label) if d is not None else False,
-      **({"scale": tuple(d.scale), "rotate": tuple(d.rotate), "blur": float(d.get("blur", 0.5))}
+      **({"scale": tuple(d.scale), "rotate": tuple(d.rotate), "blur": float(d.get("blur", pipeline.EpisodeConfig.blur))}
          if d is not None else {}),
       worker_count=args.workers, read_threads=args.read_threads, seed=0)
   return pipeline.make_train_loader(cfg, global_batch_size=args.batch)

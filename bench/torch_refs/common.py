@@ -130,15 +130,16 @@ def no_checkpoint_files(requested: list[str]):
     torch.load, torch.nn.Module.load_state_dict = load, load_sd
 
 
-def batchnorm_eval_in_train(model) -> Callable[[], None]:
-  """A callable that puts every BatchNorm in inference mode once the model is in training mode.
+def batchnorm_eval_in_train(model, enabled: bool = True) -> Callable[[], None]:
+  """A callable that puts every BatchNorm in inference mode once the model is in training mode
+  (a no-op when not ``enabled``, e.g. a yaml's ``fix_bn: False``).
 
   The training scripts do ``model.train()`` and then ``fix_bn`` / ``module.eval()`` for the
   BatchNorm layers (SSP main.py; Sym-Net and PAHNet with ``fix_bn: True``); the runner sets
   ``model.train()`` before the first iteration, so the iteration calls this first (it only
   acts when ``model.train()`` has switched the BatchNorm layers back, i.e. once).
   """
-  bns = [m for m in model.modules() if "BatchNorm" in type(m).__name__]
+  bns = [m for m in model.modules() if "BatchNorm" in type(m).__name__] if enabled else []
 
   def fix():
     if any(m.training for m in bns):

@@ -37,7 +37,7 @@ def episode_inputs(ep: dict) -> dict:
 
 def make_steps(model, optimizer, args, inputs: dict):
   """(train_iter, eval_fwd) of train.py / test.py for HDMNet-style models (losses main, aux1, aux2)."""
-  fix_bn = common.batchnorm_eval_in_train(model) if getattr(args, "fix_bn", False) else (lambda: None)
+  fix_bn = common.batchnorm_eval_in_train(model, bool(getattr(args, "fix_bn", False)))
   aux1, aux2 = float(args.aux_weight1), float(args.aux_weight2)
 
   def train_iter():

@@ -17,7 +17,7 @@ def make_steps(model, optimizers, args, ep: dict, final: Callable):
   Train: ``fix_bn``, ``main + aux_weight1 * aux1 + aux_weight2 * aux2``, every optimiser
   (SGD + AdamW) zeroed and stepped. Eval: argmax of ``final(model output)``.
   """
-  fix_bn = common.batchnorm_eval_in_train(model) if getattr(args, "fix_bn", False) else (lambda: None)
+  fix_bn = common.batchnorm_eval_in_train(model, bool(getattr(args, "fix_bn", False)))
   inputs = {"s_x": ep["support_images"], "s_y": ep["support_masks"].long(), "x": ep["query_image"],
             "y_m": ep["query_mask"].long(), "cat_idx": [ep["class_index"].long()]}
   aux1, aux2 = float(getattr(args, "aux_weight1", 1.0)), float(getattr(args, "aux_weight2", 1.0))

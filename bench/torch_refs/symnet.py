@@ -53,7 +53,7 @@ def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]
   cat_idx = [ep["class_index"].long()]
   class_chosen = ep["class_id"].long()
   aux = float(args.aux_weight)
-  fix_bn = common.batchnorm_eval_in_train(model) if args.fix_bn else (lambda: None)
+  fix_bn = common.batchnorm_eval_in_train(model, bool(args.fix_bn))
 
   def train_iter():
     fix_bn()

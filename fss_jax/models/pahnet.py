@@ -446,6 +446,7 @@ class TransformerPlus(hdm.HierarchicalTransformer):
     sow = lambda n, v: self.sow("intermediates", n, v)  # noqa: E731
     levels = []
     q, s = query, support
+    match_layer = hdm.encoder_layer_cls(self.remat)
     for i in range(len(self.heads)):
       stage = hdm.DownStage(self.dim, self.heads[i], self.sr_ratios[i], self.kernels[i],
                             self.strides[i], self.depth, self.mlp_ratio, self.dropout,
@@ -483,7 +484,7 @@ class TransformerPlus(hdm.HierarchicalTransformer):
       sow(f"match{i}_pe_y", xs)
       sow(f"match{i}_pe_pseudo", pseudo)
       pseudo_masks.append(pseudo)
-      x, corr = hdm.encoder_layer_cls(self.remat)(
+      x, corr = match_layer(
           self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout, self.ln_eps,
           attention_cls=ASCMaskedAttention, name=f"match_{i}")(
           xq, hw, xs, train, {"key_mask": lv["mask"], "query_prob": lv["p_near"]})

@@ -115,7 +115,7 @@ def episode_config(config):
       dataset=config.dataset, data_dir=os.path.expanduser(d.data_dir), fold=config.fold,
       shot=config.shot, way=config.way, seed=config.seed, train_size=d.train_size,
       train_resize=d.train_resize, scale=tuple(d.scale), rotate=tuple(d.rotate),
-      blur=float(d.get("blur", 0.5)),
+      blur=float(d.get("blur", pipeline.EpisodeConfig.blur)),
       test_size=d.test_size, test_resize=d.test_resize, label_bucket=d.label_bucket or None,
       protocol=d.protocol, coco_split=d.coco_split, base_label=d.base_label,
       worker_count=d.worker_count, read_threads=d.read_threads,

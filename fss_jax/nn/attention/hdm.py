@@ -295,8 +295,9 @@ class DownStage(nn.Module):
     x, hw = PatchEmbed(self.dim, self.kernel, self.stride, self.stride // 2, self.ln_eps,
                        name="patch_embed")(x)
     sow("patch_embed", x)
+    layer = encoder_layer_cls(self.remat)
     for j in range(self.depth):
-      x, _ = encoder_layer_cls(self.remat)(
+      x, _ = layer(
           self.dim, self.heads, self.sr, self.mlp_ratio, self.dropout, self.ln_eps,
           self.attention_cls, name=f"layer_{j}")(x, hw, None, train, attn_kwargs)
       sow(f"self{j + 1}", x)
@@ -405,9 +406,10 @@ class HierarchicalTransformer(nn.Module):
       q, s = tokens_to_map(qt, hw), tokens_to_map(st, shw)
 
     fused, corr_maps = None, []
+    layer = encoder_layer_cls(self.remat)
     for i in reversed(range(n)):
       hw = grids[i]
-      x, corr = encoder_layer_cls(self.remat)(
+      x, corr = layer(
           self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout, self.ln_eps,
           name=f"match_{i}")(q_tokens[i], hw, s_tokens[i], train, {"key_mask": masks[i]})
       self.sow("intermediates", f"match{i}_cross_x", x)
