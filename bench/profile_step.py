@@ -148,7 +148,8 @@ def build_fn(args):
   if args.mode == "train":
     if spec.loss_fn is None:
       raise bench_run.BenchError(f"model {args.model!r} has no loss_fn")
-    trainable = bench_run.build_optimiser(spec, config, variables["params"], min_steps=1).trainable
+    trainable = bench_run.build_optimiser(spec, config, variables["params"], min_steps=1,
+                                         fields=fields).trainable
     fn = functools.partial(step_lib.loss_and_grads, model=model, loss_fn=spec.loss_fn,
                            trainable=trainable, compute_dtype=args.dtype)
     call_args = (variables["params"], variables["batch_stats"], batch, rng)

@@ -213,12 +213,14 @@ def build(model_name: str, *, shot: int, config_arg: str, field_overrides: Mappi
   return spec, module, fields, config
 
 
-def build_optimiser(spec, config, params, *, min_steps: int):
-  """The config's optimiser with the model's frozen patterns (``optim.build``), as fss_jax.main builds it."""
+def build_optimiser(spec, config, params, *, min_steps: int, fields=None):
+  """The config's optimiser with the model's frozen patterns for ``fields`` (``optim.build``),
+  as fss_jax.main builds it."""
   from fss_jax.train import optim as optim_lib  # pylint: disable=g-import-not-at-top
   optim_cfg = config.optim if config is not None else {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9}
   total = int(config.total_steps) if config is not None and int(config.total_steps) > 0 else 10_000
-  return optim_lib.build(optim_cfg, params, total_steps=max(total, min_steps), frozen=spec.frozen)
+  return optim_lib.build(optim_cfg, params, total_steps=max(total, min_steps),
+                         frozen=spec.frozen_patterns(fields))
 
 
 def _count(tree) -> int:
@@ -332,7 +334,8 @@ def run(args) -> dict[str, Any]:
     if args.mode == "train":
       params_shape = jax.eval_shape(
           lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(host), k)["params"], rng)
-      opt = build_optimiser(spec, config, params_shape, min_steps=args.warmup + args.steps + 1)
+      opt = build_optimiser(spec, config, params_shape, min_steps=args.warmup + args.steps + 1,
+                            fields=fields)
       tx, trainable = opt.tx, opt.trainable
       fn = step_lib.make_train_step(model=model, loss_fn=spec.loss_fn, tx=tx, mesh=mesh, trainable=trainable,
                                     compute_dtype=args.dtype)

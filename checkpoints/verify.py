@@ -27,6 +27,12 @@ reports the drift from the float32 reference instead of judging it: every
 entry gains ``rel`` = max_abs / max(1, scale), and the run passes when all
 outputs are finite and have the reference's shapes.
 
+A train-step fixture (json ``kind: "train_step"``) is checked by
+`checkpoints.train_step`: one training step of the engine (the model's paper config,
+loss, frozen mask and optimiser) against the official train script; its report has
+``outputs`` (loss terms), ``grads``, ``deltas``, ``stats``, ``trainable``, ``hparams``
+and ``schedule`` (see that module).
+
 Exit status: 0 passed, 1 a mismatch, 2 bad input (missing/corrupt fixture,
 unsupported model, weights that do not fit the key map).
 """
@@ -86,6 +92,12 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
   drift_only = not precision.is_float32(compute_dtype)
   path = pathlib.Path(path)
   arrays, meta = fixtures.load_fixture(path)
+  if meta.get("kind") == "train_step":
+    if drift_only:
+      raise fixtures.FixtureError("--compute-dtype applies to forward fixtures; a train-step "
+                                  "fixture is checked in float32")
+    from checkpoints import train_step  # pylint: disable=g-import-not-at-top
+    return train_step.verify_train_fixture(path, arrays, meta, verbose=verbose)
   spec = registry.for_fixture(meta)
   adapter = spec.parity
   state_dict = keymaps.strip_prefixes(fixtures.regenerate(meta))
@@ -169,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   lines = report.pop("lines")
-  print(f"# {report['fixture']} -> model {report['model']} ({args.compute_dtype})")
+  kind = "train step" if report.get("kind") == "train_step" else args.compute_dtype
+  print(f"# {report['fixture']} -> model {report['model']} ({kind})")
   print("\n".join(lines))
   print("PASSED" if report["passed"] else "FAILED")
   if args.json:

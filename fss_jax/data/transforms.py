@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import cv2
 import grain
 import numpy as np
+from PIL import Image
 
 IGNORE = 255
 # ImageNet statistics x 255, computed as the reference does (Python doubles, RGB).
@@ -75,8 +76,25 @@ def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
 # -- training augmentation (§8) ---------------------------------------------------------
 
 
+class _GroupRandomMap(grain.transforms.RandomMap):
+  """A random op split into ``draw`` (the random numbers, per group) and ``apply``
+  (deterministic given them); ``random_map`` runs ``apply(draw)`` on the query group,
+  then on each support, all from the one Generator (in that order)."""
+
+  def draw(self, rng, labels: list[np.ndarray]) -> dict:
+    """The op's random parameters for one group (``labels[0]`` the mask, [H, W])."""
+    raise NotImplementedError
+
+  def apply(self, image: np.ndarray, labels: list[np.ndarray], params: dict):
+    """[H, W, 3] image and [H, W] labels -> the transformed pair, given ``params``."""
+    raise NotImplementedError
+
+  def random_map(self, ep, rng):
+    return _apply(ep, lambda i, l: self.apply(i, l, self.draw(rng, l)))
+
+
 @dataclasses.dataclass(frozen=True)
-class RandScale(grain.transforms.RandomMap):
+class RandScale(_GroupRandomMap):
   """§8.1: s = lo + (hi - lo)·u; ``cv2.resize(fx=fy=s)``, image bilinear, labels nearest."""
   scale: tuple[float, float] = (0.9, 1.1)
 
@@ -85,97 +103,116 @@ class RandScale(grain.transforms.RandomMap):
     if not 0 < lo < hi:
       raise ValueError(f"RandScale needs 0 < scale_min < scale_max, got {self.scale}")
 
-  def apply(self, image, labels, rng):
+  def draw(self, rng, labels):
     lo, hi = self.scale
-    s = lo + (hi - lo) * rng.random()
+    return {"scale": lo + (hi - lo) * rng.random()}
+
+  def apply(self, image, labels, params):
+    s = params["scale"]
     image = cv2.resize(image, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
     labels = [cv2.resize(l, None, fx=s, fy=s, interpolation=cv2.INTER_NEAREST) for l in labels]
     return image, labels
 
-  def random_map(self, ep, rng):
-    return _apply(ep, lambda i, l: self.apply(i, l, rng))
-
 
 @dataclasses.dataclass(frozen=True)
-class RandRotate(grain.transforms.RandomMap):
-  """§8.2: with probability p rotate by lo + (hi - lo)·u degrees about (W/2, H/2);
-  image bilinear with the mean-colour border, labels nearest with 255."""
+class RandRotate(_GroupRandomMap):
+  """§8.2: with probability p (``u < p``, then a second draw for the angle) rotate by
+  lo + (hi - lo)·u degrees about (W/2, H/2); image bilinear with the mean-colour
+  border, labels nearest with 255."""
   angle: tuple[float, float] = (-10.0, 10.0)
   p: float = 0.5
   border: tuple[float, float, float] = MEAN
   ignore_label: int = IGNORE
 
-  def apply(self, image, labels, rng):
+  def draw(self, rng, labels):
     if rng.random() < self.p:
       lo, hi = self.angle
-      angle = lo + (hi - lo) * rng.random()
-      h, w = labels[0].shape
-      m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
-      image = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                             borderValue=self.border)
-      labels = [cv2.warpAffine(l, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                               borderValue=self.ignore_label) for l in labels]
-    return image, labels
+      return {"angle": lo + (hi - lo) * rng.random()}
+    return {"angle": None}
 
-  def random_map(self, ep, rng):
-    return _apply(ep, lambda i, l: self.apply(i, l, rng))
+  def apply(self, image, labels, params):
+    if params["angle"] is None:
+      return image, labels
+    h, w = labels[0].shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), params["angle"], 1)
+    image = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                           borderValue=self.border)
+    labels = [cv2.warpAffine(l, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=self.ignore_label) for l in labels]
+    return image, labels
 
 
 @dataclasses.dataclass(frozen=True)
-class RandomGaussianBlur(grain.transforms.RandomMap):
-  """§8.3: with probability p a k×k Gaussian (σ from k: 1.1 for 5), image only."""
+class RandomGaussianBlur(_GroupRandomMap):
+  """§8.3: with probability p, ``cv2.GaussianBlur(image, (k, k), 0)``, image only (for
+  k = 5 OpenCV's fixed kernel [1, 4, 6, 4, 1] / 16, reflect-101 border)."""
   ksize: int = 5
   p: float = 0.5
 
-  def apply(self, image, labels, rng):
-    if rng.random() < self.p:
+  def draw(self, rng, labels):
+    return {"blur": bool(rng.random() < self.p)}
+
+  def apply(self, image, labels, params):
+    if params["blur"]:
       image = cv2.GaussianBlur(image, (self.ksize, self.ksize), 0)
     return image, labels
 
-  def random_map(self, ep, rng):
-    return _apply(ep, lambda i, l: self.apply(i, l, rng))
-
 
 @dataclasses.dataclass(frozen=True)
-class RandomHorizontalFlip(grain.transforms.RandomMap):
-  """§8.4: with probability p mirror image and labels."""
+class RandomHorizontalFlip(_GroupRandomMap):
+  """§8.4: with probability p (``u < p``) mirror image and labels."""
   p: float = 0.5
 
-  def apply(self, image, labels, rng):
-    if rng.random() < self.p:
+  def draw(self, rng, labels):
+    return {"flip": bool(rng.random() < self.p)}
+
+  def apply(self, image, labels, params):
+    if params["flip"]:
       image = cv2.flip(image, 1)
       labels = [cv2.flip(l, 1) for l in labels]
     return image, labels
 
-  def random_map(self, ep, rng):
-    return _apply(ep, lambda i, l: self.apply(i, l, rng))
+
+def _pads(shape: tuple[int, ...], size: tuple[int, int], where: str) -> tuple[int, int, int, int]:
+  """(top, bottom, left, right) padding of an [h, w] array up to ``size``."""
+  ph, pw = max(size[0] - shape[0], 0), max(size[1] - shape[1], 0)
+  if where == "center":
+    return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
+  if where == "end":
+    return 0, ph, 0, pw
+  raise ValueError(f"pad must be 'center' or 'end', got {where!r}")
 
 
 def pad_to(image: np.ndarray, labels: list[np.ndarray], size: tuple[int, int], *,
-           value: Sequence[float] = MEAN, ignore_label: int = IGNORE):
-  """Symmetric padding up to ``size`` (top = ⌊pad/2⌋, bottom = the rest; same for
-  left/right): image with ``value``, labels with ``ignore_label``. [H, W, 3] -> [≥h, ≥w, 3]."""
-  h, w = labels[0].shape
-  ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
-  if ph == 0 and pw == 0:
+           value: Sequence[float] = MEAN, ignore_label: int = IGNORE, where: str = "center"):
+  """Pads up to ``size``: image with ``value``, labels with ``ignore_label``.
+  [H, W, 3] -> [≥h, ≥w, 3]. ``where="center"`` (PFENet): top = ⌊pad/2⌋, bottom = the rest,
+  same for left/right; ``"end"`` (SSP): bottom and right only."""
+  t, b, l, r = _pads(labels[0].shape, size, where)
+  if t == b == l == r == 0:
     return image, labels
-  t, l = ph // 2, pw // 2
-  args = (t, ph - t, l, pw - l, cv2.BORDER_CONSTANT)
+  args = (t, b, l, r, cv2.BORDER_CONSTANT)
   image = cv2.copyMakeBorder(image, *args, value=tuple(value))
   labels = [cv2.copyMakeBorder(x, *args, value=ignore_label) for x in labels]
   return image, labels
 
 
 @dataclasses.dataclass(frozen=True)
-class RandomCrop(grain.transforms.RandomMap):
-  """§8.5 (PFENet/BAM/SCCAN): pad symmetrically to ``size`` if smaller (mean colour /
-  255), then a uniform random crop; if it keeps fewer than ``min_keep`` of the label-1
-  pixels of the padded label, redraw up to ``retries`` more times, keeping the last."""
+class RandomCrop(_GroupRandomMap):
+  """A uniform random crop to ``size`` after padding up to it (image ``pad_value``,
+  labels ``ignore_label``); offsets are inclusive integer ranges, top drawn first.
+
+  §8.5 (PFENet/BAM/SCCAN, the defaults): symmetric padding with the mean colour; if a
+  crop keeps fewer than ``min_keep`` of the label-1 pixels of the padded label, redraw
+  up to ``retries`` more times, keeping the last. SSP: ``pad="end"`` (bottom/right),
+  ``pad_value=(0, 0, 0)``, ``retries=0`` (one draw).
+  """
   size: tuple[int, int] = (473, 473)
   pad_value: tuple[float, float, float] = MEAN
   ignore_label: int = IGNORE
   min_keep: float = 0.85
   retries: int = 31
+  pad: str = "center"
 
   def offsets(self, labels0: np.ndarray, rng) -> tuple[int, int]:
     """The (top, left) offset the retry rule settles on for the padded label ``labels0``."""
@@ -191,16 +228,22 @@ class RandomCrop(grain.transforms.RandomMap):
         break
     return top, left
 
-  def apply(self, image, labels, rng):
+  def draw(self, rng, labels):
+    t, b, l, r = _pads(labels[0].shape, _size_hw(self.size), self.pad)
+    label0 = labels[0]
+    if t or b or l or r:
+      label0 = cv2.copyMakeBorder(label0, t, b, l, r, cv2.BORDER_CONSTANT, value=self.ignore_label)
+    top, left = self.offsets(label0, rng)
+    return {"top": top, "left": left}
+
+  def apply(self, image, labels, params):
     ch, cw = _size_hw(self.size)
-    image, labels = pad_to(image, labels, (ch, cw), value=self.pad_value, ignore_label=self.ignore_label)
-    top, left = self.offsets(labels[0], rng)
+    image, labels = pad_to(image, labels, (ch, cw), value=self.pad_value, ignore_label=self.ignore_label,
+                           where=self.pad)
+    top, left = params["top"], params["left"]
     image = image[top:top + ch, left:left + cw]
     labels = [l[top:top + ch, left:left + cw] for l in labels]
     return image, labels
-
-  def random_map(self, ep, rng):
-    return _apply(ep, lambda i, l: self.apply(i, l, rng))
 
 
 # -- deterministic resizes (§8.5 HDMNet, §9) ---------------------------------------------
@@ -208,18 +251,42 @@ class RandomCrop(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class SquashResize(grain.transforms.Map):
-  """§8.5 HDMNet / §9.2: ``cv2.resize`` to ``size`` ignoring the aspect ratio (image
-  bilinear, labels nearest)."""
+  """§8.5 HDMNet / §9.2: resize to ``size`` ignoring the aspect ratio.
+
+  ``backend="cv2"`` (HDMNet, PAHNet): ``cv2.resize``, image bilinear, labels nearest
+  (source pixel ⌊x·in/out⌋). ``backend="pil"`` (PANet, torchvision on PIL images):
+  PIL's bilinear, which widens its triangle filter by the reduction factor when
+  shrinking (antialiasing), run on each float32 channel (PANet's uint8 images round
+  after each pass: within one level); labels PIL nearest (source pixel
+  ⌊(x + 0.5)·in/out⌋).
+  """
   size: tuple[int, int] = (473, 473)
+  backend: str = "cv2"
+
+  def __post_init__(self):
+    if self.backend not in ("cv2", "pil"):
+      raise ValueError(f"SquashResize backend must be 'cv2' or 'pil', got {self.backend!r}")
 
   def apply(self, image, labels):
     h, w = _size_hw(self.size)
+    if self.backend == "pil":
+      return _pil_resize(image, (w, h)), [_pil_resize(l, (w, h), Image.Resampling.NEAREST) for l in labels]
     image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
     labels = [cv2.resize(l, (w, h), interpolation=cv2.INTER_NEAREST) for l in labels]
     return image, labels
 
   def map(self, ep):
     return _apply(ep, self.apply)
+
+
+def _pil_resize(x: np.ndarray, wh: tuple[int, int], resample=Image.Resampling.BILINEAR) -> np.ndarray:
+  """PIL ``Image.resize`` of an [H, W] array or, channel by channel (float32 "F"
+  images), of an [H, W, C] one; keeps the dtype."""
+  if x.ndim == 2:
+    return np.asarray(Image.fromarray(x).resize(wh, resample))
+  chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c], np.float32)).resize(wh, resample))
+           for c in range(x.shape[-1])]
+  return np.stack(chans, axis=-1).astype(x.dtype, copy=False)
 
 
 def aspect_size(h: int, w: int, size: int) -> tuple[int, int]:
@@ -361,22 +428,38 @@ def batch_episodes(elements: Sequence[dict]) -> dict[str, np.ndarray]:
 # -- chains ---------------------------------------------------------------------------------
 
 
+# The training size normalisations (`train_ops`'s ``resize``) and what follows RandScale,
+# RandRotate and the blur in each: the official order of flip and resize.
+TRAIN_RESIZES = ("crop", "squash", "panet", "ssp")
+
+
 def train_ops(size: int | tuple[int, int], *, scale: tuple[float, float] = (0.9, 1.1),
               rotate: tuple[float, float] = (-10.0, 10.0), blur: float = 0.5,
               resize: str = "crop") -> list:
-  """The §8 chain. ``resize``: "crop" (PFENet/BAM/SCCAN) or "squash" (HDMNet).
+  """The §8 chain: [RandScale] [RandRotate] [blur], then by ``resize``:
 
-  A step that does nothing is left out: ``scale=(1, 1)`` (no RandScale),
-  ``rotate=(0, 0)`` (no RandRotate), ``blur=0`` (no Gaussian blur; else its
-  probability) — PANet's resize + mirror and SSP's crop + flip recipes.
+  * "crop" (PFENet/BAM/SCCAN): flip, `RandomCrop` (mean padding, 85 % rule);
+  * "squash" (HDMNet): flip, `SquashResize` (OpenCV);
+  * "panet" (PANet ``Resize`` + ``RandomMirror``): `SquashResize` with PIL, then flip;
+  * "ssp" (SSP ``crop`` + ``hflip``): `RandomCrop` padded bottom/right with 0 / 255,
+    one draw, then flip;
+
+  then `Normalize`, `ToArrays`. A step that does nothing is left out: ``scale=(1, 1)``
+  (no RandScale), ``rotate=(0, 0)`` (no RandRotate), ``blur=0`` (no Gaussian blur; else
+  its probability); PANet and SSP use none of the three.
   """
   size = _size_hw(size)
+  flip = RandomHorizontalFlip()
   if resize == "crop":
-    last = RandomCrop(size=size)
+    last = [flip, RandomCrop(size=size)]
   elif resize == "squash":
-    last = SquashResize(size=size)
+    last = [flip, SquashResize(size=size)]
+  elif resize == "panet":
+    last = [SquashResize(size=size, backend="pil"), flip]
+  elif resize == "ssp":
+    last = [RandomCrop(size=size, pad_value=(0.0, 0.0, 0.0), retries=0, pad="end"), flip]
   else:
-    raise ValueError(f"train resize must be 'crop' or 'squash', got {resize!r}")
+    raise ValueError(f"train resize must be one of {TRAIN_RESIZES}, got {resize!r}")
   if not 0.0 <= blur <= 1.0:
     raise ValueError(f"blur is a probability in [0, 1], got {blur}")
   ops = []
@@ -386,7 +469,7 @@ def train_ops(size: int | tuple[int, int], *, scale: tuple[float, float] = (0.9,
     ops.append(RandRotate(angle=tuple(rotate)))
   if blur > 0:
     ops.append(RandomGaussianBlur(p=float(blur)))
-  return ops + [RandomHorizontalFlip(), last, Normalize(), ToArrays()]
+  return ops + last + [Normalize(), ToArrays()]
 
 
 def test_ops(size: int, *, resize: str = "aspect", bucket: tuple[int, int] | None = (512, 512)) -> list:
@@ -414,6 +497,6 @@ def apply_ops(ep: dict, ops: Sequence, rng: np.random.Generator | None = None) -
   return ep
 
 
-__all__ = ["MEAN", "STD", "IGNORE", "RandScale", "RandRotate", "RandomGaussianBlur", "RandomHorizontalFlip",
-           "RandomCrop", "SquashResize", "AspectResizePad", "KeepOriginalLabel", "Normalize", "ToArrays",
-           "aspect_size", "pad_to", "pad_label", "train_ops", "test_ops", "apply_ops", "batch_episodes"]
+__all__ = ["MEAN", "STD", "IGNORE", "TRAIN_RESIZES", "RandScale", "RandRotate", "RandomGaussianBlur",
+           "RandomHorizontalFlip", "RandomCrop", "SquashResize", "AspectResizePad", "KeepOriginalLabel", "Normalize",
+           "ToArrays", "aspect_size", "pad_to", "pad_label", "train_ops", "test_ops", "apply_ops", "batch_episodes"]

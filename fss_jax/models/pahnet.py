@@ -816,7 +816,8 @@ FROZEN = ("ssp/.*", "pspnet/.*")
 
 SPECS = {
     "sccan_pahnet": ModelSpec("sccan_pahnet", make_sccan_plus, sccan_keymap,
-                              loss_fn=sccan_loss_fn, parity=SCCAN_PARITY, frozen=FROZEN),
+                              loss_fn=sccan_loss_fn, parity=SCCAN_PARITY, frozen=FROZEN,
+                              unused=lambda blocks=8, **_: sccan_lib.unused_params(depth=blocks)),
     "hdmnet_pahnet": ModelSpec("hdmnet_pahnet", make_hdmnet_plus, hdmnet_plus_keymap,
                                loss_fn=hdmnet_loss_fn, parity=HDMNET_PARITY, frozen=FROZEN),
 }

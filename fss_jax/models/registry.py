@@ -81,10 +81,22 @@ class ModelSpec:
   parity: ParityAdapter | None = None
   # Parameter-path regexes frozen during training (optax-masked).
   frozen: tuple[str, ...] = ()
+  # Optional (**fields) -> parameter-path regexes of tensors that exist (official
+  # checkpoints hold them) but never reach the loss: the engine keeps them out of the
+  # optimiser, as torch skips a parameter whose .grad stays None (no weight decay, no
+  # AdamW step). See `frozen_patterns`.
+  unused: Callable[..., tuple[str, ...]] | None = None
   # Optional (state_dict, *, source: str, **fields) -> None that raises a
   # ValueError saying what a checkpoint is (other depth, shot count, dataset)
   # when it does not fit the model asked for; the converter calls it first.
   check_checkpoint: Callable[..., None] | None = None
+
+
+  def frozen_patterns(self, fields: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """Every parameter-path regex the optimiser must leave unchanged for a model built
+    with ``fields``: ``frozen`` plus ``unused(**fields)``."""
+    extra = self.unused(**dict(fields or {})) if self.unused is not None else ()
+    return tuple(self.frozen) + tuple(extra)
 
 
 class UnsupportedModelError(ValueError):

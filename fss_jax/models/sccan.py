@@ -390,6 +390,13 @@ PARITY = ParityAdapter(
     logit_outputs=("out_logits",),
 )
 
+def unused_params(depth: int = 8, **unused) -> tuple[str, ...]:
+  """The last SCCA block's support stream: its output is never read (train_sccan.py's
+  AdamW holds it, but its .grad stays None, so torch never moves it)."""
+  del unused
+  return (rf"transformer/blocks_{depth - 1}/(attn_s|mlp_s)/.*",)
+
+
 SPEC = ModelSpec(
     name="sccan",
     make_model=make_model,
@@ -397,5 +404,6 @@ SPEC = ModelSpec(
     loss_fn=loss_fn,
     parity=PARITY,
     frozen=(r"backbone/.*",),
+    unused=unused_params,
     check_checkpoint=check_checkpoint,
 )

@@ -518,7 +518,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None 
   rng = jax.random.PRNGKey(int(config.seed))
   params_shape = jax.eval_shape(
       lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(first), k)["params"], rng)
-  opt = optim_lib.build(config.optim, params_shape, total_steps=total_steps, frozen=spec.frozen)
+  opt = optim_lib.build(config.optim, params_shape, total_steps=total_steps,
+                        frozen=spec.frozen_patterns(model_fields(config)))
   logging.info("optimiser labels (tensors per label): %s", opt.summary)
   abstract = state_lib.abstract(model, opt.tx, first, sharding=repl)
   meta = checkpoint_meta(config)
@@ -684,7 +685,7 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
       lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(example), k)["params"],
       jax.random.PRNGKey(0))
   opt = optim_lib.build(config.optim, params_shape, total_steps=max(1, int(config.total_steps)),
-                        frozen=spec.frozen)
+                        frozen=spec.frozen_patterns(model_fields(config)))
   state, source = load_for_eval(config, workdir, model, opt.tx, example, mesh)
   logging.info("evaluating %s on %d seed(s) x %d episodes", source, len(seeds), num)
   dtype = _compute_dtype(config)

@@ -119,7 +119,10 @@ def make_schedule(*, lr: float, schedule: str = "constant", total_steps: int | N
     if schedule == "constant":
       value = jnp.full((), lr, jnp.float32)
     elif schedule == "poly":
-      frac = jnp.clip(1.0 - t / float(total_steps), 0.0, 1.0)
+      # (T - t) / T, not 1 - t / T: the integer difference is exact, so the last
+      # iterations keep float32 precision (1 - t/T loses ~3 digits near t = T).
+      remaining = jnp.maximum(total_steps - (count + 1), 0).astype(jnp.float32)
+      frac = jnp.clip(remaining / float(total_steps), 0.0, 1.0)
       value = lr * frac ** power
     elif schedule == "multistep":
       n = jnp.sum(count >= milestones)
@@ -176,12 +179,16 @@ class Optimizer:
       stops gradients there so that XLA skips their backward pass.
     schedules: label -> lr schedule (for logging: ``schedules[l](step)``).
     summary: label -> number of parameter tensors, for a log line.
+    hparams: label -> the optimiser of that label and its hyper-parameters
+      (``optimizer, lr`` (base x multiplier), ``weight_decay, momentum, nesterov, b1, b2,
+      eps``), as built (frozen excluded).
   """
   tx: optax.GradientTransformation
   labels: Any
   trainable: Any
   schedules: dict[str, Schedule]
   summary: dict[str, int]
+  hparams: dict[str, dict] = dataclasses.field(default_factory=dict)
 
   def learning_rates(self, step: int) -> dict[str, float]:
     """{label: lr} at optimiser step ``step`` (frozen excluded)."""
@@ -284,6 +291,7 @@ def build(optim_cfg: Any, params: Any, *, total_steps: int | None = None,
   transforms: dict[str, optax.GradientTransformation] = {}
   schedules: dict[str, Schedule] = {}
   summary: dict[str, int] = {}
+  hparams: dict[str, dict] = {}
   for path, label in label_of.items():
     summary[label] = summary.get(label, 0) + 1
     if label in transforms:
@@ -296,6 +304,9 @@ def build(optim_cfg: Any, params: Any, *, total_steps: int | None = None,
     cfg["lr"] = float(cfg["lr"]) * (float(mult) if mult else 1.0)
     fn = make_schedule(**cfg)
     schedules[label] = fn
+    hparams[label] = {k: cfg.get(k, d) for k, d in (
+        ("optimizer", "sgd"), ("lr", 0.0), ("weight_decay", 0.0), ("momentum", 0.0),
+        ("nesterov", False), ("b1", 0.9), ("b2", 0.999), ("eps", 1e-8))}
     transforms[label] = make_single(schedule_fn=fn, **cfg)
 
   labels = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in label_of.items()})
@@ -304,7 +315,7 @@ def build(optim_cfg: Any, params: Any, *, total_steps: int | None = None,
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return Optimizer(tx=tx, labels=labels, trainable=trainable, schedules=schedules,
-                   summary=summary)
+                   summary=summary, hparams=hparams)
 
 
 __all__ = ["Optimizer", "build", "make_schedule", "make_single", "param_paths", "FROZEN", "DEFAULT"]

@@ -1,0 +1,207 @@
+"""How each model meets the train-step fixtures of its official train script.
+
+One `TrainAdapter` per fixture ``model_class`` (shared/parity/<model>/train/): which
+registered model and which paper config (``configs/<method>.py``) it is trained with,
+the model fields read from the json, the training episode built from the ``in_``
+arrays, and the official loss terms (``out_loss_*``) expressed with the metrics the
+model's ``loss_fn`` returns. Everything else (optimiser, frozen mask, step) is the
+engine's own code, run by `checkpoints.train_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAdapter:
+  """Attributes:
+    model: registry name.
+    config: paper config, ``"<file>.py[:args]"`` under configs/; the fixture's shot is
+      appended (``shot=K``).
+    losses: {``out_loss_`` name: metric names of ``loss_fn`` summed} (``()`` = exactly 0:
+      a term the official script adds as zeros), or a callable (metrics, meta) -> dict.
+    model_fields: json -> fields; default: the registry parity adapter's.
+    keymap_fields: (json, fields) -> keymap keywords; default: the fields.
+    inputs: (arrays, json) -> the training episode; default: the parity adapter's inputs
+      plus the training labels (`training_episode`).
+  """
+  model: str
+  config: str
+  losses: Mapping[str, tuple[str, ...]] | Callable[[Mapping[str, Any], Mapping[str, Any]], dict]
+  model_fields: Callable[[Mapping[str, Any]], dict] | None = None
+  keymap_fields: Callable[[Mapping[str, Any], dict], dict] | None = None
+  inputs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], dict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundAdapter:
+  """A `TrainAdapter` with its defaults resolved against the registry."""
+  model: str
+  config_arg: Callable[[Mapping[str, Any]], str]
+  model_fields: Callable[[Mapping[str, Any]], dict]
+  keymap_fields: Callable[[Mapping[str, Any], dict], dict]
+  inputs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], dict]
+  losses: Callable[[Mapping[str, Any], Mapping[str, Any]], dict]
+
+
+def fixture_shot(meta: Mapping[str, Any]) -> int:
+  values = (meta.get("config") or {}).get("values") or {}
+  if "shot" in values:
+    return int(values["shot"])
+  task = (meta.get("config") or {}).get("task") or {}
+  if "n_shots" in task:
+    return int(task["n_shots"])
+  args = (meta.get("config") or {}).get("argparse_defaults") or {}
+  return int(args.get("shot", 1))
+
+
+def training_episode(base: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict:
+  """``base`` (an NHWC episode) plus the training labels of the fixture: ``query_mask``
+  (``in_query_label``), ``query_base_label`` (``in_query_label_base``), ``class_index``
+  (``in_cat_idx``) and ``class_id`` (``in_class_chosen``)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ep = dict(base)
+  for src, dst in (("in_query_label", "query_mask"), ("in_query_label_base", "query_base_label"),
+                   ("in_cat_idx", "class_index"), ("in_class_chosen", "class_id")):
+    if src in arrays:
+      ep[dst] = jnp.asarray(np.asarray(arrays[src]).astype(np.int32))
+  return ep
+
+
+def _summed(mapping: Mapping[str, tuple[str, ...]]):
+  def fn(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
+    del meta
+    out = {}
+    for name, parts in mapping.items():
+      if all(p in metrics for p in parts):
+        out[name] = float(sum(np.asarray(metrics[p], np.float64) for p in parts)) if parts else 0.0
+    return out
+  return fn
+
+
+def _pspnet_inputs(arrays, meta):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  del meta
+  return {"image": jnp.asarray(np.transpose(np.asarray(arrays["in_img"], np.float32), (0, 2, 3, 1))),
+          "label": jnp.asarray(np.asarray(arrays["in_label"]).astype(np.int32))}
+
+
+def _pspnet_fields(meta):
+  values = (meta.get("config") or {}).get("values") or {}
+  shapes = {e["key"]: tuple(e["shape"]) for e in meta["state_dict"]["keys"]}
+  return {"num_classes": int(values.get("classes", shapes["cls.4.weight"][0])),
+          "depth": int(values.get("layers", 50)), "frozen": False}
+
+
+def _ssp_fields(meta):
+  args = (meta.get("config") or {}).get("argparse_defaults") or {}
+  return {"shot": fixture_shot(meta), "refine": bool(args.get("refine", False)),
+          "depth": int(str(args.get("backbone", "resnet50")).replace("resnet", "") or 50)}
+
+
+def _ssp_inputs(arrays, meta):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  del meta
+  f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+  return {
+      "query_image": jnp.asarray(np.transpose(f32(arrays["in_query_img"]), (0, 2, 3, 1))),
+      "support_images": jnp.asarray(np.transpose(f32(arrays["in_supp_img"]), (0, 1, 3, 4, 2))),
+      "support_masks": jnp.asarray(np.asarray(arrays["in_supp_label"]).astype(np.int32)),
+      "query_mask": jnp.asarray(np.asarray(arrays["in_query_label"]).astype(np.int32)),
+  }
+
+
+# model_class -> adapter (the json's ``model_class`` of the train-step fixtures).
+ADAPTERS: dict[str, TrainAdapter] = {
+    "models.fewshot.FewShotSeg": TrainAdapter(
+        model="panet", config="panet.py",
+        losses={"out_loss_query": ("seg_loss",), "out_loss_align": ("align_loss",),
+                "out_loss_total": ("loss",), "out_loss_part_align_epi0": ("align_epi0",),
+                "out_loss_part_align_epi1": ("align_epi1",)}),
+    "model.SCCAN.OneModel": TrainAdapter(
+        model="sccan", config="sccan.py",
+        losses={"out_loss_main": ("dice",), "out_loss_aux1": (), "out_loss_aux2": (),
+                "out_loss_total": ("loss",)}),
+    "model.HDMNet.OneModel": TrainAdapter(
+        model="hdmnet", config="hdmnet.py",
+        losses={"out_loss_main": ("ce_final", "ce_meta"), "out_loss_aux1": ("distil",),
+                "out_loss_aux2": ("ce_base",), "out_loss_total": ("loss",),
+                "out_loss_part_ce_final": ("ce_final",), "out_loss_part_ce_meta": ("ce_meta",),
+                "out_loss_part_ce_base": ("ce_base",),
+                **{f"out_loss_part_distil_stage{i}": (f"distil_stage{i}",) for i in range(3)}}),
+    "SCCAN_PAHNet.model.SCCANPlus.OneModel": TrainAdapter(
+        model="sccan_pahnet", config="pahnet.py:variant=sccan",
+        losses={"out_loss_main": ("ce_final",), "out_loss_aux1": ("dice_meta",),
+                "out_loss_aux2": ("pseudo",), "out_loss_total": ("loss",),
+                "out_loss_part_ce_final": ("ce_final",), "out_loss_part_dice_meta": ("dice_meta",),
+                **{f"out_loss_part_ce_pseudo{i}": (f"pseudo{i}",) for i in range(8)}}),
+    "HDMNet_PAHNet.model.HDMNetPlus.OneModel": TrainAdapter(
+        model="hdmnet_pahnet", config="pahnet.py:variant=hdmnet",
+        losses={"out_loss_main": ("ce_final", "ce_meta"), "out_loss_aux1": ("distil",),
+                "out_loss_aux2": ("ce_base", "pseudo"), "out_loss_total": ("loss",),
+                "out_loss_part_ce_final": ("ce_final",), "out_loss_part_ce_meta": ("ce_meta",),
+                "out_loss_part_ce_base": ("ce_base",),
+                **{f"out_loss_part_ce_pseudo{i}": (f"pseudo{i}",) for i in range(3)},
+                **{f"out_loss_part_distil_stage{i}": (f"distil_stage{i}",) for i in range(3)}}),
+    "model.SymNet.SymNet": TrainAdapter(
+        model="symnet", config="symnet.py",
+        losses={"out_loss_main": ("main",), "out_loss_aux1": ("aux1",), "out_loss_aux2": ("aux2",),
+                "out_loss_aux3": ("aux_inner",), "out_loss_aux4": ("triplet",),
+                "out_loss_total": ("loss",), "out_loss_part_ce_final": ("main",),
+                "out_loss_part_ce_meta": ("aux1",), "out_loss_part_ce_base": ("aux2",),
+                **{f"out_loss_part_ce_inner{i}": (f"inner{i}",) for i in range(4)}}),
+    "model.PSPNet.OneModel": TrainAdapter(
+        model="pspnet", config="pspnet.py",
+        losses={"out_loss_main": ("ce",), "out_loss_total": ("loss",)},
+        model_fields=_pspnet_fields,
+        keymap_fields=lambda meta, fields: {**fields, "naming": "bam"},
+        inputs=_pspnet_inputs),
+    "model.SSP_matching.SSP_MatchingNet": TrainAdapter(
+        model="ssp", config="ssp.py",
+        losses={"out_loss_query": ("ce_out1",), "out_loss_self": ("ce_self",),
+                "out_loss_support": ("ce_support",), "out_loss_total": ("loss",)},
+        model_fields=_ssp_fields, inputs=_ssp_inputs),
+}
+
+
+def for_fixture(meta: Mapping[str, Any]) -> BoundAdapter:
+  """The bound adapter of a train-step fixture json.
+
+  Raises:
+    registry.UnsupportedModelError: no adapter for the json's ``model_class``.
+  """
+  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  model_class = meta.get("model_class", "")
+  if model_class not in ADAPTERS:
+    raise registry.UnsupportedModelError(
+        f"no train-step adapter for {model_class!r} (known: {', '.join(sorted(ADAPTERS))})")
+  a = ADAPTERS[model_class]
+  spec = registry.get(a.model)
+  parity = spec.parity
+  fields = a.model_fields or (parity.model_fields if parity else None)
+  if fields is None:
+    raise registry.UnsupportedModelError(f"model {a.model} has no fixture fields")
+  if a.inputs is not None:
+    inputs = a.inputs
+  elif parity is not None:
+    inputs = lambda arrays, meta: training_episode(parity.inputs(arrays, meta), arrays)  # noqa: E731
+  else:
+    raise registry.UnsupportedModelError(f"model {a.model} has no fixture inputs")
+
+  def config_arg(meta):
+    base = a.config
+    sep = "," if ":" in base else ":"
+    return f"{base}{sep}dataset=pascal,fold=0,shot={fixture_shot(meta)}"
+
+  return BoundAdapter(
+      model=a.model, config_arg=config_arg, model_fields=fields,
+      keymap_fields=a.keymap_fields or (lambda meta, f: f), inputs=inputs,
+      losses=a.losses if callable(a.losses) else _summed(a.losses))
+
+
+__all__ = ["TrainAdapter", "ADAPTERS", "for_fixture", "training_episode", "fixture_shot"]
