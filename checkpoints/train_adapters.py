@@ -115,6 +115,14 @@ def _ssp_inputs(arrays, meta):
   }
 
 
+# HDMNet's get_loss accumulates ``distil_loss = distil(stage 0)`` then ``distil_loss +=
+# distil(stage i)`` IN PLACE: the tensor the first call returned becomes the sum of the three
+# calls, and that is what the fixtures hold as ``part_distil_stage0`` (3 x aux1).
+_DISTIL_PARTS = {"out_loss_part_distil_stage0": ("distil_stage0", "distil_stage1", "distil_stage2"),
+                 "out_loss_part_distil_stage1": ("distil_stage1",),
+                 "out_loss_part_distil_stage2": ("distil_stage2",)}
+
+
 # model_class -> adapter (the json's ``model_class`` of the train-step fixtures).
 ADAPTERS: dict[str, TrainAdapter] = {
     "models.fewshot.FewShotSeg": TrainAdapter(
@@ -132,21 +140,21 @@ ADAPTERS: dict[str, TrainAdapter] = {
                 "out_loss_aux2": ("ce_base",), "out_loss_total": ("loss",),
                 "out_loss_part_ce_final": ("ce_final",), "out_loss_part_ce_meta": ("ce_meta",),
                 "out_loss_part_ce_base": ("ce_base",),
-                **{f"out_loss_part_distil_stage{i}": (f"distil_stage{i}",) for i in range(3)}}),
+                **_DISTIL_PARTS}),
     "SCCAN_PAHNet.model.SCCANPlus.OneModel": TrainAdapter(
         model="sccan_pahnet", config="pahnet.py:variant=sccan",
         losses={"out_loss_main": ("ce_final",), "out_loss_aux1": ("dice_meta",),
-                "out_loss_aux2": ("pseudo",), "out_loss_total": ("loss",),
+                "out_loss_aux2": ("ce_pseudo",), "out_loss_total": ("loss",),
                 "out_loss_part_ce_final": ("ce_final",), "out_loss_part_dice_meta": ("dice_meta",),
                 **{f"out_loss_part_ce_pseudo{i}": (f"pseudo{i}",) for i in range(8)}}),
     "HDMNet_PAHNet.model.HDMNetPlus.OneModel": TrainAdapter(
         model="hdmnet_pahnet", config="pahnet.py:variant=hdmnet",
         losses={"out_loss_main": ("ce_final", "ce_meta"), "out_loss_aux1": ("distil",),
-                "out_loss_aux2": ("ce_base", "pseudo"), "out_loss_total": ("loss",),
+                "out_loss_aux2": ("ce_base", "ce_pseudo"), "out_loss_total": ("loss",),
                 "out_loss_part_ce_final": ("ce_final",), "out_loss_part_ce_meta": ("ce_meta",),
                 "out_loss_part_ce_base": ("ce_base",),
                 **{f"out_loss_part_ce_pseudo{i}": (f"pseudo{i}",) for i in range(3)},
-                **{f"out_loss_part_distil_stage{i}": (f"distil_stage{i}",) for i in range(3)}}),
+                **_DISTIL_PARTS}),
     "model.SymNet.SymNet": TrainAdapter(
         model="symnet", config="symnet.py",
         losses={"out_loss_main": ("main",), "out_loss_aux1": ("aux1",), "out_loss_aux2": ("aux2",),

@@ -205,6 +205,32 @@ def _hparam_errors(key: str, ours: Mapping[str, Any], group: Mapping[str, Any],
   return errs
 
 
+def trainable_set_errors(ours_trained: set[str], ours_all: set[str],
+                         meta: Mapping[str, Any]) -> list[str]:
+  """Official keys trained on one side only, each named with the reason.
+
+  Args:
+    ours_trained: official keys of the tensors our optimiser updates.
+    ours_all: official keys of every tensor of our model.
+    meta: the fixture json (``params`` = every key an official optimiser holds;
+      ``frozen.in_optimizer_without_grad`` = held but never updated by torch, either
+      side is fine as long as its delta is 0; ``frozen.trainable_not_in_optimizer``).
+  """
+  ref_params = set(meta.get("params") or {})
+  frozen = meta.get("frozen") or {}
+  no_grad = set(frozen.get("in_optimizer_without_grad") or ())
+  not_in_opt = set(frozen.get("trainable_not_in_optimizer") or ())
+  errors = []
+  for k in sorted(ours_trained - ref_params):
+    why = ("requires grad but is in no official optimizer: the reference never updates it"
+           if k in not_in_opt else "frozen in the reference")
+    errors.append(f"{k}: trained here, {why}")
+  for k in sorted((ref_params - no_grad) - ours_trained):
+    errors.append(f"{k}: updated by the reference optimiser, "
+                  + ("frozen here" if k in ours_all else "missing in this model"))
+  return errors
+
+
 # ---------------------------------------------------------------------------
 # The check
 # ---------------------------------------------------------------------------
@@ -276,19 +302,9 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
     raise TrainFixtureError(f"parameters without an official key in the key map: {unmapped[:10]}")
   ours_trained = {param_keys[p][0] for p, l in labels.items() if l != optim_lib.FROZEN}
   ref_params = meta.get("params") or {}
-  frozen_meta = meta.get("frozen") or {}
-  no_grad = set(frozen_meta.get("in_optimizer_without_grad") or ())
+  no_grad = set((meta.get("frozen") or {}).get("in_optimizer_without_grad") or ())
   ref_updated = set(ref_params) - no_grad
-  trainable_errors = []
-  for k in sorted(ours_trained - set(ref_params)):
-    why = ("requires grad but is in no official optimizer: the reference never updates it"
-           if k in set(frozen_meta.get("trainable_not_in_optimizer") or ()) else
-           "frozen in the reference")
-    trainable_errors.append(f"{k}: trained here, {why}")
-  for k in sorted(ref_updated - ours_trained):
-    trainable_errors.append(f"{k}: updated by the reference optimiser, "
-                            + ("frozen here" if k in {v[0] for v in param_keys.values()}
-                               else "missing in this model"))
+  trainable_errors = trainable_set_errors(ours_trained, {v[0] for v in param_keys.values()}, meta)
   report["trainable"] = {"ours": len(ours_trained), "reference": len(ref_updated),
                          "reference_no_grad": len(no_grad),
                          "ours_numel": int(sum(np.size(v) for p, v in _flat(params).items()

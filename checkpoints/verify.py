@@ -156,6 +156,25 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
   return report
 
 
+# XLA:CPU (jax 0.10.2) runs convolutions and dots through YNNPACK by default; some of their
+# backward passes lose precision (PANet's conv4 block: 6e-3 of the gradient's scale, SSP's
+# layer2/3: up to 1e-2, where torch float32 and float64 agree to 1e-6 and so does our float64
+# gradient). XLA's own (Eigen) kernels give the float32 result. Set for train-step fixtures
+# before jax starts; an explicit XLA_FLAGS choice of the YNN fusions is kept.
+EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
+
+
+def _cpu_convolutions_for_train_steps(fixture: str) -> None:
+  import os  # pylint: disable=g-import-not-at-top
+  try:
+    meta = json.loads(pathlib.Path(fixture).with_suffix(".json").read_text())
+  except (OSError, ValueError):
+    return  # reported by verify_fixture
+  flags = os.environ.get("XLA_FLAGS", "")
+  if meta.get("kind") == "train_step" and "ynn_fusion_type" not in flags and "jax" not in sys.modules:
+    os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m checkpoints.verify",
@@ -165,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                       help="bfloat16: report the mixed-precision drift from the float32 reference")
   args = parser.parse_args(argv)
+  _cpu_convolutions_for_train_steps(args.fixture)
 
   from fss_jax.keymaps import ConversionError
   from fss_jax.models.registry import UnsupportedModelError

@@ -43,7 +43,9 @@ def get_config(arg: str | None = None):
   c.model_fields.shots = c.get_ref("shot")
 
   c.data.train_size = 417
-  c.data.train_resize = "squash"
+  # PANet's own chain (dataloaders/transforms.py): PIL resize of the uint8 image, then mirror
+  # (transforms.train_ops resize="panet"; tests/test_augment_official.py).
+  c.data.train_resize = "panet"
   c.data.scale = (1.0, 1.0)        # no RandScale, no rotation, no blur: resize + mirror
   c.data.rotate = (0.0, 0.0)
   c.data.blur = 0.0

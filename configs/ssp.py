@@ -53,7 +53,9 @@ def get_config(arg: str | None = None):
   c.data.protocol = "pfenet"
   c.data.coco_split = "contiguous" if arg.split == "ssp" else "interleaved"
   c.data.train_size = 473
-  c.data.train_resize = "crop"
+  # SSP's dataset/transform.py: pad bottom/right (image 0, label 255), one random crop, then
+  # flip (transforms.train_ops resize="ssp"; tests/test_augment_official.py).
+  c.data.train_resize = "ssp"
   c.data.scale = (1.0, 1.0)          # crop + flip only: no RandScale, rotation or blur
   c.data.rotate = (0.0, 0.0)
   c.data.blur = 0.0

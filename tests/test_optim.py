@@ -159,3 +159,14 @@ def test_bad_patterns_and_names_are_reported():
     optim.build(_cfg(optimizer="sgdd"), params)
   with pytest.raises(ValueError, match="unknown lr schedule"):
     optim.build(_cfg(schedule="linear"), params)
+
+
+def test_poly_keeps_float32_precision_at_the_last_iterations():
+  # SCCAN's schedule (lr 0.05 = 10 x 0.005, T = 200 x 526): 1 - t/T in float32 lost
+  # 0.3 % of the lr at t = T - 1 (train-step fixture lr_samples); (T - t) / T does not.
+  t_max = 105_200
+  fn = optim.make_schedule(lr=0.05, schedule="poly", total_steps=t_max, power=0.9)
+  for t in (1, 2, 100, 52_600, t_max - 1):
+    want = 0.05 * (1 - t / t_max) ** 0.9
+    assert abs(float(fn(t - 1)) - want) <= 1e-6 * want, t
+  assert float(fn(t_max - 1)) == 0.0 and float(fn(t_max + 5)) == 0.0

@@ -120,8 +120,9 @@ class EpisodeConfig:
     object.__setattr__(self, "dataset", splits.canonical_dataset(self.dataset))
     object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
     object.__setattr__(self, "rotate", tuple(float(v) for v in self.rotate))
-    if self.train_resize not in ("crop", "squash"):
-      raise ValueError(f"train_resize must be 'crop' or 'squash', got {self.train_resize!r}")
+    if self.train_resize not in T.TRAIN_RESIZES:
+      raise ValueError(f"train_resize must be one of {', '.join(T.TRAIN_RESIZES)}, "
+                       f"got {self.train_resize!r}")
     if self.test_resize not in ("aspect", "squash"):
       raise ValueError(f"test_resize must be 'aspect' or 'squash', got {self.test_resize!r}")
     if self.worker_count < 0 or self.read_threads < 1:

@@ -14,18 +14,53 @@ The query and its labels share one set of random draws; each support draws its o
 (independently, from the same Generator, after the query). Random ops are
 ``grain.transforms.RandomMap`` (``op.random_map(ep, rng)``), deterministic ones
 ``grain.transforms.Map`` (``op.map(ep)``), so they run the same directly and inside a
-grain pipeline (``ds.random_map(op)`` / ``ds.map(op)``).
+grain pipeline (``ds.random_map(op)`` / ``ds.map(op)``). A random op separates its
+random numbers from their use, per image group: ``params = op.draw(rng, labels)``,
+``op.apply(image, labels, params)``; ``random_map`` is apply(draw) on the query group,
+then on each support.
 
-All arithmetic follows the reference (OpenCV on float32 images, no uint8 rounding):
+All arithmetic follows the reference (OpenCV on float32 images, no uint8 rounding;
+PANet's PIL resize on uint8):
 
 * training (§8): `RandScale` -> `RandRotate` -> `RandomGaussianBlur` ->
   `RandomHorizontalFlip` -> `RandomCrop` (PFENet/BAM/SCCAN) or `SquashResize`
-  (HDMNet) -> `Normalize` -> `ToArrays`;
+  (HDMNet) -> `Normalize` -> `ToArrays`; PANet: `SquashResize` (PIL) -> flip; SSP:
+  `RandomCrop` (bottom/right zero padding, one draw) -> flip;
 * test (§9): `KeepOriginalLabel` -> `AspectResizePad` (§9.1) or `SquashResize` (§9.2)
   -> `Normalize` -> `ToArrays`.
 
 Use `train_ops` / `test_ops` to get these chains and `batch_episodes` to stack
 episodes into a batch.
+
+Official behaviour reproduced (tests/test_augment_official.py replays the official
+code's draws: SCCAN's ``util/transform*.py`` = BAM's, PAHNet's, Sym-Net's; HDMNet's;
+PANet's ``dataloaders/transforms.py``; SSP's ``dataset/transform.py``):
+
+* probabilities are ``u < p`` (u = 0.5 neither rotates, blurs nor flips); RandRotate
+  draws the angle only when it rotates (1 or 2 numbers);
+* the official ``SemData`` runs the whole chain on the query, then on each support;
+  our ops run one op over the episode, then the next: each (image, op) gets its own
+  draws either way, only their interleaving in the one stream differs;
+* RandScale: one factor for both axes, output size rounded by OpenCV;
+* RandRotate: centre (W/2, H/2), not ((W-1)/2, (H-1)/2); image INTER_LINEAR with the
+  mean colour, labels INTER_NEAREST with 255 (BORDER_CONSTANT);
+* blur: ``cv2.GaussianBlur(image, (5, 5), 0)`` (the official ``radius`` is the kernel
+  size): OpenCV's fixed [1, 4, 6, 4, 1] / 16 kernel, reflect-101 border, image only;
+  probability 0.5 hard-coded there;
+* crop: symmetric padding (top ⌊pad/2⌋) with the mean colour / 255; top offset drawn
+  before left, ``randint`` inclusive; 85 % rule on the label-1 pixels of the padded
+  mask, at most 31 redraws, the last kept; no label-1 pixel: the first draw is kept;
+* test resize (§9.1): zero canvas (not the mean), sides floored to multiples of 8;
+* PANet: PIL (uint8) bilinear with antialiasing and PIL nearest for labels, resize
+  before the mirror;
+* SSP: pad bottom/right only, image 0 (black), labels 255; one draw, no 85 % rule;
+  crop before the flip (SSP draws the left offset before the top one, ours top first:
+  the same distribution).
+
+Official quirks not reproduced: Crop's final ``cv2.resize`` to size[0] x size[0] when
+the output is not that shape (non-square crops only) and its dead ``crop_cnt >= 50``
+branch; HDMNet's ``Resize`` passing (h, w) as OpenCV's (w, h) (transposes non-square
+sizes); the unused centre crop. Every config here uses square sizes.
 """
 
 from __future__ import annotations
@@ -254,11 +289,11 @@ class SquashResize(grain.transforms.Map):
   """§8.5 HDMNet / §9.2: resize to ``size`` ignoring the aspect ratio.
 
   ``backend="cv2"`` (HDMNet, PAHNet): ``cv2.resize``, image bilinear, labels nearest
-  (source pixel ⌊x·in/out⌋). ``backend="pil"`` (PANet, torchvision on PIL images):
-  PIL's bilinear, which widens its triangle filter by the reduction factor when
-  shrinking (antialiasing), run on each float32 channel (PANet's uint8 images round
-  after each pass: within one level); labels PIL nearest (source pixel
-  ⌊(x + 0.5)·in/out⌋).
+  (source pixel ⌊x·in/out⌋). ``backend="pil"`` (PANet's torchvision ``Resize`` of PIL
+  images): the image as uint8 RGB (rounded; PANet's images are uint8 throughout)
+  through PIL's bilinear, which widens its triangle filter by the reduction factor when
+  shrinking (antialiasing) and rounds after each pass; labels PIL nearest (source pixel
+  ⌊(x + 0.5)·in/out⌋). Both return float32 images.
   """
   size: tuple[int, int] = (473, 473)
   backend: str = "cv2"
@@ -270,23 +305,16 @@ class SquashResize(grain.transforms.Map):
   def apply(self, image, labels):
     h, w = _size_hw(self.size)
     if self.backend == "pil":
-      return _pil_resize(image, (w, h)), [_pil_resize(l, (w, h), Image.Resampling.NEAREST) for l in labels]
+      rgb = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8))
+      image = np.array(rgb.resize((w, h), Image.Resampling.BILINEAR), np.float32)
+      labels = [np.array(Image.fromarray(l).resize((w, h), Image.Resampling.NEAREST)) for l in labels]
+      return image, labels
     image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
     labels = [cv2.resize(l, (w, h), interpolation=cv2.INTER_NEAREST) for l in labels]
     return image, labels
 
   def map(self, ep):
     return _apply(ep, self.apply)
-
-
-def _pil_resize(x: np.ndarray, wh: tuple[int, int], resample=Image.Resampling.BILINEAR) -> np.ndarray:
-  """PIL ``Image.resize`` of an [H, W] array or, channel by channel (float32 "F"
-  images), of an [H, W, C] one; keeps the dtype."""
-  if x.ndim == 2:
-    return np.asarray(Image.fromarray(x).resize(wh, resample))
-  chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c], np.float32)).resize(wh, resample))
-           for c in range(x.shape[-1])]
-  return np.stack(chans, axis=-1).astype(x.dtype, copy=False)
 
 
 def aspect_size(h: int, w: int, size: int) -> tuple[int, int]:

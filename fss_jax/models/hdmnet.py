@@ -36,7 +36,7 @@ import numpy as np
 from fss_jax import keymaps
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models.registry import ModelSpec, ParityAdapter
-from fss_jax.nn.attention.hdm import (HierarchicalTransformer, correlation_distillation_loss,
+from fss_jax.nn.attention.hdm import (HierarchicalTransformer, correlation_distillation_terms,
                                       hierarchical_transformer_keymap)
 from fss_jax.nn.ensemble import LearnerEnsemble, ensemble_keymap
 from fss_jax.nn.layers import Conv2d
@@ -199,17 +199,18 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array], *,
   ``query_base_label`` the base term is left out.
   """
   y = episode["query_mask"]
+  distil = correlation_distillation_terms(outputs["corr"], y)
   terms = {
       "ce_final": losses.cross_entropy(outputs["logits"], y),
       "ce_meta": losses.cross_entropy(outputs["meta_logits"], y),
-      "distil": correlation_distillation_loss(outputs["corr"], y),
+      "distil": sum(distil) / len(distil),
   }
   weights = {"distil": aux_weight1}
   if "query_base_label" in episode:
     terms["ce_base"] = jax.lax.stop_gradient(
         losses.cross_entropy(outputs["base_logits"], episode["query_base_label"]))
     weights["ce_base"] = aux_weight2
-  return losses.weighted_sum(terms, weights)
+  return losses.weighted_sum(terms, weights, reported=losses.parts("distil_stage", distil))
 
 
 # ---------------------------------------------------------------------------

@@ -319,14 +319,14 @@ class SCCANPlus(nn.Module):
             "pseudo_masks": pseudo, "prob": prob, "prior": prior, "est_val": ens["est_val"]}
 
 
-def _pseudo_mask_ce(pseudo_masks: Sequence[jax.Array], y: jax.Array) -> jax.Array:
-  """Mean CE of the pseudo masks (probabilities used as logits) against the label resized
-  with torch's legacy nearest rule to each mask's grid."""
-  total = 0.0
+def _pseudo_mask_ce(pseudo_masks: Sequence[jax.Array], y: jax.Array) -> list[jax.Array]:
+  """CE of each pseudo mask (probabilities used as logits) against the label resized
+  with torch's legacy nearest rule to its grid (the term is their mean)."""
+  out = []
   for p in pseudo_masks:
     gt = resize_nearest(y[..., None], p.shape[1:3])[..., 0]
-    total = total + losses.cross_entropy(p, gt)
-  return total / len(pseudo_masks)
+    out.append(losses.cross_entropy(p, gt))
+  return out
 
 
 def sccan_loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array], *,
@@ -339,10 +339,12 @@ def sccan_loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array], 
   if outputs["logits"].shape[1:3] != y.shape[1:3]:
     raise ValueError(f"logits {tuple(outputs['logits'].shape)} and query_mask {tuple(y.shape)} "
                      "differ in size; SCCANPlus trains with zoom_factor=8")
+  pseudo = _pseudo_mask_ce(outputs["pseudo_masks"], y)
   terms = {"ce_final": losses.cross_entropy(outputs["logits"], y),
            "dice_meta": losses.weighted_dice_loss(outputs["meta_logits"], y),
-           "ce_pseudo": _pseudo_mask_ce(outputs["pseudo_masks"], y)}
-  return losses.weighted_sum(terms, {"dice_meta": aux_weight1, "ce_pseudo": aux_weight2})
+           "ce_pseudo": sum(pseudo) / len(pseudo)}
+  return losses.weighted_sum(terms, {"dice_meta": aux_weight1, "ce_pseudo": aux_weight2},
+                             reported=losses.parts("pseudo", pseudo))
 
 
 def sccan_keymap(shot: int = 1, num_base_classes: int = 16, depth: int = 50, blocks: int = 8,
@@ -603,16 +605,19 @@ def hdmnet_loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array],
   the base term carries no gradient and is left out without ``query_base_label``.
   """
   y = episode["query_mask"]
+  pseudo = _pseudo_mask_ce(outputs["pseudo_masks"], y)
+  distil = hdm.correlation_distillation_terms(outputs["corr"], y)
   terms = {"ce_final": losses.cross_entropy(outputs["logits"], y),
            "ce_meta": losses.cross_entropy(outputs["meta_logits"], y),
-           "distil": hdm.correlation_distillation_loss(outputs["corr"], y),
-           "ce_pseudo": _pseudo_mask_ce(outputs["pseudo_masks"], y)}
+           "distil": sum(distil) / len(distil),
+           "ce_pseudo": sum(pseudo) / len(pseudo)}
   weights = {"distil": aux_weight1, "ce_pseudo": aux_weight2}
   if "query_base_label" in episode:
     terms["ce_base"] = jax.lax.stop_gradient(
         losses.cross_entropy(outputs["base_logits"], episode["query_base_label"]))
     weights["ce_base"] = aux_weight2
-  return losses.weighted_sum(terms, weights)
+  return losses.weighted_sum(terms, weights, reported={**losses.parts("pseudo", pseudo),
+                                                       **losses.parts("distil_stage", distil)})
 
 
 _MATCH_SRC = re.compile(r"^(transformer\.mix_transformer\.match_layers\.\d+)\.(\d+)\.")

@@ -87,7 +87,15 @@ def prototype_scores(query_feat: jax.Array, prototypes: jax.Array, *,
 
 def alignment_loss(query_feat: jax.Array, scores: jax.Array, supp_feat: jax.Array,
                    fore: jax.Array, back: jax.Array, *, scaler: float = ALPHA) -> jax.Array:
-  """PANet's prototype alignment regularisation (`alignLoss`), batched.
+  """PANet's PAR loss: the mean over episodes of `alignment_loss_per_episode`."""
+  return jnp.mean(alignment_loss_per_episode(query_feat, scores, supp_feat, fore, back,
+                                             scaler=scaler))
+
+
+def alignment_loss_per_episode(query_feat: jax.Array, scores: jax.Array, supp_feat: jax.Array,
+                               fore: jax.Array, back: jax.Array, *,
+                               scaler: float = ALPHA) -> jax.Array:
+  """PANet's prototype alignment regularisation (`alignLoss`) of each episode.
 
   Args:
     query_feat: ``[B, h, w, C]`` query features.
@@ -98,8 +106,8 @@ def alignment_loss(query_feat: jax.Array, scores: jax.Array, supp_feat: jax.Arra
     scaler: cosine scaler.
 
   Returns:
-    scalar: ``mean_b sum_{w not skipped, k} CE_{b,w,k} / (K N)`` where way w
-    is skipped when the query prediction has no pixel of it.
+    ``[B]``: ``sum_{w not skipped, k} CE_{b,w,k} / (K N)`` where way w is skipped
+    when the query prediction has no pixel of it.
   """
   b, n, k, h, w, c = supp_feat.shape
   hm, wm = fore.shape[-2:]
@@ -116,8 +124,7 @@ def alignment_loss(query_feat: jax.Array, scores: jax.Array, supp_feat: jax.Arra
   target = jnp.where(back == 1, 0, jnp.where(fore == 1, 1, IGNORE)).astype(jnp.int32)
   ce = jax.vmap(losses.cross_entropy)(t, target.reshape(b * n * k, hm, wm))
   present = (count[:, 1:] > 0).astype(ce.dtype)                             # [B, N]
-  per_episode = jnp.sum(ce.reshape(b, n, k) * present[:, :, None], axis=(1, 2)) / (k * n)
-  return jnp.mean(per_episode)
+  return jnp.sum(ce.reshape(b, n, k) * present[:, :, None], axis=(1, 2)) / (k * n)
 
 
 class PANet(nn.Module):
@@ -188,8 +195,10 @@ class PANet(nn.Module):
            "align_loss": jnp.zeros((), jnp.float32)}
     # 5. PAR (training only).
     if train and self.align:
-      out["align_loss"] = alignment_loss(query_feat, scores, supp_feat, fore, back,
-                                         scaler=self.scaler)
+      per_episode = alignment_loss_per_episode(query_feat, scores, supp_feat, fore, back,
+                                               scaler=self.scaler)
+      out["align_loss"] = jnp.mean(per_episode)
+      out["align_loss_per_episode"] = per_episode
     if self.return_intermediates:
       out["blocks"] = blocks
     return out
@@ -200,12 +209,15 @@ def loss_fn(outputs: Mapping[str, jax.Array], episode: Mapping[str, jax.Array],
   """``CE(logits, query_mask; ignore 255) + align_weight * PAR`` (panet.md §4).
 
   Returns:
-    (loss, {"loss", "seg_loss", "align_loss"}).
+    (loss, {"loss", "seg_loss", "align_loss", "align_epi<b>" per episode}).
   """
   seg = losses.cross_entropy(outputs["logits"], episode["query_mask"])
   align = outputs.get("align_loss", jnp.zeros((), jnp.float32))
-  total = seg + align_weight * align
-  return total, {"loss": total, "seg_loss": seg, "align_loss": align}
+  per_episode = outputs.get("align_loss_per_episode")
+  reported = {} if per_episode is None else losses.parts(
+      "align_epi", [per_episode[i] for i in range(per_episode.shape[0])])
+  return losses.weighted_sum({"seg_loss": seg, "align_loss": align},
+                             {"align_loss": align_weight}, reported=reported)
 
 
 def make_model(**fields) -> PANet:

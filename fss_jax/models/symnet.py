@@ -308,8 +308,8 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]
     terms["aux2"] = jax.lax.stop_gradient(
         losses.cross_entropy(outputs["base_logits"], episode["query_base_label"]))
   aux = outputs["aux_logits"]
-  terms["aux_inner"] = sum(losses.cross_entropy(resize_bilinear(a, size, align_corners=True), y)
-                           for a in aux) / len(aux)
+  inner = [losses.cross_entropy(resize_bilinear(a, size, align_corners=True), y) for a in aux]
+  terms["aux_inner"] = sum(inner) / len(inner)
   if "support_features" in outputs:
     feats = outputs["support_features"]
     b, k, h, w, _ = feats.shape
@@ -318,7 +318,7 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]
     terms["triplet"] = hard_triplet_loss(outputs["support_text"], feats, small,
                                          outputs["query_text"], outputs["query_ambiguous"],
                                          outputs["query_background"])
-  return losses.weighted_sum(terms)
+  return losses.weighted_sum(terms, reported=losses.parts("inner", inner))
 
 
 # ---------------------------------------------------------------------------

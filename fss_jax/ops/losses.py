@@ -18,7 +18,7 @@ Shapes are NHWC: logits ``[B, H, W, C]``, targets ``[B, H, W]`` int (0..C-1, 255
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,11 +84,13 @@ def weighted_dice_loss(logits: jax.Array, target: jax.Array, *, weight: float = 
   raise ValueError(f"unknown reduction {reduction!r}; use 'sum', 'mean' or 'none'")
 
 
-def weighted_sum(terms: Mapping[str, jax.Array], weights: Mapping[str, float] | None = None
+def weighted_sum(terms: Mapping[str, jax.Array], weights: Mapping[str, float] | None = None,
+                 *, reported: Mapping[str, jax.Array] | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """``Σ w_name · terms[name]`` (weights default to 1) and {name: term, "loss": total}.
 
-  Terms whose weight is 0 are reported but do not enter the total.
+  Terms whose weight is 0 are reported but do not enter the total; ``reported`` adds
+  metrics that are only logged (e.g. the individual calls inside a term, `parts`).
   """
   weights = dict(weights or {})
   total = jnp.zeros((), jnp.float32)
@@ -98,8 +100,16 @@ def weighted_sum(terms: Mapping[str, jax.Array], weights: Mapping[str, float] | 
     metrics[name] = value
     if w:
       total = total + w * value
+  for name, value in (reported or {}).items():
+    metrics[name] = jax.lax.stop_gradient(value)
   metrics["loss"] = total
   return total, metrics
 
 
-__all__ = ["cross_entropy", "weighted_dice_loss", "weighted_sum", "IGNORE"]
+def parts(prefix: str, values: Sequence[jax.Array]) -> dict[str, jax.Array]:
+  """``{prefix0: values[0], prefix1: ...}``: the loss calls inside one term, for logging
+  (and for the train-step fixtures' ``out_loss_part_*``)."""
+  return {f"{prefix}{i}": v for i, v in enumerate(values)}
+
+
+__all__ = ["cross_entropy", "weighted_dice_loss", "weighted_sum", "parts", "IGNORE"]

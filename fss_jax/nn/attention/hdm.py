@@ -435,9 +435,9 @@ class HierarchicalTransformer(nn.Module):
 # Loss
 # ---------------------------------------------------------------------------
 
-def correlation_distillation_loss(corr_maps: Sequence[jax.Array], query_mask: jax.Array,
-                                  *, eps: float = 1e-12) -> jax.Array:
-  """Coarse-to-fine KL(teacher || student) over the correlation maps (hdmnet.md §5.2).
+def correlation_distillation_terms(corr_maps: Sequence[jax.Array], query_mask: jax.Array,
+                                   *, eps: float = 1e-12) -> list[jax.Array]:
+  """Coarse-to-fine KL(teacher || student) of each correlation map (hdmnet.md §5.2).
 
   The ground truth teaches the coarsest map (foreground 1, everything else,
   ignore included, -1e9, bilinearly down-sampled with align_corners=False);
@@ -449,10 +449,10 @@ def correlation_distillation_loss(corr_maps: Sequence[jax.Array], query_mask: ja
     eps: log epsilon.
 
   Returns:
-    scalar, mean over the maps of the batch-mean KL.
+    one scalar per map: the batch-mean KL (the official ``distil`` calls, in order).
   """
   teacher = jnp.where(query_mask == 1, 1.0, -1e9).astype(jnp.float32)
-  total = 0.0
+  terms = []
   for w in corr_maps:
     bsz, h, wd = w.shape
     if teacher.shape[1:] != (h, wd):
@@ -460,9 +460,16 @@ def correlation_distillation_loss(corr_maps: Sequence[jax.Array], query_mask: ja
     t = jax.nn.softmax(teacher.reshape(bsz, -1), axis=-1)
     s = jax.nn.softmax(w.reshape(bsz, -1).astype(jnp.float32), axis=-1)
     kl = jnp.sum(t * jnp.log(t + eps) - t * jnp.log(s + eps), axis=-1)
-    total = total + jnp.mean(kl)
+    terms.append(jnp.mean(kl))
     teacher = jax.lax.stop_gradient(w.astype(jnp.float32))
-  return total / len(corr_maps)
+  return terms
+
+
+def correlation_distillation_loss(corr_maps: Sequence[jax.Array], query_mask: jax.Array,
+                                  *, eps: float = 1e-12) -> jax.Array:
+  """Mean over the maps of `correlation_distillation_terms` (HDMNet's ``aux_loss1``)."""
+  terms = correlation_distillation_terms(corr_maps, query_mask, eps=eps)
+  return sum(terms) / len(terms)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,43 @@
+"""Shared runner of the train-step fixture tests (tests/test_train_step_*.py).
+
+Each fixture goes through the CLI exactly as a user runs it,
+``python -m checkpoints.verify --fixture X.npz --json OUT``, in a subprocess (verify
+picks XLA:CPU's convolution backend before jax starts). The report must pass and list
+every ``out_loss_`` / ``grad_`` / ``delta_`` / ``stat_`` array of the fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO, parity_fixture
+
+
+def run_train_fixture(folder: str, tmp_path) -> dict:
+  path = parity_fixture(f"{folder}/train")
+  out = tmp_path / "report.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "checkpoints.verify", "--fixture", str(path),
+                         "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=900, check=False)
+  assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  with np.load(path) as z:
+    names = list(z.files)
+  want = {"outputs": {n for n in names if n.startswith("out_loss_")},
+          "grads": {n[len("grad_"):] for n in names if n.startswith("grad_")},
+          "deltas": {n[len("delta_"):] for n in names if n.startswith("delta_")},
+          "stats": {n[len("stat_"):] for n in names if n.startswith("stat_")}}
+  for cat, keys in want.items():
+    assert set(report[cat]) == keys, (cat, sorted(keys ^ set(report[cat]))[:10])
+  assert report["kind"] == "train_step"
+  assert report["passed"], proc.stdout[-4000:]
+  assert proc.returncode == 0
+  assert not report["trainable"]["errors"] and not report["hparams"]["errors"]
+  assert report["trainable"]["ours"] == report["trainable"]["reference"]
+  return report
