@@ -279,7 +279,10 @@ def test_keymap_five_shot_and_training_forward(fixture):
   assert out["base_logits"].shape == (2, 65, 65, 16)
   assert [c.shape for c in out["corr"]] == [(2, 3, 3), (2, 5, 5), (2, 9, 9)]
   assert out["est_val"].shape == (2,)
-  assert set(metrics) == {"ce_final", "ce_meta", "distil", "ce_base", "loss"}
+  assert set(metrics) == {"ce_final", "ce_meta", "distil", "ce_base", "loss", "distil_stage0",
+                          "distil_stage1", "distil_stage2"}
+  assert float(metrics["distil"]) == pytest.approx(
+      sum(float(metrics[f"distil_stage{i}"]) for i in range(3)) / 3, rel=1e-6)
   assert np.isfinite(float(total))
   assert float(total) == pytest.approx(sum(float(metrics[k]) for k in
                                            ("ce_final", "ce_meta", "distil", "ce_base")),

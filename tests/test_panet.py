@@ -216,7 +216,9 @@ def test_train_step_loss_and_gradients():
     return panet.loss_fn(out, ep)
 
   (loss, metrics), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(variables["params"])
-  assert set(metrics) == {"loss", "seg_loss", "align_loss"}
+  assert set(metrics) == {"loss", "seg_loss", "align_loss", "align_epi0", "align_epi1"}
+  assert float(metrics["align_loss"]) == pytest.approx(
+      (float(metrics["align_epi0"]) + float(metrics["align_epi1"])) / 2, rel=1e-6)
   assert float(metrics["align_loss"]) > 0
   np.testing.assert_allclose(float(loss), float(metrics["seg_loss"] + metrics["align_loss"]),
                              rtol=1e-6)
