@@ -30,7 +30,8 @@ def run_train_fixture(folder: str, tmp_path, *, known_gaps: dict[str, float] | N
   proc = subprocess.run([sys.executable, "-m", "checkpoints.verify", "--fixture", str(path),
                          "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=900, check=False)
-  assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert out.is_file(), (f"exit {proc.returncode} (-9: killed, e.g. out of memory)\n"
+                         + proc.stdout[-3000:] + proc.stderr[-3000:])
   report = json.loads(out.read_text())
   with np.load(path) as z:
     names = list(z.files)
