@@ -31,6 +31,12 @@ The official recipe (shared/reference/hdmnet.md §7-8, ``config/*/*_manet.yaml``
 * test: squash resize to 473 / 633, prediction bilinearly (align_corners=True)
   resized to the original label size; 1000 (PASCAL) / 10000 (COCO) episodes
   for each of the 10 seeds [510, 365, 382, 322, 988, 98, 742, 17, 595, 106].
+
+Training step: one step of the engine with this config equals the official train
+script's (``python -m checkpoints.verify --fixture ../shared/parity/...``, WORKSPACE §9):
+parity/hdmnet/train: CE(final) + CE(meta) + distillation + CE(base), 221 tensors, AdamW
+groups at 1e-4 / 1e-3; the probability-like final map goes through cross entropy as in the
+official code.
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ Recipes (shared/reference/pahnet.md §6-§7):
   473 / 633, base annotations. Test: squash 473 / 633, 1000 / 4000 episodes, seed 321.
 * Validation every epoch on the test episodes of seed 321 (model selection on the
   novel-class mIoU, as the reference).
+
+Training step: one step of the engine with this config equals the official train
+script's (``python -m checkpoints.verify --fixture ../shared/parity/...``, WORKSPACE §9):
+parity/{sccan,hdmnet}_pahnet/train: the base model's terms + mean CE of the pseudo masks (8
+/ 3), 406 / 290 tensors.
 """
 
 from __future__ import annotations

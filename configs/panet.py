@@ -26,6 +26,11 @@ episodes (data_protocol.md §7.3) like every other model here, with PANet's squa
 resize at test time scored at the original label resolution (§9.2), 5 seeds ×
 1000 episodes (PANet runs 5 × 1000). Set ``--config.data.test_resize=aspect`` for
 the §9.1 transform.
+
+Training step: one step of the engine with this config equals the official train
+script's (``python -m checkpoints.verify --fixture ../shared/parity/...``, WORKSPACE §9):
+parity/panet/train: CE + PAR terms, 26 tensors, SGD + MultiStepLR; PAR labels support 255
+pixels as background (official alignLoss).
 """
 
 from __future__ import annotations

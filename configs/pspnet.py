@@ -31,6 +31,12 @@ go under ``init_prefix="backbone"``). A released BAM base learner
 The reference validates every epoch with the base-class mIoU on the val list;
 the episodic evaluator does not score base learners, so validation is off
 (``eval.every_steps = 0``) and the last checkpoint is the result.
+
+Training step: one step of the engine with this config equals the official train
+script's (``python -m checkpoints.verify --fixture ../shared/parity/...``, WORKSPACE §9):
+parity/pspnet/train: CE, every BatchNorm in training mode (running statistics matched),
+weight decay on BatchNorm too; open: the bin-6 PPM branch's gradient is 2.9x the fixture's
+float32 limit (WORKSPACE §9).
 """
 
 from __future__ import annotations

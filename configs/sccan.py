@@ -28,6 +28,12 @@ The official recipe (shared/reference/sccan.md §7, ``train_sccan.py``):
   ``--config.init=W0`` (``init_prefix`` is "backbone"). A released SCCAN model
   converts with ``--model sccan [--model-arg layers=101]`` and is evaluated with
   ``--config.init=DIR --config.init_prefix=""``.
+
+Training step: one step of the engine with this config equals the official train
+script's (``python -m checkpoints.verify --fixture ../shared/parity/...``, WORKSPACE §9):
+parity/sccan/train: Dice alone (the two aux terms are zeros), 204 tensors; the last SCCA
+block's support stream is held by the official AdamW but never gets a gradient, so it is
+left out here too (``SPEC.unused``).
 """
 
 from __future__ import annotations

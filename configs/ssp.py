@@ -29,6 +29,11 @@ ImageNet initialisation (ssp.md §8.2): SSP's ``pretrained/resnet50.pth`` conver
 --dst R0`` (layers 0-3 kept, layer4 / fc dropped); PSPNet's ``resnet50_v2.pth`` with
 ``--model-arg source=resnet_v2``. A trained SSP ``.pth`` converts with ``--model ssp``.
 All three give the whole SSP tree (``init_prefix=""``).
+
+Training step: one step of the engine with this config equals the official train
+script's (``python -m checkpoints.verify --fixture ../shared/parity/...``, WORKSPACE §9):
+parity/ssp/train: CE(out1) + CE(self) + 0.2 CE(support), 32 conv weights of layer2-3;
+augmentation = SSP's own pad (bottom/right) + crop + flip.
 """
 
 from __future__ import annotations

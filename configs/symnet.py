@@ -39,6 +39,11 @@ The official recipe (``config/{pascal,coco}/*_split0_resnet50.yaml``, ``train.py
 
 ``smoke``: same code path at 65 px (features 9 x 9, bins (9, 4, 2, 1)), 2 episodes per
 batch, 3 steps, no base learner required.
+
+Training step: one step of the engine with this config equals the official train
+script's (``python -m checkpoints.verify --fixture ../shared/parity/...``, WORKSPACE §9):
+parity/symnet/train: CE(final) + CE(meta) + CE(base) + mean inner CE + triplet, 58 tensors,
+13 SGD groups all at 0.05 (train.py hard-codes index_split=-1).
 """
 
 from __future__ import annotations
