@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import pathlib
 from typing import Any, Mapping
 
@@ -291,8 +292,9 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
 
   report: dict[str, Any] = {"fixture": str(path), "model": spec.name, "kind": "train_step",
                             "config": config_arg, "total_steps": total_steps,
-                            "schedule_count": count, "outputs": {}, "grads": {}, "deltas": {},
-                            "stats": {}}
+                            "schedule_count": count, "backend": jax.default_backend(),
+                            "xla_flags": os.environ.get("XLA_FLAGS", ""), "outputs": {},
+                            "grads": {}, "deltas": {}, "stats": {}}
   errors: list[str] = []
 
   # -- trainable set ----------------------------------------------------------------------

@@ -10,10 +10,9 @@ from train_step_cases import run_train_fixture
 
 @pytest.mark.parametrize("folder", ["panet", "pspnet", "ssp", "symnet"])
 def test_train_step_matches_official(folder, tmp_path):
-  # PSPNet: the gradients of the bin-6 PPM branch (6x6 pooled map, BatchNorm in training mode
-  # over 72 values) are 2.9x the fixture's limit (5e-4 of their scale vs 5e-2 x 3.6e-3);
-  # every other tensor, the 120 running statistics and the optimiser step are within limits.
-  gaps = {"ppm.features.3.": 3.5} if folder == "pspnet" else None
-  report = run_train_fixture(folder, tmp_path, known_gaps=gaps)
+  # XLA:CPU's float32 kernels: YNNPACK (jax's default) loses precision in PANet's and SSP's
+  # backward convolutions / dots, XLA's own kernels in PSPNet's bin-6 PPM branch (WORKSPACE §9).
+  report = run_train_fixture(folder, tmp_path,
+                             cpu_kernels="ynnpack" if folder == "pspnet" else "xla")
   if folder == "pspnet":  # every BatchNorm trains in BAM's train_base.py
     assert len(report["stats"]) == 120
