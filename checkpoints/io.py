@@ -149,6 +149,7 @@ def write_orbax(variables: Mapping, dst: str | os.PathLike, *, overwrite: bool =
   Raises:
     FileExistsError: `dst` exists and `overwrite` is False (nothing is touched).
   """
+  from fss_jax import io as fss_io  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp
 
   dst = pathlib.Path(dst).absolute()
@@ -158,6 +159,7 @@ def write_orbax(variables: Mapping, dst: str | os.PathLike, *, overwrite: bool =
   dst.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
   try:
+    os.chmod(tmp, fss_io.default_mode(directory=True))  # mkdtemp's 0700 -> what the umask says
     ocp.PyTreeCheckpointer().save(tmp / VARIABLES_DIR, _to_numpy_tree(variables))
     (tmp / METADATA_FILE).write_text(json.dumps(dict(metadata or {}), indent=1, sort_keys=True))
     if dst.exists():

@@ -117,6 +117,11 @@ def get_config(arg: str | None = None):
   c.eval.every_steps = -1
 
   c.init_prefix = "backbone"
+  # The backbone is frozen: without ImageNet weights JC²A would train on a random ResNet.
+  c.init_required = not c.smoke
+  c.init_help = (
+      "Convert the ImageNet backbone and pass it: python -m checkpoints.convert --model jc2a "
+      "--src initmodel/resnet50_v2.pth --dst W0, then --config.init=W0 (see configs/jc2a.py).")
 
   if c.smoke:
     # Same code path on 65×65 inputs (9×9 features): relative pyramid, fewer blocks.

@@ -86,6 +86,13 @@ def get_config(arg: str | None = None):
   c.eval.every_steps = -1
 
   c.init_prefix = "backbone"
+  # The backbone is frozen: without ImageNet weights SCCAN would train on a random ResNet.
+  c.init_required = not c.smoke
+  c.init_help = (
+      "Convert the ImageNet backbone of the official repository (initmodel/resnet50_v2.pth, or "
+      "resnet101_v2.pth with layers=101) and pass it: python -m checkpoints.convert --model "
+      "resnet_sccan --src initmodel/resnet50_v2.pth --dst W0 [--model-arg depth=101], then "
+      "--config.init=W0. A released SCCAN model: --config.init=DIR --config.init_prefix=''.")
 
   if c.smoke:
     # Same code path, a small transformer grid and two blocks.

@@ -89,6 +89,12 @@ def get_config(arg: str | None = None):
   c.eval.every_steps = 300
 
   c.init_prefix = ""
+  # layer0 / layer1 and every BatchNorm are frozen: they must be ImageNet weights.
+  c.init_required = not c.smoke
+  c.init_help = (
+      "Convert an ImageNet ResNet-50 and pass it: python -m checkpoints.convert --model ssp "
+      "--model-arg source=imagenet --src pretrained/resnet50.pth --dst R0 (SSP's file; PSPNet's "
+      "initmodel/resnet50_v2.pth with --model-arg source=resnet_v2), then --config.init=R0.")
   if c.smoke:
     c.optim.milestones = (1, 2)
   return common.finalize(c)

@@ -3,7 +3,9 @@
 Every output of fss-jax (episode lists, dataset indexes, results JSON, charts,
 predicted masks) is written to a temporary file in the destination's folder,
 flushed to disk, then renamed over the destination, so readers see either the
-old file or the complete new one.
+old file or the complete new one. Files and the folders made for them get the
+permissions the process's umask gives (``tempfile`` alone would make them 0600 / 0700,
+unreadable to the other users of a shared dataset or results folder).
 """
 
 from __future__ import annotations
@@ -12,6 +14,18 @@ import os
 import pathlib
 import tempfile
 from typing import BinaryIO, Callable
+
+
+def current_umask() -> int:
+  """The process umask (read without changing it for longer than the call)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def default_mode(directory: bool = False) -> int:
+  """Permissions a plain ``open()`` / ``mkdir()`` would give under the current umask."""
+  return (0o777 if directory else 0o666) & ~current_umask()
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None], *,
@@ -36,6 +50,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
   try:
+    os.fchmod(fd, default_mode())
     with os.fdopen(fd, "wb") as f:
       if callable(data):
         data(f)
@@ -51,4 +66,4 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
   return path
 
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "default_mode", "current_umask"]

@@ -458,3 +458,20 @@ def test_make_built_dataset_covers_every_fold(tmp_path):
     base_ok = [c for c in range(1, 21) if c not in novel and (big[clean, c - 1]).sum() >= 2]
     novel_ok = [c for c in novel if (pix["val"][:, c] >= 2048).sum() >= 2]
     assert base_ok and novel_ok, (fold, base_ok, novel_ok)
+
+
+def test_build_follows_the_umask(tmp_path):
+  """A dataset built on shared storage is readable by the other users (umask 022)."""
+  import stat
+  old = os.umask(0o022)
+  try:
+    _, data_dir, _ = _build(tmp_path, "voc", 8, 5)
+  finally:
+    os.umask(old)
+  paths = [p for p in data_dir.rglob("*")]
+  assert any(p.name.startswith("fss_index") for p in paths)
+  for p in paths:
+    mode = stat.S_IMODE(p.stat().st_mode)
+    assert mode & stat.S_IROTH, (p, oct(mode))
+    if p.is_dir():
+      assert mode & stat.S_IXOTH, (p, oct(mode))

@@ -1,5 +1,8 @@
 """fss_jax.io.atomic_write: complete file or the old one, never a partial file."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -30,3 +33,29 @@ def test_failed_write_keeps_the_old_file(tmp_path):
   with pytest.raises(FileExistsError, match="--overwrite"):
     fss_io.atomic_write(p, "new", overwrite=False)
   assert p.read_text() == "old"
+
+
+@pytest.mark.parametrize("umask,want", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_files_follow_the_umask(tmp_path, umask, want):
+  old = os.umask(umask)
+  try:
+    p = fss_io.atomic_write(tmp_path / "shared" / "index.npz", b"x")
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(p.stat().st_mode) == want   # tempfile alone gives 0600
+  assert fss_io.current_umask() == old
+
+
+def test_converted_checkpoint_follows_the_umask(tmp_path):
+  from checkpoints import io as ckpt_io
+  old = os.umask(0o022)
+  try:
+    dst = ckpt_io.write_orbax({"params": {"w": np.ones((2, 3), np.float32)}}, tmp_path / "ck",
+                              metadata={"model": "panet"})
+  finally:
+    os.umask(old)
+  for p in [dst, *dst.rglob("*")]:
+    mode = stat.S_IMODE(p.stat().st_mode)
+    assert mode & stat.S_IROTH, (p, oct(mode))                   # readable by other users
+    if p.is_dir():
+      assert mode & stat.S_IXOTH, (p, oct(mode))
