@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -378,11 +379,24 @@ class Prediction:
             "confidence_all": round(self.confidence_all, 6)}
 
 
-def _shot_field(fields: Mapping[str, Any]) -> str | None:
+def _shot_field(fields: Mapping[str, Any], make_model=None) -> tuple[str | None, Any]:
+  """(name of the shot field, the shot count the weights were built for).
+
+  A stored field wins; checkpoints converted from an official file store no fields
+  (``"fields": {}``), then the factory's own ``shot`` parameter and its default are used,
+  so that K supports build a K-shot module (and a model whose weights depend on K says so).
+  """
   for k in ("shot", "shots"):
     if fields.get(k) is not None:
-      return k
-  return None
+      return k, fields[k]
+  if make_model is not None:
+    try:
+      param = inspect.signature(make_model).parameters.get("shot")
+    except (TypeError, ValueError):
+      param = None
+    if param is not None and param.default is not inspect.Parameter.empty:
+      return "shot", param.default
+  return None, None
 
 
 class Predictor:
@@ -463,8 +477,7 @@ class Predictor:
     import jax  # pylint: disable=g-import-not-at-top
     from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
     fields = dict(self.fields)
-    key = _shot_field(fields)
-    built_for = fields.get(key) if key else None
+    key, built_for = _shot_field(fields, self.spec.make_model)
     if key and built_for != shots:
       fields[key] = shots
     try:

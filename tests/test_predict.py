@@ -256,3 +256,17 @@ def test_logits_to_original_matches_torch():
   got = predict.logits_to_original(x, (30, 45), "aspect")
   want = torch.nn.functional.interpolate(t, size=(45, 45), mode="bilinear", align_corners=True)
   np.testing.assert_allclose(got, want[0].numpy().transpose(1, 2, 0)[:30, :45], atol=1e-5)
+
+
+def test_converted_checkpoint_without_fields_takes_the_support_count(tmp_path):
+  """A checkpoint converted from an official SCCAN file stores ``"fields": {}``; two
+  --support must build a 2-shot SCCAN (its weights do not depend on K), not stop with
+  'episode has 2 supports per query but the model was built with shot=1'."""
+  variables = _random_variables(registry.get("sccan").make_model(), 65)
+  ckpt = ckpt_io.write_orbax(variables, tmp_path / "sccan_ckpt",
+                             metadata={"model": "sccan", "fields": {}})
+  p = predict.Predictor(None, ckpt, size=65)
+  module, _, _ = p._build(2)
+  assert module.shot == 2 and p.traces == 0
+  assert predict._shot_field({}, registry.get("hdmnet").make_model) == ("shot", 1)
+  assert predict._shot_field({"shots": 3}, registry.get("panet").make_model) == ("shots", 3)
