@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
 import pathlib
 import re
 import sys
@@ -135,21 +136,26 @@ def main(argv: list[str]) -> None:
   from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
   from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
   from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   loop.quiet_library_logs()
   config = _CONFIG.value
-  try:
-    if _MODE.value == "train":
-      summary = loop.train_and_evaluate(config, _WORKDIR.value)
-    else:
-      summary = loop.evaluate(config, _WORKDIR.value)
-      summary.pop("tables", None)
-  except loop.NonFiniteLossError as e:
-    _fail(str(e), code=1)
-  except (source.DatasetNotReadyError, loop.WorkdirMismatchError, state_lib.InitMismatchError,
-          registry.UnsupportedModelError, FileNotFoundError, ValueError) as e:
-    logging.debug("run failed", exc_info=True)
-    _fail(str(e))
+  workdir = pathlib.Path(os.path.expanduser(_WORKDIR.value))
+  with workdir_lib.text_log(workdir) as log:
+    logging.info("fss_jax.main --mode %s --workdir %s (%s)", _MODE.value, workdir, " ".join(sys.argv))
+    try:
+      if _MODE.value == "train":
+        summary = loop.train_and_evaluate(config, workdir)
+      else:
+        summary = loop.evaluate(config, workdir)
+        summary.pop("tables", None)
+    except loop.NonFiniteLossError as e:
+      log.write_exception("run stopped")
+      _fail(str(e), code=1)
+    except (source.DatasetNotReadyError, loop.WorkdirMismatchError, state_lib.InitMismatchError,
+            registry.UnsupportedModelError, FileNotFoundError, ValueError) as e:
+      log.write_exception("run failed")  # the traceback goes to log.txt, one line to the console
+      _fail(str(e))
   print(json.dumps(summary, default=str))
 
 

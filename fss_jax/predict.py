@@ -284,6 +284,20 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
                     int(step_dir.name) if step_dir.name.isdigit() else None)
 
 
+def run_transform(ckpt: "Checkpoint") -> tuple[int, str] | None:
+  """(test size, "aspect" | "squash") a training workdir was run with (its config.json)."""
+  from fss_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if ckpt.kind != "workdir":
+    return None
+  root = pathlib.Path(ckpt.path)
+  cfg = next((c for c in (workdir_lib.read_run_config(d) for d in (root, *root.parents[:2]))
+              if c), {})
+  data = cfg.get("data") or {}
+  if "test_size" not in data or "test_resize" not in data:
+    return None
+  return int(data["test_size"]), str(data["test_resize"])
+
+
 def default_transform(model: str) -> tuple[int, str]:
   """(test size, "aspect" | "squash") of ``model``'s config, or (473, "aspect")."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -441,7 +455,7 @@ class Predictor:
     self.model_name = model or saved
     self.spec = registry.get(self.model_name)
     self.fields = {**self.ckpt.fields, **dict(fields or {})}
-    dsize, dresize = default_transform(self.model_name)
+    dsize, dresize = run_transform(self.ckpt) or default_transform(self.model_name)
     self.size = int(size or dsize)
     resize = resize or dresize
     if resize not in RESIZE_MODES:

@@ -53,6 +53,10 @@ def test_missing_data_dir_says_how_to_build(tmp_path):
   assert r.returncode == 2, r.stderr[-2000:]
   assert "is not built" in r.stderr and "python -m data_prep.build --dataset pascal5i" in r.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
+  # one line on the console, the traceback in the workdir's text log
+  assert "Traceback" not in r.stderr
+  log = (tmp_path / "w" / "log.txt").read_text()
+  assert "run failed" in log and "Traceback" in log and "DatasetNotReadyError" in log
 
 
 def test_shot_larger_than_available_supports(tmp_path, voc_data):
@@ -75,6 +79,17 @@ def test_panet_smoke_train_via_main(tmp_path, voc_data):
   assert summary["val"]["episodes"] == 4 and 0 <= summary["val"]["miou"] <= 100
   assert (work / "checkpoints" / "3").is_dir() and (work / "best").is_dir()
   assert list((work / "episodes").glob("pascal5i_f0_1shot_s321_n4.jsonl"))
+  # the workdir explains itself: resolved config (overrides applied), versions, devices, commit
+  record = json.loads((work / "config.json").read_text())
+  assert record["mode"] == "train" and record["config"]["data"]["data_dir"] == str(voc_data)
+  assert record["config"]["data"]["test_size"] == 65 and record["config"]["model"] == "panet"
+  assert record["versions"]["jax"] and record["devices"] and "git_commit" in record
+  log = (work / "log.txt").read_text()
+  assert "fss_jax.main --mode train" in log and "state from scratch" in log
+  # predict on the workdir runs at the size the model was trained and evaluated at
+  from fss_jax import predict  # pylint: disable=g-import-not-at-top
+  p = predict.Predictor(None, work)
+  assert (p.size, p.resize) == (65, record["config"]["data"]["test_resize"])
 
 
 @pytest.mark.slow

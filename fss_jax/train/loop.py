@@ -49,6 +49,7 @@ from fss_jax.train import optim as optim_lib
 from fss_jax.train import precision
 from fss_jax.train import state as state_lib
 from fss_jax.train import step as step_lib
+from fss_jax.train import workdir as workdir_lib
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -491,6 +492,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None 
     data = make_data(config, workdir, eval_batch_size=eval_bs)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_run_record(config, workdir, mode="train")
 
   # -- data and sizes --------------------------------------------------------------------
   loader = data.train()
@@ -701,6 +703,7 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
                   "seconds": round(time.time() - t0, 3),
                   "tables": {str(k): v for k, v in tables.items()}})
   path = evaluate_lib.write_json(results_path(config, workdir), summary)
+  workdir_lib.write_run_record(config, workdir, mode="eval")
   if path is not None:  # process 0
     from fss_jax.eval import visualize  # pylint: disable=g-import-not-at-top
     visualize.summary_bar_chart(summary, visualize.chart_path(path), class_names=data.class_names)
