@@ -8,6 +8,7 @@ tests/test_multiprocess.py imports both.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import pathlib
@@ -373,6 +374,24 @@ def test_missing_required_init_says_how_to_get_it(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"does not exist"):
     loop.train_and_evaluate(cfg, tmp_path / "w2", data=fake_data(cfg))
   assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_validation_data_is_checked_before_the_first_step(tmp_path):
+  """A shot the test split cannot supply stops the run before any step is spent."""
+  cfg = tiny_config()
+  data = fake_data(cfg)
+  calls = []
+
+  def evaluate(seed, num):
+    calls.append(seed)
+    raise ValueError("shot K=5 exceeds the support images of class 3: class 3 has 2")
+
+  with pytest.raises(ValueError, match=r"validation episodes \(test split, seed 321, K=1\) cannot "
+                                       r"be made, nothing was trained: shot K=5 exceeds"):
+    loop.train_and_evaluate(cfg, tmp_path / "w", data=dataclasses.replace(data, eval=evaluate))
+  assert calls == [321]
+  ckpts = tmp_path / "w" / "checkpoints"
+  assert not ckpts.exists() or not any(ckpts.iterdir())
 
 
 def test_resume_ignores_compute_only_fields():

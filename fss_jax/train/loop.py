@@ -514,6 +514,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None 
     eval_every = steps_per_epoch or 0
   ckpt_every = int(config.checkpoint.every_steps)
   log_every = max(1, int(config.log_every_steps))
+  if data.eval is not None and eval_every:
+    # Every data requirement before the first step: the validation episodes (test split,
+    # shot / way, pool sizes) are generated and stored now, not after an epoch of training.
+    try:
+      data.eval(int(config.eval.val_seed), int(config.eval.val_episodes))
+    except ValueError as e:
+      raise ValueError(f"the validation episodes (test split, seed {config.eval.val_seed}, "
+                       f"K={config.shot}) cannot be made, nothing was trained: {e}") from None
 
   # -- optimiser and state ---------------------------------------------------------------
   repl = parallel.replicated(mesh)
