@@ -17,8 +17,10 @@ setup: $(VENV)/bin/activate  ## create .venv and install runtime + dev requireme
 test:  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo:  ## synthetic data -> build -> train PANet -> evaluate -> overlays
-	$(PY) -m fss_jax.demo --workdir /tmp/fss_jax_demo
+DEMO_DIR ?= $(CURDIR)/demo_out
+
+demo:  ## synthetic data -> build -> train PANet -> evaluate -> overlays (into DEMO_DIR)
+	$(PY) -m fss_jax.demo --workdir $(DEMO_DIR)
 
 bench:  ## benchmarks (print JSON)
 	$(PY) bench/data_pipeline.py

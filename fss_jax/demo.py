@@ -1,6 +1,6 @@
 """``make demo``: synthetic data -> real TFDS build -> train PANet on base classes -> novel-class eval.
 
-  python -m fss_jax.demo --workdir /tmp/fss_jax_demo
+  python -m fss_jax.demo --workdir demo_out      # `make demo`: <checkout>/demo_out
 
 Runs on a laptop CPU in a few minutes, through the same code as a real run:
 
@@ -63,7 +63,8 @@ class Options:
 
 def define_flags() -> None:
   """The demo's flags (defined only when run as a program, so importing is side-effect free)."""
-  flags.DEFINE_string("workdir", "/tmp/fss_jax_demo", "Where data, checkpoints and overlays go.")
+  flags.DEFINE_string("workdir", "demo_out", "Where data, checkpoints and overlays go (relative: to "
+                      "the current folder, so two checkouts never share one).")
   for f in dataclasses.fields(Options):
     define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}[
         type(f.default)]
@@ -187,7 +188,12 @@ def main(argv) -> None:
   from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
   loop.quiet_library_logs()
   opts = Options(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Options)})
-  out = run(pathlib.Path(os.path.expanduser(flags.FLAGS.workdir)), opts)
+  workdir = pathlib.Path(os.path.expanduser(flags.FLAGS.workdir))
+  try:
+    out = run(workdir, opts)
+  except KeyboardInterrupt:
+    print(f"interrupted; {workdir} keeps what was finished (rerun to continue)", file=sys.stderr)
+    sys.exit(130)
   sys.stdout.flush()
   print(json.dumps(out))
 

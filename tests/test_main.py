@@ -105,3 +105,23 @@ def test_demo_runs_end_to_end_on_tiny_settings(tmp_path):
   assert len(list((tmp_path / "overlays").glob("episode_*.png"))) == 2
   saved = json.loads((tmp_path / "demo_result.json").read_text())
   assert saved["novel_mIoU"] == out["novel_mIoU"]
+
+
+def test_demo_ctrl_c_is_one_line_and_the_default_workdir_is_per_checkout(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "demo"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen([sys.executable, "-m", "fss_jax.demo", f"--workdir={work}",
+                           "--num_images=32", "--steps=50", "--size=33"], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not (work / "data").exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.2)
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert "interrupted" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
+  makefile = (REPO / "Makefile").read_text()
+  assert "DEMO_DIR ?= $(CURDIR)/demo_out" in makefile and "/tmp/fss_jax_demo" not in makefile
