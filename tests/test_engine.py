@@ -317,10 +317,14 @@ def test_interrupt_and_resume_reproduces_uninterrupted_run(tmp_path):
 
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_other_models_are_refused(tmp_path):
   cfg = tiny_config(**{"eval.every_steps": 0})
-  with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 5.*last good checkpoint \(step 4\)"):
+  # The loss of step 5 comes from the state after update 4: checkpoint 4 may hold the weights
+  # that give it, so it is removed and checkpoint 2 is the one kept (and resumed from).
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r"(?s)loss is nan at step 5.*last good checkpoint \(step 2\).*checkpoint 4 "
+                           r"removed.*rerun resumes from it"):
     loop.train_and_evaluate(cfg, tmp_path, data=fake_data(cfg, nan_at=4))
   step, params = _final_params(tmp_path)
-  assert step == 4
+  assert step == 2
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
   # The workdir now holds a tiny_test(features=4) 1-shot checkpoint: other runs are refused.
@@ -330,7 +334,34 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_other_models_are_refused(
   five = tiny_config(shot=5, **{"eval.every_steps": 0})
   with pytest.raises(loop.WorkdirMismatchError, match=r"shot: checkpoint 1, this run 5"):
     loop.train_and_evaluate(five, tmp_path, data=fake_data(five))
-  assert _final_params(tmp_path)[0] == 4   # nothing was overwritten
+  assert _final_params(tmp_path)[0] == 2   # nothing was overwritten
+
+
+def test_update_that_makes_parameters_non_finite_is_never_saved(tmp_path):
+  """A finite loss is computed before its update: the state after a ruinous update (lr far too
+  large) must not become "the last good checkpoint" (issue: 26/26 tensors non-finite)."""
+  cfg = tiny_config(**{"eval.every_steps": 0, "checkpoint.every_steps": 1, "optim.lr": 1e38,
+                       "optim.groups.head.lr": 1e38, "optim.groups.head.optimizer": "sgd"})
+  with pytest.raises(loop.NonFiniteLossError, match=r"training stopped: (update \d+ made parameters "
+                                                    r"non-finite|the loss is)"):
+    loop.train_and_evaluate(cfg, tmp_path, data=fake_data(cfg))
+  # every state after update 1 is ruined (non-finite, or finite weights that give a NaN loss
+  # at the next step): none of them may be left as a checkpoint to resume from
+  ckpts = tmp_path / "checkpoints"
+  assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+
+
+def test_pending_flush_names_a_non_finite_update():
+  pending = loop._Pending()
+  pending.add(3, {"loss": np.float32(0.5), "params_finite": np.float32(1.0)})
+  pending.add(4, {"loss": np.float32(0.4), "params_finite": np.float32(0.0)})
+  with pytest.raises(loop.NonFiniteLossError, match=r"update 4 made parameters non-finite") as e:
+    pending.flush()
+  assert (e.value.step, e.value.first_ruined) == (4, 4)
+  pending.add(5, {"loss": np.float32(np.nan), "params_finite": np.float32(1.0)})
+  with pytest.raises(loop.NonFiniteLossError, match=r"the loss is nan at step 5") as e:
+    pending.flush()
+  assert (e.value.step, e.value.first_ruined) == (5, 4)
 
 
 def test_init_from_converted_weights_is_strict(tmp_path):

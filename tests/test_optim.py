@@ -170,3 +170,13 @@ def test_poly_keeps_float32_precision_at_the_last_iterations():
     want = 0.05 * (1 - t / t_max) ** 0.9
     assert abs(float(fn(t - 1)) - want) <= 1e-6 * want, t
   assert float(fn(t_max - 1)) == 0.0 and float(fn(t_max + 5)) == 0.0
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), -1e-3, 0.0])
+def test_learning_rate_must_be_positive_and_finite(lr):
+  params = {"head": {"w": jnp.ones((2,))}, "body": {"w": jnp.ones((2,))}}
+  with pytest.raises(ValueError, match=r"config.optim.lr must be a positive finite number"):
+    optim.build({"optimizer": "sgd", "lr": lr}, params, total_steps=10)
+  groups = {"head": {"pattern": "head/.*", "optimizer": "adamw", "lr": lr}}
+  with pytest.raises(ValueError, match=r"config.optim.groups.head.lr must be a positive finite"):
+    optim.build({"optimizer": "sgd", "lr": 0.1, "groups": groups}, params, total_steps=10)

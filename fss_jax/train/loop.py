@@ -58,7 +58,19 @@ _HISTORY = 1000   # logged train metrics kept in the returned summary
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN/Inf; the message names the step and the kept checkpoint."""
+  """The training loss became NaN/Inf; the message names the step and the kept checkpoint.
+
+  Attributes:
+    step: the step whose metrics were non-finite.
+    first_ruined: the first step whose saved state must not be kept: ``step - 1`` for a
+      non-finite loss (the loss of step s is computed from the state after update s - 1),
+      ``step`` when update ``step`` itself made the parameters non-finite.
+  """
+
+  def __init__(self, message: str, *, step: int = 0, first_ruined: int | None = None):
+    super().__init__(message)
+    self.step = step
+    self.first_ruined = step if first_ruined is None else first_ruined
 
 
 class WorkdirMismatchError(ValueError):
@@ -346,22 +358,27 @@ class _Pending:
   def add(self, step: int, metrics: Any) -> None:
     self.items.append((step, metrics))
 
-  def flush(self, *, last_good: int | None, workdir: pathlib.Path) -> dict[str, float] | None:
+  def flush(self, *, last_good: int | None = None, workdir: pathlib.Path | None = None
+            ) -> dict[str, float] | None:
+    """Averages the pending metrics; raises `NonFiniteLossError` at the first bad step."""
+    del last_good, workdir  # the loop names the checkpoint that is kept
     if not self.items:
       return None
     steps = [s for s, _ in self.items]
     host = [parallel.to_host(m) for _, m in self.items]
     self.items = []
     for s, m in zip(steps, host):
-      if not np.isfinite(m["loss"]):
-        kept = (f"the last good checkpoint (step {last_good}) in {workdir / CHECKPOINT_DIR} is kept"
-                if last_good is not None else "no checkpoint had been written yet")
-        others = ", ".join(f"{k}={float(v):.4g}" for k, v in m.items())
-        raise NonFiniteLossError(
-            f"training stopped: the loss is {float(m['loss'])} at step {s} ({others}); {kept}. "
-            f"Lower config.optim.lr, enable config.optim.grad_clip_norm, or check the data; "
-            f"rerunning resumes from that checkpoint.")
-    keys = host[-1].keys()
+      bad_params = float(m.get("params_finite", 1.0)) != 1.0
+      if not np.isfinite(m["loss"]) or bad_params:
+        others = ", ".join(f"{k}={float(v):.4g}" for k, v in m.items() if k != "params_finite")
+        if np.isfinite(m["loss"]):
+          what, first_ruined = (f"update {s} made parameters non-finite (loss {float(m['loss']):.4g} "
+                                f"before it)"), s
+        else:
+          what, first_ruined = f"the loss is {float(m['loss'])}", s - 1
+        raise NonFiniteLossError(f"training stopped: {what} at step {s} ({others})", step=s,
+                                 first_ruined=first_ruined)
+    keys = [k for k in host[-1].keys() if k != "params_finite"]
     self.last = {k: float(np.mean([float(m[k]) for m in host])) for k in keys}
     self.history.append({"step": steps[-1], **self.last})
     del self.history[:-_HISTORY]
@@ -609,6 +626,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None 
       if (ckpt_every and done % ckpt_every == 0) or done == total_steps:
         save(done)
     pending.flush(last_good=last_good, workdir=workdir)
+  except NonFiniteLossError as e:
+    raise _drop_ruined_checkpoints(mngr, e, workdir) from None
   finally:
     mngr.wait_until_finished()
     mngr.close()
@@ -617,6 +636,29 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None 
   return {"step": int(jax.device_get(parallel.to_host(state.step))), "train": dict(pending.last),
           "history": list(pending.history), "val": val_result, "best_miou": best_miou, "resumed_from": resumed_from,
           "total_steps": total_steps}
+
+
+def _drop_ruined_checkpoints(mngr, error: NonFiniteLossError, workdir: pathlib.Path
+                             ) -> NonFiniteLossError:
+  """Deletes the checkpoints of steps >= ``error.first_ruined`` (their weights produced the
+  non-finite loss) and returns the error naming the checkpoint that is kept."""
+  mngr.wait_until_finished()
+  ruined = [s for s in mngr.all_steps() if s >= error.first_ruined]
+  if jax.process_index() == 0:
+    for s in ruined:
+      mngr.delete(s)
+  good = mngr.latest_step()
+  dropped = (f" (checkpoint{'s' if len(ruined) > 1 else ''} {', '.join(map(str, ruined))} "
+             f"removed: {'their' if len(ruined) > 1 else 'its'} weights give the non-finite loss)"
+             if ruined else "")
+  if good is not None:
+    kept = (f"the last good checkpoint (step {good}) in {workdir / CHECKPOINT_DIR} is kept"
+            f"{dropped} and a rerun resumes from it")
+  else:
+    kept = f"no good checkpoint exists{dropped}, so a rerun starts again from the beginning"
+  return NonFiniteLossError(f"{error}; {kept}. Lower config.optim.lr, enable "
+                            f"config.optim.grad_clip_norm, or check the data.", step=error.step,
+                            first_ruined=error.first_ruined)
 
 
 def _best_so_far(best_mngr) -> float | None:

@@ -40,6 +40,7 @@ PyTorch semantics matched here (checked against torch in tests/test_optim.py):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -301,6 +302,10 @@ def build(optim_cfg: Any, params: Any, *, total_steps: int | None = None,
       continue
     group, _, mult = label.partition("*")
     cfg = dict(group_cfgs[group])
+    where = "config.optim.lr" if group == DEFAULT else f"config.optim.groups.{group}.lr"
+    if not (math.isfinite(float(cfg["lr"])) and float(cfg["lr"]) > 0):
+      raise ValueError(f"{where} must be a positive finite number, got {cfg['lr']!r} (a negative "
+                       f"lr trains by gradient ascent; freeze parameters with config.optim.frozen)")
     cfg["lr"] = float(cfg["lr"]) * (float(mult) if mult else 1.0)
     fn = make_schedule(**cfg)
     schedules[label] = fn

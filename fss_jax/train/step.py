@@ -86,7 +86,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, loss
     compute_dtype: "float32" or "bfloat16" (`fss_jax.train.precision`).
 
   Returns:
-    (new state, {"loss", "grad_norm", <loss_fn metrics>}) — scalars.
+    (new state, {"loss", "grad_norm", "params_finite", <loss_fn metrics>}) — scalars.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   (loss, (aux, new_bs)), grads = loss_and_grads(state.params, state.batch_stats, batch, rng,
@@ -97,6 +97,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, loss
   out = {k: jnp.asarray(v, jnp.float32) for k, v in dict(aux).items()}
   out["loss"] = jnp.asarray(loss, jnp.float32)
   out["grad_norm"] = optax.global_norm(grads)
+  # 1.0 when every updated parameter is finite: a finite loss computed BEFORE this update
+  # does not make the state after it good (lr too large, a huge gradient); the loop stops
+  # before saving such a state.
+  out["params_finite"] = jnp.asarray(
+      jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])),
+      jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                             opt_state=opt_state)
   return new_state, out
