@@ -10,7 +10,8 @@ scores the workdir's best checkpoint (or ``--config.init`` converted weights) on
 the stored test episodes of every ``config.eval.seeds`` and writes a results JSON.
 The last stdout line is a JSON summary. Exit status: 0 done, 1 training stopped
 (NaN/Inf loss), 2 bad input (config, data, checkpoint), with a message saying
-what to do.
+what to do; 143 / 130 stopped by SIGTERM (preemption) / SIGINT (Ctrl-C): during
+training the interrupted step is saved first, and a rerun resumes from it.
 """
 
 from __future__ import annotations
@@ -152,6 +153,14 @@ def main(argv: list[str]) -> None:
     except loop.NonFiniteLossError as e:
       log.write_exception("run stopped")
       _fail(str(e), code=1)
+    except loop.TrainingInterrupted as e:
+      logging.info("%s", e)
+      print(str(e), file=sys.stderr)
+      sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, evaluation)
+      logging.info("interrupted")
+      print(f"interrupted; {workdir} keeps every checkpoint written so far", file=sys.stderr)
+      sys.exit(130)
     except (source.DatasetNotReadyError, loop.WorkdirMismatchError, state_lib.InitMismatchError,
             registry.UnsupportedModelError, FileNotFoundError, ValueError) as e:
       log.write_exception("run failed")  # the traceback goes to log.txt, one line to the console

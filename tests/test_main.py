@@ -125,3 +125,36 @@ def test_demo_ctrl_c_is_one_line_and_the_default_workdir_is_per_checkout(tmp_pat
   assert "interrupted" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
   makefile = (REPO / "Makefile").read_text()
   assert "DEMO_DIR ?= $(CURDIR)/demo_out" in makefile and "/tmp/fss_jax_demo" not in makefile
+
+
+def test_preemption_saves_the_interrupted_step_and_resumes(tmp_path, voc_data, sig="SIGTERM"):
+  """SIGTERM (a scheduler's preemption; SIGINT takes the same handler) during training: the
+  step is saved, one line, exit 128 + signum, and the rerun continues from that step."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "w"
+  args = [sys.executable, "-m", "fss_jax.main", "--config", "configs/panet.py:smoke", "--workdir",
+          str(work), f"--config.data.data_dir={voc_data}", "--config.total_steps=400",
+          "--config.checkpoint.every_steps=1000", "--config.eval.every_steps=0"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 240
+  log = work / "log.txt"
+  while time.time() < deadline and proc.poll() is None:
+    if log.is_file() and "first step done" in log.read_text():
+      break
+    time.sleep(0.2)
+  time.sleep(1.0)                                   # a few more training steps
+  proc.send_signal(getattr(signal, sig))
+  _, err = proc.communicate(timeout=240)
+  signum = int(getattr(signal, sig))
+  assert proc.returncode == 128 + signum, err[-3000:]
+  assert "Traceback" not in err and f"interrupted by {sig} after step" in err
+  saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and 0 < saved[0] < 400
+  resumed = subprocess.run([*args, "--config.total_steps=" + str(saved[0] + 1)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+  assert summary["resumed_from"] == "workdir" and summary["step"] == saved[0] + 1

@@ -31,10 +31,13 @@ resumed run reproduces an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -71,6 +74,47 @@ class NonFiniteLossError(FloatingPointError):
     super().__init__(message)
     self.step = step
     self.first_ruined = step if first_ruined is None else first_ruined
+
+
+class TrainingInterrupted(Exception):
+  """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) stopped training after a checkpoint
+  of the interrupted step was written.
+
+  Attributes:
+    signum: the signal; step: the step saved; exit_code: 128 + signum (143 / 130).
+  """
+
+  def __init__(self, signum: int, step: int, workdir: pathlib.Path, *, saved: bool = True):
+    name = signal.Signals(signum).name
+    if saved:
+      text = (f"training interrupted by {name} after step {step}; checkpoint {step} is saved in "
+              f"{workdir / CHECKPOINT_DIR} and a rerun resumes from it")
+    else:
+      text = (f"training interrupted by {name} before its first step (at step {step}); nothing "
+              f"new to save, a rerun starts there")
+    super().__init__(text)
+    self.signum, self.step, self.exit_code = signum, step, 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_requests():
+  """Collects SIGTERM / SIGINT while training (the loop saves, then stops): yields the list of
+  received signals. Outside the main thread (no handlers possible) it yields an empty list."""
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+
+  def handler(signum, frame):
+    del frame
+    received.append(signum)
+
+  old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield received
+  finally:
+    for sig, h in old.items():
+      signal.signal(sig, h)
 
 
 class WorkdirMismatchError(ValueError):
@@ -493,6 +537,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None 
     NonFiniteLossError, WorkdirMismatchError, registry.UnsupportedModelError,
     source.DatasetNotReadyError (with the build command), ValueError for bad config.
   """
+  with _stop_requests() as stop_signals:
+    return _train_and_evaluate(config, workdir, data, stop_signals)
+
+
+def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[int]) -> dict:
   import grain  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -594,13 +643,25 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None 
     last_good = step_done
 
   try:
+    if stop_signals:  # a signal during the set-up: nothing was trained
+      raise TrainingInterrupted(stop_signals[0], start, workdir, saved=False)
+    t_first = time.time()
     for step in range(start, total_steps):
       batch = first if first is not None else _host_batch(next(it))
       first = None
       state, metrics = train_step(state, parallel.to_global(batch, mesh))
       done = step + 1
+      if step == start:
+        jax.block_until_ready(metrics)
+        logging.info("first step done (step %d) in %.1f s, compilation included", done,
+                     time.time() - t_first)
       pending.add(done, metrics)
       report(done)
+      if stop_signals:
+        logging.info("signal %s after step %d: saving and stopping", stop_signals[0], done)
+        save(done)
+        mngr.wait_until_finished()
+        raise TrainingInterrupted(stop_signals[0], done, workdir)
       if done % log_every == 0 or done == total_steps:
         means = pending.flush(last_good=last_good, workdir=workdir)
         if means:
@@ -771,5 +832,6 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
 
 
 __all__ = ["train_and_evaluate", "evaluate", "Data", "make_data", "episode_config", "ensure_episodes",
-           "episodes_path", "NonFiniteLossError", "WorkdirMismatchError", "checkpoint_meta",
+           "episodes_path", "NonFiniteLossError", "TrainingInterrupted", "WorkdirMismatchError",
+           "checkpoint_meta",
            "results_path"]
