@@ -161,7 +161,8 @@ def main(argv: list[str]) -> None:
       logging.info("interrupted")
       print(f"interrupted; {workdir} keeps every checkpoint written so far", file=sys.stderr)
       sys.exit(130)
-    except (source.DatasetNotReadyError, loop.WorkdirMismatchError, state_lib.InitMismatchError,
+    except (source.DatasetNotReadyError, loop.WorkdirMismatchError, loop.CheckpointDamagedError,
+            state_lib.InitMismatchError,
             registry.UnsupportedModelError, FileNotFoundError, ValueError) as e:
       log.write_exception("run failed")  # the traceback goes to log.txt, one line to the console
       _fail(str(e))

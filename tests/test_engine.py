@@ -407,6 +407,28 @@ def test_missing_required_init_says_how_to_get_it(tmp_path):
   assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
 
 
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  cfg = tiny_config(**{"eval.every_steps": 0, "checkpoint.async_save": False})
+  loop.train_and_evaluate(cfg, tmp_path, data=fake_data(cfg))            # checkpoints 4 and 6
+  files = [p for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*")
+           if p.is_file() and p.stat().st_size > 64]
+  assert files
+  for p in files:                                                       # truncated data files
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+  more = tiny_config(**{"eval.every_steps": 0, "total_steps": 8})
+  summary = loop.train_and_evaluate(more, tmp_path, data=fake_data(more))
+  assert summary["resumed_from"] == "workdir" and summary["step"] == 8
+  assert [h["step"] for h in summary["history"]] == [5, 6, 7, 8]          # resumed from step 4
+  for p in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):        # break every one
+    if p.is_file() and p.stat().st_size > 64:
+      p.write_bytes(b"")
+  for p in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
+    if p.is_file() and p.stat().st_size > 64:
+      p.write_bytes(b"")
+  with pytest.raises(loop.CheckpointDamagedError, match=r"no checkpoint in .* can be read"):
+    loop.train_and_evaluate(more, tmp_path, data=fake_data(more))
+
+
 def test_validation_data_is_checked_before_the_first_step(tmp_path):
   """A shot the test split cannot supply stops the run before any step is spent."""
   cfg = tiny_config()

@@ -117,6 +117,10 @@ def _stop_requests():
       signal.signal(sig, h)
 
 
+class CheckpointDamagedError(ValueError):
+  """Every checkpoint of the workdir is unreadable (truncated or corrupted files)."""
+
+
 class WorkdirMismatchError(ValueError):
   """The workdir (or config.resume) holds a checkpoint of another model or shape."""
 
@@ -490,10 +494,27 @@ def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, rep
   Returns:
     (state, where it came from, the first batch or None when the data iterator was restored).
   """
-  latest = mngr.latest_step()
-  if latest is not None:
-    state = restore_checkpoint(mngr, latest, abstract, meta, where=f"workdir {workdir}", data_iter=it)
+  steps = sorted(mngr.all_steps(), reverse=True)
+  damaged = []
+  for step in steps:  # the latest readable checkpoint; a damaged one falls back to the previous
+    try:
+      state = restore_checkpoint(mngr, step, abstract, meta, where=f"workdir {workdir}",
+                                 data_iter=it)
+    except WorkdirMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # orbax / tensorstore read errors
+      damaged.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      logging.warning("checkpoint %d in %s cannot be read (%s); trying the previous one", step,
+                      workdir / CHECKPOINT_DIR, damaged[-1])
+      continue
+    if damaged:
+      logging.warning("resumed from step %d: the later checkpoint(s) were damaged: %s", step,
+                      "; ".join(damaged))
     return state, "workdir", None
+  if damaged:
+    raise CheckpointDamagedError(
+        f"no checkpoint in {workdir / CHECKPOINT_DIR} can be read ({'; '.join(damaged)}). Move "
+        f"that folder away to start again, or use another --workdir.")
   if config.resume:
     src = _checkpoint_root(pathlib.Path(os.path.expanduser(config.resume)))
     other = checkpoint_manager(src, keep=1, async_save=False, read_only=True)
@@ -833,5 +854,6 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
 
 __all__ = ["train_and_evaluate", "evaluate", "Data", "make_data", "episode_config", "ensure_episodes",
            "episodes_path", "NonFiniteLossError", "TrainingInterrupted", "WorkdirMismatchError",
+           "CheckpointDamagedError",
            "checkpoint_meta",
            "results_path"]
