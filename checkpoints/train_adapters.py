@@ -28,6 +28,10 @@ class TrainAdapter:
     keymap_fields: (json, fields) -> keymap keywords; default: the fields.
     inputs: (arrays, json) -> the training episode; default: the parity adapter's inputs
       plus the training labels (`training_episode`).
+    cpu_kernels: XLA:CPU float32 kernels the check runs on by default ("ynnpack", jax's
+      default, or "xla", its own Eigen kernels): neither computes every model's backward
+      within the fixtures' float32 limits (YNNPACK: PANet's conv4, SSP's layer2-3; XLA's:
+      the PSPNet base learner's bin-6 PPM branch, HDMNet-PAHNet's 1x1 merges at 3 shots).
   """
   model: str
   config: str
@@ -35,6 +39,7 @@ class TrainAdapter:
   model_fields: Callable[[Mapping[str, Any]], dict] | None = None
   keymap_fields: Callable[[Mapping[str, Any], dict], dict] | None = None
   inputs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], dict] | None = None
+  cpu_kernels: str = "ynnpack"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +131,7 @@ _DISTIL_PARTS = {"out_loss_part_distil_stage0": ("distil_stage0", "distil_stage1
 # model_class -> adapter (the json's ``model_class`` of the train-step fixtures).
 ADAPTERS: dict[str, TrainAdapter] = {
     "models.fewshot.FewShotSeg": TrainAdapter(
-        model="panet", config="panet.py",
+        model="panet", config="panet.py", cpu_kernels="xla",
         losses={"out_loss_query": ("seg_loss",), "out_loss_align": ("align_loss",),
                 "out_loss_total": ("loss",), "out_loss_part_align_epi0": ("align_epi0",),
                 "out_loss_part_align_epi1": ("align_epi1",)}),
@@ -172,8 +177,14 @@ ADAPTERS: dict[str, TrainAdapter] = {
         model="ssp", config="ssp.py",
         losses={"out_loss_query": ("ce_out1",), "out_loss_self": ("ce_self",),
                 "out_loss_support": ("ce_support",), "out_loss_total": ("loss",)},
-        model_fields=_ssp_fields, inputs=_ssp_inputs),
+        model_fields=_ssp_fields, inputs=_ssp_inputs, cpu_kernels="xla"),
 }
+
+
+def cpu_kernels(meta: Mapping[str, Any]) -> str:
+  """The default XLA:CPU kernels of a train-step fixture's model (no jax import)."""
+  a = ADAPTERS.get(meta.get("model_class", ""))
+  return a.cpu_kernels if a is not None else "ynnpack"
 
 
 def for_fixture(meta: Mapping[str, Any]) -> BoundAdapter:
@@ -212,4 +223,5 @@ def for_fixture(meta: Mapping[str, Any]) -> BoundAdapter:
       losses=a.losses if callable(a.losses) else _summed(a.losses))
 
 
-__all__ = ["TrainAdapter", "ADAPTERS", "for_fixture", "training_episode", "fixture_shot"]
+__all__ = ["TrainAdapter", "ADAPTERS", "for_fixture", "training_episode", "fixture_shot",
+           "cpu_kernels"]

@@ -162,22 +162,27 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
 # gradient). XLA's own (Eigen) kernels give the float32 result there. Neither backend is
 # uniformly better: PSPNet's bin-6 PPM branch (BatchNorm in training mode) is within its limit
 # with YNNPACK (0.5 % of the scale) and not with XLA's kernels (14 %). `--cpu-kernels` picks
-# them for a train-step fixture before jax starts ("xla" by default); an explicit XLA_FLAGS
-# choice of the YNN fusions is kept.
+# them for a train-step fixture before jax starts ("auto": the model's measured choice in
+# checkpoints/train_adapters.py); an explicit XLA_FLAGS choice of the YNN fusions is kept.
 EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
 
 
-def _cpu_kernels_for_train_steps(fixture: str, kernels: str) -> None:
+def _cpu_kernels_for_train_steps(fixture: str, kernels: str) -> str | None:
+  """Sets XLA_FLAGS for a train-step fixture before jax starts; returns the choice made."""
   import os  # pylint: disable=g-import-not-at-top
-  if kernels != "xla":
-    return
   try:
     meta = json.loads(pathlib.Path(fixture).with_suffix(".json").read_text())
   except (OSError, ValueError):
-    return  # reported by verify_fixture
+    return None  # reported by verify_fixture
+  if meta.get("kind") != "train_step":
+    return None
+  if kernels == "auto":
+    from checkpoints import train_adapters  # pylint: disable=g-import-not-at-top  (no jax)
+    kernels = train_adapters.cpu_kernels(meta)
   flags = os.environ.get("XLA_FLAGS", "")
-  if meta.get("kind") == "train_step" and "ynn_fusion_type" not in flags and "jax" not in sys.modules:
+  if kernels == "xla" and "ynn_fusion_type" not in flags and "jax" not in sys.modules:
     os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS}".strip()
+  return kernels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--json", help="write the report to this file")
   parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                       help="bfloat16: report the mixed-precision drift from the float32 reference")
-  parser.add_argument("--cpu-kernels", default="xla", choices=("xla", "ynnpack"),
-                      help="XLA:CPU kernels for a train-step fixture: xla (XLA's own convolutions "
-                           "and dots, the default) or ynnpack (jax's default); see WORKSPACE §9")
+  parser.add_argument("--cpu-kernels", default="auto", choices=("auto", "xla", "ynnpack"),
+                      help="XLA:CPU float32 kernels for a train-step fixture: xla (XLA's own "
+                           "convolutions and dots), ynnpack (jax's default), or auto (the model's "
+                           "measured choice, checkpoints/train_adapters.py); see WORKSPACE §9")
   args = parser.parse_args(argv)
   _cpu_kernels_for_train_steps(args.fixture, args.cpu_kernels)
 

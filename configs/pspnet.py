@@ -35,7 +35,7 @@ the episodic evaluator does not score base learners, so validation is off
 Training step: one step of the engine with this config equals the official train
 script's (``python -m checkpoints.verify --fixture ../shared/parity/...``, WORKSPACE §9):
 parity/pspnet/train: CE, every BatchNorm in training mode (running statistics matched),
-weight decay on BatchNorm too (checked with ``--cpu-kernels ynnpack``: XLA:CPU's own float32
+weight decay on BatchNorm too (checked on YNNPACK's CPU kernels: XLA:CPU's own float32
 kernels lose precision in the bin-6 PPM branch, WORKSPACE §9).
 """
 

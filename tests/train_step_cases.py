@@ -18,7 +18,7 @@ import numpy as np
 from conftest import REPO, parity_fixture
 
 
-def run_train_fixture(folder: str, tmp_path, *, cpu_kernels: str = "xla") -> dict:
+def run_train_fixture(folder: str, tmp_path, *, cpu_kernels: str = "auto") -> dict:
   """Runs the verify CLI on the fixture of ``folder`` (``--cpu-kernels``); returns its report."""
   path = parity_fixture(f"{folder}/train")
   out = tmp_path / "report.json"
@@ -40,6 +40,9 @@ def run_train_fixture(folder: str, tmp_path, *, cpu_kernels: str = "xla") -> dic
     assert set(report[cat]) == keys, (cat, sorted(keys ^ set(report[cat]))[:10])
   assert report["kind"] == "train_step"
   assert report["passed"], proc.stdout[-4000:]
+  if cpu_kernels == "auto":
+    from checkpoints import train_adapters  # pylint: disable=g-import-not-at-top
+    cpu_kernels = train_adapters.cpu_kernels(json.loads(path.with_suffix(".json").read_text()))
   assert ("ynn_fusion_type" in report["xla_flags"]) == (cpu_kernels == "xla")
   assert proc.returncode == 0
   assert not report["trainable"]["errors"] and not report["hparams"]["errors"]
