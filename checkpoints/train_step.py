@@ -238,8 +238,12 @@ def trainable_set_errors(ours_trained: set[str], ours_all: set[str],
 
 def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarray] | None = None,
                          meta: Mapping[str, Any] | None = None, *,
-                         verbose: bool = False) -> dict[str, Any]:
+                         verbose: bool = False, dtype: str = "float32") -> dict[str, Any]:
   """Runs one train-step fixture; returns the report (module docstring).
+
+  ``dtype="float64"`` runs the same step with every floating array in float64 (needs
+  ``jax_enable_x64``, set by the CLI's ``--float64``): it checks the training logic
+  (losses, gradients, optimiser, frozen set) free of float32 kernel rounding.
 
   Raises:
     FileNotFoundError / fixtures.FixtureError: unreadable fixture.
@@ -284,15 +288,22 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
   config = paper_config(config_arg)
   schedule = meta.get("schedule") or {}
   total_steps = int(schedule.get("max_iter") or schedule.get("total_iters") or config.total_steps)
-  params = variables["params"]
-  batch_stats = variables.get("batch_stats", {})
+  def cast(tree):
+    if dtype == "float32":
+      return tree
+    return jax.tree.map(lambda a: np.asarray(a, dtype) if np.asarray(a).dtype.kind == "f" else a,
+                        tree)
+
+  params = cast(variables["params"])
+  batch_stats = cast(variables.get("batch_stats", {}))
   opt = optim_lib.build(config.optim, params, total_steps=total_steps,
                         frozen=spec.frozen_patterns(fields))
   count = _schedule_count(schedule)
 
   report: dict[str, Any] = {"fixture": str(path), "model": spec.name, "kind": "train_step",
                             "config": config_arg, "total_steps": total_steps,
-                            "schedule_count": count, "backend": jax.default_backend(),
+                            "schedule_count": count, "dtype": dtype,
+                            "backend": jax.default_backend(),
                             "xla_flags": os.environ.get("XLA_FLAGS", ""), "outputs": {},
                             "grads": {}, "deltas": {}, "stats": {}}
   errors: list[str] = []
@@ -357,7 +368,7 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
   errors += hparam_errors + lr_errors
 
   # -- losses, gradients, statistics: the engine's training forward + backward ------------
-  batch = adapter.inputs(arrays, meta)
+  batch = cast(jax.device_get(adapter.inputs(arrays, meta)))
   with jax.default_matmul_precision("highest"), no_dropout():
     fn = jax.jit(lambda p, b, e: step_lib.loss_and_grads(
         p, b, e, jax.random.PRNGKey(0), model=model, loss_fn=spec.loss_fn,
@@ -414,13 +425,13 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
   sampled = {}
   for p, value in _flat(params).items():
     key, transform = param_keys[p]
-    w = _TO_TORCH[transform](np.asarray(value, np.float32))
+    w = _TO_TORCH[transform](np.asarray(value, dtype))
     info = ref_params.get(key) or {}
     if f"grad_{key}" in arrays:
-      g = np.asarray(arrays[f"grad_{key}"], np.float32)
+      g = np.asarray(arrays[f"grad_{key}"], dtype)
     elif f"grad_{key}__stride" in arrays:
       stride = int(info["stride"])
-      w, g = w.reshape(-1)[::stride], np.asarray(arrays[f"grad_{key}__stride"], np.float32)
+      w, g = w.reshape(-1)[::stride], np.asarray(arrays[f"grad_{key}__stride"], dtype)
       sampled[key] = stride
     else:
       g = np.zeros_like(w)

@@ -73,7 +73,7 @@ def _fmt(v) -> str:
 
 
 def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
-                   compute_dtype: str = "float32") -> dict[str, Any]:
+                   compute_dtype: str = "float32", train_dtype: str = "float32") -> dict[str, Any]:
   """Runs one fixture; returns the report dict (see module docstring).
 
   ``compute_dtype`` other than float32 measures the mixed-precision drift (no tolerances).
@@ -97,7 +97,7 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
       raise fixtures.FixtureError("--compute-dtype applies to forward fixtures; a train-step "
                                   "fixture is checked in float32")
     from checkpoints import train_step  # pylint: disable=g-import-not-at-top
-    return train_step.verify_train_fixture(path, arrays, meta, verbose=verbose)
+    return train_step.verify_train_fixture(path, arrays, meta, verbose=verbose, dtype=train_dtype)
   spec = registry.for_fixture(meta)
   adapter = spec.parity
   state_dict = keymaps.strip_prefixes(fixtures.regenerate(meta))
@@ -197,14 +197,21 @@ def main(argv: list[str] | None = None) -> int:
                       help="XLA:CPU float32 kernels for a train-step fixture: xla (XLA's own "
                            "convolutions and dots), ynnpack (jax's default), or auto (the model's "
                            "measured choice, checkpoints/train_adapters.py); see WORKSPACE §9")
+  parser.add_argument("--float64", action="store_true",
+                      help="train-step fixtures: run the step in float64 (the training logic "
+                           "without float32 kernel rounding; the fixtures' limits still apply)")
   args = parser.parse_args(argv)
   _cpu_kernels_for_train_steps(args.fixture, args.cpu_kernels)
+  if args.float64:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_enable_x64", True)
 
   from fss_jax.keymaps import ConversionError
   from fss_jax.models.registry import UnsupportedModelError
 
   try:
-    report = verify_fixture(args.fixture, compute_dtype=args.compute_dtype)
+    report = verify_fixture(args.fixture, compute_dtype=args.compute_dtype,
+                            train_dtype="float64" if args.float64 else "float32")
   except UnsupportedModelError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -18,9 +18,13 @@ import numpy as np
 from conftest import REPO, parity_fixture
 
 
-def run_train_fixture(folder: str, tmp_path, *, cpu_kernels: str = "auto") -> dict:
-  """Runs the verify CLI on the fixture of ``folder`` (``--cpu-kernels``); returns its report."""
-  path = parity_fixture(f"{folder}/train")
+def run_train_fixture(folder: str, tmp_path, *, cpu_kernels: str = "auto", root=None) -> dict:
+  """Runs the verify CLI on the fixture of ``folder`` (``--cpu-kernels``); returns its report.
+
+  ``root``: another fixture folder (tests/parity_extra) instead of ../shared/parity.
+  """
+  path = parity_fixture(f"{folder}/train") if root is None else \
+      sorted((root / folder / "train").glob("*.npz"))[0]
   out = tmp_path / "report.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   cmd = [sys.executable, "-m", "checkpoints.verify", "--fixture", str(path), "--json", str(out),
