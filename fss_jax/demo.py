@@ -191,6 +191,9 @@ def main(argv) -> None:
   workdir = pathlib.Path(os.path.expanduser(flags.FLAGS.workdir))
   try:
     out = run(workdir, opts)
+  except loop.TrainingInterrupted as e:  # Ctrl-C during training: the step was saved
+    print(f"interrupted: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
   except KeyboardInterrupt:
     print(f"interrupted; {workdir} keeps what was finished (rerun to continue)", file=sys.stderr)
     sys.exit(130)

@@ -116,7 +116,7 @@ def test_demo_ctrl_c_is_one_line_and_the_default_workdir_is_per_checkout(tmp_pat
                            "--num_images=32", "--steps=50", "--size=33"], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
-  while not (work / "data").exists() and time.time() < deadline and proc.poll() is None:
+  while not (work / "run").exists() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.2)
   time.sleep(1.0)
   proc.send_signal(signal.SIGINT)
