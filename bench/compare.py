@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   out: dict[str, Any] = {"bench": "compare", "model": a.model, "mode": a.mode, "size": a.size,
                          "batch": a.batch, "shot": a.shot, "jax": jax_rec, "torch": torch_rec}
   if "error" not in jax_rec and "error" not in torch_rec:
-    out["speedup"] = round(jax_rec["steps_per_s"] / torch_rec["steps_per_s"], 3)
+    out["speedup"] = float(f"{jax_rec['steps_per_s'] / torch_rec['steps_per_s']:.4g}")  # 4 significant digits
     out["jax_steps_per_s"] = jax_rec["steps_per_s"]
     out["torch_steps_per_s"] = torch_rec["steps_per_s"]
   flags = os.environ.get("XLA_FLAGS", "")

@@ -28,10 +28,13 @@ class TrainAdapter:
     keymap_fields: (json, fields) -> keymap keywords; default: the fields.
     inputs: (arrays, json) -> the training episode; default: the parity adapter's inputs
       plus the training labels (`training_episode`).
-    cpu_kernels: XLA:CPU float32 kernels the check runs on by default ("ynnpack", jax's
-      default, or "xla", its own Eigen kernels): neither computes every model's backward
-      within the fixtures' float32 limits (YNNPACK: PANet's conv4, SSP's layer2-3; XLA's:
-      the PSPNet base learner's bin-6 PPM branch, HDMNet-PAHNet's 1x1 merges at 3 shots).
+    cpu_kernels: XLA:CPU float32 kernels the check runs on by default on an AVX-512 CPU
+      ("ynnpack", jax's default, or "xla", its own Eigen kernels): there neither computes
+      every model's backward within the fixtures' float32 limits (YNNPACK: PANet's conv4,
+      SSP's layer2-3; XLA's: the PSPNet base learner's bin-6 PPM branch, HDMNet-PAHNet's
+      1x1 merges at 3 shots). Without AVX-512 (AVX2 + FMA, e.g. AMD Zen 3) the kernels
+      round differently: XLA's pass every fixture and YNNPACK's fail Sym-Net's (10x its
+      limit), so `cpu_kernels` picks "xla" for every model there.
   """
   model: str
   config: str
@@ -181,8 +184,23 @@ ADAPTERS: dict[str, TrainAdapter] = {
 }
 
 
-def cpu_kernels(meta: Mapping[str, Any]) -> str:
-  """The default XLA:CPU kernels of a train-step fixture's model (no jax import)."""
+def has_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """Whether this CPU has AVX-512 (``avx512f``); False where /proc/cpuinfo is unreadable."""
+  try:
+    with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+      return any(line.startswith("flags") and " avx512f" in line for line in f)
+  except OSError:
+    return False
+
+
+def cpu_kernels(meta: Mapping[str, Any], *, avx512: bool | None = None) -> str:
+  """The default XLA:CPU kernels of a train-step fixture's model on this CPU (no jax import).
+
+  ``avx512``: whether the CPU has AVX-512 (default: read from /proc/cpuinfo); the
+  kernels' float32 rounding depends on it (`TrainAdapter.cpu_kernels`).
+  """
+  if not (has_avx512() if avx512 is None else avx512):
+    return "xla"
   a = ADAPTERS.get(meta.get("model_class", ""))
   return a.cpu_kernels if a is not None else "ynnpack"
 

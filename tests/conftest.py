@@ -94,8 +94,9 @@ def leaf(tree, path):
 
 
 def pytest_collection_modifyitems(config, items):
-  """The SCCAN-family train-step checks (6 / 12.5 GB on CPU) run first, when the workers are
-  still small, so that the largest one never meets another worker's full jit caches."""
+  """The SCCAN-family train-step checks (5 / 10 GB on CPU) run first, when the workers are
+  still small, so that the largest one never meets another worker's full jit caches (the
+  train-step checks also take `train_step_cases._memory_slot`)."""
   del config
   first = [it for it in items if it.module.__name__.endswith("test_train_step_sccan")]
   if first:

@@ -83,3 +83,18 @@ def test_schedule_count_sets_the_lr_but_keeps_adam_fresh():
   assert train_step._schedule_count({"type": "MultiStepLR", "i_iter": 0}) == 0
   assert train_step._schedule_count({"type": "step", "iteration": 1}) == 0
   assert isinstance(optax.ScaleByScheduleState(count=0), tuple)
+
+
+def test_cpu_kernels_follow_the_cpu(tmp_path):
+  """AVX-512 CPUs: each model's measured kernels; AVX2-only CPUs: XLA's own for every model."""
+  from checkpoints import train_adapters  # pylint: disable=g-import-not-at-top
+  panet, symnet = {"model_class": "models.fewshot.FewShotSeg"}, {"model_class": "model.SymNet.SymNet"}
+  assert train_adapters.cpu_kernels(panet, avx512=True) == "xla"
+  assert train_adapters.cpu_kernels(symnet, avx512=True) == "ynnpack"
+  assert train_adapters.cpu_kernels(symnet, avx512=False) == "xla"
+  zen3 = tmp_path / "zen3"
+  zen3.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+  zen4 = tmp_path / "zen4"
+  zen4.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n")
+  assert not train_adapters.has_avx512(str(zen3)) and train_adapters.has_avx512(str(zen4))
+  assert not train_adapters.has_avx512(str(tmp_path / "absent"))

@@ -1,7 +1,7 @@
 """Train-step parity of SCCAN and SCCAN + PAHNet with train_sccan.py / PAHNet's train script:
 shared/parity/<model>/train (`checkpoints.train_step`).
 
-One file, so that the two largest steps (SCCA attention backward: ~6 and ~12 GB on CPU)
+One file, so that the two largest steps (SCCA attention backward: ~5 and ~10 GB on CPU)
 never run side by side on the two pytest workers.
 """
 
