@@ -2,11 +2,15 @@
 
   python -m data_prep.build --dataset pascal5i --manual_dir ~/data/VOC2012 --data_dir ~/tensorflow_datasets
   python -m data_prep.build --dataset coco20i --manual_dir ~/data/coco2014 --data_dir ~/tensorflow_datasets
+  python -m data_prep.build --dataset coco20i --data_dir ~/tensorflow_datasets --verify
 
 writes ``<data_dir>/<dataset>/1.0.0/`` as `fss_jax.data.source` reads it:
 the TFDS files (records in list order), ``fss_index_{train,val}.npz`` (derived
-from the records as TFDS reads them back, checked against the list order) and
-``fss_build_report.json`` (options, counts per split, skipped files and why).
+from the records as TFDS reads them back, checked against the list order),
+``fss_build_report.json`` (options, counts per split, skipped files and why,
+size and sha256 of every record file) and ``fss_verified.json`` (the stamp that
+lets `fss_jax.data.source` skip re-hashing untouched files). ``--verify``
+re-hashes every record file of a built dataset against the report.
 
 Safety:
 * Everything is built in ``<data_dir>/<dataset>/incomplete.build-<pid>-<tag>.1.0.0/``;
@@ -15,11 +19,13 @@ Safety:
   dataset that looks complete; the next build removes the leftovers of dead
   builds.
 * A complete build (dataset_info.json + both index files + a report saying
-  ``complete``) makes a rerun a no-op; ``--overwrite`` rebuilds and replaces
-  the old dataset only after the new one is finished.
+  ``complete``, record files of the sizes it lists) makes a rerun a no-op;
+  ``--overwrite`` rebuilds and replaces the old dataset only after the new one
+  is finished.
 * Raw-data problems stop the build before anything is written, with a message
   that shows the expected layout (`data_prep.raw.RawDataError`); corrupt
-  images/labels are skipped, logged and listed in the report.
+  images/labels (every file is decoded fully: libjpeg's corrupt-data warnings,
+  PNG chunk CRCs) are skipped, logged and listed in the report by file.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from fss_jax.data import source
 log = logging.getLogger(__name__)
 
 DATASETS = {"pascal5i": ("data_prep.pascal5i", "Pascal5i"), "coco20i": ("data_prep.coco20i", "Coco20i")}
-REPORT_FORMAT = 1
+# 2: adds "record_files" {name: {"size", "sha256"}}.
+REPORT_FORMAT = 2
 _STAGING_PREFIX = "incomplete.build-"
 _READ_CHUNK = 256
 
@@ -62,8 +69,13 @@ def builder_class(dataset: str):
   return getattr(importlib.import_module(module), name)
 
 
-def _missing_parts(path: pathlib.Path) -> list[str]:
-  """What a complete build at ``path`` lacks (empty list: complete)."""
+def _missing_parts(path: pathlib.Path, record_sizes: bool = True) -> list[str]:
+  """What a complete build at ``path`` lacks (empty list: complete).
+
+  Args:
+    path: the dataset folder.
+    record_sizes: also require record files of the sizes the report lists (cheap; `verify` hashes them).
+  """
   missing = [n for n in ["dataset_info.json"] + [source.index_filename(s) for s in raw.SPLITS]
              if not (path / n).is_file()]
   report = path / source.REPORT_FILE
@@ -71,10 +83,15 @@ def _missing_parts(path: pathlib.Path) -> list[str]:
     missing.append(source.REPORT_FILE)
   else:
     try:
-      if not json.loads(report.read_text()).get("complete"):
-        missing.append(f"{source.REPORT_FILE} saying complete")
+      content = json.loads(report.read_text())
     except ValueError:
-      missing.append(f"a readable {source.REPORT_FILE}")
+      return missing + [f"a readable {source.REPORT_FILE}"]
+    if not content.get("complete"):
+      missing.append(f"{source.REPORT_FILE} saying complete")
+    files = content.get("record_files") or {}
+    if record_sizes:
+      missing += [f"intact record files ({p})"
+                  for p in source.check_record_files(path, files, sorted(files), checksum="never")]
   return missing
 
 
@@ -142,6 +159,13 @@ def index_from_records(path: pathlib.Path, split: str) -> source.DatasetIndex:
       ignore_pixels=np.asarray(igs, np.int64))
 
 
+def record_file_names(path: pathlib.Path) -> list[str]:
+  """The array_record files of every split of the TFDS dataset at ``path``."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  splits = tfds.builder_from_directory(os.fspath(path)).info.splits
+  return sorted(name for s in splits.values() for name in s.filenames)
+
+
 def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
           overwrite: bool = False, num_workers: int = 0, progress: bool = True) -> pathlib.Path:
   """Builds ``dataset`` from the raw files in ``manual_dir`` into ``data_dir``.
@@ -207,6 +231,7 @@ def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLi
         raise raw.RawDataError(f"{dataset}/{split}: every listed image was skipped as corrupt; see the log.")
       source.save_index(built / source.index_filename(split), index, dataset=dataset, split=split)
       split_counts[split] = {"listed": len(entries), "records": len(index), "skipped": len(skipped[split])}
+    record_files = source.checksum_record_files(built, record_file_names(built))
 
     report = {
         "format": REPORT_FORMAT,
@@ -217,6 +242,7 @@ def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLi
         "raw_root": plan.root,
         "sources": plan.sources,
         "splits": split_counts,
+        "record_files": record_files,
         "skipped": [dict(split=split, image_id=s.image_id, file=s.file, reason=s.reason)
                     for split in plan.splits for s in skipped[split]],
         # Only when some split's labels were rendered from an instances json (§3.2 choices).
@@ -247,20 +273,71 @@ def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLi
   return final
 
 
+def verify(data_dir: str | os.PathLike, dataset: str) -> dict[str, int]:
+  """Re-hashes every record file of a built dataset and compares it with the build report.
+
+  Files that match are stamped as verified (`source.VERIFIED_FILE`), so the
+  next `source.open_split` skips them.
+
+  Returns:
+    {"files": number checked, "bytes": their total size}.
+
+  Raises:
+    source.DatasetNotReadyError: not built, or built before checksums were
+      recorded. source.RecordFileError: files missing, truncated or not
+      matching their sha256 (all named), with the rebuild command.
+  """
+  path = source.dataset_dir(data_dir, dataset)
+  rebuild = f"Rebuild it with:\n  {source.build_command(data_dir, dataset)} --overwrite"
+  if not path.is_dir():
+    raise source.DatasetNotReadyError(f"{dataset} is not built in {data_dir} ({path} not found).\nBuild it "
+                                      f"with:\n  {source.build_command(data_dir, dataset)}")
+  missing = _missing_parts(path, record_sizes=False)  # sizes: below, with the checksums
+  if missing:
+    raise source.RecordFileError(f"{path} is not a complete build (it lacks {', '.join(missing)}).\n{rebuild}")
+  expected = json.loads((path / source.REPORT_FILE).read_text()).get("record_files")
+  if not expected:
+    raise source.DatasetNotReadyError(f"{path / source.REPORT_FILE} records no checksums (built by an older "
+                                      f"version); nothing to verify against.\n{rebuild}")
+  names = sorted(set(record_file_names(path)) | set(expected))
+  problems = source.check_record_files(path, expected, names, checksum="always")
+  if problems:
+    raise source.RecordFileError("; ".join(problems) + f".\n{rebuild}")
+  return {"files": len(names), "bytes": sum(e["size"] for e in expected.values())}
+
+
+def _verify_main(args) -> int:
+  t0 = time.time()
+  try:
+    result = verify(args.data_dir, args.dataset)
+  except source.DatasetNotReadyError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"{args.dataset} in {source.dataset_dir(args.data_dir, args.dataset)}: all {result['files']} record files "
+        f"({result['bytes'] / 1e6:.1f} MB) match their sha256 ({time.time() - t0:.1f} s)")
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="Raw layouts:\npascal5i\n" + raw.VOC_LAYOUT + "\ncoco20i\n" + raw.COCO_LAYOUT)
   p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-  p.add_argument("--manual_dir", required=True, help="folder with the raw files (see the layouts below)")
+  p.add_argument("--manual_dir", help="folder with the raw files (see the layouts below); not with --verify")
   p.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"),
                  help="TFDS data dir (default ~/tensorflow_datasets)")
   p.add_argument("--overwrite", action="store_true", help="rebuild and replace an existing build")
   p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                  help="image decoding processes (default: min(8, CPUs)); 0 or 1 decodes in-process")
   p.add_argument("--no_progress", action="store_true", help="no progress bars")
+  p.add_argument("--verify", action="store_true",
+                 help="build nothing: re-hash every record file of the built dataset against its report")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  if args.verify:
+    return _verify_main(args)
+  if args.manual_dir is None:
+    p.error("--manual_dir is required (except with --verify)")
   try:
     path = build(args.dataset, args.manual_dir, args.data_dir, overwrite=args.overwrite,
                  num_workers=args.num_workers, progress=not args.no_progress)
@@ -270,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   report = json.loads((path / source.REPORT_FILE).read_text())
   counts = ", ".join(f"{s} {c['records']} records ({c['skipped']} skipped)" for s, c in report["splits"].items())
   print(f"{args.dataset} ready in {path}: {counts}; report {path / source.REPORT_FILE}")
+  if report["skipped"]:
+    print(f"{len(report['skipped'])} corrupt images/labels were skipped (named in the report and the log); "
+          f"replace them from the original archives and rebuild with --overwrite to include them")
   return 0
 
 

@@ -12,6 +12,14 @@ share lives here, free of TFDS so it can run in worker processes:
   record dict or the reason the image is skipped (`Skip`, a corrupt
   file). Systematic problems (a colour label, label values outside 0..C and
   255) raise `RawDataError` naming the file.
+* Every file is decoded fully and checked (`read_image`, `read_label_png`):
+  a JPEG is corrupt when it does not decode, is truncated, or libjpeg warns
+  about corrupt data while decoding it (damaged entropy-coded data decodes
+  "successfully" into grey or shifted blocks, and a warning on stderr is the
+  only sign any decoder gives); a PNG when its chunk CRCs or end marker are
+  wrong (PIL's ``load()`` alone returns wrong pixels for a flipped IDAT byte).
+  JPEG has no checksum: damage that keeps the Huffman stream in step (a
+  changed coefficient) cannot be detected by any decoder.
 * `generate(entries, num_classes, ...)` runs `process_entry` over a split, in
   list order (optionally in worker processes), with a progress bar, yielding
   ``(key, record)`` pairs for TFDS and collecting the skipped files.
@@ -26,11 +34,14 @@ background, 1..C, 255 ignore); ``image_id`` the file stem; ``height``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
 import os
 import pathlib
+import sys
+import tempfile
 from typing import Any, Iterable, Iterator, Sequence
 
 import cv2
@@ -46,6 +57,10 @@ IGNORE = 255
 MAX_LISTED = 20
 # Same flags as fss_jax.data.source (the reader): 3 channels, EXIF orientation ignored.
 IMAGE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# The libjpeg(-turbo) warnings (jerror.h JWRN_*) that mean damaged data; the decoder goes on and
+# returns an image, so these lines on stderr are the only sign of the damage.
+JPEG_CORRUPT_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # ---------------------------------------------------------------------------------------------
 # COCO rendering choices (data_protocol.md §3.2: not verifiable against the reference archives;
@@ -392,17 +407,69 @@ class CorruptFile(Exception):
   """A file that cannot be decoded: the image is skipped and reported, never silently."""
 
 
+@functools.lru_cache(maxsize=None)
+def _stderr_sink():
+  """A scratch file of this process that receives file descriptor 2 during `imdecode_with_warnings`."""
+  return tempfile.TemporaryFile()
+
+
+def imdecode_with_warnings(data: bytes, flags: int) -> tuple[np.ndarray | None, list[str]]:
+  """``cv2.imdecode`` plus the warnings its C decoder printed to stderr meanwhile (libjpeg's).
+
+  File descriptor 2 points at a scratch file for the call (so this is for one
+  thread at a time: the build decodes one image at a time per process); lines
+  that are not `JPEG_CORRUPT_WARNINGS` are written back to stderr.
+  """
+  sink = _stderr_sink().fileno()
+  os.ftruncate(sink, 0)
+  os.lseek(sink, 0, os.SEEK_SET)
+  sys.stderr.flush()
+  saved = os.dup(2)
+  os.dup2(sink, 2)
+  try:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+  size = os.lseek(sink, 0, os.SEEK_CUR)
+  lines = os.pread(sink, size, 0).decode("utf-8", "replace").splitlines() if size else []
+  warnings = [line for line in lines if line.startswith(JPEG_CORRUPT_WARNINGS)]
+  others = [line for line in lines if not line.startswith(JPEG_CORRUPT_WARNINGS)]
+  if others:
+    print("\n".join(others), file=sys.stderr)
+  return img, warnings
+
+
+def _verify_png(data: bytes, what: str) -> None:
+  """CorruptFile unless every chunk CRC of the PNG ``data`` (an image or label) matches and it ends with IEND."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.verify()
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptFile(f"damaged {what} PNG ({e})") from None
+
+
 def read_image(path: str) -> tuple[bytes, int, int]:
-  """Reads an image file -> (original bytes, height, width); CorruptFile if it does not decode fully."""
+  """Reads an image file -> (original bytes, height, width); CorruptFile if it does not decode fully.
+
+  Corrupt: undecodable, truncated, libjpeg warned about corrupt data
+  (`JPEG_CORRUPT_WARNINGS`), or a PNG with a bad chunk CRC.
+  """
   try:
     data = pathlib.Path(path).read_bytes()
   except OSError as e:
     raise CorruptFile(f"cannot read image: {e}") from None
   if not data:
     raise CorruptFile("empty image file")
-  img = cv2.imdecode(np.frombuffer(data, np.uint8), IMAGE_FLAGS)
+  img, warnings = imdecode_with_warnings(data, IMAGE_FLAGS)
   if img is None:
     raise CorruptFile("OpenCV cannot decode the image")
+  if warnings:
+    raise CorruptFile(f"JPEG does not decode cleanly, its data is damaged (libjpeg: "
+                      f"{'; '.join(dict.fromkeys(warnings))})")
+  if data.startswith(PNG_SIGNATURE):
+    _verify_png(data, "image")
   # libjpeg decodes a truncated JPEG with a warning (grey rest); make sure the stream is whole.
   if data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9":
     from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -420,11 +487,17 @@ def read_label_png(path: str) -> np.ndarray:
   Grayscale (``L``) PNGs give their values, palette (``P``) PNGs their raw
   palette indices (not luminance), RGB PNGs with three equal channels their
   value. A colour (RGB) label raises `RawDataError`; an undecodable file raises
-  `CorruptFile`.
+  `CorruptFile`, and so does a damaged PNG (bad chunk CRC or no end marker:
+  PIL's ``load()`` alone returns wrong pixels for a flipped IDAT byte).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     data = pathlib.Path(path).read_bytes()
+  except OSError as e:
+    raise CorruptFile(f"cannot read label: {e}") from None
+  if data.startswith(PNG_SIGNATURE):
+    _verify_png(data, "label")
+  try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()
       mode = im.mode
@@ -667,5 +740,6 @@ class FssBuilderMixin:
 __all__ = ["RawDataError", "CorruptFile", "Entry", "Plan", "Skip", "plan", "plan_pascal", "plan_coco",
            "find_voc_root", "read_list", "read_image", "read_label_png", "render_coco", "count_pixels",
            "encode_label", "process_entry", "generate", "record_key", "coco_category_map", "load_coco_json",
+           "imdecode_with_warnings", "JPEG_CORRUPT_WARNINGS", "PNG_SIGNATURE",
            "VOC_LAYOUT", "COCO_LAYOUT", "COCO_DRAW_CROWD", "COCO_PAINT_ORDER", "NUM_CLASSES", "SPLITS",
            "MAX_LISTED", "FssBuilderMixin"]

@@ -6,7 +6,9 @@ A dataset built by ``python -m data_prep.build`` lives in
   dataset_info.json, features.json        written by TFDS (last, so their presence means complete)
   <dataset>-{train,val}.array_record-*    one record per image, in list-file order
   fss_index_{train,val}.npz               per-split index (this module's DatasetIndex)
-  fss_build_report.json                   what the build did (options, skipped files)
+  fss_build_report.json                   what the build did (options, skipped files, and the
+                                          size and sha256 of every record file)
+  fss_verified.json                       when each record file last matched its sha256 (a cache)
 
 Records hold the original JPEG bytes (``image``), an 8-bit single-channel index PNG
 (``label``: 0 background, 1..C classes, 255 ignore), ``image_id``, ``height``,
@@ -29,13 +31,27 @@ Usage::
   src = open_split("~/tensorflow_datasets", "pascal5i", "train")
   ex = src[0]      # {"image": uint8 [H, W, 3] RGB, "label": uint8 [H, W], "image_id": str}
   src.index.class_pixels  # int64 [N, C + 1]
+
+Integrity: opening a split compares the sizes of its record files with the
+build report (a truncated copy is caught at once) and re-hashes (sha256) only
+the files whose size, mtime, ctime or inode differ from the stamp in
+``fss_verified.json`` -- written by the build and after every successful
+verification -- so a file changed, copied or restored since it was last
+verified is checked once, and an untouched 30 GB build opens with a few
+``stat`` calls. Damage that leaves the stamp intact (bit rot on the disk) is
+caught by Riegeli's own chunk hashes when the record is read: any read error
+becomes a `RecordFileError` naming the file and the rebuild command.
+``python -m data_prep.build --verify`` re-hashes every file on demand.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import threading
@@ -50,9 +66,16 @@ DATASET_VERSION = "1.0.0"
 NUM_CLASSES = {"pascal5i": 20, "coco20i": 80}
 INDEX_FORMAT = 1
 REPORT_FILE = "fss_build_report.json"
+# Per record file: size, mtime, ctime and inode at which it last matched its sha256.
+VERIFIED_FILE = "fss_verified.json"
 _IMAGE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 # Records checked against the index when a split is opened (first, middle, last).
 _SPOT_CHECKS = 3
+_HASH_CHUNK = 8 << 20
+# What array_record / Riegeli raise for a damaged, truncated or vanished record file.
+_READ_ERRORS = (RuntimeError, OSError, ValueError)
+
+log = logging.getLogger(__name__)
 
 
 def index_filename(split: str) -> str:
@@ -72,6 +95,106 @@ def build_command(data_dir: str | os.PathLike, dataset: str) -> str:
 
 class DatasetNotReadyError(FileNotFoundError):
   """The dataset is missing, incomplete or inconsistent; the message says how to (re)build it."""
+
+
+class RecordFileError(DatasetNotReadyError):
+  """A record file is missing, truncated, modified or unreadable; the message names it and how to rebuild."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Record file integrity: sizes and sha256 from the build report, a stamp to skip re-hashing
+# ---------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  """Hex sha256 of a file's bytes (the same as ``sha256sum``)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_HASH_CHUNK):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _stat_key(st: os.stat_result) -> dict[str, int]:
+  """What changes when a file is written, truncated, replaced or copied (ctime: even if the mtime is set back)."""
+  return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def read_verified(path: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """``{file name: stat key + sha256}`` of ``<path>/fss_verified.json`` ({} when absent or unreadable)."""
+  try:
+    files = json.loads((path / VERIFIED_FILE).read_text()).get("files")
+  except (OSError, ValueError, AttributeError):
+    return {}
+  return files if isinstance(files, dict) else {}
+
+
+def write_verified(path: pathlib.Path, files: dict[str, dict[str, Any]]) -> bool:
+  """Writes the verification stamp; False (and a warning) when ``path`` is not writable."""
+  try:
+    fss_io.atomic_write(path / VERIFIED_FILE, json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+  except OSError as e:
+    log.warning("cannot record the verified checksums in %s (%s); the next open verifies them again. "
+                "Run python -m data_prep.build --verify as a user who can write there.", path, e)
+    return False
+  return True
+
+
+def checksum_record_files(path: pathlib.Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """Build time: ``{name: {"size", "sha256"}}`` of the record files, also stamped as verified."""
+  entries, stamps = {}, {}
+  for name in names:
+    st = (path / name).stat()
+    digest = file_sha256(path / name)
+    entries[name] = {"size": st.st_size, "sha256": digest}
+    stamps[name] = {**_stat_key(st), "sha256": digest}
+  write_verified(path, stamps)
+  return entries
+
+
+def check_record_files(path: pathlib.Path, expected: dict[str, dict[str, Any]], names: Sequence[str], *,
+                       checksum: str = "changed") -> list[str]:
+  """Compares record files with the build report; returns the problems (empty: all intact).
+
+  Args:
+    path: the dataset folder.
+    expected: the report's ``record_files`` ({name: {"size", "sha256"}}).
+    names: the files to check.
+    checksum: "never" (sizes only), "changed" (hash the files whose stat
+      differs from the stamp in ``fss_verified.json``) or "always".
+
+  Returns:
+    One line per damaged file, naming it. Files that matched their sha256 are
+    stamped, so the next "changed" check skips them.
+  """
+  stamps = read_verified(path)
+  problems, verified = [], {}
+  for name in names:
+    want, file = expected.get(name), path / name
+    if want is None:
+      problems.append(f"record file {file} is not in the build report {path / REPORT_FILE}")
+      continue
+    try:
+      st = file.stat()
+    except OSError:
+      problems.append(f"record file {file} is missing")
+      continue
+    if st.st_size != want["size"]:
+      problems.append(f"record file {file} has {st.st_size} bytes but was built with {want['size']} "
+                      f"(truncated or replaced)")
+      continue
+    key = {**_stat_key(st), "sha256": want["sha256"]}
+    if checksum == "never" or (checksum == "changed" and stamps.get(name) == key):
+      continue
+    log.info("checking the sha256 of %s (%.1f MB)", file, st.st_size / 1e6)
+    digest = file_sha256(file)
+    if digest != want["sha256"]:
+      problems.append(f"record file {file} does not match its sha256 from the build (damaged or modified)")
+      continue
+    verified[name] = key
+  if verified:
+    write_verified(path, {**stamps, **verified})
+  return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,14 +307,14 @@ class SplitSource(Sequence):
     self._records = None
     self._index = None
     self._positions = None
+    self._shards = None  # (record file names, cumulative record counts)
     if _verify:
       self._open(verify=True)
 
   # -- opening -----------------------------------------------------------------
 
-  def _not_ready(self, problem: str) -> DatasetNotReadyError:
-    return DatasetNotReadyError(
-        f"{problem}\nRebuild it with:\n  {build_command(self.data_dir, self.dataset)} --overwrite")
+  def _not_ready(self, problem: str, cls: type[DatasetNotReadyError] = DatasetNotReadyError):
+    return cls(f"{problem}\nRebuild it with:\n  {build_command(self.data_dir, self.dataset)} --overwrite")
 
   def _open(self, verify: bool) -> None:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -208,6 +331,11 @@ class SplitSource(Sequence):
     builder = tfds.builder_from_directory(os.fspath(path))
     if self.split not in builder.info.splits:
       raise ValueError(f"split {self.split!r} not in {path} (has {sorted(builder.info.splits)})")
+    split_info = builder.info.splits[self.split]
+    self._shards = ([pathlib.Path(fi.filename).name for fi in split_info.file_instructions],
+                    np.cumsum([fi.take for fi in split_info.file_instructions]).tolist())
+    if verify:
+      self._check_record_files(split_info.filenames)
     records = builder.as_data_source(
         self.split, decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()})
     index_path = path / index_filename(self.split)
@@ -223,6 +351,46 @@ class SplitSource(Sequence):
       self._check(index, meta, records, builder)
     self._records = records
     self._index = index
+
+  def _check_record_files(self, names: Sequence[str]) -> None:
+    """Sizes always, sha256 of the files changed since last verified (`check_record_files`)."""
+    try:
+      report = json.loads((self.path / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+      report = {}
+    expected = report.get("record_files")
+    if expected is None:  # built before checksums were recorded (report format 1)
+      log.info("%s records no checksums (an older build); rebuild with --overwrite to check its files",
+               self.path / REPORT_FILE)
+      return
+    problems = check_record_files(self.path, expected, names)
+    if problems:
+      raise self._not_ready("; ".join(problems) + ".", RecordFileError)
+
+  def _file_of(self, i: int) -> pathlib.Path:
+    """The record file holding record ``i`` of the split."""
+    names, ends = self._shards
+    return self.path / names[min(bisect.bisect_right(ends, i), len(names) - 1)]
+
+  def _damaged(self, i: int, error: Exception) -> RecordFileError:
+    return self._not_ready(f"record file {self._file_of(i)} is damaged: reading record {i} of "
+                           f"{self.dataset}/{self.split} failed ({error}).", RecordFileError)
+
+  def _read_one(self, records, i: int):
+    """The raw record ``i``; a damaged file raises `RecordFileError` naming it."""
+    try:
+      return records[i]
+    except _READ_ERRORS as e:
+      raise self._damaged(i, e) from e
+
+  def _read_many(self, records, positions: Sequence[int]) -> list[Any]:
+    """The raw records at ``positions`` (one batched read); errors name the damaged file."""
+    try:
+      return list(records.__getitems__(positions))
+    except _READ_ERRORS as e:
+      for i in positions:  # the batch spans files: find the damaged one
+        self._read_one(records, i)
+      raise self._damaged(positions[0], e) from e
 
   def _check(self, index: DatasetIndex, meta: dict[str, Any], records, builder) -> None:
     path = self.path / index_filename(self.split)
@@ -240,7 +408,7 @@ class SplitSource(Sequence):
     if expected is not None and index.num_classes != expected:
       raise self._not_ready(f"{self.dataset} has {expected} classes but {path} has {index.num_classes}.")
     for i in sorted({0, n // 2, n - 1} if n else set())[:_SPOT_CHECKS]:
-      rec = records[i]
+      rec = self._read_one(records, i)
       rid = _to_str(rec["image_id"])
       if (rid != index.image_ids[i] or int(rec["height"]) != index.heights[i]
           or int(rec["width"]) != index.widths[i]
@@ -287,8 +455,12 @@ class SplitSource(Sequence):
 
   def _decode(self, i: int, rec: dict[str, Any]) -> dict[str, Any]:
     image_id = _to_str(rec["image_id"])
-    image = decode_image(rec["image"])
-    label = decode_label(rec["label"])
+    try:
+      image = decode_image(rec["image"])
+      label = decode_label(rec["label"])
+    except ValueError as e:
+      raise self._not_ready(f"record {i} ({image_id}) of {self.dataset}/{self.split} in {self._file_of(i)} does "
+                            f"not decode: {e}.", RecordFileError) from e
     h, w = int(self._index.heights[i]), int(self._index.widths[i])
     if image.shape[:2] != (h, w) or label.shape != (h, w):
       raise ValueError(f"{self.dataset}/{self.split} record {i} ({image_id}): decoded image {image.shape[:2]} / "
@@ -308,13 +480,13 @@ class SplitSource(Sequence):
     """Returns {"image": uint8 [H, W, 3] RGB, "label": uint8 [H, W], "image_id": str}."""
     self._ensure_open()
     i = self._position(i)
-    return self._decode(i, self._records[i])
+    return self._decode(i, self._read_one(self._records, i))
 
   def __getitems__(self, keys: Sequence[int]) -> list[dict[str, Any]]:
     """Batched read (fewer file seeks); same items as ``[self[k] for k in keys]``."""
     self._ensure_open()
     pos = [self._position(k) for k in keys]
-    return [self._decode(i, r) for i, r in zip(pos, self._records.__getitems__(pos))]
+    return [self._decode(i, r) for i, r in zip(pos, self._read_many(self._records, pos))]
 
   def __repr__(self) -> str:
     return f"SplitSource({self.dataset}/{self.split}, {self.path})"
@@ -342,7 +514,9 @@ def open_split(data_dir: str | os.PathLike, dataset: str, split: str) -> SplitSo
   Raises:
     DatasetNotReadyError (a FileNotFoundError): the dataset is not built, was
       interrupted, or its index is missing/inconsistent; the message holds the
-      ``python -m data_prep.build`` command to run.
+      ``python -m data_prep.build`` command to run. `RecordFileError` (a
+      subclass) for a record file that is missing, truncated, modified since the
+      build (sha256) or unreadable.
   """
   return SplitSource(data_dir, dataset, split)
 
@@ -353,6 +527,8 @@ def read_build_report(data_dir: str | os.PathLike, dataset: str) -> dict[str, An
   return json.loads(p.read_text()) if p.is_file() else None
 
 
-__all__ = ["DatasetIndex", "SplitSource", "open_split", "DatasetNotReadyError", "dataset_dir",
+__all__ = ["DatasetIndex", "SplitSource", "open_split", "DatasetNotReadyError", "RecordFileError", "dataset_dir",
            "index_filename", "save_index", "load_index", "decode_image", "decode_label",
-           "read_build_report", "build_command", "DATASET_VERSION", "NUM_CLASSES"]
+           "read_build_report", "build_command", "file_sha256", "checksum_record_files",
+           "check_record_files", "read_verified", "write_verified", "DATASET_VERSION", "NUM_CLASSES",
+           "REPORT_FILE", "VERIFIED_FILE"]
