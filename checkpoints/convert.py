@@ -1,7 +1,7 @@
 """Convert a PyTorch checkpoint of a reference model into an orbax checkpoint.
 
   python -m checkpoints.convert --model NAME --src FILE --dst DIR [--overwrite]
-      [--model-arg key=value ...]
+      [--model-arg key=value ...] [--verbose]
 
 Reads the state dict (``.pth``/``.pt`` via torch, ``.npz``, ``.safetensors``),
 strips ``module.`` prefixes, applies ``registry.get(NAME).keymap(**fields)``
@@ -10,9 +10,19 @@ strips ``module.`` prefixes, applies ``registry.get(NAME).keymap(**fields)``
 ``--model-arg`` values are parsed as JSON when possible (``depth=101``,
 ``include_head=false``), else kept as strings (``naming=pspnet``).
 
-Exit status: 0 written; 2 bad input (unknown/unsupported model, unreadable
-file, wrong architecture: missing/unexpected keys listed, existing DIR without
---overwrite). Nothing is written unless the conversion succeeds.
+When the keys do not fit NAME, the key maps of the other registered models are
+tried: ``this looks like a sccan checkpoint (546/546 keys match); pass --model
+sccan``. The first missing / unexpected keys are shown with their counts;
+``--verbose`` lists them all.
+
+A conversion killed before it finishes leaves a hidden temporary directory beside
+DIR (``.<DIR name>.tmp-<pid>@<host>-*``); the next conversion into the same folder
+removes those of processes that have ended, one line each.
+
+Exit status: 0 written; 2 bad input (unknown/unsupported model, missing, empty,
+unreadable or non-checkpoint file, a directory as --src, wrong architecture,
+existing DIR without --overwrite). Nothing is written unless the conversion
+succeeds.
 """
 
 from __future__ import annotations
@@ -22,10 +32,15 @@ import hashlib
 import inspect
 import json
 import pathlib
+import re
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from checkpoints import io as ckpt_io
+
+# Least share of keys (matched / union) another model needs for a "pass --model X" hint.
+SUGGEST_MIN_MATCH = 0.5
+SHOWN_KEYS = 10                   # keys listed per kind of mismatch without --verbose
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -50,6 +65,69 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
   return fields
 
 
+class WrongModelError(ValueError):
+  """The checkpoint's keys fit other registered model(s) better than the one asked for.
+
+  Attributes:
+    models: the best-fitting model names; matched, total: their keys in common with the
+      checkpoint, and in the union of both key sets.
+    cause: the error of the conversion as asked (a `keymaps.ConversionError` lists the keys).
+  """
+
+  def __init__(self, src, model: str, models: Sequence[str], matched: int, total: int,
+               cause: Exception):
+    self.models, self.matched, self.total, self.cause = list(models), matched, total, cause
+    names, flags = _either(models), _either([f"--model {m}" for m in models])
+    super().__init__(f"{src} is not a {model} checkpoint: this looks like a {names} checkpoint "
+                     f"({matched}/{total} keys match); pass {flags}")
+
+
+def _either(items: Sequence[str]) -> str:
+  """["a"] -> "a"; ["a", "b", "c"] -> "a, b or c"."""
+  return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+def key_match(keys: Sequence[str], keymap: Sequence[Any]) -> tuple[int, int]:
+  """(keys in common, keys in the union) of a state dict and a key map.
+
+  Optional (`Ignore`) keys count as matched when present and are not missed when absent.
+  """
+  from fss_jax import keymaps  # pylint: disable=g-import-not-at-top
+  keys = set(keys)
+  used = {r.src for r in keymap}
+  required = {r.src for r in keymap if isinstance(r, keymaps.Rule)}
+  return len(keys & used), len(keys | required)
+
+
+def guess_models(keys: Sequence[str], exclude: str) -> tuple[list[str], int, int]:
+  """The registered models (default fields) whose key maps fit `keys` best.
+
+  Returns:
+    (names tied at the best match, matched, total); ([], 0, 0) when none matches at
+    least `SUGGEST_MIN_MATCH` of the keys. Models that fail to load are skipped.
+  """
+  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  fits = {}
+  for name in registry.names():
+    if name == exclude:
+      continue
+    try:
+      fits[name] = key_match(keys, registry.get(name).keymap())
+    except Exception:  # pylint: disable=broad-except  # a broken module must not hide the error
+      continue
+  fits = {n: (m, t) for n, (m, t) in fits.items() if t and m / t >= SUGGEST_MIN_MATCH}
+  if not fits:
+    return [], 0, 0
+  best = max(fits.values(), key=lambda mt: (mt[0] / mt[1], mt[0]))
+  return [n for n, mt in fits.items() if mt == best], *best
+
+
+def field_hints_as_flags(message: str) -> str:
+  """A model's "pass shot=5" hint (its `check_checkpoint` speaks in fields) as the
+  command-line flag: "pass --model-arg shot=5"."""
+  return re.sub(r"\bpass (\w+)=", r"pass --model-arg \1=", message)
+
+
 def _check_fields(fn, fields: Mapping[str, Any], model: str) -> None:
   params = inspect.signature(fn).parameters
   if any(p.kind == p.VAR_KEYWORD for p in params.values()):
@@ -60,14 +138,37 @@ def _check_fields(fn, fields: Mapping[str, Any], model: str) -> None:
     raise ValueError(f"model {model} has no field(s) {', '.join(unknown)}; its fields: {known}")
 
 
+def _check_checkpoint(spec, state_dict, src: pathlib.Path, fields: Mapping[str, Any]) -> None:
+  """The model's own check (depth, shot count...), its hints spoken as flags."""
+  if spec.check_checkpoint is None:
+    return
+  accepted = inspect.signature(spec.check_checkpoint).parameters
+  try:
+    spec.check_checkpoint(state_dict, source=src.name,
+                          **{k: v for k, v in fields.items() if k in accepted})
+  except ValueError as e:
+    raise ValueError(field_hints_as_flags(str(e))) from None
+
+
+def _raise_if_other_model(error: Exception, state_dict, keymap, src, model: str) -> None:
+  """Raises WrongModelError when another model's key map fits the keys better."""
+  matched, total = key_match(list(state_dict), keymap)
+  if total and matched == total:
+    return                          # the keys fit: shapes / depth / shots are the problem
+  names, other_matched, other_total = guess_models(list(state_dict), exclude=model)
+  if names and other_matched / other_total > (matched / total if total else 0.0):
+    raise WrongModelError(src, model, names, other_matched, other_total, error) from None
+
+
 def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *,
                  fields: Mapping[str, Any] | None = None, overwrite: bool = False
                  ) -> pathlib.Path:
   """Converts `src` for `model` and writes `dst`; returns dst.
 
   Raises:
-    registry.UnsupportedModelError, keymaps.ConversionError, FileExistsError,
-    FileNotFoundError, ValueError (unreadable file / bad fields).
+    registry.UnsupportedModelError, keymaps.ConversionError, WrongModelError (the keys
+    fit another model), FileExistsError, FileNotFoundError, ValueError (unreadable
+    file / bad fields / a model's `check_checkpoint`).
   """
   from fss_jax import keymaps
   from fss_jax.models import registry
@@ -80,14 +181,34 @@ def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *
     raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it, "
                           "or choose another destination")
   state_dict = keymaps.strip_prefixes(ckpt_io.read_state_dict(src))
-  if spec.check_checkpoint is not None:
-    accepted = inspect.signature(spec.check_checkpoint).parameters
-    spec.check_checkpoint(state_dict, source=src.name,
-                          **{k: v for k, v in fields.items() if k in accepted})
-  variables = keymaps.convert(state_dict, spec.keymap(**fields), model=model)
+  keymap = spec.keymap(**fields)
+  try:
+    _check_checkpoint(spec, state_dict, src, fields)
+    variables = keymaps.convert(state_dict, keymap, model=model)
+  except ValueError as e:   # keymaps.ConversionError included
+    _raise_if_other_model(e, state_dict, keymap, src, model)
+    raise
   metadata = {"model": model, "fields": fields, "source": str(src.absolute()),
               "sha256": _sha256(src), "format": "fss_jax converted checkpoint v1"}
   return ckpt_io.write_orbax(variables, dst, overwrite=overwrite, metadata=metadata)
+
+
+def key_report(error, *, verbose: bool = False) -> str:
+  """The key lists of a `keymaps.ConversionError`: the first `SHOWN_KEYS` of each with its
+  count, or all of them when `verbose`."""
+  lines = []
+  for title, items in (
+      ("missing keys (expected by the model, absent from the checkpoint)", error.missing),
+      ("unexpected keys (in the checkpoint, unknown to the model)", error.unexpected),
+      ("shape mismatches", error.shape_errors)):
+    if not items:
+      continue
+    shown = items if verbose else items[:SHOWN_KEYS]
+    lines.append(f"  {title} ({len(items)}):")
+    lines.extend(f"    {k}" for k in shown)
+    if len(items) > len(shown):
+      lines.append(f"    ... and {len(items) - len(shown)} more (--verbose lists them all)")
+  return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
   parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                       help="model field passed to the key map (repeatable)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="list every missing / unexpected key of a mismatch")
   args = parser.parse_args(argv)
 
   from fss_jax.keymaps import ConversionError
@@ -108,9 +231,17 @@ def main(argv: list[str] | None = None) -> int:
   try:
     fields = parse_model_args(args.model_arg)
     dst = convert_file(args.model, args.src, args.dst, fields=fields, overwrite=args.overwrite)
+  except WrongModelError as e:
+    print(f"error: {e} (nothing was written)", file=sys.stderr)
+    if isinstance(e.cause, ConversionError):
+      c = e.cause
+      print(key_report(c, verbose=True) if args.verbose else
+            f"  ({len(c.missing)} missing, {len(c.unexpected)} unexpected keys for "
+            f"{args.model}; --verbose lists them)", file=sys.stderr)
+    return 2
   except ConversionError as e:
-    print(f"error: {args.src} is not a {args.model} checkpoint; nothing was written.\n{e}",
-          file=sys.stderr)
+    print(f"error: {args.src} is not a {args.model} checkpoint; nothing was written.\n"
+          f"{key_report(e, verbose=args.verbose)}", file=sys.stderr)
     return 2
   except (UnsupportedModelError, FileExistsError, FileNotFoundError, ImportError,
           ValueError) as e:

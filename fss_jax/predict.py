@@ -3,7 +3,7 @@
   python -m fss_jax.predict --model sccan --checkpoint DIR \\
       --support dog1.jpg:dog1_mask.png [--support dog2.jpg:dog2_mask.png ...] \\
       --query a.jpg [b.jpg ...] --out OUT/ [--size 473] [--resize {pad,squash}] \\
-      [--batch-size 4] [--class-id 0] [--overwrite]
+      [--batch-size 4] [--class-id 0] [--max-pixels 50] [--overwrite]
 
 Python API::
 
@@ -21,9 +21,13 @@ of ``checkpoints/``; a ``best``/``checkpoints`` folder or one step folder works
 too). The model name and fields come from the checkpoint's metadata; a
 checkpoint of another model is refused.
 
-Inputs. Images: any size, anything OpenCV decodes (EXIF orientation ignored, as
-in the data pipeline); grey images become RGB. Masks (``--support IMAGE:MASK``,
-same size as the image):
+Inputs. Images: anything OpenCV decodes (EXIF orientation ignored, as in the data
+pipeline); grey images become RGB. Images and masks up to ``--max-pixels``
+megapixels (width x height; default 50, 0 = no limit), checked from the file
+header before any pixel is decoded; an empty, truncated or non-image file is an
+error naming it. Masks (``--support IMAGE:MASK``, same size as the image; PNG
+recommended: a JPEG mask is read with a warning, its compression noise around the
+object counts as foreground):
 
 * any non-zero pixel is foreground: grey / 16-bit / 1-bit PNGs by value, palette
   PNGs by palette *index* (VOC style), colour (RGB) masks by colour (not black);
@@ -58,13 +62,15 @@ Outputs in OUT/ (written atomically; an existing file is never replaced without
   predicted), ``confidence_all`` (the same over all pixels) and the file names;
   plus the model, checkpoint, input size and resize mode.
 
-Exit status: 0 written; 2 bad input (unreadable image, mask of another size,
-empty mask, checkpoint of another model, existing output files).
+Exit status: 0 written; 2 bad input (missing, empty, unreadable or truncated image
+or mask, one above --max-pixels, mask of another size, empty mask, checkpoint of
+another model, existing output files).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -72,7 +78,8 @@ import math
 import os
 import pathlib
 import sys
-from typing import Any, Mapping, Sequence
+import threading
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -87,6 +94,14 @@ RESIZE_MODES = {"pad": "aspect", "aspect": "aspect", "squash": "squash"}
 DEFAULT_SIZE = 473
 DEFAULT_RESIZE = "aspect"
 _IMAGE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# Largest image or mask read (width x height, megapixels; --max-pixels). 50 MP takes the
+# full-resolution photos of current cameras and phones (45-50 MP), while reading, resizing
+# and scoring one such query already takes ~1.7 GB of host memory beyond the model's
+# (decoded image, float32 copy, full-size logits and probabilities; measured), and the
+# model sees a 473 px square of it anyway.
+DEFAULT_MAX_MEGAPIXELS = 50.0
+LOSSY_FORMATS = ("JPEG", "MPO")          # PIL format names of masks that get a warning
+_PIL_LIMIT_LOCK = threading.Lock()       # guards the swap of PIL's global pixel limit
 # Model name -> (configs module, config arg) that holds its test-time size / resize.
 _CONFIGS = {"sccan_pahnet": ("pahnet", "variant=sccan"), "hdmnet_pahnet": ("pahnet", "variant=hdmnet")}
 CONFIDENCE = ("mean over the predicted-foreground pixels of the largest softmax probability "
@@ -101,20 +116,112 @@ class PredictInputError(ValueError):
 # Reading inputs
 # ---------------------------------------------------------------------------
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def _print_warning(message: str) -> None:
+  """The default ``warn`` of the readers: one ``warning: ...`` line on stderr."""
+  print(f"warning: {message}", file=sys.stderr)
+
+
+def _check_file(path: pathlib.Path, what: str) -> None:
+  """Raises PredictInputError when ``path`` is missing, a folder or empty."""
+  if path.is_dir():
+    raise PredictInputError(f"{what} {path} is a folder, not an image file; pass the file")
+  if not path.is_file():
+    raise PredictInputError(f"{what} {path} not found; check the path")
+  if path.stat().st_size == 0:
+    raise PredictInputError(f"{what} {path} is empty (0 bytes); copy or export the file again")
+
+
+def _open_header(path: pathlib.Path):
+  """``PIL.Image.open(path)``: reads the header only (size, format), no pixels.
+
+  PIL's own decompression-bomb check (a warning above 89 megapixels, an error
+  above 179) is off here: the caller applies ``--max-pixels`` to the size instead,
+  so the one limit the user sets is the one that counts.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with _PIL_LIMIT_LOCK:
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+      return Image.open(path)
+    finally:
+      Image.MAX_IMAGE_PIXELS = limit
+
+
+def check_pixels(path: pathlib.Path, what: str, size: tuple[int, int],
+                 max_megapixels: float | None) -> None:
+  """Raises PredictInputError when a (width, height) image is above ``max_megapixels``."""
+  w, h = int(size[0]), int(size[1])
+  if max_megapixels and w * h > max_megapixels * 1e6:
+    raise PredictInputError(
+        f"{what} {path} is {w}x{h} = {w * h / 1e6:.3g} megapixels, above --max-pixels "
+        f"{max_megapixels:g}; downscale it or raise --max-pixels")
+
+
+def _what_it_is(path: pathlib.Path) -> str:
+  """What an unidentified file looks like (for the error message)."""
+  with open(path, "rb") as f:
+    head = f.read(64)
+  text = head.lstrip().lower()
+  if text.startswith(b"version https://git-lfs"):
+    return "a Git LFS pointer, not the file: run `git lfs pull`"
+  if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<svg")):
+    return "an HTML/XML page, e.g. a web page saved instead of the image"
+  if all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+    snippet = head.decode("ascii").split("\n", 1)[0][:30]
+    return f"a text file starting with {snippet!r}"
+  return "truncated, corrupt, or not an image format OpenCV or PIL reads"
+
+
+@contextlib.contextmanager
+def _quiet_opencv():
+  """Silences OpenCV's log lines while decoding (a failure is reported in one line)."""
+  level = cv2.utils.logging.getLogLevel()
+  cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+  try:
+    yield
+  finally:
+    cv2.utils.logging.setLogLevel(level)
+
+
+def read_image(path: str | os.PathLike, *, what: str = "image",
+               max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
   """An image file -> uint8 RGB [H, W, 3] (grey / alpha images converted).
 
+  The size is checked from the header (PIL) before OpenCV decodes any pixel; a
+  PNG's chunks are checked too (a truncated PNG is refused before decoding). A
+  format PIL cannot read but OpenCV can (e.g. OpenEXR) is checked after decoding.
+
+  Args:
+    path: the image file.
+    what: how messages name it ("query image", "support image").
+    max_megapixels: largest width x height accepted, in megapixels (None / 0: no limit).
+
   Raises:
-    PredictInputError: missing or undecodable file.
+    PredictInputError: missing, empty, unreadable, truncated or too large file.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise PredictInputError(f"image {path} not found; check the path")
-  bgr = cv2.imdecode(np.fromfile(path, np.uint8), _IMAGE_FLAGS)
-  if bgr is None:
-    raise PredictInputError(f"cannot read image {path}: not an image OpenCV can decode, or the "
-                            f"file is truncated/corrupt. Pass a JPEG/PNG/BMP/TIFF/WebP image.")
-  return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+  _check_file(path, what)
+  fmt, size, problem = None, None, None
+  try:
+    with _open_header(path) as im:
+      fmt, size = im.format, im.size
+      check_pixels(path, what, size, max_megapixels)
+      if fmt == "PNG":
+        im.verify()                                  # chunk CRCs, up to IEND; no decoding
+  except PredictInputError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # PIL raises many types; OpenCV decides
+    problem = f"{e}" if fmt else None
+  if problem is None:
+    with _quiet_opencv():
+      bgr = cv2.imdecode(np.fromfile(path, np.uint8), _IMAGE_FLAGS)
+    if bgr is not None:
+      check_pixels(path, what, bgr.shape[1::-1], max_megapixels)  # formats PIL cannot open
+      return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+  reason = (f"a truncated or corrupt {fmt} file: {problem or 'OpenCV cannot decode it'}" if fmt
+            else _what_it_is(path))
+  raise PredictInputError(f"{what} {path} is not a readable image ({reason}); pass a "
+                          f"JPEG/PNG/BMP/TIFF/WebP image")
 
 
 def mask_from_values(values: np.ndarray, *, palette: bool = False, alpha: np.ndarray | None = None
@@ -152,43 +259,80 @@ def mask_from_values(values: np.ndarray, *, palette: bool = False, alpha: np.nda
   return out
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
+def _mask_from_pil(im) -> np.ndarray:
+  """A loaded PIL image -> uint8 [H, W] 0 / 1 / 255 (the rule of the module docstring)."""
+  mode = im.mode
+  if mode == "P":
+    if "transparency" in im.info:
+      rgba = np.asarray(im.convert("RGBA"))
+      alpha = rgba[..., 3]
+      if int(alpha.min()) < int(alpha.max()):
+        return mask_from_values(rgba[..., :3], alpha=alpha)
+    return mask_from_values(np.asarray(im), palette=True)
+  if mode in ("RGBA", "LA", "PA") or (mode == "RGB" and "transparency" in im.info):
+    rgba = np.asarray(im.convert("RGBA"))
+    base = np.asarray(im.convert("L")) if mode == "LA" else rgba[..., :3]
+    return mask_from_values(base, alpha=rgba[..., 3])
+  if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+    return mask_from_values(np.asarray(im.convert("RGB")))
+  return mask_from_values(np.asarray(im))        # L, 1, I, I;16, F
+
+
+def read_mask(path: str | os.PathLike, *, what: str = "mask",
+              max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+              warn: Callable[[str], None] = _print_warning) -> np.ndarray:
   """A mask file -> uint8 [H, W] 0 / 1 / 255 (the rule of the module docstring).
 
+  The size is checked from the header before any pixel is decoded. A JPEG mask is
+  read, with a warning: its compression noise turns background pixels non-zero.
+
+  Args:
+    path: the mask file.
+    what: how messages name it ("support mask").
+    max_megapixels: largest width x height accepted, in megapixels (None / 0: no limit).
+    warn: called with a one-line warning (default: printed on stderr).
+
   Raises:
-    PredictInputError: missing or undecodable file.
+    PredictInputError: missing, empty, unreadable, truncated or too large file.
   """
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise PredictInputError(f"mask {path} not found; check the path")
+  _check_file(path, what)
   try:
-    with Image.open(path) as im:
+    im = _open_header(path)
+  except UnidentifiedImageError:
+    raise _unreadable_mask(path, what, _what_it_is(path)) from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise _unreadable_mask(path, what, f"{type(e).__name__}: {e}") from None
+  with im:
+    check_pixels(path, what, im.size, max_megapixels)
+    try:
       im.load()
-      mode = im.mode
-      if mode == "P":
-        if "transparency" in im.info:
-          rgba = np.asarray(im.convert("RGBA"))
-          alpha = rgba[..., 3]
-          if int(alpha.min()) < int(alpha.max()):
-            return mask_from_values(rgba[..., :3], alpha=alpha)
-        return mask_from_values(np.asarray(im), palette=True)
-      if mode in ("RGBA", "LA", "PA") or (mode == "RGB" and "transparency" in im.info):
-        rgba = np.asarray(im.convert("RGBA"))
-        base = np.asarray(im.convert("L")) if mode == "LA" else rgba[..., :3]
-        return mask_from_values(base, alpha=rgba[..., 3])
-      if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
-        return mask_from_values(np.asarray(im.convert("RGB")))
-      return mask_from_values(np.asarray(im))        # L, 1, I, I;16, F
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise PredictInputError(f"cannot read mask {path} ({type(e).__name__}: {e}); pass a PNG mask "
-                            "(non-zero pixels = the object)") from None
+      mask = _mask_from_pil(im)
+    except (OSError, SyntaxError, ValueError) as e:
+      raise _unreadable_mask(path, what, f"a truncated or corrupt {im.format} file: {e}") from None
+    if im.format in LOSSY_FORMATS:
+      warn(f"{what} {path} is a {im.format} (lossy): its compression noise makes background "
+           f"pixels near the object non-zero, and any non-zero pixel counts as foreground; "
+           f"save masks as PNG")
+  return mask
 
 
-def _load(item: Any, kind: str, index: int) -> tuple[np.ndarray, str, str | None]:
+def _unreadable_mask(path: pathlib.Path, what: str, reason: str) -> PredictInputError:
+  return PredictInputError(f"{what} {path} is not a readable image ({reason}); pass a PNG mask "
+                           f"(non-zero pixels = the object)")
+
+
+def _load(item: Any, kind: str, index: int, *, what: str | None = None,
+          max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+          warn: Callable[[str], None] = _print_warning) -> tuple[np.ndarray, str, str | None]:
   """(array, display name, path or None) of an image / mask given as a path or array."""
   if isinstance(item, (str, os.PathLike)):
-    arr = read_image(item) if kind == "image" else read_mask(item)
+    what = what or kind
+    if kind == "image":
+      arr = read_image(item, what=what, max_megapixels=max_megapixels)
+    else:
+      arr = read_mask(item, what=what, max_megapixels=max_megapixels, warn=warn)
     return arr, pathlib.Path(item).stem, os.fspath(item)
   arr = np.asarray(item)
   name = f"{kind}_{index}"
@@ -427,6 +571,10 @@ class Predictor:
       Sym-Net's word embeddings, care).
     fields: overrides of the model fields stored in the checkpoint.
     compute_dtype: "float32" (default) or "bfloat16" (`fss_jax.train.precision`).
+    max_megapixels: largest image / mask file read (width x height, megapixels;
+      checked from the file header before decoding); None or 0: no limit.
+    warn: called with one-line warnings about the inputs (a JPEG mask); default:
+      ``warning: ...`` on stderr.
 
   Attributes:
     traces: how many times the forward was traced (= compilations).
@@ -434,7 +582,9 @@ class Predictor:
 
   def __init__(self, model: str | None, checkpoint: str | os.PathLike, *, size: int | None = None,
                resize: str | None = None, batch_size: int = 4, class_id: int = 0,
-               fields: Mapping[str, Any] | None = None, compute_dtype: str = "float32"):
+               fields: Mapping[str, Any] | None = None, compute_dtype: str = "float32",
+               max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+               warn: Callable[[str], None] = _print_warning):
     from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
     try:
       precision.compute_dtype(compute_dtype)
@@ -465,6 +615,10 @@ class Predictor:
       raise PredictInputError(f"batch size must be >= 1, got {batch_size}")
     self.batch_size = int(batch_size)
     self.class_id = int(class_id)
+    if max_megapixels is not None and max_megapixels < 0:
+      raise PredictInputError(f"--max-pixels must be >= 0 (0: no limit), got {max_megapixels:g}")
+    self.max_megapixels = max_megapixels
+    self.warn = warn
     self.traces = 0
     self._loaded = None
     self._models: dict[int, tuple[Any, dict, Any]] = {}   # shots -> (module, variables, jitted fn)
@@ -552,6 +706,9 @@ class Predictor:
     img, _ = transforms.Normalize().apply(img, [msk])
     return img, msk.astype(np.int32)
 
+  def _load(self, item: Any, kind: str, index: int, what: str):
+    return _load(item, kind, index, what=what, max_megapixels=self.max_megapixels, warn=self.warn)
+
   def load_supports(self, support_images: Sequence[Any], support_masks: Sequence[Any]) -> list[Support]:
     """Reads / checks the supports (paths or arrays) -> `Support` list.
 
@@ -565,8 +722,8 @@ class Predictor:
       raise PredictInputError(f"{len(support_images)} support images but {len(support_masks)} masks")
     out = []
     for k, (im, mk) in enumerate(zip(support_images, support_masks)):
-      image, name, ipath = _load(im, "image", k)
-      mask, mname, mpath = _load(mk, "mask", k)
+      image, name, ipath = self._load(im, "image", k, "support image")
+      mask, mname, mpath = self._load(mk, "mask", k, "support mask")
       iname, mname = ipath or f"support image {k}", mpath or f"support mask {k}"
       if mask.shape != image.shape[:2]:
         raise PredictInputError(
@@ -600,7 +757,7 @@ class Predictor:
       supports = list(support_images)                # from `load_supports`
     else:
       supports = self.load_supports(support_images, support_masks)
-    items = [_load(q, "image", i) for i, q in enumerate(queries)]
+    items = [self._load(q, "image", i, "query image") for i, q in enumerate(queries)]
     if not items:
       raise PredictInputError("give at least one query image (--query IMAGE)")
     k = len(supports)
@@ -753,6 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--class-id", type=int, default=0, help="class id passed to the model (Sym-Net)")
   p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                  help="bfloat16: bf16 compute with float32 weights (faster on GPU/TPU)")
+  p.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_MEGAPIXELS, metavar="MEGAPIXELS",
+                 help="largest image or mask read, width x height in megapixels, checked from the "
+                      "file header before decoding (default %(default)g; 0: no limit)")
   p.add_argument("--overwrite", action="store_true", help="replace existing output files")
   return p
 
@@ -764,7 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = [_parse_support(s) for s in args.support]
     predictor = Predictor(args.model, args.checkpoint, size=args.size, resize=args.resize,
                           batch_size=args.batch_size, class_id=args.class_id,
-                          compute_dtype=args.compute_dtype)
+                          compute_dtype=args.compute_dtype, max_megapixels=args.max_pixels)
     supports = predictor.load_supports([a for a, _ in pairs], [b for _, b in pairs])
     # Refuse existing outputs before the (slow) model run.
     check_outputs(args.out, output_files(supports, [pathlib.Path(q).stem for q in args.query]),

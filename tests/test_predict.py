@@ -165,7 +165,8 @@ def test_bad_inputs_name_the_file(setup, predictor, tmp_path):
   a, f = setup["arrays"], setup["files"]
   bad = tmp_path / "broken.jpg"
   bad.write_bytes(b"this is not a jpeg")
-  with pytest.raises(predict.PredictInputError, match=r"cannot read image .*broken\.jpg"):
+  with pytest.raises(predict.PredictInputError,
+                     match=r"query image .*broken\.jpg is not a readable image"):
     predictor.segment([a["s1"]], [a["m1"]], [bad])
   with pytest.raises(predict.PredictInputError, match=r"image .*missing\.jpg not found"):
     predictor.segment([a["s1"]], [a["m1"]], [tmp_path / "missing.jpg"])
@@ -179,7 +180,8 @@ def test_bad_inputs_name_the_file(setup, predictor, tmp_path):
     predictor.load_supports([f["s1"]], [empty])
   not_png = tmp_path / "mask.png"
   not_png.write_bytes(b"garbage")
-  with pytest.raises(predict.PredictInputError, match=r"cannot read mask .*mask\.png"):
+  with pytest.raises(predict.PredictInputError,
+                     match=r"support mask .*mask\.png is not a readable image"):
     predictor.load_supports([f["s1"]], [not_png])
   with pytest.raises(predict.PredictInputError, match=r"NaN/Inf scores for query q\.jpg"):
     predictor._postprocess(a["s1"], "q", "q.jpg", np.full((SIZE, SIZE, 2), np.nan, np.float32))
