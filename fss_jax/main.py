@@ -9,13 +9,17 @@
 scores the workdir's best checkpoint (or ``--config.init`` converted weights) on
 the stored test episodes of every ``config.eval.seeds`` and writes a results JSON.
 The last stdout line is a JSON summary. Exit status: 0 done, 1 training stopped
-(NaN/Inf loss), 2 bad input (config, data, checkpoint), with a message saying
-what to do; 143 / 130 stopped by SIGTERM (preemption) / SIGINT (Ctrl-C): during
-training the interrupted step is saved first, and a rerun resumes from it.
+(NaN/Inf loss), 2 bad input (config, data, checkpoint; a workdir in use by another
+run, not writable, or without room for a checkpoint), 3 a checkpoint could not be
+written (disk full, I/O error; a rerun resumes from the last complete one), with a
+message saying what to do; 143 / 130 stopped by SIGTERM (preemption) / SIGINT
+(Ctrl-C): during training the interrupted step is saved first, and a rerun resumes
+from it. One run at a time per workdir: the run holds ``<workdir>/.lock``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -133,15 +137,39 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     _fail("--workdir is required (checkpoints, logs and results go there)")
   # Imported here so that flag errors are reported without loading JAX.
+  from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  loop.quiet_library_logs()
+  config = _CONFIG.value
+  workdir = pathlib.Path(os.path.expanduser(_WORKDIR.value))
+  with contextlib.ExitStack() as stack:
+    _claim_workdir(config, workdir, stack)
+    summary = _run(config, workdir)
+  print(json.dumps(summary, default=str))
+
+
+def _claim_workdir(config, workdir: pathlib.Path, stack: contextlib.ExitStack) -> None:
+  """Before anything is written: the workdir is writable and no other run holds it (process 0
+  takes its lock, held until ``stack`` closes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fss_jax import parallel  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.initialize(config.distributed)  # process_index() is only right after this
+    workdir_lib.check_writable(workdir)
+    if jax.process_index() == 0:
+      stack.enter_context(workdir_lib.lock(workdir))
+  except (ValueError, workdir_lib.WorkdirError) as e:
+    _fail(str(e))
+
+
+def _run(config, workdir: pathlib.Path) -> dict:
+  """``--mode train`` / ``eval`` with the text log; errors become one line and an exit status."""
   from fss_jax.data import source  # pylint: disable=g-import-not-at-top
   from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
   from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
   from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-
-  loop.quiet_library_logs()
-  config = _CONFIG.value
-  workdir = pathlib.Path(os.path.expanduser(_WORKDIR.value))
   with workdir_lib.text_log(workdir) as log:
     logging.info("fss_jax.main --mode %s --workdir %s (%s)", _MODE.value, workdir, " ".join(sys.argv))
     try:
@@ -153,6 +181,9 @@ def main(argv: list[str]) -> None:
     except loop.NonFiniteLossError as e:
       log.write_exception("run stopped")
       _fail(str(e), code=1)
+    except loop.CheckpointSaveError as e:
+      log.write_exception("run stopped")
+      _fail(str(e), code=3)
     except loop.TrainingInterrupted as e:
       logging.info("%s", e)
       print(str(e), file=sys.stderr)
@@ -162,11 +193,11 @@ def main(argv: list[str]) -> None:
       print(f"interrupted; {workdir} keeps every checkpoint written so far", file=sys.stderr)
       sys.exit(130)
     except (source.DatasetNotReadyError, loop.WorkdirMismatchError, loop.CheckpointDamagedError,
-            state_lib.InitMismatchError,
+            state_lib.InitMismatchError, workdir_lib.WorkdirError,
             registry.UnsupportedModelError, FileNotFoundError, ValueError) as e:
       log.write_exception("run failed")  # the traceback goes to log.txt, one line to the console
       _fail(str(e))
-  print(json.dumps(summary, default=str))
+  return summary
 
 
 def run() -> None:

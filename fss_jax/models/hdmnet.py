@@ -365,4 +365,6 @@ SPEC = ModelSpec(
     # The PSPNet base learner (backbone, PPM, cls, classifier) is frozen; kshot_rw is in
     # no optimiser group of the reference (hdmnet.md §6), so it keeps its initial values.
     # One pattern, so that it matches in 1-shot models (no kshot_rw) as well.
-    frozen=(r"(pspnet|ensemble/kshot_rw)/.*",))
+    frozen=(r"(pspnet|ensemble/kshot_rw)/.*",),
+    # The PSPNet base learner's PPM (41 px); the transformer's 4 x 4 reduction needs 25.
+    min_input_size=pspnet_lib.MIN_INPUT_SIZE)

@@ -637,15 +637,25 @@ def pfenet_keymap(*, layers: int = 50) -> list:
   return rules
 
 
+def min_input_size(pyramid_bins: Sequence[float] = JC2A.pyramid_bins, **_) -> int:
+  """One full cell of the stride-8 features (8 px), and every pyramid level at least 1 x 1: a
+  fractional bin b needs ``int(ceil(H / 8) * b) >= 1`` (the smoke bins, down to 0.125: 57 px)."""
+  side = 1
+  while side < 4096 and min(_level_sizes(pyramid_bins, side), default=1) < 1:
+    side += 1
+  return max(8, 8 * (side - 1) + 1)
+
+
 SPEC = ModelSpec(
     name="jc2a",
     make_model=make_model,
     keymap=keymap,
     loss_fn=loss_fn,
     frozen=(r"backbone/.*",),
+    min_input_size=min_input_size,
 )
 
 __all__ = ["JC2A", "HPAM", "FPBase", "FPBaseMissingError", "SPEC", "make_model", "make_loss",
            "loss_fn", "keymap", "pfenet_keymap", "ckmm_prior", "block_tokens", "block_importance",
            "select_blocks", "gather_blocks", "pad_to_blocks", "fp_base_path", "load_fp_base",
-           "save_fp_base", "prior_command"]
+           "save_fp_base", "prior_command", "min_input_size"]

@@ -339,4 +339,6 @@ SPEC = ModelSpec(
     loss_fn=loss_fn,
     parity=PARITY,
     frozen=(),  # PANet fine-tunes the whole VGG-16
+    # One full cell of the stride-8 features; a smaller input is mostly the pools' padding.
+    min_input_size=8,
 )

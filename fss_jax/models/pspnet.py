@@ -246,9 +246,13 @@ BACKBONE_PARITY = ParityAdapter(
     logit_outputs=("out_base_logits",),
 )
 
-SPEC = ModelSpec("pspnet", make_model, keymap, loss_fn=loss_fn)
+# The PPM's 6 x 6 bins need 6 cells of the stride-8 features: ceil(41 / 8) = 6. The few-shot
+# models built on this base learner (HDMNet, PAHNet, Sym-Net) share the minimum.
+MIN_INPUT_SIZE = 41
+
+SPEC = ModelSpec("pspnet", make_model, keymap, loss_fn=loss_fn, min_input_size=MIN_INPUT_SIZE)
 SPECS = {
     "pspnet": SPEC,
     "pspnet_backbone": ModelSpec("pspnet_backbone", make_model, keymap, loss_fn=loss_fn,
-                                 parity=BACKBONE_PARITY),
+                                 parity=BACKBONE_PARITY, min_input_size=MIN_INPUT_SIZE),
 }

@@ -90,7 +90,17 @@ class ModelSpec:
   # ValueError saying what a checkpoint is (other depth, shot count, dataset)
   # when it does not fit the model asked for; the converter calls it first.
   check_checkpoint: Callable[..., None] | None = None
+  # The smallest input side (pixels, square) the model is built for: below it the coarsest
+  # feature map or a fixed-size operation on it (pyramid bins, a top-k over positions) has no
+  # real pixels to work on. An int, or (**fields) -> int when the fields decide it. Config
+  # validation refuses smaller ``data.train_size`` / ``data.test_size``. None: undeclared
+  # (test-only models); every registered model declares it.
+  min_input_size: int | Callable[..., int] | None = None
 
+  def min_size(self, fields: Mapping[str, Any] | None = None) -> int | None:
+    """`min_input_size` of a model built with ``fields``."""
+    m = self.min_input_size
+    return int(m(**dict(fields or {}))) if callable(m) else m
 
   def frozen_patterns(self, fields: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     """Every parameter-path regex the optimiser must leave unchanged for a model built

@@ -406,4 +406,6 @@ SPEC = ModelSpec(
     frozen=(r"backbone/.*",),
     unused=unused_params,
     check_checkpoint=check_checkpoint,
+    # One full cell of the stride-8 features (they are then resized to the `grid`).
+    min_input_size=8,
 )

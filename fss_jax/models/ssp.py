@@ -262,4 +262,9 @@ FROZEN = (r"ssp/backbone/(conv|bn)\d/.*",
           r"ssp/backbone/layer1_\d+/.*",
           r"ssp/backbone/layer[23]_\d+/(bn\d|downsample_bn)/.*")
 
-SPEC = ModelSpec("ssp", make_model, keymap, loss_fn=loss_fn, frozen=FROZEN)
+# The self-support top-12 needs 12 query positions of the stride-8 features: ceil(25 / 8)^2 = 16
+# (24 px gives 9, and jax.lax.top_k fails).
+MIN_INPUT_SIZE = 25
+
+SPEC = ModelSpec("ssp", make_model, keymap, loss_fn=loss_fn, frozen=FROZEN,
+                 min_input_size=MIN_INPUT_SIZE)

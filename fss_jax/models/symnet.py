@@ -491,4 +491,5 @@ PARITY = ParityAdapter(
 # the reference's optimiser groups (incl. kshot_rw for K > 1 and the [1, 0] merges).
 FROZEN = ("pspnet/.*",)
 
-SPEC = ModelSpec("symnet", make_model, keymap, loss_fn=loss_fn, parity=PARITY, frozen=FROZEN)
+SPEC = ModelSpec("symnet", make_model, keymap, loss_fn=loss_fn, parity=PARITY, frozen=FROZEN,
+                 min_input_size=pspnet_lib.MIN_INPUT_SIZE)   # its PSPNet base learner's PPM

@@ -18,7 +18,12 @@
 5. orbax checkpoints in ``<workdir>/checkpoints`` (async; state + data-iterator
    state of every process + metadata). Losses are checked before every
    checkpoint: a NaN/Inf stops the run with `NonFiniteLossError`, and the last
-   good checkpoint is kept untouched.
+   good checkpoint is kept untouched. A save that fails (disk full, I/O error)
+   stops the run with `CheckpointSaveError`: raised by the save itself, or, for
+   an async save, at the first step boundary after its failure. Before the first
+   step the disk must have room for one checkpoint, and the unfinished saves of
+   a killed run are removed (when the caller holds the workdir's lock, as
+   `fss_jax.main` does; `fss_jax.train.workdir`).
 
 ``evaluate(config, workdir)`` scores the best (or latest) checkpoint — or the
 converted weights of ``config.init`` — on ``config.eval.seeds`` and writes
@@ -36,7 +41,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
@@ -47,6 +54,7 @@ from absl import logging
 
 from fss_jax import parallel
 from fss_jax.eval import evaluate as evaluate_lib
+from fss_jax.eval import metrics as metrics_lib
 from fss_jax.models import registry
 from fss_jax.train import optim as optim_lib
 from fss_jax.train import precision
@@ -121,27 +129,51 @@ class CheckpointDamagedError(ValueError):
   """Every checkpoint of the workdir is unreadable (truncated or corrupted files)."""
 
 
+class CheckpointSaveError(Exception):
+  """A checkpoint could not be written (disk full, I/O error); the message names the step, the
+  folder, the reason and the checkpoint a rerun resumes from."""
+
+
 class WorkdirMismatchError(ValueError):
   """The workdir (or config.resume) holds a checkpoint of another model or shape."""
 
 
 class _QuietLibraries:
-  """absl log filter: orbax's INFO records (several per checkpoint) and its notes on
-  read-only managers (used to read checkpoints for evaluation) are dropped."""
+  """absl log filter: orbax's INFO records (several per checkpoint), its notes on read-only
+  managers (used to read checkpoints for evaluation) and its tracebacks of a failed save, with
+  asyncio's reports of orbax's failed write tasks (the loop reports that failure in one line;
+  log.txt keeps every record), are dropped."""
 
   def filter(self, record) -> bool:
+    if record.name == "asyncio":   # "Task exception was never retrieved" for each write
+      return "/orbax/" not in record.getMessage()
     if "/orbax/" not in record.pathname:
       return True
-    if record.levelno <= 20:
+    if record.levelno <= 20 or record.exc_info:
       return False
     return record.levelno > 30 or "read only" not in record.getMessage().replace("_", " ")
 
 
+def _without_closed_loop_noise(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """A ``sys.unraisablehook`` that drops "Event loop is closed": after a failed save, tensorstore
+  calls back into the event loop orbax has closed, once per write still pending."""
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+  hook.quiet_closed_loop = True
+  return hook
+
+
 def quiet_library_logs() -> None:
-  """Keeps the run's own INFO lines readable (orbax logs every file it renames)."""
+  """Keeps the run's own INFO lines readable (orbax logs every file it renames) and a failed
+  save to the loop's one line."""
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
+  if not getattr(sys.unraisablehook, "quiet_closed_loop", False):
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +259,8 @@ def make_data(config, workdir: pathlib.Path, *, eval_batch_size: int) -> Data:
     return pipeline.make_eval_loader(ecfg, path, global_batch_size=eval_batch_size, shard_index=p,
                                      shard_count=n)
 
-  return Data(train=train, eval=evaluate, classes=tuple(ecfg.fold_classes().novel))
+  return Data(train=train, eval=evaluate, classes=tuple(ecfg.fold_classes().novel),
+              class_names=metrics_lib.class_names(config.dataset))
 
 
 # ---------------------------------------------------------------------------
@@ -239,9 +272,26 @@ def model_fields(config) -> dict:
   return f.to_dict() if hasattr(f, "to_dict") else dict(f)
 
 
-def build_model(config):
-  """(ModelSpec, module) of ``config.model`` with ``config.model_fields``."""
+def check_input_sizes(config, spec, keys: tuple[str, ...]) -> None:
+  """Refuses ``config.data.<key>`` input sizes below the model's minimum (`ModelSpec.min_size`).
+
+  Raises:
+    ValueError: naming the model, the size, the minimum and the config key.
+  """
+  minimum = spec.min_size(model_fields(config))
+  for key in keys:
+    size = int(config.data[key])
+    if minimum is not None and size < minimum:
+      raise ValueError(f"config.data.{key}={size} is below the smallest input model "
+                       f"{config.model!r} takes ({minimum} px); set --config.data.{key}={minimum} "
+                       f"or larger")
+
+
+def build_model(config, sizes: tuple[str, ...] = ()):
+  """(ModelSpec, module) of ``config.model`` with ``config.model_fields``; the ``config.data``
+  input sizes named in ``sizes`` are checked against the model's minimum first."""
   spec = registry.get(config.model)
+  check_input_sizes(config, spec, sizes)
   fields = model_fields(config)
   try:
     model = spec.make_model(**fields)
@@ -461,6 +511,14 @@ def _host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return evaluate_lib.model_inputs(batch)
 
 
+def _log_devices(mesh) -> None:
+  """The run's first line about hardware: processes, devices and the mesh over them."""
+  d = jax.devices()
+  logging.info("%d process(es), %d %s device(s) (%s; %d on this process); mesh %s (%d device(s))",
+               jax.process_count(), len(d), d[0].platform, d[0].device_kind, jax.local_device_count(),
+               dict(mesh.shape), mesh.size)
+
+
 def _writer(config, workdir: pathlib.Path):
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   just_logging = jax.process_index() > 0 or not config.tensorboard
@@ -569,10 +627,11 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
   workdir = pathlib.Path(os.path.expanduser(os.fspath(workdir)))
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh(config.mesh)
+  _log_devices(mesh)
   local_bs = parallel.local_batch_size(config.batch_size, mesh)
   eval_bs = _eval_batch_size(config, mesh)
   local_eval_bs = parallel.local_batch_size(eval_bs, mesh)
-  spec, model = build_model(config)
+  spec, model = build_model(config, sizes=("train_size", "test_size"))
   if spec.loss_fn is None:
     raise ValueError(f"model {config.model!r} has no loss_fn; it cannot be trained")
   if data is None:
@@ -620,6 +679,10 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
   logging.info("optimiser labels (tensors per label): %s", opt.summary)
   abstract = state_lib.abstract(model, opt.tx, first, sharding=repl)
   meta = checkpoint_meta(config)
+  if jax.process_index() == 0:
+    if workdir_lib.holds_lock(workdir):  # else a live run's save in progress could be removed
+      workdir_lib.remove_unfinished_saves([workdir / CHECKPOINT_DIR, workdir / BEST_DIR])
+    workdir_lib.check_room(workdir, workdir_lib.tree_nbytes(abstract))
 
   mngr = checkpoint_manager(workdir / CHECKPOINT_DIR, keep=int(config.checkpoint.keep),
                             async_save=bool(config.checkpoint.async_save))
@@ -650,6 +713,7 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
                                            every_steps=log_every)
   pending = _Pending()
   last_good = mngr.latest_step()
+  saver = _Saver(mngr, workdir / CHECKPOINT_DIR)
   val_result = None
 
   def save(step_done: int) -> None:
@@ -658,7 +722,7 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
     if mngr.latest_step() == step_done:
       return
     data_state = _FrozenState(_get_iter_state(it))
-    mngr.save(step_done, args=ocp.args.Composite(
+    saver.save(step_done, ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "step": step_done}),
         data=grain.checkpoint.CheckpointSave(data_state)))
     last_good = step_done
@@ -678,10 +742,11 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
                      time.time() - t_first)
       pending.add(done, metrics)
       report(done)
+      saver.check()
       if stop_signals:
         logging.info("signal %s after step %d: saving and stopping", stop_signals[0], done)
         save(done)
-        mngr.wait_until_finished()
+        saver.wait()
         raise TrainingInterrupted(stop_signals[0], done, workdir)
       if done % log_every == 0 or done == total_steps:
         means = pending.flush(last_good=last_good, workdir=workdir)
@@ -694,7 +759,8 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
           acc = evaluate_lib.evaluate_episodes(
               eval_step, state, data.eval(int(config.eval.val_seed), int(config.eval.val_episodes)),
               classes=data.classes, mesh=mesh, local_batch_size=local_eval_bs,
-              class_names=data.class_names)
+              class_names=data.class_names,
+              progress=evaluate_lib.ProgressLog(f"step {done} validation"))
         val_result = acc.result()
         writer.write_scalars(done, {"val/miou": val_result["miou"], "val/fb_iou": val_result["fb_iou"]})
         _write_episode_images(config, writer, done, state, predict_step,
@@ -704,9 +770,10 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
                      val_result["fb_iou"], acc.table())
         if best_miou is None or val_result["miou"] > best_miou:
           best_miou = val_result["miou"]
-          _save_best(best_mngr, done, state, meta, val_result)
+          _save_best(best_mngr, done, state, meta, val_result, resume_step=saver.committed)
       if (ckpt_every and done % ckpt_every == 0) or done == total_steps:
         save(done)
+    saver.wait()
     pending.flush(last_good=last_good, workdir=workdir)
   except NonFiniteLossError as e:
     raise _drop_ruined_checkpoints(mngr, e, workdir) from None
@@ -752,12 +819,82 @@ def _best_so_far(best_mngr) -> float | None:
   return meta.get("val", {}).get("miou")
 
 
-def _save_best(best_mngr, step: int, state, meta: Mapping[str, Any], val: Mapping[str, Any]) -> None:
+def _save_best(best_mngr, step: int, state, meta: Mapping[str, Any], val: Mapping[str, Any], *,
+               resume_step: int | None = None) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  best_mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      meta=ocp.args.JsonSave({**meta, "step": step, "val": _jsonable(dict(val))})), force=True)
-  best_mngr.wait_until_finished()
+  try:
+    best_mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({**meta, "step": step, "val": _jsonable(dict(val))})), force=True)
+    best_mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # OSError, orbax, tensorstore
+    raise _save_error(step, pathlib.Path(best_mngr.directory), e, resume_step) from e
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")   # in tensorstore's messages
+
+
+def _reason(error: BaseException) -> str:
+  """One line saying why an OS / orbax / tensorstore call failed."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror + (f": {error.filename}" if error.filename else "")
+  text = str(error).strip()
+  code = _OS_ERROR_CODE.search(text)
+  if code:   # 'RESOURCE_EXHAUSTED: Error writing "<array>" in OCDBT ...: No space left on device'
+    return os.strerror(int(code.group(1)))
+  lines = text.splitlines()
+  return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def _save_error(step: int, directory: pathlib.Path, error: BaseException,
+                resume_step: int | None) -> CheckpointSaveError:
+  then = (f"a rerun resumes from checkpoint {resume_step}" if resume_step is not None else
+          "no checkpoint is complete yet, a rerun starts again")
+  return CheckpointSaveError(f"saving checkpoint of step {step} to {directory} failed: "
+                             f"{_reason(error)}; free disk space (or fix {directory}) and rerun: "
+                             f"{then}")
+
+
+class _Saver:
+  """Writes the checkpoints of ``mngr``. A failed save becomes one `CheckpointSaveError`: raised
+  by the save itself, or, for an async save, found by `check` at a step boundary.
+
+  Attributes:
+    committed: the step of the newest checkpoint known to be complete (None: none yet).
+  """
+
+  def __init__(self, mngr, directory: pathlib.Path):
+    self._mngr, self._directory = mngr, directory
+    self._in_flight: int | None = None   # an async save not yet known to be complete
+    self.committed: int | None = mngr.latest_step()
+
+  def save(self, step: int, args) -> None:
+    self.wait()  # a failure of the previous save is reported as that step's
+    try:
+      saved = self._mngr.save(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except  # OSError, orbax, tensorstore
+      raise _save_error(step, self._directory, e, self.committed) from e
+    if not saved:
+      return
+    self._in_flight = step
+    if not self._mngr.is_saving_in_progress():
+      self.wait()
+
+  def check(self) -> None:
+    """Raises when the async save in flight has failed; never waits for one still writing."""
+    if self._in_flight is not None and not self._mngr.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight; raises `CheckpointSaveError` when it failed."""
+    if self._in_flight is None:
+      return
+    step, self._in_flight = self._in_flight, None
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # the background save's error
+      raise _save_error(step, self._directory, e, self.committed) from e
+    self.committed = step
 
 
 # ---------------------------------------------------------------------------
@@ -805,9 +942,10 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
   workdir = pathlib.Path(os.path.expanduser(os.fspath(workdir)))
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh(config.mesh)
+  _log_devices(mesh)
   eval_bs = _eval_batch_size(config, mesh)
   local_eval_bs = parallel.local_batch_size(eval_bs, mesh)
-  spec, model = build_model(config)
+  spec, model = build_model(config, sizes=("test_size",))
   if data is None:
     data = make_data(config, workdir, eval_batch_size=eval_bs)
   seeds = [int(s) for s in config.eval.seeds]
@@ -839,21 +977,22 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
   if path is not None:  # process 0
     from fss_jax.eval import visualize  # pylint: disable=g-import-not-at-top
     visualize.summary_bar_chart(summary, visualize.chart_path(path), class_names=data.class_names)
-  if int(config.eval.get("num_images", 0)) > 0:
-    writer = _writer(config, workdir)
-    try:
-      _write_episode_images(config, writer, int(jax.device_get(parallel.to_host(state.step))), state,
+  step = int(jax.device_get(parallel.to_host(state.step)))
+  writer = _writer(config, workdir)  # TensorBoard: eval/miou, eval/fb_iou (+ _std), eval/iou/<id>_<name>
+  try:
+    writer.write_scalars(step, evaluate_lib.summary_scalars(summary))
+    if int(config.eval.get("num_images", 0)) > 0:
+      _write_episode_images(config, writer, step, state,
                             step_lib.make_predict_step(model=model, mesh=mesh, compute_dtype=dtype),
-                            data.eval(seeds[0], num),
-                            mesh, local_eval_bs)
-    finally:
-      writer.close()
+                            data.eval(seeds[0], num), mesh, local_eval_bs)
+  finally:
+    writer.close()
   logging.info("%s -> %s", evaluate_lib.format_summary(summary), path)
   return summary
 
 
 __all__ = ["train_and_evaluate", "evaluate", "Data", "make_data", "episode_config", "ensure_episodes",
            "episodes_path", "NonFiniteLossError", "TrainingInterrupted", "WorkdirMismatchError",
-           "CheckpointDamagedError",
+           "CheckpointDamagedError", "CheckpointSaveError", "check_input_sizes",
            "checkpoint_meta",
            "results_path"]

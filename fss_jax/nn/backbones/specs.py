@@ -141,10 +141,14 @@ def keymap_deep_stem(depth: int = 50, num_stages: int = 4, frozen: bool = True,
 
 
 SPECS = {
+    # min_input_size: one full cell of the deepest features (output stride 32 / 8 / 8 / 8).
     "resnet_torchvision": ModelSpec("resnet_torchvision", make_torchvision, keymap_torchvision,
-                                    parity=TORCHVISION_PARITY),
-    "resnet_sccan": ModelSpec("resnet_sccan", make_sccan, keymap_sccan, parity=SCCAN_PARITY),
-    "resnet_deep_stem": ModelSpec("resnet_deep_stem", make_deep_stem, keymap_deep_stem),
+                                    parity=TORCHVISION_PARITY, min_input_size=32),
+    "resnet_sccan": ModelSpec("resnet_sccan", make_sccan, keymap_sccan, parity=SCCAN_PARITY,
+                              min_input_size=8),
+    "resnet_deep_stem": ModelSpec("resnet_deep_stem", make_deep_stem, keymap_deep_stem,
+                                  min_input_size=8),
     # PANet's VGG-16 encoder alone (ImageNet torchvision `vgg16` weights by default).
-    "vgg16_panet": ModelSpec("vgg16_panet", vgg.make_encoder, vgg.encoder_keymap),
+    "vgg16_panet": ModelSpec("vgg16_panet", vgg.make_encoder, vgg.encoder_keymap,
+                             min_input_size=8),
 }
