@@ -11,6 +11,7 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 
 from data_prep import raw
+from fss_jax.data import splits
 
 _DESCRIPTION = """\
 PASCAL VOC 2012 + SBD augmented segmentation labels, in the PFENet/BAM few-shot
@@ -29,9 +30,7 @@ _CITATION = """\
   booktitle={ICCV}, year={2011}}
 """
 
-CLASS_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+CLASS_NAMES = splits.PASCAL_CLASS_NAMES
 
 
 class Pascal5i(raw.FssBuilderMixin, tfds.core.GeneratorBasedBuilder):

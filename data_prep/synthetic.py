@@ -45,18 +45,11 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from fss_jax.data import splits
+
 COCO_CATEGORY_IDS = tuple([*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
                            *range(72, 83), *range(84, 91)])
-COCO_CATEGORY_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush")
+COCO_CATEGORY_NAMES = splits.COCO_CLASS_NAMES
 assert len(COCO_CATEGORY_IDS) == len(COCO_CATEGORY_NAMES) == 80
 
 # Smallest pixel count of an image pair's main object (the §5.1 threshold is 2048).

@@ -164,9 +164,10 @@ def run(workdir: pathlib.Path, opts: Options = Options()) -> dict:
   opt = optim_lib.build(config.optim, params, total_steps=config.total_steps)
   state, source = loop.load_for_eval(config, run_dir, model, opt.tx, example, mesh)
   eval_fn = step_lib.make_eval_step(model=model, mesh=mesh, score=loop._score_mode(config))  # pylint: disable=protected-access
-  baseline = metrics_lib.ClassIoU(data.classes)
+  baseline = metrics_lib.ClassIoU(data.classes, data.class_names)
   acc = evaluate_lib.evaluate_episodes(eval_fn, state, batches, classes=data.classes, mesh=mesh,
-                                       local_batch_size=eval_bs, baseline=baseline)
+                                       local_batch_size=eval_bs, baseline=baseline,
+                                       class_names=data.class_names)
   result, base = acc.result(), baseline.result()
   logging.info("novel classes, %s:\n%s\nall-foreground baseline:\n%s", source, acc.table(), baseline.table())
 

@@ -200,3 +200,26 @@ def test_cli_is_byte_identical_and_uses_val_images(voc_dir, tmp_path, capsys):
   assert episodes.main(args[:7] + ["4"] + args[8:] + ["--out", str(tmp_path / "d.jsonl")]) == 2
   err = capsys.readouterr().err
   assert "shot K=4 exceeds" in err and "class" in err and not (tmp_path / "d.jsonl").exists()
+
+
+def test_cli_keeps_an_existing_file_without_overwrite(tmp_path, capsys):
+  out = tmp_path / "e.jsonl"
+  out.write_text("kept\n")
+  args = ["--dataset", "pascal5i", "--data_dir", str(tmp_path / "no_data"), "--fold", "0", "--shot", "1",
+          "--split", "test", "--num_episodes", "4", "--seed", "321", "--out", str(out)]
+  assert episodes.main(args) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == f"error: {out} already exists; pass --overwrite to replace it"     # one line, before any work
+  assert out.read_text() == "kept\n"
+
+
+def test_cli_overwrite_replaces_atomically(voc_dir, tmp_path):
+  out = tmp_path / "e.jsonl"
+  out.write_text("old\n")
+  args = ["--dataset", "pascal5i", "--data_dir", voc_dir, "--fold", "0", "--shot", "1", "--split", "test",
+          "--num_episodes", "5", "--seed", "321", "--out", str(out)]
+  assert episodes.main(args + ["--overwrite"]) == 0
+  assert len(episodes.read_episodes(out)) == 5
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]          # no temporary file left
+  with pytest.raises(FileExistsError, match="overwrite"):
+    episodes.write_episodes(out, [], overwrite=False)

@@ -115,3 +115,23 @@ def test_all_foreground_baseline_counts():
   i, u, _ = metrics.intersection_and_union(np.ones_like(target), target, 2)
   np.testing.assert_array_equal(i, inter[0])
   np.testing.assert_array_equal(u, union[0])
+
+
+def test_class_names_of_the_datasets():
+  voc = metrics.class_names("pascal")
+  assert len(voc) == 20 and voc[1] == "aeroplane" and voc[15] == "person" and voc[20] == "tvmonitor"
+  coco = metrics.class_names("coco20i")
+  assert len(coco) == 80 and coco[1] == "person" and coco[10] == "traffic light" and coco[80] == "toothbrush"
+  assert metrics.class_names("my_custom_set") == {}                  # unknown dataset: bare ids
+
+
+def test_class_iou_table_names_every_class():
+  acc = metrics.ClassIoU([6, 7, 8], metrics.class_names("pascal5i"))
+  acc.add(np.array([[5, 1]]), np.array([[6, 2]]), np.array([7]))
+  rows = acc.table().splitlines()
+  assert [r.split()[:2] for r in rows[1:4]] == [["6", "bus"], ["7", "car"], ["8", "cat"]]
+  # ids read back from a results JSON are strings; the names still show
+  long = metrics.ClassIoU([36, 37], {"36": "baseball glove", "37": "skateboard"})
+  table = long.table()
+  assert "baseball glove" in table and "skateboard" in table
+  assert len({len(r) for r in table.splitlines()[:3]}) == 1          # the name column is aligned

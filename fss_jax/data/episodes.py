@@ -33,7 +33,9 @@ Test episode lists are generated once and stored as JSON lines, one per episode:
   python -m fss_jax.data.episodes --dataset pascal5i --data_dir D --fold 0 --shot 1 \\
       --split test --num_episodes 1000 --seed 321 --out pascal5i_f0_1shot_s321.jsonl
 
-The same arguments always give a byte-identical file (written atomically).
+The same arguments always give a byte-identical file (written atomically). An
+existing ``--out`` is kept (exit status 2) unless ``--overwrite`` is given, which
+replaces it atomically.
 """
 
 from __future__ import annotations
@@ -226,9 +228,14 @@ def format_records(records: Iterable[dict]) -> bytes:
   return ("\n".join(out) + "\n").encode("ascii") if out else b""
 
 
-def write_episodes(path: str | os.PathLike, records: Iterable[dict]) -> pathlib.Path:
-  """Writes the records as JSON lines atomically (temporary file + rename)."""
-  return fss_io.atomic_write(path, format_records(records))
+def write_episodes(path: str | os.PathLike, records: Iterable[dict], *,
+                   overwrite: bool = True) -> pathlib.Path:
+  """Writes the records as JSON lines atomically (temporary file + rename).
+
+  Raises:
+    FileExistsError: ``path`` exists and ``overwrite`` is False (nothing written).
+  """
+  return fss_io.atomic_write(path, format_records(records), overwrite=overwrite)
 
 
 def read_episodes(path: str | os.PathLike) -> list[dict]:
@@ -296,17 +303,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="training lists: bam (intersection filter, default) or pfenet")
   p.add_argument("--coco_split", choices=splits.COCO_SPLITS, default="interleaved")
   p.add_argument("--out", required=True, help="output .jsonl")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out file (atomically); without it an existing file is kept")
   a = p.parse_args(argv)
+  if not a.overwrite and pathlib.Path(a.out).exists():
+    print(f"error: {a.out} already exists; pass --overwrite to replace it", file=sys.stderr)
+    return 2
   from fss_jax.data import source  # pylint: disable=g-import-not-at-top
   try:
     dataset = splits.canonical_dataset(a.dataset)
     src = source.open_split(a.data_dir, dataset, SPLIT_OF_MODE[a.split])
     records = generate(src.index, dataset, a.fold, a.split, shot=a.shot, num_episodes=a.num_episodes,
                        seed=a.seed, way=a.way, protocol=a.protocol, coco_split=a.coco_split)
-  except (ValueError, FileNotFoundError) as e:
+    out = write_episodes(a.out, records, overwrite=a.overwrite)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  out = write_episodes(a.out, records)
   print(f"wrote {len(records)} episodes to {out}")
   return 0
 

@@ -55,6 +55,39 @@ def canonical_dataset(dataset: str) -> str:
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}") from None
 
 
+# Class names by class id 1..C (label value k is the k-th name): PASCAL VOC's 20 classes, and
+# COCO's 80 instance categories by ascending COCO category id (data_protocol.md §3.3).
+PASCAL_CLASS_NAMES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor")
+COCO_CLASS_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush")
+_NAMES_OF = {"pascal5i": PASCAL_CLASS_NAMES, "coco20i": COCO_CLASS_NAMES}
+
+
+def class_names(dataset: str) -> dict[int, str]:
+  """{class id: name} of a dataset ("pascal5i", "coco20i" or an alias); {} for other datasets.
+
+  Unknown names (a synthetic or custom dataset) give an empty mapping, so tables and
+  charts fall back to the bare class ids.
+  """
+  try:
+    names = _NAMES_OF[canonical_dataset(dataset)]
+  except ValueError:
+    return {}
+  return {k: name for k, name in enumerate(names, 1)}
+
+
 @dataclasses.dataclass(frozen=True)
 class FoldClasses:
   """Class ids (1-based original dataset ids) of one fold.

@@ -16,6 +16,8 @@ N-way), and ``I_bg, U_bg, I_fg, U_fg`` globally. Then
 * FB-IoU = (I_bg/(U_bg + 1e-10) + I_fg/(U_fg + 1e-10)) / 2.
 
 Results are in percent. For N-way episodes the foreground sums add the way bins.
+`class_names(dataset)` gives the {id: name} map (PASCAL VOC's 20, COCO's 80) that the
+tables and charts show next to the ids.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fss_jax.data import splits
+
 IGNORE = 255
 EPS = 1e-10
 SCORES = ("pad_square", "original")
+
+class_names = splits.class_names  # {class id: name} of a dataset (fss_jax.data.splits)
 
 
 # ---------------------------------------------------------------------------
@@ -149,15 +155,16 @@ class ClassIoU:
 
   Args:
     class_ids: the fold's novel classes (global ids); n = len(class_ids) in the mIoU.
-    class_names: optional {id: name} for the table.
+    class_names: optional {id: name} for the table (`class_names` of the dataset); ids may
+      be ints or digit strings (as read back from a results JSON).
   """
 
-  def __init__(self, class_ids: Sequence[int], class_names: Mapping[int, str] | None = None):
+  def __init__(self, class_ids: Sequence[int], class_names: Mapping[Any, str] | None = None):
     self.class_ids = [int(c) for c in class_ids]
     if not self.class_ids:
       raise ValueError("ClassIoU needs at least one class id (the fold's novel classes)")
     self._pos = {c: i for i, c in enumerate(self.class_ids)}
-    self.class_names = dict(class_names or {})
+    self.class_names = {int(c): str(n) for c, n in (class_names or {}).items()}
     n = len(self.class_ids)
     self.inter = np.zeros(n, np.int64)
     self.union = np.zeros(n, np.int64)
@@ -215,10 +222,12 @@ class ClassIoU:
 
   def table(self) -> str:
     """A per-class text table (id, name, IoU %, Σ intersection, Σ union, episodes)."""
-    rows = [f"{'class':>5}  {'name':<16} {'IoU %':>7} {'Σ inter':>12} {'Σ union':>12} {'episodes':>8}"]
-    for i, c in enumerate(self.class_ids):
+    names = [self.class_names.get(c, "") for c in self.class_ids]
+    w = max([4] + [len(n) for n in names])
+    rows = [f"{'class':>5}  {'name':<{w}} {'IoU %':>7} {'Σ inter':>12} {'Σ union':>12} {'episodes':>8}"]
+    for i, (c, name) in enumerate(zip(self.class_ids, names)):
       iou = 100.0 * self.inter[i] / (self.union[i] + EPS)
-      rows.append(f"{c:>5}  {self.class_names.get(c, ''):<16} {iou:>7.2f} {self.inter[i]:>12d} "
+      rows.append(f"{c:>5}  {name:<{w}} {iou:>7.2f} {self.inter[i]:>12d} "
                   f"{self.union[i]:>12d} {self.count[i]:>8d}")
     r = self.result()
     rows.append(f"mIoU {r['miou']:.2f}   FB-IoU {r['fb_iou']:.2f}   ({self.episodes} episodes)")
@@ -226,4 +235,4 @@ class ClassIoU:
 
 
 __all__ = ["episode_counts", "resize_to_labels", "align_corners_matrix",
-           "intersection_and_union", "ClassIoU", "SCORES", "IGNORE"]
+           "intersection_and_union", "ClassIoU", "class_names", "SCORES", "IGNORE"]

@@ -8,16 +8,19 @@ Host-side numpy / OpenCV / matplotlib (Agg) helpers shared by evaluation
   foreground tinted: ``rint((1 - alpha) * image + alpha * color)`` on the
   foreground pixels, the other pixels unchanged (255 = ignore, optionally
   tinted with ``ignore_color``).
+* `outline(image, mask, color)`: the mask's contour (`boundary` pixels) drawn
+  on the image, the inside left as it is (what the episode panels show).
 * `denormalize(image)`: an ImageNet-normalised float image (the Episode
   contract) back to ``uint8`` RGB.
-* `episode_panel(...)`: one row ``[support 1 .. support K | query + prediction |
-  query + target]`` as ``uint8 [H, W', 3]``.
+* `episode_panel(...)`: one row of captioned tiles ``[support 1 .. support K |
+  prediction | ground truth]`` (the last two on the query) as ``uint8 [H', W', 3]``.
 * `panels_from_batch(batch, logits, ...)`: panels for the first episodes of an
   eval batch and the model's logits.
 * `write_image_summaries(writer, step, panels)`: a clu ``MetricWriter``'s
   ``write_images`` with one stable key per panel (``eval/episode_0`` ...).
 * `iou_bar_chart(per_class_iou, path)` / `summary_bar_chart(summary, path)`:
-  a per-class IoU bar chart PNG, written atomically (temp file + rename).
+  a per-class IoU bar chart PNG ("3 bird" labels, a title wrapped to fit),
+  written atomically (temp file + rename).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import cv2
 import numpy as np
 
 from fss_jax import io as fss_io
+from fss_jax.eval import metrics as metrics_lib
 
 IGNORE = 255
 # ImageNet statistics x 255 (RGB), as fss_jax.data.transforms.Normalize uses them.
@@ -57,6 +61,16 @@ def foreground(mask: np.ndarray) -> np.ndarray:
   return (mask != 0) & (mask != IGNORE)
 
 
+def _rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] from an RGB or grey ([H, W]) image."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+  return image.astype(np.uint8) if image.dtype != np.uint8 else image
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PRED_COLOR,
             alpha: float = ALPHA, *, ignore_color: Sequence[int] | None = None) -> np.ndarray:
   """Tints the foreground of ``mask`` on ``image``.
@@ -73,12 +87,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PRED_COL
     uint8 [H, W, 3]: ``rint((1 - alpha) * image + alpha * color)`` (float32, clipped
     to 0..255) where the mask is foreground; ``image`` elsewhere.
   """
-  image = np.asarray(image)
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"overlay expects an RGB image [H, W, 3], got shape {image.shape}")
-  image = image.astype(np.uint8) if image.dtype != np.uint8 else image
+  image = _rgb(image)
   mask = np.asarray(mask)
   if mask.shape != image.shape[:2]:
     raise ValueError(f"overlay: mask {mask.shape} and image {image.shape[:2]} differ in size; "
@@ -97,6 +106,79 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PRED_COL
     tint = (np.float32(1) - a) * px + a * np.asarray(c, np.float32)
     out[region] = np.clip(np.rint(tint), 0, 255).astype(np.uint8)
   return out
+
+
+def boundary(region: np.ndarray, thickness: int = 1) -> np.ndarray:
+  """bool [H, W]: the pixels of ``region`` within ``thickness`` pixels of its edge.
+
+  A pixel is on the edge when a pixel of its (2t+1)x(2t+1) neighbourhood lies outside
+  the region; outside the image counts as outside, so a region touching the border is
+  closed there too.
+  """
+  region = np.asarray(region, bool)
+  if thickness < 1:
+    raise ValueError(f"boundary thickness must be >= 1, got {thickness}")
+  kernel = np.ones((2 * thickness + 1, 2 * thickness + 1), np.uint8)
+  inner = cv2.erode(region.astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+  return region & (inner == 0)
+
+
+def outline_thickness(hw: Sequence[int]) -> int:
+  """Outline width in pixels for an image of size (H, W): 1 up to 319 px, then 1 per 160 px."""
+  return max(1, min(int(hw[0]), int(hw[1])) // 160)
+
+
+def outline(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PRED_COLOR, *,
+            thickness: int | None = None, ignore_color: Sequence[int] | None = None) -> np.ndarray:
+  """Draws the contour of the foreground of ``mask`` on ``image``; the inside keeps its colours.
+
+  Args:
+    image: uint8 [H, W, 3] RGB (a [H, W] grey image is repeated to 3 channels).
+    mask: [H, W] bool, or integer labels (0 background, 255 ignore, anything else
+      foreground).
+    color: RGB of the contour (opaque).
+    thickness: contour width in pixels (default `outline_thickness` of the image).
+    ignore_color: when given, the contour of the ``mask == 255`` pixels is drawn too,
+      under the foreground's.
+
+  Returns:
+    uint8 [H, W, 3]: ``color`` on the `boundary` pixels of the foreground, ``image``
+    everywhere else.
+  """
+  image = _rgb(image)
+  mask = np.asarray(mask)
+  if mask.shape != image.shape[:2]:
+    raise ValueError(f"outline: mask {mask.shape} and image {image.shape[:2]} differ in size; "
+                     "resize the mask to the image first (nearest neighbour)")
+  t = outline_thickness(image.shape) if thickness is None else int(thickness)
+  out = image.copy()
+  if ignore_color is not None and mask.dtype != bool:
+    out[boundary(mask == IGNORE, t)] = np.asarray(ignore_color, np.uint8)
+  out[boundary(foreground(mask), t)] = np.asarray(color, np.uint8)
+  return out
+
+
+def caption(text: str, width: int, height: int) -> np.ndarray:
+  """uint8 [height, width, 3]: ``text`` in black on white, centred, scaled to fit the band."""
+  band = np.full((height, width, 3), 255, np.uint8)
+  font = cv2.FONT_HERSHEY_SIMPLEX
+  (tw, th), base = cv2.getTextSize(text, font, 1.0, 1)
+  scale = min(0.75 * height / (th + base), 0.95 * width / tw)
+  (tw, th), base = cv2.getTextSize(text, font, scale, 1)
+  org = ((width - tw) // 2, (height + th) // 2)
+  cv2.putText(band, text, org, font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+  return band
+
+
+def caption_height(tile_height: int) -> int:
+  """Height of the caption band above tiles of ``tile_height`` pixels (at least 12)."""
+  return max(12, int(tile_height) // 8)
+
+
+def panel_captions(num_supports: int, with_target: bool = True) -> list[str]:
+  """The captions of an `episode_panel`'s tiles, left to right."""
+  supports = ["support"] if num_supports == 1 else [f"support {k}" for k in range(1, num_supports + 1)]
+  return supports + ["prediction"] + (["ground truth"] if with_target else [])
 
 
 def denormalize(image: np.ndarray, mean: Sequence[float] = MEAN,
@@ -135,32 +217,35 @@ def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 def episode_panel(query_image: np.ndarray, support_images: Sequence[np.ndarray] | np.ndarray,
                   support_masks: Sequence[np.ndarray] | np.ndarray, prediction: np.ndarray,
                   target: np.ndarray | None = None, *, height: int | None = None, gap: int = 4,
-                  alpha: float = ALPHA) -> np.ndarray:
-  """One row of tiles: ``[support_1 .. support_K | query + prediction | query + target]``.
+                  captions: bool = True) -> np.ndarray:
+  """One row of captioned tiles: ``[support 1 .. support K | prediction | ground truth]``.
+
+  Masks are drawn as contours (`outline`), so the image under them stays visible:
+  the supports' masks green on the support images, the prediction red and the
+  ground truth green (ignore pixels grey) on the query.
 
   Args:
     query_image: [H, W, 3], uint8 RGB or ImageNet-normalised float (Episode).
     support_images: K images [h, w, 3] (a [K, h, w, 3] array or a list; any sizes).
-    support_masks: K masks [h, w] (0 / 1 / 255), drawn green.
-    prediction: [h', w'] predicted labels (any resolution; resized to the query
-      with nearest neighbour), drawn red.
-    target: optional [H, W] ground truth (0 / 1 / 255), drawn green, ignore grey.
+    support_masks: K masks [h, w] (0 / 1 / 255).
+    prediction: [h', w'] predicted labels (any resolution; resized to the tile with
+      nearest neighbour).
+    target: optional [H, W] ground truth (0 / 1 / 255).
     height: tile height (default: the query's); every tile keeps its aspect ratio.
     gap: white pixels between tiles.
-    alpha: tint opacity.
+    captions: a white band above each tile names it (`panel_captions`).
 
   Returns:
-    uint8 [height, W_total, 3].
+    uint8 [height (+ `caption_height`), W_total, 3].
   """
   q = _as_uint8(query_image)
   th = int(height or q.shape[0])
 
   def fit(img, mask, color, ignore=None):
     img = _as_uint8(img)
-    mask = _resize_mask(mask, img.shape[:2])
-    tile = overlay(img, mask, color, alpha, ignore_color=ignore)
-    tw = max(1, int(round(tile.shape[1] * th / tile.shape[0])))
-    return _resize_image(tile, (th, tw))
+    tw = max(1, int(round(img.shape[1] * th / img.shape[0])))
+    img = _resize_image(img, (th, tw))
+    return outline(img, _resize_mask(mask, (th, tw)), color, ignore_color=ignore)
 
   if len(support_images) != len(support_masks):
     raise ValueError(f"episode_panel: {len(support_images)} support images but "
@@ -169,7 +254,11 @@ def episode_panel(query_image: np.ndarray, support_images: Sequence[np.ndarray] 
   tiles.append(fit(q, prediction, PRED_COLOR))
   if target is not None:
     tiles.append(fit(q, target, TARGET_COLOR, IGNORE_COLOR))
-  sep = np.full((th, gap, 3), 255, np.uint8)
+  if captions:
+    ch = caption_height(th)
+    names = panel_captions(len(support_images), target is not None)
+    tiles = [np.concatenate([caption(n, t.shape[1], ch), t], axis=0) for n, t in zip(names, tiles)]
+  sep = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
   row = [tiles[0]]
   for t in tiles[1:]:
     row += [sep, t] if gap > 0 else [t]
@@ -270,27 +359,26 @@ def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = T
   return fss_io.atomic_write(path, encode_png(image), overwrite=overwrite)
 
 
-def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *,
-                  errors: Mapping[str, float] | None = None, title: str | None = None,
-                  mean: float | None = None, overwrite: bool = True, dpi: int = 100
-                  ) -> pathlib.Path:
-  """Per-class IoU bar chart as a PNG (matplotlib Agg, no pyplot state), written atomically.
+def bar_chart_figure(per_class_iou: Mapping[str, float], *, errors: Mapping[str, float] | None = None,
+                     title: str | None = None, mean: float | None = None, dpi: int = 100):
+  """The per-class IoU bar chart as a matplotlib ``Figure`` (Agg canvas, no pyplot state).
+
+  The title is wrapped at spaces (and shrunk if a word is still too long) to the
+  figure's width, the class labels are slanted when they would overlap, and the
+  layout is tightened, so that every text lies inside the figure.
 
   Args:
     per_class_iou: {class name: IoU in percent}, drawn in the given order.
-    path: the PNG to write.
     errors: optional {class name: std} drawn as error bars (e.g. over seeds).
     title: figure title (default "per-class IoU").
     mean: the mIoU line (default: the mean of the values); NaN hides it.
-    overwrite: replace an existing file.
     dpi: resolution.
 
   Returns:
-    The path written.
+    The drawn ``matplotlib.figure.Figure``.
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  import io as io_lib  # pylint: disable=g-import-not-at-top
 
   if not per_class_iou:
     raise ValueError("iou_bar_chart: no classes to draw")
@@ -310,14 +398,57 @@ def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *
     ax.axhline(m, color="#c44e52", linestyle="--", linewidth=1, label=f"mean {m:.2f}")
     ax.legend(loc="upper right", fontsize=8)
   ax.set_xticks(x)
-  ax.set_xticklabels(names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
-                     fontsize=8)
+  ax.set_xticklabels(names, fontsize=8)
   top = max(100.0, float(np.nanmax(values + (err if err is not None else 0))) * 1.05) \
       if np.nanmax(values) > 1.5 else 1.0
   ax.set_ylim(0, top)
   ax.set_ylabel("IoU (%)" if top > 1.0 else "IoU")
-  ax.set_title(title or "per-class IoU", fontsize=10)
+  renderer = fig.canvas.get_renderer()
+  if _labels_overlap(ax.get_xticklabels(), renderer):
+    ax.set_xticklabels(names, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+  _fit_title(fig, title or "per-class IoU", renderer)
   fig.tight_layout()
+  fig.canvas.draw()
+  return fig
+
+
+def _labels_overlap(labels, renderer, pad: float = 2.0) -> bool:
+  """True when neighbouring tick labels (left to right) overlap horizontally."""
+  boxes = sorted((t.get_window_extent(renderer) for t in labels if t.get_text()), key=lambda b: b.x0)
+  return any(a.x1 + pad > b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def _fit_title(fig, text: str, renderer, *, fontsize: float = 10.0, min_fontsize: float = 6.0,
+               margin: float = 0.96):
+  """``fig.suptitle(text)`` wrapped at spaces, then shrunk, until it fits ``margin`` x the width."""
+  import textwrap  # pylint: disable=g-import-not-at-top
+  limit = margin * fig.bbox.width
+  title = fig.suptitle(text, fontsize=fontsize)
+  width = len(text)
+  while title.get_window_extent(renderer).width > limit and width > 12:
+    width = int(width * 0.8)
+    title.set_text(textwrap.fill(text, width, break_long_words=False, break_on_hyphens=False))
+  while title.get_window_extent(renderer).width > limit and title.get_fontsize() > min_fontsize:
+    title.set_fontsize(title.get_fontsize() - 0.5)
+  return title
+
+
+def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *,
+                  errors: Mapping[str, float] | None = None, title: str | None = None,
+                  mean: float | None = None, overwrite: bool = True, dpi: int = 100
+                  ) -> pathlib.Path:
+  """Per-class IoU bar chart (`bar_chart_figure`) as a PNG, written atomically.
+
+  Args:
+    per_class_iou, errors, title, mean, dpi: see `bar_chart_figure`.
+    path: the PNG to write.
+    overwrite: replace an existing file.
+
+  Returns:
+    The path written.
+  """
+  import io as io_lib  # pylint: disable=g-import-not-at-top
+  fig = bar_chart_figure(per_class_iou, errors=errors, title=title, mean=mean, dpi=dpi)
   buf = io_lib.BytesIO()
   fig.savefig(buf, format="png")
   return fss_io.atomic_write(path, buf.getvalue(), overwrite=overwrite)
@@ -329,6 +460,14 @@ def chart_path(results_json: str | os.PathLike) -> pathlib.Path:
   return p.with_name(f"{p.stem}_iou.png")
 
 
+def chart_class_names(summary: Mapping[str, Any], class_names: Mapping[Any, str] | None = None
+                      ) -> dict[str, str]:
+  """{str(id): name}: ``class_names``, else ``summary["class_names"]``, else the dataset's."""
+  names = class_names or summary.get("class_names") or metrics_lib.class_names(
+      str(summary.get("dataset", "")))
+  return {str(c): str(n) for c, n in names.items()}
+
+
 def summary_bar_chart(summary: Mapping[str, Any], path: str | os.PathLike, *,
                       class_names: Mapping[Any, str] | None = None, title: str | None = None
                       ) -> pathlib.Path:
@@ -336,19 +475,19 @@ def summary_bar_chart(summary: Mapping[str, Any], path: str | os.PathLike, *,
 
   Bars are ``summary["per_class_mean"]`` (percent), error bars the std over
   ``summary["seeds"]`` when there is more than one seed; the title gives the mIoU
-  mean ± std. ``class_names`` maps class ids (int or str) to labels ("3 car").
+  mean ± std. Bars are labelled "3 bird": the names come from ``class_names``
+  ({id: name}, ids int or str), else ``summary["class_names"]`` (`evaluate_seeds`),
+  else the dataset's names (`metrics.class_names(summary["dataset"])`).
   """
   per_class = dict(summary["per_class_mean"])
   seeds = list((summary.get("seeds") or {}).values())
   errors = None
   if len(seeds) > 1:
     errors = {c: float(np.std([s["per_class"][c] for s in seeds])) for c in per_class}
-  names = dict(class_names or {})
+  names = chart_class_names(summary, class_names)
 
   def label(c):
-    n = names.get(c)
-    if n is None and str(c).lstrip("-").isdigit():
-      n = names.get(int(c))
+    n = names.get(str(c))
     return f"{c} {n}" if n else str(c)
 
   labelled = {label(c): v for c, v in per_class.items()}
@@ -365,6 +504,7 @@ def summary_bar_chart(summary: Mapping[str, Any], path: str | os.PathLike, *,
                        mean=summary.get("miou_mean"))
 
 
-__all__ = ["overlay", "foreground", "denormalize", "episode_panel", "panels_from_batch",
-           "write_image_summaries", "iou_bar_chart", "summary_bar_chart", "chart_path",
+__all__ = ["overlay", "outline", "boundary", "foreground", "denormalize", "episode_panel",
+           "panel_captions", "caption", "panels_from_batch", "write_image_summaries",
+           "bar_chart_figure", "iou_bar_chart", "summary_bar_chart", "chart_class_names", "chart_path",
            "write_png", "encode_png", "PRED_COLOR", "TARGET_COLOR"]
