@@ -14,8 +14,13 @@ $(VENV)/bin/activate:
 setup: $(VENV)/bin/activate  ## create .venv and install runtime + dev requirements
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 
-test:  ## run the test suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The train-step checks run first, on fresh workers: their verify subprocesses peak at up to
+# 10 GB (SCCAN + PAHNet), and after the rest of the suite each worker holds 6-8 GB of jit caches.
+TRAIN_STEP_TESTS := tests/test_train_step_sccan.py tests/test_train_step_hdmnet.py tests/test_train_step_cnn.py
+
+test:  ## run the test suite (train-step checks first, then the rest)
+	$(PY) -m pytest $(PYTEST_ARGS) $(TRAIN_STEP_TESTS)
+	$(PY) -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(TRAIN_STEP_TESTS))
 
 DEMO_DIR ?= $(CURDIR)/demo_out
 

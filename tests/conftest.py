@@ -94,9 +94,9 @@ def leaf(tree, path):
 
 
 def pytest_collection_modifyitems(config, items):
-  """The SCCAN-family train-step checks (5 / 10 GB on CPU) run first, when the workers are
-  still small, so that the largest one never meets another worker's full jit caches (the
-  train-step checks also take `train_step_cases._memory_slot`)."""
+  """The SCCAN-family train-step checks (5 / 10 GB on CPU) run first among the train-step
+  checks, which `make test` runs before the rest of the suite, on fresh workers (a worker holds
+  6-8 GB of jit caches by the end); the largest also takes `train_step_cases._memory_slot`."""
   del config
   first = [it for it in items if it.module.__name__.endswith("test_train_step_sccan")]
   if first:
