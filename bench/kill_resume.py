@@ -49,15 +49,14 @@ def _final_state(workdir: pathlib.Path):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
 
   mngr = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state",),
                                options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step()
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   mngr.close()
-  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(state)), sep="/")
-  return step, flat
+  leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+  return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def _resumed_step(workdir: pathlib.Path) -> int | None:

@@ -1,7 +1,7 @@
 """Convert a PyTorch checkpoint of a reference model into an orbax checkpoint.
 
   python -m checkpoints.convert --model NAME --src FILE --dst DIR [--overwrite]
-      [--model-arg key=value ...] [--verbose]
+      [--model-arg key=value ...] [--dataset pascal5i|coco20i] [--fold K] [--verbose]
 
 Reads the state dict (``.pth``/``.pt`` via torch, ``.npz``, ``.safetensors``),
 strips ``module.`` prefixes, applies ``registry.get(NAME).keymap(**fields)``
@@ -9,6 +9,14 @@ strips ``module.`` prefixes, applies ``registry.get(NAME).keymap(**fields)``
 (orbax) + ``DIR/metadata.json`` (model, fields, source file, sha256).
 ``--model-arg`` values are parsed as JSON when possible (``depth=101``,
 ``include_head=false``), else kept as strings (``naming=pspnet``).
+
+The dataset and fold the weights were trained on go into metadata.json too:
+``--dataset`` / ``--fold``, else guessed from the official file's path
+(``PSPNet/pascal/split0/resnet50/best.pth``, ``exp/coco/split2/...``: a folder
+named like ``pascal``/``voc``/``coco`` and one named ``split<k>`` / ``fold<k>``).
+``fss_jax.main`` then refuses to evaluate or train on another fold with them
+(``config.eval.allow_other_fold``), and ``fss_jax.predict`` names the fold.
+Weights of no fold (ImageNet backbones) record none.
 
 When the keys do not fit NAME, the key maps of the other registered models are
 tried: ``this looks like a sccan checkpoint (546/546 keys match); pass --model
@@ -122,6 +130,56 @@ def guess_models(keys: Sequence[str], exclude: str) -> tuple[list[str], int, int
   return [n for n, mt in fits.items() if mt == best], *best
 
 
+_FOLD_PART = re.compile(r"^(?:split|fold)[_-]?(\d+)$", re.I)
+_DATASET_PART = re.compile(r"(?:^|[_.-])(pascal|voc|coco)(?:5i|20i|\d{4})?(?:$|[_.-])", re.I)
+
+
+def guess_trained_on(src: str | pathlib.Path) -> tuple[str | None, int | None]:
+  """(dataset, fold) named by the folders of an official checkpoint's path, else (None, None).
+
+  ``PSPNet/pascal/split0/resnet50/best.pth`` -> ("pascal5i", 0); the folder nearest the
+  file wins when several match. Only a path with a ``split<k>`` / ``fold<k>`` folder
+  names a dataset (official layouts have both; a lone ``coco`` folder says little).
+  """
+  from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
+  dataset, fold = None, None
+  for part in pathlib.Path(src).absolute().parts[:-1]:
+    m = _FOLD_PART.match(part)
+    if m:
+      fold = int(m.group(1))
+    d = _DATASET_PART.search(part)
+    if d:
+      dataset = splits.canonical_dataset(d.group(1))
+  return (dataset, fold) if fold is not None else (None, None)
+
+
+def trained_on(src: str | pathlib.Path, dataset: str | None, fold: int | None
+               ) -> dict[str, Any]:
+  """{"dataset", "fold", "trained_on_from"} for metadata.json: the flags, else the path's guess.
+
+  Raises:
+    ValueError: an unknown dataset or a fold outside 0..3.
+  """
+  from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
+  if dataset is not None:
+    dataset = splits.canonical_dataset(dataset)
+  if fold is not None and not 0 <= fold < splits.NUM_FOLDS:
+    raise ValueError(f"--fold {fold}: folds are 0..{splits.NUM_FOLDS - 1}")
+  g_dataset, g_fold = guess_trained_on(src)
+  if g_fold is not None and not 0 <= g_fold < splits.NUM_FOLDS:
+    g_fold = None                                 # "split7": not a fold of these datasets
+  out, guessed = {}, []
+  for key, given, guess in (("dataset", dataset, g_dataset), ("fold", fold, g_fold)):
+    if given is not None:
+      out[key] = given
+    elif guess is not None:
+      out[key] = guess
+      guessed.append(key)
+  if guessed:
+    out["trained_on_from"] = f"path ({', '.join(guessed)})"
+  return out
+
+
 def field_hints_as_flags(message: str) -> str:
   """A model's "pass shot=5" hint (its `check_checkpoint` speaks in fields) as the
   command-line flag: "pass --model-arg shot=5"."""
@@ -161,9 +219,12 @@ def _raise_if_other_model(error: Exception, state_dict, keymap, src, model: str)
 
 
 def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *,
-                 fields: Mapping[str, Any] | None = None, overwrite: bool = False
-                 ) -> pathlib.Path:
+                 fields: Mapping[str, Any] | None = None, overwrite: bool = False,
+                 dataset: str | None = None, fold: int | None = None) -> pathlib.Path:
   """Converts `src` for `model` and writes `dst`; returns dst.
+
+  ``dataset`` / ``fold``: what the weights were trained on (`trained_on`: else guessed
+  from the path), recorded in metadata.json.
 
   Raises:
     registry.UnsupportedModelError, keymaps.ConversionError, WrongModelError (the keys
@@ -177,6 +238,7 @@ def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   spec = registry.get(model)
   _check_fields(spec.keymap, fields, model)
+  trained = trained_on(src, dataset, fold)
   if dst.exists() and not overwrite:  # fail before the (slow) read
     raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it, "
                           "or choose another destination")
@@ -189,7 +251,7 @@ def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *
     _raise_if_other_model(e, state_dict, keymap, src, model)
     raise
   metadata = {"model": model, "fields": fields, "source": str(src.absolute()),
-              "sha256": _sha256(src), "format": "fss_jax converted checkpoint v1"}
+              "sha256": _sha256(src), "format": "fss_jax converted checkpoint v1", **trained}
   return ckpt_io.write_orbax(variables, dst, overwrite=overwrite, metadata=metadata)
 
 
@@ -221,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
   parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                       help="model field passed to the key map (repeatable)")
+  parser.add_argument("--dataset", default=None, help="dataset the weights were trained on "
+                      "(pascal5i | coco20i; default: guessed from the --src path)")
+  parser.add_argument("--fold", type=int, default=None, help="fold the weights were trained on "
+                      "(default: guessed from a split<k> / fold<k> folder of the --src path)")
   parser.add_argument("--verbose", action="store_true",
                       help="list every missing / unexpected key of a mismatch")
   args = parser.parse_args(argv)
@@ -230,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     fields = parse_model_args(args.model_arg)
-    dst = convert_file(args.model, args.src, args.dst, fields=fields, overwrite=args.overwrite)
+    dst = convert_file(args.model, args.src, args.dst, fields=fields, overwrite=args.overwrite,
+                       dataset=args.dataset, fold=args.fold)
   except WrongModelError as e:
     print(f"error: {e} (nothing was written)", file=sys.stderr)
     if isinstance(e.cause, ConversionError):
@@ -247,8 +314,19 @@ def main(argv: list[str] | None = None) -> int:
           ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {dst} (model {args.model})")
+  print(f"wrote {dst} (model {args.model}{_trained_on_text(ckpt_io.read_metadata(dst))})")
   return 0
+
+
+def _trained_on_text(meta: Mapping[str, Any]) -> str:
+  """"; trained on pascal5i fold 0, guessed from the path: pass --dataset / --fold to change"."""
+  what = " ".join(str(meta[k]) if k == "dataset" else f"fold {meta[k]}"
+                  for k in ("dataset", "fold") if k in meta)
+  if not what:
+    return "; no fold recorded: pass --dataset and --fold if the weights are a fold's model"
+  guessed = (", guessed from the path: pass --dataset / --fold to change"
+             if meta.get("trained_on_from") else "")
+  return f"; trained on {what}{guessed}"
 
 
 if __name__ == "__main__":

@@ -159,6 +159,7 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
   c.eval.episodes_dir = ""            # stored episode lists; "": <workdir>/episodes
   c.eval.checkpoint = "best"          # --mode eval uses: best | latest
   c.eval.num_images = 4               # query/support/prediction panels written to TensorBoard
+  c.eval.allow_other_fold = False     # config.init trained on another fold: error unless True
 
   # -- checkpoints / init / resume -----------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()

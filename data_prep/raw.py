@@ -697,6 +697,13 @@ class FssBuilderMixin:
   fss_num_workers: int = 0
   fss_progress: bool = True
 
+  def _log_download_bytes(self) -> None:
+    """Silences TFDS's "Downloading and preparing dataset Unknown size ..." (nothing is
+    downloaded: the raw files are local, and `data_prep.build` reports what it builds)."""
+
+  def _log_download_done(self) -> None:
+    """Silences TFDS's "Dataset ... downloaded and prepared to <incomplete.* folder>"."""
+
   def _fss_features(self):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     c = NUM_CLASSES[self.FSS_DATASET]

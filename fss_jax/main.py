@@ -28,10 +28,14 @@ import pathlib
 import re
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+# Before TensorFlow (TFDS, clu's writers) and jaxlib load: their C++ INFO lines (oneDNN and
+# CPU-feature notes) say nothing to a user of this command; warnings and errors still print.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and argument, e.g. configs/panet.py:dataset=pascal5i,fold=0,shot=1.",
@@ -60,13 +64,54 @@ def _flat_keys(cfg, prefix: str = "", leaves_only: bool = False) -> list[str]:
   return keys
 
 
-def _load_config_file(argv: list[str]):
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of ``--config`` in argv ("configs/panet.py:smoke"), or None."""
   spec = None
   for i, a in enumerate(argv):
     if a.startswith("--config="):
       spec = a.split("=", 1)[1]
     elif a == "--config" and i + 1 < len(argv):
       spec = argv[i + 1]
+  return spec or None
+
+
+def missing_config_message(argv: list[str]) -> str | None:
+  """'config file X not found; close matches: ...' when ``--config`` names no file.
+
+  ml_collections defers that error to the first use of the config (a double traceback);
+  this checks before the flags are parsed. Close matches are the config files (those that
+  define ``get_config``) in the named folder, else in the repository's ``configs/``.
+  """
+  spec = _config_spec(argv)
+  if spec is None:
+    return None
+  path = pathlib.Path(os.path.expanduser(spec.partition(":")[0]))
+  if path.is_file():
+    return None
+  if path.is_dir():
+    folder, shown = path, str(path)
+  elif path.parent.is_dir():
+    folder, shown = path.parent, str(path.parent)
+  else:
+    folder, shown = pathlib.Path(__file__).parents[1] / "configs", "configs"
+  stems = [p.stem for p in sorted(folder.glob("*.py")) if _defines_get_config(p)]
+  if path.is_dir():
+    return (f"--config {path} is a folder; pass a config file, e.g. "
+            f"{', '.join(f'{shown}/{s}.py' for s in stems[:4]) or 'configs/panet.py'}")
+  close = difflib.get_close_matches(path.stem, stems, n=3, cutoff=0.6)
+  hint = f"; close matches: {', '.join(f'{shown}/{s}.py' for s in close)}" if close else ""
+  return f"config file {path} not found{hint}"
+
+
+def _defines_get_config(path: pathlib.Path) -> bool:
+  try:
+    return re.search(r"^def get_config\(", path.read_text(errors="replace"), re.M) is not None
+  except OSError:
+    return False
+
+
+def _load_config_file(argv: list[str]):
+  spec = _config_spec(argv)
   if not spec:
     return None
   path, _, arg = spec.partition(":")
@@ -114,6 +159,9 @@ def _last_error_line(text: str) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with readable errors for config mistakes."""
+  missing = missing_config_message(argv)
+  if missing:
+    _fail(missing)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -192,8 +240,12 @@ def _run(config, workdir: pathlib.Path) -> dict:
       logging.info("interrupted")
       print(f"interrupted; {workdir} keeps every checkpoint written so far", file=sys.stderr)
       sys.exit(130)
+    except state_lib.InitMismatchError as e:
+      # A diagnosis on the console; the keys of each side in log.txt (hundreds for a model).
+      log.write_exception("run failed" + (f"\n{e.details}" if e.details else ""))
+      _fail(f"{e}" + (f"\n  every key is listed in {log.path}" if e.details else ""))
     except (source.DatasetNotReadyError, loop.WorkdirMismatchError, loop.CheckpointDamagedError,
-            state_lib.InitMismatchError, workdir_lib.WorkdirError,
+            workdir_lib.WorkdirError,
             registry.UnsupportedModelError, FileNotFoundError, ValueError) as e:
       log.write_exception("run failed")  # the traceback goes to log.txt, one line to the console
       _fail(str(e))

@@ -53,14 +53,22 @@ Outputs in OUT/ (written atomically; an existing file is never replaced without
 
 * ``<query>_mask.png``: palette PNG, index 0 background / 1 foreground, the
   query's original size;
-* ``<query>_overlay.png``: the query with the predicted mask (red);
-* ``support<k>_<image>_overlay.png``: each support with its mask as read (green,
-  ignore grey);
+* ``<query>_overlay.png``: the query under a "prediction" caption, the predicted
+  region's outline drawn in red (the pixels inside keep their colours);
+* ``<query>_panel.png``: one captioned row ``support 1 .. support K | prediction``
+  (`fss_jax.eval.visualize.episode_panel`), every mask as an outline;
+* ``support<k>_<image>_overlay.png``: each support under a "support k" caption with
+  its mask as read outlined (green; ignore pixels grey);
 * ``predictions.json``: per query the original size, ``foreground_fraction``
   (predicted foreground pixels / all pixels), ``confidence`` (mean max-softmax
   probability over the predicted-foreground pixels; null when nothing is
   predicted), ``confidence_all`` (the same over all pixels) and the file names;
-  plus the model, checkpoint, input size and resize mode.
+  plus the model, checkpoint, the dataset and fold it was trained on (when its
+  metadata records them), input size and resize mode.
+
+The last lines printed name each query's result and the fold the checkpoint was
+trained on (a class of that fold's test split is new to the model; the others were
+its training classes).
 
 Exit status: 0 written; 2 bad input (missing, empty, unreadable or truncated image
 or mask, one above --max-pixels, mask of another size, empty mask, checkpoint of
@@ -367,6 +375,14 @@ class Checkpoint:
   metadata_file: pathlib.Path | None
   weights_dir: pathlib.Path
   step: int | None = None
+  dataset: str | None = None    # what the weights were trained on, when recorded
+  fold: int | None = None
+
+  def trained_on(self) -> str | None:
+    """"pascal5i fold 2", or None when the metadata does not record it."""
+    if self.fold is None:
+      return None
+    return f"{self.dataset or 'unknown dataset'} fold {self.fold}"
 
 
 def _latest_step_dir(folder: pathlib.Path) -> pathlib.Path | None:
@@ -401,7 +417,8 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise PredictInputError(f"{meta_file} is not valid JSON ({e}); convert the checkpoint "
                                 f"again with python -m checkpoints.convert") from None
     return Checkpoint(root, "converted", meta.get("model"), dict(meta.get("fields") or {}),
-                      meta_file if meta_file.is_file() else None, root / ckpt_io.VARIABLES_DIR)
+                      meta_file if meta_file.is_file() else None, root / ckpt_io.VARIABLES_DIR,
+                      dataset=meta.get("dataset"), fold=meta.get("fold"))
   step_dir = None
   if (root / "state").is_dir():
     step_dir = root
@@ -425,7 +442,8 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               f"use another step") from None
   return Checkpoint(root, "workdir", meta.get("model"), dict(meta.get("model_fields") or {}),
                     meta_file if meta_file.is_file() else None, step_dir / "state",
-                    int(step_dir.name) if step_dir.name.isdigit() else None)
+                    int(step_dir.name) if step_dir.name.isdigit() else None,
+                    dataset=meta.get("dataset"), fold=meta.get("fold"))
 
 
 def run_transform(ckpt: "Checkpoint") -> tuple[int, str] | None:
@@ -820,14 +838,14 @@ def _unique_names(names: Sequence[str]) -> list[str]:
 
 
 def output_files(supports: Sequence[Support], predictions_or_names: Sequence[Any]) -> dict:
-  """{"queries": [(mask file, overlay file)], "supports": [overlay file], "json": name}."""
+  """{"queries": [(mask, overlay, panel file)], "supports": [overlay file], "json": name}."""
   qnames = [p.name if isinstance(p, Prediction) else str(p) for p in predictions_or_names]
   q = _unique_names(qnames)
   s = _unique_names([s.name for s in supports])
   s_files = {f"support{k}_{n}_overlay.png" for k, n in enumerate(s)}
   if any(f"{n}_overlay.png" in s_files for n in q):  # a query named like a support overlay
     q = [f"query{i}_{n}" for i, n in enumerate(q)]
-  return {"queries": [(f"{n}_mask.png", f"{n}_overlay.png") for n in q],
+  return {"queries": [(f"{n}_mask.png", f"{n}_overlay.png", f"{n}_panel.png") for n in q],
           "supports": [f"support{k}_{n}_overlay.png" for k, n in enumerate(s)],
           "json": "predictions.json"}
 
@@ -845,6 +863,32 @@ def check_outputs(out_dir: str | os.PathLike, files: Mapping[str, Any], *, overw
                             f"choose another --out folder")
 
 
+def _captioned(image: np.ndarray, text: str) -> np.ndarray:
+  """``image`` under a white band naming it, as the tiles of `visualize.episode_panel`."""
+  band = visualize.caption(text, image.shape[1], visualize.caption_height(image.shape[0]))
+  return np.concatenate([band, image], axis=0)
+
+
+def query_overlay(prediction: Prediction) -> np.ndarray:
+  """uint8 [caption + H, W, 3]: "prediction" above the query with the predicted region
+  outlined in red (`visualize.outline`; the pixels inside keep their colours)."""
+  return _captioned(visualize.outline(prediction.image, prediction.mask, visualize.PRED_COLOR),
+                    "prediction")
+
+
+def support_overlay(support: Support, text: str = "support") -> np.ndarray:
+  """uint8 [caption + H, W, 3]: ``text`` above the support with its mask outlined in green
+  (ignore pixels grey)."""
+  return _captioned(visualize.outline(support.image, support.mask, visualize.SUPPORT_COLOR,
+                                      ignore_color=visualize.IGNORE_COLOR), text)
+
+
+def prediction_panel(supports: Sequence[Support], prediction: Prediction) -> np.ndarray:
+  """One captioned row ``support 1 .. support K | prediction`` at the query's height."""
+  return visualize.episode_panel(prediction.image, [s.image for s in supports],
+                                 [s.mask for s in supports], prediction.mask)
+
+
 def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions: Sequence[Prediction],
                   out_dir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
   """Writes masks, overlays and ``predictions.json`` to ``out_dir``; returns the json path.
@@ -857,22 +901,22 @@ def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions
   check_outputs(out, files, overwrite=overwrite)
   out.mkdir(parents=True, exist_ok=True)
   s_rows = []
-  for s, name in zip(supports, files["supports"]):
-    visualize.write_png(out / name, visualize.overlay(s.image, s.mask, visualize.SUPPORT_COLOR,
-                                                      ignore_color=visualize.IGNORE_COLOR),
-                        overwrite=overwrite)
+  captions = visualize.panel_captions(len(supports), with_target=False)
+  for s, name, text in zip(supports, files["supports"], captions):
+    visualize.write_png(out / name, support_overlay(s, text), overwrite=overwrite)
     s_rows.append({"image": s.image_path, "mask": s.mask_path, "overlay": name,
                    "height": int(s.mask.shape[0]), "width": int(s.mask.shape[1]),
                    "foreground_fraction": round(s.foreground_fraction, 6)})
   q_rows = []
-  for p, (mask_name, ov_name) in zip(predictions, files["queries"]):
+  for p, (mask_name, ov_name, panel_name) in zip(predictions, files["queries"]):
     fss_io.atomic_write(out / mask_name, _mask_png(p.mask), overwrite=overwrite)
-    visualize.write_png(out / ov_name, visualize.overlay(p.image, p.mask, visualize.PRED_COLOR),
-                        overwrite=overwrite)
-    q_rows.append({**p.summary(), "mask": mask_name, "overlay": ov_name})
+    visualize.write_png(out / ov_name, query_overlay(p), overwrite=overwrite)
+    visualize.write_png(out / panel_name, prediction_panel(supports, p), overwrite=overwrite)
+    q_rows.append({**p.summary(), "mask": mask_name, "overlay": ov_name, "panel": panel_name})
   ck = predictor.ckpt
   doc = {"model": predictor.model_name, "fields": predictor.fields,
          "checkpoint": os.fspath(ck.path), "checkpoint_kind": ck.kind, "checkpoint_step": ck.step,
+         "trained_on": None if ck.fold is None else {"dataset": ck.dataset, "fold": ck.fold},
          "input_size": predictor.size,
          "resize": "pad" if predictor.resize == "aspect" else predictor.resize,
          "shots": len(supports), "mask_png": "palette PNG: index 0 background, 1 foreground",
@@ -937,8 +981,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   for p in preds:
     conf = "n/a" if p.confidence is None else f"{p.confidence:.3f}"
     print(f"{p.path}: foreground {100 * p.foreground_fraction:.1f}%, confidence {conf}")
+  print(checkpoint_line(predictor.ckpt, predictor.model_name))
   print(f"wrote {len(preds)} prediction(s) to {path.parent} ({path.name})")
   return 0
+
+
+def checkpoint_line(ckpt: Checkpoint, model: str) -> str:
+  """"checkpoint DIR: sccan trained on pascal5i fold 0 (...)", or that the fold is unknown."""
+  trained = ckpt.trained_on()
+  if trained is None:
+    how = ("convert it again with --dataset and --fold" if ckpt.kind == "converted"
+           else "its metadata is older than the fold record")
+    return (f"checkpoint {ckpt.path}: {model}, fold not recorded ({how}); a class is new to the "
+            f"model only if it is in the test split of the fold it was trained on")
+  return (f"checkpoint {ckpt.path}: {model} trained on {trained}; the classes of that fold's "
+          f"test split are new to it, the others were its training classes")
 
 
 if __name__ == "__main__":

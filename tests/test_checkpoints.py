@@ -220,6 +220,45 @@ def test_convert_wrong_architecture_lists_keys(tmp_path):
   assert rc == 2 and "no field(s) colour" in err
 
 
+def test_trained_on_from_flags_or_the_official_path():
+  g = convert.guess_trained_on
+  assert g("initmodel/PSPNet/pascal/split0/resnet50/best.pth") == ("pascal5i", 0)
+  assert g("/x/exp/coco/SCCAN/split3/resnet101/snapshot/best.pth") == ("coco20i", 3)
+  assert g("/runs/VOC2012_fold2/best.pth") == (None, None)           # no split<k>/fold<k> folder
+  assert g("/home/advocate/fold1/best.pth") == (None, 1)               # 'advocate' is no dataset
+  assert g("initmodel/resnet50_v2.pth") == (None, None)
+  assert convert.trained_on("PSPNet/pascal/split0/best.pth", None, None) == {
+      "dataset": "pascal5i", "fold": 0, "trained_on_from": "path (dataset, fold)"}
+  assert convert.trained_on("PSPNet/pascal/split0/best.pth", "coco", 2) == {"dataset": "coco20i", "fold": 2}
+  assert convert.trained_on("best.pth", None, None) == {}
+  with pytest.raises(ValueError, match="folds are 0..3"):
+    convert.trained_on("best.pth", None, 4)
+  with pytest.raises(ValueError, match="unknown dataset"):
+    convert.trained_on("best.pth", "ade20k", 0)
+
+
+def test_convert_records_the_fold_of_an_official_path(resnet50_pth, tmp_path):
+  _, src = resnet50_pth
+  official = tmp_path / "PSPNet" / "pascal" / "split2" / "resnet50" / "best.pth"
+  official.parent.mkdir(parents=True)
+  official.symlink_to(src)
+  rc, out, err = _run(convert.main, ["--model", "resnet_torchvision", "--src", str(official),
+                                     "--dst", str(tmp_path / "a")])
+  assert rc == 0, err
+  meta = ckpt_io.read_metadata(tmp_path / "a")
+  assert (meta["dataset"], meta["fold"]) == ("pascal5i", 2)
+  assert "trained on pascal5i fold 2, guessed from the path: pass --dataset / --fold" in out
+  rc, out, err = _run(convert.main, ["--model", "resnet_torchvision", "--src", str(official),
+                                     "--dst", str(tmp_path / "b"), "--fold", "1", "--dataset", "coco"])
+  assert rc == 0, err
+  meta = ckpt_io.read_metadata(tmp_path / "b")
+  assert (meta["dataset"], meta["fold"]) == ("coco20i", 1) and "trained_on_from" not in meta
+  assert "trained on coco20i fold 1)" in out
+  rc, _, err = _run(convert.main, ["--model", "resnet_torchvision", "--src", str(src),
+                                   "--dst", str(tmp_path / "c"), "--fold", "7"])
+  assert rc == 2 and err.strip() == "error: --fold 7: folds are 0..3" and not (tmp_path / "c").exists()
+
+
 def test_parse_model_args():
   assert convert.parse_model_args(["depth=101", "include_head=false", "naming=pspnet"]) == {
       "depth": 101, "include_head": False, "naming": "pspnet"}

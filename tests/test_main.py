@@ -158,3 +158,94 @@ def test_preemption_saves_the_interrupted_step_and_resumes(tmp_path, voc_data, s
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   summary = json.loads(resumed.stdout.strip().splitlines()[-1])
   assert summary["resumed_from"] == "workdir" and summary["step"] == saved[0] + 1
+
+
+def test_mistyped_config_path_is_one_line(tmp_path):
+  r = _main("--config", "configs/sccan_typo.py", "--workdir", str(tmp_path / "w"))
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip() == "error: config file configs/sccan_typo.py not found; close matches: configs/sccan.py"
+  r = _main("--config=configs/pahnett.py:smoke", "--workdir", str(tmp_path / "w"))
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert r.stderr.startswith("error: config file configs/pahnett.py not found; close matches: configs/pahnet.py")
+  assert not (tmp_path / "w").exists()
+
+
+def _converted_panet(dst: pathlib.Path, **metadata) -> pathlib.Path:
+  """Random PANet weights (the smoke config's model) as a converted checkpoint."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from checkpoints import io as ckpt_io  # pylint: disable=g-import-not-at-top
+  from configs import panet  # pylint: disable=g-import-not-at-top
+  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  c = panet.get_config("smoke")
+  model = registry.get("panet").make_model(**c.model_fields)
+  s = c.data.test_size
+  ep = {"query_image": np.zeros((1, s, s, 3), np.float32), "query_mask": np.zeros((1, s, s), np.int32),
+        "support_images": np.zeros((1, 1, s, s, 3), np.float32),
+        "support_masks": np.zeros((1, 1, s, s), np.int32), "class_id": np.zeros((1,), np.int32)}
+  shapes = jax.eval_shape(lambda k: state_lib.init_variables(model, ep, k), jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda x: (0.01 * rng.standard_normal(x.shape)).astype(x.dtype), shapes)
+  return ckpt_io.write_orbax(variables, dst, metadata={"model": "panet", "fields": {}, **metadata})
+
+
+def test_init_at_the_wrong_prefix_says_what_the_checkpoint_is(tmp_path, voc_data):
+  """A full converted model loaded under a sub-module prefix: one line naming the checkpoint
+  (its metadata.json) and the prefix to pass, a key count; every key goes to log.txt."""
+  ckpt = _converted_panet(tmp_path / "panet_full", dataset="pascal5i", fold=0)
+  work = tmp_path / "w"
+  r = _main("--config", "configs/panet.py:smoke", "--workdir", str(work), "--mode", "eval",
+            f"--config.data.data_dir={voc_data}", f"--config.init={ckpt}",
+            "--config.init_prefix=backbone")
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = r.stderr.splitlines()
+  err = lines[[l.startswith("error:") for l in lines].index(True):]      # after the INFO log lines
+  assert "Traceback" not in r.stderr
+  assert err[0].startswith(f"error: {ckpt} holds a converted panet checkpoint (pascal5i fold 0): "
+                           f"they fit the whole model, not under 'backbone' ("), err
+  assert err[0].endswith("pass --config.init_prefix=''"), err
+  assert "unexpected keys under 'backbone')" in err[0]
+  assert len(err) == 2 and err[1].strip() == f"every key is listed in {work / 'log.txt'}", err
+  log = (work / "log.txt").read_text()
+  assert "unexpected in the checkpoint (the model lacks them)" in log and "params/backbone/encoder/" in log
+
+
+def test_eval_with_weights_of_another_fold_is_refused(tmp_path, voc_data):
+  ckpt = _converted_panet(tmp_path / "panet_f2", dataset="pascal5i", fold=2)
+  args = ["--config", "configs/panet.py:smoke", "--mode", "eval", f"--config.data.data_dir={voc_data}",
+          f"--config.init={ckpt}"]
+  r = _main(*args, "--workdir", str(tmp_path / "w"))
+  assert r.returncode == 2, r.stderr[-3000:]
+  err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert err[0].startswith(f"error: checkpoint {ckpt} was trained on pascal5i fold 2; evaluating "
+                           f"fold 0 with it scores classes it was trained on. "), err
+  assert err[0].endswith("--config.eval.allow_other_fold=true to run it anyway (the scores are then "
+                         "not a fold-0 result)"), err
+  assert not list((tmp_path / "w").glob("results_*.json"))
+  r = _main(*args, "--workdir", str(tmp_path / "w2"), "--config.eval.allow_other_fold=true")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "was trained on pascal5i fold 2; evaluating fold 0" in r.stderr    # the warning stays
+  assert list((tmp_path / "w2").glob("results_pascal5i_f0_1shot.json"))
+
+
+NOISE = ("Unable to initialize backend", "oneDNN custom operations", "TF_ENABLE_ONEDNN_OPTS",
+         "This TensorFlow binary is optimized", "absl::InitializeLog", "Load dataset info from",
+         "Downloading and preparing dataset", "_CHECKPOINT_METADATA", "Metadata file does not exist")
+
+
+def test_a_smoke_run_prints_no_library_noise(tmp_path, voc_data):
+  """What a new user sees: no TPU-backend probe, TensorFlow oneDNN note, TFDS 'Downloading and
+  preparing dataset' or orbax metadata warning (JAX_PLATFORMS left unset, as users run it)."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  work = tmp_path / "w"
+  r = subprocess.run([sys.executable, "-m", "fss_jax.main", "--config", "configs/panet.py:smoke",
+                      "--workdir", str(work), f"--config.data.data_dir={voc_data}",
+                      "--config.total_steps=1", "--config.eval.every_steps=1"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  found = [n for n in NOISE if n in r.stderr]
+  assert not found, f"{found} in stderr:\n{r.stderr[-4000:]}"

@@ -20,6 +20,7 @@ from PIL import Image
 
 from checkpoints import io as ckpt_io
 from fss_jax import predict
+from fss_jax.eval import visualize
 from fss_jax.models import registry
 from fss_jax.train import state as state_lib
 
@@ -100,14 +101,18 @@ def test_cli_end_to_end(setup, capsys):
     assert q["confidence"] is None or 0.5 <= q["confidence"] <= 1.0
     assert 0.5 <= q["confidence_all"] <= 1.0
     ov = cv2.imread(str(out / q["overlay"]))
-    assert ov.shape == (h, w, 3)
+    assert ov.shape == (h + visualize.caption_height(h), w, 3)              # caption band on top
+    assert cv2.imread(str(out / q["panel"])).shape[0] == h + visualize.caption_height(h)
   assert [s["overlay"] for s in doc["supports"]] == ["support0_s1_overlay.png", "support1_s2_overlay.png"]
-  assert cv2.imread(str(out / doc["supports"][0]["overlay"])).shape == (50, 60, 3)
+  assert cv2.imread(str(out / doc["supports"][0]["overlay"])).shape == (50 + visualize.caption_height(50), 60, 3)
+  assert doc["trained_on"] is None
   # Palette index 15 is the object, the 255 border is ignored; 0/255 grey: 255 is the object.
   assert doc["supports"][0]["foreground_fraction"] == pytest.approx(20 * 30 / (50 * 60))
   assert doc["supports"][1]["foreground_fraction"] == pytest.approx(20 * 20 / (40 * 40))
   assert not [p for p in out.iterdir() if p.name.startswith(".")]        # no temp files left
-  assert "wrote 3 prediction(s)" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "wrote 3 prediction(s)" in printed
+  assert f"checkpoint {setup['ckpt']}: panet, fold not recorded (convert it again with --dataset and --fold)" in printed
 
   # An existing output is never replaced without --overwrite; nothing is touched.
   before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -272,3 +277,76 @@ def test_converted_checkpoint_without_fields_takes_the_support_count(tmp_path):
   assert module.shot == 2 and p.traces == 0
   assert predict._shot_field({}, registry.get("hdmnet").make_model) == ("shot", 1)
   assert predict._shot_field({"shots": 3}, registry.get("panet").make_model) == ("shots", 3)
+
+
+def test_query_overlay_outlines_the_prediction_under_a_caption(setup, predictor, tmp_path):
+  """The written overlay keeps the query's colours inside the predicted region (only its
+  boundary is drawn, red) and has the "prediction" caption; the panel names every tile."""
+  rng = np.random.default_rng(4)
+  image = rng.integers(0, 256, (60, 80, 3), np.uint8)
+  mask = np.zeros((60, 80), np.uint8)
+  mask[10:40, 20:60] = 1
+  pred = predict.Prediction(name="q", image=image, mask=mask, probability=mask.astype(np.float32),
+                            foreground_fraction=float(mask.mean()), confidence=1.0, confidence_all=1.0)
+  supports = predictor.load_supports([setup["files"]["s1"]], [setup["files"]["m1"]])
+  doc = json.loads(predict.write_outputs(predictor, supports, [pred], tmp_path / "o").read_text())
+  q = doc["queries"][0]
+  ov = cv2.cvtColor(cv2.imread(str(tmp_path / "o" / q["overlay"])), cv2.COLOR_BGR2RGB)
+  ch = visualize.caption_height(60)
+  np.testing.assert_array_equal(ov[:ch], visualize.caption("prediction", 80, ch))
+  body = ov[ch:]
+  edge = visualize.boundary(mask.astype(bool))
+  assert edge.any() and (edge != mask.astype(bool)).any()
+  np.testing.assert_array_equal(body[~edge], image[~edge])        # inside and outside untouched
+  assert (body[edge] == visualize.PRED_COLOR).all()
+  panel = cv2.imread(str(tmp_path / "o" / q["panel"]))
+  assert panel.shape[0] == 60 + ch and panel.shape[1] > 80
+  sup = cv2.cvtColor(cv2.imread(str(tmp_path / "o" / doc["supports"][0]["overlay"])), cv2.COLOR_BGR2RGB)
+  np.testing.assert_array_equal(sup[:visualize.caption_height(50)],
+                                visualize.caption("support", 60, visualize.caption_height(50)))
+
+
+NOISE = ("Unable to initialize backend", "oneDNN custom operations", "_CHECKPOINT_METADATA",
+         "Metadata file does not exist", "Traceback")
+
+
+def _predict_cli(setup, ckpt, out):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  f = setup["files"]
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  return subprocess.run([sys.executable, "-m", "fss_jax.predict", "--checkpoint", str(ckpt),
+                         "--support", f"{f['s1']}:{f['m1']}", "--query", str(f["q1"]), "--out", str(out),
+                         "--size", str(SIZE)], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_predict_names_the_fold_and_prints_no_library_noise(setup, tmp_path):
+  """A converted checkpoint that records its fold, and a training workdir (orbax's step
+  folders): the summary names the fold; stderr has no orbax metadata warning, TPU probe or
+  TensorFlow note."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
+  conv = tmp_path / "conv"
+  shutil.copytree(setup["ckpt"], conv)
+  (conv / "metadata.json").write_text(json.dumps({"model": "panet", "fields": {}, "dataset": "pascal5i",
+                                                  "fold": 2}))
+  v = setup["variables"]
+  state = state_lib.TrainState(step=np.int32(7), params=v["params"], batch_stats={}, opt_state={},
+                               rng=np.zeros(2, np.uint32))
+  mngr = loop.checkpoint_manager(tmp_path / "wd" / loop.BEST_DIR, keep=1, async_save=False)
+  mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(
+      {"model": "panet", "model_fields": {}, "dataset": "coco20i", "fold": 1})))
+  mngr.wait_until_finished()
+  mngr.close()
+  for ckpt, trained in ((conv, "pascal5i fold 2"), (tmp_path / "wd", "coco20i fold 1")):
+    r = _predict_cli(setup, ckpt, tmp_path / f"out_{ckpt.name}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"checkpoint {ckpt}: panet trained on {trained}; the classes of that fold's test split" in r.stdout
+    found = [n for n in NOISE if n in r.stderr]
+    assert not found, f"{found} in stderr:\n{r.stderr[-3000:]}"
+    doc = json.loads((tmp_path / f"out_{ckpt.name}" / "predictions.json").read_text())
+    assert doc["trained_on"]["fold"] == int(trained[-1])

@@ -107,7 +107,12 @@ class TrainingInterrupted(Exception):
 @contextlib.contextmanager
 def _stop_requests():
   """Collects SIGTERM / SIGINT while training (the loop saves, then stops): yields the list of
-  received signals. Outside the main thread (no handlers possible) it yields an empty list."""
+  received signals. Outside the main thread (no handlers possible) it yields an empty list.
+
+  Multi-process runs leave SIGTERM to JAX's preemption service, which makes every process
+  reach the same sync step (`CheckpointManager.reached_preemption`, checked by the loop), so
+  that all hosts save the same step; only SIGINT is caught here then.
+  """
   received: list[int] = []
   if threading.current_thread() is not threading.main_thread():
     yield received
@@ -117,7 +122,8 @@ def _stop_requests():
     del frame
     received.append(signum)
 
-  old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+  caught = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+  old = {sig: signal.signal(sig, handler) for sig in caught}
   try:
     yield received
   finally:
@@ -141,12 +147,18 @@ class WorkdirMismatchError(ValueError):
 class _QuietLibraries:
   """absl log filter: orbax's INFO records (several per checkpoint), its notes on read-only
   managers (used to read checkpoints for evaluation) and its tracebacks of a failed save, with
-  asyncio's reports of orbax's failed write tasks (the loop reports that failure in one line;
-  log.txt keeps every record), are dropped."""
+  asyncio's reports of orbax's failed write tasks (the loop reports that failure in one line),
+  jax's INFO notes on the platforms it probes ("Unable to initialize backend 'tpu'") and
+  TFDS's ("Load dataset info from ...") are dropped from the console; log.txt keeps every
+  record."""
 
   def filter(self, record) -> bool:
     if record.name == "asyncio":   # "Task exception was never retrieved" for each write
       return "/orbax/" not in record.getMessage()
+    if record.name.startswith("jax._src.xla_bridge") and record.levelno <= 20:
+      return False                 # "Unable to initialize backend 'tpu'": jax probing platforms
+    if "/tensorflow_datasets/" in record.pathname and record.levelno <= 20:
+      return False                 # "Load dataset info from ...", each time a split is opened
     if "/orbax/" not in record.pathname:
       return True
     if record.levelno <= 20 or record.exc_info:
@@ -597,11 +609,59 @@ def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, rep
       problem = f"config.init={config.init!r}: {', '.join(absent)} not found"
     raise FileNotFoundError(f"{config.model} needs converted or trained weights for its frozen parts: "
                             f"{problem}.\n{config.get('init_help', '')}".rstrip())
+  check_init_folds(config, inits, mode="train")
   state = state_lib.create(model, opt.tx, first, rng=rng, sharding=repl)
   if inits:
-    state = state_lib.load_init(state, inits, opt.tx, sharding=repl)
+    state = load_init(config, state, inits, opt.tx, sharding=repl)
     return state, "init", first
   return state, "scratch", first
+
+
+def load_init(config, state, inits: list[tuple[str, str]], tx, *, sharding):
+  """`state_lib.load_init` of config.init's weights; a mismatch names this run's model."""
+  return state_lib.load_init(state, inits, tx, sharding=sharding, model=config.model,
+                             fields=model_fields(config),
+                             entries=not config.init_prefix and any(p for p, _ in inits))
+
+
+class OtherFoldError(ValueError):
+  """config.init's weights were trained on another fold of this run's dataset."""
+
+
+def check_init_folds(config, inits: list[tuple[str, str]], *, mode: str) -> None:
+  """Refuses config.init weights trained on another fold of the run's dataset.
+
+  Their training saw this fold's test classes (a base learner trained on fold 2 knows
+  the classes fold 0 holds out), so the scores of this run would not be a result on
+  this fold. ``config.eval.allow_other_fold`` turns the error into a warning (a study
+  of that leak). Weights of another dataset get a warning (cross-dataset evaluation);
+  weights without a recorded fold (ImageNet backbones, older conversions) pass.
+
+  Raises:
+    OtherFoldError: trained on another fold of this dataset, and not allowed.
+  """
+  for _, path in inits:
+    info = state_lib.weights_info(path)
+    if info.get("fold") is None or not info.get("dataset"):
+      continue
+    trained = f"{info['dataset']} fold {info['fold']}"
+    if info["dataset"] != config.dataset:
+      logging.warning("checkpoint %s was trained on %s; this run %s %s fold %d (another dataset)",
+                      path, trained, "evaluates" if mode == "eval" else "trains on",
+                      config.dataset, config.fold)
+      continue
+    if int(info["fold"]) == int(config.fold):
+      continue
+    doing = "evaluating" if mode == "eval" else "training"
+    message = (f"checkpoint {path} was trained on {trained}; {doing} fold {config.fold} with it "
+               f"scores classes it was trained on")
+    if config.eval.get("allow_other_fold", False):
+      logging.warning("%s (config.eval.allow_other_fold=true)", message)
+      continue
+    raise OtherFoldError(
+        f"{message}. Use fold {config.fold}'s own checkpoint, run this config with "
+        f"fold={info['fold']}, or pass --config.eval.allow_other_fold=true to run it anyway "
+        f"(the scores are then not a fold-{config.fold} result)")
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) -> dict:
@@ -743,6 +803,8 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
       pending.add(done, metrics)
       report(done)
       saver.check()
+      if not stop_signals and jax.process_count() > 1 and mngr.reached_preemption(done):
+        stop_signals.append(signal.SIGTERM)  # every host stops at this same step
       if stop_signals:
         logging.info("signal %s after step %d: saving and stopping", stop_signals[0], done)
         save(done)
@@ -928,10 +990,10 @@ def load_for_eval(config, workdir: pathlib.Path, model, tx, example, mesh):
       return state, f"{where} step {step}"
     mngr.close()
   if config.init:
-    state = state_lib.create(model, tx, example, rng=jax.random.PRNGKey(int(config.seed)), sharding=repl)
     inits = state_lib.parse_inits(config.init, config.init_prefix)
-    return state_lib.load_init(state, inits, tx, sharding=repl), \
-        f"config.init {config.init}"
+    check_init_folds(config, inits, mode="eval")
+    state = state_lib.create(model, tx, example, rng=jax.random.PRNGKey(int(config.seed)), sharding=repl)
+    return load_init(config, state, inits, tx, sharding=repl), f"config.init {config.init}"
   raise FileNotFoundError(
       f"nothing to evaluate: {workdir} has no checkpoint (train first with --mode train) and "
       f"config.init / config.resume are not set (--config.init=<converted weights dir>)")
@@ -994,5 +1056,5 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
 __all__ = ["train_and_evaluate", "evaluate", "Data", "make_data", "episode_config", "ensure_episodes",
            "episodes_path", "NonFiniteLossError", "TrainingInterrupted", "WorkdirMismatchError",
            "CheckpointDamagedError", "CheckpointSaveError", "check_input_sizes",
-           "checkpoint_meta",
+           "checkpoint_meta", "check_init_folds", "OtherFoldError", "load_init",
            "results_path"]

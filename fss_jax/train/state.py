@@ -115,7 +115,25 @@ def abstract(model, tx, example: Mapping[str, Any], *, sharding=None) -> TrainSt
 # ---------------------------------------------------------------------------
 
 class InitMismatchError(ValueError):
-  """Converted weights do not fit the model; lists keys missing on each side."""
+  """Converted weights do not fit the model; lists keys missing on each side.
+
+  Attributes:
+    missing, unexpected, shapes: the keys missing in the checkpoint, the keys the model
+      lacks, and the shape mismatches (one text line each).
+    details: the full listing when the message is a one-line diagnosis (`load_init`), else "".
+  """
+
+  def __init__(self, message: str, *, missing=(), unexpected=(), shapes=(), details: str = ""):
+    super().__init__(message)
+    self.missing, self.unexpected, self.shapes = list(missing), list(unexpected), list(shapes)
+    self.details = details
+
+  def counts(self) -> str:
+    """"275 missing, 489 unexpected keys" (the kinds that occur)."""
+    parts = [f"{len(items)} {name}" for name, items in (
+        ("missing", self.missing), ("unexpected", self.unexpected),
+        ("shape mismatches", self.shapes)) if items]
+    return ", ".join(parts) + (" keys" if not self.shapes else "")
 
 
 def _resolve_pytree_dir(path: pathlib.Path) -> pathlib.Path:
@@ -150,7 +168,9 @@ def read_variables(path: str | os.PathLike) -> dict:
         f"`python -m checkpoints.convert --model <name> --src <file.pth> --dst {os.fspath(path)}`.")
   d = _resolve_pytree_dir(root)
   ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(d)
+  # The handler's tree metadata: the checkpointer's would also read the step's
+  # _CHECKPOINT_METADATA, which a training step's ``state/`` item does not have (a warning).
+  meta = ckptr.handler.metadata(d)
   tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   values = ckptr.restore(d, args=ocp.args.PyTreeRestore(restore_args=restore_args))
@@ -159,6 +179,63 @@ def read_variables(path: str | os.PathLike) -> dict:
     values = {"params": values}
   values.setdefault("batch_stats", {})
   return values
+
+
+_CONVERTED_METADATA = "metadata.json"       # checkpoints.io.METADATA_FILE
+_STEP_METADATA = ("meta", "metadata")       # a training step's meta item (fss_jax.train.loop)
+
+
+def weights_info(path: str | os.PathLike) -> dict:
+  """What weights record about themselves, {} when nothing is recorded.
+
+  Reads a converted checkpoint's ``metadata.json`` (``checkpoints.convert``) or a
+  training step's ``meta/metadata`` (``fss_jax.main``; a workdir, its ``checkpoints``
+  or ``best`` folder, or one step).
+
+  Returns:
+    {"kind": "converted" | "trained", "file": the metadata file, "model", "fields",
+    "dataset", "fold", "source" (the converted file)}, keys absent when not recorded.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  file, kind = _metadata_file(pathlib.Path(os.path.expanduser(os.fspath(path))))
+  if file is None:
+    return {}
+  try:
+    meta = json.loads(file.read_text())
+  except (OSError, ValueError):
+    return {}
+  if not isinstance(meta, dict):
+    return {}
+  info = {"kind": kind, "file": str(file), "model": meta.get("model"),
+          "fields": meta.get("fields" if kind == "converted" else "model_fields"),
+          "dataset": meta.get("dataset"), "fold": meta.get("fold"), "source": meta.get("source")}
+  return {k: v for k, v in info.items() if v is not None}
+
+
+def _metadata_file(root: pathlib.Path) -> tuple[pathlib.Path | None, str]:
+  """(the metadata file of the weights at ``root``, "converted" | "trained")."""
+  if (root / "variables").is_dir() and (root / _CONVERTED_METADATA).is_file():
+    return root / _CONVERTED_METADATA, "converted"
+  if root.name == "variables" and (root.parent / _CONVERTED_METADATA).is_file():
+    return root.parent / _CONVERTED_METADATA, "converted"
+  try:
+    d = _resolve_pytree_dir(root) if root.is_dir() else None
+  except (FileNotFoundError, OSError):
+    return None, ""
+  step_meta = d.parent.joinpath(*_STEP_METADATA) if d is not None else None
+  if step_meta is not None and step_meta.is_file():
+    return step_meta, "trained"
+  return None, ""
+
+
+def describe_weights(info: Mapping[str, Any]) -> str:
+  """"a converted sccan checkpoint (layers=101; pascal5i fold 0)" from `weights_info`."""
+  fields = ", ".join(f"{k}={v}" for k, v in sorted((info.get("fields") or {}).items()))
+  trained = (f"{info['dataset']} fold {info['fold']}" if info.get("fold") is not None
+             and info.get("dataset") else "")
+  inside = "; ".join(x for x in (fields, trained) if x)
+  kind = "converted" if info.get("kind") == "converted" else "trained"
+  return f"a {kind} {info.get('model') or 'unknown-model'} checkpoint" + (f" ({inside})" if inside else "")
 
 
 def _flat(tree: Any) -> dict[tuple, Any]:
@@ -185,25 +262,7 @@ def merge_variables(target: Mapping[str, Any], loaded: Mapping[str, Any], *,
   Raises:
     InitMismatchError: missing / unexpected keys or shape mismatches.
   """
-  pre = tuple(p for p in prefix.split("/") if p)
-  missing, unexpected, shapes = [], [], []
-  out = {}
-  for coll in ("params", "batch_stats"):
-    tgt = _flat(target.get(coll))
-    src = {pre + k: v for k, v in _flat(loaded.get(coll)).items()}
-    under = {k for k in tgt if k[:len(pre)] == pre}
-    for k in sorted(under - set(src)):
-      missing.append(f"{coll}/{'/'.join(k)} {tuple(tgt[k].shape)}")
-    for k in sorted(set(src) - set(tgt)):
-      unexpected.append(f"{coll}/{'/'.join(k)} {tuple(np.shape(src[k]))}")
-    merged = dict(tgt)
-    for k in sorted(set(src) & set(tgt)):
-      if tuple(np.shape(src[k])) != tuple(tgt[k].shape):
-        shapes.append(f"{coll}/{'/'.join(k)}: {source} {tuple(np.shape(src[k]))}, "
-                      f"model {tuple(tgt[k].shape)}")
-      else:
-        merged[k] = np.asarray(src[k]).astype(tgt[k].dtype)
-    out[coll] = traverse_util.unflatten_dict(merged) if merged else {}
+  missing, unexpected, shapes = compare_variables(target, loaded, prefix=prefix, source=source)
   if missing or unexpected or shapes:
     lines = [f"{source} do not match the model" + (f" under {prefix!r}" if prefix else "") + ":"]
     for title, items in (("missing in the checkpoint (the model has them)", missing),
@@ -216,8 +275,38 @@ def merge_variables(target: Mapping[str, Any], loaded: Mapping[str, Any], *,
           lines.append(f"    ... and {len(items) - 40} more")
     lines.append("  Convert weights for this model/config (checkpoints.convert) or set "
                  "config.init_prefix to the sub-module they belong to.")
-    raise InitMismatchError("\n".join(lines))
+    raise InitMismatchError("\n".join(lines), missing=missing, unexpected=unexpected, shapes=shapes)
+  pre = tuple(p for p in prefix.split("/") if p)
+  out = {}
+  for coll in ("params", "batch_stats"):
+    merged = dict(_flat(target.get(coll)))
+    for k, v in _flat(loaded.get(coll)).items():
+      merged[pre + k] = np.asarray(v).astype(merged[pre + k].dtype)
+    out[coll] = traverse_util.unflatten_dict(merged) if merged else {}
   return out
+
+
+def compare_variables(target: Mapping[str, Any], loaded: Mapping[str, Any], *, prefix: str = "",
+                      source: str = "converted weights") -> tuple[list[str], list[str], list[str]]:
+  """(missing, unexpected, shape mismatches) of ``loaded`` put under ``prefix`` of ``target``.
+
+  Keys and shapes only (nothing is copied); empty lists mean `merge_variables` succeeds.
+  """
+  pre = tuple(p for p in prefix.split("/") if p)
+  missing, unexpected, shapes = [], [], []
+  for coll in ("params", "batch_stats"):
+    tgt = _flat(target.get(coll))
+    src = {pre + k: v for k, v in _flat(loaded.get(coll)).items()}
+    under = {k for k in tgt if k[:len(pre)] == pre}
+    for k in sorted(under - set(src)):
+      missing.append(f"{coll}/{'/'.join(k)} {tuple(tgt[k].shape)}")
+    for k in sorted(set(src) - set(tgt)):
+      unexpected.append(f"{coll}/{'/'.join(k)} {tuple(np.shape(src[k]))}")
+    for k in sorted(set(src) & set(tgt)):
+      if tuple(np.shape(src[k])) != tuple(tgt[k].shape):
+        shapes.append(f"{coll}/{'/'.join(k)}: {source} {tuple(np.shape(src[k]))}, "
+                      f"model {tuple(tgt[k].shape)}")
+  return missing, unexpected, shapes
 
 
 _PREFIX_ENTRY = re.compile(r"^([A-Za-z_][\w/]*)=(.+)$")
@@ -267,8 +356,76 @@ def _unwrap(loaded: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
   return {"params": params[name[0]], "batch_stats": stats.get(name[0], {}) if stats else {}}
 
 
+def _candidate_prefixes(target: Mapping[str, Any], depth: int = 2) -> list[str]:
+  """"" (the whole model) and the model's sub-modules down to ``depth`` levels."""
+  paths = {"/".join(k[:d]) for k in _flat(target.get("params")) for d in range(1, depth + 1)
+           if len(k) > d}
+  return [""] + sorted(paths)
+
+
+def fitting_prefixes(target: Mapping[str, Any], loaded: Mapping[str, Any]) -> list[str]:
+  """The prefixes (`_candidate_prefixes`) under which ``loaded`` fits ``target`` exactly."""
+  return [p for p in _candidate_prefixes(target)
+          if not any(compare_variables(target, _unwrap(loaded, p), prefix=p))]
+
+
+def _prefix_flag(prefix: str, path: str, entries: bool) -> str:
+  if entries:
+    return f"{prefix}={path} in --config.init" if prefix else f"--config.init={path} alone"
+  return f"--config.init_prefix={prefix or chr(39) * 2}"
+
+
+def _field_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+  diffs = [f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}"
+           for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+  return "; ".join(diffs)
+
+
+def explain_mismatch(error: InitMismatchError, target: Mapping[str, Any], loaded: Mapping[str, Any],
+                     prefix: str, path: str, *, model: str = "", fields: Mapping[str, Any] | None = None,
+                     entries: bool = False) -> InitMismatchError:
+  """A one-line diagnosis of weights that do not fit under ``prefix``: what the checkpoint is
+  (its `weights_info`) and what to pass instead (the prefix where it fits), with the key
+  counts; the full listing moves to ``details``. ``error`` itself when nothing is known.
+
+  Args:
+    error: `merge_variables`' error for ``loaded`` under ``prefix``.
+    target: the model's {"params", "batch_stats"}.
+    loaded: the weights as read (`read_variables`, not unwrapped).
+    prefix, path: where they were loaded, and from which directory.
+    model, fields: this run's model name and fields (for the message).
+    entries: config.init is a list of prefix=path entries (the hint names an entry, not
+      config.init_prefix).
+  """
+  info = weights_info(path)
+  info = info if info.get("model") else {}
+  fits = [p for p in fitting_prefixes(target, loaded) if p != prefix]
+  if not info and not fits:
+    return error
+  what = f"{path} holds {describe_weights(info)}" if info else f"the weights in {path}"
+  under = f"under {prefix!r}" if prefix else "as the whole model"
+  counts = f"{error.counts()} {under}"
+  if fits:
+    where = "the whole model" if fits[0] == "" else f"the model's {fits[0]!r} sub-module"
+    message = (f"{what}: they fit {where}, not {under} ({counts}); pass "
+               f"{_prefix_flag(fits[0], path, entries)}")
+  elif info.get("model") and model and info["model"] != model:
+    part = f"{prefix!r} sub-module" if prefix else "model"
+    message = (f"{what}: a {info['model']} model, not weights for this {model} config's {part} "
+               f"({counts}); convert the weights this config needs (see its docstring) or use a "
+               f"{info['model']} config")
+  else:
+    differ = _field_differences(info.get("fields") or {}, fields or {})
+    message = (f"{what}: its keys do not fit this {model or 'model'} {under} ({counts})"
+               + (f"; the fields differ ({differ}): convert again with --model-arg to match, "
+                  f"or set them in the config" if differ else ""))
+  return InitMismatchError(message, missing=error.missing, unexpected=error.unexpected,
+                           shapes=error.shapes, details=str(error))
+
+
 def load_init(state: TrainState, path: str | os.PathLike | Sequence[tuple[str, str]], tx, *,
-              prefix: str = "", sharding=None) -> TrainState:
+              prefix: str = "", sharding=None, model: str = "",
+              fields: Mapping[str, Any] | None = None, entries: bool | None = None) -> TrainState:
   """``state`` with params/batch_stats from converted weights and a fresh opt_state.
 
   Args:
@@ -278,12 +435,23 @@ def load_init(state: TrainState, path: str | os.PathLike | Sequence[tuple[str, s
     tx: the optax transformation (opt_state is re-initialised for the new params).
     prefix: see `merge_variables` (single-path form only).
     sharding: placement of the result (e.g. replicated).
+    model, fields: the run's model name and fields, named by a mismatch's message.
+    entries: config.init was written as prefix=path entries (default: more than one source).
+
+  Raises:
+    InitMismatchError: the weights do not fit; when the checkpoint says what it is or
+      fits elsewhere in the model, a one-line message (`explain_mismatch`).
   """
   sources = [(prefix, path)] if isinstance(path, (str, os.PathLike)) else list(path)
   merged = {"params": state.params, "batch_stats": state.batch_stats}
   for pre, src in sources:
-    merged = merge_variables(merged, _unwrap(read_variables(src), pre), prefix=pre,
-                             source=f"weights in {os.fspath(src)}")
+    loaded = read_variables(src)
+    try:
+      merged = merge_variables(merged, _unwrap(loaded, pre), prefix=pre,
+                               source=f"weights in {os.fspath(src)}")
+    except InitMismatchError as e:
+      raise explain_mismatch(e, merged, loaded, pre, os.fspath(src), model=model, fields=fields,
+                             entries=len(sources) > 1 if entries is None else entries) from None
 
   def _place(p, b, step, rng):
     return TrainState(step=step, params=p, batch_stats=b, opt_state=tx.init(p), rng=rng)
@@ -293,4 +461,6 @@ def load_init(state: TrainState, path: str | os.PathLike | Sequence[tuple[str, s
 
 
 __all__ = ["TrainState", "create", "abstract", "init_variables", "zeros_like_episode",
-           "read_variables", "merge_variables", "load_init", "parse_inits", "InitMismatchError"]
+           "read_variables", "merge_variables", "compare_variables", "load_init", "parse_inits",
+           "InitMismatchError", "weights_info", "describe_weights", "explain_mismatch",
+           "fitting_prefixes"]
