@@ -7,10 +7,11 @@ steps, checkpoint writes in flight) and rerun each time until it finishes. The
 final checkpoints of both runs are compared leaf by leaf (params, optimiser state,
 batch statistics, step)::
 
-  python bench/kill_resume.py --kills 12 --steps 40 --seed 0
+  python bench/kill_resume.py --kills 12 --steps 60 --seed 0
 
-Prints one JSON line: the kill times and the checkpoint step each rerun resumed
-from, ``bitwise_equal`` (every leaf identical) and ``max_abs_diff``.
+Prints one JSON line: per kill its phase (start-up or training), time, the step
+that run had resumed from and the checkpoints on disk after it; ``bitwise_equal``
+(every leaf identical) and ``max_abs_diff``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ def _final_state(workdir: pathlib.Path):
   return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
+def _first_steps(workdir: pathlib.Path) -> int:
+  """How many runs of ``workdir`` have logged their first training step."""
+  log = workdir / "log.txt"
+  return log.read_text().count("first step done") if log.is_file() else 0
+
+
+def _steps_saved(workdir: pathlib.Path) -> list[int]:
+  """The complete checkpoint steps in ``workdir`` (orbax renames a finished save to its step)."""
+  d = workdir / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
 def _resumed_step(workdir: pathlib.Path) -> int | None:
   """The step the last run of ``workdir`` resumed from (its log line), None from scratch."""
   log = (workdir / "log.txt").read_text() if (workdir / "log.txt").is_file() else ""
@@ -72,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--kills", type=int, default=12)
   p.add_argument("--steps", type=int, default=40)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--max_delay", type=float, default=25.0,
-                 help="a kill comes 0..max_delay seconds after a (re)start")
+  p.add_argument("--max_delay", type=float, default=6.0,
+                 help="a kill comes 0..max_delay seconds after the first step of a rerun "
+                      "(or after its start, for one kill in five)")
   p.add_argument("--num_images", type=int, default=48)
   a = p.parse_args(argv)
   rng = random.Random(a.seed)
@@ -89,15 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     ref_s = time.time() - t0
     kills = []
     while len(kills) < a.kills:
+      # One kill in five during start-up (restore, compilation), the others while training
+      # (a checkpoint write is in flight after every step): 0..max_delay s after the first step.
+      during_startup = rng.random() < 0.2
       delay = rng.uniform(0.0, a.max_delay)
+      steps_before = _first_steps(run)
+      t_start = time.time()
       proc = subprocess.Popen(_command(a.config, run, data_dir, a.steps), cwd=REPO, env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+      while not during_startup and proc.poll() is None and _first_steps(run) == steps_before:
+        time.sleep(0.05)
       try:
         proc.wait(timeout=delay)
       except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills.append({"after_s": round(delay, 2), "resumed_from_step": _resumed_step(run)})
+        kills.append({"phase": "start-up" if during_startup else "training",
+                      "after_s": round(time.time() - t_start, 2),
+                      "resumed_from_step": _resumed_step(run), "checkpoints": _steps_saved(run)})
         continue
       if proc.returncode != 0:
         raise SystemExit(f"the run exited {proc.returncode} before {a.kills} kills")
