@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from fss_jax import io as fss_io
+
 VARIABLES_DIR = "variables"
 METADATA_FILE = "metadata.json"
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".npz", ".safetensors")
@@ -98,14 +100,7 @@ def _torch_container(head: bytes) -> str | None:
 
 def _describe(head: bytes) -> str:
   """What a file that is not a checkpoint looks like, from its first bytes."""
-  text = head.lstrip().lower()
-  if text.startswith(b"version https://git-lfs"):
-    return "a Git LFS pointer, not the file: run `git lfs pull`"
-  if text.startswith((b"<!doctype html", b"<html")):
-    return "an HTML page (a download link's web page saved instead of the file?)"
-  if head and all(32 <= c < 127 or c in b"\t\r\n" for c in head[:64]):
-    return f"a text file starting with {head[:64].decode('ascii').splitlines()[0][:40]!r}"
-  return f"it starts with {head[:8]!r}"
+  return fss_io.describe_text_head(head) or f"it starts with {head[:8]!r}"
 
 
 def check_torch_file(path: str | os.PathLike) -> None:

@@ -67,3 +67,18 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
 
 
 __all__ = ["atomic_write", "default_mode", "current_umask"]
+
+
+def describe_text_head(head: bytes) -> str | None:
+  """What a file that should be binary (an image, a checkpoint) looks like from its first bytes:
+  a Git LFS pointer, an HTML / XML page or a text file; None when it does not look like text."""
+  text = head.lstrip().lower()
+  if text.startswith(b"version https://git-lfs"):
+    return "a Git LFS pointer, not the file: run `git lfs pull`"
+  if text.startswith((b"<!doctype html", b"<html")):
+    return "an HTML page (a web page saved instead of the file?)"
+  if text.startswith((b"<?xml", b"<svg")):
+    return "an XML / SVG file, not a raster image or a checkpoint"
+  if head and all(32 <= c < 127 or c in b"\t\r\n" for c in head[:64]):
+    return f"a text file starting with {head[:64].decode('ascii').splitlines()[0][:40]!r}"
+  return None

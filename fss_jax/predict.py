@@ -169,15 +169,8 @@ def _what_it_is(path: pathlib.Path) -> str:
   """What an unidentified file looks like (for the error message)."""
   with open(path, "rb") as f:
     head = f.read(64)
-  text = head.lstrip().lower()
-  if text.startswith(b"version https://git-lfs"):
-    return "a Git LFS pointer, not the file: run `git lfs pull`"
-  if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<svg")):
-    return "an HTML/XML page, e.g. a web page saved instead of the image"
-  if all(32 <= c < 127 or c in b"\t\r\n" for c in head):
-    snippet = head.decode("ascii").split("\n", 1)[0][:30]
-    return f"a text file starting with {snippet!r}"
-  return "truncated, corrupt, or not an image format OpenCV or PIL reads"
+  return (fss_io.describe_text_head(head)
+          or "truncated, corrupt, or not an image format OpenCV or PIL reads")
 
 
 @contextlib.contextmanager
