@@ -36,7 +36,6 @@ succeeds.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import pathlib
@@ -45,18 +44,11 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from checkpoints import io as ckpt_io
+from fss_jax import io as fss_io
 
 # Least share of keys (matched / union) another model needs for a "pass --model X" hint.
 SUGGEST_MIN_MATCH = 0.5
 SHOWN_KEYS = 10                   # keys listed per kind of mismatch without --verbose
-
-
-def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
@@ -251,7 +243,7 @@ def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *
     _raise_if_other_model(e, state_dict, keymap, src, model)
     raise
   metadata = {"model": model, "fields": fields, "source": str(src.absolute()),
-              "sha256": _sha256(src), "format": "fss_jax converted checkpoint v1", **trained}
+              "sha256": fss_io.file_sha256(src), "format": "fss_jax converted checkpoint v1", **trained}
   return ckpt_io.write_orbax(variables, dst, overwrite=overwrite, metadata=metadata)
 
 

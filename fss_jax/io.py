@@ -10,6 +10,7 @@ unreadable to the other users of a shared dataset or results folder).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import tempfile
@@ -82,3 +83,12 @@ def describe_text_head(head: bytes) -> str | None:
   if head and all(32 <= c < 127 or c in b"\t\r\n" for c in head[:64]):
     return f"a text file starting with {head[:64].decode('ascii').splitlines()[0][:40]!r}"
   return None
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
+  """Hex sha256 of a file's bytes (the same as ``sha256sum``), read in chunks."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(chunk_bytes):
+      h.update(chunk)
+  return h.hexdigest()

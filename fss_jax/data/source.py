@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -71,7 +70,6 @@ VERIFIED_FILE = "fss_verified.json"
 _IMAGE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 # Records checked against the index when a split is opened (first, middle, last).
 _SPOT_CHECKS = 3
-_HASH_CHUNK = 8 << 20
 # What array_record / Riegeli raise for a damaged, truncated or vanished record file.
 _READ_ERRORS = (RuntimeError, OSError, ValueError)
 
@@ -106,13 +104,7 @@ class RecordFileError(DatasetNotReadyError):
 # ---------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-  """Hex sha256 of a file's bytes (the same as ``sha256sum``)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_HASH_CHUNK):
-      h.update(chunk)
-  return h.hexdigest()
+file_sha256 = fss_io.file_sha256  # looked up here at each use (tests count the calls)
 
 
 def _stat_key(st: os.stat_result) -> dict[str, int]:
