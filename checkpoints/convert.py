@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import pathlib
 import re
 import sys
@@ -135,7 +136,7 @@ def guess_trained_on(src: str | pathlib.Path) -> tuple[str | None, int | None]:
   """
   from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
   dataset, fold = None, None
-  for part in pathlib.Path(src).absolute().parts[:-1]:
+  for part in (fss_io.user_path(src) if fss_io.is_remote(src) else pathlib.Path(src).absolute()).parts[:-1]:
     m = _FOLD_PART.match(part)
     if m:
       fold = int(m.group(1))
@@ -227,14 +228,16 @@ def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *
   from fss_jax.models import registry
 
   fields = dict(fields or {})
-  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  src, dst = fss_io.user_path(src), fss_io.user_path(dst)
   spec = registry.get(model)
   _check_fields(spec.keymap, fields, model)
   trained = trained_on(src, dataset, fold)
   if dst.exists() and not overwrite:  # fail before the (slow) read
     raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it, "
                           "or choose another destination")
-  state_dict = keymaps.strip_prefixes(ckpt_io.read_state_dict(src))
+  with fss_io.local_copy(src) as local:   # torch.load reads local files; gs:// is downloaded
+    state_dict = keymaps.strip_prefixes(ckpt_io.read_state_dict(local))
+    digest = fss_io.file_sha256(local)
   keymap = spec.keymap(**fields)
   try:
     _check_checkpoint(spec, state_dict, src, fields)
@@ -242,8 +245,9 @@ def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *
   except ValueError as e:   # keymaps.ConversionError included
     _raise_if_other_model(e, state_dict, keymap, src, model)
     raise
-  metadata = {"model": model, "fields": fields, "source": str(src.absolute()),
-              "sha256": fss_io.file_sha256(src), "format": "fss_jax converted checkpoint v1", **trained}
+  metadata = {"model": model, "fields": fields,
+              "source": os.fspath(src) if fss_io.is_remote(src) else str(src.absolute()),
+              "sha256": digest, "format": "fss_jax converted checkpoint v1", **trained}
   return ckpt_io.write_orbax(variables, dst, overwrite=overwrite, metadata=metadata)
 
 

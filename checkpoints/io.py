@@ -296,10 +296,12 @@ def write_orbax(variables: Mapping, dst: str | os.PathLike, *, overwrite: bool =
   Raises:
     FileExistsError: `dst` exists and `overwrite` is False (nothing is touched).
   """
-  from fss_jax import io as fss_io  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp
 
-  dst = pathlib.Path(dst).absolute()
+  if fss_io.is_remote(dst):
+    return _write_orbax_remote(variables, fss_io.user_path(dst), overwrite=overwrite,
+                               metadata=metadata)
+  dst = pathlib.Path(os.path.expanduser(dst)).absolute()
   if dst.exists() and not overwrite:
     raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to "
                           "replace it, or choose another destination")
@@ -323,11 +325,28 @@ def write_orbax(variables: Mapping, dst: str | os.PathLike, *, overwrite: bool =
   return dst
 
 
+def _write_orbax_remote(variables: Mapping, dst, *, overwrite: bool,
+                        metadata: Mapping[str, Any] | None):
+  """`write_orbax` to an object store (no rename there): an old ``dst`` loses its
+  metadata.json first, then the variables are written, and metadata.json (what readers
+  take as the mark of a complete conversion) last."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if dst.exists():
+    if not overwrite:
+      raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to "
+                            "replace it, or choose another destination")
+    (dst / METADATA_FILE).unlink(missing_ok=True)
+    dst.rmtree()
+  ocp.PyTreeCheckpointer().save(dst / VARIABLES_DIR, _to_numpy_tree(variables))
+  fss_io.atomic_write(dst / METADATA_FILE, json.dumps(dict(metadata or {}), indent=1, sort_keys=True))
+  return dst
+
+
 def read_orbax(dst: str | os.PathLike) -> dict:
   """Variables written by `write_orbax` (numpy arrays)."""
   import orbax.checkpoint as ocp
 
-  path = pathlib.Path(dst).absolute() / VARIABLES_DIR
+  path = fss_io.user_path(dst) / VARIABLES_DIR
   if not path.is_dir():
     raise FileNotFoundError(f"{dst} is not a converted checkpoint (no {VARIABLES_DIR}/ inside)")
   return ocp.PyTreeCheckpointer().restore(path)
@@ -335,4 +354,4 @@ def read_orbax(dst: str | os.PathLike) -> dict:
 
 def read_metadata(dst: str | os.PathLike) -> dict:
   """The metadata.json written by `write_orbax`."""
-  return json.loads((pathlib.Path(dst) / METADATA_FILE).read_text())
+  return json.loads((fss_io.user_path(dst) / METADATA_FILE).read_text())

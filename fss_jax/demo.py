@@ -43,6 +43,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from fss_jax import io as fss_io
+
 def _opt(default, help_text: str):
   return dataclasses.field(default=default, metadata={"help": help_text})
 
@@ -189,7 +191,7 @@ def main(argv) -> None:
   from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
   loop.quiet_library_logs()
   opts = Options(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Options)})
-  workdir = pathlib.Path(os.path.expanduser(flags.FLAGS.workdir))
+  workdir = fss_io.user_path(flags.FLAGS.workdir)
   try:
     out = run(workdir, opts)
   except loop.TrainingInterrupted as e:  # Ctrl-C during training: the step was saved

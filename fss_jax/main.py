@@ -35,7 +35,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from fss_jax import io as fss_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and argument, e.g. configs/panet.py:dataset=pascal5i,fold=0,shot=1.",
@@ -189,14 +192,14 @@ def main(argv: list[str]) -> None:
 
   loop.quiet_library_logs()
   config = _CONFIG.value
-  workdir = pathlib.Path(os.path.expanduser(_WORKDIR.value))
+  workdir = fss_io.user_path(_WORKDIR.value)
   with contextlib.ExitStack() as stack:
     _claim_workdir(config, workdir, stack)
     summary = _run(config, workdir)
   print(json.dumps(summary, default=str))
 
 
-def _claim_workdir(config, workdir: pathlib.Path, stack: contextlib.ExitStack) -> None:
+def _claim_workdir(config, workdir: epath.Path, stack: contextlib.ExitStack) -> None:
   """Before anything is written: the workdir is writable and no other run holds it (process 0
   takes its lock, held until ``stack`` closes)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -211,7 +214,7 @@ def _claim_workdir(config, workdir: pathlib.Path, stack: contextlib.ExitStack) -
     _fail(str(e))
 
 
-def _run(config, workdir: pathlib.Path) -> dict:
+def _run(config, workdir: epath.Path) -> dict:
   """``--mode train`` / ``eval`` with the text log; errors become one line and an exit status."""
   from fss_jax.data import source  # pylint: disable=g-import-not-at-top
   from fss_jax.models import registry  # pylint: disable=g-import-not-at-top

@@ -91,6 +91,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
+from etils import epath
 
 from fss_jax import io as fss_io
 from fss_jax.data import transforms
@@ -330,11 +331,21 @@ def _load(item: Any, kind: str, index: int, *, what: str | None = None,
   """(array, display name, path or None) of an image / mask given as a path or array."""
   if isinstance(item, (str, os.PathLike)):
     what = what or kind
-    if kind == "image":
-      arr = read_image(item, what=what, max_megapixels=max_megapixels)
-    else:
-      arr = read_mask(item, what=what, max_megapixels=max_megapixels, warn=warn)
-    return arr, pathlib.Path(item).stem, os.fspath(item)
+    shown = os.fspath(item)
+    try:
+      with fss_io.local_copy(item) as local:   # gs:// inputs: read from a downloaded copy
+        if kind == "image":
+          arr = read_image(local, what=what, max_megapixels=max_megapixels)
+        else:
+          arr = read_mask(local, what=what, max_megapixels=max_megapixels,
+                          warn=lambda m: warn(m.replace(local, shown)))
+    except PredictInputError as e:
+      if local == shown:
+        raise
+      raise PredictInputError(str(e).replace(local, shown)) from None
+    except FileNotFoundError:
+      raise PredictInputError(f"{what} {shown} not found; check the path") from None
+    return arr, fss_io.user_path(item).stem, shown
   arr = np.asarray(item)
   name = f"{kind}_{index}"
   if kind == "image":
@@ -361,12 +372,12 @@ def _load(item: Any, kind: str, index: int, *, what: str | None = None,
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
   """Where the weights came from and what they are."""
-  path: pathlib.Path
+  path: epath.Path
   kind: str                     # "converted" | "workdir"
   model: str | None
   fields: dict
-  metadata_file: pathlib.Path | None
-  weights_dir: pathlib.Path
+  metadata_file: epath.Path | None
+  weights_dir: epath.Path
   step: int | None = None
   dataset: str | None = None    # what the weights were trained on, when recorded
   fold: int | None = None
@@ -378,7 +389,7 @@ class Checkpoint:
     return f"{self.dataset or 'unknown dataset'} fold {self.fold}"
 
 
-def _latest_step_dir(folder: pathlib.Path) -> pathlib.Path | None:
+def _latest_step_dir(folder: epath.Path) -> epath.Path | None:
   steps = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir()] \
       if folder.is_dir() else []
   return max(steps, key=lambda p: int(p.name)) if steps else None
@@ -395,7 +406,7 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
     PredictInputError: nothing usable under ``path``.
   """
   from checkpoints import io as ckpt_io  # pylint: disable=g-import-not-at-top
-  root = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  root = fss_io.user_path(path)
   if not root.exists():
     raise PredictInputError(f"checkpoint {root} not found. Convert official weights with `python -m "
                             f"checkpoints.convert --model <name> --src best.pth --dst {root}` or "
@@ -444,7 +455,7 @@ def run_transform(ckpt: "Checkpoint") -> tuple[int, str] | None:
   from fss_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if ckpt.kind != "workdir":
     return None
-  root = pathlib.Path(ckpt.path)
+  root = fss_io.user_path(ckpt.path)
   cfg = next((c for c in (workdir_lib.read_run_config(d) for d in (root, *root.parents[:2]))
               if c), {})
   data = cfg.get("data") or {}
@@ -845,7 +856,7 @@ def output_files(supports: Sequence[Support], predictions_or_names: Sequence[Any
 
 def check_outputs(out_dir: str | os.PathLike, files: Mapping[str, Any], *, overwrite: bool) -> None:
   """Raises PredictInputError listing output files that exist (unless ``overwrite``)."""
-  out = pathlib.Path(out_dir)
+  out = fss_io.user_path(out_dir)
   if out.exists() and not out.is_dir():
     raise PredictInputError(f"--out {out} is a file, not a folder; choose a folder")
   names = [n for pair in files["queries"] for n in pair] + list(files["supports"]) + [files["json"]]
@@ -883,13 +894,13 @@ def prediction_panel(supports: Sequence[Support], prediction: Prediction) -> np.
 
 
 def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions: Sequence[Prediction],
-                  out_dir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+                  out_dir: str | os.PathLike, *, overwrite: bool = False) -> epath.Path:
   """Writes masks, overlays and ``predictions.json`` to ``out_dir``; returns the json path.
 
   Every file goes through a temporary file + rename; nothing is replaced unless
   ``overwrite``.
   """
-  out = pathlib.Path(out_dir)
+  out = fss_io.user_path(out_dir)
   files = output_files(supports, predictions)
   check_outputs(out, files, overwrite=overwrite)
   out.mkdir(parents=True, exist_ok=True)
@@ -923,9 +934,11 @@ def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions
 # ---------------------------------------------------------------------------
 
 def _parse_support(text: str) -> tuple[str, str]:
-  if ":" not in text:
+  """"IMAGE:MASK" -> (IMAGE, MASK): the last ':' that is not the one of a ``gs://`` scheme."""
+  seps = [i for i, c in enumerate(text) if c == ":" and not text.startswith("//", i + 1)]
+  if not seps:
     raise PredictInputError(f"--support expects IMAGE:MASK, got {text!r}")
-  image, mask = text.rsplit(":", 1)
+  image, mask = text[:seps[-1]], text[seps[-1] + 1:]
   if not image or not mask:
     raise PredictInputError(f"--support expects IMAGE:MASK, got {text!r}")
   return image, mask
@@ -964,7 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           compute_dtype=args.compute_dtype, max_megapixels=args.max_pixels)
     supports = predictor.load_supports([a for a, _ in pairs], [b for _, b in pairs])
     # Refuse existing outputs before the (slow) model run.
-    check_outputs(args.out, output_files(supports, [pathlib.Path(q).stem for q in args.query]),
+    check_outputs(args.out, output_files(supports, [fss_io.user_path(q).stem for q in args.query]),
                   overwrite=args.overwrite)
     preds = predictor.segment(supports, None, args.query)
     path = write_outputs(predictor, supports, preds, args.out, overwrite=args.overwrite)

@@ -42,7 +42,7 @@ def test_files_follow_the_umask(tmp_path, umask, want):
     p = fss_io.atomic_write(tmp_path / "shared" / "index.npz", b"x")
   finally:
     os.umask(old)
-  assert stat.S_IMODE(p.stat().st_mode) == want   # tempfile alone gives 0600
+  assert stat.S_IMODE(os.stat(p).st_mode) == want   # tempfile alone gives 0600
   assert fss_io.current_umask() == old
 
 
@@ -55,7 +55,7 @@ def test_converted_checkpoint_follows_the_umask(tmp_path):
   finally:
     os.umask(old)
   for p in [dst, *dst.rglob("*")]:
-    mode = stat.S_IMODE(p.stat().st_mode)
+    mode = stat.S_IMODE(os.stat(p).st_mode)
     assert mode & stat.S_IROTH, (p, oct(mode))                   # readable by other users
     if p.is_dir():
       assert mode & stat.S_IXOTH, (p, oct(mode))

@@ -434,7 +434,7 @@ def _open(cfg: EpisodeConfig, split: str, source):
   if source is not None:
     return source
   from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
-  return source_lib.open_split(os.path.expanduser(cfg.data_dir), cfg.dataset, split)
+  return source_lib.open_split(cfg.data_dir, cfg.dataset, split)
 
 
 def make_train_loader(cfg: EpisodeConfig, *, global_batch_size: int, shard_index: int = 0,

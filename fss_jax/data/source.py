@@ -52,12 +52,12 @@ import io
 import json
 import logging
 import os
-import pathlib
 import threading
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
+from etils import epath
 
 from fss_jax import io as fss_io
 
@@ -80,9 +80,9 @@ def index_filename(split: str) -> str:
   return f"fss_index_{split}.npz"
 
 
-def dataset_dir(data_dir: str | os.PathLike, dataset: str) -> pathlib.Path:
+def dataset_dir(data_dir: str | os.PathLike, dataset: str) -> epath.Path:
   """``<data_dir>/<dataset>/<version>``: where a built dataset lives."""
-  return pathlib.Path(os.path.expanduser(os.fspath(data_dir))) / dataset / DATASET_VERSION
+  return fss_io.user_path(data_dir) / dataset / DATASET_VERSION
 
 
 def build_command(data_dir: str | os.PathLike, dataset: str) -> str:
@@ -107,12 +107,21 @@ class RecordFileError(DatasetNotReadyError):
 file_sha256 = fss_io.file_sha256  # looked up here at each use (tests count the calls)
 
 
-def _stat_key(st: os.stat_result) -> dict[str, int]:
-  """What changes when a file is written, truncated, replaced or copied (ctime: even if the mtime is set back)."""
+def _stat_key(file: epath.Path) -> dict[str, int]:
+  """What changes when a file is written, truncated, replaced or copied (ctime: even if the mtime
+  is set back; an object in a store is replaced whole, with a new mtime).
+
+  Raises:
+    OSError: the file is missing.
+  """
+  if fss_io.is_remote(file):
+    st = file.stat()
+    return {"size": int(st.length), "mtime": int(st.mtime)}
+  st = os.stat(os.fspath(file))
   return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
-def read_verified(path: pathlib.Path) -> dict[str, dict[str, Any]]:
+def read_verified(path: epath.Path) -> dict[str, dict[str, Any]]:
   """``{file name: stat key + sha256}`` of ``<path>/fss_verified.json`` ({} when absent or unreadable)."""
   try:
     files = json.loads((path / VERIFIED_FILE).read_text()).get("files")
@@ -121,7 +130,7 @@ def read_verified(path: pathlib.Path) -> dict[str, dict[str, Any]]:
   return files if isinstance(files, dict) else {}
 
 
-def write_verified(path: pathlib.Path, files: dict[str, dict[str, Any]]) -> bool:
+def write_verified(path: epath.Path, files: dict[str, dict[str, Any]]) -> bool:
   """Writes the verification stamp; False (and a warning) when ``path`` is not writable."""
   try:
     fss_io.atomic_write(path / VERIFIED_FILE, json.dumps({"format": 1, "files": files}, indent=1) + "\n")
@@ -132,19 +141,26 @@ def write_verified(path: pathlib.Path, files: dict[str, dict[str, Any]]) -> bool
   return True
 
 
-def checksum_record_files(path: pathlib.Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+def stamp_verified(path: epath.Path, expected: dict[str, dict[str, Any]]) -> bool:
+  """Stamps record files just copied from a verified build with the report's sha256 (their
+  stat keys as they are now), so the first open does not hash them again."""
+  return write_verified(path, {name: {**_stat_key(path / name), "sha256": want["sha256"]}
+                               for name, want in expected.items()})
+
+
+def checksum_record_files(path: epath.Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
   """Build time: ``{name: {"size", "sha256"}}`` of the record files, also stamped as verified."""
   entries, stamps = {}, {}
   for name in names:
-    st = (path / name).stat()
+    key = _stat_key(path / name)
     digest = file_sha256(path / name)
-    entries[name] = {"size": st.st_size, "sha256": digest}
-    stamps[name] = {**_stat_key(st), "sha256": digest}
+    entries[name] = {"size": key["size"], "sha256": digest}
+    stamps[name] = {**key, "sha256": digest}
   write_verified(path, stamps)
   return entries
 
 
-def check_record_files(path: pathlib.Path, expected: dict[str, dict[str, Any]], names: Sequence[str], *,
+def check_record_files(path: epath.Path, expected: dict[str, dict[str, Any]], names: Sequence[str], *,
                        checksum: str = "changed") -> list[str]:
   """Compares record files with the build report; returns the problems (empty: all intact).
 
@@ -167,18 +183,17 @@ def check_record_files(path: pathlib.Path, expected: dict[str, dict[str, Any]], 
       problems.append(f"record file {file} is not in the build report {path / REPORT_FILE}")
       continue
     try:
-      st = file.stat()
+      key = {**_stat_key(file), "sha256": want["sha256"]}
     except OSError:
       problems.append(f"record file {file} is missing")
       continue
-    if st.st_size != want["size"]:
-      problems.append(f"record file {file} has {st.st_size} bytes but was built with {want['size']} "
+    if key["size"] != want["size"]:
+      problems.append(f"record file {file} has {key['size']} bytes but was built with {want['size']} "
                       f"(truncated or replaced)")
       continue
-    key = {**_stat_key(st), "sha256": want["sha256"]}
     if checksum == "never" or (checksum == "changed" and stamps.get(name) == key):
       continue
-    log.info("checking the sha256 of %s (%.1f MB)", file, st.st_size / 1e6)
+    log.info("checking the sha256 of %s (%.1f MB)", file, key["size"] / 1e6)
     digest = file_sha256(file)
     if digest != want["sha256"]:
       problems.append(f"record file {file} does not match its sha256 from the build (damaged or modified)")
@@ -246,7 +261,7 @@ def save_index(path: str | os.PathLike, index: DatasetIndex, *, dataset: str, sp
 
 def load_index(path: str | os.PathLike) -> tuple[DatasetIndex, dict[str, Any]]:
   """Reads an index written by `save_index`; returns (index, {"dataset", "split", "format"})."""
-  with np.load(path, allow_pickle=False) as z:
+  with fss_io.user_path(path).open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
     missing = {"image_ids", "heights", "widths", "class_pixels", "ignore_pixels", "format"} - set(z.files)
     if missing:
       raise ValueError(f"index file {path} lacks {sorted(missing)}")
@@ -324,7 +339,7 @@ class SplitSource(Sequence):
     if self.split not in builder.info.splits:
       raise ValueError(f"split {self.split!r} not in {path} (has {sorted(builder.info.splits)})")
     split_info = builder.info.splits[self.split]
-    self._shards = ([pathlib.Path(fi.filename).name for fi in split_info.file_instructions],
+    self._shards = ([os.path.basename(fi.filename) for fi in split_info.file_instructions],
                     np.cumsum([fi.take for fi in split_info.file_instructions]).tolist())
     if verify:
       self._check_record_files(split_info.filenames)
@@ -359,7 +374,7 @@ class SplitSource(Sequence):
     if problems:
       raise self._not_ready("; ".join(problems) + ".", RecordFileError)
 
-  def _file_of(self, i: int) -> pathlib.Path:
+  def _file_of(self, i: int) -> epath.Path:
     """The record file holding record ``i`` of the split."""
     names, ends = self._shards
     return self.path / names[min(bisect.bisect_right(ends, i), len(names) - 1)]
@@ -522,5 +537,5 @@ def read_build_report(data_dir: str | os.PathLike, dataset: str) -> dict[str, An
 __all__ = ["DatasetIndex", "SplitSource", "open_split", "DatasetNotReadyError", "RecordFileError", "dataset_dir",
            "index_filename", "save_index", "load_index", "decode_image", "decode_label",
            "read_build_report", "build_command", "file_sha256", "checksum_record_files",
-           "check_record_files", "read_verified", "write_verified", "DATASET_VERSION", "NUM_CLASSES",
+           "check_record_files", "read_verified", "write_verified", "stamp_verified", "DATASET_VERSION", "NUM_CLASSES",
            "REPORT_FILE", "VERIFIED_FILE"]

@@ -34,8 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import io
 import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fss_jax import io as fss_io
 from fss_jax import keymaps as km
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.attention.linear import OPERATORS, AlignmentAttention
@@ -91,7 +92,7 @@ def fp_base_filename(fold: int, layers: int) -> str:
   return f"jc2a_fp_base_fold{int(fold)}_resnet{int(layers)}.npz"
 
 
-def fp_base_path(data_dir: str | os.PathLike, dataset: str, fold: int, layers: int) -> pathlib.Path:
+def fp_base_path(data_dir: str | os.PathLike, dataset: str, fold: int, layers: int) -> os.PathLike:
   """Where the prior command writes FP_base: next to the built dataset."""
   from fss_jax.data.source import dataset_dir  # pylint: disable=g-import-not-at-top
   return dataset_dir(data_dir, dataset) / fp_base_filename(fold, layers)
@@ -103,26 +104,18 @@ def prior_command(data_dir, dataset: str, fold: int, layers: int) -> str:
           f"converted checkpoint>")
 
 
-def save_fp_base(path: str | os.PathLike, fp: FPBase, *, overwrite: bool = False) -> pathlib.Path:
-  """Writes `fp` atomically (temporary file + rename); never replaces a file unless ``overwrite``."""
+def save_fp_base(path: str | os.PathLike, fp: FPBase, *, overwrite: bool = False) -> os.PathLike:
+  """Writes `fp` atomically (`fss_jax.io.atomic_write`, local or gs://); never replaces a file
+  unless ``overwrite``."""
   import json  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  if path.exists() and not overwrite:
-    raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   try:
-    with open(tmp, "wb") as f:
-      np.savez(f, fp_base=np.asarray(fp.value, np.float32),
-               classes=np.asarray(fp.classes, np.int64),
-               counts=np.asarray(fp.counts if fp.counts is not None else [], np.int64),
-               meta=np.str_(json.dumps(dict(fp.meta), sort_keys=True)),
-               format=np.int64(FP_BASE_FORMAT))
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return path
+    return fss_io.atomic_write(path, lambda f: np.savez(
+        f, fp_base=np.asarray(fp.value, np.float32), classes=np.asarray(fp.classes, np.int64),
+        counts=np.asarray(fp.counts if fp.counts is not None else [], np.int64),
+        meta=np.str_(json.dumps(dict(fp.meta), sort_keys=True)),
+        format=np.int64(FP_BASE_FORMAT)), overwrite=overwrite)
+  except FileExistsError:
+    raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it") from None
 
 
 def load_fp_base(path: str | os.PathLike, *, command: str | None = None) -> FPBase:
@@ -133,7 +126,7 @@ def load_fp_base(path: str | os.PathLike, *, command: str | None = None) -> FPBa
     ValueError: the file is not an FP_base file or is damaged.
   """
   import json  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  path = fss_io.user_path(path)
   if not path.is_file():
     how = command or f"python -m {PRIOR_MODULE} --help"
     raise FPBaseMissingError(
@@ -141,7 +134,7 @@ def load_fp_base(path: str | os.PathLike, *, command: str | None = None) -> FPBa
         f"Compute it once per fold (frozen backbone, base-class training pairs) with:\n  {how}\n"
         f"or disable CKMM (model.use_ckmm=False, the Table 3 ablations).")
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with path.open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
       value = z["fp_base"].astype(np.float32)
       fp = FPBase(value=value, classes=tuple(int(c) for c in z["classes"]),
                   counts=z["counts"], meta=json.loads(str(z["meta"])))
@@ -653,6 +646,7 @@ SPEC = ModelSpec(
     loss_fn=loss_fn,
     frozen=(r"backbone/.*",),
     min_input_size=min_input_size,
+    any_shot=True,   # decision-level fusion (mean softmax over shots): any K
 )
 
 __all__ = ["JC2A", "HPAM", "FPBase", "FPBaseMissingError", "SPEC", "make_model", "make_loss",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import sys
 import time
 from typing import Any, Callable, Mapping
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fss_jax import io as fss_io
 from fss_jax import keymaps as km
 from fss_jax.models import jc2a
 from fss_jax.nn.backbones.resnet import ResNetDeepStem
@@ -62,12 +62,13 @@ def load_backbone(path: str | os.PathLike, layers: int) -> tuple[dict, str]:
     (ResNet variables, description of the source).
   """
   from checkpoints import io  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  path = fss_io.user_path(path)
   if path.is_dir():
     return _backbone_tree(io.read_orbax(path)), f"orbax:{path}"
   if not path.is_file():
     raise FileNotFoundError(f"backbone weights {path} not found")
-  sd = km.strip_prefixes(io.read_state_dict(path))
+  with fss_io.local_copy(path) as local:
+    sd = km.strip_prefixes(io.read_state_dict(local))
   source = "pspnet" if "layer0.0.weight" in sd else "imagenet"
   rules = jc2a.keymap(layers=layers, source=source, dst=("backbone",))
   if source == "pspnet":
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
   from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.data.splits import canonical_dataset  # pylint: disable=g-import-not-at-top
   dataset = canonical_dataset(args.dataset)
-  out = pathlib.Path(args.output) if args.output else jc2a.fp_base_path(
+  out = fss_io.user_path(args.output) if args.output else jc2a.fp_base_path(
       args.data_dir, dataset, args.fold, args.layers)
   if out.exists() and not args.overwrite:
     print(f"{out} exists; pass --overwrite to recompute it", file=sys.stderr)

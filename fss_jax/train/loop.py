@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import pathlib
 import re
 import signal
 import sys
@@ -51,7 +50,9 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
+from fss_jax import io as fss_io
 from fss_jax import parallel
 from fss_jax.eval import evaluate as evaluate_lib
 from fss_jax.eval import metrics as metrics_lib
@@ -92,7 +93,7 @@ class TrainingInterrupted(Exception):
     signum: the signal; step: the step saved; exit_code: 128 + signum (143 / 130).
   """
 
-  def __init__(self, signum: int, step: int, workdir: pathlib.Path, *, saved: bool = True):
+  def __init__(self, signum: int, step: int, workdir: epath.Path, *, saved: bool = True):
     name = signal.Signals(signum).name
     if saved:
       text = (f"training interrupted by {name} after step {step}; checkpoint {step} is saved in "
@@ -217,7 +218,7 @@ def episode_config(config):
   from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   d = config.data
   return pipeline.EpisodeConfig(
-      dataset=config.dataset, data_dir=os.path.expanduser(d.data_dir), fold=config.fold,
+      dataset=config.dataset, data_dir=os.fspath(fss_io.user_path(d.data_dir)), fold=config.fold,
       shot=config.shot, way=config.way, seed=config.seed, train_size=d.train_size,
       train_resize=d.train_resize, scale=tuple(d.scale), rotate=tuple(d.rotate),
       blur=float(d.get("blur", pipeline.EpisodeConfig.blur)),
@@ -227,22 +228,22 @@ def episode_config(config):
       prefetch_batches=d.prefetch_batches)
 
 
-def episodes_path(config, workdir: pathlib.Path, seed: int, num: int) -> pathlib.Path:
+def episodes_path(config, workdir: epath.Path, seed: int, num: int) -> epath.Path:
   """Where the stored test episodes of (dataset, fold, way, shot, seed, num) live."""
-  root = pathlib.Path(os.path.expanduser(config.eval.episodes_dir)) if config.eval.episodes_dir \
+  root = fss_io.user_path(config.eval.episodes_dir) if config.eval.episodes_dir \
       else workdir / "episodes"
   way = f"{config.way}way" if config.way > 1 else ""
   name = f"{config.dataset}_f{config.fold}_{way}{config.shot}shot_s{seed}_n{num}.jsonl"
   return root / name
 
 
-def ensure_episodes(config, workdir: pathlib.Path, seed: int, num: int) -> pathlib.Path:
+def ensure_episodes(config, workdir: epath.Path, seed: int, num: int) -> epath.Path:
   """The stored test episode list, generated (deterministically) when absent."""
   from fss_jax.data import episodes as episodes_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
   path = episodes_path(config, workdir, seed, num)
   if not path.is_file():
-    src = source_lib.open_split(os.path.expanduser(config.data.data_dir), config.dataset, "val")
+    src = source_lib.open_split(fss_io.user_path(config.data.data_dir), config.dataset, "val")
     records = episodes_lib.generate(src.index, config.dataset, config.fold, "test", shot=config.shot,
                                     num_episodes=num, seed=seed, way=config.way,
                                     protocol=config.data.protocol, coco_split=config.data.coco_split)
@@ -251,7 +252,7 @@ def ensure_episodes(config, workdir: pathlib.Path, seed: int, num: int) -> pathl
   return path
 
 
-def make_data(config, workdir: pathlib.Path, *, eval_batch_size: int) -> Data:
+def make_data(config, workdir: epath.Path, *, eval_batch_size: int) -> Data:
   """The real data: grain loaders over the built TFDS dataset."""
   from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   ecfg = episode_config(config)
@@ -398,7 +399,7 @@ def _get_iter_state(it: Any) -> Any:
   return it.get_state()
 
 
-def checkpoint_manager(directory: pathlib.Path, *, keep: int, async_save: bool,
+def checkpoint_manager(directory: epath.Path, *, keep: int, async_save: bool,
                        read_only: bool = False):
   import grain  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -410,7 +411,7 @@ def checkpoint_manager(directory: pathlib.Path, *, keep: int, async_save: bool,
   return ocp.CheckpointManager(os.fspath(directory), item_handlers=handlers, options=options)
 
 
-def _checkpoint_root(path: pathlib.Path) -> pathlib.Path:
+def _checkpoint_root(path: epath.Path) -> epath.Path:
   """A run's workdir or its checkpoints folder -> the checkpoints folder."""
   return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
 
@@ -468,7 +469,7 @@ class _Pending:
   def add(self, step: int, metrics: Any) -> None:
     self.items.append((step, metrics))
 
-  def flush(self, *, last_good: int | None = None, workdir: pathlib.Path | None = None
+  def flush(self, *, last_good: int | None = None, workdir: epath.Path | None = None
             ) -> dict[str, float] | None:
     """Averages the pending metrics; raises `NonFiniteLossError` at the first bad step."""
     del last_good, workdir  # the loop names the checkpoint that is kept
@@ -531,11 +532,9 @@ def _log_devices(mesh) -> None:
                dict(mesh.shape), mesh.size)
 
 
-def _writer(config, workdir: pathlib.Path):
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+def _writer(config, workdir: epath.Path):
   just_logging = jax.process_index() > 0 or not config.tensorboard
-  return metric_writers.create_default_writer(os.fspath(workdir), just_logging=just_logging,
-                                              asynchronous=True)
+  return workdir_lib.metric_writer(workdir, just_logging=just_logging)
 
 
 def _write_episode_images(config, writer, step: int, state, predict_step, batches, mesh,
@@ -586,7 +585,7 @@ def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, rep
         f"no checkpoint in {workdir / CHECKPOINT_DIR} can be read ({'; '.join(damaged)}). Move "
         f"that folder away to start again, or use another --workdir.")
   if config.resume:
-    src = _checkpoint_root(pathlib.Path(os.path.expanduser(config.resume)))
+    src = _checkpoint_root(fss_io.user_path(config.resume))
     other = checkpoint_manager(src, keep=1, async_save=False, read_only=True)
     try:
       step = other.latest_step()
@@ -597,7 +596,7 @@ def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, rep
       other.close()
     return state, "resume", None
   inits = state_lib.parse_inits(config.init, config.init_prefix)
-  absent = [path for _, path in inits if not os.path.exists(path)]
+  absent = [path for _, path in inits if not fss_io.user_path(path).exists()]
   if config.get("init_required", False) and (not inits or absent):
     # A frozen part (the fold's base learner) must come from somewhere; training it as random
     # weights would silently give a meaningless model.
@@ -684,7 +683,7 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
   import grain  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  workdir = pathlib.Path(os.path.expanduser(os.fspath(workdir)))
+  workdir = fss_io.user_path(workdir)
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh(config.mesh)
   _log_devices(mesh)
@@ -849,7 +848,7 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
           "total_steps": total_steps}
 
 
-def _drop_ruined_checkpoints(mngr, error: NonFiniteLossError, workdir: pathlib.Path
+def _drop_ruined_checkpoints(mngr, error: NonFiniteLossError, workdir: epath.Path
                              ) -> NonFiniteLossError:
   """Deletes the checkpoints of steps >= ``error.first_ruined`` (their weights produced the
   non-finite loss) and returns the error naming the checkpoint that is kept."""
@@ -890,7 +889,7 @@ def _save_best(best_mngr, step: int, state, meta: Mapping[str, Any], val: Mappin
         meta=ocp.args.JsonSave({**meta, "step": step, "val": _jsonable(dict(val))})), force=True)
     best_mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # OSError, orbax, tensorstore
-    raise _save_error(step, pathlib.Path(best_mngr.directory), e, resume_step) from e
+    raise _save_error(step, fss_io.user_path(best_mngr.directory), e, resume_step) from e
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")   # in tensorstore's messages
@@ -908,7 +907,7 @@ def _reason(error: BaseException) -> str:
   return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
 
 
-def _save_error(step: int, directory: pathlib.Path, error: BaseException,
+def _save_error(step: int, directory: epath.Path, error: BaseException,
                 resume_step: int | None) -> CheckpointSaveError:
   then = (f"a rerun resumes from checkpoint {resume_step}" if resume_step is not None else
           "no checkpoint is complete yet, a rerun starts again")
@@ -925,7 +924,7 @@ class _Saver:
     committed: the step of the newest checkpoint known to be complete (None: none yet).
   """
 
-  def __init__(self, mngr, directory: pathlib.Path):
+  def __init__(self, mngr, directory: epath.Path):
     self._mngr, self._directory = mngr, directory
     self._in_flight: int | None = None   # an async save not yet known to be complete
     self.committed: int | None = mngr.latest_step()
@@ -963,12 +962,12 @@ class _Saver:
 # Evaluation mode
 # ---------------------------------------------------------------------------
 
-def results_path(config, workdir: pathlib.Path) -> pathlib.Path:
+def results_path(config, workdir: epath.Path) -> epath.Path:
   way = f"{config.way}way" if config.way > 1 else ""
   return workdir / f"results_{config.dataset}_f{config.fold}_{way}{config.shot}shot.json"
 
 
-def load_for_eval(config, workdir: pathlib.Path, model, tx, example, mesh):
+def load_for_eval(config, workdir: epath.Path, model, tx, example, mesh):
   """State for ``--mode eval``: best > latest checkpoint of the workdir (order by
   ``config.eval.checkpoint``), else config.resume, else config.init; else an error."""
   repl = parallel.replicated(mesh)
@@ -977,7 +976,7 @@ def load_for_eval(config, workdir: pathlib.Path, model, tx, example, mesh):
   order = [BEST_DIR, CHECKPOINT_DIR] if config.eval.checkpoint == "best" else [CHECKPOINT_DIR, BEST_DIR]
   candidates = [(workdir / d, f"workdir {workdir / d}") for d in order]
   if config.resume:
-    candidates.append((_checkpoint_root(pathlib.Path(os.path.expanduser(config.resume))),
+    candidates.append((_checkpoint_root(fss_io.user_path(config.resume)),
                        f"config.resume {config.resume}"))
   for path, where in candidates:
     if not path.is_dir():
@@ -1001,7 +1000,7 @@ def load_for_eval(config, workdir: pathlib.Path, model, tx, example, mesh):
 
 def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) -> dict:
   """``--mode eval``: every seed of ``config.eval.seeds`` -> results JSON; returns the summary."""
-  workdir = pathlib.Path(os.path.expanduser(os.fspath(workdir)))
+  workdir = fss_io.user_path(workdir)
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh(config.mesh)
   _log_devices(mesh)

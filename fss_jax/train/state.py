@@ -16,7 +16,6 @@ error lists what is missing on each side.
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
@@ -24,7 +23,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
+
+from fss_jax import io as fss_io
 
 
 @flax.struct.dataclass
@@ -136,7 +138,7 @@ class InitMismatchError(ValueError):
     return ", ".join(parts) + (" keys" if not self.shapes else "")
 
 
-def _resolve_pytree_dir(path: pathlib.Path) -> pathlib.Path:
+def _resolve_pytree_dir(path: epath.Path) -> epath.Path:
   """An orbax pytree directory: ``path`` itself, its latest step, or its only item."""
   if (path / "_METADATA").is_file():
     return path
@@ -161,7 +163,7 @@ def read_variables(path: str | os.PathLike) -> dict:
   """Reads converted weights (orbax pytree) as numpy: {"params": ..., "batch_stats": ...}."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  root = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  root = fss_io.user_path(path)
   if not root.exists():
     raise FileNotFoundError(
         f"config.init={os.fspath(path)!r} does not exist. Convert the PyTorch weights first: "
@@ -197,7 +199,7 @@ def weights_info(path: str | os.PathLike) -> dict:
     "dataset", "fold", "source" (the converted file)}, keys absent when not recorded.
   """
   import json  # pylint: disable=g-import-not-at-top
-  file, kind = _metadata_file(pathlib.Path(os.path.expanduser(os.fspath(path))))
+  file, kind = _metadata_file(fss_io.user_path(path))
   if file is None:
     return {}
   try:
@@ -212,7 +214,7 @@ def weights_info(path: str | os.PathLike) -> dict:
   return {k: v for k, v in info.items() if v is not None}
 
 
-def _metadata_file(root: pathlib.Path) -> tuple[pathlib.Path | None, str]:
+def _metadata_file(root: epath.Path) -> tuple[epath.Path | None, str]:
   """(the metadata file of the weights at ``root``, "converted" | "trained")."""
   if (root / "variables").is_dir() and (root / _CONVERTED_METADATA).is_file():
     return root / _CONVERTED_METADATA, "converted"
@@ -332,7 +334,7 @@ def parse_inits(init: str, init_prefix: str = "") -> list[tuple[str, str]]:
   parts = [p.strip() for p in init.split(",")]
   matches = [_PREFIX_ENTRY.match(p) for p in parts]
   if not any(matches):
-    return [(init_prefix or "", os.path.expanduser(init))]
+    return [(init_prefix or "", os.fspath(fss_io.user_path(init)))]
   bad = [p for p, m in zip(parts, matches) if m is None]
   if bad:
     raise ValueError(f"config.init={init!r} mixes prefix=path entries with {bad}; write every entry as "
@@ -340,7 +342,7 @@ def parse_inits(init: str, init_prefix: str = "") -> list[tuple[str, str]]:
   if init_prefix:
     raise ValueError(f"config.init_prefix={init_prefix!r} applies to a single config.init path; with "
                      f"prefix=path entries ({init!r}) leave config.init_prefix empty")
-  return [(m.group(1).strip("/"), os.path.expanduser(m.group(2).strip())) for m in matches]
+  return [(m.group(1).strip("/"), os.fspath(fss_io.user_path(m.group(2).strip()))) for m in matches]
 
 
 def _unwrap(loaded: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
