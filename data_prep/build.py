@@ -1,15 +1,21 @@
-"""Build PASCAL-5i / COCO-20i as TFDS array_record datasets plus the fss index and build report.
+"""Build PASCAL-5i / COCO-20i and the cross-domain test sets as TFDS array_record datasets plus
+the fss index and build report.
 
   python -m data_prep.build --dataset pascal5i --manual_dir ~/data/VOC2012 --data_dir ~/tensorflow_datasets
   python -m data_prep.build --dataset coco20i --manual_dir ~/data/coco2014 --data_dir ~/tensorflow_datasets
+  python -m data_prep.build --dataset isic2018 --manual_dir ~/data/ISIC --data_dir ~/tensorflow_datasets
   python -m data_prep.build --dataset coco20i --data_dir ~/tensorflow_datasets --verify
 
-writes ``<data_dir>/<dataset>/1.0.0/`` as `fss_jax.data.source` reads it:
-the TFDS files (records in list order), ``fss_index_{train,val}.npz`` (derived
-from the records as TFDS reads them back, checked against the list order),
-``fss_build_report.json`` (options, counts per split, skipped files and why,
-size and sha256 of every record file) and ``fss_verified.json`` (the stamp that
-lets `fss_jax.data.source` skip re-hashing untouched files). ``--verify``
+(datasets: ``pascal5i``, ``coco20i`` and the cross-domain test sets ``fss1000``,
+``deepglobe``, ``isic2018``, ``chest_xray`` of `data_prep.cross_domain`) writes
+``<data_dir>/<dataset>/1.0.0/`` as `fss_jax.data.source` reads it: the TFDS files
+(records in list order), ``fss_index_<split>.npz`` for each split (train, val;
+FSS-1000 train, val, test; the other cross-domain sets test only; derived from the
+records as TFDS reads them back, checked against the list order),
+``fss_build_report.json`` (options, counts per split, skipped files and why, the label
+encoding, cross-domain records whose mask is empty, size and sha256 of every record
+file) and ``fss_verified.json`` (the stamp that lets `fss_jax.data.source` skip
+re-hashing untouched files). ``--verify``
 re-hashes every record file of a built dataset against the report.
 
 Safety:
@@ -18,7 +24,7 @@ Safety:
   folder is renamed into place. An interrupted build therefore never leaves a
   dataset that looks complete; the next build removes the leftovers of dead
   builds.
-* A complete build (dataset_info.json + both index files + a report saying
+* A complete build (dataset_info.json + every split's index file + a report saying
   ``complete``, record files of the sizes it lists) makes a rerun a no-op;
   ``--overwrite`` rebuilds and replaces the old dataset only after the new one
   is finished.
@@ -40,17 +46,23 @@ import pathlib
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
+from etils import epath
+
 from data_prep import raw
+from fss_jax import io as fss_io
 from fss_jax.data import source
 
 log = logging.getLogger(__name__)
 
-DATASETS = {"pascal5i": ("data_prep.pascal5i", "Pascal5i"), "coco20i": ("data_prep.coco20i", "Coco20i")}
+DATASETS = {"pascal5i": ("data_prep.pascal5i", "Pascal5i"), "coco20i": ("data_prep.coco20i", "Coco20i"),
+            "fss1000": ("data_prep.fss1000", "Fss1000"), "deepglobe": ("data_prep.deepglobe", "Deepglobe"),
+            "isic2018": ("data_prep.isic2018", "Isic2018"), "chest_xray": ("data_prep.chest_xray", "ChestXray")}
 # 2: adds "record_files" {name: {"size", "sha256"}}.
 REPORT_FORMAT = 2
 _STAGING_PREFIX = "incomplete.build-"
@@ -62,7 +74,7 @@ class BuildError(RuntimeError):
 
 
 def builder_class(dataset: str):
-  """The TFDS builder class of ``dataset`` ("pascal5i" or "coco20i")."""
+  """The TFDS builder class of ``dataset`` (a key of `DATASETS`)."""
   if dataset not in DATASETS:
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
   module, name = DATASETS[dataset]
@@ -73,10 +85,11 @@ def _missing_parts(path: pathlib.Path, record_sizes: bool = True) -> list[str]:
   """What a complete build at ``path`` lacks (empty list: complete).
 
   Args:
-    path: the dataset folder.
+    path: the dataset folder ``<data_dir>/<dataset>/<version>`` (its splits: `raw.DATASET_SPLITS`).
     record_sizes: also require record files of the sizes the report lists (cheap; `verify` hashes them).
   """
-  missing = [n for n in ["dataset_info.json"] + [source.index_filename(s) for s in raw.SPLITS]
+  split_names = raw.DATASET_SPLITS.get(path.parent.name, raw.SPLITS)
+  missing = [n for n in ["dataset_info.json"] + [source.index_filename(s) for s in split_names]
              if not (path / n).is_file()]
   report = path / source.REPORT_FILE
   if not report.is_file():
@@ -126,13 +139,7 @@ def _remove_stale_staging(parent: pathlib.Path) -> None:
 
 
 def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fss_io.atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 def index_from_records(path: pathlib.Path, split: str) -> source.DatasetIndex:
@@ -167,12 +174,54 @@ def record_file_names(path: pathlib.Path) -> list[str]:
 
 
 def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
-          overwrite: bool = False, num_workers: int = 0, progress: bool = True) -> pathlib.Path:
+          overwrite: bool = False, num_workers: int = 0, progress: bool = True) -> epath.Path:
+  """Builds ``dataset`` from the raw files in ``manual_dir`` into ``data_dir`` (local or gs://).
+
+  A ``gs://`` ``data_dir`` gets a local build (in a temporary folder) uploaded file by file,
+  the record files first and the build report (the completeness marker) last: an upload that
+  stops part-way leaves a folder every reader and a rerun call incomplete.
+  """
+  if not fss_io.is_remote(data_dir):
+    return _build_local(dataset, manual_dir, data_dir, overwrite=overwrite,
+                        num_workers=num_workers, progress=progress)
+  final = source.dataset_dir(data_dir, dataset)
+  if final.exists() and not overwrite:
+    missing = _missing_parts(final)
+    if not missing:
+      log.info("%s is already built in %s (use --overwrite to rebuild)", dataset, final)
+      return final
+    raise BuildError(f"{final} exists but is not a complete build of this tool (it lacks {', '.join(missing)}). "
+                     f"Rerun with --overwrite to replace it.")
+  with tempfile.TemporaryDirectory(prefix="fss_jax-build-") as tmp:
+    built = _build_local(dataset, manual_dir, tmp, num_workers=num_workers, progress=progress)
+    _upload_build(epath.Path(built), final)
+  return final
+
+
+def _upload_build(built: epath.Path, final: epath.Path) -> None:
+  """Copies a finished local build to ``final`` in a store: every file but the report, the
+  verified stamp for the uploaded record files, then the report (completeness marker)."""
+  if final.exists():   # --overwrite: the old build stops being complete before it is replaced
+    (final / source.REPORT_FILE).unlink(missing_ok=True)
+    final.rmtree()
+  report = json.loads((built / source.REPORT_FILE).read_text())
+  skip = {source.REPORT_FILE, source.VERIFIED_FILE}
+  names = sorted(p.name for p in built.iterdir() if p.is_file() and p.name not in skip)
+  for i, name in enumerate(names):
+    log.info("uploading %s (%d/%d) to %s", name, i + 1, len(names), final)
+    fss_io.copy_file(built / name, final / name)
+  source.stamp_verified(final, report.get("record_files") or {})
+  fss_io.copy_file(built / source.REPORT_FILE, final / source.REPORT_FILE)
+
+
+def _build_local(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
+                 overwrite: bool = False, num_workers: int = 0, progress: bool = True) -> pathlib.Path:
   """Builds ``dataset`` from the raw files in ``manual_dir`` into ``data_dir``.
 
   Args:
-    dataset: "pascal5i" or "coco20i".
-    manual_dir: the raw data (layouts in `data_prep.raw.VOC_LAYOUT` / `COCO_LAYOUT`).
+    dataset: a key of `DATASETS` ("pascal5i", "coco20i", "fss1000", "deepglobe", "isic2018", "chest_xray").
+    manual_dir: the raw data (layouts in `data_prep.raw.VOC_LAYOUT` / `COCO_LAYOUT`,
+      `data_prep.cross_domain.LAYOUTS`).
     data_dir: TFDS data dir; the dataset lands in ``<data_dir>/<dataset>/1.0.0``.
     overwrite: rebuild even when a complete build exists (replaced only on success).
     num_workers: >1 decodes images in that many processes (record order unchanged).
@@ -198,7 +247,11 @@ def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLi
     raise BuildError(f"{final} exists but is not a complete build of this tool (it lacks {', '.join(missing)}). "
                      f"Rerun with --overwrite to replace it, or move it away.")
 
-  manual_dir = pathlib.Path(os.path.expanduser(os.fspath(manual_dir))).resolve()
+  if fss_io.is_remote(manual_dir):
+    raise raw.RawDataError(f"--manual_dir {os.fspath(manual_dir)}: the raw download is read from a local "
+                           f"folder (copy it first, e.g. `gsutil -m cp -r {os.fspath(manual_dir)} .`); "
+                           f"--data_dir may be gs://")
+  manual_dir = pathlib.Path(os.path.expanduser(manual_dir)).resolve()
   plan = raw.plan(dataset, manual_dir)  # raises before anything is written
 
   parent = final.parent
@@ -219,7 +272,7 @@ def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLi
     built = pathlib.Path(builder.data_dir)
     skipped = builder.fss_skipped
 
-    split_counts = {}
+    split_counts, empty_masks = {}, {}
     for split, entries in plan.splits.items():
       index = index_from_records(built, split)
       skipped_ids = {s.image_id for s in skipped[split]}
@@ -231,6 +284,10 @@ def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLi
         raise raw.RawDataError(f"{dataset}/{split}: every listed image was skipped as corrupt; see the log.")
       source.save_index(built / source.index_filename(split), index, dataset=dataset, split=split)
       split_counts[split] = {"listed": len(entries), "records": len(index), "skipped": len(skipped[split])}
+      if raw.LABEL_ENCODING[dataset] == "binary":
+        empty = index.image_ids[index.class_pixels[:, 1:].sum(1) == 0].tolist()
+        if empty:
+          empty_masks[split] = empty
     record_files = source.checksum_record_files(built, record_file_names(built))
 
     report = {
@@ -242,6 +299,9 @@ def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLi
         "raw_root": plan.root,
         "sources": plan.sources,
         "splits": split_counts,
+        "label_encoding": raw.LABEL_ENCODING[dataset],
+        # Cross-domain records whose binarised mask is empty (kept: PATNet draws them like the others).
+        "empty_masks": empty_masks,
         "record_files": record_files,
         "skipped": [dict(split=split, image_id=s.image_id, file=s.file, reason=s.reason)
                     for split in plan.splits for s in skipped[split]],
@@ -270,6 +330,9 @@ def build(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLi
              c["skipped"])
   for s in report["skipped"]:
     log.warning("skipped %s/%s %s: %s", s["split"], s["image_id"], s["file"], s["reason"])
+  for split, ids in empty_masks.items():
+    log.warning("%s/%s: %d records have an empty mask (no pixel >= %d): %s", dataset, split, len(ids),
+                raw.BINARY_MASK_THRESHOLD, ", ".join(ids[:10]))
   return final
 
 
@@ -319,9 +382,11 @@ def _verify_main(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from data_prep import cross_domain  # pylint: disable=g-import-not-at-top
+  layouts = {"pascal5i": raw.VOC_LAYOUT, "coco20i": raw.COCO_LAYOUT, **cross_domain.LAYOUTS}
   p = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="Raw layouts:\npascal5i\n" + raw.VOC_LAYOUT + "\ncoco20i\n" + raw.COCO_LAYOUT)
+                              epilog="Raw layouts:\n" + "\n".join(f"{d}\n{l}" for d, l in layouts.items()))
   p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
   p.add_argument("--manual_dir", help="folder with the raw files (see the layouts below); not with --verify")
   p.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"),

@@ -1,7 +1,8 @@
 """Raw PASCAL VOC / COCO 2014 inputs: layout discovery, list parsing, checks and record generation.
 
-Everything the two TFDS builders (`data_prep.pascal5i`, `data_prep.coco20i`)
-share lives here, free of TFDS so it can run in worker processes:
+Everything the TFDS builders (`data_prep.pascal5i`, `data_prep.coco20i` and the
+cross-domain ones, whose layouts `data_prep.cross_domain` parses) share lives
+here, free of TFDS so it can run in worker processes:
 
 * `plan_pascal(manual_dir)` / `plan_coco(manual_dir)` find the raw files, parse
   the image lists and check that every listed file exists (one error naming all
@@ -11,7 +12,9 @@ share lives here, free of TFDS so it can run in worker processes:
   PNG, or COCO instance annotations rendered with pycocotools) and returns the
   record dict or the reason the image is skipped (`Skip`, a corrupt
   file). Systematic problems (a colour label, label values outside 0..C and
-  255) raise `RawDataError` naming the file.
+  255) raise `RawDataError` naming the file. An entry with ``class_id`` (the
+  cross-domain sets) holds a mask of that one class instead, binarised as PATNet
+  reads masks (`read_binary_mask`).
 * Every file is decoded fully and checked (`read_image`, `read_label_png`):
   a JPEG is corrupt when it does not decode, is truncated, or libjpeg warns
   about corrupt data while decoding it (damaged entropy-coded data decodes
@@ -29,6 +32,9 @@ bytes; ``label`` an 8-bit single-channel PNG of the raw class indices (0
 background, 1..C, 255 ignore); ``image_id`` the file stem; ``height``,
 ``width``; ``class_pixels`` int64 [C + 1] = #(label == c) for c in 0..C and
 ``ignore_pixels`` = #(label == 255), both at the original resolution.
+Cross-domain records (`LABEL_ENCODING` "binary") hold the binary mask of their
+one class instead (0 background, 1 foreground, no 255); their ``class_pixels``
+counts the background in column 0 and the foreground in the record's class column.
 """
 
 from __future__ import annotations
@@ -47,11 +53,24 @@ from typing import Any, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from fss_jax.data.source import NUM_CLASSES
+from fss_jax.data import splits as class_splits
+from fss_jax.data.source import NUM_CLASSES as _FOLD_DATASET_CLASSES
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+# Classes C of every dataset the builders know: PASCAL-5i / COCO-20i and the cross-domain sets.
+NUM_CLASSES = {**_FOLD_DATASET_CLASSES, **class_splits.CROSS_DOMAIN_NUM_CLASSES}
+# The TFDS splits of each dataset (record files and fss_index_<split>.npz each).
+DATASET_SPLITS = {"pascal5i": SPLITS, "coco20i": SPLITS, "fss1000": tuple(class_splits.FSS1000_SPLITS),
+                  "deepglobe": ("test",), "isic2018": ("test",), "chest_xray": ("test",)}
+# What a record's label holds: "class_index" (0 background, 1..C, 255 ignore) or "binary" (the
+# mask of the record's one class: 0 background, 1 foreground).
+LABEL_ENCODING = {d: "binary" if d in class_splits.CROSS_DOMAIN_DATASETS else "class_index" for d in NUM_CLASSES}
+# Mask binarisation of the cross-domain sets, as PATNet's (and HSNet's) read_mask: PIL
+# convert("L"), then grey < 128 -> 0, >= 128 -> 1 (PATNet data/fss.py:75-79, same in deepglobe.py,
+# isic.py, lung.py).
+BINARY_MASK_THRESHOLD = 128
 IGNORE = 255
 # How many missing files an error message lists before summarising the rest.
 MAX_LISTED = 20
@@ -116,17 +135,21 @@ class Entry:
   """One listed image.
 
   Attributes:
-    image_id: file stem, unique within the dataset (record ``image_id``).
-    image: path of the JPEG.
+    image_id: file stem, unique within the dataset (record ``image_id``; cross-domain sets
+      whose stems repeat across class folders use ``<class folder>/<stem>``).
+    image: path of the JPEG (or PNG).
     label: path of the label PNG, or None when rendered from ``anns``.
     anns: COCO annotations of the image (json order), when rendered.
     size: (height, width) from the COCO json, checked against the JPEG.
+    class_id: set for the cross-domain sets: ``label`` is a mask of this one class
+      (1..C), binarised by `read_binary_mask`.
   """
   image_id: str
   image: str
   label: str | None = None
   anns: tuple[dict[str, Any], ...] | None = None
   size: tuple[int, int] | None = None
+  class_id: int | None = None
 
 
 @dataclasses.dataclass
@@ -390,7 +413,10 @@ def plan_coco(manual_dir: str | os.PathLike) -> Plan:
 
 
 def plan(dataset: str, manual_dir: str | os.PathLike) -> Plan:
-  """`plan_pascal` or `plan_coco` by dataset name."""
+  """`plan_pascal`, `plan_coco` or the cross-domain parser (`data_prep.cross_domain`) by dataset name."""
+  if dataset in class_splits.CROSS_DOMAIN_DATASETS:
+    from data_prep import cross_domain  # pylint: disable=g-import-not-at-top
+    return cross_domain.PLANNERS[dataset](manual_dir)
   if dataset == "pascal5i":
     return plan_pascal(manual_dir)
   if dataset == "coco20i":
@@ -530,6 +556,29 @@ def read_label_png(path: str) -> np.ndarray:
   return arr
 
 
+def read_binary_mask(path: str) -> np.ndarray:
+  """A mask image -> uint8 [H, W] of 0 / 1, binarised as PATNet reads masks.
+
+  PIL ``convert("L")`` (ITU-R 601-2 luma of RGB, a palette's colours for "P", alpha
+  dropped), then grey >= `BINARY_MASK_THRESHOLD` (128) -> 1, else 0. A damaged PNG (bad
+  chunk CRC, no end marker) or an undecodable file raises `CorruptFile`.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    data = pathlib.Path(path).read_bytes()
+  except OSError as e:
+    raise CorruptFile(f"cannot read mask: {e}") from None
+  if data.startswith(PNG_SIGNATURE):
+    _verify_png(data, "mask")
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      grey = np.asarray(im.convert("L"))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptFile(f"cannot decode mask: {e}") from None
+  return (grey >= BINARY_MASK_THRESHOLD).astype(np.uint8)
+
+
 def render_coco(anns: Sequence[dict[str, Any]], height: int, width: int) -> np.ndarray:
   """COCO instance annotations -> uint8 [H, W] label (0 background, k = contiguous class).
 
@@ -602,6 +651,19 @@ def process_entry(entry: Entry, num_classes: int) -> dict[str, Any] | Skip:
     data, h, w = read_image(entry.image)
   except CorruptFile as e:
     return Skip(entry.image_id, entry.image, str(e))
+  if entry.class_id is not None:  # a cross-domain mask of one class
+    try:
+      label = read_binary_mask(entry.label)
+    except CorruptFile as e:
+      return Skip(entry.image_id, entry.label, str(e))
+    if label.shape != (h, w):
+      return Skip(entry.image_id, entry.label, f"mask is {label.shape[0]}x{label.shape[1]} but the image is "
+                                               f"{h}x{w}")
+    class_pixels = np.zeros(num_classes + 1, np.int64)
+    class_pixels[entry.class_id] = int(label.sum())
+    class_pixels[0] = h * w - class_pixels[entry.class_id]
+    return {"image": data, "label": encode_label(label), "image_id": entry.image_id, "height": h,
+            "width": w, "class_pixels": class_pixels, "ignore_pixels": 0}
   if entry.label is not None:
     try:
       label = read_label_png(entry.label)
@@ -686,7 +748,7 @@ def generate(entries: Sequence[Entry], num_classes: int, *, skipped: list[Skip] 
 
 
 class FssBuilderMixin:
-  """`_info`, `_split_generators` and `_generate_examples` for `Pascal5i` / `Coco20i`.
+  """`_split_generators`, `_generate_examples` and the features of every builder of this package.
 
   Options set on a builder instance before ``download_and_prepare`` (by
   `data_prep.build`): ``fss_num_workers`` (decoding processes), ``fss_progress``
@@ -704,13 +766,14 @@ class FssBuilderMixin:
   def _log_download_done(self) -> None:
     """Silences TFDS's "Dataset ... downloaded and prepared to <incomplete.* folder>"."""
 
-  def _fss_features(self):
+  def _fss_features(self, image_format: str = "jpeg"):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     c = NUM_CLASSES[self.FSS_DATASET]
     return tfds.features.FeaturesDict({
-        # Original JPEG bytes (given encoded, so TFDS needs no TensorFlow to write them).
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        # Raw class indices, 8-bit single-channel PNG: 0 background, 1..C, 255 ignore.
+        # Original image bytes (given encoded, so TFDS needs no TensorFlow to write them).
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),
+        # 8-bit single-channel PNG: raw class indices (0 background, 1..C, 255 ignore), or for
+        # the cross-domain sets the binary mask of the record's class (LABEL_ENCODING).
         "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
         "image_id": tfds.features.Text(),
         "height": tfds.features.Scalar(dtype=np.int32),
@@ -745,7 +808,8 @@ class FssBuilderMixin:
 
 
 __all__ = ["RawDataError", "CorruptFile", "Entry", "Plan", "Skip", "plan", "plan_pascal", "plan_coco",
-           "find_voc_root", "read_list", "read_image", "read_label_png", "render_coco", "count_pixels",
+           "find_voc_root", "read_list", "read_image", "read_label_png", "read_binary_mask", "render_coco",
+           "count_pixels", "DATASET_SPLITS", "LABEL_ENCODING", "BINARY_MASK_THRESHOLD",
            "encode_label", "process_entry", "generate", "record_key", "coco_category_map", "load_coco_json",
            "imdecode_with_warnings", "JPEG_CORRUPT_WARNINGS", "PNG_SIGNATURE",
            "VOC_LAYOUT", "COCO_LAYOUT", "COCO_DRAW_CROWD", "COCO_PAINT_ORDER", "NUM_CLASSES", "SPLITS",

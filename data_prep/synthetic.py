@@ -29,6 +29,13 @@ multi-part), compressed-RLE and uncompressed-RLE (some crowd) segmentations
 over the 80 real COCO category ids, plus one image without annotations;
 optionally label PNGs under ``annotations/<split>2014/`` and train/val lists.
 
+Cross-domain twins (`write_fss1000`, `write_deepglobe`, `write_isic2018`,
+`write_chest_xray`; layouts of `data_prep.cross_domain`): one large textured object
+(FSS-1000, ISIC), land-cover maps of 1-3 classes (DeepGlobe) or two lungs (Chest
+X-ray) per image, with real FSS-1000 class names and ISIC ids from the shipped lists,
+0 / 255 masks as grey or RGB PNGs, some with grey borders (90, 127, 128, 200) that
+PATNet's >= 128 rule splits. `make_built_cross_domain` writes and builds one.
+
 Deterministic for a seed (numpy Generator only). `make_built_dataset` writes
 the raw data and builds it in one call (for tests and the demo).
 """
@@ -444,6 +451,220 @@ def make_built_dataset(tmp_dir: str | os.PathLike, layout: str = "voc", num_imag
       import shutil  # pylint: disable=g-import-not-at-top
       shutil.rmtree(manual_dir)
     write_raw(manual_dir, layout, num_images, seed, **raw_kwargs)
+    build.build(dataset, manual_dir, data_dir, progress=False)
+  return os.fspath(data_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-domain test sets (PATNet's layouts; data_prep.cross_domain parses them)
+# ---------------------------------------------------------------------------------------------
+
+# Texture ids of the cross-domain classes (class_texture styles), apart from the PASCAL / COCO ones.
+_CD_TEXTURE_BASE = {"fss1000": 1000, "deepglobe": 3000, "isic2018": 3100, "chest_xray": 3200}
+# Grey values written on some mask borders: PATNet's binarisation (>= 128) keeps 128 and 200.
+_SOFT_EDGE_VALUES = (90, 127, 128, 200)
+
+
+def _object_scene(rng: np.random.Generator, h: int, w: int, texture: int) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 [h, w, 3] RGB, bool [h, w] mask): one large textured object on a noisy background."""
+  _, poly = _random_object(rng, h, w, main=True)
+  mask = _fill(poly, h, w)
+  img = _background(h, w, rng)
+  img[mask] = class_texture(texture, h, w, rng)[mask]
+  return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
+
+
+def _write_mask(path: pathlib.Path, mask: np.ndarray, rng: np.random.Generator, *, rgb: bool = False,
+                soft_edge: bool = False) -> None:
+  """A 0 / 255 mask PNG (grey "L", or "RGB" with three equal channels); ``soft_edge`` writes grey
+  values of `_SOFT_EDGE_VALUES` on the object's border (what PATNet's >= 128 rule decides)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grey = np.where(mask, 255, 0).astype(np.uint8)
+  if soft_edge:
+    m = mask.astype(np.uint8)
+    kernel = np.ones((3, 3), np.uint8)
+    band = (cv2.dilate(m, kernel) > 0) & ~(cv2.erode(m, kernel) > 0)
+    ys, xs = np.nonzero(band)
+    grey[ys, xs] = np.asarray(_SOFT_EDGE_VALUES, np.uint8)[rng.integers(0, len(_SOFT_EDGE_VALUES), len(ys))]
+  im = Image.fromarray(np.repeat(grey[..., None], 3, -1) if rgb else grey, "RGB" if rgb else "L")
+  im.save(path)
+
+
+def write_fss1000(out: str | os.PathLike, classes_per_split: Sequence[int] = (3, 2, 3), images_per_class: int = 10,
+                  seed: int = 0, *, top: str = "FSS-1000", size_range: tuple[int, int] = (32, 48)) -> pathlib.Path:
+  """Writes a synthetic FSS-1000 (``<top>/<class>/<n>.jpg`` + ``<n>.png``); returns the manual_dir (``out``).
+
+  Classes are real FSS-1000 class names, ``classes_per_split`` of the official train /
+  val / test lists (seeded choice); images are square as in FSS-1000 (224 px there);
+  masks alternate grey and RGB PNGs with soft borders (values 90, 127, 128, 200).
+
+  Args:
+    out: manual_dir to create.
+    classes_per_split: class folders of the train, val and test lists.
+    images_per_class: images per class (10 in FSS-1000, named 1..n).
+    seed: numpy Generator seed; same seed -> identical files.
+    top: sub-folder of ``out`` holding the class folders ("FSS-1000" as PATNet reads it,
+      "fewshot_data" as the zip unpacks, "" for ``out`` itself).
+    size_range: side lengths in pixels.
+  """
+  out = pathlib.Path(out)
+  root = out / top if top else out
+  rng = np.random.default_rng(seed)
+  info = splits.cross_domain("fss1000")
+  for split, k in zip(splits.FSS1000_SPLITS, classes_per_split):
+    names = splits.fss1000_split_classes(split)
+    for i in np.sort(rng.choice(len(names), int(k), replace=False)):
+      name = names[int(i)]
+      folder = root / name
+      folder.mkdir(parents=True, exist_ok=True)
+      texture = _CD_TEXTURE_BASE["fss1000"] + info.class_names.index(name)
+      for n in range(1, images_per_class + 1):
+        side = int(rng.integers(size_range[0], size_range[1] + 1))
+        img, mask = _object_scene(rng, side, side, texture)
+        _write_jpeg(folder / f"{n}.jpg", img)
+        _write_mask(folder / f"{n}.png", mask, rng, rgb=bool(n % 2), soft_edge=True)
+  return out
+
+
+def write_deepglobe(out: str | os.PathLike, num_tiles: int = 12, seed: int = 0, *, top: str = "Deepglobe",
+                    size_range: tuple[int, int] = (32, 48)) -> pathlib.Path:
+  """Writes synthetic DeepGlobe tiles in PATNet's class folders; returns the manual_dir (``out``).
+
+  Each tile is a land-cover map of 1-3 classes (tile t's main class is t mod 6 + 1,
+  so ``num_tiles >= 12`` gives every class two tiles); the tile's JPEG goes to
+  ``<top>/<k>/test/origin/<tile>.jpg`` and class k's 0 / 255 mask (3 equal channels,
+  as PATNet's preprocess.py writes it) to ``<top>/<k>/test/groundtruth/<tile>.png`` for
+  every class k it shows.
+  """
+  out = pathlib.Path(out)
+  root = out / top if top else out
+  rng = np.random.default_rng(seed)
+  n = len(splits.DEEPGLOBE_CLASS_NAMES)
+  for k in range(1, n + 1):
+    for sub in ("origin", "groundtruth"):
+      (root / str(k) / "test" / sub).mkdir(parents=True, exist_ok=True)
+  numbers = rng.choice(np.arange(100, 999999), num_tiles, replace=False)
+  for t in range(num_tiles):
+    side = int(rng.integers(size_range[0], size_range[1] + 1))
+    main = t % n + 1
+    cover = np.full((side, side), main, np.uint8)
+    for c in rng.choice([c for c in range(1, n + 1) if c != main], int(rng.integers(0, 3)), replace=False):
+      _, poly = _random_object(rng, side, side, main=False)
+      cover[_fill(poly, side, side)] = int(c)
+    img = _background(side, side, rng)
+    for c in np.unique(cover):
+      img[cover == c] = class_texture(_CD_TEXTURE_BASE["deepglobe"] + int(c), side, side, rng)[cover == c]
+    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    stem = f"{int(numbers[t])}_sat_{int(rng.integers(0, 6))}{int(rng.integers(0, 6))}"
+    for c in np.unique(cover):
+      _write_jpeg(root / str(int(c)) / "test" / "origin" / f"{stem}.jpg", img)
+      _write_mask(root / str(int(c)) / "test" / "groundtruth" / f"{stem}.png", cover == c, rng, rgb=True)
+  return out
+
+
+def write_isic2018(out: str | os.PathLike, images_per_class: Sequence[int] = (4, 3, 3), seed: int = 0, *,
+                   class_folders: bool = False, top: str = "ISIC",
+                   size_range: tuple[int, int] = (40, 64)) -> pathlib.Path:
+  """Writes a synthetic ISIC 2018 task 1 training set; returns the manual_dir (``out``).
+
+  Image ids are real ids of PATNet's class_id.csv (``images_per_class`` nevus, melanoma,
+  seborrheic_keratosis ones, seeded choice): ``<top>/ISIC2018_Task1-2_Training_Input/<id>.jpg``
+  (or ``.../<class>/<id>.jpg`` with ``class_folders``) and 0 / 255 grey masks
+  ``<top>/ISIC2018_Task1_Training_GroundTruth/<id>_segmentation.png``, plus the
+  ATTRIBUTION.txt / LICENSE.txt files of the official archives. Images are not square.
+  """
+  from data_prep import cross_domain  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(out)
+  root = out / top if top else out
+  inp, gt = root / cross_domain.ISIC_INPUT, root / cross_domain.ISIC_GROUND_TRUTH
+  for d in (inp, gt):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "ATTRIBUTION.txt").write_text("synthetic stand-in of the ISIC 2018 archive's attribution file\n")
+    (d / "LICENSE.txt").write_text("synthetic stand-in of the ISIC 2018 archive's licence file\n")
+  rng = np.random.default_rng(seed)
+  by_class = splits.isic2018_image_classes()
+  for k, count in enumerate(images_per_class, 1):
+    ids = sorted(i for i, c in by_class.items() if c == k)
+    for j in np.sort(rng.choice(len(ids), int(count), replace=False)):
+      image_id = ids[int(j)]
+      h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+      img, mask = _object_scene(rng, h, w, _CD_TEXTURE_BASE["isic2018"] + k)
+      folder = inp / str(k) if class_folders else inp
+      folder.mkdir(exist_ok=True)
+      _write_jpeg(folder / f"{image_id}.jpg", img)
+      _write_mask(gt / f"{image_id}_segmentation.png", mask, rng)
+  return out
+
+
+def write_chest_xray(out: str | os.PathLike, num_shenzhen: int = 5, num_montgomery: int = 3, seed: int = 0, *,
+                     top: str = "Lung Segmentation", size_range: tuple[int, int] = (40, 64)) -> pathlib.Path:
+  """Writes a synthetic Kaggle "Chest X-ray masks and labels" tree; returns the manual_dir (``out``).
+
+  ``<top>/CXR_png/`` holds grey Shenzhen ``CHNCXR_<4 digits>_<0|1>.png`` and RGB Montgomery
+  ``MCUCXR_<4 digits>_<0|1>.png`` X-rays (plus two without a mask); ``<top>/masks/`` the
+  0 / 255 lung masks, ``<name>_mask.png`` for Shenzhen and ``<name>.png`` for Montgomery
+  (the Kaggle naming); ``<top>/test/`` and ``<top>/ClinicalReadings/`` complete the layout.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(out)
+  root = out / top if top else out
+  for d in ("CXR_png", "masks", "test", "ClinicalReadings"):
+    (root / d).mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  names = ([(f"CHNCXR_{int(i):04d}_{int(rng.integers(0, 2))}", True)
+            for i in np.sort(rng.choice(np.arange(1, 663), num_shenzhen + 1, replace=False))]
+           + [(f"MCUCXR_{int(i):04d}_{int(rng.integers(0, 2))}", False)
+              for i in np.sort(rng.choice(np.arange(1, 139), num_montgomery + 1, replace=False))])
+  unmasked = {names[num_shenzhen][0], names[-1][0]}  # one of each source without a mask
+  for name, shenzhen in names:
+    h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    lungs = np.zeros((h, w), bool)
+    for cx in (0.3 * w, 0.7 * w):  # two lungs
+      ry, rx = rng.uniform(0.3, 0.4) * h, rng.uniform(0.12, 0.18) * w
+      lungs |= ((yy - 0.5 * h) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    grey = np.clip(rng.normal(170, 20, (h, w)) - 90 * lungs, 0, 255).astype(np.uint8)
+    Image.fromarray(grey if shenzhen else np.repeat(grey[..., None], 3, -1), "L" if shenzhen else "RGB").save(
+        root / "CXR_png" / f"{name}.png")
+    (root / "ClinicalReadings" / f"{name}.txt").write_text("normal\n" if name.endswith("_0") else "tuberculosis\n")
+    if name not in unmasked:
+      _write_mask(root / "masks" / (f"{name}_mask.png" if shenzhen else f"{name}.png"), lungs, rng,
+                  rgb=not shenzhen)
+  Image.fromarray(rng.integers(0, 255, (size_range[0], size_range[0]), np.uint8), "L").save(
+      root / "test" / "CHNCXR_0999_0.png")
+  return out
+
+
+CROSS_DOMAIN_WRITERS = {"fss1000": write_fss1000, "deepglobe": write_deepglobe, "isic2018": write_isic2018,
+                        "chest_xray": write_chest_xray}
+
+
+def write_cross_domain(out: str | os.PathLike, dataset: str, seed: int = 0, **kwargs) -> pathlib.Path:
+  """`write_fss1000` / `write_deepglobe` / `write_isic2018` / `write_chest_xray` by dataset name."""
+  if dataset not in CROSS_DOMAIN_WRITERS:
+    raise ValueError(f"dataset must be one of {sorted(CROSS_DOMAIN_WRITERS)}, got {dataset!r}")
+  return CROSS_DOMAIN_WRITERS[dataset](out, seed=seed, **kwargs)
+
+
+def make_built_cross_domain(tmp_dir: str | os.PathLike, dataset: str, seed: int = 0, **raw_kwargs) -> str:
+  """Writes a synthetic cross-domain raw tree and builds it; returns the TFDS ``data_dir``.
+
+  Like `make_built_dataset`: ``tmp_dir/raw_<tag>/`` and ``tmp_dir/tfds_<tag>/`` with a tag
+  of all arguments, so a second call with the same arguments reuses the build. Read it with
+  ``source.open_split(data_dir, dataset, "test")``.
+  """
+  from data_prep import build  # pylint: disable=g-import-not-at-top
+  if dataset not in CROSS_DOMAIN_WRITERS:
+    raise ValueError(f"dataset must be one of {sorted(CROSS_DOMAIN_WRITERS)}, got {dataset!r}")
+  tmp_dir = pathlib.Path(tmp_dir)
+  tag = "_".join([dataset, str(seed)] + [f"{k}-{v}" for k, v in sorted(raw_kwargs.items())])
+  data_dir = tmp_dir / f"tfds_{tag}"
+  if not build.is_complete(data_dir, dataset):
+    manual_dir = tmp_dir / f"raw_{tag}"
+    if manual_dir.exists():
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(manual_dir)
+    write_cross_domain(manual_dir, dataset, seed, **raw_kwargs)
     build.build(dataset, manual_dir, data_dir, progress=False)
   return os.fspath(data_dir)
 
