@@ -211,6 +211,41 @@ def _raise_if_other_model(error: Exception, state_dict, keymap, src, model: str)
     raise WrongModelError(src, model, names, other_matched, other_total, error) from None
 
 
+# The config file (configs/<module>.py) and argument of each model's paper recipe; a model
+# whose name is not listed uses configs/<model>.py. Backbone key maps have none.
+PAPER_CONFIGS = {"sccan_pahnet": ("pahnet", "variant=sccan"), "hdmnet_pahnet": ("pahnet", "variant=hdmnet")}
+
+
+def paper_description(model: str, dataset: str | None, fold: int | None) -> dict:
+  """What predicting / evaluating with converted weights needs (`fss_jax.train.loop.describe`:
+  test size and resize, normalisation, label values and class names, output kind), from the
+  model's paper config for the dataset it was trained on; {} for a model without a config.
+
+  When the dataset is unknown, only what both datasets' configs agree on is recorded: a model
+  whose test transform differs between PASCAL-5i and COCO-20i (HDMNet: 473 / 633 px) gets no
+  ``input`` (the reader then asks for it instead of guessing).
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
+  module, arg = PAPER_CONFIGS.get(model, (model, ""))
+  try:
+    get_config = importlib.import_module(f"configs.{module}").get_config
+  except ModuleNotFoundError:
+    return {}
+
+  def described(ds: str) -> dict:
+    parts = [p for p in (arg, f"dataset={ds}", f"fold={fold}" if fold is not None else "") if p]
+    return loop.describe(get_config(",".join(parts)))
+
+  if dataset is not None:
+    return described(dataset)
+  pascal, coco = described("pascal5i"), described("coco20i")
+  out = {"output": pascal["output"]}
+  if pascal["input"] == coco["input"]:
+    out["input"] = pascal["input"]
+  return out
+
+
 def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *,
                  fields: Mapping[str, Any] | None = None, overwrite: bool = False,
                  dataset: str | None = None, fold: int | None = None) -> pathlib.Path:
@@ -245,7 +280,8 @@ def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *
   except ValueError as e:   # keymaps.ConversionError included
     _raise_if_other_model(e, state_dict, keymap, src, model)
     raise
-  metadata = {"model": model, "fields": fields,
+  metadata = {**paper_description(model, trained.get("dataset"), trained.get("fold")),
+              "model": model, "fields": fields,
               "source": os.fspath(src) if fss_io.is_remote(src) else str(src.absolute()),
               "sha256": digest, "format": "fss_jax converted checkpoint v1", **trained}
   return ckpt_io.write_orbax(variables, dst, overwrite=overwrite, metadata=metadata)

@@ -19,12 +19,15 @@ can be overridden with ``--config.x.y=value``. Derived fields are references
 The test protocol defaults follow data_protocol.md §7.3 / §10: 1000 episodes per
 seed on PASCAL-5i and COCO-20i, the five BAM seeds for the final test, seed 321
 for the validation run inside training (model selection), scoring at the
-original label resolution with the §9.1 aspect+pad transform.
+original label resolution with the §9.1 aspect+pad transform. ``protocol`` picks
+another preset (``hsnet``, ``patnet_cd``) and ``protocol_fields.<field>`` overrides
+one field of it (fss_jax.eval.protocol; docs/protocols.md).
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 # data_protocol.md §7.3: numpy legacy RNG seeded with 123, randint(0, 1000, n).
 BAM_SEEDS = (510, 365, 382, 322, 988)
@@ -160,6 +163,29 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
   c.eval.checkpoint = "best"          # --mode eval uses: best | latest
   c.eval.num_images = 4               # query/support/prediction panels written to TensorBoard
   c.eval.allow_other_fold = False     # config.init trained on another fold: error unless True
+  # Evaluation shape independent of training (docs/protocols.md): K supports, N ways, the test
+  # dataset / fold (0, 0, "", -1: the training values). A model refuses a K it cannot fuse.
+  c.eval.shot = 0
+  c.eval.way = 0
+  c.eval.dataset = ""
+  c.eval.fold = -1
+
+  # -- test protocol (fss_jax.eval.protocol, docs/protocols.md) ------------------------
+  # pfenet_bam: the fields above as this config sets them | hsnet | patnet_cd. Each field of
+  # protocol_fields overrides the preset's value (None: the preset's).
+  c.protocol = "pfenet_bam"
+  c.protocol_fields = ml_collections.ConfigDict()
+  c.protocol_fields.test_size = config_dict.placeholder(int)      # input side S
+  c.protocol_fields.test_resize = config_dict.placeholder(str)    # aspect | squash
+  c.protocol_fields.score = config_dict.placeholder(str)          # original | input (S x S)
+  c.protocol_fields.ignore_255 = config_dict.placeholder(bool)    # False: 255 counts as background
+  c.protocol_fields.novel_filter = config_dict.placeholder(bool)  # training lists drop novel images
+  c.protocol_fields.class_split = config_dict.placeholder(str)    # COCO: interleaved | contiguous
+  c.protocol_fields.episode_rule = config_dict.placeholder(str)   # pfenet | hsnet
+  c.protocol_fields.lists = config_dict.placeholder(str)          # build | hsnet's data/splits dir
+  c.protocol_fields.episodes = config_dict.placeholder(int)       # per seed; 0: one per query
+  c.protocol_fields.seeds = config_dict.placeholder(tuple)
+  c.protocol_fields.seed_rule = config_dict.placeholder(str)      # per_episode | sequential
 
   # -- checkpoints / init / resume -----------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
@@ -205,6 +231,10 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.val_episodes = 4
   c.eval.seeds = (321, 322)
   c.eval.every_steps = 3
+  # Under every preset (hsnet's 400 px / 1000 episodes would not be a smoke run).
+  c.protocol_fields.test_size = c.data.test_size
+  c.protocol_fields.episodes = c.eval.episodes
+  c.protocol_fields.seeds = tuple(c.eval.seeds)
   c.checkpoint.every_steps = 2
   c.checkpoint.async_save = False
   # c.tensorboard stays on: a smoke run leaves the event files a real run does.

@@ -41,8 +41,9 @@ object counts as foreground):
 Method (data_protocol.md §9): every image is resized to the model's square input
 (``--resize pad``: aspect-preserving resize + top-left zero padding, §9.1;
 ``squash``: plain resize, §9.2) with the ops of `fss_jax.data.transforms`, and
-ImageNet-normalised. Defaults come from the model's config (``configs/``; 473 /
-pad when there is none). Queries are run in batches (padded to a power of two
+ImageNet-normalised. The size and resize the model was trained for come from the
+checkpoint (``input`` in its metadata; a training workdir's config.json for older
+ones); a checkpoint that records neither needs ``--size`` and ``--resize``. Queries are run in batches (padded to a power of two
 up to ``--batch-size``) of one compiled function, so many queries of any sizes
 compile once per batch bucket. The logits are resized back on the host with the
 evaluation's rule (align_corners=True bilinear; §9.1: to the padded L x L square,
@@ -60,9 +61,10 @@ Outputs in OUT/ (written atomically; an existing file is never replaced without
 * ``support<k>_<image>_overlay.png``: each support under a "support k" caption with
   its mask as read outlined (green; ignore pixels grey);
 * ``predictions.json``: per query the original size, ``foreground_fraction``
-  (predicted foreground pixels / all pixels), ``confidence`` (mean max-softmax
-  probability over the predicted-foreground pixels; null when nothing is
-  predicted), ``confidence_all`` (the same over all pixels) and the file names;
+  (predicted foreground pixels / all pixels), ``confidence`` (mean largest class
+  probability over the predicted-foreground pixels: the softmax of the logits, or the
+  model's own output for models that return probabilities, `ModelSpec.output`; null
+  when nothing is predicted), ``confidence_all`` (the same over all pixels) and the file names;
   plus the model, checkpoint, the dataset and fold it was trained on (when its
   metadata records them), input size and resize mode.
 
@@ -100,8 +102,6 @@ from fss_jax.train import precision
 
 IGNORE = 255
 RESIZE_MODES = {"pad": "aspect", "aspect": "aspect", "squash": "squash"}
-DEFAULT_SIZE = 473
-DEFAULT_RESIZE = "aspect"
 _IMAGE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 # Largest image or mask read (width x height, megapixels; --max-pixels). 50 MP takes the
 # full-resolution photos of current cameras and phones (45-50 MP), while reading, resizing
@@ -111,10 +111,10 @@ _IMAGE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 DEFAULT_MAX_MEGAPIXELS = 50.0
 LOSSY_FORMATS = ("JPEG", "MPO")          # PIL format names of masks that get a warning
 _PIL_LIMIT_LOCK = threading.Lock()       # guards the swap of PIL's global pixel limit
-# Model name -> (configs module, config arg) that holds its test-time size / resize.
-_CONFIGS = {"sccan_pahnet": ("pahnet", "variant=sccan"), "hdmnet_pahnet": ("pahnet", "variant=hdmnet")}
-CONFIDENCE = ("mean over the predicted-foreground pixels of the largest softmax probability "
-              "(null when no pixel is predicted foreground); confidence_all: the same over all pixels")
+CONFIDENCE = ("mean over the predicted-foreground pixels of the largest class probability "
+              "(softmax of the logits, or the model's own probabilities for models that output "
+              "them); null when no pixel is predicted foreground; confidence_all: the same over "
+              "all pixels")
 
 
 class PredictInputError(ValueError):
@@ -381,6 +381,7 @@ class Checkpoint:
   step: int | None = None
   dataset: str | None = None    # what the weights were trained on, when recorded
   fold: int | None = None
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the whole metadata
 
   def trained_on(self) -> str | None:
     """"pascal5i fold 2", or None when the metadata does not record it."""
@@ -422,7 +423,7 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
                                 f"again with python -m checkpoints.convert") from None
     return Checkpoint(root, "converted", meta.get("model"), dict(meta.get("fields") or {}),
                       meta_file if meta_file.is_file() else None, root / ckpt_io.VARIABLES_DIR,
-                      dataset=meta.get("dataset"), fold=meta.get("fold"))
+                      dataset=meta.get("dataset"), fold=meta.get("fold"), meta=meta)
   step_dir = None
   if (root / "state").is_dir():
     step_dir = root
@@ -447,7 +448,7 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
   return Checkpoint(root, "workdir", meta.get("model"), dict(meta.get("model_fields") or {}),
                     meta_file if meta_file.is_file() else None, step_dir / "state",
                     int(step_dir.name) if step_dir.name.isdigit() else None,
-                    dataset=meta.get("dataset"), fold=meta.get("fold"))
+                    dataset=meta.get("dataset"), fold=meta.get("fold"), meta=meta)
 
 
 def run_transform(ckpt: "Checkpoint") -> tuple[int, str] | None:
@@ -464,15 +465,27 @@ def run_transform(ckpt: "Checkpoint") -> tuple[int, str] | None:
   return int(data["test_size"]), str(data["test_resize"])
 
 
-def default_transform(model: str) -> tuple[int, str]:
-  """(test size, "aspect" | "squash") of ``model``'s config, or (473, "aspect")."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  module, arg = _CONFIGS.get(model, (model, ""))
-  try:
-    c = importlib.import_module(f"configs.{module}").get_config(arg or None)
-    return int(c.data.test_size), str(c.data.test_resize)
-  except Exception:  # pylint: disable=broad-except  # no config for this model: generic default
-    return DEFAULT_SIZE, DEFAULT_RESIZE
+def recorded_transform(ckpt: "Checkpoint") -> tuple[int | None, str | None]:
+  """(test size, "aspect" | "squash") the checkpoint records (its ``input``), else what its
+  training workdir's config.json says (checkpoints older than metadata format 2); None where
+  neither says."""
+  inp = ckpt.meta.get("input") or {}
+  size, resize = inp.get("size"), inp.get("resize")
+  if size is None or resize is None:
+    run = run_transform(ckpt)
+    if run is not None:
+      size, resize = size or run[0], resize or run[1]
+  return (int(size) if size is not None else None), (str(resize) if resize is not None else None)
+
+
+def check_normalisation(ckpt: "Checkpoint") -> None:
+  """Refuses weights recorded with another input normalisation than the one predict applies."""
+  inp = ckpt.meta.get("input") or {}
+  for key, ours in (("mean", transforms.MEAN), ("std", transforms.STD)):
+    if key in inp and not np.allclose(inp[key], ours, atol=1e-3):
+      raise PredictInputError(
+          f"checkpoint {ckpt.path} records input.{key} {inp[key]}, but predict normalises with "
+          f"{[round(v, 3) for v in ours]}; these weights expect another preprocessing")
 
 
 # ---------------------------------------------------------------------------
@@ -536,10 +549,12 @@ class Prediction:
     name: display name (file stem, or ``image_<i>``).
     image: uint8 RGB [H, W, 3] query.
     mask: uint8 [H, W], 1 = predicted foreground.
-    probability: float32 [H, W] softmax probability of the foreground (1 - p(bg)).
+    probability: float32 [H, W] probability of the foreground: 1 - softmax(logits)[bg], or
+      the model's own foreground probability (clipped to [0, 1]) for a model whose output
+      is probabilities (`ModelSpec.output`).
     foreground_fraction: mean of ``mask``.
-    confidence: mean max-softmax over predicted-foreground pixels (None if none).
-    confidence_all: mean max-softmax over all pixels.
+    confidence: mean largest class probability over predicted-foreground pixels (None if none).
+    confidence_all: the same over all pixels.
     path: the query file, when given as a path.
   """
   name: str
@@ -589,8 +604,9 @@ class Predictor:
     size: model input side (default: the model's config test size, else 473).
     resize: "pad" (= "aspect", §9.1) or "squash" (§9.2) (default: the config's).
     batch_size: largest query batch per call of the compiled function.
-    class_id: ``class_id`` given to the model (only methods that read it, e.g.
-      Sym-Net's word embeddings, care).
+    class_id: the supports' class, by id or name (a class of the dataset the checkpoint
+      records); required by the models whose forward reads it
+      (`ModelSpec.class_conditioned`: Sym-Net's word embedding), ignored by the others.
     fields: overrides of the model fields stored in the checkpoint.
     compute_dtype: "float32" (default) or "bfloat16" (`fss_jax.train.precision`).
     max_megapixels: largest image / mask file read (width x height, megapixels;
@@ -603,7 +619,7 @@ class Predictor:
   """
 
   def __init__(self, model: str | None, checkpoint: str | os.PathLike, *, size: int | None = None,
-               resize: str | None = None, batch_size: int = 4, class_id: int = 0,
+               resize: str | None = None, batch_size: int = 4, class_id: int | str | None = None,
                fields: Mapping[str, Any] | None = None, compute_dtype: str = "float32",
                max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
                warn: Callable[[str], None] = _print_warning):
@@ -627,16 +643,25 @@ class Predictor:
     self.model_name = model or saved
     self.spec = registry.get(self.model_name)
     self.fields = {**self.ckpt.fields, **dict(fields or {})}
-    dsize, dresize = run_transform(self.ckpt) or default_transform(self.model_name)
-    self.size = int(size or dsize)
-    resize = resize or dresize
+    rsize, rresize = recorded_transform(self.ckpt)
+    missing = [f"input.{k} (--{k})" for k, given, rec in (("size", size, rsize), ("resize", resize, rresize))
+               if given is None and rec is None]
+    if missing:
+      raise PredictInputError(
+          f"checkpoint {self.ckpt.path} does not record {' or '.join(missing)}: the test transform "
+          f"the model was trained for (converted without --dataset, or by an older version). Pass "
+          f"--size and --resize, or convert it again with --dataset")
+    self.size = int(size or rsize)
+    resize = resize or rresize
+    check_normalisation(self.ckpt)
+    self.output = self.spec.output
     if resize not in RESIZE_MODES:
       raise PredictInputError(f"resize must be one of pad, squash; got {resize!r}")
     self.resize = RESIZE_MODES[resize]
     if batch_size < 1:
       raise PredictInputError(f"batch size must be >= 1, got {batch_size}")
     self.batch_size = int(batch_size)
-    self.class_id = int(class_id)
+    self.class_id = (self.resolve_class(class_id) if self.spec.class_conditioned else 0)
     if max_megapixels is not None and max_megapixels < 0:
       raise PredictInputError(f"--max-pixels must be >= 0 (0: no limit), got {max_megapixels:g}")
     self.max_megapixels = max_megapixels
@@ -644,6 +669,39 @@ class Predictor:
     self.traces = 0
     self._loaded = None
     self._models: dict[int, tuple[Any, dict, Any]] = {}   # shots -> (module, variables, jitted fn)
+
+  def class_names(self) -> dict[int, str]:
+    """{id: name} of the classes of the dataset the checkpoint records ({} when none)."""
+    from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
+    recorded = (self.ckpt.meta.get("labels") or {}).get("classes")
+    if recorded:
+      return {int(k): str(v) for k, v in recorded.items()}
+    dataset = self.ckpt.dataset or self.fields.get("dataset")
+    return splits.class_names(dataset) if dataset else {}
+
+  def resolve_class(self, value: int | str | None) -> int:
+    """A class given by id or name -> its id (1..C of the checkpoint's dataset).
+
+    Raises:
+      PredictInputError: none given, or not a class of the dataset (the valid ones listed).
+    """
+    names = self.class_names()
+    listing = ", ".join(f"{k} {v}" for k, v in sorted(names.items())) if names else "1..C"
+    if value is None or str(value).strip() == "":
+      raise PredictInputError(f"model {self.model_name} needs the class of the supports: pass "
+                              f"--class NAME or --class ID ({listing})")
+    text = str(value).strip()
+    if text.isdigit():
+      cid = int(text)
+      if names and cid not in names or cid < 1:
+        raise PredictInputError(f"--class {cid} is not a class id of this checkpoint's dataset; "
+                                f"valid: {listing}")
+      return cid
+    by_name = {v.lower(): k for k, v in names.items()}
+    if text.lower() not in by_name:
+      raise PredictInputError(f"--class {text!r} is not a class of this checkpoint's dataset; "
+                              f"valid: {listing}")
+    return by_name[text.lower()]
 
   # -- model for K shots ----------------------------------------------------------------------
 
@@ -807,13 +865,18 @@ class Predictor:
           f"weights in {self.ckpt.weights_dir}; the checkpoint is broken (e.g. negative BatchNorm "
           f"variances or a diverged training run): use another checkpoint")
     full = logits_to_original(logits, image.shape[:2], self.resize)
-    probs = _softmax(full)
+    if self.output == "probabilities":   # already probability-like (ModelSpec.output): no softmax
+      probs = np.clip(full, 0.0, 1.0)
+      foreground = np.clip(full[..., 1:].sum(axis=-1), 0.0, 1.0)
+    else:
+      probs = _softmax(full)
+      foreground = 1.0 - probs[..., 0]
     pred = np.argmax(full, axis=-1)
     mask = (pred != 0).astype(np.uint8)
     top = probs.max(axis=-1)
     fg = mask.astype(bool)
     return Prediction(name=name, image=image, mask=mask,
-                      probability=(1.0 - probs[..., 0]).astype(np.float32),
+                      probability=foreground.astype(np.float32),
                       foreground_fraction=float(fg.mean()),
                       confidence=float(top[fg].mean()) if fg.any() else None,
                       confidence_all=float(top.mean()), path=path)
@@ -957,7 +1020,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--resize", choices=("pad", "squash"), default=None,
                  help="pad: aspect-preserving + zero pad (§9.1); squash: plain resize (§9.2)")
   p.add_argument("--batch-size", type=int, default=4, help="queries per forward call")
-  p.add_argument("--class-id", type=int, default=0, help="class id passed to the model (Sym-Net)")
+  p.add_argument("--class", "--class-id", dest="class_", default=None, metavar="NAME_OR_ID",
+                 help="the supports' class, by name or id (Sym-Net reads it: required there)")
   p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                  help="bfloat16: bf16 compute with float32 weights (faster on GPU/TPU)")
   p.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_MEGAPIXELS, metavar="MEGAPIXELS",
@@ -973,7 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     pairs = [_parse_support(s) for s in args.support]
     predictor = Predictor(args.model, args.checkpoint, size=args.size, resize=args.resize,
-                          batch_size=args.batch_size, class_id=args.class_id,
+                          batch_size=args.batch_size, class_id=args.class_,
                           compute_dtype=args.compute_dtype, max_megapixels=args.max_pixels)
     supports = predictor.load_supports([a for a, _ in pairs], [b for _, b in pairs])
     # Refuse existing outputs before the (slow) model run.

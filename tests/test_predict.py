@@ -49,7 +49,8 @@ def _random_variables(model, size: int) -> dict:
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
   variables = _random_variables(registry.get("panet").make_model(), SIZE)
-  ckpt = ckpt_io.write_orbax(variables, root / "panet_ckpt", metadata={"model": "panet", "fields": {}})
+  ckpt = ckpt_io.write_orbax(variables, root / "panet_ckpt", metadata={
+      "model": "panet", "fields": {}, "input": {"size": SIZE, "resize": "aspect"}})
   rng = np.random.default_rng(1)
   files = {}
   # Support 1: 50x60 JPEG + palette PNG (VOC style: class index 15, border 255 = ignore).
@@ -204,7 +205,7 @@ def test_checkpoint_of_another_model(setup, tmp_path):
   with pytest.raises(predict.PredictInputError, match=r"holds no checkpoint"):
     predict.Predictor("panet", tmp_path)
   # A model built for 1 shot whose weights do not depend on it accepts 2 supports.
-  p = predict.Predictor("panet", setup["ckpt"], size=SIZE, fields={"shots": 1})
+  p = predict.Predictor("panet", setup["ckpt"], size=SIZE, resize="pad", fields={"shots": 1})
   module, _, _ = p._build(2)
   assert module.shots == 2 and p.traces == 0
   f = setup["files"]
@@ -272,7 +273,7 @@ def test_converted_checkpoint_without_fields_takes_the_support_count(tmp_path):
   variables = _random_variables(registry.get("sccan").make_model(), 65)
   ckpt = ckpt_io.write_orbax(variables, tmp_path / "sccan_ckpt",
                              metadata={"model": "sccan", "fields": {}})
-  p = predict.Predictor(None, ckpt, size=65)
+  p = predict.Predictor(None, ckpt, size=65, resize="pad")
   module, _, _ = p._build(2)
   assert module.shot == 2 and p.traces == 0
   assert predict._shot_field({}, registry.get("hdmnet").make_model) == ("shot", 1)
@@ -320,7 +321,7 @@ def _predict_cli(setup, ckpt, out):
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   return subprocess.run([sys.executable, "-m", "fss_jax.predict", "--checkpoint", str(ckpt),
                          "--support", f"{f['s1']}:{f['m1']}", "--query", str(f["q1"]), "--out", str(out),
-                         "--size", str(SIZE)], cwd=REPO, env=env, capture_output=True, text=True,
+                         "--size", str(SIZE), "--resize", "pad"], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
 
 
@@ -350,3 +351,49 @@ def test_predict_names_the_fold_and_prints_no_library_noise(setup, tmp_path):
     assert not found, f"{found} in stderr:\n{r.stderr[-3000:]}"
     doc = json.loads((tmp_path / f"out_{ckpt.name}" / "predictions.json").read_text())
     assert doc["trained_on"]["fold"] == int(trained[-1])
+
+
+def test_checkpoint_records_what_predict_needs(tmp_path, setup):
+  """A COCO-trained HDMNet runs at the size and resize it was trained for (633, squash; read
+  from the checkpoint, no flag), and its foreground probability is the model's own output
+  (BAM's ensemble gives probabilities: no second softmax); a checkpoint that records no test
+  transform is refused naming the field; Sym-Net needs the supports' class by name or id."""
+  from checkpoints import convert  # pylint: disable=g-import-not-at-top
+  model = registry.get("hdmnet").make_model(num_base_classes=61)
+  meta = {"model": "hdmnet", "fields": {"num_base_classes": 61}, "dataset": "coco20i", "fold": 0,
+          **convert.paper_description("hdmnet", "coco20i", 0)}
+  assert meta["output"] == "probabilities" and meta["labels"]["classes"]["1"] == "person"
+  variables = jax.tree_util.tree_map_with_path(   # BatchNorm variances must be positive
+      lambda path, x: np.ones_like(x) if str(path[-1]).endswith("'var']") else x,
+      _random_variables(model, 65))
+  ckpt = ckpt_io.write_orbax(variables, tmp_path / "hdmnet_coco", metadata=meta)
+  p = predict.Predictor(None, ckpt)
+  assert (p.size, p.resize, p.output) == (633, "squash", "probabilities")
+  a = setup["arrays"]
+  supports = p.load_supports([a["s1"]], [a["m1"]])
+  got = p.segment(supports, None, [a["s2"]])[0]
+  pre = [p.preprocess(s.image, s.mask) for s in supports]
+  _, variables, forward = p._build(1)
+  raw = np.asarray(forward(variables, p._episode(p.preprocess(a["s2"])[0][None],
+                                                 np.stack([x[0] for x in pre])[None],
+                                                 np.stack([x[1] for x in pre])[None])))[0]
+  full = predict.logits_to_original(raw, a["s2"].shape[:2], "squash")
+  np.testing.assert_allclose(got.probability, np.clip(full[..., 1], 0, 1), atol=1e-6)
+
+  bare = ckpt_io.write_orbax(variables, tmp_path / "hdmnet_bare",
+                             metadata={"model": "hdmnet", "fields": {"num_base_classes": 61}})
+  with pytest.raises(predict.PredictInputError, match=r"does not record input\.size \(--size\) or "
+                                                      r"input\.resize \(--resize\)"):
+    predict.Predictor(None, bare)
+
+  sym = {"model": "symnet", "fields": {}, "dataset": "pascal5i", "fold": 0,
+         **convert.paper_description("symnet", "pascal5i", 0)}
+  sym_ckpt = tmp_path / "symnet"                      # metadata only: the weights are not read
+  (sym_ckpt / "variables").mkdir(parents=True)
+  (sym_ckpt / "metadata.json").write_text(json.dumps(sym))
+  with pytest.raises(predict.PredictInputError, match=r"needs the class of the supports.*15 person"):
+    predict.Predictor(None, sym_ckpt)
+  with pytest.raises(predict.PredictInputError, match=r"'unicorn' is not a class.*1 aeroplane"):
+    predict.Predictor(None, sym_ckpt, class_id="unicorn")
+  assert predict.Predictor(None, sym_ckpt, class_id="Person").class_id == 15
+  assert predict.Predictor(None, sym_ckpt, class_id="12").class_id == 12

@@ -24,6 +24,24 @@ hold ≥ 37 supports per class; they matter for toy data): a candidate class is 
 when it has K supports besides the query, and a query without such a class is left out
 of the query order (logged). A class with some, but fewer than K, supports is an error.
 
+Two episode rules and two seed rules (docs/protocols.md; ``generate(rule=, seed_rule=)``):
+
+* ``rule="pfenet"`` (default): the rules above (PFENet / BAM, data_protocol.md §7.3).
+* ``rule="hsnet"``: the HSNet / PATNet test loaders (github juhongm999/hsnet ``data/pascal.py``,
+  ``data/coco.py``; slei109/PATNet ``data/{deepglobe,isic,lung,fss}.py``), 1-way, by dataset:
+  PASCAL cycles (image, class) entries in list order (``pascal.py:33,96-105``); COCO draws the
+  class uniformly, then the query among the class's images (``coco.py:84-86``); FSS-1000 takes
+  every test image once (``fss.py:31-32,81-83``); other cross-domain sets cycle the classes
+  (``idx % n_classes``) and draw the query (``deepglobe.py:79-83``). Supports are drawn one at
+  a time among the class's images and re-drawn only when equal to the query, so they may repeat
+  (``pascal.py:99-103``). Entries / class lists: from the build (the §5.1 2048-px lists), or
+  HSNet's own ``data/splits`` files (``lists=<dir>``).
+* ``seed_rule="per_episode"`` (default): episode i draws from ``default_rng([0, seed, i])``.
+  ``seed_rule="sequential"``: one numpy ``RandomState(seed)`` drawn in episode order with the
+  legacy ``choice(n, 1, replace=False)`` calls of the references — HSNet's / PATNet's
+  ``fix_randseed(seed)`` before a single-worker test loop (hsnet ``test.py:20``,
+  ``data/dataset.py:35``), so with HSNet's lists the episodes are HSNet's own.
+
 Test episode lists are generated once and stored as JSON lines, one per episode::
 
   {"query": "2008_000123", "supports": ["2007_004459"], "class_id": 3}
@@ -46,8 +64,9 @@ import json
 import logging
 import os
 import pathlib
+import pickle
 import sys
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -59,6 +78,21 @@ _LOG = logging.getLogger(__name__)
 _EPISODE_STREAM = 0
 _ORDER_STREAM = 1
 SPLIT_OF_MODE = {"train": "train", "test": "val"}
+RULES = ("pfenet", "hsnet")
+SEED_RULES = ("per_episode", "sequential")
+
+
+def _randint(rng, n: int) -> int:
+  """One uniform draw in [0, n): ``Generator.integers`` or the references' legacy
+  ``RandomState.choice(n, 1, replace=False)`` (a permutation's first entry)."""
+  if isinstance(rng, np.random.RandomState):
+    return int(rng.choice(n, 1, replace=False)[0])
+  return int(rng.integers(n))
+
+
+def _distinct(rng, n: int, k: int) -> np.ndarray:
+  """k distinct draws in [0, n) (``choice(n, k, replace=False)`` of either generator)."""
+  return np.asarray(rng.choice(n, size=k, replace=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +202,10 @@ class EpisodeSampler:
     """The Generator of episode ``index`` (class and support draws)."""
     return np.random.default_rng([_EPISODE_STREAM, self.seed, index])
 
+  def rngs(self, num: int, seed_rule: str = "per_episode") -> Iterable:
+    """The generators of episodes 0..num-1: one per episode, or one shared `RandomState`."""
+    return _rngs(self.seed, num, seed_rule, self.rng)
+
   # -- sampling ----------------------------------------------------------------
 
   def available(self, class_id: int, query: int) -> np.ndarray:
@@ -175,22 +213,23 @@ class EpisodeSampler:
     pos = self.lists.support_positions[class_id]
     return pos[pos != query] if query in self._support_sets[class_id] else pos
 
-  def _draw_supports(self, rng: np.random.Generator, class_id: int, query: int) -> tuple[int, ...]:
+  def _draw_supports(self, rng, class_id: int, query: int) -> tuple[int, ...]:
     avail = self.available(class_id, query)
-    pick = rng.choice(len(avail), size=self.shot, replace=False)
+    pick = _distinct(rng, len(avail), self.shot)
     return tuple(int(avail[k]) for k in pick)
 
-  def sample(self, index: int) -> Episode:
-    """The episode of ``index`` (>= 0): a pure function of (seed, index)."""
+  def sample(self, index: int, rng=None) -> Episode:
+    """The episode of ``index`` (>= 0): a pure function of (seed, index), or of the state of
+    ``rng`` (the shared generator of ``seed_rule="sequential"``)."""
     index = int(index)
     if index < 0:
       raise IndexError(f"episode index must be >= 0, got {index}")
     slot = self.query_slot(index)
     query = int(self.query_positions[slot])
-    rng = self.rng(index)
+    rng = self.rng(index) if rng is None else rng
     classes = self.lists.classes
     cand = np.flatnonzero(self.eligible[slot])
-    first = int(cand[rng.integers(len(cand))])
+    first = int(cand[_randint(rng, len(cand))])
     chosen = [first]
     if self.way > 1:
       others = [j for j in range(len(classes))
@@ -198,12 +237,190 @@ class EpisodeSampler:
       if len(others) < self.way - 1:
         raise ValueError(f"{self.way}-way {self.shot}-shot episode {index}: only {len(others)} other classes "
                          f"have {self.shot} support image(s); use fewer ways or shots")
-      chosen += [others[k] for k in rng.choice(len(others), size=self.way - 1, replace=False)]
+      chosen += [others[k] for k in _distinct(rng, len(others), self.way - 1)]
     supports = tuple(self._draw_supports(rng, classes[j], query) for j in chosen)
     return Episode(index=index, query=query, class_ids=tuple(int(classes[j]) for j in chosen),
                    class_indices=tuple(int(j) for j in chosen), supports=supports)
 
   __getitem__ = sample
+
+
+def _rngs(seed: int, num: int, seed_rule: str, per_episode) -> Iterable:
+  if seed_rule not in SEED_RULES:
+    raise ValueError(f"seed_rule must be one of {SEED_RULES}, got {seed_rule!r}")
+  if seed_rule == "sequential":
+    shared = np.random.RandomState(int(seed))  # numpy's legacy global seeding (fix_randseed)
+    return (shared for _ in range(num))
+  return (per_episode(i) for i in range(num))
+
+
+# -- the HSNet / PATNet test loaders -------------------------------------------------
+
+
+# How HSNet / PATNet pick an episode's query and class, by dataset (see the module docstring).
+HSNET_KINDS = {"pascal5i": "entries", "coco20i": "class_uniform", "fss1000": "every_image"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HSNetLists:
+  """What the HSNet / PATNet loaders sample from.
+
+  Attributes:
+    kind: "entries" (cycle ``entries``), "every_image" (the same, over every image of every
+      class), "class_uniform" (class drawn uniformly, then the query) or "class_cycle" (class
+      ``index % n``, then the query).
+    classes: the test classes (global ids), ascending (HSNet's ``class_ids``).
+    entries: [(record position, class id)] in list order ("entries", "every_image").
+    classwise: class id -> int64 record positions (``img_metadata_classwise``), list order.
+  """
+  kind: str
+  classes: tuple[int, ...]
+  entries: tuple[tuple[int, int], ...]
+  classwise: Mapping[int, np.ndarray]
+
+
+def hsnet_lists(index, dataset: str, fold: int, *, lists: str = "build", coco_split: str = "interleaved",
+                min_pixels: int = splits.MIN_PIXELS) -> HSNetLists:
+  """The HSNet-rule lists of (dataset, fold)'s test split.
+
+  Args:
+    index: the test split's `DatasetIndex` (``image_ids``, ``class_pixels``).
+    lists: "build": from the build's §5.1 lists (an image is an entry of each novel class it
+      holds with >= 2048 px; ``classwise`` = the support lists). Otherwise a directory with
+      HSNet's ``data/splits`` (``pascal/val/fold{k}.txt`` lines ``<id>__<class>``;
+      ``coco/val/fold{k}.pkl`` {class - 1: [image paths]}), or the repository root holding it.
+  """
+  kind = HSNET_KINDS.get(dataset, "class_cycle")
+  if lists != "build":
+    return _hsnet_file_lists(index, dataset, fold, pathlib.Path(os.path.expanduser(lists)), kind)
+  if _cross_domain(dataset):
+    # PATNet keeps every image of a class folder (no pixel threshold) and sorts the file paths
+    # (deepglobe.py:109, isic.py:107, lung.py:108, fss.py:110): here the image ids, in which
+    # FSS-1000's support draw picks image k + 1 of 1..10 (fss.py:91), a numeric order.
+    fl = splits.cross_domain_lists(index, dataset, "test")
+    ids = [str(i) for i in index.image_ids]
+    classes = tuple(int(c) for c in fl.classes)
+    by_id = {c: sorted(map(int, fl.support_positions[c]), key=lambda p: ids[p]) for c in classes}
+    if kind != "every_image":
+      return HSNetLists(kind, classes, (), {c: np.asarray(v, np.int64) for c, v in by_id.items()})
+    entries = tuple((p, c) for c in classes for p in by_id[c])
+    numeric = {c: np.asarray(sorted(v, key=lambda p: _numeric_name(ids[p])), np.int64) for c, v in by_id.items()}
+    return HSNetLists(kind, classes, entries, numeric)
+  fl = splits.fold_lists(index, dataset, fold, "test", coco_split=coco_split, min_pixels=min_pixels)
+  classwise = {int(c): np.asarray(fl.support_positions[c], np.int64) for c in fl.classes}
+  entries = sorted((int(p), int(c)) for c, pos in classwise.items() for p in pos)
+  return HSNetLists(kind, tuple(int(c) for c in fl.classes), tuple(entries), classwise)
+
+
+def _cross_domain(dataset: str) -> bool:
+  """A fold-less cross-domain test set (`splits.dataset_kind`)."""
+  kind = getattr(splits, "dataset_kind", None)
+  try:
+    return kind is not None and kind(dataset) == "cross_domain"
+  except ValueError:
+    return False
+
+
+def _numeric_name(image_id: str) -> tuple:
+  """Sort key: the number of an id's last path part ("bus/7" -> 7), else after all numbers."""
+  last = image_id.rsplit("/", 1)[-1]
+  return (0, int(last), image_id) if last.isdigit() else (1, 0, image_id)
+
+
+def _hsnet_file_lists(index, dataset: str, fold: int, root: pathlib.Path, kind: str) -> HSNetLists:
+  if (root / "data" / "splits").is_dir():
+    root = root / "data" / "splits"
+  pos = {str(i): p for p, i in enumerate(index.image_ids)}
+
+  def position(name: str, missing: list) -> int | None:
+    stem = pathlib.PurePosixPath(name).stem
+    if stem not in pos:
+      missing.append(stem)
+      return None
+    return pos[stem]
+
+  missing: list[str] = []
+  if dataset == "pascal5i":
+    path = root / "pascal" / "val" / f"fold{fold}.txt"
+    if not path.is_file():
+      raise FileNotFoundError(f"HSNet list {path} not found; pass the hsnet repository's data/splits folder")
+    entries = []
+    for line in path.read_text().split("\n"):
+      if line.strip():
+        name, _, cls = line.strip().rpartition("__")
+        p = position(name, missing)
+        if p is not None:
+          entries.append((p, int(cls)))
+    classes = tuple(range(5 * fold + 1, 5 * fold + 6))          # pascal.py:107-115
+    classwise = {c: np.asarray([p for p, k in entries if k == c], np.int64) for c in classes}
+  elif dataset == "coco20i":
+    path = root / "coco" / "val" / f"fold{fold}.pkl"
+    if not path.is_file():
+      raise FileNotFoundError(f"HSNet list {path} not found; pass the hsnet repository's data/splits folder")
+    with open(path, "rb") as f:
+      raw = pickle.load(f)  # HSNet's own file: {class - 1: [val2014/COCO_val2014_....jpg, ...]}
+    classes = tuple(fold + 4 * v + 1 for v in range(20))           # coco.py:60-66
+    classwise = {}
+    for c in classes:
+      ps = [position(n, missing) for n in raw.get(c - 1, [])]
+      classwise[c] = np.asarray([p for p in ps if p is not None], np.int64)
+    entries = []
+  else:
+    raise ValueError(f"HSNet list files exist for pascal5i and coco20i only; use lists='build' for {dataset}")
+  if missing:
+    raise ValueError(f"{len(missing)} image(s) of {path} are not in the {dataset} build (first: "
+                     f"{', '.join(missing[:3])}); is it the val split of the same dataset?")
+  return HSNetLists(kind, classes, tuple(entries), classwise)
+
+
+class HSNetSampler:
+  """Episodes drawn as the HSNet / PATNet test loaders draw them (1-way, K shots).
+
+  ``sample(index, rng)`` makes the draws of ``__getitem__(index)`` of the reference dataset with
+  ``rng`` in place of numpy's global state: per kind, the class and query (see `HSNetLists`),
+  then K supports, each ``classwise[class][draw]`` re-drawn while it equals the query.
+  """
+
+  def __init__(self, lists: HSNetLists, *, shot: int, seed: int):
+    if shot < 1:
+      raise ValueError(f"shot must be >= 1, got {shot}")
+    self.lists, self.shot, self.seed = lists, int(shot), int(seed)
+    if lists.kind in ("entries", "every_image") and not lists.entries:
+      raise ValueError("the HSNet test list is empty: no image holds a test class with >= 2048 pixels")
+    thin = {c: len(v) for c, v in lists.classwise.items() if len(v) < 2 and (
+        lists.kind in ("class_uniform", "class_cycle") or any(k == c for _, k in lists.entries))}
+    if thin:
+      # The reference loops forever here (it re-draws until a support differs from the query).
+      raise ValueError(f"classes with fewer than 2 images cannot give a support besides the query: {thin}")
+
+  def rng(self, index: int) -> np.random.Generator:
+    return np.random.default_rng([_EPISODE_STREAM, self.seed, index])
+
+  def rngs(self, num: int, seed_rule: str = "per_episode") -> Iterable:
+    return _rngs(self.seed, num, seed_rule, self.rng)
+
+  def __len__(self) -> int:
+    """One episode per entry ("entries", "every_image"); 0 for the class-drawn kinds."""
+    return len(self.lists.entries)
+
+  def sample(self, index: int, rng=None) -> Episode:
+    index = int(index)
+    rng = self.rng(index) if rng is None else rng
+    l = self.lists
+    if l.kind in ("entries", "every_image"):
+      query, cls = l.entries[index % len(l.entries)]
+    else:
+      cls = l.classes[_randint(rng, len(l.classes)) if l.kind == "class_uniform" else index % len(l.classes)]
+      pool = l.classwise[cls]
+      query = int(pool[_randint(rng, len(pool))])
+    pool = l.classwise[cls]
+    supports = []
+    while len(supports) < self.shot:
+      s = int(pool[_randint(rng, len(pool))])
+      if s != query:
+        supports.append(s)
+    return Episode(index=index, query=int(query), class_ids=(int(cls),),
+                   class_indices=(l.classes.index(cls),), supports=(tuple(supports),))
 
 
 # -- stored episode lists (JSON lines) ----------------------------------------------
@@ -229,7 +446,7 @@ def format_records(records: Iterable[dict]) -> bytes:
 
 
 def write_episodes(path: str | os.PathLike, records: Iterable[dict], *,
-                   overwrite: bool = True) -> pathlib.Path:
+                   overwrite: bool = True) -> os.PathLike:
   """Writes the records as JSON lines atomically (temporary file + rename).
 
   Raises:
@@ -240,12 +457,12 @@ def write_episodes(path: str | os.PathLike, records: Iterable[dict], *,
 
 def read_episodes(path: str | os.PathLike) -> list[dict]:
   """Reads a JSON-lines episode file; errors name the file and line."""
-  path = pathlib.Path(path)
+  path = fss_io.user_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"episode file {path} not found; generate it with "
                             f"`python -m fss_jax.data.episodes ... --split test --out {path}`")
   records = []
-  with open(path, "r", encoding="utf-8") as f:
+  with path.open("r", encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -266,31 +483,54 @@ def read_episodes(path: str | os.PathLike) -> list[dict]:
 def make_sampler(index, dataset: str, fold: int, mode: str, *, shot: int, seed: int, way: int = 1,
                  protocol: str = "bam", coco_split: str = "interleaved",
                  min_pixels: int = splits.MIN_PIXELS) -> EpisodeSampler:
-  """Lists of (dataset, fold, mode) from a split's index + a sampler over them."""
-  lists = splits.fold_lists(index, dataset, fold, mode, protocol=protocol, coco_split=coco_split,
-                            min_pixels=min_pixels)
+  """Lists of (dataset, fold, mode) from a split's index + a sampler over them (a fold-less
+  cross-domain set: every class of its test split, `splits.cross_domain_lists`)."""
+  if _cross_domain(dataset) and mode == "test":
+    lists = splits.cross_domain_lists(index, dataset, "test")
+  else:
+    lists = splits.fold_lists(index, dataset, fold, mode, protocol=protocol, coco_split=coco_split,
+                              min_pixels=min_pixels)
   return EpisodeSampler(lists, shot=shot, seed=seed, way=way)
 
 
 def generate(index, dataset: str, fold: int, mode: str, *, shot: int, num_episodes: int, seed: int,
              way: int = 1, protocol: str = "bam", coco_split: str = "interleaved",
-             min_pixels: int = splits.MIN_PIXELS) -> list[dict]:
+             min_pixels: int = splits.MIN_PIXELS, rule: str = "pfenet", seed_rule: str = "per_episode",
+             lists: str = "build") -> list[dict]:
   """Episode records 0..num_episodes-1 of (dataset, fold, mode) — what the CLI writes.
 
   Args:
     index: `DatasetIndex` of the mode's split (train split for "train", val for "test").
+    num_episodes: >= 1, or 0 for one episode per query (per list entry under the HSNet rule).
+    rule, seed_rule, lists: see the module docstring (`RULES`, `SEED_RULES`, `hsnet_lists`).
   """
+  if rule not in RULES:
+    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+  if rule == "hsnet":
+    if mode != "test" or way != 1:
+      raise ValueError(f"the HSNet episode rule is for 1-way test episodes (got mode={mode!r}, way={way})")
+    sampler = HSNetSampler(hsnet_lists(index, dataset, fold, lists=lists, coco_split=coco_split,
+                                       min_pixels=min_pixels), shot=shot, seed=seed)
+  else:
+    if lists != "build":
+      raise ValueError(f"lists={lists!r} needs rule='hsnet'; the PFENet rule reads the build's lists")
+    sampler = make_sampler(index, dataset, fold, mode, shot=shot, seed=seed, way=way, protocol=protocol,
+                           coco_split=coco_split, min_pixels=min_pixels)
+  if num_episodes == 0:
+    num_episodes = len(sampler)
+    if num_episodes == 0:
+      raise ValueError(f"num_episodes=0 (one per query) needs a query list; the {dataset} HSNet rule "
+                       f"draws its queries, give a number of episodes")
   if num_episodes < 1:
-    raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
-  sampler = make_sampler(index, dataset, fold, mode, shot=shot, seed=seed, way=way, protocol=protocol,
-                         coco_split=coco_split, min_pixels=min_pixels)
+    raise ValueError(f"num_episodes must be >= 1 (or 0: one per query), got {num_episodes}")
   ids = index.image_ids
-  return [episode_record(sampler.sample(i), ids) for i in range(num_episodes)]
+  return [episode_record(sampler.sample(i, r), ids)
+          for i, r in zip(range(num_episodes), sampler.rngs(num_episodes, seed_rule))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m fss_jax.data.episodes", description=__doc__.split("\n")[0])
-  p.add_argument("--dataset", required=True, help="pascal5i or coco20i")
+  p.add_argument("--dataset", required=True, help="pascal5i, coco20i or a cross-domain test set (isic2018, ...)")
   p.add_argument("--data_dir", required=True, help="the --data_dir of `python -m data_prep.build`")
   p.add_argument("--fold", type=int, required=True)
   p.add_argument("--shot", type=int, required=True)
@@ -302,19 +542,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--protocol", choices=splits.PROTOCOLS, default="bam",
                  help="training lists: bam (intersection filter, default) or pfenet")
   p.add_argument("--coco_split", choices=splits.COCO_SPLITS, default="interleaved")
+  p.add_argument("--rule", choices=RULES, default="pfenet", help="episode rule (docs/protocols.md)")
+  p.add_argument("--seed_rule", choices=SEED_RULES, default="per_episode")
+  p.add_argument("--lists", default="build", help="HSNet rule: 'build' or hsnet's data/splits folder")
   p.add_argument("--out", required=True, help="output .jsonl")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --out file (atomically); without it an existing file is kept")
   a = p.parse_args(argv)
-  if not a.overwrite and pathlib.Path(a.out).exists():
+  if not a.overwrite and fss_io.user_path(a.out).exists():
     print(f"error: {a.out} already exists; pass --overwrite to replace it", file=sys.stderr)
     return 2
   from fss_jax.data import source  # pylint: disable=g-import-not-at-top
   try:
-    dataset = splits.canonical_dataset(a.dataset)
-    src = source.open_split(a.data_dir, dataset, SPLIT_OF_MODE[a.split])
+    cross = _cross_domain(a.dataset)   # fold-less test sets: their "test" split
+    dataset = splits.canonical_cross_domain(a.dataset) if cross else splits.canonical_dataset(a.dataset)
+    src = source.open_split(a.data_dir, dataset, "test" if cross and a.split == "test" else SPLIT_OF_MODE[a.split])
     records = generate(src.index, dataset, a.fold, a.split, shot=a.shot, num_episodes=a.num_episodes,
-                       seed=a.seed, way=a.way, protocol=a.protocol, coco_split=a.coco_split)
+                       seed=a.seed, way=a.way, protocol=a.protocol, coco_split=a.coco_split,
+                       rule=a.rule, seed_rule=a.seed_rule, lists=a.lists)
     out = write_episodes(a.out, records, overwrite=a.overwrite)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,9 @@
-"""Few-shot segmentation evaluation (data_protocol.md §10).
+"""Few-shot segmentation evaluation (data_protocol.md §10; docs/protocols.md).
 
-* `metrics`   per-episode intersection / union at the original label resolution
-              (jit-friendly), per-class accumulation, mIoU, FB-IoU, tables;
-* `evaluate`  stored test episodes x several seeds -> mean ± std and a results JSON.
+* `metrics`   per-episode intersection / union at the original label resolution or the
+              input size (jit-friendly), per-class accumulation, mIoU, FB-IoU, tables;
+* `evaluate`  stored test episodes x several seeds -> mean ± std and a results JSON;
+* `protocol`  test-protocol presets (pfenet_bam, hsnet, patnet_cd) resolved into fields,
+              evaluation shot / way / dataset independent of training;
+* `table`     results JSONs of many runs -> one Markdown / CSV table (mean ± std over seeds).
 """

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -235,7 +234,7 @@ def summary_scalars(summary: Mapping[str, Any], *, prefix: str = "eval") -> dict
   return out
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path | None:
+def write_json(path: str | os.PathLike, obj: Any) -> os.PathLike | None:
   """Writes ``obj`` as JSON atomically (process 0 only); returns the path (None elsewhere)."""
   if jax.process_index() != 0:
     return None

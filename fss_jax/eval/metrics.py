@@ -5,7 +5,11 @@ each episode's scoring size with a per-episode align_corners=True bilinear
 operator (so the shapes are static and nothing recompiles across image
 sizes), takes the argmax and counts, per class bin k = 0..C-1 (0 background,
 1..Wa the episode's ways), ``I_k = #(P=k ∧ T=k)``, ``U_k = #(P=k) + #(T=k) - I_k``
-over pixels whose target is not 255 (padding is 255).
+over pixels whose target is not 255 (padding is 255). Where it scores is a
+`Scoring` (docs/protocols.md): at the original label resolution (PFENet / BAM,
+"pad_square" / "original"), or at the square input size S with the label resized
+there by nearest neighbour (HSNet / PATNet, "input"); with 255 ignored, or
+counted as background (``ignore_255=False``).
 
 Host side: `ClassIoU` accumulates the sums (metrics are sums; ratios come last):
 ``I[c] += I_1, U[c] += U_1`` for the episode's novel class c (per way for
@@ -22,6 +26,7 @@ tables and charts show next to the ids.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -32,7 +37,37 @@ from fss_jax.data import splits
 
 IGNORE = 255
 EPS = 1e-10
-SCORES = ("pad_square", "original")
+SCORES = ("pad_square", "original", "input")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+  """Where and how an episode is scored (hashable: it is a static argument of the eval step).
+
+  Attributes:
+    mode: "pad_square" (logits -> L×L, L = max(H, W): the original label padded to a square,
+      data_protocol.md §9.1), "original" (logits -> H×W, §9.2) or "input" (logits -> S×S and
+      the original label resized to S×S by torch's nearest rule, src = floor(dst · H / S):
+      HSNet without ``--use_original_imgsize``, PATNet).
+    size: S of "input" (the test input side); unused otherwise.
+    ignore_255: True: label 255 (VOC object boundaries) is left out of every count (PFENet,
+      HSNet PASCAL); False: it counts as background (HSNet COCO, PATNet's binarised masks).
+      Padding outside the label's H×W is never counted.
+  """
+  mode: str = "pad_square"
+  size: int = 0
+  ignore_255: bool = True
+
+  def __post_init__(self):
+    if self.mode not in SCORES:
+      raise ValueError(f"unknown score mode {self.mode!r}; use one of {', '.join(SCORES)}")
+    if self.mode == "input" and int(self.size) < 1:
+      raise ValueError(f"score mode 'input' needs the input size (size >= 1), got {self.size}")
+
+
+def as_scoring(score: "str | Scoring") -> Scoring:
+  """A `Scoring` from itself or a mode name (255 ignored)."""
+  return score if isinstance(score, Scoring) else Scoring(mode=str(score))
 
 class_names = splits.class_names  # {class id: name} of a dataset (fss_jax.data.splits)
 
@@ -90,37 +125,64 @@ def resize_to_labels(logits: jax.Array, target_hw: jax.Array, bucket_hw: tuple[i
   return jnp.einsum("bxj,byjc->byxc", rw, x, precision=jax.lax.Precision.HIGHEST)
 
 
+def nearest_rows(in_size: jax.Array, out: int) -> jax.Array:
+  """torch ``F.interpolate(mode="nearest")`` source rows: int32 [B, out], ``min(floor(dst ·
+  in / out), in - 1)`` in float32 (the scale is ``(float) in / out``, as torch computes it)."""
+  scale = jnp.asarray(in_size, jnp.float32)[:, None] / jnp.float32(out)
+  src = jnp.floor(jnp.arange(out, dtype=jnp.float32)[None, :] * scale).astype(jnp.int32)
+  return jnp.minimum(src, jnp.asarray(in_size, jnp.int32)[:, None] - 1)
+
+
+def resize_labels_nearest(label: jax.Array, label_size: jax.Array, out: int) -> jax.Array:
+  """Each episode's H×W label (top-left of a padded bucket) -> out×out, torch nearest rule."""
+  size = jnp.asarray(label_size, jnp.int32)
+  rows = nearest_rows(size[:, 0], out)                                        # [B, S]
+  cols = nearest_rows(size[:, 1], out)                                        # [B, S]
+  x = jnp.take_along_axis(label, rows[:, :, None], axis=1)                    # [B, S, Wb]
+  return jnp.take_along_axis(x, cols[:, None, :], axis=2)                     # [B, S, S]
+
+
 def episode_counts(logits: jax.Array, label: jax.Array, label_size: jax.Array, *,
-                   score: str = "pad_square") -> dict[str, jax.Array]:
-  """Per-episode, per-bin intersection / union / target area at the original resolution.
+                   score: "str | Scoring" = "pad_square") -> dict[str, jax.Array]:
+  """Per-episode, per-bin intersection / union / target area at the scoring resolution.
 
   Args:
     logits: [B, h, w, C] model scores (any resolution).
     label: int [B, Hb, Wb] original labels (0..C-1, 255 ignore), padded with 255
       bottom/right to a fixed bucket.
     label_size: int [B, 2] true (H, W) of each label.
-    score: "pad_square": logits resized to L×L, L = max(H, W) (the original label
-      padded to a square; §9.1); "original": resized to H×W (§9.2). Only the
-      H×W region is counted either way.
+    score: a `Scoring` or its mode. "pad_square": logits resized to L×L, L = max(H, W)
+      (the original label padded to a square; §9.1); "original": resized to H×W (§9.2).
+      Only the H×W region is counted either way. "input": logits and label at S×S.
 
   Returns:
     {"intersection", "union", "target"} int32 [B, C].
   """
-  if score not in SCORES:
-    raise ValueError(f"unknown score mode {score!r}; use one of {', '.join(SCORES)}")
+  score = as_scoring(score)
   b, hb, wb = label.shape
   c = logits.shape[-1]
   size = jnp.asarray(label_size, jnp.int32)
-  if score == "pad_square":
-    side = jnp.max(size, axis=1)
-    target_hw = jnp.stack([side, side], axis=1)
+  if score.mode == "input":
+    s = int(score.size)
+    label = resize_labels_nearest(label, size, s)
+    scores = resize_to_labels(logits, jnp.full((b, 2), s, jnp.int32), (s, s))
+    region = jnp.ones(label.shape, bool)
   else:
-    target_hw = size
-  scores = resize_to_labels(logits, target_hw, (hb, wb))
+    if score.mode == "pad_square":
+      side = jnp.max(size, axis=1)
+      target_hw = jnp.stack([side, side], axis=1)
+    else:
+      target_hw = size
+    scores = resize_to_labels(logits, target_hw, (hb, wb))
+    ys = jnp.arange(hb)[None, :, None]
+    xs = jnp.arange(wb)[None, None, :]
+    region = (ys < size[:, 0, None, None]) & (xs < size[:, 1, None, None])
   pred = jnp.argmax(scores, axis=-1)
-  ys = jnp.arange(hb)[None, :, None]
-  xs = jnp.arange(wb)[None, None, :]
-  valid = (label != IGNORE) & (ys < size[:, 0, None, None]) & (xs < size[:, 1, None, None])
+  if score.ignore_255:
+    valid = region & (label != IGNORE)
+  else:  # 255 inside the label counts as background
+    valid = region
+    label = jnp.where(label == IGNORE, 0, label)
   bins = jnp.arange(c)
   p = (pred[..., None] == bins) & valid[..., None]
   t = (label[..., None] == bins) & valid[..., None]
@@ -234,5 +296,6 @@ class ClassIoU:
     return "\n".join(rows)
 
 
-__all__ = ["episode_counts", "resize_to_labels", "align_corners_matrix",
-           "intersection_and_union", "ClassIoU", "class_names", "SCORES", "IGNORE"]
+__all__ = ["episode_counts", "resize_to_labels", "align_corners_matrix", "resize_labels_nearest",
+           "intersection_and_union", "ClassIoU", "class_names", "SCORES", "IGNORE", "Scoring",
+           "as_scoring"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -354,7 +353,7 @@ def encode_png(image: np.ndarray) -> bytes:
   return buf.tobytes()
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = True) -> pathlib.Path:
+def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = True) -> os.PathLike:
   """Writes an RGB / grey uint8 image as PNG atomically."""
   return fss_io.atomic_write(path, encode_png(image), overwrite=overwrite)
 
@@ -436,7 +435,7 @@ def _fit_title(fig, text: str, renderer, *, fontsize: float = 10.0, min_fontsize
 def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *,
                   errors: Mapping[str, float] | None = None, title: str | None = None,
                   mean: float | None = None, overwrite: bool = True, dpi: int = 100
-                  ) -> pathlib.Path:
+                  ) -> os.PathLike:
   """Per-class IoU bar chart (`bar_chart_figure`) as a PNG, written atomically.
 
   Args:
@@ -454,9 +453,9 @@ def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *
   return fss_io.atomic_write(path, buf.getvalue(), overwrite=overwrite)
 
 
-def chart_path(results_json: str | os.PathLike) -> pathlib.Path:
+def chart_path(results_json: str | os.PathLike) -> os.PathLike:
   """``.../results_pascal5i_f0_1shot.json`` -> ``.../results_pascal5i_f0_1shot_iou.png``."""
-  p = pathlib.Path(results_json)
+  p = fss_io.user_path(results_json)
   return p.with_name(f"{p.stem}_iou.png")
 
 
@@ -470,7 +469,7 @@ def chart_class_names(summary: Mapping[str, Any], class_names: Mapping[Any, str]
 
 def summary_bar_chart(summary: Mapping[str, Any], path: str | os.PathLike, *,
                       class_names: Mapping[Any, str] | None = None, title: str | None = None
-                      ) -> pathlib.Path:
+                      ) -> os.PathLike:
   """The bar chart of an `fss_jax.eval.evaluate.summarize` result.
 
   Bars are ``summary["per_class_mean"]`` (percent), error bars the std over

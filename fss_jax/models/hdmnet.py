@@ -362,9 +362,13 @@ PARITY = ParityAdapter(
 
 SPEC = ModelSpec(
     "hdmnet", make_model, keymap, loss_fn=loss_fn, parity=PARITY,
+    output="probabilities",   # BAM's ensemble mixes the meta and base softmaxes (hdmnet.md §3 step 8)
     # The PSPNet base learner (backbone, PPM, cls, classifier) is frozen; kshot_rw is in
     # no optimiser group of the reference (hdmnet.md §6), so it keeps its initial values.
     # One pattern, so that it matches in 1-shot models (no kshot_rw) as well.
     frozen=(r"(pspnet|ensemble/kshot_rw)/.*",),
     # The PSPNet base learner's PPM (41 px); the transformer's 4 x 4 reduction needs 25.
-    min_input_size=pspnet_lib.MIN_INPUT_SIZE)
+    min_input_size=pspnet_lib.MIN_INPUT_SIZE,
+    # Only the training K: a K-shot model's ensemble has a learned K -> hidden -> K shot
+    # weighting (kshot_rw, K > 1), which a 1-shot model lacks (any_shot stays False).
+    any_shot=False)

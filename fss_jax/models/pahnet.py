@@ -821,11 +821,13 @@ FROZEN = ("ssp/.*", "pspnet/.*")
 
 SPECS = {
     # Both: the PSPNet base learner's PPM (41 px) above the SSP predictor's top-12 (25 px).
+    # Both evaluate at the training K only (any_shot False): the BAM ensemble of a K-shot model
+    # has a learned K -> hidden -> K shot weighting (kshot_rw) that a model of another K lacks.
     "sccan_pahnet": ModelSpec("sccan_pahnet", make_sccan_plus, sccan_keymap,
                               loss_fn=sccan_loss_fn, parity=SCCAN_PARITY, frozen=FROZEN,
                               unused=lambda blocks=8, **_: sccan_lib.unused_params(depth=blocks),
-                              min_input_size=pspnet_lib.MIN_INPUT_SIZE),
+                              min_input_size=pspnet_lib.MIN_INPUT_SIZE, output="probabilities"),
     "hdmnet_pahnet": ModelSpec("hdmnet_pahnet", make_hdmnet_plus, hdmnet_plus_keymap,
                                loss_fn=hdmnet_loss_fn, parity=HDMNET_PARITY, frozen=FROZEN,
-                               min_input_size=pspnet_lib.MIN_INPUT_SIZE),
+                               min_input_size=pspnet_lib.MIN_INPUT_SIZE, output="probabilities"),
 }

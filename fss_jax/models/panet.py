@@ -341,4 +341,7 @@ SPEC = ModelSpec(
     frozen=(),  # PANet fine-tunes the whole VGG-16
     # One full cell of the stride-8 features; a smaller input is mostly the pools' padding.
     min_input_size=8,
+    # Prototypes are means over the K shots (foreground per way, background over ways and
+    # shots), N ways are N prototypes: any K and any N at test time.
+    any_shot=True, any_way=True, shot_field="shots", way_field="ways",
 )

@@ -96,6 +96,32 @@ class ModelSpec:
   # validation refuses smaller ``data.train_size`` / ``data.test_size``. None: undeclared
   # (test-only models); every registered model declares it.
   min_input_size: int | Callable[..., int] | None = None
+  # What ``outputs["logits"]`` holds: "logits" (a softmax gives the class probabilities) or
+  # "probabilities" (already probability-like, e.g. BAM's ensemble of the meta and base
+  # learners: argmax as usual, no second softmax). Recorded in checkpoints; `fss_jax.predict`
+  # reads it for the confidence and the foreground probability map.
+  output: str = "logits"
+  # The forward reads the episode's ``class_id`` (Sym-Net: the class's word embedding), so
+  # predicting needs the support's class, by name or id (`fss_jax.predict`).
+  class_conditioned: bool = False
+  # Evaluation at another support / way count than training (``config.eval.shot`` /
+  # ``config.eval.way``; docs/protocols.md). ``any_shot``: the K supports are fused by a rule
+  # without K-dependent parameters, so a model trained at one K evaluates at every K >= 1;
+  # False: only at the K it was trained with (e.g. a learned K x K shot-weighting layer).
+  # ``shot_field`` / ``way_field``: the model field that holds K / N ("" when the model takes
+  # it from the episode's shapes), set to the evaluation value when it differs from training.
+  any_shot: bool = False
+  any_way: bool = False
+  shot_field: str = "shot"
+  way_field: str = ""
+
+  def eval_shots(self, train_shot: int) -> tuple[int, ...] | None:
+    """The K this model evaluates at when trained with ``train_shot``: None for any K >= 1."""
+    return None if self.any_shot else (int(train_shot),)
+
+  def eval_ways(self, train_way: int) -> tuple[int, ...] | None:
+    """The N-way episodes this model evaluates when trained with ``train_way``: None for any."""
+    return None if self.any_way else (int(train_way),)
 
   def min_size(self, fields: Mapping[str, Any] | None = None) -> int | None:
     """`min_input_size` of a model built with ``fields``."""

@@ -408,4 +408,7 @@ SPEC = ModelSpec(
     check_checkpoint=check_checkpoint,
     # One full cell of the stride-8 features (they are then resized to the `grid`).
     min_input_size=8,
+    # Per-shot prototypes, priors, masked features and masks are averaged over the K shots
+    # before the transformer (no K-sized parameter): any K at test time.
+    any_shot=True,
 )

@@ -266,5 +266,6 @@ FROZEN = (r"ssp/backbone/(conv|bn)\d/.*",
 # (24 px gives 9, and jax.lax.top_k fails).
 MIN_INPUT_SIZE = 25
 
+# Per-shot FG / BG prototypes are averaged over the K shots (no K-sized parameter): any K.
 SPEC = ModelSpec("ssp", make_model, keymap, loss_fn=loss_fn, frozen=FROZEN,
-                 min_input_size=MIN_INPUT_SIZE)
+                 min_input_size=MIN_INPUT_SIZE, any_shot=True)

@@ -491,5 +491,9 @@ PARITY = ParityAdapter(
 # the reference's optimiser groups (incl. kshot_rw for K > 1 and the [1, 0] merges).
 FROZEN = ("pspnet/.*",)
 
+# min_input_size: its PSPNet base learner's PPM. any_shot False: a K-shot model has a learned
+# K -> hidden -> K shot weighting (kshot_rw) that a model of another K lacks, so only the training K.
 SPEC = ModelSpec("symnet", make_model, keymap, loss_fn=loss_fn, parity=PARITY, frozen=FROZEN,
-                 min_input_size=pspnet_lib.MIN_INPUT_SIZE)   # its PSPNet base learner's PPM
+                 min_input_size=pspnet_lib.MIN_INPUT_SIZE, any_shot=False,
+                 output="probabilities",   # BAM's ensemble of meta and base softmaxes
+                 class_conditioned=True)   # the class's word embedding enters the forward

@@ -56,6 +56,7 @@ from fss_jax import io as fss_io
 from fss_jax import parallel
 from fss_jax.eval import evaluate as evaluate_lib
 from fss_jax.eval import metrics as metrics_lib
+from fss_jax.eval import protocol as protocol_lib
 from fss_jax.models import registry
 from fss_jax.train import optim as optim_lib
 from fss_jax.train import precision
@@ -65,7 +66,9 @@ from fss_jax.train import workdir as workdir_lib
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
-META_FORMAT = 1
+# 1: model, model_fields, dataset, fold, shot, way. 2: adds "input", "labels" and "output"
+# (`describe`): what evaluating or predicting with the weights needs besides them.
+META_FORMAT = 2
 _HISTORY = 1000   # logged train metrics kept in the returned summary
 
 
@@ -233,7 +236,8 @@ def episodes_path(config, workdir: epath.Path, seed: int, num: int) -> epath.Pat
   root = fss_io.user_path(config.eval.episodes_dir) if config.eval.episodes_dir \
       else workdir / "episodes"
   way = f"{config.way}way" if config.way > 1 else ""
-  name = f"{config.dataset}_f{config.fold}_{way}{config.shot}shot_s{seed}_n{num}.jsonl"
+  name = (f"{config.dataset}_f{config.fold}_{way}{config.shot}shot_s{seed}_n{num}"
+          f"{protocol_lib.episodes_tag(config)}.jsonl")
   return root / name
 
 
@@ -246,7 +250,8 @@ def ensure_episodes(config, workdir: epath.Path, seed: int, num: int) -> epath.P
     src = source_lib.open_split(fss_io.user_path(config.data.data_dir), config.dataset, "val")
     records = episodes_lib.generate(src.index, config.dataset, config.fold, "test", shot=config.shot,
                                     num_episodes=num, seed=seed, way=config.way,
-                                    protocol=config.data.protocol, coco_split=config.data.coco_split)
+                                    protocol=config.data.protocol, coco_split=config.data.coco_split,
+                                    **protocol_lib.episode_kwargs(config))
     episodes_lib.write_episodes(path, records)
     logging.info("wrote %d test episodes (seed %d) to %s", num, seed, path)
   return path
@@ -317,11 +322,31 @@ def _jsonable(x: Any) -> Any:
   return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def describe(config) -> dict:
+  """What using a model's weights needs besides them, from its config:
+
+  * ``input``: the test transform -- ``size`` (side S), ``resize`` ("aspect": §9.1 aspect +
+    pad, "squash": §9.2), ``mean`` / ``std`` (RGB, 0..255) of the normalisation;
+  * ``labels``: ``background`` and ``ignore`` values of a label map, and ``classes``
+    {id: name} of the dataset;
+  * ``output``: what the model's ``logits`` hold (`ModelSpec.output`: "logits" or
+    "probabilities").
+  """
+  from fss_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  return _jsonable({
+      "input": {"size": int(config.data.test_size), "resize": str(config.data.test_resize),
+                "mean": list(transforms.MEAN), "std": list(transforms.STD)},
+      "labels": {"background": 0, "ignore": int(transforms.IGNORE),
+                 "classes": {str(k): v for k, v in metrics_lib.class_names(config.dataset).items()}},
+      "output": registry.get(config.model).output})
+
+
 def checkpoint_meta(config) -> dict:
-  """What a checkpoint must agree on to be resumed: model, fields, episode setting."""
+  """What a checkpoint records: what it must agree on to be resumed (model, fields, episode
+  setting; `_meta_differences`) and what evaluating or predicting with it needs (`describe`)."""
   return _jsonable({"format": META_FORMAT, "model": config.model, "model_fields": model_fields(config),
                     "dataset": config.dataset, "fold": config.fold, "shot": config.shot,
-                    "way": config.way})
+                    "way": config.way, **describe(config)})
 
 
 # Model fields that change how a step is computed but not the variables or the function
@@ -508,8 +533,8 @@ def _eval_batch_size(config, mesh) -> int:
   return bs
 
 
-def _score_mode(config) -> str:
-  return "pad_square" if config.data.test_resize == "aspect" else "original"
+def _score_mode(config) -> metrics_lib.Scoring:
+  return protocol_lib.scoring(config)
 
 
 def _compute_dtype(config) -> str:
@@ -683,6 +708,7 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
   import grain  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
+  config = protocol_lib.apply(config)  # the protocol's training lists and validation episodes
   workdir = fss_io.user_path(workdir)
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh(config.mesh)
@@ -800,7 +826,6 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
         logging.info("first step done (step %d) in %.1f s, compilation included", done,
                      time.time() - t_first)
       pending.add(done, metrics)
-      report(done)
       saver.check()
       if not stop_signals and jax.process_count() > 1 and mngr.reached_preemption(done):
         stop_signals.append(signal.SIGTERM)  # every host stops at this same step
@@ -810,7 +835,10 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
         saver.wait()
         raise TrainingInterrupted(stop_signals[0], done, workdir)
       if done % log_every == 0 or done == total_steps:
+        # The flush waits for step ``done`` (its metrics come to the host), so the progress
+        # report times completed steps, not the host's asynchronous dispatch.
         means = pending.flush(last_good=last_good, workdir=workdir)
+        report(done)
         if means:
           lrs = {f"lr/{k}": v for k, v in opt.learning_rates(done - 1).items()}
           writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()} | lrs)
@@ -964,7 +992,8 @@ class _Saver:
 
 def results_path(config, workdir: epath.Path) -> epath.Path:
   way = f"{config.way}way" if config.way > 1 else ""
-  return workdir / f"results_{config.dataset}_f{config.fold}_{way}{config.shot}shot.json"
+  return workdir / (f"results_{config.dataset}_f{config.fold}_{way}{config.shot}shot"
+                    f"{protocol_lib.results_tag(config)}.json")
 
 
 def load_for_eval(config, workdir: epath.Path, model, tx, example, mesh):
@@ -999,7 +1028,11 @@ def load_for_eval(config, workdir: epath.Path, model, tx, example, mesh):
 
 
 def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) -> dict:
-  """``--mode eval``: every seed of ``config.eval.seeds`` -> results JSON; returns the summary."""
+  """``--mode eval``: every seed of ``config.eval.seeds`` -> results JSON; returns the summary.
+
+  The test run's config is `protocol_lib.eval_config(config)` (resolved protocol, eval.shot /
+  way / dataset / fold); the checkpoint is checked against ``config``, the training run."""
+  train_config, config = config, protocol_lib.eval_config(config)
   workdir = fss_io.user_path(workdir)
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh(config.mesh)
@@ -1019,7 +1052,7 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
       jax.random.PRNGKey(0))
   opt = optim_lib.build(config.optim, params_shape, total_steps=max(1, int(config.total_steps)),
                         frozen=spec.frozen_patterns(model_fields(config)))
-  state, source = load_for_eval(config, workdir, model, opt.tx, example, mesh)
+  state, source = load_for_eval(train_config, workdir, model, opt.tx, example, mesh)
   logging.info("evaluating %s on %d seed(s) x %d episodes", source, len(seeds), num)
   dtype = _compute_dtype(config)
   eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config),
@@ -1030,7 +1063,8 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
       classes=data.classes, mesh=mesh, local_batch_size=local_eval_bs, class_names=data.class_names)
   summary.update({"model": config.model, "dataset": config.dataset, "fold": config.fold,
                   "shot": config.shot, "way": config.way, "episodes_per_seed": num,
-                  "checkpoint": source, "score": _score_mode(config),
+                  "checkpoint": source, "score": _score_mode(config).mode,
+                  **protocol_lib.results_fields(train_config, config),
                   "seconds": round(time.time() - t0, 3),
                   "tables": {str(k): v for k, v in tables.items()}})
   path = evaluate_lib.write_json(results_path(config, workdir), summary)
