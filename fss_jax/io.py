@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from typing import BinaryIO, Callable, Iterator
@@ -49,6 +50,26 @@ def user_path(path: str | os.PathLike) -> epath.Path:
   """A path the user gave -> `epath.Path`: ``gs://`` kept, ``~`` expanded on local paths."""
   text = os.fspath(path)
   return epath.Path(text if is_remote(text) else os.path.expanduser(text))
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+  """Points file descriptor 2 (where C / C++ libraries print) at a scratch file for the block;
+  the yielded list receives the lines printed meanwhile when the block ends. For one thread at
+  a time (fd 2 belongs to the process)."""
+  lines: list[str] = []
+  sys.stderr.flush()
+  with tempfile.TemporaryFile() as sink:
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield lines
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      sink.seek(0)
+      lines.extend(sink.read().decode("utf-8", "replace").splitlines())
 
 
 def current_umask() -> int:
@@ -213,7 +234,7 @@ class LocalMirror:
 
 
 __all__ = ["atomic_write", "default_mode", "current_umask", "user_path", "is_remote", "local_copy", "copy_file",
-           "LocalMirror", "describe_text_head", "file_sha256"]
+           "LocalMirror", "captured_stderr", "describe_text_head", "file_sha256"]
 
 
 def describe_text_head(head: bytes) -> str | None:

@@ -182,9 +182,28 @@ def _without_closed_loop_noise(previous: Callable[[Any], None]) -> Callable[[Any
   return hook
 
 
+# What TensorFlow's C++ start-up prints whatever TF_CPP_MIN_LOG_LEVEL says (TF 2.21 logs
+# through absl before absl's logging is initialised): notes about CPU features, not problems.
+_TF_STARTUP_NOTES = ("absl::InitializeLog", "oneDNN custom operations", "cpu_feature_guard",
+                     "To enable the following instructions", "rebuild TensorFlow with")
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow (clu's TensorBoard writer and TFDS load it) with its start-up notes
+  dropped; any other line it prints still reaches stderr."""
+  if "tensorflow" in sys.modules:
+    return
+  with fss_io.captured_stderr() as lines:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  rest = [line for line in lines if not any(n in line for n in _TF_STARTUP_NOTES)]
+  if rest:
+    print("\n".join(rest), file=sys.stderr)
+
+
 def quiet_library_logs() -> None:
-  """Keeps the run's own INFO lines readable (orbax logs every file it renames) and a failed
-  save to the loop's one line."""
+  """Keeps the run's own INFO lines readable (orbax logs every file it renames), a failed
+  save to the loop's one line, and the console free of TensorFlow's start-up notes."""
+  _import_tensorflow_quietly()
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
@@ -217,26 +236,32 @@ class Data:
 
 
 def episode_config(config):
-  """``config.data`` + run fields -> `fss_jax.data.pipeline.EpisodeConfig`."""
+  """``config.data`` + run fields -> `fss_jax.data.pipeline.EpisodeConfig` (``score_size``: the
+  test size when the protocol scores at the input, so any image size fits)."""
   from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   d = config.data
+  scoring = protocol_lib.scoring(config)
   return pipeline.EpisodeConfig(
       dataset=config.dataset, data_dir=os.fspath(fss_io.user_path(d.data_dir)), fold=config.fold,
       shot=config.shot, way=config.way, seed=config.seed, train_size=d.train_size,
       train_resize=d.train_resize, scale=tuple(d.scale), rotate=tuple(d.rotate),
       blur=float(d.get("blur", pipeline.EpisodeConfig.blur)),
       test_size=d.test_size, test_resize=d.test_resize, label_bucket=d.label_bucket or None,
+      score_size=int(scoring.size) if scoring.mode == "input" else None,
       protocol=d.protocol, coco_split=d.coco_split, base_label=d.base_label,
       worker_count=d.worker_count, read_threads=d.read_threads,
       prefetch_batches=d.prefetch_batches)
 
 
 def episodes_path(config, workdir: epath.Path, seed: int, num: int) -> epath.Path:
-  """Where the stored test episodes of (dataset, fold, way, shot, seed, num) live."""
+  """Where the stored test episodes of (dataset, fold, way, shot, seed, num) live (no fold for
+  a fold-less cross-domain test set)."""
+  from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   root = fss_io.user_path(config.eval.episodes_dir) if config.eval.episodes_dir \
       else workdir / "episodes"
   way = f"{config.way}way" if config.way > 1 else ""
-  name = (f"{config.dataset}_f{config.fold}_{way}{config.shot}shot_s{seed}_n{num}"
+  fold = "" if pipeline.is_cross_domain(config.dataset) else f"_f{config.fold}"
+  name = (f"{config.dataset}{fold}_{way}{config.shot}shot_s{seed}_n{num}"
           f"{protocol_lib.episodes_tag(config)}.jsonl")
   return root / name
 
@@ -247,13 +272,14 @@ def ensure_episodes(config, workdir: epath.Path, seed: int, num: int) -> epath.P
   from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
   path = episodes_path(config, workdir, seed, num)
   if not path.is_file():
-    src = source_lib.open_split(fss_io.user_path(config.data.data_dir), config.dataset, "val")
+    src = source_lib.open_split(fss_io.user_path(config.data.data_dir), config.dataset,
+                                episodes_lib.test_split(config.dataset))
     records = episodes_lib.generate(src.index, config.dataset, config.fold, "test", shot=config.shot,
                                     num_episodes=num, seed=seed, way=config.way,
                                     protocol=config.data.protocol, coco_split=config.data.coco_split,
                                     **protocol_lib.episode_kwargs(config))
     episodes_lib.write_episodes(path, records)
-    logging.info("wrote %d test episodes (seed %d) to %s", num, seed, path)
+    logging.info("wrote %d test episodes (seed %d) to %s", len(records), seed, path)
   return path
 
 
@@ -277,8 +303,8 @@ def make_data(config, workdir: epath.Path, *, eval_batch_size: int) -> Data:
     return pipeline.make_eval_loader(ecfg, path, global_batch_size=eval_batch_size, shard_index=p,
                                      shard_count=n)
 
-  return Data(train=train, eval=evaluate, classes=tuple(ecfg.fold_classes().novel),
-              class_names=metrics_lib.class_names(config.dataset))
+  return Data(train=train, eval=evaluate, classes=ecfg.test_classes(),
+              class_names=metrics_lib.class_names(ecfg.dataset))
 
 
 # ---------------------------------------------------------------------------
@@ -582,6 +608,29 @@ def _write_episode_images(config, writer, step: int, state, predict_step, batche
   visualize.write_image_summaries(writer, step, panels, prefix="val/episode")
 
 
+def _set_derived_params(config, state):
+  """``state`` with the parameters its model computes from the training data set
+  (`ModelSpec.derived_params`, e.g. JC²A's FP_base): only when a run starts from scratch or
+  config.init; a checkpoint already holds them."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  derive = registry.get(config.model).derived_params
+  values = dict(derive(config)) if derive is not None else {}
+  if not values:
+    return state
+  flat = traverse_util.flatten_dict(state.params, sep="/")
+  for path, value in values.items():
+    value = np.asarray(value)
+    if path not in flat or tuple(flat[path].shape) != value.shape:
+      have = f"shape {tuple(flat[path].shape)}" if path in flat else "no such parameter"
+      raise ValueError(f"{config.model}: the data-derived parameter {path} {value.shape} does not "
+                       f"fit the model ({have})")
+    value = value.astype(flat[path].dtype)
+    flat[path] = jax.make_array_from_callback(value.shape, flat[path].sharding,
+                                              lambda idx, v=value: v[idx])
+    logging.info("parameter %s %s set from the training data", path, list(value.shape))
+  return state.replace(params=traverse_util.unflatten_dict(flat, sep="/"))
+
+
 def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, repl, workdir):
   """The fixed resume order: workdir latest > config.resume > config.init > scratch.
 
@@ -635,6 +684,7 @@ def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, rep
                             f"{problem}.\n{config.get('init_help', '')}".rstrip())
   check_init_folds(config, inits, mode="train")
   state = state_lib.create(model, opt.tx, first, rng=rng, sharding=repl)
+  state = _set_derived_params(config, state)   # data-derived parameters (JC²A's FP_base)
   if inits:
     state = load_init(config, state, inits, opt.tx, sharding=repl)
     return state, "init", first
@@ -991,8 +1041,10 @@ class _Saver:
 # ---------------------------------------------------------------------------
 
 def results_path(config, workdir: epath.Path) -> epath.Path:
+  from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   way = f"{config.way}way" if config.way > 1 else ""
-  return workdir / (f"results_{config.dataset}_f{config.fold}_{way}{config.shot}shot"
+  fold = "" if pipeline.is_cross_domain(config.dataset) else f"_f{config.fold}"   # fold-less test sets
+  return workdir / (f"results_{config.dataset}{fold}_{way}{config.shot}shot"
                     f"{protocol_lib.results_tag(config)}.json")
 
 
