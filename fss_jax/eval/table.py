@@ -29,11 +29,14 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import pathlib
 import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from fss_jax import io as fss_io
 
 # Fields of a recorded protocol that make two results comparable; the seeds are what a cell
 # pools over, and the preset's name is only a label.
@@ -90,9 +93,9 @@ def identity(protocol: Mapping[str, Any]) -> tuple:
   return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in protocol.items() if k not in _NOT_IDENTITY))
 
 
-def load(path: str | pathlib.Path) -> Result | None:
+def load(path: str | os.PathLike) -> Result | None:
   """A `Result` from a results JSON; None for a JSON that is not one (no per-seed results)."""
-  path = pathlib.Path(path)
+  path = fss_io.user_path(path)
   try:
     s = json.loads(path.read_text())
   except (OSError, ValueError) as e:
@@ -112,13 +115,17 @@ def load(path: str | pathlib.Path) -> Result | None:
     raise TableError(f"{path} is not a results JSON of fss_jax ({type(e).__name__}: {e})") from None
 
 
-def collect(paths: Iterable[str | pathlib.Path]) -> list[Result]:
-  """Results under workdirs (``results_*.json``, recursively) and results files given directly."""
+def collect(paths: Iterable[str | os.PathLike]) -> list[Result]:
+  """Results under workdirs (``results_*.json``, recursively; in a ``gs://`` folder, which
+  cannot be listed recursively, two levels deep) and results files given directly."""
   out = []
   for p in paths:
-    p = pathlib.Path(p).expanduser()
+    p = fss_io.user_path(p)
     if p.is_dir():
-      files = sorted(p.rglob("results_*.json"))
+      if fss_io.is_remote(p):
+        files = sorted([*p.glob("results_*.json"), *p.glob("*/results_*.json")])
+      else:   # epath has no recursive glob; a local folder is walked by pathlib
+        files = sorted(pathlib.Path(p).rglob("results_*.json"))
     elif p.is_file():
       files = [p]
     else:
@@ -373,9 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   md = markdown(cols, kind=a.std, best_of=a.best_of)
   if a.markdown:
-    pathlib.Path(a.markdown).write_text(md)
+    fss_io.atomic_write(a.markdown, md)
   if a.csv:
-    pathlib.Path(a.csv).write_text(csv_text(cols, kind=a.std, best_of=a.best_of))
+    fss_io.atomic_write(a.csv, csv_text(cols, kind=a.std, best_of=a.best_of))
   sys.stdout.write(md)
   return 0
 
