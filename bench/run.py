@@ -47,6 +47,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if os.fspath(REPO) not in sys.path:
   sys.path.insert(0, os.fspath(REPO))
 
+from fss_jax import io as fss_io  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # registry name -> (configs/<file>.py, extra config argument).
 CONFIGS: dict[str, tuple[str, str]] = {
     "panet": ("panet", ""),
@@ -159,7 +161,11 @@ def emit(record: Mapping[str, Any], out: str | None) -> None:
   line = json.dumps(record, sort_keys=False, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
   print(line, flush=True)
   if out:
-    path = pathlib.Path(out)
+    path = fss_io.user_path(out)
+    if fss_io.is_remote(path):   # an object cannot be appended to: rewritten whole
+      old = path.read_text() if path.exists() else ""
+      fss_io.atomic_write(path, old + line + "\n")
+      return
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
       f.write(line + "\n")
