@@ -25,7 +25,7 @@ test:  ## run the test suite (train-step checks first, then the rest)
 DEMO_DIR ?= $(CURDIR)/demo_out
 
 demo:  ## synthetic data -> build -> train PANet -> evaluate -> overlays (into DEMO_DIR)
-	$(PY) -m fss_jax.demo --workdir $(DEMO_DIR)
+	$(PY) -m examples.demo --workdir $(DEMO_DIR)
 
 bench:  ## benchmarks (print JSON)
 	$(PY) bench/data_pipeline.py

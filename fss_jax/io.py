@@ -101,39 +101,39 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
   Raises:
     FileExistsError: ``path`` exists and ``overwrite`` is False (nothing written).
   """
-  path = user_path(path)
-  if not overwrite and path.exists():
-    raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+  dest = user_path(path)
+  if not overwrite and dest.exists():
+    raise FileExistsError(f"{dest} already exists; pass --overwrite (overwrite=True) to replace it")
   if callable(data):
     buf = io.BytesIO()
     data(buf)
     data = buf.getvalue()
   payload = data.encode("utf-8") if isinstance(data, str) else data
-  if is_remote(path):
-    path.write_bytes(payload)   # one upload: the object appears whole or not at all
-    return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+  if is_remote(dest):
+    dest.write_bytes(payload)   # one upload: the object appears whole or not at all
+    return dest
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
   try:
     os.fchmod(fd, default_mode())
     with os.fdopen(fd, "wb") as f:
       f.write(payload)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, dest)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
-  return path
+  return dest
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike, chunk_bytes: int = 8 << 20) -> None:
   """Copies one file between any two places (local, gs://), streamed in chunks."""
-  dst = user_path(dst)
-  if not is_remote(dst):
-    dst.parent.mkdir(parents=True, exist_ok=True)
-  with user_path(src).open("rb") as f, dst.open("wb") as g:
+  target = user_path(dst)
+  if not is_remote(target):
+    target.parent.mkdir(parents=True, exist_ok=True)
+  with user_path(src).open("rb") as f, target.open("wb") as g:
     shutil.copyfileobj(f, g, chunk_bytes)
 
 
@@ -141,13 +141,13 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike, chunk_bytes: int =
 def local_copy(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
   """A local file name holding ``path``'s bytes: ``path`` itself when local, else a temporary
   download removed on exit (for readers that need a real file, e.g. ``torch.load``)."""
-  path = user_path(path)
-  if not is_remote(path):
-    yield os.fspath(path)
+  source = user_path(path)
+  if not is_remote(source):
+    yield os.fspath(source)
     return
   with tempfile.TemporaryDirectory(prefix="fss_jax-") as tmp:
-    local = os.path.join(tmp, path.name or f"download{suffix}")
-    with path.open("rb") as src, open(local, "wb") as dst:
+    local = os.path.join(tmp, source.name or f"download{suffix}")
+    with source.open("rb") as src, open(local, "wb") as dst:
       shutil.copyfileobj(src, dst, 8 << 20)
     yield local
 

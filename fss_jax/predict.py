@@ -406,23 +406,23 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
   Raises:
     PredictInputError: nothing usable under ``path``.
   """
-  from checkpoints import io as ckpt_io  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   root = fss_io.user_path(path)
   if not root.exists():
     raise PredictInputError(f"checkpoint {root} not found. Convert official weights with `python -m "
                             f"checkpoints.convert --model <name> --src best.pth --dst {root}` or "
                             f"pass a training workdir")
-  if (root / ckpt_io.VARIABLES_DIR).is_dir():
-    meta_file = root / ckpt_io.METADATA_FILE
+  if (root / state_lib.CONVERTED_VARIABLES_DIR).is_dir():
+    meta_file = root / state_lib.CONVERTED_METADATA_FILE
     meta = {}
     if meta_file.is_file():
       try:
-        meta = ckpt_io.read_metadata(root)
+        meta = json.loads(meta_file.read_text())
       except (json.JSONDecodeError, OSError) as e:
         raise PredictInputError(f"{meta_file} is not valid JSON ({e}); convert the checkpoint "
                                 f"again with python -m checkpoints.convert") from None
     return Checkpoint(root, "converted", meta.get("model"), dict(meta.get("fields") or {}),
-                      meta_file if meta_file.is_file() else None, root / ckpt_io.VARIABLES_DIR,
+                      meta_file if meta_file.is_file() else None, root / state_lib.CONVERTED_VARIABLES_DIR,
                       dataset=meta.get("dataset"), fold=meta.get("fold"), meta=meta)
   step_dir = None
   if (root / "state").is_dir():

@@ -96,7 +96,7 @@ def test_panet_smoke_train_via_main(tmp_path, voc_data):
 def test_demo_runs_end_to_end_on_tiny_settings(tmp_path):
   """`make demo`'s path (build, train, novel-class eval + baseline, overlays) with tiny settings."""
   pytest.importorskip("data_prep.synthetic")
-  from fss_jax import demo  # pylint: disable=g-import-not-at-top
+  from examples import demo  # pylint: disable=g-import-not-at-top
   opts = demo.Options(num_images=32, steps=2, size=33, episodes=6, overlays=2)
   out = demo.run(tmp_path, opts)
   assert set(out) == {"model", "novel_mIoU", "fb_iou", "baseline_mIoU", "episodes", "seconds"}
@@ -112,7 +112,7 @@ def test_demo_ctrl_c_is_one_line_and_the_default_workdir_is_per_checkout(tmp_pat
   import time  # pylint: disable=g-import-not-at-top
   work = tmp_path / "demo"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.Popen([sys.executable, "-m", "fss_jax.demo", f"--workdir={work}",
+  proc = subprocess.Popen([sys.executable, "-m", "examples.demo", f"--workdir={work}",
                            "--num_images=32", "--steps=50", "--size=33"], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120

@@ -95,9 +95,8 @@ def identity(protocol: Mapping[str, Any]) -> tuple:
 
 def load(path: str | os.PathLike) -> Result | None:
   """A `Result` from a results JSON; None for a JSON that is not one (no per-seed results)."""
-  path = fss_io.user_path(path)
   try:
-    s = json.loads(path.read_text())
+    s = json.loads(fss_io.user_path(path).read_text())
   except (OSError, ValueError) as e:
     raise TableError(f"cannot read {path}: {e}") from None
   if not isinstance(s, dict) or not isinstance(s.get("seeds"), dict) or "model" not in s:

@@ -35,11 +35,11 @@ _MODULES: dict[str, str] = {
     "jc2a": "fss_jax.models.jc2a",
     "symnet": "fss_jax.models.symnet",
     # Backbones alone (their parity fixtures and ImageNet weight conversion).
-    "resnet_torchvision": "fss_jax.nn.backbones.specs",
-    "resnet_deep_stem": "fss_jax.nn.backbones.specs",
-    "resnet_sccan": "fss_jax.nn.backbones.specs",
+    "resnet_torchvision": "fss_jax.models.backbones",
+    "resnet_deep_stem": "fss_jax.models.backbones",
+    "resnet_sccan": "fss_jax.models.backbones",
     "pspnet_backbone": "fss_jax.models.pspnet",
-    "vgg16_panet": "fss_jax.nn.backbones.specs",
+    "vgg16_panet": "fss_jax.models.backbones",
 }
 
 
@@ -114,6 +114,12 @@ class ModelSpec:
   any_way: bool = False
   shot_field: str = "shot"
   way_field: str = ""
+  # Optional (config) -> {'/'-joined params path: array}: parameters computed from the training
+  # data (JC²A's base-class prototypes FP_base), set when a training run starts from scratch
+  # (or from config.init) and then carried by every checkpoint, so evaluation and prediction
+  # never recompute or read them. Declare them frozen (``frozen``) so the optimiser never
+  # changes them.
+  derived_params: Callable[[Any], Mapping[str, np.ndarray]] | None = None
 
   def eval_shots(self, train_shot: int) -> tuple[int, ...] | None:
     """The K this model evaluates at when trained with ``train_shot``: None for any K >= 1."""

@@ -183,7 +183,11 @@ def read_variables(path: str | os.PathLike) -> dict:
   return values
 
 
-_CONVERTED_METADATA = "metadata.json"       # checkpoints.io.METADATA_FILE
+# A converted checkpoint (``python -m checkpoints.convert``): DIR/variables (orbax pytree)
+# + DIR/metadata.json.
+CONVERTED_VARIABLES_DIR = "variables"
+CONVERTED_METADATA_FILE = "metadata.json"
+_CONVERTED_METADATA = CONVERTED_METADATA_FILE
 _STEP_METADATA = ("meta", "metadata")       # a training step's meta item (fss_jax.train.loop)
 
 
@@ -216,9 +220,9 @@ def weights_info(path: str | os.PathLike) -> dict:
 
 def _metadata_file(root: epath.Path) -> tuple[epath.Path | None, str]:
   """(the metadata file of the weights at ``root``, "converted" | "trained")."""
-  if (root / "variables").is_dir() and (root / _CONVERTED_METADATA).is_file():
+  if (root / CONVERTED_VARIABLES_DIR).is_dir() and (root / _CONVERTED_METADATA).is_file():
     return root / _CONVERTED_METADATA, "converted"
-  if root.name == "variables" and (root.parent / _CONVERTED_METADATA).is_file():
+  if root.name == CONVERTED_VARIABLES_DIR and (root.parent / _CONVERTED_METADATA).is_file():
     return root.parent / _CONVERTED_METADATA, "converted"
   try:
     d = _resolve_pytree_dir(root) if root.is_dir() else None

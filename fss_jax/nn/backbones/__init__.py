@@ -1,7 +1,7 @@
 """Backbones: one ResNet with its variants (resnet.py), PANet's VGG-16 (vgg.py).
 
-Registry entries for the backbones alone live in specs.py (imported lazily by
-fss_jax.models.registry).
+Registry entries for the backbones alone (weight conversion, parity) are models-layer
+code: fss_jax/models/backbones.py.
 """
 
 from fss_jax.nn.backbones.resnet import (ResNet, ResNetDeepStem, ResNetSCCAN, ResNetSSP,

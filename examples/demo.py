@@ -1,6 +1,6 @@
 """``make demo``: synthetic data -> real TFDS build -> train PANet on base classes -> novel-class eval.
 
-  python -m fss_jax.demo --workdir demo_out      # `make demo`: <checkout>/demo_out
+  python -m examples.demo --workdir demo_out      # `make demo`: <checkout>/demo_out
 
 Runs on a laptop CPU in a few minutes, through the same code as a real run:
 
@@ -51,7 +51,7 @@ def _opt(default, help_text: str):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """Demo settings (the command-line flags of ``python -m fss_jax.demo``)."""
+  """Demo settings (the command-line flags of ``python -m examples.demo``)."""
   num_images: int = _opt(200, "Synthetic images (about 70 % train, 30 % val).")
   steps: int = _opt(600, "Training steps.")
   batch_size: int = _opt(2, "Episodes per step.")
