@@ -165,6 +165,9 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
   c.eval.allow_other_fold = False     # config.init trained on another fold: error unless True
   # Evaluation shape independent of training (docs/protocols.md): K supports, N ways, the test
   # dataset / fold (0, 0, "", -1: the training values). A model refuses a K it cannot fuse.
+  # eval.dataset may name a cross-domain test set (fss1000 | deepglobe | isic2018 | chest_xray,
+  # docs/cross_domain.md): its "test" split, every class, 1-way; PATNet's protocol with
+  # --config.protocol=patnet_cd (docs/protocols.md, "Cross-domain evaluation").
   c.eval.shot = 0
   c.eval.way = 0
   c.eval.dataset = ""

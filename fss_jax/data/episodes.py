@@ -42,6 +42,8 @@ Two episode rules and two seed rules (docs/protocols.md; ``generate(rule=, seed_
   ``fix_randseed(seed)`` before a single-worker test loop (hsnet ``test.py:20``,
   ``data/dataset.py:35``), so with HSNet's lists the episodes are HSNet's own.
 
+Test episodes come from the "val" split (PASCAL-5i, COCO-20i) or, for the fold-less cross-domain
+sets, their "test" split (`test_split`), 1-way only there (binary masks: `check_way`).
 Test episode lists are generated once and stored as JSON lines, one per episode::
 
   {"query": "2008_000123", "supports": ["2007_004459"], "class_id": 3}
@@ -321,6 +323,21 @@ def _cross_domain(dataset: str) -> bool:
     return False
 
 
+def test_split(dataset: str) -> str:
+  """The split test episodes are drawn from: "val" for PASCAL-5i / COCO-20i (§7.3), "test" for
+  the cross-domain sets (three have only "test"; PATNet tests FSS-1000 on its test classes,
+  ``fss.py:22-24``)."""
+  return "test" if _cross_domain(dataset) else SPLIT_OF_MODE["test"]
+
+
+def check_way(dataset: str, way: int) -> None:
+  """Refuses N > 1 ways on a cross-domain set: its masks are binary (1 = the record's one class),
+  so a query label cannot show several episode classes (one line)."""
+  if _cross_domain(dataset) and int(way) != 1:
+    raise ValueError(f"{splits.canonical_cross_domain(dataset)} has binary masks (1 = the record's one "
+                     f"class), so its episodes are 1-way only, not {way}-way; set --config.eval.way=1")
+
+
 def _numeric_name(image_id: str) -> tuple:
   """Sort key: the number of an id's last path part ("bus/7" -> 7), else after all numbers."""
   last = image_id.rsplit("/", 1)[-1]
@@ -506,6 +523,7 @@ def generate(index, dataset: str, fold: int, mode: str, *, shot: int, num_episod
   """
   if rule not in RULES:
     raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+  check_way(dataset, way)
   if rule == "hsnet":
     if mode != "test" or way != 1:
       raise ValueError(f"the HSNet episode rule is for 1-way test episodes (got mode={mode!r}, way={way})")
@@ -554,9 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   from fss_jax.data import source  # pylint: disable=g-import-not-at-top
   try:
-    cross = _cross_domain(a.dataset)   # fold-less test sets: their "test" split
+    cross = _cross_domain(a.dataset)   # fold-less test sets: their "test" split (`test_split`)
     dataset = splits.canonical_cross_domain(a.dataset) if cross else splits.canonical_dataset(a.dataset)
-    src = source.open_split(a.data_dir, dataset, "test" if cross and a.split == "test" else SPLIT_OF_MODE[a.split])
+    src = source.open_split(a.data_dir, dataset, test_split(dataset) if a.split == "test" else SPLIT_OF_MODE[a.split])
     records = generate(src.index, dataset, a.fold, a.split, shot=a.shot, num_episodes=a.num_episodes,
                        seed=a.seed, way=a.way, protocol=a.protocol, coco_split=a.coco_split,
                        rule=a.rule, seed_rule=a.seed_rule, lists=a.lists)

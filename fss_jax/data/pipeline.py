@@ -15,7 +15,10 @@ global index.
 Evaluation (`make_eval_loader`) reads a stored JSON-lines episode file
 (``python -m fss_jax.data.episodes --split test``) so every model sees the same
 episodes. Its length is padded to a multiple of G with copies of episode 0 whose
-``valid`` entry is 0 — drop them from the metric sums.
+``valid`` entry is 0 — drop them from the metric sums. The cross-domain test sets
+(``fss1000``, ``deepglobe``, ``isic2018``, ``chest_xray``; docs/cross_domain.md) are read
+from their "test" split, over every class of it, and their binary masks (1 = the record's
+class) give 1-way episodes only.
 
 Batches (dict of numpy arrays, DESIGN.md "Episode"), b = per-process batch::
 
@@ -59,6 +62,24 @@ from fss_jax.data import transforms as T
 DEFAULT_LABEL_BUCKET = {"pascal5i": 512, "coco20i": 640}
 
 
+def canonical_dataset(name: str) -> str:
+  """"pascal5i" / "coco20i" / a cross-domain test set ("isic2018", ...) for a name or alias."""
+  try:
+    kind = splits.dataset_kind(name)
+  except ValueError:
+    raise ValueError(f"unknown dataset {name!r}; use one of "
+                     f"{', '.join(splits.DATASETS + splits.CROSS_DOMAIN_DATASETS)}") from None
+  return splits.canonical_cross_domain(name) if kind == "cross_domain" else splits.canonical_dataset(name)
+
+
+def is_cross_domain(dataset: str) -> bool:
+  """A fold-less cross-domain test set (binary masks, a "test" split; docs/cross_domain.md)."""
+  try:
+    return splits.dataset_kind(dataset) == "cross_domain"
+  except ValueError:
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class EpisodeConfig:
   """Everything the loaders need, as plain fields (filled from the engine's config).
@@ -76,7 +97,12 @@ class EpisodeConfig:
     test_size: S of §9 (473; BAM COCO 641; HDMNet COCO 633).
     test_resize: "aspect" (§9.1, aspect + pad) or "squash" (§9.2).
     label_bucket: side of the padded original-size query label of eval batches
-      (None: 512 PASCAL / 640 COCO); every eval query must fit.
+      (None: 512 PASCAL / 640 COCO, the largest query of the episode list on the
+      cross-domain sets); every eval query must fit. Not used with ``score_size``.
+    score_size: S when the protocol scores at the input size (``score="input"``: HSNet,
+      PATNet): the eval query label is resized to S×S on the host by torch's nearest rule
+      (``label_original`` [S, S], ``label_size`` (S, S)), so any image size fits (ISIC,
+      Chest X-ray images are thousands of px). None: scored at the original label size.
     protocol: "bam" (training images with novel pixels removed) or "pfenet".
     coco_split: "interleaved" (default) or "contiguous".
     base_label: also yield ``query_base_label`` (BAM/HDMNet base learner ensemble).
@@ -105,6 +131,7 @@ class EpisodeConfig:
   test_size: int = 473
   test_resize: str = "aspect"
   label_bucket: int | None = None
+  score_size: int | None = None
   protocol: str = "bam"
   coco_split: str = "interleaved"
   base_label: bool = False
@@ -117,7 +144,8 @@ class EpisodeConfig:
   tune_malloc: bool = True
 
   def __post_init__(self):
-    object.__setattr__(self, "dataset", splits.canonical_dataset(self.dataset))
+    object.__setattr__(self, "dataset", canonical_dataset(self.dataset))
+    episodes_lib.check_way(self.dataset, self.way)
     object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
     object.__setattr__(self, "rotate", tuple(float(v) for v in self.rotate))
     if self.train_resize not in T.TRAIN_RESIZES:
@@ -130,12 +158,31 @@ class EpisodeConfig:
                        f"{self.read_threads}")
 
   @property
-  def bucket(self) -> tuple[int, int]:
-    side = self.label_bucket or DEFAULT_LABEL_BUCKET[self.dataset]
-    return int(side), int(side)
+  def bucket(self) -> tuple[int, int] | None:
+    """(Hb, Wb) of eval labels: ``label_bucket`` or the dataset's default (None: none set)."""
+    side = self.label_bucket or DEFAULT_LABEL_BUCKET.get(self.dataset)
+    return (int(side), int(side)) if side else None
+
+  @property
+  def cross_domain(self) -> bool:
+    return is_cross_domain(self.dataset)
+
+  @property
+  def test_split(self) -> str:
+    """The split test episodes come from: "val" (PASCAL-5i, COCO-20i) or "test" (cross-domain)."""
+    return episodes_lib.test_split(self.dataset)
 
   def fold_classes(self) -> splits.FoldClasses:
+    if self.cross_domain:
+      raise ValueError(f"{self.dataset} is a cross-domain test set: it has no folds and no base classes")
     return splits.fold_classes(self.dataset, self.fold, coco_split=self.coco_split)
+
+  def test_classes(self) -> tuple[int, ...]:
+    """The classes the test episodes are drawn from and scored over: the fold's novel classes,
+    or every class of a cross-domain test split (`splits.cross_domain`)."""
+    if self.cross_domain:
+      return tuple(splits.cross_domain(self.dataset).classes(self.test_split))
+    return tuple(self.fold_classes().novel)
 
 
 # -- sharding ------------------------------------------------------------------------------
@@ -262,13 +309,45 @@ class ArraySource:
 # -- loading -------------------------------------------------------------------------------
 
 
-def _binary_lut(class_ids: Sequence[int]) -> np.ndarray:
-  """uint8 [256]: class_ids[w] -> w + 1, 255 -> 255, everything else -> 0 (§7.1 steps 4, 6)."""
+def _binary_lut(class_ids: Sequence[int], *, binary: bool = False) -> np.ndarray:
+  """uint8 [256]: class_ids[w] -> w + 1, 255 -> 255, everything else -> 0 (§7.1 steps 4, 6).
+
+  ``binary``: the label is already the record's class mask (cross-domain builds: 1 = the class,
+  0 = background); 1 -> 1, 255 -> 255, all else 0. 1-way only (one class per label)."""
   lut = np.zeros(256, np.uint8)
-  for w, c in enumerate(class_ids):
-    lut[int(c)] = w + 1
+  if binary:
+    if len(class_ids) != 1:
+      raise ValueError(f"binary masks hold one class: {len(class_ids)}-way episodes cannot be labelled")
+    lut[1] = 1
+  else:
+    for w, c in enumerate(class_ids):
+      lut[int(c)] = w + 1
   lut[T.IGNORE] = T.IGNORE
   return lut
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """torch ``F.interpolate(mode="nearest")`` source indices ``min(floor(dst · in / out), in - 1)``,
+  the scale in float32 as torch computes it (= `fss_jax.eval.metrics.nearest_rows`)."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelAtInput(grain.transforms.Map):
+  """Scoring at the input size (HSNet / PATNet ``score="input"``): the query mask -> S×S by
+  torch's nearest rule (PATNet ``isic.py:35``, ``F.interpolate(mask, (400, 400), "nearest")``),
+  before `transforms.KeepOriginalLabel` keeps it as the scored label. The eval step's own
+  nearest resize from S to S is then the identity, so the counts are those of scoring the
+  original label resized on the device, for any image size."""
+  size: int
+
+  def map(self, ep):
+    mask = ep["query_mask"]
+    s = int(self.size)
+    rows, cols = nearest_indices(mask.shape[0], s), nearest_indices(mask.shape[1], s)
+    return {**ep, "query_mask": np.ascontiguousarray(mask[rows[:, None], cols[None, :]])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,22 +390,24 @@ class LoadEpisode(grain.transforms.Map):
   binary masks (episode class 1, 255 kept, all else 0; N-way: way w -> w), the base
   label when ``base_lut`` is given, and the scalars."""
 
-  def __init__(self, source, *, base_lut: np.ndarray | None = None, with_valid: bool = False):
+  def __init__(self, source, *, base_lut: np.ndarray | None = None, with_valid: bool = False,
+               binary: bool = False):
     self.source = source
     self.base_lut = base_lut
     self.with_valid = with_valid
+    self.binary = binary    # labels are the record's class mask (cross-domain builds)
 
   def map(self, spec: EpisodeSpec) -> dict[str, Any]:
     # One read per record: array_record's batched read starts a thread pool per call.
     q = self.source[spec.query]
-    lut = _binary_lut(spec.class_ids)
+    lut = _binary_lut(spec.class_ids, binary=self.binary)
     ep = {"query_image": q["image"].astype(np.float32), "query_mask": cv2.LUT(q["label"], lut),
           "query_id": q["image_id"]}
     if self.base_lut is not None:
       ep["query_base_label"] = cv2.LUT(q["label"], self.base_lut)
     s_img, s_msk = [], []
     for w, way in enumerate(spec.supports):
-      wl = _binary_lut([spec.class_ids[w]])
+      wl = _binary_lut([spec.class_ids[w]], binary=self.binary)
       for p in way:
         item = self.source[p]
         s_img.append(item["image"].astype(np.float32))
@@ -513,33 +594,42 @@ def make_eval_loader(cfg: EpisodeConfig, episodes_path: str | os.PathLike, *, gl
   Every process reads the whole file and keeps its shard of each global batch; the last
   global batch is filled with ``valid = 0`` copies. ``cfg.shot`` / ``cfg.way`` must match
   the file. Besides the module docstring's arrays, batches hold ``label_original``
-  [b, Hb, Wb] (original-size binary query label, 255-padded into ``cfg.bucket``) and
-  ``label_size`` [b, 2]. ``source`` defaults to the dataset's "val" split.
+  [b, Hb, Wb] (original-size binary query label, 255-padded into ``cfg.bucket``; S×S with
+  ``cfg.score_size``) and ``label_size`` [b, 2]. ``source`` defaults to the dataset's test
+  split (``cfg.test_split``: "val", or "test" for the cross-domain sets).
   """
-  src = _open(cfg, "val", source)
-  fc = cfg.fold_classes()
-  specs = load_episode_specs(episodes_path, src, fc.novel)
+  src = _open(cfg, cfg.test_split, source)
+  classes = cfg.test_classes()
+  specs = load_episode_specs(episodes_path, src, classes)
   shot, way = len(specs[0].supports[0]), len(specs[0].class_ids)
   if (shot, way) != (cfg.shot, cfg.way):
     raise ValueError(f"{episodes_path} holds {way}-way {shot}-shot episodes but the config asks for "
                      f"{cfg.way}-way {cfg.shot}-shot")
-  hb, wb = cfg.bucket
   idx = src.index
   qpos = np.asarray([s.query for s in specs])
-  too_big = np.flatnonzero((idx.heights[qpos] > hb) | (idx.widths[qpos] > wb))
-  if len(too_big):
-    i = qpos[too_big[0]]
-    raise ValueError(f"query image {idx.image_ids[i]} is {idx.heights[i]}x{idx.widths[i]}, larger than the "
-                     f"label bucket {hb}x{wb}; set EpisodeConfig.label_bucket >= "
-                     f"{int(max(idx.heights[qpos].max(), idx.widths[qpos].max()))}")
+  largest = int(max(idx.heights[qpos].max(), idx.widths[qpos].max()))
+  if cfg.score_size:
+    bucket = (int(cfg.score_size),) * 2          # labels resized to S×S on the host
+  elif cfg.bucket is None:                         # no default (cross-domain): fit the largest query
+    bucket = (largest, largest)
+  else:
+    bucket = cfg.bucket
+    hb, wb = bucket
+    too_big = np.flatnonzero((idx.heights[qpos] > hb) | (idx.widths[qpos] > wb))
+    if len(too_big):
+      i = qpos[too_big[0]]
+      raise ValueError(f"query image {idx.image_ids[i]} is {idx.heights[i]}x{idx.widths[i]}, larger than the "
+                       f"label bucket {hb}x{wb}; set EpisodeConfig.label_bucket >= {largest}")
+  base_lut = cfg.fold_classes().base_label_lut() if cfg.base_label and not cfg.cross_domain else None
   b = per_process_batch(global_batch_size, shard_count)
   steps = math.ceil(len(specs) / global_batch_size)
   ds = _Range(steps * global_batch_size).map(StoredEpisode(specs))
-  ds = ds.map(LoadEpisode(src, base_lut=fc.base_label_lut() if cfg.base_label else None, with_valid=True))
-  ds = _apply_ops(ds, T.test_ops(cfg.test_size, resize=cfg.test_resize, bucket=cfg.bucket))
+  ds = ds.map(LoadEpisode(src, base_lut=base_lut, with_valid=True, binary=cfg.cross_domain))
+  ops = T.test_ops(cfg.test_size, resize=cfg.test_resize, bucket=bucket)
+  ds = _apply_ops(ds, ([LabelAtInput(int(cfg.score_size))] if cfg.score_size else []) + ops)
   it = _finish(ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count)
   return Loader(dataset=it, global_batch_size=global_batch_size, batch_size=b, episodes_per_epoch=len(specs),
-                steps_per_epoch=steps, classes=fc.novel, num_steps=steps)
+                steps_per_epoch=steps, classes=classes, num_steps=steps)
 
 
 # -- base-learner pre-training (BAM `BaseData`, §6) ------------------------------------------
@@ -595,5 +685,6 @@ def make_base_train_loader(cfg: EpisodeConfig, *, global_batch_size: int, shard_
 
 
 __all__ = ["EpisodeConfig", "Loader", "ArraySource", "EpisodeSpec", "SampleEpisode", "StoredEpisode", "LoadEpisode",
-           "make_train_loader", "make_eval_loader", "make_base_train_loader", "load_episode_specs",
-           "per_process_batch", "global_indices", "DEFAULT_LABEL_BUCKET"]
+           "LabelAtInput", "make_train_loader", "make_eval_loader", "make_base_train_loader", "load_episode_specs",
+           "per_process_batch", "global_indices", "DEFAULT_LABEL_BUCKET", "canonical_dataset", "is_cross_domain",
+           "nearest_indices"]

@@ -18,7 +18,9 @@ Presets (every value and its source in docs/protocols.md):
   novel-image filter; 255 ignored on PASCAL only.
 * ``patnet_cd``: PATNet's cross-domain harness (slei109/PATNet, built on HSNet's): the hsnet
   values, 255 never ignored on the cross-domain sets (their masks are binarised), 600 episodes
-  (Deepglobe, ISIC, Chest X-ray) or one per test image (FSS-1000), seed 0.
+  (Deepglobe, ISIC, Chest X-ray) or one per test image (FSS-1000), seed 0. With
+  ``eval.dataset`` one of those sets, a PASCAL-trained checkpoint is tested on it (its "test"
+  split, every class, 1-way; docs/protocols.md "Cross-domain evaluation").
 
 `resolve` gives every field; `apply` writes them into the fields the loop and pipeline read
 (``data.test_size``, ``data.test_resize``, ``data.protocol``, ``data.coco_split``,
@@ -198,8 +200,12 @@ def eval_config(config, spec=None) -> ml_collections.ConfigDict:
   (`ModelSpec.shot_field` / ``way_field``), set to the evaluation K / N; the checkpoint's
   metadata must still be checked against ``config`` (the training run), not this one.
 
+  A cross-domain ``eval.dataset`` (``isic2018``, ...; docs/cross_domain.md) takes its episodes
+  from that set's "test" split over all its classes; the fold stays the training run's.
+
   Raises:
-    ValueError: the model does not evaluate at that K / N (`check_eval_shape`).
+    ValueError: the model does not evaluate at that K / N (`check_eval_shape`), or N > 1 on a
+      cross-domain set (binary masks: `episodes.check_way`).
   """
   if spec is None:
     from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
@@ -211,6 +217,7 @@ def eval_config(config, spec=None) -> ml_collections.ConfigDict:
   fold = int(e.get("fold", -1))
   fold = int(config.fold) if fold < 0 else fold
   check_eval_shape(spec, config.model, train_shot=train_shot, train_way=train_way, shot=shot, way=way)
+  episodes_lib.check_way(eval_dataset(config), way)   # cross-domain masks are binary: 1-way only
   c = apply(config)
   fields = config.model_fields.copy_and_resolve_references() if hasattr(
       config.model_fields, "copy_and_resolve_references") else ml_collections.ConfigDict(dict(config.model_fields))

@@ -844,8 +844,10 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
       if eval_step is not None and int(config.eval.get("num_images", 0)) > 0 else None
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   writer = _writer(config, workdir)
+  # Reports only at logging steps (no time trigger), each after that step's metrics reached
+  # the host: the rate and ETA are of completed steps, not of the asynchronous dispatch.
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=log_every)
+                                           every_steps=log_every, every_secs=None)
   pending = _Pending()
   last_good = mngr.latest_step()
   saver = _Saver(mngr, workdir / CHECKPOINT_DIR)
@@ -876,6 +878,9 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
         logging.info("first step done (step %d) in %.1f s, compilation included", done,
                      time.time() - t_first)
       pending.add(done, metrics)
+      logging_step = done % log_every == 0 or done == total_steps
+      if not logging_step:
+        report(done)   # clu's bookkeeping (called once per step); it reports at logging steps
       saver.check()
       if not stop_signals and jax.process_count() > 1 and mngr.reached_preemption(done):
         stop_signals.append(signal.SIGTERM)  # every host stops at this same step
@@ -884,9 +889,9 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
         save(done)
         saver.wait()
         raise TrainingInterrupted(stop_signals[0], done, workdir)
-      if done % log_every == 0 or done == total_steps:
+      if logging_step:
         # The flush waits for step ``done`` (its metrics come to the host), so the progress
-        # report times completed steps, not the host's asynchronous dispatch.
+        # report times completed steps.
         means = pending.flush(last_good=last_good, workdir=workdir)
         report(done)
         if means:
