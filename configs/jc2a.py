@@ -1,10 +1,11 @@
 """JC²A (arXiv 2211.01310) on PASCAL-5i / COCO-20i, ResNet-50 or ResNet-101, with its ablations.
 
-  # once per fold: the CKMM base-class prototypes, written next to the dataset
-  python -m fss_jax.models.jc2a_prior --data_dir ~/tensorflow_datasets --dataset pascal5i \\
-      --fold 0 --layers 50 --backbone_init initmodel/resnet50_v2.pth
   # the ImageNet backbone as converted weights (loaded under init_prefix "backbone")
   python -m checkpoints.convert --model jc2a --src initmodel/resnet50_v2.pth --dst W0
+  # once per fold, before training: the CKMM base-class prototypes, written next to the
+  # dataset (read when training starts; checkpoints carry them)
+  python -m fss_jax.train.jc2a_prior --data_dir ~/tensorflow_datasets --dataset pascal5i \\
+      --fold 0 --layers 50 --backbone_init W0
   python -m fss_jax.main --config configs/jc2a.py:dataset=pascal,fold=0 --workdir W \\
       --config.init=W0
   # 5-shot = the 1-shot model with decision-level fusion (jc2a.md §9):
@@ -85,10 +86,10 @@ def get_config(arg: str | None = None):
   f.shot_fusion = "prob"
   f.feat_dropout = 0.5
   f.cls_dropout = 0.1
-  # Where the FP_base file is looked up (python -m fss_jax.models.jc2a_prior writes it there).
-  f.data_dir = c.data.get_ref("data_dir")
-  f.dataset = c.get_ref("dataset")
-  f.fold = c.get_ref("fold")
+  # Rows of the frozen fp_base parameter (the fold's base classes). A run from scratch fills it
+  # from <data_dir>/<dataset>/<version>/jc2a_fp_base_fold<fold>_resnet<layers>.npz (written by
+  # python -m fss_jax.train.jc2a_prior); checkpoints carry it, no path is a model field.
+  f.num_base_classes = 60 if coco else 15
 
   # Data: PFENet lists and augmentation, 473 crops for both datasets (paper §4.1).
   c.data.protocol = "pfenet"

@@ -3,7 +3,7 @@
   python -m fss_jax.predict --model sccan --checkpoint DIR \\
       --support dog1.jpg:dog1_mask.png [--support dog2.jpg:dog2_mask.png ...] \\
       --query a.jpg [b.jpg ...] --out OUT/ [--size 473] [--resize {pad,squash}] \\
-      [--batch-size 4] [--class-id 0] [--max-pixels 50] [--overwrite]
+      [--batch-size 4] [--class NAME|ID] [--max-pixels 50] [--overwrite]
 
 Python API::
 
@@ -601,8 +601,9 @@ class Predictor:
     model: registered model name (``fss_jax.models.registry.names()``); None takes it
       from the checkpoint's metadata.
     checkpoint: converted checkpoint dir or training workdir.
-    size: model input side (default: the model's config test size, else 473).
-    resize: "pad" (= "aspect", §9.1) or "squash" (§9.2) (default: the config's).
+    size: model input side (default: the one the checkpoint records, ``input.size``; a
+      checkpoint that records none needs it).
+    resize: "pad" (= "aspect", §9.1) or "squash" (§9.2) (default: the recorded one).
     batch_size: largest query batch per call of the compiled function.
     class_id: the supports' class, by id or name (a class of the dataset the checkpoint
       records); required by the models whose forward reads it

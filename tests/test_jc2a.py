@@ -1,10 +1,16 @@
 """JC²A (fss_jax.models.jc2a): P2B block selection, HPAM / CKMM formulas, parameter counts
-(jc2a.md §11), shapes at 473 (eval_shape, no compute), FP_base file handling, configs."""
+(jc2a.md §11), shapes at 473 (eval_shape, no compute), FP_base file handling (jc2a_prior) and
+FP_base as a checkpointed parameter, configs."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +18,9 @@ import numpy as np
 import pytest
 
 from fss_jax.models import jc2a
+from fss_jax.train import jc2a_prior
+from fss_jax.nn.attention import linear
+from fss_jax.ops import windows
 
 N_BASE = 15
 # jc2a.md §11 (ResNet-50): backbone 23,631,808 + trainable 11,285,364.
@@ -40,12 +49,24 @@ def _episode_spec(b, k, size):
 
 @functools.lru_cache(maxsize=None)
 def _shapes(**fields):
-  model = jc2a.JC2A(fp_base=_fp(), **fields)
+  model = jc2a.JC2A(**fields)
   return jax.eval_shape(lambda e: model.init(jax.random.key(0), e), _episode_spec(1, 1, 473))
 
 
 def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  """Parameters as jc2a.md §11 counts them: the FP_base constant (params/fp_base) excluded."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return sum(int(np.prod(x.shape)) for path, x in leaves
+             if "fp_base" not in jax.tree_util.keystr(path))
+
+
+def _block_importance(mask, m):
+  """Eq. 6 with fss_jax.ops.windows: [B, H, W] -> [B, n_b] coverage of the zero-padded blocks."""
+  return windows.window_mean(windows.pad_to_windows(mask[..., None], m), m)[..., 0]
+
+
+def _block_tokens(x, m):
+  return windows.window_partition(windows.pad_to_windows(x, m), m)
 
 
 # ---------------------------------------------------------------------------
@@ -74,15 +95,15 @@ def test_block_selection_equals_numpy(side, k):
   masks += [np.zeros((side, side), np.float32), np.ones((side, side), np.float32)]
   mask = np.stack(masks)
   imp_np, order_np = _np_blocks(mask, 3)
-  imp = np.asarray(jc2a.block_importance(jnp.asarray(mask), 3))
+  imp = np.asarray(_block_importance(jnp.asarray(mask), 3))
   np.testing.assert_allclose(imp, imp_np, rtol=1e-6, atol=0)
-  idx = np.asarray(jc2a.select_blocks(jnp.asarray(imp_np.astype(np.float32)), k))
+  idx = np.asarray(windows.top_windows(jnp.asarray(imp_np.astype(np.float32)), k))
   np.testing.assert_array_equal(idx, order_np[:, :k])
   # Ties at zero coverage (empty mask): the lowest block indices, in order.
   np.testing.assert_array_equal(idx[3], np.arange(k))
   # The gathered blocks are the masked support values of those blocks.
   feat = rng.standard_normal((5, side, side, 2)).astype(np.float32)
-  got = np.asarray(jc2a.gather_blocks(jc2a.block_tokens(jnp.asarray(feat), 3), jnp.asarray(idx)))
+  got = np.asarray(windows.gather_windows(_block_tokens(jnp.asarray(feat), 3), jnp.asarray(idx)))
   hp = -(-side // 3) * 3
   pad = np.zeros((5, hp, hp, 2), np.float32)
   pad[:, :side, :side] = feat
@@ -95,9 +116,9 @@ def test_block_selection_equals_numpy(side, k):
 
 def test_block_selection_ties_are_stable_for_soft_masks():
   imp = jnp.asarray([[0.5, 1.0, 0.5, 0.0, 1.0, 0.5]], jnp.float32)
-  np.testing.assert_array_equal(np.asarray(jc2a.select_blocks(imp, 4)), [[1, 4, 0, 2]])
+  np.testing.assert_array_equal(np.asarray(windows.top_windows(imp, 4)), [[1, 4, 0, 2]])
   # k beyond the number of blocks is clipped.
-  assert jc2a.select_blocks(imp, 60).shape == (1, 6)
+  assert windows.top_windows(imp, 60).shape == (1, 6)
 
 
 # ---------------------------------------------------------------------------
@@ -115,7 +136,7 @@ def test_hpam_equals_direct_formulas():
   q = rng.standard_normal((b, s, s, c)).astype(np.float32)
   m = (rng.random((b, s, s)) < 0.3).astype(np.float32)
   sp = rng.standard_normal((b, s, s, c)).astype(np.float32) * m[..., None]
-  hpam = jc2a.HPAM(dim=c, top_k=(k,), block_size=3)
+  hpam = linear.HPAM(dim=c, top_k=(k,), block_size=3)
   variables = hpam.init(jax.random.key(1), [q], [sp], [m])
   got = np.asarray(hpam.apply(variables, [q], [sp], [m])[0])
   p = jax.tree.map(np.asarray, variables["params"])
@@ -160,10 +181,10 @@ def test_ckmm_prior_equals_formula():
 def test_shot_fusion_averages_probabilities():
   rng = np.random.default_rng(3)
   logits = rng.standard_normal((2 * 5, 4, 4, 2)).astype(np.float32)
-  fused = np.asarray(jc2a.JC2A(fp_base=_fp())._fuse_shots(jnp.asarray(logits), 2, 5))
+  fused = np.asarray(jc2a.JC2A()._fuse_shots(jnp.asarray(logits), 2, 5))
   probs = _softmax(logits, -1).reshape(2, 5, 4, 4, 2).mean(1)
   np.testing.assert_allclose(np.exp(fused), probs, rtol=1e-5, atol=1e-6)
-  mean = np.asarray(jc2a.JC2A(fp_base=_fp(), shot_fusion="logit")._fuse_shots(
+  mean = np.asarray(jc2a.JC2A(shot_fusion="logit")._fuse_shots(
       jnp.asarray(logits), 2, 5))
   np.testing.assert_allclose(mean, logits.reshape(2, 5, 4, 4, 2).mean(1), rtol=1e-6)
 
@@ -177,7 +198,9 @@ def test_full_model_parameter_count():
   assert _count(v["params"]["backbone"]) == BACKBONE_R50
   assert _count(v["params"]) == FULL_R50
   assert _count(v["params"]["hpam"]) == QKV + POS_EMBED
-  assert "fp_base" not in str(jax.tree_util.tree_structure(v))   # a constant, not a variable
+  # FP_base: a frozen parameter (checkpointed, never optimised), not counted above.
+  assert v["params"]["fp_base"].shape == (N_BASE, 2048)
+  assert "fp_base" not in _shapes(use_ckmm=False)["params"]
   assert _count(_shapes(layers=101)["params"]) == FULL_R101
 
 
@@ -210,7 +233,7 @@ def test_ablation_parameter_counts(fields, expected):
 
 @pytest.mark.parametrize("shot", [1, 5])
 def test_shapes_at_473(shot):
-  model = jc2a.JC2A(fp_base=_fp(), shot=shot)
+  model = jc2a.JC2A(shot=shot)
   spec = _episode_spec(2, shot, 473)
   variables = _shapes()
   out = jax.eval_shape(lambda v, e: model.apply(v, e), variables, spec)
@@ -242,28 +265,46 @@ def test_loss_is_pfenet_main_plus_mean_aux():
 # FP_base file, factory, key map, config
 # ---------------------------------------------------------------------------
 
+def _config(data_dir, arg: str = ""):
+  from configs import jc2a as cfg
+  c = cfg.get_config(arg or None)
+  c.data.data_dir = str(data_dir)
+  return c
+
+
 def test_missing_fp_base_names_the_command(tmp_path):
-  with pytest.raises(jc2a.FPBaseMissingError, match="python -m fss_jax.models.jc2a_prior"):
-    jc2a.make_model(data_dir=str(tmp_path), dataset="pascal5i", fold=2)
-  with pytest.raises(ValueError, match="fp_base"):
-    jc2a.make_model()
-  # Without CKMM no file is needed.
-  assert jc2a.make_model(use_ckmm=False).fp_base is None
+  with pytest.raises(jc2a_prior.FPBaseMissingError, match="python -m fss_jax.train.jc2a_prior"):
+    jc2a.SPEC.derived_params_fn()(_config(tmp_path, "fold=2"))
+  # The model reads no file: FP_base is a (zero-initialised) parameter the checkpoint carries.
+  assert jc2a.make_model().num_base_classes == N_BASE
+  # Without CKMM no file is needed and nothing is derived.
+  assert jc2a.SPEC.derived_params_fn()(_config(tmp_path, "fold=2,variant=p2p_p2b")) == {}
 
 
 def test_fp_base_round_trip_and_no_overwrite(tmp_path):
-  path = jc2a.fp_base_path(tmp_path, "pascal5i", 1, 50)
-  fp = jc2a.FPBase(_fp(), classes=tuple(range(1, 16)), counts=np.arange(15),
-                   meta={"fold": 1, "layers": 50})
-  jc2a.save_fp_base(path, fp)
+  from fss_jax.data import splits
+  path = jc2a_prior.fp_base_path(tmp_path, "pascal5i", 1, 50)
+  fp = jc2a_prior.FPBase(_fp(), classes=splits.fold_classes("pascal5i", 1).base,
+                         counts=np.arange(15), meta={"fold": 1, "layers": 50})
+  jc2a_prior.save_fp_base(path, fp)
   with pytest.raises(FileExistsError):
-    jc2a.save_fp_base(path, fp)
-  model = jc2a.make_model(data_dir=str(tmp_path), dataset="pascal5i", fold=1)
-  np.testing.assert_array_equal(model.fp_base.value, fp.value)
-  assert model.fp_base.classes == fp.classes
+    jc2a_prior.save_fp_base(path, fp)
+  derived = jc2a.SPEC.derived_params_fn()(_config(tmp_path, "fold=1"))
+  assert set(derived) == {"fp_base"}
+  np.testing.assert_array_equal(derived["fp_base"], fp.value)
+  assert jc2a_prior.load_fp_base(path).classes == fp.classes
+  # A file of another depth, fold or row count is refused, naming what differs.
+  jc2a_prior.save_fp_base(jc2a_prior.fp_base_path(tmp_path, "pascal5i", 1, 101), fp)
   with pytest.raises(ValueError, match="ResNet-50"):
-    jc2a.make_model(fp_base_file=str(path), layers=101)
-  hash(model)  # the FP_base constant keeps the module hashable
+    jc2a.SPEC.derived_params_fn()(_config(tmp_path, "fold=1,layers=101"))
+  jc2a_prior.save_fp_base(jc2a_prior.fp_base_path(tmp_path, "pascal5i", 2, 50), fp)
+  with pytest.raises(ValueError, match="fold 1, not fold 2"):
+    jc2a.SPEC.derived_params_fn()(_config(tmp_path, "fold=2"))
+  c = _config(tmp_path, "fold=1")
+  c.model_fields.num_base_classes = 16
+  with pytest.raises(ValueError, match="num_base_classes=16"):
+    jc2a.SPEC.derived_params_fn()(c)
+  hash(jc2a.make_model())  # fields only: the module stays hashable
   with pytest.raises(TypeError, match="no field"):
     jc2a.make_model(use_ckmm=False, nonsense=1)
 
@@ -289,12 +330,13 @@ def _paths(tree):
 def test_spec_and_configs():
   from fss_jax.models import registry
   spec = registry.get("jc2a")
-  assert spec.frozen == (r"backbone/.*",)
+  assert spec.frozen == (r"backbone/.*|fp_base",)
+  assert spec.derived_params_fn() is jc2a_prior.fp_base_params
   assert spec.loss_fn is jc2a.loss_fn
   from configs import jc2a as cfg
   c = cfg.get_config("dataset=coco,fold=3,layers=101")
   assert (c.dataset, c.fold, c.batch_size, c.data.train_size, c.optim.lr) == ("coco20i", 3, 4, 473, 2.5e-3)
-  assert c.model_fields.layers == 101 and c.model_fields.dataset == "coco20i"
+  assert c.model_fields.layers == 101 and c.model_fields.num_base_classes == 60
   assert c.epochs == 50 and c.data.protocol == "pfenet"
   fields = c.model_fields.to_dict()
   for variant, (p2p, p2b, ckmm) in cfg.VARIANTS.items():
@@ -303,8 +345,8 @@ def test_spec_and_configs():
   f = cfg.get_config("align=cosine,pe=false,hpam_fusion=concat,mia_fusion=add").model_fields
   assert (f.alignment, f.pos_embed, f.hpam_fusion, f.mia_fusion) == ("cosine", "none", "concat", "add")
   assert cfg.get_config("pfenet_lr=false").optim.lr_mults == ()
-  # Every model field is a JC2A field or a make_model locator.
-  names = {f.name for f in jc2a.dataclasses.fields(jc2a.JC2A)} | {"data_dir", "dataset", "fold"}
+  # Every model field is a JC2A field; no path is a model field (checkpoints stay portable).
+  names = {f.name for f in jc2a.dataclasses.fields(jc2a.JC2A)}
   assert set(fields) <= names
   with pytest.raises(ValueError, match="variant"):
     cfg.get_config("variant=nope")
@@ -320,7 +362,6 @@ def test_spec_and_configs():
 def voc_with_prior(tmp_path_factory):
   """A synthetic PASCAL build plus the fold-0 FP_base written by the prior command."""
   synthetic = pytest.importorskip("data_prep.synthetic")
-  from fss_jax.models import jc2a_prior
   data_dir = synthetic.make_built_dataset(tmp_path_factory.mktemp("jc2a_voc"), "voc", 24, 0)
   argv = ["--data_dir", str(data_dir), "--dataset", "pascal", "--fold", "0", "--random_init",
           "--size", "65", "--batch_size", "4"]
@@ -332,10 +373,9 @@ def voc_with_prior(tmp_path_factory):
 @pytest.mark.slow
 def test_prior_command_equals_direct_wgap(voc_with_prior):
   from fss_jax.data import source, splits, transforms
-  from fss_jax.models import jc2a_prior
   from fss_jax.nn.backbones.resnet import ResNetDeepStem
   from fss_jax.ops.resize import resize_bilinear
-  fp = jc2a.load_fp_base(jc2a.fp_base_path(voc_with_prior, "pascal5i", 0, 50))
+  fp = jc2a_prior.load_fp_base(jc2a_prior.fp_base_path(voc_with_prior, "pascal5i", 0, 50))
   assert fp.classes == splits.fold_classes("pascal5i", 0).base and fp.value.shape == (15, 2048)
   assert fp.meta["backbone"] == "random" and fp.counts.sum() > 0
   src = source.open_split(voc_with_prior, "pascal5i", "train")
@@ -365,27 +405,73 @@ def test_prior_command_equals_direct_wgap(voc_with_prior):
   np.testing.assert_allclose(fp.value, want, rtol=2e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
 
 
-@pytest.mark.slow
-def test_training_run_through_main_lowers_the_loss(voc_with_prior, tmp_path):
-  import json
-  import os
-  import subprocess
-  import sys
-  repo = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# A random backbone gives badly scaled features: Adam keeps 16 steps stable.
+ADAM = ("--config.optim.optimizer=adamw", "--config.optim.lr=1e-3", "--config.optim.weight_decay=0")
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device
-  cmd = [sys.executable, "-m", "fss_jax.main", "--config", "configs/jc2a.py:smoke",
-         "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={voc_with_prior}",
-         "--config.total_steps=16", "--config.eval.every_steps=0",
-         "--config.checkpoint.every_steps=100",
-         # A random backbone gives badly scaled features: Adam keeps 16 steps stable.
-         "--config.optim.optimizer=adamw", "--config.optim.lr=1e-3", "--config.optim.weight_decay=0"]
-  run = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run([sys.executable, "-m", "fss_jax.main", "--config", "configs/jc2a.py:smoke",
+                         *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def trained(voc_with_prior, tmp_path_factory):
+  """(summary, workdir) of a 16-step smoke run through fss_jax.main (one CPU device)."""
+  workdir = tmp_path_factory.mktemp("jc2a_run") / "run"
+  run = _main("--workdir", str(workdir), f"--config.data.data_dir={voc_with_prior}",
+              "--config.total_steps=16", "--config.eval.every_steps=0",
+              "--config.checkpoint.every_steps=100", *ADAM)
   assert run.returncode == 0, run.stderr[-3000:]
-  summary = json.loads(run.stdout.strip().splitlines()[-1])
+  return json.loads(run.stdout.strip().splitlines()[-1]), workdir
+
+
+@pytest.mark.slow
+def test_training_run_through_main_lowers_the_loss(trained):
+  summary, _ = trained
   losses = [h["loss"] for h in summary["history"]]
   assert summary["step"] == 16 and len(losses) == 16 and np.all(np.isfinite(losses))
   assert np.mean(losses[-6:]) < 0.8 * losses[0], losses
   assert {"main_loss", "aux_loss"} <= set(summary["history"][0])
+
+
+@pytest.mark.slow
+def test_checkpoint_carries_fp_base_for_eval_and_predict(trained, voc_with_prior, tmp_path,
+                                                         monkeypatch):
+  """FP_base is set from the file when training starts, then lives in the checkpoint: the
+  workdir evaluates on a moved copy of the dataset without the file, and predicts."""
+  from fss_jax import predict
+  from fss_jax.train import state as state_lib
+  _, workdir = trained
+  fp = jc2a_prior.load_fp_base(jc2a_prior.fp_base_path(voc_with_prior, "pascal5i", 0, 50))
+  saved = state_lib.read_variables(workdir / "checkpoints" / "16" / "state")
+  np.testing.assert_array_equal(saved["params"]["fp_base"], fp.value)   # frozen: never updated
+  # The dataset moved, without its FP_base file: evaluation reads the checkpoint only.
+  moved = tmp_path / "moved"
+  shutil.copytree(voc_with_prior, moved, ignore=shutil.ignore_patterns("jc2a_fp_base_*"))
+  assert not list(moved.rglob("jc2a_fp_base_*"))
+  run = _main("--workdir", str(workdir), "--mode", "eval", f"--config.data.data_dir={moved}",
+              "--config.eval.checkpoint=latest", *ADAM)
+  assert run.returncode == 0, run.stderr[-3000:]
+  summary = json.loads(run.stdout.strip().splitlines()[-1])
+  assert np.isfinite(summary["miou_mean"]), summary
+  # predict: no dataset at all (reading an FP_base file would fail).
+  def no_file(*_, **__):
+    raise AssertionError("predict read an FP_base file")
+  monkeypatch.setattr(jc2a_prior, "load_fp_base", no_file)
+  p = predict.Predictor(None, workdir)
+  assert p.model_name == "jc2a"
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (70, 80, 3), np.uint8)
+  mask = np.zeros((70, 80), np.uint8)
+  mask[20:50, 25:60] = 1
+  (pred,) = p.segment([image], [mask], [image])
+  assert pred.mask.shape == (70, 80) and np.all(np.isfinite(pred.probability))
+  _, variables, _ = p._build(1)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(variables["params"]["fp_base"]), fp.value)
 
 
 @pytest.mark.parametrize("source", jc2a.BACKBONE_SOURCES)

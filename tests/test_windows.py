@@ -83,6 +83,19 @@ def test_gather_windows_and_window_mean():
   np.testing.assert_allclose(mean, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_pad_to_windows_and_top_windows():
+  """JC²A's P2B pieces: bottom / right zero padding; stable top-k (ties: lower index first)."""
+  x = jnp.ones((1, 8, 7, 2))
+  p = np.asarray(W.pad_to_windows(x, 3))
+  assert p.shape == (1, 9, 9, 2) and p[:, :8, :7].all()
+  assert not p[:, 8:].any() and not p[:, :, 7:].any()
+  assert W.pad_to_windows(x[..., 0], 3).shape == (1, 9, 9)     # any trailing axes
+  assert W.pad_to_windows(x[:, :6, :6], 3).shape == (1, 6, 6, 2)   # already whole windows
+  scores = jnp.asarray([[0.0, 2.0, 0.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+  np.testing.assert_array_equal(np.asarray(W.top_windows(scores, 3)), [[1, 4, 3], [0, 1, 2]])
+  assert W.top_windows(scores, 9).shape == (2, 5)
+
+
 # -- patch alignment ---------------------------------------------------------------------------
 
 def _np_generate_indices(q, s, m, ws, eps=5e-4, cos_eps=1e-7):

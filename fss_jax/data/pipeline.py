@@ -20,7 +20,7 @@ episodes. Its length is padded to a multiple of G with copies of episode 0 whose
 from their "test" split, over every class of it, and their binary masks (1 = the record's
 class) give 1-way episodes only.
 
-Batches (dict of numpy arrays, DESIGN.md "Episode"), b = per-process batch::
+Batches (dict of numpy arrays, docs/DESIGN.md §2 "The episode"), b = per-process batch::
 
   query_image [b, H, W, 3] f32 (ImageNet-normalised)    query_mask [b, H, W] i32 (0/1/255)
   support_images [b, K, H, W, 3] f32                       support_masks [b, K, H, W] i32

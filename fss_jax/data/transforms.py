@@ -425,7 +425,7 @@ class ToArrays(grain.transforms.Map):
 
 
 def batch_episodes(elements: Sequence[dict]) -> dict[str, np.ndarray]:
-  """Stacks episode elements (after `ToArrays`) into a batch (DESIGN.md Episode).
+  """Stacks episode elements (after `ToArrays`) into a batch (docs/DESIGN.md §2).
 
   Supports become [B, K, H, W, 3] / [B, K, H, W], or [B, N, K, ...] when ``class_id``
   is [N] (N-way; the lists are way-major). Every other entry is stacked along a new

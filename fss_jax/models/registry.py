@@ -4,7 +4,7 @@ Every method module (``fss_jax/models/<name>.py``) defines a module-level
 ``SPEC = ModelSpec(...)``. The registry imports it lazily, so importing the
 registry never pulls in every model.
 
-Contracts (see DESIGN.md):
+Contracts (see docs/DESIGN.md):
 * ``make_model(**fields) -> flax.linen.Module`` whose ``__call__(episode, *,
   train: bool) -> dict`` returns at least ``logits [B, h, w, C]``.
 * ``loss_fn(outputs, episode) -> (scalar loss, dict of scalar metrics)``.
@@ -98,8 +98,9 @@ class ModelSpec:
   min_input_size: int | Callable[..., int] | None = None
   # What ``outputs["logits"]`` holds: "logits" (a softmax gives the class probabilities) or
   # "probabilities" (already probability-like, e.g. BAM's ensemble of the meta and base
-  # learners: argmax as usual, no second softmax). Recorded in checkpoints; `fss_jax.predict`
-  # reads it for the confidence and the foreground probability map.
+  # learners: argmax as usual, no second softmax). Recorded in checkpoints (``output``) for
+  # readers without the code; `fss_jax.predict` uses this declaration (the code that runs)
+  # for the confidence and the foreground probability map.
   output: str = "logits"
   # The forward reads the episode's ``class_id`` (Sym-Net: the class's word embedding), so
   # predicting needs the support's class, by name or id (`fss_jax.predict`).
@@ -119,7 +120,16 @@ class ModelSpec:
   # (or from config.init) and then carried by every checkpoint, so evaluation and prediction
   # never recompute or read them. Declare them frozen (``frozen``) so the optimiser never
   # changes them.
-  derived_params: Callable[[Any], Mapping[str, np.ndarray]] | None = None
+  # Named "module:function" (resolved by the loop, `derived_params_fn`): computing them reads
+  # the dataset, which is train-layer work the model layer must not import.
+  derived_params: str | None = None
+
+  def derived_params_fn(self) -> Callable[[Any], Mapping[str, np.ndarray]] | None:
+    """The function `derived_params` names, imported now (None when the model has none)."""
+    if not self.derived_params:
+      return None
+    module, _, name = self.derived_params.partition(":")
+    return getattr(importlib.import_module(module), name)
 
   def eval_shots(self, train_shot: int) -> tuple[int, ...] | None:
     """The K this model evaluates at when trained with ``train_shot``: None for any K >= 1."""

@@ -10,10 +10,16 @@ window grid; the tokens inside a window are row-major too (Swin's
 SCCAN's "shifted" windows are not Swin's cyclic roll: the map is zero-padded
 by half a window on every side (`pad_half_window`), partitioned, and the
 centre is cropped back (`crop_half_window`).
+
+JC²A's point-to-block alignment (jc2a.md §4.2) zero-pads the map at the bottom /
+right to whole windows (`pad_to_windows`), scores every window by its mask
+coverage (`window_mean` of the padded mask, Eq. 6), keeps the k best
+(`top_windows`, Eq. 7) and gathers them (`gather_windows`).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -131,3 +137,42 @@ def window_grid(height: int, width: int, window: int) -> tuple[int, int]:
   """(nH, nW) number of windows along each axis."""
   _check_divisible(height, width, window)
   return height // window, width // window
+
+
+def pad_to_windows(x: jnp.ndarray, window: int) -> jnp.ndarray:
+  """Zero-pads the bottom / right of a map to whole windows.
+
+  Args:
+    x: [B, H, W, ...].
+    window: window side in pixels.
+
+  Returns:
+    [B, ceil(H / window) * window, ceil(W / window) * window, ...]; `x` itself when
+    H and W are already multiples of `window`.
+  """
+  h, w = x.shape[1:3]
+  ph, pw = -h % window, -w % window
+  if not ph and not pw:
+    return x
+  return jnp.pad(x, [(0, 0), (0, ph), (0, pw)] + [(0, 0)] * (x.ndim - 3))
+
+
+def top_windows(scores: jnp.ndarray, k: int) -> jnp.ndarray:
+  """Indices of the k highest-scoring windows, ties broken by the lower index.
+
+  A stable descending sort (lexicographic on (-score, index)), so windows with
+  equal scores (e.g. many zero-coverage windows) keep their row-major order.
+
+  Args:
+    scores: [B, N] per-window scores.
+    k: windows to keep; clipped to N.
+
+  Returns:
+    [B, min(k, N)] int32 indices into the N windows.
+  """
+  b, n = scores.shape
+  k = min(int(k), n)
+  neg = 0.0 - scores  # 0.0 - 0.0 is +0.0: no signed-zero ties
+  idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  _, order = jax.lax.sort((neg, idx), dimension=1, num_keys=2)
+  return order[:, :k]

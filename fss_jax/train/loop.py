@@ -613,7 +613,7 @@ def _set_derived_params(config, state):
   (`ModelSpec.derived_params`, e.g. JC²A's FP_base): only when a run starts from scratch or
   config.init; a checkpoint already holds them."""
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  derive = registry.get(config.model).derived_params
+  derive = registry.get(config.model).derived_params_fn()
   values = dict(derive(config)) if derive is not None else {}
   if not values:
     return state

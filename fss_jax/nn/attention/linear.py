@@ -27,21 +27,28 @@ Choices the paper does not fix (jc2a.md §4, §14) are parameters:
 * ``"cosine"``: ``Q̂ · (K̂ᵀ V) / Nk`` with L2-normalised tokens, i.e. every query
   position gets the cosine-similarity-weighted mean of the support values
   (linear cost, no nonlinearity, no softmax).
+
+`HPAM` is JC²A's Hybrid Prototype Alignment Module over a feature pyramid:
+P2P (one group over all support positions) + P2B (the top-k mask-covered
+support windows, `fss_jax.ops.windows`), with position embeddings (Eq. 3-10).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from fss_jax.nn.layers import BatchNorm2d, Linear, torch_default_kernel_init
+from fss_jax.ops import windows
 
 OPERATORS = ("ours", "softmax", "linear", "cosine")
 LINEAR_FEATURE_MAPS = ("batchnorm", "elu")
-
+FUSIONS = ("add", "multiply", "concat")
+POS_EMBEDS = ("spatial", "channel", "none")
 
 
 def _grouped(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -188,6 +195,101 @@ class AlignmentAttention(nn.Module):
     return self.attend(self.w_q(xq), self.w_k(xs), self.w_v(xs), train=train)
 
 
-__all__ = ["OPERATORS", "LINEAR_FEATURE_MAPS", "AlignmentAttention", "factorized_attention",
-           "relu_softmax_attention", "softmax_attention", "elu_linear_attention",
-           "cosine_interaction", "l2_normalize"]
+def fuse(a: jax.Array, b: jax.Array, how: str) -> jax.Array:
+  """Combines two maps [..., C] / [..., C'] channel-wise: "add" | "multiply" | "concat"."""
+  if how == "add":
+    return a + b
+  if how == "multiply":
+    return a * b
+  if how == "concat":
+    return jnp.concatenate([a, b], axis=-1)
+  raise ValueError(f"unknown fusion {how!r}; choose one of {FUSIONS}")
+
+
+class HPAM(nn.Module):
+  """Hybrid Prototype Alignment Module over a feature pyramid (JC²A, jc2a.md §4).
+
+  Attributes:
+    dim: feature width C.
+    top_k: selected blocks per level (60, 20, 5, 3).
+    block_size: m.
+    use_p2p / use_p2b: the two alignments (at least one).
+    fusion: P^d ∘ P^s when both are on: "add" (Eq. 10) | "multiply" | "concat".
+    operator, softmax_scale, linear_feature_map: see `AlignmentAttention`.
+    pos_embed: P2B position embeddings: "spatial" (p ∈ R^{s×s} per level, broadcast over
+      channels), "channel" (R^{s×s×C}) or "none" (Table 4, "w/o PE").
+    pos_embed_std: truncated-normal init std.
+    share_projections: one W_Q/W_K/W_V for P2P and P2B (else two sets).
+  """
+  dim: int = 256
+  top_k: Sequence[int] = (60, 20, 5, 3)
+  block_size: int = 3
+  use_p2p: bool = True
+  use_p2b: bool = True
+  fusion: str = "add"
+  operator: str = "ours"
+  softmax_scale: float | None = None
+  linear_feature_map: str = "batchnorm"
+  pos_embed: str = "spatial"
+  pos_embed_std: float = 0.02
+  share_projections: bool = True
+
+  @nn.compact
+  def __call__(self, queries: Sequence[jax.Array], supports: Sequence[jax.Array],
+               masks: Sequence[jax.Array], *, train: bool = False) -> list[jax.Array]:
+    """Aligned prototypes per level.
+
+    Args:
+      queries: per level q_l [B, s, s, C].
+      supports: per level masked, pooled support features [B, s, s, C].
+      masks: per level pooled support masks [B, s, s] (block importance).
+      train: BatchNorm mode of the "linear" operator.
+
+    Returns:
+      per level P_aw [B, s, s, C] (2C for concat fusion).
+    """
+    if not (self.use_p2p or self.use_p2b):
+      raise ValueError("HPAM needs use_p2p or use_p2b")
+    if self.pos_embed not in POS_EMBEDS:
+      raise ValueError(f"unknown pos_embed {self.pos_embed!r}; choose one of {POS_EMBEDS}")
+    if len(self.top_k) < len(queries):
+      raise ValueError(f"top_k {tuple(self.top_k)} has fewer entries than the {len(queries)} "
+                       "levels")
+    attn = functools.partial(AlignmentAttention, self.dim, self.operator,
+                             softmax_scale=self.softmax_scale,
+                             linear_feature_map=self.linear_feature_map)
+    p2p = attn(name="attn") if self.use_p2p else None
+    if self.use_p2b:
+      p2b = p2p if (p2p is not None and self.share_projections) else attn(
+          name="attn" if p2p is None else "attn_p2b")
+    init = nn.initializers.truncated_normal(self.pos_embed_std)
+    blk = self.block_size
+    outs = []
+    for l, (q, sp, m) in enumerate(zip(queries, supports, masks)):
+      b, h, w, c = q.shape
+      xq = q.reshape(b, h * w, c)
+      parts = []
+      if self.use_p2p:
+        parts.append(p2p(xq, sp.reshape(b, h * w, c), train=train))             # P^d (Eq. 3)
+      if self.use_p2b:
+        if self.pos_embed != "none":                                            # Eq. 4
+          shape = (h, w) if self.pos_embed == "spatial" else (h, w, c)
+          pq = self.param(f"pos_q_{l}", init, shape)
+          ps = self.param(f"pos_s_{l}", init, shape)
+          if self.pos_embed == "spatial":
+            pq, ps = pq[..., None], ps[..., None]
+          q, sp = q + pq, sp + ps
+        # Eq. 5-7: m×m blocks (zero-padded), mask coverage per block, the top-k blocks.
+        blocks = windows.window_partition(windows.pad_to_windows(sp, blk), blk)  # [B, n_b, m², C]
+        coverage = windows.window_mean(windows.pad_to_windows(m[..., None], blk), blk)[..., 0]
+        sel = windows.gather_windows(blocks, windows.top_windows(coverage, self.top_k[l]))
+        # Eq. 9: per within-block offset j a softmax over the k blocks, mean over j.
+        parts.append(p2b(q.reshape(b, h * w, c), sel.transpose(0, 2, 1, 3), train=train))
+      out = parts[0] if len(parts) == 1 else fuse(parts[0], parts[1], self.fusion)
+      outs.append(out.reshape(b, h, w, out.shape[-1]))
+    return outs
+
+
+__all__ = ["OPERATORS", "LINEAR_FEATURE_MAPS", "FUSIONS", "POS_EMBEDS", "AlignmentAttention",
+           "HPAM", "fuse", "factorized_attention", "relu_softmax_attention", "softmax_attention",
+           "elu_linear_attention", "cosine_interaction", "l2_normalize"]

@@ -9,19 +9,27 @@ pairs of c. Rows are the base classes in ascending id order.
 
 Usage::
 
-  python -m fss_jax.models.jc2a_prior --data_dir ~/tensorflow_datasets --dataset pascal5i \\
-      --fold 0 --layers 50 --backbone_init initmodel/resnet50_v2.pth
+  python -m fss_jax.train.jc2a_prior --data_dir ~/tensorflow_datasets --dataset pascal5i \\
+      --fold 0 --layers 50 --backbone_init W0
 
 writes ``<data_dir>/pascal5i/1.0.0/jc2a_fp_base_fold0_resnet50.npz`` (never
-overwriting an existing file unless ``--overwrite``). ``--backbone_init`` takes an
-ImageNet ``resnet{50,101}_v2.pth`` (or .npz / .safetensors), a PSPNet/BAM
-``best.pth`` or an orbax directory written by ``python -m checkpoints.convert``;
-it must be the backbone the JC²A model is trained with.
+overwriting an existing file unless ``--overwrite``). ``--backbone_init`` takes converted
+weights holding the deep-stem ResNet (W0: ``initmodel/resnet50_v2.pth`` or a PSPNet/BAM
+``best.pth`` converted with ``python -m checkpoints.convert --model jc2a``, the weights the
+JC²A run starts from, ``--config.init=W0``); a state-dict file is refused with that command.
+
+FP_base is a frozen parameter of `fss_jax.models.jc2a.JC2A` (``params/fp_base``): a run
+that starts from scratch fills it from this file (`fp_base_params`, the registry's
+``derived_params``), and every checkpoint carries it, so evaluation and
+``fss_jax.predict`` never read the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
+import json
 import os
 import sys
 import time
@@ -32,10 +40,129 @@ import jax.numpy as jnp
 import numpy as np
 
 from fss_jax import io as fss_io
-from fss_jax import keymaps as km
-from fss_jax.models import jc2a
 from fss_jax.nn.backbones.resnet import ResNetDeepStem
 from fss_jax.ops.resize import resize_bilinear
+
+FP_BASE_FORMAT = 1
+PRIOR_MODULE = "fss_jax.train.jc2a_prior"
+
+
+# ---------------------------------------------------------------------------
+# The FP_base file
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FPBase:
+  """Base-class feature prototypes of one fold, as stored in the file.
+
+  Attributes:
+    value: float32 [|C_base|, D] (15 × 2048 PASCAL, 60 × 2048 COCO), rows in ``classes`` order.
+    classes: the fold's base class ids, ascending.
+    counts: int [|C_base|], instance pairs averaged per class.
+    meta: provenance (dataset, fold, layers, image size, backbone weights).
+  """
+  value: np.ndarray
+  classes: tuple[int, ...] = ()
+  counts: np.ndarray | None = None
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class FPBaseMissingError(FileNotFoundError):
+  """The FP_base file of a fold does not exist; the message holds the command that writes it."""
+
+
+def fp_base_filename(fold: int, layers: int) -> str:
+  return f"jc2a_fp_base_fold{int(fold)}_resnet{int(layers)}.npz"
+
+
+def fp_base_path(data_dir: str | os.PathLike, dataset: str, fold: int, layers: int) -> os.PathLike:
+  """Where the prior command writes FP_base: next to the built dataset."""
+  from fss_jax.data.source import dataset_dir  # pylint: disable=g-import-not-at-top
+  return dataset_dir(data_dir, dataset) / fp_base_filename(fold, layers)
+
+
+def prior_command(data_dir, dataset: str, fold: int, layers: int) -> str:
+  return (f"python -m {PRIOR_MODULE} --data_dir {os.fspath(data_dir)} --dataset {dataset} "
+          f"--fold {fold} --layers {layers} --backbone_init <resnet{layers}_v2.pth converted with "
+          f"python -m checkpoints.convert --model jc2a>")
+
+
+def save_fp_base(path: str | os.PathLike, fp: FPBase, *, overwrite: bool = False) -> os.PathLike:
+  """Writes `fp` atomically (`fss_jax.io.atomic_write`, local or gs://); never replaces a file
+  unless ``overwrite``."""
+  try:
+    return fss_io.atomic_write(path, lambda f: np.savez(
+        f, fp_base=np.asarray(fp.value, np.float32), classes=np.asarray(fp.classes, np.int64),
+        counts=np.asarray(fp.counts if fp.counts is not None else [], np.int64),
+        meta=np.str_(json.dumps(dict(fp.meta), sort_keys=True)),
+        format=np.int64(FP_BASE_FORMAT)), overwrite=overwrite)
+  except FileExistsError:
+    raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it") from None
+
+
+def load_fp_base(path: str | os.PathLike, *, command: str | None = None) -> FPBase:
+  """Reads a file written by `save_fp_base`.
+
+  Raises:
+    FPBaseMissingError: the file does not exist (the message names the command).
+    ValueError: the file is not an FP_base file or is damaged.
+  """
+  path = fss_io.user_path(path)
+  if not path.is_file():
+    how = command or f"python -m {PRIOR_MODULE} --help"
+    raise FPBaseMissingError(
+        f"JC²A's CKMM needs the fold's base-class prototypes FP_base, but {path} does not exist.\n"
+        f"Compute it once per fold (frozen backbone, base-class training pairs) with:\n  {how}\n"
+        f"or disable CKMM (model.use_ckmm=False, the Table 3 ablations).")
+  try:
+    with path.open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+      value = z["fp_base"].astype(np.float32)
+      fp = FPBase(value=value, classes=tuple(int(c) for c in z["classes"]),
+                  counts=z["counts"], meta=json.loads(str(z["meta"])))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path} is not a readable JC²A FP_base file ({type(e).__name__}: {e}); "
+                     f"delete it and run the prior command again") from e
+  if value.ndim != 2 or not np.all(np.isfinite(value)):
+    raise ValueError(f"{path}: FP_base must be a finite [n_base, D] array, got {value.shape}")
+  return fp
+
+
+def fp_base_params(config) -> dict[str, np.ndarray]:
+  """``{"fp_base": [n_base, D]}`` of the run's fold (`ModelSpec.derived_params` of JC²A).
+
+  Called once, when a training run starts from scratch; the value then lives in every
+  checkpoint. Reads ``fp_base_path(config.data.data_dir, config.dataset, config.fold,
+  config.model_fields.layers)``; {} when CKMM is off.
+
+  Raises:
+    FPBaseMissingError: the file does not exist (the message names the prior command).
+    ValueError: the file belongs to another backbone depth, dataset, fold or split, or its
+      row count differs from ``model_fields.num_base_classes``.
+  """
+  from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
+  fields = config.model_fields
+  if not fields.get("use_ckmm", True):
+    return {}
+  layers = int(fields.get("layers", 50))
+  data_dir, dataset, fold = config.data.data_dir, config.dataset, int(config.fold)
+  path = fp_base_path(data_dir, dataset, fold, layers)
+  fp = load_fp_base(path, command=prior_command(data_dir, dataset, fold, layers))
+  if fp.meta.get("layers") not in (None, layers):
+    raise ValueError(f"{path} was computed with ResNet-{fp.meta.get('layers')} but the "
+                     f"model uses ResNet-{layers}; run the prior command for --layers {layers}")
+  if fp.meta.get("fold") not in (None, fold):
+    raise ValueError(f"{path} belongs to fold {fp.meta.get('fold')}, not fold {fold}")
+  coco_split = config.data.get("coco_split", "interleaved")
+  base = splits.fold_classes(dataset, fold, coco_split=coco_split).base
+  if fp.classes and tuple(fp.classes) != tuple(base):
+    raise ValueError(f"{path} holds the base classes {list(fp.classes)}, but {dataset} fold {fold} "
+                     f"trains on {list(base)} (another dataset or COCO split); run the prior "
+                     f"command again with --overwrite")
+  n = int(fields.get("num_base_classes", len(base)))
+  if fp.value.shape[0] != n:
+    raise ValueError(f"{path} holds {fp.value.shape[0]} base-class prototypes but "
+                     f"model_fields.num_base_classes={n}; set it to {fp.value.shape[0]}")
+  return {"fp_base": fp.value}
 
 
 def _backbone_tree(variables: Mapping[str, Any]) -> dict:
@@ -51,32 +178,29 @@ def _backbone_tree(variables: Mapping[str, Any]) -> dict:
 
 
 def load_backbone(path: str | os.PathLike, layers: int) -> tuple[dict, str]:
-  """Reads backbone weights for `ResNetDeepStem(depth=layers)`.
+  """Reads converted backbone weights for `ResNetDeepStem(depth=layers)`.
 
   Args:
-    path: a state-dict file (.pth / .pt / .npz / .safetensors; ImageNet ``conv1, bn1, ...``
-      or PSPNet ``layer0.N`` naming, detected from the keys) or an orbax directory.
+    path: converted weights (``python -m checkpoints.convert --model jc2a``: an ImageNet
+      ``resnet{layers}_v2.pth`` or a PSPNet ``best.pth``), a JC²A training workdir or step.
     layers: 50 or 101.
 
   Returns:
     (ResNet variables, description of the source).
+
+  Raises:
+    FileNotFoundError: nothing at ``path``. ValueError: a state-dict file (convert it first)
+      or weights without the deep-stem ResNet.
   """
-  from checkpoints import io  # pylint: disable=g-import-not-at-top
-  path = fss_io.user_path(path)
-  if path.is_dir():
-    return _backbone_tree(io.read_orbax(path)), f"orbax:{path}"
-  if not path.is_file():
+  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  root = fss_io.user_path(path)
+  if root.is_file():
+    raise ValueError(f"--backbone_init {path} is a state-dict file; convert it first: python -m "
+                     f"checkpoints.convert --model jc2a --model-arg layers={layers} --src {path} "
+                     f"--dst W0, then pass --backbone_init W0 (the --config.init of the JC²A run)")
+  if not root.is_dir():
     raise FileNotFoundError(f"backbone weights {path} not found")
-  with fss_io.local_copy(path) as local:
-    sd = km.strip_prefixes(io.read_state_dict(local))
-  source = "pspnet" if "layer0.0.weight" in sd else "imagenet"
-  rules = jc2a.keymap(layers=layers, source=source, dst=("backbone",))
-  if source == "pspnet":
-    # Drop everything that is not the backbone (PSPNet heads, or a full PFENet-style model).
-    wanted = {r.src for r in rules}
-    sd = {k: v for k, v in sd.items() if k in wanted}
-  variables = km.convert(sd, rules, model=f"jc2a backbone ({source})")
-  return _backbone_tree(variables), f"{source}:{path}"
+  return _backbone_tree(state_lib.read_variables(root)), f"orbax:{path}"
 
 
 def random_backbone(layers: int, seed: int = 0) -> dict:
@@ -104,7 +228,7 @@ def compute_fp_base(source, dataset: str, fold: int, *, backbone: Mapping[str, A
                     layers: int = 50, size: int = 473, batch_size: int = 4,
                     coco_split: str = "interleaved", max_images: int = 0, eps: float = 5e-4,
                     meta: Mapping[str, Any] | None = None,
-                    log: Callable[[str], None] = print) -> jc2a.FPBase:
+                    log: Callable[[str], None] = print) -> FPBase:
   """FP_base of one fold (jc2a.md §5.1).
 
   Args:
@@ -121,7 +245,7 @@ def compute_fp_base(source, dataset: str, fold: int, *, backbone: Mapping[str, A
     log: progress printer.
 
   Returns:
-    `jc2a.FPBase` with value [|C_base|, 2048].
+    `FPBase` with value [|C_base|, 2048].
   """
   from fss_jax.data import splits, transforms  # pylint: disable=g-import-not-at-top
   dataset = splits.canonical_dataset(dataset)
@@ -174,17 +298,18 @@ def compute_fp_base(source, dataset: str, fold: int, *, backbone: Mapping[str, A
   info = {"dataset": dataset, "fold": int(fold), "layers": int(layers), "size": int(size),
           "coco_split": coco_split, "images": int(len(images)), "empty_classes": empty,
           "eps": eps, **dict(meta or {})}
-  return jc2a.FPBase(value=value, classes=tuple(classes), counts=counts, meta=info)
+  return FPBase(value=value, classes=tuple(classes), counts=counts, meta=info)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog=f"python -m {jc2a.PRIOR_MODULE}", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog=f"python -m {PRIOR_MODULE}", description=__doc__.split("\n")[0])
   p.add_argument("--data_dir", required=True, help="the --data_dir of python -m data_prep.build")
   p.add_argument("--dataset", required=True, help="pascal5i | coco20i")
   p.add_argument("--fold", type=int, required=True)
   p.add_argument("--layers", type=int, default=50, choices=(50, 101))
   p.add_argument("--backbone_init", default="",
-                 help="ImageNet resnet*_v2.pth / PSPNet best.pth / .npz / .safetensors / orbax dir")
+                 help="converted weights with the deep-stem ResNet (checkpoints.convert --model "
+                      "jc2a of resnet*_v2.pth or a PSPNet best.pth)")
   p.add_argument("--random_init", action="store_true",
                  help="random backbone (smoke tests only; the prior is then meaningless)")
   p.add_argument("--size", type=int, default=473, help="test-time resize target (§9.1)")
@@ -198,7 +323,7 @@ def main(argv=None) -> int:
   from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.data.splits import canonical_dataset  # pylint: disable=g-import-not-at-top
   dataset = canonical_dataset(args.dataset)
-  out = fss_io.user_path(args.output) if args.output else jc2a.fp_base_path(
+  out = fss_io.user_path(args.output) if args.output else fp_base_path(
       args.data_dir, dataset, args.fold, args.layers)
   if out.exists() and not args.overwrite:
     print(f"{out} exists; pass --overwrite to recompute it", file=sys.stderr)
@@ -216,7 +341,7 @@ def main(argv=None) -> int:
   fp = compute_fp_base(src, dataset, args.fold, backbone=backbone, layers=args.layers,
                        size=args.size, batch_size=args.batch_size, coco_split=args.coco_split,
                        max_images=args.max_images, meta={"backbone": desc})
-  jc2a.save_fp_base(out, fp, overwrite=args.overwrite)
+  save_fp_base(out, fp, overwrite=args.overwrite)
   print(f"wrote {out}: {fp.value.shape[0]} classes x {fp.value.shape[1]}, pairs per class "
         f"{fp.counts.tolist()}")
   return 0
