@@ -15,11 +15,14 @@ Runs on a laptop CPU in a few minutes, through the same code as a real run:
 4. ``<workdir>/overlays/episode_*.png`` show support (mask, green), query
    (prediction, red) and query (ground truth, green).
 
-The last stdout line is one JSON object (percent), e.g. the defaults measured on
-2 CPU cores (jax 0.10.2; deterministic, the numbers repeat exactly)::
+The last stdout line is one JSON object (percent), e.g. the defaults on 2 CPU cores of
+an AVX-512 machine (jax 0.10.2; deterministic on one machine, the numbers repeat exactly;
+an AVX2 CPU's kernels round differently and gave novel_mIoU 54.0, fb_iou 58.85)::
 
-  {"model": "panet", "novel_mIoU": 54.0, "fb_iou": 58.85, "baseline_mIoU": 28.41,
-   "episodes": 200, "seconds": 389.7}
+  {"model": "panet", "novel_mIoU": 57.4, "fb_iou": 64.59, "baseline_mIoU": 28.41,
+   "episodes": 200, "seconds": 1357.3}
+
+(1357 s with the two cores shared by other jobs; about 390 s on a quiet machine.)
 
 Defaults: 200 synthetic images (140 train / 60 val), 600 SGD steps of 2 episodes
 at 97 × 97 (PANet's optimiser: momentum 0.9, weight decay 5e-4, lr 5e-3 ×0.1 at
