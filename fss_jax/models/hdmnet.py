@@ -76,6 +76,42 @@ def episode_base_channel(episode: Mapping[str, jax.Array]) -> jax.Array | None:
   return None
 
 
+def merge_inputs(q: jax.Array, s: jax.Array, proto: jax.Array, prior: jax.Array,
+                 sow) -> tuple[jax.Array, jax.Array]:
+  """Step 5 (also PAHNet's HDMNetPlus): to the transformer width (64), ReLU.
+
+  ``S_in = conv1x1([s, p_k])`` (``supp_merge``), ``Q_in = conv1x1([q, mean_k p_k,
+  10 * prior])`` (``query_merge``) for q [B, h, w, C], s [B*K, h, w, C], prototypes
+  p [B*K, C] and the prior [B, h, w, 2]; sows ``supp_merge_out`` / ``query_merge_out``.
+  """
+  b, h, w, c = q.shape
+  k = s.shape[0] // b
+  proto_map = jnp.broadcast_to(proto[:, None, None, :], (b * k, h, w, c))
+  s_in = nn.relu(Conv2d(64, 1, use_bias=False, name="supp_merge")(
+      jnp.concatenate([s, proto_map], -1)))
+  proto_mean = jnp.mean(proto.reshape(b, k, c), axis=1)
+  q_in = nn.relu(Conv2d(64, 1, use_bias=False, name="query_merge")(jnp.concatenate(
+      [q, jnp.broadcast_to(proto_mean[:, None, None, :], (b, h, w, c)), prior * 10.0], -1)))
+  sow("supp_merge_out", s_in)
+  sow("query_merge_out", q_in)
+  return q_in, s_in
+
+
+def learner_ensemble(meta: jax.Array, base: jax.Array, query_layer2: jax.Array,
+                     support_layer2: jax.Array, episode: Mapping[str, jax.Array], *,
+                     shot: int, kshot_hidden: int, train: bool) -> dict:
+  """Step 7 (also PAHNet's): BAM's `LearnerEnsemble` of the meta logits and the base
+  learner's, with the layer2 Gram scene difference of the query [B, h, w, C] and each
+  support [B*K, h, w, C]; K-shot weights without BAM's unsort (``kshot_unsort=False``);
+  in training the episode class channel is left out of the base map."""
+  exclude = episode_base_channel(episode) if train else None
+  b = query_layer2.shape[0]
+  return LearnerEnsemble(shot=shot, kshot_hidden=kshot_hidden, kshot_unsort=False,
+                         name="ensemble")(
+      meta, base, query_layer2, support_layer2.reshape(b, shot, *support_layer2.shape[1:]),
+      exclude_channel=exclude)
+
+
 class HDMNet(nn.Module):
   """HDMNet ``OneModel`` (ResNet-50 PSPNet backbone).
 
@@ -137,7 +173,7 @@ class HDMNet(nn.Module):
                                       train=train)
     sow("down_query_out", q)
     sow("down_supp_out", s)
-    _, h, w, c = s.shape
+    _, h, w, _ = s.shape
 
     # 3. prototypes (Weighted GAP, bilinear ac=True mask)
     m_bil = resize_bilinear(mask, (h, w), align_corners=True)
@@ -157,15 +193,7 @@ class HDMNet(nn.Module):
     similarity = jnp.concatenate([sim1, sim2], axis=-1)               # [B, h, w, 2]
 
     # 5. merge to the transformer width
-    proto_map = jnp.broadcast_to(proto[:, None, None, :], (b * k, h, w, c))
-    s_in = nn.relu(Conv2d(64, 1, use_bias=False, name="supp_merge")(
-        jnp.concatenate([s, proto_map], -1)))
-    proto_mean = jnp.mean(proto.reshape(b, k, c), axis=1)
-    q_in = nn.relu(Conv2d(64, 1, use_bias=False, name="query_merge")(jnp.concatenate(
-        [q, jnp.broadcast_to(proto_mean[:, None, None, :], (b, h, w, c)), similarity * 10.0],
-        -1)))
-    sow("supp_merge_out", s_in)
-    sow("query_merge_out", q_in)
+    q_in, s_in = merge_inputs(q, s, proto, similarity, sow)
 
     # 6. hierarchical transformer
     meta, corr = HierarchicalTransformer(shot=k, remat=self.remat, name="transformer")(
@@ -176,11 +204,8 @@ class HDMNet(nn.Module):
     # The frozen classifier's logits carry no gradient (reference: requires_grad=False).
     base = jax.lax.stop_gradient(psp.classify(fq["feat5"], train=train))
     sow("base_logits_lowres", base)
-    exclude = episode_base_channel(episode) if train else None
-    ens = LearnerEnsemble(shot=k, kshot_hidden=self.kshot_hidden, kshot_unsort=False,
-                          name="ensemble")(
-        meta, base, fq["layer2"], fs["layer2"].reshape(b, k, *fs["layer2"].shape[1:]),
-        exclude_channel=exclude)
+    ens = learner_ensemble(meta, base, fq["layer2"], fs["layer2"], episode, shot=k,
+                           kshot_hidden=self.kshot_hidden, train=train)
 
     # 8. outputs at the input resolution
     up = lambda t: resize_bilinear(t, (hh, ww), align_corners=True)
@@ -245,6 +270,7 @@ def keymap(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
 # ---------------------------------------------------------------------------
 # Parity adapter (model.HDMNet.OneModel fixtures)
 # ---------------------------------------------------------------------------
+# fixture_inputs, fixture_apply, nchw, chmean and transformer_mids serve PAHNet's too.
 
 def _fixture_fields(meta: Mapping[str, Any]) -> dict:
   shapes = {e["key"]: tuple(e["shape"]) for e in meta["state_dict"]["keys"]}
@@ -260,7 +286,7 @@ def _fixture_fields(meta: Mapping[str, Any]) -> dict:
   return fields
 
 
-def _fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
+def fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
   """NCHW fixture arrays -> an NHWC Episode."""
   f32 = lambda a: np.asarray(a, np.float32)
   return {
@@ -271,17 +297,17 @@ def _fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -
   }
 
 
-def _fixture_apply(model, variables, episode):
+def fixture_apply(model, variables, episode):
   fn = jax.jit(lambda v, e: model.apply(v, e, train=False, mutable=["intermediates"]))
   return fn(variables, episode)
 
 
-def _nchw(x) -> np.ndarray:
+def nchw(x) -> np.ndarray:
   x = np.asarray(x)
   return np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
 
 
-def _chmean(x) -> np.ndarray:
+def chmean(x) -> np.ndarray:
   """NHWC map or NLC tokens -> mean over space / tokens in float64 -> [N, C] float32."""
   x = np.asarray(x, np.float64)
   axes = (1, 2) if x.ndim == 4 else (1,)
@@ -292,47 +318,47 @@ def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
   out, state = result
   mid = {k: v[0] if isinstance(v, tuple) and len(v) == 1 else v
          for k, v in _flatten(state.get("intermediates", {})).items()}
-  d = {"out_final": _nchw(out["logits"]), "out_meta": _nchw(out["meta_logits"]),
-       "out_base": _nchw(out["base_logits"])}
+  d = {"out_final": nchw(out["logits"]), "out_meta": nchw(out["meta_logits"]),
+       "out_base": nchw(out["base_logits"])}
   for who in ("query", "support"):
     for name in ("layer0", "layer1", "layer2", "layer3", "layer4"):
-      d[f"mid_feat_{who}_{name}__chmean"] = _chmean(mid[f"feat_{who}_{name}"])
-    d[f"mid_feat_{who}_ppm_cls__chmean"] = _chmean(mid[f"feat_{who}_feat5"])
-  d["mid_feat_query_layer4__c16"] = _nchw(mid["feat_query_layer4"])[:, :16]
-  d["mid_feat_query_ppm_cls__c16"] = _nchw(mid["feat_query_feat5"])[:, :16]
+      d[f"mid_feat_{who}_{name}__chmean"] = chmean(mid[f"feat_{who}_{name}"])
+    d[f"mid_feat_{who}_ppm_cls__chmean"] = chmean(mid[f"feat_{who}_feat5"])
+  d["mid_feat_query_layer4__c16"] = nchw(mid["feat_query_layer4"])[:, :16]
+  d["mid_feat_query_ppm_cls__c16"] = nchw(mid["feat_query_feat5"])[:, :16]
   for name in ("down_query", "down_supp", "supp_merge"):
-    d[f"mid_{name}__chmean"] = _chmean(mid[f"{name}_out"])
-    d[f"mid_{name}__c16"] = _nchw(mid[f"{name}_out"])[:, :16]
-  d["mid_query_merge"] = _nchw(mid["query_merge_out"])
-  d["mid_similarity_layer4"] = _nchw(mid["similarity_layer4"])
-  d["mid_similarity_ppm_cls"] = _nchw(mid["similarity_ppm_cls"])
+    d[f"mid_{name}__chmean"] = chmean(mid[f"{name}_out"])
+    d[f"mid_{name}__c16"] = nchw(mid[f"{name}_out"])[:, :16]
+  d["mid_query_merge"] = nchw(mid["query_merge_out"])
+  d["mid_similarity_layer4"] = nchw(mid["similarity_layer4"])
+  d["mid_similarity_ppm_cls"] = nchw(mid["similarity_ppm_cls"])
   d["mid_transformer_in_similarity"] = np.concatenate(
       [d["mid_similarity_ppm_cls"], d["mid_similarity_layer4"]], axis=1)
   d.update(transformer_mids(mid))
   for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
-    d[f"mid_{name}"] = _nchw(mid[f"ensemble/{name}"])
+    d[f"mid_{name}"] = nchw(mid[f"ensemble/{name}"])
   return d
 
 
 def transformer_mids(mid: Mapping[str, Any]) -> dict:
   """The fixture's ``mid_`` arrays of the hierarchical transformer and the low-res logits
   (shared with PAHNet's HDMNetPlus), from `_flatten`'d intermediates."""
-  d = {"mid_meta_logits_lowres": _nchw(mid["meta_logits_lowres"]),
-       "mid_base_logits_lowres": _nchw(mid["base_logits_lowres"])}
+  d = {"mid_meta_logits_lowres": nchw(mid["meta_logits_lowres"]),
+       "mid_base_logits_lowres": nchw(mid["base_logits_lowres"])}
   for i in range(3):
     t = f"transformer/down_{i}/"
     for who in ("query", "support"):
-      d[f"mid_down{i}_patch_embed_{who}__chmean"] = _chmean(mid[f"{t}patch_embed_{who}"])
+      d[f"mid_down{i}_patch_embed_{who}__chmean"] = chmean(mid[f"{t}patch_embed_{who}"])
       for j in (1, 2):
-        d[f"mid_down{i}_self{j}_{who}__chmean"] = _chmean(mid[f"{t}self{j}_{who}"])
+        d[f"mid_down{i}_self{j}_{who}__chmean"] = chmean(mid[f"{t}self{j}_{who}"])
     d[f"mid_down{i}_norm_query"] = np.asarray(mid[f"transformer/down{i}_norm_query"])
     s_norm = np.asarray(mid[f"transformer/down{i}_norm_support"])
-    d[f"mid_down{i}_norm_support__chmean"] = _chmean(s_norm)
+    d[f"mid_down{i}_norm_support__chmean"] = chmean(s_norm)
     d[f"mid_down{i}_norm_support__c8"] = s_norm[..., :8]
     d[f"mid_match{i}_cross_x"] = np.asarray(mid[f"transformer/match{i}_cross_x"])
     d[f"mid_match{i}_cross_weight"] = np.asarray(mid[f"transformer/match{i}_cross_weight"])
-    d[f"mid_match{i}_conv"] = _nchw(mid[f"transformer/match{i}_conv"])
-    d[f"mid_parse{i}"] = _nchw(mid[f"transformer/parse{i}"])
+    d[f"mid_match{i}_conv"] = nchw(mid[f"transformer/match{i}_conv"])
+    d[f"mid_parse{i}"] = nchw(mid[f"transformer/parse{i}"])
   return d
 
 
@@ -351,9 +377,9 @@ def _flatten(tree, prefix: str = "") -> dict:
 PARITY = ParityAdapter(
     model_classes=(FIXTURE_CLASS,),
     model_fields=_fixture_fields,
-    inputs=_fixture_inputs,
+    inputs=fixture_inputs,
     outputs=_fixture_outputs,
-    apply=_fixture_apply,
+    apply=fixture_apply,
     logit_outputs=("out_final", "out_meta", "out_base"),
     # out_final goes through est_val (a difference of two nearly equal Gram matrices):
     # parity/README.md allows ~1e-3 absolute there; meta/base keep the default.

@@ -156,8 +156,8 @@ class SCCAN(nn.Module):
     self.sow("intermediates", "init_merge_supp_out", s0)
 
     # 5. SCCA transformer.
-    t = SCCATransformer(self.reduce_dim, self.depth, self.num_heads, self.window,
-                        self.mlp_ratio, remat=self.remat, name="transformer")(q0, s0, supp_mask)
+    t, _ = SCCATransformer(self.reduce_dim, self.depth, self.num_heads, self.window,
+                           self.mlp_ratio, remat=self.remat, name="transformer")(q0, s0, supp_mask)
     self.sow("intermediates", "transformer_out", t)
 
     # 6. Decoder and output size.

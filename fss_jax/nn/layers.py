@@ -130,6 +130,22 @@ class Linear(nn.Module):
     return y
 
 
+class Mlp(nn.Module):
+  """Linear(C -> hidden) -> GELU (exact erf) -> Linear(hidden -> `out`, default C); no dropout.
+
+  The transformer MLP of SCCAN's blocks and PAHNet's PFE (params ``fc1``, ``fc2``).
+  """
+  hidden: int
+  out: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out = self.out or x.shape[-1]
+    x = Linear(self.hidden, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return Linear(out, name="fc2")(x)
+
+
 class BatchNorm2d(nn.Module):
   """torch.nn.BatchNorm2d over the last (channel) axis of NHWC inputs.
 

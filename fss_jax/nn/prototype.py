@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fss_jax import keymaps
-from fss_jax.nn.attention.sccan import Mlp
-from fss_jax.nn.layers import LayerNorm, Linear
+from fss_jax.nn.layers import LayerNorm, Linear, Mlp
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear
 from fss_jax.ops.similarity import cosine_similarity, cosine_similarity_matrix, minmax_normalize

@@ -1,11 +1,13 @@
-"""HDMNet's hierarchical dense-matching transformer (Pbihao/HDMNet `model/Transformer.py`).
+"""HDMNet's hierarchical dense-matching transformer (Pbihao/HDMNet `model/Transformer.py`)
+and PAHNet's HDMNetPlus variant (`HDMNet_PAHNet/model/TransformerPlus.py`).
 
-Building blocks, smallest first, each usable on its own (PAHNet's HDMNetPlus
-reuses them with its own attention through ``attention_cls`` / ``attn_kwargs``):
+Building blocks, smallest first, each usable on its own:
 
-* `self_attention` / `cross_attention`: the two score rules of
-  ``MaskMultiHeadAttention`` as pure functions on per-head tensors.
-* `MaskedMultiHeadAttention`: the four bias-free 64x64 projections around them.
+* `self_attention` / `cross_attention` / `calibrated_cross_attention`: the score
+  rules of ``MaskMultiHeadAttention`` (HDMNet's two, PAHNet's ASC cross rule) as
+  pure functions on per-head tensors.
+* `MaskedMultiHeadAttention`: the four bias-free 64x64 projections around them
+  (+ PAHNet's ``proj_q`` / ``proj_s`` when called with the predictor probability).
 * `EfficientAttention`: optional spatial reduction of the keys/values
   (conv sr x sr, stride sr, + LayerNorm) + attention + dropout + residual.
 * `MixFFN`: conv1x1 -> depthwise conv3x3 -> GELU (erf) -> dropout -> conv1x1 -> dropout.
@@ -15,6 +17,8 @@ reuses them with its own attention through ``attention_cls`` / ``attn_kwargs``):
 * `HierarchicalTransformer`: self-attention down-sampling path (60 -> 30 -> 15)
   shared by query and supports, then cross-attention matching coarse to fine
   with the prior, fused by bilinear (align_corners=False) up-sampling.
+* `TransformerPlus`: PAHNet's version (FG/BG bias in the support self-attention,
+  a PFE before each matching layer, ASC cross-attention, pseudo masks).
 * `correlation_distillation_loss`: the coarse-to-fine KL on the correlation maps.
 
 Tokens are ``[B, L, C]`` with L row-major over the grid (token = y * W + x),
@@ -35,6 +39,8 @@ import jax.numpy as jnp
 
 from fss_jax import keymaps
 from fss_jax.nn.layers import BatchNorm2d, Conv2d, LayerNorm, Linear, kaiming_normal_fan_out
+from fss_jax.nn.prototype import (PrototypeEnhanced, asc_mismatch, asc_query_state,
+                                  asc_support_state)
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
 from fss_jax.ops.softmax import softmax_dot_backward
 
@@ -131,11 +137,47 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
   return y, jnp.mean(corr, axis=1)
 
 
+def calibrated_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                               query_state: jax.Array, key_state: jax.Array,
+                               reweight: jax.Array, *, temperature: float = 0.1
+                               ) -> tuple[jax.Array, jax.Array]:
+  """PAHNet's ASC cross-attention (HDMNetPlus, pahnet.md §5.2 (d)).
+
+  ``l = cos(q, k) / temperature`` per head, scores ``R * l``, softmax over the
+  QUERY axis (as `cross_attention`), weights of FG-BG mismatched pairs set to 0.
+  The correlation map averages ``l`` with the label-consistency weights (2 for
+  agreeing hard pairs, 0 for mismatches, ``t`` / ``1 + t`` for soft queries)
+  over keys, then over heads.
+
+  Args:
+    q: ``[B, Lq, H, d]``; k, v: ``[B, Lk, H, d]``.
+    query_state: ``[B, Lq]`` t of `fss_jax.nn.prototype.asc_query_state`.
+    key_state: ``[B, Lk]`` binarised support mask s.
+    reweight: ``[B, Lq, Lk]`` the learned calibration R (shared by the heads).
+    temperature: cosine temperature (0.1).
+
+  Returns:
+    (``[B, Lq, H, d]``, correlation map ``[B, Lq]``).
+  """
+  t, s = query_state, key_state
+  ell = cosine_scores(q, k, temperature)                          # [B, H, Lq, Lk]
+  attn = softmax_dot_backward(reweight[:, None] * ell, -2)
+  attn = jnp.where(asc_mismatch(t, s)[:, None], 0.0, attn)
+  y = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+  hy = t[:, :, None] + s[:, None, :]
+  wts = jnp.where(hy == 0, 2.0, jnp.where(hy == 1, 0.0, hy))      # [B, Lq, Lk]
+  corr = jnp.einsum("bhqk,bqk->bhq", ell, wts) / (jnp.sum(wts, -1)[:, None] + 1e-9)
+  return y, jnp.mean(corr, axis=1)
+
+
 class MaskedMultiHeadAttention(nn.Module):
   """``MaskMultiHeadAttention``: bias-free q/k/v/o projections around the score rules.
 
   Call with ``key_mask`` for the cross-attention rule (returns its correlation
-  map), without for plain self-attention (returns None as the map).
+  map), without for plain self-attention (returns None as the map). With
+  ``key_mask`` and ``query_prob`` (PAHNet's HDMNetPlus) the cross rule is
+  `calibrated_cross_attention` with ``R_ij = <r_i w_q, s_j w_s>`` (``proj_q``,
+  ``proj_s``: Linear 1 -> dim, no bias, created only then).
   """
   dim: int = 64
   heads: int = 2
@@ -143,16 +185,26 @@ class MaskedMultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, source: jax.Array, *, key_mask: jax.Array | None = None,
-               bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
-    """x ``[B, Lq, C]``, source ``[B, Lk, C]`` -> (``[B, Lq, C]``, map ``[B, Lq]`` | None)."""
+               query_prob: jax.Array | None = None, bias: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """x ``[B, Lq, C]``, source ``[B, Lk, C]``; key_mask ``[B, Lk]`` (support mask),
+    query_prob ``[B, Lq]`` (predictor FG probability), bias (self-attention scores)
+    -> (``[B, Lq, C]``, map ``[B, Lq]`` | None)."""
     dense = lambda n: Linear(self.dim, use_bias=False, name=n)
     q = split_heads(dense("linear_q")(x), self.heads)
     k = split_heads(dense("linear_k")(source), self.heads)
     v = split_heads(dense("linear_v")(source), self.heads)
     if key_mask is None:
       y, corr = self_attention(q, k, v, bias=bias), None
-    else:
+    elif query_prob is None:
       y, corr = cross_attention(q, k, v, key_mask, temperature=self.temperature)
+    else:
+      r, t = asc_query_state(query_prob.astype(x.dtype))
+      s = asc_support_state(key_mask.astype(x.dtype))
+      proj = lambda n, a: dense(n)(a[..., None])  # noqa: E731
+      reweight = jnp.einsum("bqc,bkc->bqk", proj("proj_q", r), proj("proj_s", s))
+      y, corr = calibrated_cross_attention(q, k, v, t, s, reweight,
+                                           temperature=self.temperature)
     return dense("linear_o")(merge_heads(y)), corr
 
 
@@ -363,6 +415,40 @@ class HierarchicalTransformer(nn.Module):
   num_classes: int = 2
   remat: bool = False
 
+  def _down_stage(self, i: int) -> DownStage:
+    """Stage i of the down-sampling path (query and supports share it)."""
+    return DownStage(self.dim, self.heads[i], self.sr_ratios[i], self.kernels[i],
+                     self.strides[i], self.depth, self.mlp_ratio, self.dropout, self.ln_eps,
+                     remat=self.remat, name=f"down_{i}")
+
+  def _match_layer(self, i: int) -> Any:
+    """The cross-attention layer of matching level i (call it positionally)."""
+    return encoder_layer_cls(self.remat)(
+        self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout, self.ln_eps,
+        name=f"match_{i}")
+
+  def _fuse(self, i: int, x: jax.Array, corr: jax.Array, hw: tuple[int, int],
+            prior: jax.Array, fused: jax.Array | None) -> jax.Array:
+    """Matching level i after its cross-attention (x ``[B, h*w, dim]``, corr ``[B, h*w]``):
+    ``ConvModule([x ; prior])`` -> parse block, added to the coarser levels' fusion
+    (resized bilinearly, align_corners=False). Returns the fusion ``[B, h, w, dim]``."""
+    sow = lambda n, v: self.sow("intermediates", n, v)  # noqa: E731
+    sow(f"match{i}_cross_x", x)
+    sow(f"match{i}_cross_weight", corr)
+    x = ConvModule(self.dim, name=f"match_conv_{i}")(
+        jnp.concatenate([tokens_to_map(x, hw), prior], axis=-1))
+    sow(f"match{i}_conv", x)
+    parse = ParseBlock(self.dim, self.dim * 4, name=f"parse_{i}")
+    if fused is None:
+      fused = parse(x)
+      sow(f"parse{i}", fused)
+    else:
+      fused = resize_bilinear(fused, hw, align_corners=False)
+      p = parse(x + fused)
+      sow(f"parse{i}", p)
+      fused = fused + p
+    return fused
+
   @nn.compact
   def __call__(self, query: jax.Array, support: jax.Array, support_mask: jax.Array,
                similarity: jax.Array, *, train: bool = False
@@ -385,9 +471,7 @@ class HierarchicalTransformer(nn.Module):
     q_tokens, s_tokens, grids, masks, priors = [], [], [], [], []
     q, s = query, support
     for i in range(n):
-      stage = DownStage(self.dim, self.heads[i], self.sr_ratios[i], self.kernels[i],
-                        self.strides[i], self.depth, self.mlp_ratio, self.dropout, self.ln_eps,
-                        remat=self.remat, name=f"down_{i}")
+      stage = self._down_stage(i)
       if q.shape[1:] == s.shape[1:]:
         # Query and supports share the stage and never interact in it: one batched call.
         ts, hw = stage(jnp.concatenate([q, s], axis=0), train=train, tag="", split=b)
@@ -406,29 +490,86 @@ class HierarchicalTransformer(nn.Module):
       q, s = tokens_to_map(qt, hw), tokens_to_map(st, shw)
 
     fused, corr_maps = None, []
-    layer = encoder_layer_cls(self.remat)
     for i in reversed(range(n)):
       hw = grids[i]
-      x, corr = layer(
-          self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout, self.ln_eps,
-          name=f"match_{i}")(q_tokens[i], hw, s_tokens[i], train, {"key_mask": masks[i]})
-      self.sow("intermediates", f"match{i}_cross_x", x)
-      self.sow("intermediates", f"match{i}_cross_weight", corr)
+      x, corr = self._match_layer(i)(q_tokens[i], hw, s_tokens[i], train,
+                                     {"key_mask": masks[i]})
       corr_maps.append(corr.reshape(b, hw[0], hw[1]))
-      x = ConvModule(self.dim, name=f"match_conv_{i}")(
-          jnp.concatenate([tokens_to_map(x, hw), priors[i]], axis=-1))
-      self.sow("intermediates", f"match{i}_conv", x)
-      parse = ParseBlock(self.dim, self.dim * 4, name=f"parse_{i}")
-      if fused is None:
-        fused = parse(x)
-        self.sow("intermediates", f"parse{i}", fused)
-      else:
-        fused = resize_bilinear(fused, hw, align_corners=False)
-        p = parse(x + fused)
-        self.sow("intermediates", f"parse{i}", p)
-        fused = fused + p
+      fused = self._fuse(i, x, corr, hw, priors[i], fused)
     logits = MetaClassifier(self.dim, self.dim * 4, self.num_classes, name="cls")(fused)
     return logits, corr_maps
+
+
+def _patch_grid(n: int, kernel: int, stride: int) -> int:
+  """Output side of `PatchEmbed` (padding stride // 2) on an n-wide input."""
+  return (n + 2 * (stride // 2) - kernel) // stride + 1
+
+
+class TransformerPlus(HierarchicalTransformer):
+  """PAHNet's HDMNetPlus ``MixVisionTransformer`` (pahnet.md §5.2).
+
+  HDMNet's `DownStage`s; the support self-attention of stages with spatial
+  reduction gets a -100 bias between FG and BG tokens (mask resized nearest to
+  the stage grid, then bilinearly to the reduced K/V grid, both >= 0.5); at
+  every matching level a PFE (predictor map resized bilinearly) precedes the
+  ASC cross-attention (predictor map resized nearest); then HDMNet's
+  ConvModule with the prior, parse blocks and classifier.
+
+  Attributes: those of `HierarchicalTransformer` (inherited).
+  """
+
+  @nn.compact
+  def __call__(self, query, support, support_mask, similarity, prob, *,  # pylint: disable=arguments-differ
+               train: bool = False):
+    """query [B, H, W, dim], support [B*K, H, W, dim] (row b*K + k), support_mask
+    [B*K, Hm, Wm] binary at input size, similarity [B, H, W, 2], prob [B, s, s]
+    -> (meta logits [B, H, W, 2], corr maps coarse to fine, pseudo masks coarse to fine
+    [B, h_i, w_i, 2])."""
+    b, k = query.shape[0], self.shot
+    sow = lambda n, v: self.sow("intermediates", n, v)  # noqa: E731
+    levels = []
+    q, s = query, support
+    for i in range(len(self.heads)):
+      stage = self._down_stage(i)
+      shw = tuple(_patch_grid(n, self.kernels[i], self.strides[i]) for n in s.shape[1:3])
+      m = resize_nearest(support_mask[..., None].astype(query.dtype), shw)  # [B*K, h, w, 1]
+      kwargs = None
+      if self.sr_ratios[i] > 1:                 # FG/BG bias on the reduced K/V grid
+        sr = self.sr_ratios[i]
+        kv = tuple((n - sr) // sr + 1 for n in shw)
+        u_q = asc_support_state(m.reshape(b * k, -1))
+        u_kv = asc_support_state(
+            resize_bilinear(m, kv, align_corners=True).reshape(b * k, -1))
+        kwargs = {"bias": jnp.where((u_q[:, :, None] + u_kv[:, None, :]) == 1.0, -100.0,
+                                    0.0)[:, None]}
+      qt, hw = stage(q, train=train, tag="_query")
+      st, shw2 = stage(s, train=train, attn_kwargs=kwargs, tag="_support")
+      assert shw2 == shw, (shw2, shw)
+      sow(f"down{i}_norm_query", qt)
+      sow(f"down{i}_norm_support", st)
+      p_near = resize_nearest(prob[..., None], hw).reshape(b, -1)
+      p_bil = resize_bilinear(prob[..., None], hw, align_corners=True)[..., 0]
+      levels.append(dict(q=qt, s=st.reshape(b, k * st.shape[1], self.dim), hw=hw,
+                         mask=m.reshape(b, -1), p_near=p_near, p_bil=p_bil,
+                         prior=resize_bilinear(similarity, hw, align_corners=True)))
+      q, s = tokens_to_map(qt, hw), tokens_to_map(st, shw)
+
+    fused, corr_maps, pseudo_masks = None, [], []
+    for i in reversed(range(len(self.heads))):
+      lv = levels[i]
+      hw = lv["hw"]
+      xq, xs, pseudo = PrototypeEnhanced(self.dim, self.mlp_ratio, name=f"match_pe_{i}")(
+          lv["q"], lv["s"], lv["mask"], lv["p_bil"], hw)
+      sow(f"match{i}_pe_x", xq)
+      sow(f"match{i}_pe_y", xs)
+      sow(f"match{i}_pe_pseudo", pseudo)
+      pseudo_masks.append(pseudo)
+      x, corr = self._match_layer(i)(xq, hw, xs, train,
+                                     {"key_mask": lv["mask"], "query_prob": lv["p_near"]})
+      corr_maps.append(corr.reshape(b, *hw))
+      fused = self._fuse(i, x, corr, hw, lv["prior"], fused)
+    logits = MetaClassifier(self.dim, self.dim * 4, self.num_classes, name="cls")(fused)
+    return logits, corr_maps, pseudo_masks
 
 
 # ---------------------------------------------------------------------------

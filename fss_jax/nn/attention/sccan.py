@@ -1,6 +1,7 @@
-"""SCCA: SCCAN's self-calibrated cross attention transformer (Flax linen, NHWC).
+"""SCCA: SCCAN's self-calibrated cross attention transformer, and PAHNet's SCCANPlus
+block (Flax linen, NHWC).
 
-The pieces compose, so that variants (PAHNet's SCCANPlus) can reuse them:
+The pieces compose, so that SCCAN and PAHNet's SCCANPlus share them:
 
 * `align_support_windows` — patch alignment: for every query window, the index
   of the support window whose masked mean token is most similar (argmax, first
@@ -10,29 +11,37 @@ The pieces compose, so that variants (PAHNet's SCCANPlus) can reuse them:
   the support tokens, fused in one softmax. Without support tokens it is
   ordinary scaled-dot-product self-attention. Optional additive / multiplicative
   logit terms let variants mask or re-weight the two halves.
-* `Mlp` — Linear -> exact GELU -> Linear.
 * `SCCABlock` — one (optionally shifted) block: shared LayerNorm, alignment,
-  query cross attention, support window self-attention, two MLPs.
+  query cross attention, support window self-attention, two MLPs
+  (`fss_jax.nn.layers.Mlp`: Linear -> exact GELU -> Linear).
+* `SCCAPlusBlock` — PAHNet's block (pahnet.md §3): PFE first, then the SCCA
+  block with ASC in the query cross attention and FG/BG-restricted support
+  self-attention.
 * `SCCATransformer` — the stack of blocks (shift 0 / half a window alternately)
-  plus the output LayerNorm on the query stream.
+  plus the output LayerNorm on the query stream; the block class is a field
+  (`SCCAPlusTransformer` = the same stack of `SCCAPlusBlock`).
 
 Parameter names follow the official module names (``norm1``, ``attn_q.q``,
 ``attn_q.kv``, ``attn_q.proj``, ``mlp_q.fc1``, ...), blocks are ``blocks_{n}``.
 Blocks sow ``window_index`` [B, n_windows] and the residual branches
 (``attn_q_out`` / ``attn_s_out`` windows [B, n_windows * T, C], ``mlp_q_out``,
 ``mlp_s_out``, and the block outputs ``q_out``, ``s_out``, tokens [B, H * W, C])
-into the ``intermediates`` collection.
+into the ``intermediates`` collection; `SCCAPlusBlock` also ``pe_q`` (PFE query tokens)
+and ``pseudo`` (its pseudo mask).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fss_jax.nn.layers import LayerNorm, Linear
+from fss_jax.nn.layers import LayerNorm, Linear, Mlp
+from fss_jax.nn.prototype import (PrototypeEnhanced, asc_mismatch, asc_query_state,
+                                  asc_support_state)
 from fss_jax.ops import windows as W
 
 
@@ -146,31 +155,30 @@ class ScaledCosineAttention(nn.Module):
     return Linear(c, name="proj")(out)
 
 
-class Mlp(nn.Module):
-  """Linear(C -> hidden) -> GELU (exact erf) -> Linear(hidden -> C). Dropout 0."""
-  hidden: int
-  out: Optional[int] = None
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    out = self.out or x.shape[-1]
-    x = Linear(self.hidden, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
-    return Linear(out, name="fc2")(x)
-
-
 def layer_norm(name: str) -> LayerNorm:
   """PyTorch-default LayerNorm (eps 1e-5; keeps a bfloat16 input's dtype)."""
   return LayerNorm(epsilon=1e-5, name=name)
 
 
 class ShiftedWindowStreams:
-  """What the SCCA blocks share (SCCAN's and PAHNet's): half-window padding, window
-  merging, and each stream's residual + MLP tail. For modules with `window` and
-  `shifted` fields."""
+  """What the SCCA blocks share (SCCAN's and PAHNet's): half-window padding, patch
+  alignment, window merging, and each stream's residual + MLP tail. For modules with
+  `window` and `shifted` fields."""
 
   def _pad(self, x):
     return W.pad_half_window(x, self.window) if self.shifted else x
+
+  def _aligned_windows(self, qn, sn, mp):
+    """Windows of the normed, padded maps qn, sn [B, H', W', C] and the support window
+    aligned to each query window (mask mp [B, H', W', 1]); sows ``window_index``.
+
+    Returns (index [B, N], query windows, support windows, aligned support windows,
+    each [B, N, T, C]).
+    """
+    index = align_support_windows(qn, sn, mp, self.window)
+    self.sow("intermediates", "window_index", index)
+    s_win = W.window_partition(sn, self.window)
+    return index, W.window_partition(qn, self.window), s_win, W.gather_windows(s_win, index)
 
   def _unwindow(self, windows, hp, wp, h, w):
     x = W.window_merge(windows, hp, wp)
@@ -239,12 +247,7 @@ class SCCABlock(ShiftedWindowStreams, nn.Module):
     sn = self._pad(self.norm1(s))
     mp = self._pad(s_mask.astype(q.dtype))
     hp, wp = qn.shape[1:3]
-    index = align_support_windows(qn, sn, mp, self.window)
-    self.sow("intermediates", "window_index", index)
-
-    q_win = W.window_partition(qn, self.window)                  # [B, N, T, C]
-    s_win = W.window_partition(sn, self.window)
-    s_aligned = W.gather_windows(s_win, index)
+    index, q_win, s_win, s_aligned = self._aligned_windows(qn, sn, mp)   # [B, N, T, C]
     nw, t = q_win.shape[1:3]
     o = self.attn_q(q_win.reshape(b * nw, t, c), s_aligned.reshape(b * nw, t, c))
     q = self._residual_mlp(q, o, self.mlp_q, self.norm2, (hp, wp), "q")
@@ -255,12 +258,76 @@ class SCCABlock(ShiftedWindowStreams, nn.Module):
     return q, s, index
 
 
+class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
+  """One SCCANPlus block (pahnet.md §3): PFE, then SCCA with ASC.
+
+  Query stream: ``LN1`` -> (pad when `shifted`) -> window alignment -> attention
+  over ``[query window ; aligned support window]`` whose cosine half is
+  ``R_ij * cos_ij - inf * mismatch_ij`` (``R`` from `asc_proj_q` / `asc_proj_s`,
+  torch ``attn_q.proj_q`` / ``attn_q.proj_s``) -> residual on the PFE output
+  -> MLP. Support stream: window self-attention restricted to FG-FG / BG-BG
+  pairs of the binarised mask -> residual -> MLP.
+
+  Attributes as `SCCABlock`.
+  """
+  dim: int = 256
+  num_heads: int = 8
+  window: int = 8
+  shifted: bool = False
+  mlp_ratio: float = 1.0
+
+  @nn.compact
+  def __call__(self, q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray, prob: jnp.ndarray):
+    """q, s [B, H, W, C]; s_mask [B, H, W, 1] soft support mask; prob [B, H, W]
+    predictor FG probability -> (q, s [B, H, W, C], pseudo mask [B, H, W, 2])."""
+    b, h, w, c = q.shape
+    heads, d = self.num_heads, c // self.num_heads
+    # PFE: prototype-enhanced tokens and the pseudo mask.
+    qt, st, pseudo = PrototypeEnhanced(c, name="pe")(
+        q.reshape(b, h * w, c), s.reshape(b, h * w, c), s_mask.reshape(b, h * w), prob, (h, w))
+    self.sow("intermediates", "pe_q", qt)
+    self.sow("intermediates", "pseudo", pseudo)
+    q, s = qt.reshape(b, h, w, c), st.reshape(b, h, w, c)
+    norm1, norm2 = layer_norm("norm1"), layer_norm("norm2")
+    qn, sn = self._pad(norm1(q)), self._pad(norm1(s))
+    mp = self._pad(s_mask.astype(q.dtype))
+    pp = self._pad(prob[..., None].astype(q.dtype))
+    hp, wp = qn.shape[1:3]
+    index, q_win, s_win, s_al = self._aligned_windows(qn, sn, mp)    # [B, N, T, C]
+    m_win = W.window_partition(mp, self.window)[..., 0]             # [B, N, T]
+    p_win = W.window_partition(pp, self.window)[..., 0]
+    m_al = jnp.take_along_axis(m_win, index[:, :, None], axis=1)
+    nw, t = q_win.shape[1:3]
+    flat = lambda a: a.reshape(b * nw, *a.shape[2:])  # noqa: E731
+
+    # ASC: calibrated cosine logits of the support half.
+    r, state = asc_query_state(flat(p_win))                        # [BN, T]
+    sj = asc_support_state(flat(m_al))
+    mismatch = jnp.where(asc_mismatch(state, sj), -jnp.inf, 0.0)[:, None]   # [BN, 1, T, T]
+    e = Linear(c, name="asc_proj_q")(r[..., None]).reshape(b * nw, t, heads, d)
+    f = Linear(c, name="asc_proj_s")(sj[..., None]).reshape(b * nw, t, heads, d)
+    reweight = jnp.einsum("nqhd,nkhd->nhqk", e, f)
+    o = ScaledCosineAttention(c, heads, name="attn_q")(
+        flat(q_win), flat(s_al), cross_weight=reweight, cross_bias=mismatch)
+    hidden = int(c * self.mlp_ratio)
+    q = self._residual_mlp(q, o, Mlp(hidden, name="mlp_q"), norm2, (hp, wp), "q")
+
+    # Support self-attention, FG-FG / BG-BG only (un-aligned windows).
+    u = asc_support_state(flat(m_win))
+    self_bias = jnp.where(asc_mismatch(u, u), -jnp.inf, 0.0)[:, None]
+    o = ScaledCosineAttention(c, heads, name="attn_s")(flat(s_win), self_bias=self_bias)
+    s = self._residual_mlp(s, o, Mlp(hidden, name="mlp_s"), norm2, (hp, wp), "s")
+    self.sow("intermediates", "q_out", q.reshape(b, h * w, c))
+    self.sow("intermediates", "s_out", s.reshape(b, h * w, c))
+    return q, s, pseudo
+
+
 class SCCATransformer(nn.Module):
-  """SCCAN's cross swin transformer: `depth` SCCA blocks + output LayerNorm.
+  """SCCAN's cross swin transformer: `depth` blocks + output LayerNorm.
 
   Even blocks use unshifted windows, odd blocks the half-window zero-pad shift.
-  Only the query stream is returned (after ``norm0``); the support stream is
-  updated block to block and discarded.
+  The support stream is updated block to block and discarded; the query stream
+  is returned after ``norm0``, with each block's third output.
 
   Attributes:
     dim: token width (256).
@@ -269,6 +336,10 @@ class SCCATransformer(nn.Module):
     window: window side (8).
     mlp_ratio: MLP hidden / dim (1).
     remat: recompute each block in the backward (``nn.remat``; same parameters).
+    block: the block class (a Module class, `nn.remat` wraps it): built as
+      ``block(dim, num_heads, window, shifted=, mlp_ratio=, name="blocks_<n>")`` and
+      called ``(q, s, s_mask, *block_args) -> (q, s, aux)``. `SCCABlock` (SCCAN) or
+      `SCCAPlusBlock` (PAHNet).
   """
   dim: int = 256
   depth: int = 8
@@ -276,14 +347,32 @@ class SCCATransformer(nn.Module):
   window: int = 8
   mlp_ratio: float = 1.0
   remat: bool = False
+  block: Callable[..., nn.Module] = SCCABlock
 
   @nn.compact
-  def __call__(self, q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray) -> jnp.ndarray:
-    """q, s [B, H, W, C], s_mask [B, H, W, 1] -> query tokens [B, H, W, C]."""
+  def __call__(self, q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray, *block_args):
+    """Runs the blocks.
+
+    Args:
+      q, s: [B, H, W, C] query / support tokens (H, W multiples of the window).
+      s_mask: [B, H, W, 1] soft support mask.
+      *block_args: the block's further inputs (`SCCAPlusBlock`: the predictor's FG
+        probability [B, H, W]).
+
+    Returns:
+      (query tokens [B, H, W, C], tuple of the blocks' aux outputs: window indices
+      [B, n_windows] for `SCCABlock`, pseudo masks [B, H, W, 2] for `SCCAPlusBlock`).
+    """
     h, w = q.shape[1:3]
     W.window_grid(h, w, self.window)  # checks the size
-    block = nn.remat(SCCABlock) if self.remat else SCCABlock
+    block = nn.remat(self.block) if self.remat else self.block
+    aux = []
     for i in range(self.depth):
-      q, s, _ = block(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
-                      mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask)
-    return layer_norm("norm0")(q)
+      q, s, a = block(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
+                      mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask, *block_args)
+      aux.append(a)
+    return layer_norm("norm0")(q), tuple(aux)
+
+
+# PAHNet's SCCANPlus transformer: the same stack of `SCCAPlusBlock`s.
+SCCAPlusTransformer = functools.partial(SCCATransformer, block=SCCAPlusBlock)
