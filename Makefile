@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Two pytest workers (one per core); a test file stays on one worker (module-scoped jits).
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint format typecheck test demo bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,17 @@ $(VENV)/bin/activate:
 
 setup: $(VENV)/bin/activate  ## create .venv and install runtime + dev requirements
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+
+lint:  ## ruff: lint rules and formatting (pyproject.toml [tool.ruff]); CI runs it before the tests
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:  ## apply ruff's formatter and safe lint fixes
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+typecheck:  ## mypy on the package (pyproject.toml [tool.mypy])
+	$(PY) -m mypy
 
 # The train-step checks run first, on fresh workers: their verify subprocesses peak at up to
 # 10 GB (SCCAN + PAHNet), and after the rest of the suite each worker holds 6-8 GB of jit caches.

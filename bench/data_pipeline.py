@@ -26,19 +26,38 @@ import time
 
 sys.path.insert(0, os.fspath(pathlib.Path(__file__).resolve().parents[1]))
 
-from data_prep import synthetic  # noqa: E402  pylint: disable=wrong-import-position
-from fss_jax.data import pipeline  # noqa: E402  pylint: disable=wrong-import-position
+from data_prep import synthetic
+from fss_jax.data import pipeline
 
 
 def _ints(s: str) -> list[int]:
   return [int(v) for v in s.split(",") if v]
 
 
-def run_one(data_dir: str, *, shot: int, workers: int, threads: int, size: int, batch: int, steps: int,
-            warmup: int, fold: int) -> dict:
-  cfg = pipeline.EpisodeConfig(dataset="pascal5i", data_dir=data_dir, fold=fold, shot=shot, train_size=size,
-                               worker_count=workers, read_threads=threads, prefetch_batches=max(2, threads),
-                               worker_buffer_size=2, seed=0)
+def run_one(
+  data_dir: str,
+  *,
+  shot: int,
+  workers: int,
+  threads: int,
+  size: int,
+  batch: int,
+  steps: int,
+  warmup: int,
+  fold: int,
+) -> dict:
+  cfg = pipeline.EpisodeConfig(
+    dataset="pascal5i",
+    data_dir=data_dir,
+    fold=fold,
+    shot=shot,
+    train_size=size,
+    worker_count=workers,
+    read_threads=threads,
+    prefetch_batches=max(2, threads),
+    worker_buffer_size=2,
+    seed=0,
+  )
   loader = pipeline.make_train_loader(cfg, global_batch_size=batch)
   it = iter(loader)
   t0 = time.perf_counter()
@@ -51,9 +70,17 @@ def run_one(data_dir: str, *, shot: int, workers: int, threads: int, size: int, 
   shape = list(b["support_images"].shape)
   if hasattr(it, "close"):
     it.close()
-  return {"shot": shot, "worker_count": workers, "read_threads": threads, "batch": batch, "crop": size,
-          "steps": steps, "episodes_per_s": round(steps * batch / (t2 - t1), 1),
-          "startup_and_warmup_s": round(t1 - t0, 2), "support_images_shape": shape}
+  return {
+    "shot": shot,
+    "worker_count": workers,
+    "read_threads": threads,
+    "batch": batch,
+    "crop": size,
+    "steps": steps,
+    "episodes_per_s": round(steps * batch / (t2 - t1), 1),
+    "startup_and_warmup_s": round(t1 - t0, 2),
+    "support_images_shape": shape,
+  }
 
 
 def main(argv=None) -> int:
@@ -67,9 +94,15 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--num_images", type=int, default=300)
   p.add_argument("--fold", type=int, default=0)
-  p.add_argument("--image_size", type=_ints, default=None,
-                 help="min,max image side of the synthetic data (default: the generator's 112..208)")
-  p.add_argument("--data_dir", default=None, help="reuse/keep the built dataset here instead of a temp dir")
+  p.add_argument(
+    "--image_size",
+    type=_ints,
+    default=None,
+    help="min,max image side of the synthetic data (default: the generator's 112..208)",
+  )
+  p.add_argument(
+    "--data_dir", default=None, help="reuse/keep the built dataset here instead of a temp dir"
+  )
   a = p.parse_args(argv)
   if a.image_size:
     synthetic.SIZE_RANGE = (a.image_size[0], a.image_size[-1])
@@ -78,12 +111,35 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     data_dir = synthetic.make_built_dataset(root, "voc", a.num_images, 0)
     build_s = time.perf_counter() - t0
-    results = [run_one(data_dir, shot=k, workers=w, threads=a.read_threads, size=a.size, batch=a.batch,
-                       steps=a.steps, warmup=a.warmup, fold=a.fold)
-               for k in a.shots for w in a.workers]
-  print(json.dumps({"benchmark": "data_pipeline", "dataset": "synthetic pascal5i", "num_images": a.num_images,
-                    "image_side_range": list(synthetic.SIZE_RANGE), "cpu_count": os.cpu_count(),
-                    "build_s": round(build_s, 2), "results": results}, indent=1))
+    results = [
+      run_one(
+        data_dir,
+        shot=k,
+        workers=w,
+        threads=a.read_threads,
+        size=a.size,
+        batch=a.batch,
+        steps=a.steps,
+        warmup=a.warmup,
+        fold=a.fold,
+      )
+      for k in a.shots
+      for w in a.workers
+    ]
+  print(
+    json.dumps(
+      {
+        "benchmark": "data_pipeline",
+        "dataset": "synthetic pascal5i",
+        "num_images": a.num_images,
+        "image_side_range": list(synthetic.SIZE_RANGE),
+        "cpu_count": os.cpu_count(),
+        "build_s": round(build_s, 2),
+        "results": results,
+      },
+      indent=1,
+    )
+  )
   return 0
 
 

@@ -24,12 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from fss_jax.models import jc2a  # noqa: E402  pylint: disable=g-import-not-at-top
-from fss_jax.ops.pooling import adaptive_avg_pool  # noqa: E402  pylint: disable=g-import-not-at-top
+from fss_jax.models import jc2a
+from fss_jax.ops.pooling import adaptive_avg_pool
 
-SETTINGS = (("NA", dict(operator="softmax")), ("NLA", dict(operator="linear")),
-            ("cosine", dict(operator="cosine")), ("ours w/o PE", dict(pos_embed="none")),
-            ("ours", dict()))
+SETTINGS = (
+  ("NA", dict(operator="softmax")),
+  ("NLA", dict(operator="linear")),
+  ("cosine", dict(operator="cosine")),
+  ("ours w/o PE", dict(pos_embed="none")),
+  ("ours", dict()),
+)
 
 
 def _inputs(batch, side, dim, levels, seed=0):
@@ -49,7 +53,7 @@ def time_hpam(fields, *, batch, side, dim, levels, iters):
   qs, sps, ms = _inputs(batch, side, dim, levels)
   variables = hpam.init(jax.random.key(0), qs, sps, ms)
   fn = jax.jit(lambda v, q, s, m: hpam.apply(v, q, s, m))
-  jax.block_until_ready(fn(variables, qs, sps, ms))           # compile + warm-up
+  jax.block_until_ready(fn(variables, qs, sps, ms))  # compile + warm-up
   start = time.perf_counter()
   for _ in range(iters):
     out = fn(variables, qs, sps, ms)
@@ -68,12 +72,22 @@ def main(argv=None) -> int:
   seconds = {}
   for shot in (1, 5):
     for name, fields in SETTINGS:
-      seconds[f"{name} {shot}-shot"] = time_hpam(fields, batch=shot, side=args.side, dim=args.dim,
-                                                 levels=levels, iters=args.iters)
+      seconds[f"{name} {shot}-shot"] = time_hpam(
+        fields, batch=shot, side=args.side, dim=args.dim, levels=levels, iters=args.iters
+      )
   ref = seconds["NA 1-shot"]
-  print(json.dumps({"backend": jax.default_backend(), "side": args.side, "dim": args.dim,
-                    "levels": levels, "seconds": seconds,
-                    "speed_vs_NA_1shot": {k: round(ref / v, 3) for k, v in seconds.items()}}))
+  print(
+    json.dumps(
+      {
+        "backend": jax.default_backend(),
+        "side": args.side,
+        "dim": args.dim,
+        "levels": levels,
+        "seconds": seconds,
+        "speed_vs_NA_1shot": {k: round(ref / v, 3) for k, v in seconds.items()},
+      }
+    )
+  )
   return 0
 
 

@@ -20,13 +20,14 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if os.fspath(REPO) not in sys.path:
   sys.path.insert(0, os.fspath(REPO))
 
-from bench import run as bench_run  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench import run as bench_run
 
 DEFAULT_DIRS = (REPO.parent / "shared" / "parity", REPO / "tests" / "parity_extra")
 
@@ -37,8 +38,9 @@ def fixtures_under(dirs: Sequence[pathlib.Path]) -> list[pathlib.Path]:
 
 def drift_record(path: pathlib.Path, dtype: str = "bfloat16") -> dict[str, Any]:
   """The JSON record of one fixture (see module docstring)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from checkpoints import verify  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from checkpoints import verify
 
   t0 = time.perf_counter()
   report = verify.verify_fixture(path, compute_dtype=dtype)
@@ -46,23 +48,38 @@ def drift_record(path: pathlib.Path, dtype: str = "bfloat16") -> dict[str, Any]:
     name = os.fspath(path.resolve().relative_to(REPO.parent))
   except ValueError:
     name = os.fspath(path)
-  return {"bench": "precision", "model": report["model"], "fixture": name, "compute_dtype": dtype,
-          "outputs": report["outputs"], "finite": bool(report["passed"]),
-          "seconds": round(time.perf_counter() - t0, 2), "backend": jax.default_backend(),
-          "jax_version": jax.__version__,
-          "command": f"python bench/precision_drift.py --fixture {name}", "host": bench_run.host_info()}
+  return {
+    "bench": "precision",
+    "model": report["model"],
+    "fixture": name,
+    "compute_dtype": dtype,
+    "outputs": report["outputs"],
+    "finite": bool(report["passed"]),
+    "seconds": round(time.perf_counter() - t0, 2),
+    "backend": jax.default_backend(),
+    "jax_version": jax.__version__,
+    "command": f"python bench/precision_drift.py --fixture {name}",
+    "host": bench_run.host_info(),
+  }
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--fixture", action="append", default=[], help="a fixture .npz (repeatable); "
-                 "default: every fixture under ../shared/parity and tests/parity_extra")
+  p.add_argument(
+    "--fixture",
+    action="append",
+    default=[],
+    help="a fixture .npz (repeatable); "
+    "default: every fixture under ../shared/parity and tests/parity_extra",
+  )
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16",))
   p.add_argument("--out", help="append the JSON lines to this .jsonl")
   args = p.parse_args(argv)
   paths = [pathlib.Path(f) for f in args.fixture] or fixtures_under(DEFAULT_DIRS)
   if not paths:
-    raise SystemExit("no parity fixtures found: pass --fixture X.npz or put ../shared beside the repo")
+    raise SystemExit(
+      "no parity fixtures found: pass --fixture X.npz or put ../shared beside the repo"
+    )
   records = []
   for path in paths:
     rec = drift_record(path, args.dtype)

@@ -36,17 +36,32 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if os.fspath(REPO) not in sys.path:
   sys.path.insert(0, os.fspath(REPO))
 
-from bench import run as bench_run  # noqa: E402  pylint: disable=wrong-import-position
+from bench import run as bench_run
 
 # Labels, heaviest first: an op is labelled with the first of these it contains.
-KINDS = ("convolution", "dot", "custom-call", "select-and-scatter", "scatter", "gather", "sort",
-         "reduce-window", "while", "reduce", "transpose", "pad", "concatenate", "copy")
+KINDS = (
+  "convolution",
+  "dot",
+  "custom-call",
+  "select-and-scatter",
+  "scatter",
+  "gather",
+  "sort",
+  "reduce-window",
+  "while",
+  "reduce",
+  "transpose",
+  "pad",
+  "concatenate",
+  "copy",
+)
 
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 
@@ -59,11 +74,11 @@ def _parse_instruction(line: str) -> tuple[str, str, str] | None:
   name = left.removeprefix("ROOT ").strip().lstrip("%")
   if right.startswith("("):  # tuple shape: up to the matching parenthesis
     depth = 0
-    for i, ch in enumerate(right):
+    for i, ch in enumerate(right):  # noqa: B007 (i is read after the loop)
       depth += {"(": 1, ")": -1}.get(ch, 0)
       if depth == 0:
         break
-    shape, rest = right[:i + 1], right[i + 1:].strip()
+    shape, rest = right[: i + 1], right[i + 1 :].strip()
   else:
     shape, _, rest = right.partition(" ")
   opcode = rest.split("(", 1)[0].strip()
@@ -85,7 +100,7 @@ def hlo_index(text: str) -> tuple[dict[str, tuple[str, str]], collections.Counte
     elif current is not None and (ins := _parse_instruction(line)):
       comps[current].append((*ins, _CALLS.findall(line)))
 
-  @functools.lru_cache(maxsize=None)
+  @functools.cache
   def opcodes(comp: str, depth: int = 0) -> frozenset:
     out = set()
     for _, _, op, called in comps.get(comp, ()) if depth < 20 else ():
@@ -111,9 +126,11 @@ def hlo_index(text: str) -> tuple[dict[str, tuple[str, str]], collections.Counte
 
 def op_times(trace_dir: str) -> dict[str, tuple[float, int]]:
   """Sums op events of the newest trace under ``trace_dir``: {name: (ms, calls)}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
-                 key=os.path.getmtime)
+  import jax
+
+  files = sorted(
+    glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime
+  )
   if not files:
     raise bench_run.BenchError(f"jax.profiler wrote no .xplane.pb under {trace_dir}")
   data = jax.profiler.ProfileData.from_file(files[-1])
@@ -133,12 +150,17 @@ def op_times(trace_dir: str) -> dict[str, tuple[float, int]]:
 
 def build_fn(args):
   """(jitted fn, its arguments, description) for ``--mode``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  import jax
 
-  spec, model, fields, config = bench_run.build(args.model, shot=args.shot, config_arg=args.config_arg,
-                                                field_overrides=bench_run.parse_fields(args.field))
+  from fss_jax.train import state as state_lib
+  from fss_jax.train import step as step_lib
+
+  spec, model, fields, config = bench_run.build(
+    args.model,
+    shot=args.shot,
+    config_arg=args.config_arg,
+    field_overrides=bench_run.parse_fields(args.field),
+  )
   host = bench_run.synthetic_episode(args.batch, args.shot, args.size, seed=args.seed)
   if args.mode == "eval":
     host = {k: v for k, v in host.items() if k in bench_run.EVAL_KEYS}
@@ -148,15 +170,24 @@ def build_fn(args):
   if args.mode == "train":
     if spec.loss_fn is None:
       raise bench_run.BenchError(f"model {args.model!r} has no loss_fn")
-    trainable = bench_run.build_optimiser(spec, config, variables["params"], min_steps=1,
-                                         fields=fields).trainable
-    fn = functools.partial(step_lib.loss_and_grads, model=model, loss_fn=spec.loss_fn,
-                           trainable=trainable, compute_dtype=args.dtype)
+    trainable = bench_run.build_optimiser(
+      spec, config, variables["params"], min_steps=1, fields=fields
+    ).trainable
+    fn = functools.partial(
+      step_lib.loss_and_grads,
+      model=model,
+      loss_fn=spec.loss_fn,
+      trainable=trainable,
+      compute_dtype=args.dtype,
+    )
     call_args = (variables["params"], variables["batch_stats"], batch, rng)
-    what = ("fss_jax.train.step.loss_and_grads (forward train=True + backward of the trainable "
-            "parameters, as the engine; no optimiser)")
+    what = (
+      "fss_jax.train.step.loss_and_grads (forward train=True + backward of the trainable "
+      "parameters, as the engine; no optimiser)"
+    )
   else:
-    import optax  # pylint: disable=g-import-not-at-top
+    import optax
+
     state = state_lib.create(model, optax.identity(), host, rng=rng)
     fn = functools.partial(step_lib.predict_step, model=model, compute_dtype=args.dtype)
     call_args = (state, batch)
@@ -165,7 +196,8 @@ def build_fn(args):
 
 
 def profile(args) -> dict[str, Any]:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
   fn, call_args, what, fields = build_fn(args)
   t0 = time.perf_counter()
   compiled = fn.lower(*call_args).compile()
@@ -193,24 +225,34 @@ def profile(args) -> dict[str, Any]:
     rows.append({"op": name, "kind": kind, "ms": round(ms, 2), "calls": n, "shape": shape})
   rows.sort(key=lambda r: -r["ms"])
   return {
-      "bench": "profile_step", "model": args.model, "mode": args.mode, "size": args.size,
-      "batch": args.batch, "shot": args.shot, "dtype": args.dtype, "fn": what,
-      "model_fields": fields, "step_ms": round(1000 * min(times), 2),
-      "step_ms_all": [round(1000 * t, 2) for t in times], "compile_s": round(compile_s, 2),
-      "op_ms_total": round(sum(ms for ms, _ in ops.values()), 2),
-      "by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-      "top_ops": rows[:args.top],
-      "hlo_opcodes": {k: counts[k] for k in KINDS if counts[k]},
-      "trace_dir": args.trace_dir or None, "backend": jax.default_backend(),
-      "jax_version": jax.__version__,
-      "command": "python bench/profile_step.py " + " ".join(args.argv),
-      "host": bench_run.host_info(),
+    "bench": "profile_step",
+    "model": args.model,
+    "mode": args.mode,
+    "size": args.size,
+    "batch": args.batch,
+    "shot": args.shot,
+    "dtype": args.dtype,
+    "fn": what,
+    "model_fields": fields,
+    "step_ms": round(1000 * min(times), 2),
+    "step_ms_all": [round(1000 * t, 2) for t in times],
+    "compile_s": round(compile_s, 2),
+    "op_ms_total": round(sum(ms for ms, _ in ops.values()), 2),
+    "by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+    "top_ops": rows[: args.top],
+    "hlo_opcodes": {k: counts[k] for k in KINDS if counts[k]},
+    "trace_dir": args.trace_dir or None,
+    "backend": jax.default_backend(),
+    "jax_version": jax.__version__,
+    "command": "python bench/profile_step.py " + " ".join(args.argv),
+    "host": bench_run.host_info(),
   }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--model", required=True)
   p.add_argument("--mode", choices=("train", "eval"), default="train")
   p.add_argument("--size", type=int, default=473)

@@ -15,7 +15,8 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -33,7 +34,9 @@ def load(results_dir: pathlib.Path) -> list[dict[str, Any]]:
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{i} is not a JSON line ({e}); fix or delete it and rerun") from None
+        raise ValueError(
+          f"{path}:{i} is not a JSON line ({e}); fix or delete it and rerun"
+        ) from None
       rec["_file"] = path.name
       out.append(rec)
   return out
@@ -93,23 +96,60 @@ def _single_rows(runs: list[dict]) -> list[list[Any]]:
     flops = r.get("flops_per_step")
     params = r.get("params_total")
     trainable = r.get("params_trainable")
-    rows.append([
-        r.get("impl"), r.get("mode"), r.get("size"), r.get("batch"), r.get("shot"), r.get("dtype"),
-        r.get("devices"), ("pipeline" if r.get("with_pipeline") else "synthetic"), _device(r),
-        r.get("steps_per_s"), r.get("episodes_per_s"), r.get("images_per_s"),
-        r.get("compile_s") if r.get("compile_s") is not None else (
-            f"first step {r['first_step_s']}" if r.get("first_step_s") is not None else None),
-        mem, None if flops is None else flops / 1e9, r.get("mfu"),
-        None if params is None else f"{params / 1e6:.2f}M" + (
-            f" ({trainable / 1e6:.2f}M)" if trainable is not None else ""),
-        _versions(r), _load(r), (r.get("host") or {}).get("time_utc"),
-    ])
+    rows.append(
+      [
+        r.get("impl"),
+        r.get("mode"),
+        r.get("size"),
+        r.get("batch"),
+        r.get("shot"),
+        r.get("dtype"),
+        r.get("devices"),
+        ("pipeline" if r.get("with_pipeline") else "synthetic"),
+        _device(r),
+        r.get("steps_per_s"),
+        r.get("episodes_per_s"),
+        r.get("images_per_s"),
+        r.get("compile_s")
+        if r.get("compile_s") is not None
+        else (f"first step {r['first_step_s']}" if r.get("first_step_s") is not None else None),
+        mem,
+        None if flops is None else flops / 1e9,
+        r.get("mfu"),
+        None
+        if params is None
+        else f"{params / 1e6:.2f}M"
+        + (f" ({trainable / 1e6:.2f}M)" if trainable is not None else ""),
+        _versions(r),
+        _load(r),
+        (r.get("host") or {}).get("time_utc"),
+      ]
+    )
   return rows
 
 
-SINGLE_HEADER = ("impl", "mode", "size", "B", "K", "dtype", "dev", "input", "backend (device)",
-                 "steps/s", "episodes/s", "images/s", "compile s", "peak MiB", "GFLOP/step", "MFU",
-                 "params (trainable)", "versions", "load", "time (UTC)")
+SINGLE_HEADER = (
+  "impl",
+  "mode",
+  "size",
+  "B",
+  "K",
+  "dtype",
+  "dev",
+  "input",
+  "backend (device)",
+  "steps/s",
+  "episodes/s",
+  "images/s",
+  "compile s",
+  "peak MiB",
+  "GFLOP/step",
+  "MFU",
+  "params (trainable)",
+  "versions",
+  "load",
+  "time (UTC)",
+)
 
 
 # Plug-in models and the base model they extend: their sections get a cost table.
@@ -121,8 +161,16 @@ def _latest_jax(runs: list[dict]) -> dict[tuple, dict]:
   out = {}
   for r in runs:
     if r.get("impl") == "jax" and not r.get("with_pipeline") and "error" not in r:
-      out[(r.get("mode"), r.get("size"), r.get("batch"), r.get("shot"), r.get("dtype"),
-           r.get("devices"))] = r
+      out[
+        (
+          r.get("mode"),
+          r.get("size"),
+          r.get("batch"),
+          r.get("shot"),
+          r.get("dtype"),
+          r.get("devices"),
+        )
+      ] = r
   return out
 
 
@@ -133,11 +181,21 @@ def _plugin_rows(plus: list[dict], base: list[dict]) -> list[list[Any]]:
     b = base_by_key.get(key)
     if b is None:
       continue
-    rows.append([key[0], key[1], key[2], key[3], key[4], b.get("steps_per_s"), r.get("steps_per_s"),
-                 round(r["step_ms"] / b["step_ms"], 2) if b.get("step_ms") and r.get("step_ms") else None,
-                 _fmt((r.get("flops_per_step") or 0) / 1e9) if r.get("flops_per_step") else None,
-                 _fmt((b.get("flops_per_step") or 0) / 1e9) if b.get("flops_per_step") else None,
-                 _load(b) + " / " + _load(r)])
+    rows.append(
+      [
+        key[0],
+        key[1],
+        key[2],
+        key[3],
+        key[4],
+        b.get("steps_per_s"),
+        r.get("steps_per_s"),
+        round(r["step_ms"] / b["step_ms"], 2) if b.get("step_ms") and r.get("step_ms") else None,
+        _fmt((r.get("flops_per_step") or 0) / 1e9) if r.get("flops_per_step") else None,
+        _fmt((b.get("flops_per_step") or 0) / 1e9) if b.get("flops_per_step") else None,
+        _load(b) + " / " + _load(r),
+      ]
+    )
   return rows
 
 
@@ -148,17 +206,33 @@ def _summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     if c.get("bench") != "compare" or "speedup" not in c:
       continue
     j = c.get("jax", {})
-    key = (c.get("model"), c.get("mode"), c.get("size"), c.get("batch"), c.get("shot"), _device(j),
-           c.get("xla_flags", ""))
-    if key not in latest or str((j.get("host") or {}).get("time_utc", "")) >= \
-        str((latest[key]["jax"].get("host") or {}).get("time_utc", "")):
+    key = (
+      c.get("model"),
+      c.get("mode"),
+      c.get("size"),
+      c.get("batch"),
+      c.get("shot"),
+      _device(j),
+      c.get("xla_flags", ""),
+    )
+    if key not in latest or str((j.get("host") or {}).get("time_utc", "")) >= str(
+      (latest[key]["jax"].get("host") or {}).get("time_utc", "")
+    ):
       latest[key] = c
   rows = []
   for key in sorted(latest, key=str):
     c = latest[key]
-    rows.append(list(key[:6]) + [c["jax"].get("steps_per_s"), c["torch"].get("steps_per_s"), c["speedup"],
-                                 key[6] or "–", _load(c["jax"]),
-                                 (c["jax"].get("host") or {}).get("time_utc")])
+    rows.append(
+      list(key[:6])
+      + [
+        c["jax"].get("steps_per_s"),
+        c["torch"].get("steps_per_s"),
+        c["speedup"],
+        key[6] or "–",
+        _load(c["jax"]),
+        (c["jax"].get("host") or {}).get("time_utc"),
+      ]
+    )
   return rows
 
 
@@ -167,8 +241,10 @@ def render(records: list[dict[str, Any]]) -> str:
   by_model: dict[str, dict[str, list]] = {}
   for rec in records:
     model = rec.get("model") or "?"
-    slot = by_model.setdefault(model, {"compare": [], "runs": [], "scaling": [], "commands": [],
-                                       "hosts": [], "precision": []})
+    slot = by_model.setdefault(
+      model,
+      {"compare": [], "runs": [], "scaling": [], "commands": [], "hosts": [], "precision": []},
+    )
     kind = rec.get("bench")
     if rec.get("command"):
       slot["commands"].append(rec["command"])
@@ -187,27 +263,50 @@ def render(records: list[dict[str, Any]]) -> str:
     if host:
       slot["hosts"].append(host)
 
-  out = ["# fss-jax benchmark results", "",
-         "Generated by `python bench/results.py` from `bench/results/*.jsonl` — do not edit by hand;",
-         "rerun a benchmark with `--out bench/results/<file>.jsonl` and regenerate.",
-         "Rates exclude compilation (`compile s`) and warm-up steps. Episodes are synthetic and",
-         "device-resident unless `input` says pipeline. `load` is the host's 1-minute load",
-         "average when the run started (CPU figures on a loaded, shared machine are noisy).",
-         "`peak MiB` is the device's peak allocation where the backend reports it, else the",
-         "process's peak host RSS (which includes the framework itself). GFLOP/step is XLA's",
-         "cost analysis of the compiled step (per device).", ""]
+  out = [
+    "# fss-jax benchmark results",
+    "",
+    "Generated by `python bench/results.py` from `bench/results/*.jsonl` — do not edit by hand;",
+    "rerun a benchmark with `--out bench/results/<file>.jsonl` and regenerate.",
+    "Rates exclude compilation (`compile s`) and warm-up steps. Episodes are synthetic and",
+    "device-resident unless `input` says pipeline. `load` is the host's 1-minute load",
+    "average when the run started (CPU figures on a loaded, shared machine are noisy).",
+    "`peak MiB` is the device's peak allocation where the backend reports it, else the",
+    "process's peak host RSS (which includes the framework itself). GFLOP/step is XLA's",
+    "cost analysis of the compiled step (per device).",
+    "",
+  ]
   if not records:
     out += ["No results yet.", ""]
   summary = _summary_rows(records)
   if summary:
-    out += ["## Summary: fss-jax vs the official PyTorch code", "",
-            "Latest `bench/compare.py` run of each configuration (both sides on the same machine, one",
-            "after the other, same synthetic inputs); speed-up = JAX steps/s ÷ PyTorch steps/s. JC²A has",
-            "no official code to compare with. On a shared CPU the ratio moves with the load (PyTorch",
-            "loses more under contention), so compare rows of similar load and time; details and",
-            "commands in each model's section.", ""]
-    out += _table(("model", "mode", "size", "B", "K", "backend", "JAX steps/s", "PyTorch steps/s",
-                   "speed-up", "XLA_FLAGS", "load", "time (UTC)"), summary)
+    out += [
+      "## Summary: fss-jax vs the official PyTorch code",
+      "",
+      "Latest `bench/compare.py` run of each configuration (both sides on the same machine, one",
+      "after the other, same synthetic inputs); speed-up = JAX steps/s ÷ PyTorch steps/s. JC²A has",
+      "no official code to compare with. On a shared CPU the ratio moves with the load (PyTorch",
+      "loses more under contention), so compare rows of similar load and time; details and",
+      "commands in each model's section.",
+      "",
+    ]
+    out += _table(
+      (
+        "model",
+        "mode",
+        "size",
+        "B",
+        "K",
+        "backend",
+        "JAX steps/s",
+        "PyTorch steps/s",
+        "speed-up",
+        "XLA_FLAGS",
+        "load",
+        "time (UTC)",
+      ),
+      summary,
+    )
     out.append("")
   for model in sorted(by_model):
     slot = by_model[model]
@@ -217,63 +316,158 @@ def render(records: list[dict[str, Any]]) -> str:
       rows = []
       for c in slot["compare"]:
         j, t = c.get("jax", {}), c.get("torch", {})
-        rows.append([c.get("mode"), c.get("size"), c.get("batch"), c.get("shot"), _device(j) if j else None,
-                     j.get("steps_per_s"), t.get("steps_per_s"), c.get("speedup"),
-                     j.get("compile_s"), _mib(j.get("peak_memory_bytes")), _mib(t.get("peak_memory_bytes")),
-                     _load(j), j.get("error") or t.get("error")])
-      out += _table(("mode", "size", "B", "K", "backend", "JAX steps/s", "PyTorch steps/s",
-                     "speed-up (JAX/PyTorch)", "JAX compile s", "JAX peak MiB", "PyTorch peak MiB", "load",
-                     "error"), rows)
+        rows.append(
+          [
+            c.get("mode"),
+            c.get("size"),
+            c.get("batch"),
+            c.get("shot"),
+            _device(j) if j else None,
+            j.get("steps_per_s"),
+            t.get("steps_per_s"),
+            c.get("speedup"),
+            j.get("compile_s"),
+            _mib(j.get("peak_memory_bytes")),
+            _mib(t.get("peak_memory_bytes")),
+            _load(j),
+            j.get("error") or t.get("error"),
+          ]
+        )
+      out += _table(
+        (
+          "mode",
+          "size",
+          "B",
+          "K",
+          "backend",
+          "JAX steps/s",
+          "PyTorch steps/s",
+          "speed-up (JAX/PyTorch)",
+          "JAX compile s",
+          "JAX peak MiB",
+          "PyTorch peak MiB",
+          "load",
+          "error",
+        ),
+        rows,
+      )
       out.append("")
     if slot["runs"]:
       out += ["### Runs", ""]
       out += _table(SINGLE_HEADER, _single_rows(slot["runs"]))
       out.append("")
     for s in slot["scaling"]:
-      out += [f"### Scaling over devices ({s.get('mode')}, size {s.get('size')}, global batch "
-              f"{s.get('batch')}, K={s.get('shot')})", ""]
+      out += [
+        f"### Scaling over devices ({s.get('mode')}, size {s.get('size')}, global batch "
+        f"{s.get('batch')}, K={s.get('shot')})",
+        "",
+      ]
       rows = []
       for r in s.get("rows", []):
         cm = r.get("compiled_memory_per_device_bytes") or {}
-        rows.append([r.get("devices"), r.get("batch_per_device"), r.get("steps_per_s"),
-                     r.get("relative_steps_per_s"), r.get("compile_s"), r.get("final_loss"),
-                     _mib(cm.get("argument")), _mib(cm.get("temp")), r.get("error")])
-      out += _table(("devices", "B/device", "steps/s", "relative", "compile s", "final loss",
-                     "args MiB/device", "temp MiB/device", "error"), rows)
-      out += ["", f"Loss spread over device counts: {_fmt(s.get('loss_spread'))}. {s.get('note', '')}", ""]
+        rows.append(
+          [
+            r.get("devices"),
+            r.get("batch_per_device"),
+            r.get("steps_per_s"),
+            r.get("relative_steps_per_s"),
+            r.get("compile_s"),
+            r.get("final_loss"),
+            _mib(cm.get("argument")),
+            _mib(cm.get("temp")),
+            r.get("error"),
+          ]
+        )
+      out += _table(
+        (
+          "devices",
+          "B/device",
+          "steps/s",
+          "relative",
+          "compile s",
+          "final loss",
+          "args MiB/device",
+          "temp MiB/device",
+          "error",
+        ),
+        rows,
+      )
+      out += [
+        "",
+        f"Loss spread over device counts: {_fmt(s.get('loss_spread'))}. {s.get('note', '')}",
+        "",
+      ]
     base_model = PLUGIN_BASES.get(model)
-    rows = _plugin_rows(slot["runs"], by_model[base_model]["runs"]) if base_model in by_model else []
+    rows = (
+      _plugin_rows(slot["runs"], by_model[base_model]["runs"]) if base_model in by_model else []
+    )
     if rows:
-      out += [f"### Cost of the plug-in over {base_model} (latest runs of each, same configuration)", ""]
-      out += _table(("mode", "size", "B", "K", "dtype", f"{base_model} steps/s", f"{model} steps/s",
-                     "time ratio", f"{model} GFLOP/step", f"{base_model} GFLOP/step",
-                     "load (base / plug-in)"), rows)
+      out += [
+        f"### Cost of the plug-in over {base_model} (latest runs of each, same configuration)",
+        "",
+      ]
+      out += _table(
+        (
+          "mode",
+          "size",
+          "B",
+          "K",
+          "dtype",
+          f"{base_model} steps/s",
+          f"{model} steps/s",
+          "time ratio",
+          f"{model} GFLOP/step",
+          f"{base_model} GFLOP/step",
+          "load (base / plug-in)",
+        ),
+        rows,
+      )
       out.append("")
     if slot["precision"]:
-      out += ["### bfloat16 drift from the float32 PyTorch fixtures (`bench/precision_drift.py`)", "",
-              "bf16 inputs and compute, float32 parameters (`config.compute_dtype=bfloat16`); "
-              "rel = max abs / max(1, max |reference|).", ""]
+      out += [
+        "### bfloat16 drift from the float32 PyTorch fixtures (`bench/precision_drift.py`)",
+        "",
+        "bf16 inputs and compute, float32 parameters (`config.compute_dtype=bfloat16`); "
+        "rel = max abs / max(1, max |reference|).",
+        "",
+      ]
       rows = []
       for r in slot["precision"]:
         for name, e in sorted(r.get("outputs", {}).items()):
-          rows.append([r.get("fixture"), name, e.get("max_abs"), e.get("scale"), e.get("rel"),
-                       e.get("argmax_agree"), r.get("compute_dtype")])
+          rows.append(
+            [
+              r.get("fixture"),
+              name,
+              e.get("max_abs"),
+              e.get("scale"),
+              e.get("rel"),
+              e.get("argmax_agree"),
+              r.get("compute_dtype"),
+            ]
+          )
       out += _table(("fixture", "output", "max abs", "scale", "rel", "argmax agree", "dtype"), rows)
       out.append("")
     refs = []
     for r in slot["runs"]:
       if r.get("impl") == "torch":
-        ref = (f"{r.get('reference')} from `{r.get('repo')}`"
-               + (f" @ {r['repo_commit'][:12]}" if r.get("repo_commit") else "")
-               + (f"; shims: {', '.join(r['shims'])}" if r.get("shims") else ""))
+        ref = (
+          f"{r.get('reference')} from `{r.get('repo')}`"
+          + (f" @ {r['repo_commit'][:12]}" if r.get("repo_commit") else "")
+          + (f"; shims: {', '.join(r['shims'])}" if r.get("shims") else "")
+        )
         if ref not in refs:
           refs.append(ref)
     if refs:
       out += ["PyTorch reference: " + " | ".join(refs), ""]
-    hosts = {(h.get("cpu"), h.get("cpu_count"), h.get("os"), h.get("python")) for h in slot["hosts"]}
+    hosts = {
+      (h.get("cpu"), h.get("cpu_count"), h.get("os"), h.get("python")) for h in slot["hosts"]
+    }
     if hosts:
-      out += ["Machine: " + "; ".join(f"{c} × {n} cores, {o}, Python {p}" for c, n, o, p in sorted(
-          hosts, key=str)), ""]
+      out += [
+        "Machine: "
+        + "; ".join(f"{c} × {n} cores, {o}, Python {p}" for c, n, o, p in sorted(hosts, key=str)),
+        "",
+      ]
     if slot["commands"]:
       out += ["Commands:", "", "```"]
       seen = []

@@ -37,7 +37,8 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,18 +46,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if os.fspath(REPO) not in sys.path:
   sys.path.insert(0, os.fspath(REPO))
 
-from bench import run as jax_run  # noqa: E402  pylint: disable=wrong-import-position  (no jax import)
-from bench import torch_refs  # noqa: E402  pylint: disable=wrong-import-position
+from bench import run as jax_run
+from bench import torch_refs
 
 SUPPORTED = tuple(torch_refs.MODULES)
 
 
 # Registered fss-jax models without a PyTorch reference to time, and why.
 NO_REFERENCE = {
-    "jc2a": "JC²A has no public code (shared/reference/jc2a.md: the paper only); fss-jax's JC²A is "
-            "specified from the paper with PFENet's choices, so there is nothing official to time",
-    "pspnet": "pspnet is the base learner inside HDMNet / PAHNet (time those); the BAM PSPNet training "
-              "script is not wired in",
+  "jc2a": "JC²A has no public code (shared/reference/jc2a.md: the paper only); fss-jax's JC²A is "
+  "specified from the paper with PFENet's choices, so there is nothing official to time",
+  "pspnet": "pspnet is the base learner inside HDMNet / PAHNet (time those); the BAM PSPNet training "
+  "script is not wired in",
 }
 
 
@@ -66,15 +67,21 @@ class NotSupportedError(ValueError):
 
 def _repo_commit(repo: pathlib.Path) -> str | None:
   """The checkout's commit (``git rev-parse HEAD``), or None when it is not a git work tree."""
-  import subprocess  # pylint: disable=g-import-not-at-top
+  import subprocess
+
   try:
-    p = subprocess.run(["git", "-C", os.fspath(repo), "rev-parse", "--show-toplevel", "HEAD"],
-                       capture_output=True, text=True, timeout=10, check=False)
+    p = subprocess.run(
+      ["git", "-C", os.fspath(repo), "rev-parse", "--show-toplevel", "HEAD"],
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=False,
+    )
   except (OSError, subprocess.TimeoutExpired):
     return None
   lines = p.stdout.split()
   if p.returncode or len(lines) != 2 or pathlib.Path(lines[0]).resolve() != repo.resolve():
-    return None   # not a git work tree of its own (e.g. an exported archive inside another repo)
+    return None  # not a git work tree of its own (e.g. an exported archive inside another repo)
   return lines[1]
 
 
@@ -82,16 +89,24 @@ def _repo_commit(repo: pathlib.Path) -> str | None:
 # The benchmark
 # ---------------------------------------------------------------------------
 
+
 def run(args) -> dict[str, Any]:
   if args.model in NO_REFERENCE:
-    raise NotSupportedError(f"bench/torch_ref.py: no reference for {args.model!r}: {NO_REFERENCE[args.model]}")
+    raise NotSupportedError(
+      f"bench/torch_ref.py: no reference for {args.model!r}: {NO_REFERENCE[args.model]}"
+    )
   if args.model not in SUPPORTED:
     raise NotSupportedError(
-        f"bench/torch_ref.py: model {args.model!r} is not supported (supported: "
-        + ", ".join(f"{k} = {torch_refs.reference(k)}" for k in SUPPORTED) + ")")
+      f"bench/torch_ref.py: model {args.model!r} is not supported (supported: "
+      + ", ".join(f"{k} = {torch_refs.reference(k)}" for k in SUPPORTED)
+      + ")"
+    )
   if args.dtype != "float32":
-    raise NotSupportedError("bench/torch_ref.py runs the references in float32 only (--dtype float32)")
-  import torch  # pylint: disable=g-import-not-at-top
+    raise NotSupportedError(
+      "bench/torch_ref.py runs the references in float32 only (--dtype float32)"
+    )
+  import torch
+
   if args.threads:
     torch.set_num_threads(args.threads)
   dev_name = args.device
@@ -105,15 +120,16 @@ def run(args) -> dict[str, Any]:
   ep = {}
   for key, v in host.items():
     if v.ndim == 4 and key == "query_image":
-      v = v.transpose(0, 3, 1, 2)                  # [B, 3, H, W]
+      v = v.transpose(0, 3, 1, 2)  # [B, 3, H, W]
     elif v.ndim == 5:
-      v = v.transpose(0, 1, 4, 2, 3)               # [B, K, 3, H, W]
+      v = v.transpose(0, 1, 4, 2, 3)  # [B, K, 3, H, W]
     ep[key] = torch.from_numpy(np.ascontiguousarray(v)).to(device)
   shims: list[str] = []
   train = args.mode == "train"
   build = torch_refs.builder(args.model)
-  model, train_iter, eval_fwd, info = build(pathlib.Path(args.repo).resolve(), ep, train=train, device=device,
-                                            shims=shims)
+  model, train_iter, eval_fwd, info = build(
+    pathlib.Path(args.repo).resolve(), ep, train=train, device=device, shims=shims
+  )
   n_params = sum(p.numel() for p in model.parameters())
   n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
   if train:
@@ -144,11 +160,24 @@ def run(args) -> dict[str, Any]:
   rate = args.steps / elapsed
   episodes_s = rate * args.batch
   rec: dict[str, Any] = {
-      "bench": "torch_ref", "impl": "torch", "model": args.model, "mode": args.mode, "size": args.size,
-      "batch": args.batch, "shot": args.shot, "dtype": args.dtype, "devices": 1, "with_pipeline": False,
-      "steps": args.steps, "warmup": args.warmup, "steps_per_s": round(rate, 4),
-      "episodes_per_s": round(episodes_s, 4), "images_per_s": round(episodes_s * (1 + args.shot), 4),
-      "step_ms": round(1000 * elapsed / args.steps, 2), "compile_s": None, "first_step_s": round(first_s, 2),
+    "bench": "torch_ref",
+    "impl": "torch",
+    "model": args.model,
+    "mode": args.mode,
+    "size": args.size,
+    "batch": args.batch,
+    "shot": args.shot,
+    "dtype": args.dtype,
+    "devices": 1,
+    "with_pipeline": False,
+    "steps": args.steps,
+    "warmup": args.warmup,
+    "steps_per_s": round(rate, 4),
+    "episodes_per_s": round(episodes_s, 4),
+    "images_per_s": round(episodes_s * (1 + args.shot), 4),
+    "step_ms": round(1000 * elapsed / args.steps, 2),
+    "compile_s": None,
+    "first_step_s": round(first_s, 2),
   }
   if train:
     rec["final_loss"] = float(out.detach().cpu())
@@ -158,25 +187,36 @@ def run(args) -> dict[str, Any]:
   else:
     rec["peak_memory_bytes"] = jax_run.host_peak_rss_bytes()
     rec["peak_memory_kind"] = "host peak RSS"
-  rec.update({
-      "params_total": int(n_params), "params_trainable": int(n_train), "backend": device.type,
+  rec.update(
+    {
+      "params_total": int(n_params),
+      "params_trainable": int(n_train),
+      "backend": device.type,
       "device_kind": torch.cuda.get_device_name(device) if cuda else "cpu",
-      "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-      "reference": torch_refs.reference(args.model), "repo": os.fspath(pathlib.Path(args.repo).resolve()),
+      "torch_version": torch.__version__,
+      "torch_threads": torch.get_num_threads(),
+      "reference": torch_refs.reference(args.model),
+      "repo": os.fspath(pathlib.Path(args.repo).resolve()),
       "repo_commit": args.repo_commit or _repo_commit(pathlib.Path(args.repo)),
-      "shims": shims, **info,
+      "shims": shims,
+      **info,
       "command": "python bench/torch_ref.py " + " ".join(args.argv),
       "host": jax_run.host_info(),
-  })
+    }
+  )
   return rec
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--repo", required=True, help="root of your checkout of the official repository")
-  p.add_argument("--repo-commit", default="",
-                 help="commit of the checkout to record when --repo is not a git work tree (an export)")
+  p.add_argument(
+    "--repo-commit",
+    default="",
+    help="commit of the checkout to record when --repo is not a git work tree (an export)",
+  )
   p.add_argument("--model", required=True, help=", ".join(SUPPORTED))
   p.add_argument("--mode", choices=("train", "eval"), default="train")
   p.add_argument("--size", type=int, default=473)

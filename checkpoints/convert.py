@@ -42,14 +42,15 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from checkpoints import io as ckpt_io
 from fss_jax import io as fss_io
 
 # Least share of keys (matched / union) another model needs for a "pass --model X" hint.
 SUGGEST_MIN_MATCH = 0.5
-SHOWN_KEYS = 10                   # keys listed per kind of mismatch without --verbose
+SHOWN_KEYS = 10  # keys listed per kind of mismatch without --verbose
 
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
@@ -75,12 +76,15 @@ class WrongModelError(ValueError):
     cause: the error of the conversion as asked (a `keymaps.ConversionError` lists the keys).
   """
 
-  def __init__(self, src, model: str, models: Sequence[str], matched: int, total: int,
-               cause: Exception):
+  def __init__(
+    self, src, model: str, models: Sequence[str], matched: int, total: int, cause: Exception
+  ):
     self.models, self.matched, self.total, self.cause = list(models), matched, total, cause
     names, flags = _either(models), _either([f"--model {m}" for m in models])
-    super().__init__(f"{src} is not a {model} checkpoint: this looks like a {names} checkpoint "
-                     f"({matched}/{total} keys match); pass {flags}")
+    super().__init__(
+      f"{src} is not a {model} checkpoint: this looks like a {names} checkpoint "
+      f"({matched}/{total} keys match); pass {flags}"
+    )
 
 
 def _either(items: Sequence[str]) -> str:
@@ -93,7 +97,8 @@ def key_match(keys: Sequence[str], keymap: Sequence[Any]) -> tuple[int, int]:
 
   Optional (`Ignore`) keys count as matched when present and are not missed when absent.
   """
-  from fss_jax import keymaps  # pylint: disable=g-import-not-at-top
+  from fss_jax import keymaps
+
   keys = set(keys)
   used = {r.src for r in keymap}
   required = {r.src for r in keymap if isinstance(r, keymaps.Rule)}
@@ -107,14 +112,15 @@ def guess_models(keys: Sequence[str], exclude: str) -> tuple[list[str], int, int
     (names tied at the best match, matched, total); ([], 0, 0) when none matches at
     least `SUGGEST_MIN_MATCH` of the keys. Models that fail to load are skipped.
   """
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from fss_jax.models import registry
+
   fits = {}
   for name in registry.names():
     if name == exclude:
       continue
     try:
       fits[name] = key_match(keys, registry.get(name).keymap())
-    except Exception:  # pylint: disable=broad-except  # a broken module must not hide the error
+    except Exception:  # a broken module must not hide the error
       continue
   fits = {n: (m, t) for n, (m, t) in fits.items() if t and m / t >= SUGGEST_MIN_MATCH}
   if not fits:
@@ -134,9 +140,12 @@ def guess_trained_on(src: str | pathlib.Path) -> tuple[str | None, int | None]:
   file wins when several match. Only a path with a ``split<k>`` / ``fold<k>`` folder
   names a dataset (official layouts have both; a lone ``coco`` folder says little).
   """
-  from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import splits
+
   dataset, fold = None, None
-  for part in (fss_io.user_path(src) if fss_io.is_remote(src) else pathlib.Path(src).absolute()).parts[:-1]:
+  for part in (
+    fss_io.user_path(src) if fss_io.is_remote(src) else pathlib.Path(src).absolute()
+  ).parts[:-1]:
     m = _FOLD_PART.match(part)
     if m:
       fold = int(m.group(1))
@@ -146,21 +155,21 @@ def guess_trained_on(src: str | pathlib.Path) -> tuple[str | None, int | None]:
   return (dataset, fold) if fold is not None else (None, None)
 
 
-def trained_on(src: str | pathlib.Path, dataset: str | None, fold: int | None
-               ) -> dict[str, Any]:
+def trained_on(src: str | pathlib.Path, dataset: str | None, fold: int | None) -> dict[str, Any]:
   """{"dataset", "fold", "trained_on_from"} for metadata.json: the flags, else the path's guess.
 
   Raises:
     ValueError: an unknown dataset or a fold outside 0..3.
   """
-  from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import splits
+
   if dataset is not None:
     dataset = splits.canonical_dataset(dataset)
   if fold is not None and not 0 <= fold < splits.NUM_FOLDS:
     raise ValueError(f"--fold {fold}: folds are 0..{splits.NUM_FOLDS - 1}")
   g_dataset, g_fold = guess_trained_on(src)
   if g_fold is not None and not 0 <= g_fold < splits.NUM_FOLDS:
-    g_fold = None                                 # "split7": not a fold of these datasets
+    g_fold = None  # "split7": not a fold of these datasets
   out, guessed = {}, []
   for key, given, guess in (("dataset", dataset, g_dataset), ("fold", fold, g_fold)):
     if given is not None:
@@ -195,8 +204,9 @@ def _check_checkpoint(spec, state_dict, src: pathlib.Path, fields: Mapping[str, 
     return
   accepted = inspect.signature(spec.check_checkpoint).parameters
   try:
-    spec.check_checkpoint(state_dict, source=src.name,
-                          **{k: v for k, v in fields.items() if k in accepted})
+    spec.check_checkpoint(
+      state_dict, source=src.name, **{k: v for k, v in fields.items() if k in accepted}
+    )
   except ValueError as e:
     raise ValueError(field_hints_as_flags(str(e))) from None
 
@@ -205,7 +215,7 @@ def _raise_if_other_model(error: Exception, state_dict, keymap, src, model: str)
   """Raises WrongModelError when another model's key map fits the keys better."""
   matched, total = key_match(list(state_dict), keymap)
   if total and matched == total:
-    return                          # the keys fit: shapes / depth / shots are the problem
+    return  # the keys fit: shapes / depth / shots are the problem
   names, other_matched, other_total = guess_models(list(state_dict), exclude=model)
   if names and other_matched / other_total > (matched / total if total else 0.0):
     raise WrongModelError(src, model, names, other_matched, other_total, error) from None
@@ -213,7 +223,10 @@ def _raise_if_other_model(error: Exception, state_dict, keymap, src, model: str)
 
 # The config file (configs/<module>.py) and argument of each model's paper recipe; a model
 # whose name is not listed uses configs/<model>.py. Backbone key maps have none.
-PAPER_CONFIGS = {"sccan_pahnet": ("pahnet", "variant=sccan"), "hdmnet_pahnet": ("pahnet", "variant=hdmnet")}
+PAPER_CONFIGS = {
+  "sccan_pahnet": ("pahnet", "variant=sccan"),
+  "hdmnet_pahnet": ("pahnet", "variant=hdmnet"),
+}
 
 
 def paper_description(model: str, dataset: str | None, fold: int | None) -> dict:
@@ -225,8 +238,10 @@ def paper_description(model: str, dataset: str | None, fold: int | None) -> dict
   whose test transform differs between PASCAL-5i and COCO-20i (HDMNet: 473 / 633 px) gets no
   ``input`` (the reader then asks for it instead of guessing).
   """
-  import importlib  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
+  import importlib
+
+  from fss_jax.train import loop
+
   module, arg = PAPER_CONFIGS.get(model, (model, ""))
   try:
     get_config = importlib.import_module(f"configs.{module}").get_config
@@ -246,9 +261,16 @@ def paper_description(model: str, dataset: str | None, fold: int | None) -> dict
   return out
 
 
-def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *,
-                 fields: Mapping[str, Any] | None = None, overwrite: bool = False,
-                 dataset: str | None = None, fold: int | None = None) -> pathlib.Path:
+def convert_file(
+  model: str,
+  src: str | pathlib.Path,
+  dst: str | pathlib.Path,
+  *,
+  fields: Mapping[str, Any] | None = None,
+  overwrite: bool = False,
+  dataset: str | None = None,
+  fold: int | None = None,
+) -> pathlib.Path:
   """Converts `src` for `model` and writes `dst`; returns dst.
 
   ``dataset`` / ``fold``: what the weights were trained on (`trained_on`: else guessed
@@ -268,22 +290,28 @@ def convert_file(model: str, src: str | pathlib.Path, dst: str | pathlib.Path, *
   _check_fields(spec.keymap, fields, model)
   trained = trained_on(src, dataset, fold)
   if dst.exists() and not overwrite:  # fail before the (slow) read
-    raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it, "
-                          "or choose another destination")
-  with fss_io.local_copy(src) as local:   # torch.load reads local files; gs:// is downloaded
+    raise FileExistsError(
+      f"{dst} already exists; pass --overwrite to replace it, or choose another destination"
+    )
+  with fss_io.local_copy(src) as local:  # torch.load reads local files; gs:// is downloaded
     state_dict = keymaps.strip_prefixes(ckpt_io.read_state_dict(local))
     digest = fss_io.file_sha256(local)
   keymap = spec.keymap(**fields)
   try:
     _check_checkpoint(spec, state_dict, src, fields)
     variables = keymaps.convert(state_dict, keymap, model=model)
-  except ValueError as e:   # keymaps.ConversionError included
+  except ValueError as e:  # keymaps.ConversionError included
     _raise_if_other_model(e, state_dict, keymap, src, model)
     raise
-  metadata = {**paper_description(model, trained.get("dataset"), trained.get("fold")),
-              "model": model, "fields": fields,
-              "source": os.fspath(src) if fss_io.is_remote(src) else str(src.absolute()),
-              "sha256": digest, "format": "fss_jax converted checkpoint v1", **trained}
+  metadata = {
+    **paper_description(model, trained.get("dataset"), trained.get("fold")),
+    "model": model,
+    "fields": fields,
+    "source": os.fspath(src) if fss_io.is_remote(src) else str(src.absolute()),
+    "sha256": digest,
+    "format": "fss_jax converted checkpoint v1",
+    **trained,
+  }
   return ckpt_io.write_orbax(variables, dst, overwrite=overwrite, metadata=metadata)
 
 
@@ -292,9 +320,10 @@ def key_report(error, *, verbose: bool = False) -> str:
   count, or all of them when `verbose`."""
   lines = []
   for title, items in (
-      ("missing keys (expected by the model, absent from the checkpoint)", error.missing),
-      ("unexpected keys (in the checkpoint, unknown to the model)", error.unexpected),
-      ("shape mismatches", error.shape_errors)):
+    ("missing keys (expected by the model, absent from the checkpoint)", error.missing),
+    ("unexpected keys (in the checkpoint, unknown to the model)", error.unexpected),
+    ("shape mismatches", error.shape_errors),
+  ):
     if not items:
       continue
     shown = items if verbose else items[:SHOWN_KEYS]
@@ -307,20 +336,38 @@ def key_report(error, *, verbose: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m checkpoints.convert",
-      description="Convert a PyTorch state dict of a reference model to an orbax checkpoint.")
-  parser.add_argument("--model", required=True, help="registered model name (fss_jax.models.registry)")
+    prog="python -m checkpoints.convert",
+    description="Convert a PyTorch state dict of a reference model to an orbax checkpoint.",
+  )
+  parser.add_argument(
+    "--model", required=True, help="registered model name (fss_jax.models.registry)"
+  )
   parser.add_argument("--src", required=True, help=".pth / .pt / .npz / .safetensors file")
   parser.add_argument("--dst", required=True, help="output directory (must not exist)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-  parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                      help="model field passed to the key map (repeatable)")
-  parser.add_argument("--dataset", default=None, help="dataset the weights were trained on "
-                      "(pascal5i | coco20i; default: guessed from the --src path)")
-  parser.add_argument("--fold", type=int, default=None, help="fold the weights were trained on "
-                      "(default: guessed from a split<k> / fold<k> folder of the --src path)")
-  parser.add_argument("--verbose", action="store_true",
-                      help="list every missing / unexpected key of a mismatch")
+  parser.add_argument(
+    "--model-arg",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="model field passed to the key map (repeatable)",
+  )
+  parser.add_argument(
+    "--dataset",
+    default=None,
+    help="dataset the weights were trained on "
+    "(pascal5i | coco20i; default: guessed from the --src path)",
+  )
+  parser.add_argument(
+    "--fold",
+    type=int,
+    default=None,
+    help="fold the weights were trained on "
+    "(default: guessed from a split<k> / fold<k> folder of the --src path)",
+  )
+  parser.add_argument(
+    "--verbose", action="store_true", help="list every missing / unexpected key of a mismatch"
+  )
   args = parser.parse_args(argv)
 
   from fss_jax.keymaps import ConversionError
@@ -328,22 +375,35 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     fields = parse_model_args(args.model_arg)
-    dst = convert_file(args.model, args.src, args.dst, fields=fields, overwrite=args.overwrite,
-                       dataset=args.dataset, fold=args.fold)
+    dst = convert_file(
+      args.model,
+      args.src,
+      args.dst,
+      fields=fields,
+      overwrite=args.overwrite,
+      dataset=args.dataset,
+      fold=args.fold,
+    )
   except WrongModelError as e:
     print(f"error: {e} (nothing was written)", file=sys.stderr)
     if isinstance(e.cause, ConversionError):
       c = e.cause
-      print(key_report(c, verbose=True) if args.verbose else
-            f"  ({len(c.missing)} missing, {len(c.unexpected)} unexpected keys for "
-            f"{args.model}; --verbose lists them)", file=sys.stderr)
+      print(
+        key_report(c, verbose=True)
+        if args.verbose
+        else f"  ({len(c.missing)} missing, {len(c.unexpected)} unexpected keys for "
+        f"{args.model}; --verbose lists them)",
+        file=sys.stderr,
+      )
     return 2
   except ConversionError as e:
-    print(f"error: {args.src} is not a {args.model} checkpoint; nothing was written.\n"
-          f"{key_report(e, verbose=args.verbose)}", file=sys.stderr)
+    print(
+      f"error: {args.src} is not a {args.model} checkpoint; nothing was written.\n"
+      f"{key_report(e, verbose=args.verbose)}",
+      file=sys.stderr,
+    )
     return 2
-  except (UnsupportedModelError, FileExistsError, FileNotFoundError, ImportError,
-          ValueError) as e:
+  except (UnsupportedModelError, FileExistsError, FileNotFoundError, ImportError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {dst} (model {args.model}{_trained_on_text(ckpt_io.read_metadata(dst))})")
@@ -351,13 +411,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _trained_on_text(meta: Mapping[str, Any]) -> str:
-  """"; trained on pascal5i fold 0, guessed from the path: pass --dataset / --fold to change"."""
-  what = " ".join(str(meta[k]) if k == "dataset" else f"fold {meta[k]}"
-                  for k in ("dataset", "fold") if k in meta)
+  """ "; trained on pascal5i fold 0, guessed from the path: pass --dataset / --fold to change"."""
+  what = " ".join(
+    str(meta[k]) if k == "dataset" else f"fold {meta[k]}" for k in ("dataset", "fold") if k in meta
+  )
   if not what:
     return "; no fold recorded: pass --dataset and --fold if the weights are a fold's model"
-  guessed = (", guessed from the path: pass --dataset / --fold to change"
-             if meta.get("trained_on_from") else "")
+  guessed = (
+    ", guessed from the path: pass --dataset / --fold to change"
+    if meta.get("trained_on_from")
+    else ""
+  )
   return f"; trained on {what}{guessed}"
 
 

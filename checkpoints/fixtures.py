@@ -13,7 +13,8 @@ import json
 import math
 import pathlib
 import zlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -93,15 +94,18 @@ def regenerate(meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
       if dtype != "float32":
         v = v.astype(dtype)
     if "check" in e and not _check_ok(v, e["check"]):
-      bad.append(f"{key} (rule {rule}): sum {float(v.astype(np.float64).sum())!r}, "
-                 f"first {float(v.reshape(-1)[0]) if v.size else None!r}; json check {e['check']}")
+      bad.append(
+        f"{key} (rule {rule}): sum {float(v.astype(np.float64).sum())!r}, "
+        f"first {float(v.reshape(-1)[0]) if v.size else None!r}; json check {e['check']}"
+      )
     out[key] = v
   if bad:
     listed = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
     raise FixtureError(
-        f"regenerated weights do not match the fixture's check values for {len(bad)} of "
-        f"{len(entries)} keys (wrong GLOBAL_SEED, edited json, or a numpy whose "
-        f"default_rng differs):\n  {listed}")
+      f"regenerated weights do not match the fixture's check values for {len(bad)} of "
+      f"{len(entries)} keys (wrong GLOBAL_SEED, edited json, or a numpy whose "
+      f"default_rng differs):\n  {listed}"
+    )
   return out
 
 
@@ -119,7 +123,9 @@ def load_fixture(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict]
   if not path.is_file():
     raise FileNotFoundError(f"fixture {path} not found")
   if not json_path.is_file():
-    raise FileNotFoundError(f"fixture metadata {json_path} not found (it must sit beside {path.name})")
+    raise FileNotFoundError(
+      f"fixture metadata {json_path} not found (it must sit beside {path.name})"
+    )
   try:
     arrays = ckpt_io.read_npz(path)
   except ValueError as e:

@@ -26,14 +26,15 @@ import sys
 import tempfile
 import time
 import zipfile
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from fss_jax import io as fss_io
 from fss_jax.train import state as state_lib
 
-VARIABLES_DIR = state_lib.CONVERTED_VARIABLES_DIR      # the library reads what we write
+VARIABLES_DIR = state_lib.CONVERTED_VARIABLES_DIR  # the library reads what we write
 METADATA_FILE = state_lib.CONVERTED_METADATA_FILE
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".npz", ".safetensors")
 # Temporary / replaced directories of `write_orbax`, named after the writing process.
@@ -47,8 +48,10 @@ LEGACY_TEMP_AGE_S = 24 * 3600
 
 
 def _corrupt(path, what: str, err: BaseException) -> ValueError:
-  return ValueError(f"{path}: cannot read {what} - the file is truncated or corrupt "
-                    f"({type(err).__name__}: {err}). Download or export it again.")
+  return ValueError(
+    f"{path}: cannot read {what} - the file is truncated or corrupt "
+    f"({type(err).__name__}: {err}). Download or export it again."
+  )
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -64,6 +67,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _torch_to_numpy(value):
   import torch
+
   if isinstance(value, torch.Tensor):
     t = value.detach().cpu()
     if t.dtype == torch.bfloat16:
@@ -83,19 +87,21 @@ def _unwrap(obj: Any, path) -> Mapping:
       else:
         return obj
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict "
-                     "(save model.state_dict(), not the model)")
+    raise ValueError(
+      f"{path}: holds a {type(obj).__name__}, not a state dict "
+      "(save model.state_dict(), not the model)"
+    )
   return obj
 
 
 def _torch_container(head: bytes) -> str | None:
-  """"zip" / "pickle" / "tar": how torch.save stored a file starting with `head`, else None."""
+  """ "zip" / "pickle" / "tar": how torch.save stored a file starting with `head`, else None."""
   if head.startswith(b"PK\x03\x04"):
-    return "zip"                    # torch >= 1.6
+    return "zip"  # torch >= 1.6
   if head[:1] == b"\x80":
-    return "pickle"                 # legacy format (pickle protocol >= 2)
+    return "pickle"  # legacy format (pickle protocol >= 2)
   if len(head) >= 262 and head[257:262] == b"ustar":
-    return "tar"                    # torch < 0.4
+    return "tar"  # torch < 0.4
   return None
 
 
@@ -110,9 +116,11 @@ def check_torch_file(path: str | os.PathLike) -> None:
   with open(path, "rb") as f:
     head = f.read(512)
   if _torch_container(head) is None:
-    raise ValueError(f"{path} is not a PyTorch checkpoint: not a zip or pickle file as "
-                     f"torch.save writes ({_describe(head)}). Pass the .pth file itself, "
-                     f"downloaded again if needed.")
+    raise ValueError(
+      f"{path} is not a PyTorch checkpoint: not a zip or pickle file as "
+      f"torch.save writes ({_describe(head)}). Pass the .pth file itself, "
+      f"downloaded again if needed."
+    )
 
 
 def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -121,17 +129,21 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError:
-    raise ImportError(f"reading {path} needs PyTorch, which is not installed. Install the dev "
-                      "extra (pip install -r requirements-dev.txt), or export the state dict "
-                      "to .npz / .safetensors on a machine that has torch.") from None
+    raise ImportError(
+      f"reading {path} needs PyTorch, which is not installed. Install the dev "
+      "extra (pip install -r requirements-dev.txt), or export the state dict "
+      "to .npz / .safetensors on a machine that has torch."
+    ) from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except FileNotFoundError:
     raise
   except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError/...
     if "Weights only load failed" in str(e):
-      raise ValueError(f"{path}: contains Python objects that torch.load(weights_only=True) "
-                       f"refuses to unpickle ({e}). Re-save only the state dict.") from None
+      raise ValueError(
+        f"{path}: contains Python objects that torch.load(weights_only=True) "
+        f"refuses to unpickle ({e}). Re-save only the state dict."
+      ) from None
     raise _corrupt(path, "the PyTorch checkpoint", e) from None
   sd = _unwrap(obj, path)
   out = {}
@@ -148,6 +160,7 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
+
   try:
     return dict(load_file(str(path)))
   except FileNotFoundError:
@@ -182,19 +195,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return read_npz(path)
   if suffix == ".safetensors":
     return read_safetensors(path)
-  raise ValueError(f"{path}: unsupported checkpoint format {suffix!r}; "
-                   f"use one of {', '.join(STATE_DICT_SUFFIXES)}")
+  raise ValueError(
+    f"{path}: unsupported checkpoint format {suffix!r}; use one of {', '.join(STATE_DICT_SUFFIXES)}"
+  )
 
 
 def _directory_message(path: pathlib.Path) -> str:
   """The error for a directory given as the state-dict file: what to pass instead."""
   if (path / VARIABLES_DIR).is_dir():
-    return (f"{path} is a directory holding an already converted checkpoint; use it as it is "
-            f"(e.g. python -m fss_jax.predict --checkpoint {path})")
-  inside = sorted(p.name for p in path.iterdir()
-                  if p.is_file() and p.suffix.lower() in STATE_DICT_SUFFIXES)
-  found = (f" (it holds {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''})" if inside
-           else f" (it holds no {'/'.join(STATE_DICT_SUFFIXES)} file at its top level)")
+    return (
+      f"{path} is a directory holding an already converted checkpoint; use it as it is "
+      f"(e.g. python -m fss_jax.predict --checkpoint {path})"
+    )
+  inside = sorted(
+    p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in STATE_DICT_SUFFIXES
+  )
+  found = (
+    f" (it holds {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''})"
+    if inside
+    else f" (it holds no {'/'.join(STATE_DICT_SUFFIXES)} file at its top level)"
+  )
   return f"{path} is a directory; pass the .pth file inside it{found}"
 
 
@@ -244,12 +264,15 @@ def _stale_reason(path: pathlib.Path, now: float) -> str | None:
     if m["host"] != _host() or _pid_alive(pid):
       return None
     if m.re is _OLD_RE and not (path.parent / m["name"]).exists():
-      return None                   # killed between the two renames: the only old copy
+      return None  # killed between the two renames: the only old copy
     return f"left by process {pid}, which has ended"
-  if (_LEGACY_TEMP_RE.match(path.name) and path.is_dir() and not path.is_symlink()
-      and now - path.stat().st_mtime > LEGACY_TEMP_AGE_S
-      and all(p.name.startswith(VARIABLES_DIR) or p.name == METADATA_FILE
-              for p in path.iterdir())):
+  if (
+    _LEGACY_TEMP_RE.match(path.name)
+    and path.is_dir()
+    and not path.is_symlink()
+    and now - path.stat().st_mtime > LEGACY_TEMP_AGE_S
+    and all(p.name.startswith(VARIABLES_DIR) or p.name == METADATA_FILE for p in path.iterdir())
+  ):
     return f"an unfinished conversion older than {LEGACY_TEMP_AGE_S // 3600} h"
   return None
 
@@ -258,8 +281,9 @@ def _print_stderr(message: str) -> None:
   print(message, file=sys.stderr)
 
 
-def remove_stale_temps(folder: str | os.PathLike, *, log: Callable[[str], None] = _print_stderr
-                       ) -> list[pathlib.Path]:
+def remove_stale_temps(
+  folder: str | os.PathLike, *, log: Callable[[str], None] = _print_stderr
+) -> list[pathlib.Path]:
   """Removes the temporary directories that killed `write_orbax` runs left in `folder`.
 
   A temporary directory is removed when the process named in it (``.<name>.tmp-<pid>@<host>-*``)
@@ -281,14 +305,21 @@ def remove_stale_temps(folder: str | os.PathLike, *, log: Callable[[str], None] 
     shutil.rmtree(path, ignore_errors=True)
     if not path.exists():
       removed.append(path)
-      log(f"removed {path} ({size:.1f} MB): temporary directory of an interrupted conversion, "
-          f"{reason}")
+      log(
+        f"removed {path} ({size:.1f} MB): temporary directory of an interrupted conversion, "
+        f"{reason}"
+      )
   return removed
 
 
-def write_orbax(variables: Mapping, dst: str | os.PathLike, *, overwrite: bool = False,
-                metadata: Mapping[str, Any] | None = None,
-                log: Callable[[str], None] = _print_stderr) -> pathlib.Path:
+def write_orbax(
+  variables: Mapping,
+  dst: str | os.PathLike,
+  *,
+  overwrite: bool = False,
+  metadata: Mapping[str, Any] | None = None,
+  log: Callable[[str], None] = _print_stderr,
+) -> pathlib.Path:
   """Writes Flax `variables` to the directory `dst` (orbax pytree + metadata.json).
 
   First removes what killed earlier runs left beside `dst` (`remove_stale_temps`,
@@ -300,12 +331,15 @@ def write_orbax(variables: Mapping, dst: str | os.PathLike, *, overwrite: bool =
   import orbax.checkpoint as ocp
 
   if fss_io.is_remote(dst):
-    return _write_orbax_remote(variables, fss_io.user_path(dst), overwrite=overwrite,
-                               metadata=metadata)
+    return _write_orbax_remote(
+      variables, fss_io.user_path(dst), overwrite=overwrite, metadata=metadata
+    )
   dst = pathlib.Path(os.path.expanduser(dst)).absolute()
   if dst.exists() and not overwrite:
-    raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to "
-                          "replace it, or choose another destination")
+    raise FileExistsError(
+      f"{dst} already exists; pass --overwrite (overwrite=True) to "
+      "replace it, or choose another destination"
+    )
   dst.parent.mkdir(parents=True, exist_ok=True)
   remove_stale_temps(dst.parent, log=log)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{_owner_tag()}-", dir=dst.parent))
@@ -326,20 +360,26 @@ def write_orbax(variables: Mapping, dst: str | os.PathLike, *, overwrite: bool =
   return dst
 
 
-def _write_orbax_remote(variables: Mapping, dst, *, overwrite: bool,
-                        metadata: Mapping[str, Any] | None):
+def _write_orbax_remote(
+  variables: Mapping, dst, *, overwrite: bool, metadata: Mapping[str, Any] | None
+):
   """`write_orbax` to an object store (no rename there): an old ``dst`` loses its
   metadata.json first, then the variables are written, and metadata.json (what readers
   take as the mark of a complete conversion) last."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+
   if dst.exists():
     if not overwrite:
-      raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to "
-                            "replace it, or choose another destination")
+      raise FileExistsError(
+        f"{dst} already exists; pass --overwrite (overwrite=True) to "
+        "replace it, or choose another destination"
+      )
     (dst / METADATA_FILE).unlink(missing_ok=True)
     dst.rmtree()
   ocp.PyTreeCheckpointer().save(dst / VARIABLES_DIR, _to_numpy_tree(variables))
-  fss_io.atomic_write(dst / METADATA_FILE, json.dumps(dict(metadata or {}), indent=1, sort_keys=True))
+  fss_io.atomic_write(
+    dst / METADATA_FILE, json.dumps(dict(metadata or {}), indent=1, sort_keys=True)
+  )
   return dst
 
 

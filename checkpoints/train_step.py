@@ -42,12 +42,12 @@ import contextlib
 import importlib
 import os
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from checkpoints import fixtures
-from checkpoints import train_adapters
+from checkpoints import fixtures, train_adapters
 
 ZERO_ABS = 1e-12
 LR_RTOL = 1e-5
@@ -60,7 +60,7 @@ class TrainFixtureError(ValueError):
 @contextlib.contextmanager
 def no_dropout():
   """Every ``flax.linen.Dropout`` call returns its input (traced inside this context)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
 
   def interceptor(next_fun, args, kwargs, context):
     if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
@@ -76,15 +76,15 @@ def no_dropout():
 # ---------------------------------------------------------------------------
 
 _TO_TORCH = {
-    "copy": lambda a: a,
-    "conv": lambda a: np.transpose(a, (3, 2, 0, 1)),   # HWIO -> OIHW
-    "linear": lambda a: np.transpose(a),               # (in, out) -> (out, in)
+  "copy": lambda a: a,
+  "conv": lambda a: np.transpose(a, (3, 2, 0, 1)),  # HWIO -> OIHW
+  "linear": lambda a: np.transpose(a),  # (in, out) -> (out, in)
 }
 
 
 def _key_index(rules) -> tuple[dict, dict]:
   """Key map -> ({params path: (torch key, transform)}, {batch_stats path: torch key})."""
-  from fss_jax import keymaps  # pylint: disable=g-import-not-at-top
+  from fss_jax import keymaps
 
   params, stats = {}, {}
   for r in rules:
@@ -98,7 +98,8 @@ def _key_index(rules) -> tuple[dict, dict]:
 
 
 def _flat(tree) -> dict[tuple, Any]:
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util
+
   return traverse_util.flatten_dict(dict(tree)) if tree else {}
 
 
@@ -118,8 +119,13 @@ def _entry(ours, ref, limit: float | None) -> dict[str, Any]:
   ours = np.asarray(ours, np.float64)
   scale = float(np.max(np.abs(ref))) if ref.size else 0.0
   if ours.shape != ref.shape:
-    return {"max_abs": None, "scale": scale, "limit": limit, "passed": False,
-            "error": f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"}
+    return {
+      "max_abs": None,
+      "scale": scale,
+      "limit": limit,
+      "passed": False,
+      "error": f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}",
+    }
   max_abs = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
   finite = bool(np.all(np.isfinite(ours)))
   if limit is None or scale == 0.0:
@@ -140,6 +146,7 @@ def _missing(name: str, ref, why: str) -> dict[str, Any]:
 # The paper config and its optimiser
 # ---------------------------------------------------------------------------
 
+
 def paper_config(config_arg: str):
   """``"pahnet.py:variant=sccan,shot=1"`` -> the ConfigDict of ``configs/pahnet.py``."""
   module, _, arg = config_arg.partition(":")
@@ -158,23 +165,28 @@ def _schedule_count(schedule: Mapping[str, Any], iteration: int | None = None) -
 
 
 def _set_schedule_counts(opt_state, count: int):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import optax
 
   def fix(s):
     if isinstance(s, optax.ScaleByScheduleState):
       return s._replace(count=jnp.asarray(count, s.count.dtype))
     return s
+
   return jax.tree.map(fix, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
 
 
-_TORCH_OPT = {"torch.optim.sgd.SGD": "sgd", "torch.optim.adamw.AdamW": "adamw",
-              "torch.optim.adam.Adam": "adam"}
+_TORCH_OPT = {
+  "torch.optim.sgd.SGD": "sgd",
+  "torch.optim.adamw.AdamW": "adamw",
+  "torch.optim.adam.Adam": "adam",
+}
 
 
-def _hparam_errors(key: str, ours: Mapping[str, Any], group: Mapping[str, Any],
-                   opt_type: str) -> list[str]:
+def _hparam_errors(
+  key: str, ours: Mapping[str, Any], group: Mapping[str, Any], opt_type: str
+) -> list[str]:
   """Differences between our label's hyper-parameters and the official param group."""
   errs = []
   want = _TORCH_OPT.get(opt_type, opt_type)
@@ -186,8 +198,9 @@ def _hparam_errors(key: str, ours: Mapping[str, Any], group: Mapping[str, Any],
     return abs(float(a) - float(b)) <= 1e-7 * max(1.0, abs(float(b)))
 
   if not close(ours["weight_decay"], h.get("weight_decay", 0.0)):
-    errs.append(f"{key}: weight decay {ours['weight_decay']} here, {h.get('weight_decay')} in "
-                f"the reference")
+    errs.append(
+      f"{key}: weight decay {ours['weight_decay']} here, {h.get('weight_decay')} in the reference"
+    )
   if want == "sgd":
     if not close(ours["momentum"], h.get("momentum", 0.0)):
       errs.append(f"{key}: momentum {ours['momentum']} here, {h.get('momentum')} in the reference")
@@ -197,8 +210,11 @@ def _hparam_errors(key: str, ours: Mapping[str, Any], group: Mapping[str, Any],
       errs.append(f"{key}: the reference uses dampening {h['dampening']} (not supported here)")
   else:
     betas = h.get("betas", (0.9, 0.999))
-    for name, a, b in (("b1", ours["b1"], betas[0]), ("b2", ours["b2"], betas[1]),
-                       ("eps", ours["eps"], h.get("eps", 1e-8))):
+    for name, a, b in (
+      ("b1", ours["b1"], betas[0]),
+      ("b2", ours["b2"], betas[1]),
+      ("eps", ours["eps"], h.get("eps", 1e-8)),
+    ):
       if not close(a, b):
         errs.append(f"{key}: {name} {a} here, {b} in the reference")
     if h.get("amsgrad"):
@@ -206,8 +222,9 @@ def _hparam_errors(key: str, ours: Mapping[str, Any], group: Mapping[str, Any],
   return errs
 
 
-def trainable_set_errors(ours_trained: set[str], ours_all: set[str],
-                         meta: Mapping[str, Any]) -> list[str]:
+def trainable_set_errors(
+  ours_trained: set[str], ours_all: set[str], meta: Mapping[str, Any]
+) -> list[str]:
   """Official keys trained on one side only, each named with the reason.
 
   Args:
@@ -223,12 +240,17 @@ def trainable_set_errors(ours_trained: set[str], ours_all: set[str],
   not_in_opt = set(frozen.get("trainable_not_in_optimizer") or ())
   errors = []
   for k in sorted(ours_trained - ref_params):
-    why = ("requires grad but is in no official optimizer: the reference never updates it"
-           if k in not_in_opt else "frozen in the reference")
+    why = (
+      "requires grad but is in no official optimizer: the reference never updates it"
+      if k in not_in_opt
+      else "frozen in the reference"
+    )
     errors.append(f"{k}: trained here, {why}")
   for k in sorted((ref_params - no_grad) - ours_trained):
-    errors.append(f"{k}: updated by the reference optimiser, "
-                  + ("frozen here" if k in ours_all else "missing in this model"))
+    errors.append(
+      f"{k}: updated by the reference optimiser, "
+      + ("frozen here" if k in ours_all else "missing in this model")
+    )
   return errors
 
 
@@ -236,9 +258,15 @@ def trainable_set_errors(ours_trained: set[str], ours_all: set[str],
 # The check
 # ---------------------------------------------------------------------------
 
-def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarray] | None = None,
-                         meta: Mapping[str, Any] | None = None, *,
-                         verbose: bool = False, dtype: str = "float32") -> dict[str, Any]:
+
+def verify_train_fixture(
+  path: str | pathlib.Path,
+  arrays: Mapping[str, np.ndarray] | None = None,
+  meta: Mapping[str, Any] | None = None,
+  *,
+  verbose: bool = False,
+  dtype: str = "float32",
+) -> dict[str, Any]:
   """Runs one train-step fixture; returns the report (module docstring).
 
   ``dtype="float64"`` runs the same step with every floating array in float64 (needs
@@ -250,14 +278,13 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
     registry.UnsupportedModelError: no train adapter / registered model for it.
     keymaps.ConversionError: the regenerated weights do not fit the key map.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  import jax
+  import optax
 
-  from fss_jax import keymaps  # pylint: disable=g-import-not-at-top
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import optim as optim_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax import keymaps
+  from fss_jax.models import registry
+  from fss_jax.train import optim as optim_lib
+  from fss_jax.train import step as step_lib
 
   path = pathlib.Path(path)
   if arrays is None or meta is None:
@@ -288,24 +315,36 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
   config = paper_config(config_arg)
   schedule = meta.get("schedule") or {}
   total_steps = int(schedule.get("max_iter") or schedule.get("total_iters") or config.total_steps)
+
   def cast(tree):
     if dtype == "float32":
       return tree
-    return jax.tree.map(lambda a: np.asarray(a, dtype) if np.asarray(a).dtype.kind == "f" else a,
-                        tree)
+    return jax.tree.map(
+      lambda a: np.asarray(a, dtype) if np.asarray(a).dtype.kind == "f" else a, tree
+    )
 
   params = cast(variables["params"])
   batch_stats = cast(variables.get("batch_stats", {}))
-  opt = optim_lib.build(config.optim, params, total_steps=total_steps,
-                        frozen=spec.frozen_patterns(fields))
+  opt = optim_lib.build(
+    config.optim, params, total_steps=total_steps, frozen=spec.frozen_patterns(fields)
+  )
   count = _schedule_count(schedule)
 
-  report: dict[str, Any] = {"fixture": str(path), "model": spec.name, "kind": "train_step",
-                            "config": config_arg, "total_steps": total_steps,
-                            "schedule_count": count, "dtype": dtype,
-                            "backend": jax.default_backend(),
-                            "xla_flags": os.environ.get("XLA_FLAGS", ""), "outputs": {},
-                            "grads": {}, "deltas": {}, "stats": {}}
+  report: dict[str, Any] = {
+    "fixture": str(path),
+    "model": spec.name,
+    "kind": "train_step",
+    "config": config_arg,
+    "total_steps": total_steps,
+    "schedule_count": count,
+    "dtype": dtype,
+    "backend": jax.default_backend(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "outputs": {},
+    "grads": {},
+    "deltas": {},
+    "stats": {},
+  }
   errors: list[str] = []
 
   # -- trainable set ----------------------------------------------------------------------
@@ -318,11 +357,15 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
   no_grad = set((meta.get("frozen") or {}).get("in_optimizer_without_grad") or ())
   ref_updated = set(ref_params) - no_grad
   trainable_errors = trainable_set_errors(ours_trained, {v[0] for v in param_keys.values()}, meta)
-  report["trainable"] = {"ours": len(ours_trained), "reference": len(ref_updated),
-                         "reference_no_grad": len(no_grad),
-                         "ours_numel": int(sum(np.size(v) for p, v in _flat(params).items()
-                                               if labels[p] != optim_lib.FROZEN)),
-                         "errors": trainable_errors}
+  report["trainable"] = {
+    "ours": len(ours_trained),
+    "reference": len(ref_updated),
+    "reference_no_grad": len(no_grad),
+    "ours_numel": int(
+      sum(np.size(v) for p, v in _flat(params).items() if labels[p] != optim_lib.FROZEN)
+    ),
+    "errors": trainable_errors,
+  }
   errors += trainable_errors
 
   # -- hyper-parameters and schedule per key ---------------------------------------------
@@ -338,14 +381,17 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
       continue
     gkey = (info.get("optimizer", "optimizer"), info.get("group"))
     if gkey not in groups:
-      raise TrainFixtureError(f"params[{k!r}] names optimizer group {gkey}, which the json's "
-                              f"optimizers do not list")
+      raise TrainFixtureError(
+        f"params[{k!r}] names optimizer group {gkey}, which the json's optimizers do not list"
+      )
     otype, group = groups[gkey]
     hparam_errors += _hparam_errors(k, opt.hparams[label], group, otype)
     ours_lr = float(opt.schedules[label](count))
     if abs(ours_lr - float(info["lr"])) > LR_RTOL * abs(float(info["lr"])):
-      lr_errors.append(f"{k}: lr {ours_lr:.6g} here at iteration {count + 1}, "
-                       f"{float(info['lr']):.6g} in the reference")
+      lr_errors.append(
+        f"{k}: lr {ours_lr:.6g} here at iteration {count + 1}, "
+        f"{float(info['lr']):.6g} in the reference"
+      )
   # lr_samples: the reference schedule at other iterations, per group of the scheduled optimiser
   samples = schedule.get("lr_samples") or {}
   by_group: dict[int, str] = {}
@@ -361,8 +407,10 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
         continue
       ours_lr = float(opt.schedules[by_group[gi]](c))
       if abs(ours_lr - float(ref_lr)) > LR_RTOL * max(abs(float(ref_lr)), 1e-12):
-        lr_errors.append(f"group {gi}: lr {ours_lr:.6g} here at iteration {it}, "
-                         f"{float(ref_lr):.6g} in the reference")
+        lr_errors.append(
+          f"group {gi}: lr {ours_lr:.6g} here at iteration {it}, "
+          f"{float(ref_lr):.6g} in the reference"
+        )
   report["hparams"] = {"errors": hparam_errors}
   report["schedule"] = {"samples": len(samples), "errors": lr_errors}
   errors += hparam_errors + lr_errors
@@ -370,9 +418,11 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
   # -- losses, gradients, statistics: the engine's training forward + backward ------------
   batch = cast(jax.device_get(adapter.inputs(arrays, meta)))
   with jax.default_matmul_precision("highest"), no_dropout():
-    fn = jax.jit(lambda p, b, e: step_lib.loss_and_grads(
-        p, b, e, jax.random.PRNGKey(0), model=model, loss_fn=spec.loss_fn,
-        trainable=opt.trainable))
+    fn = jax.jit(
+      lambda p, b, e: step_lib.loss_and_grads(
+        p, b, e, jax.random.PRNGKey(0), model=model, loss_fn=spec.loss_fn, trainable=opt.trainable
+      )
+    )
     (loss, (metrics, new_stats)), grads = fn(params, batch_stats, batch)
   metrics = jax.tree.map(np.asarray, jax.device_get(dict(metrics)))
   metrics.setdefault("loss", np.asarray(loss))
@@ -384,11 +434,14 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
       report["outputs"][name] = _entry(ours_losses[name], arrays[name], limit(name))
 
   grads_flat = {p: np.asarray(g) for p, g in _flat(jax.device_get(grads)).items()}
-  ours_grad = {param_keys[p][0]: _TO_TORCH[param_keys[p][1]](g) for p, g in grads_flat.items()
-               if labels[p] != optim_lib.FROZEN}
+  ours_grad = {
+    param_keys[p][0]: _TO_TORCH[param_keys[p][1]](g)
+    for p, g in grads_flat.items()
+    if labels[p] != optim_lib.FROZEN
+  }
   for name in sorted(k for k in arrays if k.startswith("grad_")):
-    key, _, suffix = name[len("grad_"):].partition("__")
-    short = name[len("grad_"):]
+    key, _, suffix = name[len("grad_") :].partition("__")
+    short = name[len("grad_") :]
     if key not in ours_grad:
       report["grads"][short] = _missing(name, arrays[name], "not trained here")
       continue
@@ -407,17 +460,22 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
       if src is not None:
         ours_stat[src] = v
     for name in ref_stats:
-      key = name[len("stat_"):]
+      key = name[len("stat_") :]
       if key not in ours_stat:
         report["stats"][key] = _missing(name, arrays[name], "no such running statistic here")
       else:
         report["stats"][key] = _entry(ours_stat[key], arrays[name], limit(name))
   else:
-    moved = sorted(stat_keys.get(p, "/".join(p)) for p, v in stats_flat.items()
-                   if not np.array_equal(v, old_stats.get(p)))
+    moved = sorted(
+      stat_keys.get(p, "/".join(p))
+      for p, v in stats_flat.items()
+      if not np.array_equal(v, old_stats.get(p))
+    )
     if moved:
-      errors.append(f"{len(moved)} running statistics change in the training step, the "
-                    f"reference keeps every BatchNorm in eval mode (fix_bn): {moved[:5]}")
+      errors.append(
+        f"{len(moved)} running statistics change in the training step, the "
+        f"reference keeps every BatchNorm in eval mode (fix_bn): {moved[:5]}"
+      )
 
   # -- one optimiser step on the reference gradients ---------------------------------------
   torch_params = {}
@@ -436,7 +494,8 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
     else:
       g = np.zeros_like(w)
     torch_params[p], torch_grads[p] = w, g
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util
+
   p_tree = traverse_util.unflatten_dict(torch_params)
   g_tree = traverse_util.unflatten_dict(torch_grads)
 
@@ -449,8 +508,8 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
   deltas = _flat(jax.device_get(jax.jit(one_step)(p_tree, g_tree)))
   ours_delta = {param_keys[p][0]: np.asarray(d) for p, d in deltas.items()}
   for name in sorted(k for k in arrays if k.startswith("delta_")):
-    key, _, suffix = name[len("delta_"):].partition("__")
-    short = name[len("delta_"):]
+    key, _, suffix = name[len("delta_") :].partition("__")
+    short = name[len("delta_") :]
     if key not in ours_delta:
       if not np.any(np.asarray(arrays[name])):  # never updated by the reference, absent here
         report["deltas"][short] = _entry(np.zeros_like(arrays[name]), arrays[name], None)
@@ -459,9 +518,9 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
       continue
     d = ours_delta[key]
     if suffix == "stride" and key not in sampled:
-      d = d.reshape(-1)[::int(ref_params[key]["stride"])]
+      d = d.reshape(-1)[:: int(ref_params[key]["stride"])]
     report["deltas"][short] = _entry(d, arrays[name], limit(name))
-  for short, e in report["deltas"].items():
+  for e in report["deltas"].values():
     if e["scale"] == 0.0 and e["max_abs"] is not None:
       e["passed"] = bool(e["max_abs"] <= zero_abs)
 
@@ -490,22 +549,30 @@ def verify_train_fixture(path: str | pathlib.Path, arrays: Mapping[str, np.ndarr
 def _lines(report: Mapping[str, Any]) -> list[str]:
   def fmt(v):
     return "nan" if v is None else f"{v:.3e}"
-  lines = [f"# config {report['config']}, T={report['total_steps']}, "
-           f"step count {report['schedule_count']}; trainable tensors: ours "
-           f"{report['trainable']['ours']} ({report['trainable']['ours_numel']:,} values), "
-           f"reference {report['trainable']['reference']}"]
+
+  lines = [
+    f"# config {report['config']}, T={report['total_steps']}, "
+    f"step count {report['schedule_count']}; trainable tensors: ours "
+    f"{report['trainable']['ours']} ({report['trainable']['ours_numel']:,} values), "
+    f"reference {report['trainable']['reference']}"
+  ]
   for cat in ("outputs", "grads", "deltas", "stats"):
     entries = report[cat]
     if not entries:
       continue
     bad = [k for k, e in entries.items() if not e["passed"]]
-    lines.append(f"{cat}: {len(entries) - len(bad)}/{len(entries)} within tolerance, worst "
-                 f"err/limit {report['worst'][cat]:.3f}")
+    lines.append(
+      f"{cat}: {len(entries) - len(bad)}/{len(entries)} within tolerance, worst "
+      f"err/limit {report['worst'][cat]:.3f}"
+    )
     shown = entries if cat == "outputs" else {k: entries[k] for k in bad[:20]}
     for k, e in shown.items():
-      lines.append(f"  {k} {fmt(e['max_abs'])} {fmt(e['scale'])} "
-                   f"{'ok' if e['passed'] else 'FAIL'} (limit {e['limit']}"
-                   + (f"; {e['error']}" if e.get("error") else "") + ")")
+      lines.append(
+        f"  {k} {fmt(e['max_abs'])} {fmt(e['scale'])} "
+        f"{'ok' if e['passed'] else 'FAIL'} (limit {e['limit']}"
+        + (f"; {e['error']}" if e.get("error") else "")
+        + ")"
+      )
   for e in report["errors"]:
     lines.append(f"FAIL {e}")
   return lines

@@ -44,7 +44,7 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +58,12 @@ def _compare(pred, ref, logit: bool) -> dict[str, Any]:
   ref = np.asarray(ref)
   scale = float(np.max(np.abs(ref.astype(np.float64)))) if ref.size else 0.0
   if pred.shape != ref.shape:
-    return {"max_abs": None, "scale": scale, "argmax_agree": None,
-            "error": f"shape {tuple(pred.shape)} != reference {tuple(ref.shape)}"}
+    return {
+      "max_abs": None,
+      "scale": scale,
+      "argmax_agree": None,
+      "error": f"shape {tuple(pred.shape)} != reference {tuple(ref.shape)}",
+    }
   diff = np.abs(pred.astype(np.float64) - ref.astype(np.float64))
   max_abs = float(np.max(diff)) if diff.size else 0.0
   agree = None
@@ -72,8 +76,13 @@ def _fmt(v) -> str:
   return "nan" if v is None else f"{v:.3e}"
 
 
-def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
-                   compute_dtype: str = "float32", train_dtype: str = "float32") -> dict[str, Any]:
+def verify_fixture(
+  path: str | pathlib.Path,
+  *,
+  verbose: bool = False,
+  compute_dtype: str = "float32",
+  train_dtype: str = "float32",
+) -> dict[str, Any]:
   """Runs one fixture; returns the report dict (see module docstring).
 
   ``compute_dtype`` other than float32 measures the mixed-precision drift (no tolerances).
@@ -94,9 +103,11 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
   arrays, meta = fixtures.load_fixture(path)
   if meta.get("kind") == "train_step":
     if drift_only:
-      raise fixtures.FixtureError("--compute-dtype applies to forward fixtures; a train-step "
-                                  "fixture is checked in float32")
-    from checkpoints import train_step  # pylint: disable=g-import-not-at-top
+      raise fixtures.FixtureError(
+        "--compute-dtype applies to forward fixtures; a train-step fixture is checked in float32"
+      )
+    from checkpoints import train_step
+
     return train_step.verify_train_fixture(path, arrays, meta, verbose=verbose, dtype=train_dtype)
   spec = registry.for_fixture(meta)
   adapter = spec.parity
@@ -115,13 +126,23 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
     outputs = jax.tree.map(np.asarray, jax.device_get(precision.to_float32(outputs)))
   preds = adapter.outputs(outputs, meta)
 
-  report: dict[str, Any] = {"fixture": str(path), "model": spec.name, "outputs": {},
-                            "passed": True, "intermediates": {}, "compute_dtype": compute_dtype}
+  report: dict[str, Any] = {
+    "fixture": str(path),
+    "model": spec.name,
+    "outputs": {},
+    "passed": True,
+    "intermediates": {},
+    "compute_dtype": compute_dtype,
+  }
   lines = []
   for name in sorted(k for k in arrays if k.startswith("out_")):
     if name not in preds:
-      entry = {"max_abs": None, "scale": float(np.max(np.abs(arrays[name]))),
-               "argmax_agree": None, "error": "not returned by the model's parity adapter"}
+      entry = {
+        "max_abs": None,
+        "scale": float(np.max(np.abs(arrays[name]))),
+        "argmax_agree": None,
+        "error": "not returned by the model's parity adapter",
+      }
     else:
       entry = _compare(preds[name], arrays[name], name in adapter.logit_outputs)
     tol = adapter.tolerances.get(name, DEFAULT_RTOL * max(1.0, entry["scale"]))
@@ -132,18 +153,26 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
     if finite:
       entry["rel"] = entry["max_abs"] / max(1.0, entry["scale"])
     report["outputs"][name] = entry
-    verdict = ((f"drift {entry['rel']:.3e}" if finite else "FAIL") if drift_only
-               else ("ok" if ok else "FAIL"))
-    lines.append(f"{name} {_fmt(entry['max_abs'])} {_fmt(entry['scale'])} "
-                 f"{verdict} (tol {tol:.3e}"
-                 + (f", argmax {entry['argmax_agree']:.4f}" if entry["argmax_agree"] is not None
-                    else "") + (f"; {note}" if note else "") + ")")
+    verdict = (
+      (f"drift {entry['rel']:.3e}" if finite else "FAIL")
+      if drift_only
+      else ("ok" if ok else "FAIL")
+    )
+    lines.append(
+      f"{name} {_fmt(entry['max_abs'])} {_fmt(entry['scale'])} "
+      f"{verdict} (tol {tol:.3e}"
+      + (f", argmax {entry['argmax_agree']:.4f}" if entry["argmax_agree"] is not None else "")
+      + (f"; {note}" if note else "")
+      + ")"
+    )
   for name in sorted(k for k in preds if k.startswith("mid_") and k in arrays):
     entry = _compare(preds[name], arrays[name], False)
     note = entry.pop("error", None)
     report["intermediates"][name] = entry
-    lines.append(f"{name} {_fmt(entry['max_abs'])} {_fmt(entry['scale'])} informational"
-                 + (f" ({note})" if note else ""))
+    lines.append(
+      f"{name} {_fmt(entry['max_abs'])} {_fmt(entry['scale'])} informational"
+      + (f" ({note})" if note else "")
+    )
   unknown = sorted(k for k in preds if k.startswith("out_") and k not in arrays)
   if unknown:
     lines.append(f"# the adapter returned outputs absent from the fixture: {', '.join(unknown)}")
@@ -164,7 +193,9 @@ def verify_fixture(path: str | pathlib.Path, *, verbose: bool = False,
 # with YNNPACK (0.5 % of the scale) and not with XLA's kernels (14 %). `--cpu-kernels` picks
 # them for a train-step fixture before jax starts ("auto": the model's measured choice in
 # checkpoints/train_adapters.py); an explicit XLA_FLAGS choice of the YNN fusions is kept.
-EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
+EIGEN_CONVOLUTIONS = (
+  "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
+)
 # A one-step check gains nothing from XLA:CPU's concurrency-optimised scheduler, which keeps
 # more buffers live: SCCAN + PAHNet's step (161 px, B=2) needs 9.5 GiB of XLA temp memory with
 # it and 7.2 GiB without (peak RSS 12.5 -> 10.1 GB); scheduling does not change any result.
@@ -173,7 +204,8 @@ MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 def _cpu_kernels_for_train_steps(fixture: str, kernels: str) -> str | None:
   """Sets XLA_FLAGS for a train-step fixture before jax starts; returns the choice made."""
-  import os  # pylint: disable=g-import-not-at-top
+  import os
+
   try:
     meta = json.loads(pathlib.Path(fixture).with_suffix(".json").read_text())
   except (OSError, ValueError):
@@ -181,7 +213,8 @@ def _cpu_kernels_for_train_steps(fixture: str, kernels: str) -> str | None:
   if meta.get("kind") != "train_step":
     return None
   if kernels == "auto":
-    from checkpoints import train_adapters  # pylint: disable=g-import-not-at-top  (no jax)
+    from checkpoints import train_adapters  # no jax
+
     kernels = train_adapters.cpu_kernels(meta)
   if "jax" in sys.modules:
     return kernels
@@ -196,31 +229,47 @@ def _cpu_kernels_for_train_steps(fixture: str, kernels: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m checkpoints.verify",
-      description="Compare a Flax model with a parity fixture of the official PyTorch code.")
+    prog="python -m checkpoints.verify",
+    description="Compare a Flax model with a parity fixture of the official PyTorch code.",
+  )
   parser.add_argument("--fixture", required=True, help="path of the fixture .npz (json beside it)")
   parser.add_argument("--json", help="write the report to this file")
-  parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="bfloat16: report the mixed-precision drift from the float32 reference")
-  parser.add_argument("--cpu-kernels", default="auto", choices=("auto", "xla", "ynnpack"),
-                      help="XLA:CPU float32 kernels for a train-step fixture: xla (XLA's own "
-                           "convolutions and dots), ynnpack (jax's default), or auto (the model's "
-                           "measured choice, checkpoints/train_adapters.py); see WORKSPACE §9")
-  parser.add_argument("--float64", action="store_true",
-                      help="train-step fixtures: run the step in float64 (the training logic "
-                           "without float32 kernel rounding; the fixtures' limits still apply)")
+  parser.add_argument(
+    "--compute-dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="bfloat16: report the mixed-precision drift from the float32 reference",
+  )
+  parser.add_argument(
+    "--cpu-kernels",
+    default="auto",
+    choices=("auto", "xla", "ynnpack"),
+    help="XLA:CPU float32 kernels for a train-step fixture: xla (XLA's own "
+    "convolutions and dots), ynnpack (jax's default), or auto (the model's "
+    "measured choice, checkpoints/train_adapters.py); see WORKSPACE §9",
+  )
+  parser.add_argument(
+    "--float64",
+    action="store_true",
+    help="train-step fixtures: run the step in float64 (the training logic "
+    "without float32 kernel rounding; the fixtures' limits still apply)",
+  )
   args = parser.parse_args(argv)
   _cpu_kernels_for_train_steps(args.fixture, args.cpu_kernels)
   if args.float64:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
+
     jax.config.update("jax_enable_x64", True)
 
   from fss_jax.keymaps import ConversionError
   from fss_jax.models.registry import UnsupportedModelError
 
   try:
-    report = verify_fixture(args.fixture, compute_dtype=args.compute_dtype,
-                            train_dtype="float64" if args.float64 else "float32")
+    report = verify_fixture(
+      args.fixture,
+      compute_dtype=args.compute_dtype,
+      train_dtype="float64" if args.float64 else "float32",
+    )
   except UnsupportedModelError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -34,8 +34,13 @@ BAM_SEEDS = (510, 365, 382, 322, 988)
 HDMNET_SEEDS = (510, 365, 382, 322, 988, 98, 742, 17, 595, 106)
 VAL_SEED = 321
 DATASETS = ("pascal5i", "coco20i")
-_ALIASES = {"pascal": "pascal5i", "voc": "pascal5i", "pascal5i": "pascal5i",
-            "coco": "coco20i", "coco20i": "coco20i"}
+_ALIASES = {
+  "pascal": "pascal5i",
+  "voc": "pascal5i",
+  "pascal5i": "pascal5i",
+  "coco": "coco20i",
+  "coco20i": "coco20i",
+}
 
 
 def _coerce(value: str, like):
@@ -68,7 +73,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, eq, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: {', '.join(sorted(defaults))}")
+      raise ValueError(
+        f"unknown config argument {key!r} in {arg!r}; known: {', '.join(sorted(defaults))}"
+      )
     like = defaults[key]
     if not eq:
       if not isinstance(like, bool):
@@ -109,60 +116,60 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
   # -- data (fss_jax.data.pipeline.EpisodeConfig) --------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "~/tensorflow_datasets"
-  c.data.task = "episodes"            # | "base": base-learner images + base labels (PSPNet)
-  c.data.protocol = "bam"             # training lists: "bam" (novel images dropped) | "pfenet"
-  c.data.coco_split = "interleaved"   # | "contiguous" (PANet's COCO split)
+  c.data.task = "episodes"  # | "base": base-learner images + base labels (PSPNet)
+  c.data.protocol = "bam"  # training lists: "bam" (novel images dropped) | "pfenet"
+  c.data.coco_split = "interleaved"  # | "contiguous" (PANet's COCO split)
   c.data.train_size = 473
-  c.data.train_resize = "crop"        # PFENet/BAM/SCCAN | "squash" (HDMNet)
+  c.data.train_resize = "crop"  # PFENet/BAM/SCCAN | "squash" (HDMNet)
   c.data.scale = (0.9, 1.1) if c.dataset == "pascal5i" else (0.8, 1.25)
   c.data.rotate = (-10.0, 10.0)
-  c.data.blur = 0.5                   # Gaussian blur probability (0: none)
+  c.data.blur = 0.5  # Gaussian blur probability (0: none)
   c.data.test_size = 473
-  c.data.test_resize = "aspect"       # §9.1 aspect + pad | "squash" (§9.2)
-  c.data.label_bucket = 0             # 0: 512 PASCAL / 640 COCO
+  c.data.test_resize = "aspect"  # §9.1 aspect + pad | "squash" (§9.2)
+  c.data.label_bucket = 0  # 0: 512 PASCAL / 640 COCO
   c.data.base_label = False
   c.data.worker_count = 0
   c.data.read_threads = 2
   c.data.prefetch_batches = 2
 
   # -- schedule ------------------------------------------------------------------------
-  c.batch_size = 8                    # global, split over the mesh's data axis
-  c.total_steps = 10_000              # optimiser steps; if epochs > 0: epochs x steps/epoch
+  c.batch_size = 8  # global, split over the mesh's data axis
+  c.total_steps = 10_000  # optimiser steps; if epochs > 0: epochs x steps/epoch
   c.epochs = 0
   c.log_every_steps = 50
 
   # -- optimiser (fss_jax.train.optim.build) -------------------------------------------
   c.optim = ml_collections.ConfigDict()
-  c.optim.optimizer = "sgd"           # sgd | adamw | adam
+  c.optim.optimizer = "sgd"  # sgd | adamw | adam
   c.optim.lr = 0.0025
   c.optim.momentum = 0.9
   c.optim.nesterov = False
-  c.optim.weight_decay = 1e-4         # torch semantics: SGD coupled L2, AdamW decoupled
+  c.optim.weight_decay = 1e-4  # torch semantics: SGD coupled L2, AdamW decoupled
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.schedule = "poly"           # constant | poly | multistep | cosine
+  c.optim.schedule = "poly"  # constant | poly | multistep | cosine
   c.optim.power = 0.9
   c.optim.milestones = ()
   c.optim.gamma = 0.1
-  c.optim.warmup_steps = 0            # PFENet warm-up: lr * (0.1 + 0.9 t / warmup)
-  c.optim.lr_mults = ()               # ((regex, multiplier), ...), e.g. ((".*head.*", 10.0),)
-  c.optim.frozen = ()                 # extra regexes; the model's ModelSpec.frozen always applies
-  c.optim.groups = ml_collections.ConfigDict()   # name -> {pattern, optimizer, lr, ...}
+  c.optim.warmup_steps = 0  # PFENet warm-up: lr * (0.1 + 0.9 t / warmup)
+  c.optim.lr_mults = ()  # ((regex, multiplier), ...), e.g. ((".*head.*", 10.0),)
+  c.optim.frozen = ()  # extra regexes; the model's ModelSpec.frozen always applies
+  c.optim.groups = ml_collections.ConfigDict()  # name -> {pattern, optimizer, lr, ...}
   c.optim.grad_clip_norm = 0.0
 
   # -- evaluation (data_protocol.md §7.3, §10) -----------------------------------------
   c.eval = ml_collections.ConfigDict()
-  c.eval.episodes = 1000              # per seed; SCCAN/PAHNet COCO 4000, HDMNet COCO 10000
-  c.eval.seeds = BAM_SEEDS            # final test (--mode eval): mean ± std over seeds
-  c.eval.val_seed = VAL_SEED          # validation during training (model selection)
+  c.eval.episodes = 1000  # per seed; SCCAN/PAHNet COCO 4000, HDMNet COCO 10000
+  c.eval.seeds = BAM_SEEDS  # final test (--mode eval): mean ± std over seeds
+  c.eval.val_seed = VAL_SEED  # validation during training (model selection)
   c.eval.val_episodes = 1000
-  c.eval.every_steps = -1             # -1: once per epoch; 0: never during training
-  c.eval.batch_size = -1              # -1: one episode per data-parallel device
-  c.eval.episodes_dir = ""            # stored episode lists; "": <workdir>/episodes
-  c.eval.checkpoint = "best"          # --mode eval uses: best | latest
-  c.eval.num_images = 4               # query/support/prediction panels written to TensorBoard
-  c.eval.allow_other_fold = False     # config.init trained on another fold: error unless True
+  c.eval.every_steps = -1  # -1: once per epoch; 0: never during training
+  c.eval.batch_size = -1  # -1: one episode per data-parallel device
+  c.eval.episodes_dir = ""  # stored episode lists; "": <workdir>/episodes
+  c.eval.checkpoint = "best"  # --mode eval uses: best | latest
+  c.eval.num_images = 4  # query/support/prediction panels written to TensorBoard
+  c.eval.allow_other_fold = False  # config.init trained on another fold: error unless True
   # Evaluation shape independent of training (docs/protocols.md): K supports, N ways, the test
   # dataset / fold (0, 0, "", -1: the training values). A model refuses a K it cannot fuse.
   # eval.dataset may name a cross-domain test set (fss1000 | deepglobe | isic2018 | chest_xray,
@@ -178,26 +185,26 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
   # protocol_fields overrides the preset's value (None: the preset's).
   c.protocol = "pfenet_bam"
   c.protocol_fields = ml_collections.ConfigDict()
-  c.protocol_fields.test_size = config_dict.placeholder(int)      # input side S
-  c.protocol_fields.test_resize = config_dict.placeholder(str)    # aspect | squash
-  c.protocol_fields.score = config_dict.placeholder(str)          # original | input (S x S)
-  c.protocol_fields.ignore_255 = config_dict.placeholder(bool)    # False: 255 counts as background
+  c.protocol_fields.test_size = config_dict.placeholder(int)  # input side S
+  c.protocol_fields.test_resize = config_dict.placeholder(str)  # aspect | squash
+  c.protocol_fields.score = config_dict.placeholder(str)  # original | input (S x S)
+  c.protocol_fields.ignore_255 = config_dict.placeholder(bool)  # False: 255 counts as background
   c.protocol_fields.novel_filter = config_dict.placeholder(bool)  # training lists drop novel images
-  c.protocol_fields.class_split = config_dict.placeholder(str)    # COCO: interleaved | contiguous
-  c.protocol_fields.episode_rule = config_dict.placeholder(str)   # pfenet | hsnet
-  c.protocol_fields.lists = config_dict.placeholder(str)          # build | hsnet's data/splits dir
-  c.protocol_fields.episodes = config_dict.placeholder(int)       # per seed; 0: one per query
+  c.protocol_fields.class_split = config_dict.placeholder(str)  # COCO: interleaved | contiguous
+  c.protocol_fields.episode_rule = config_dict.placeholder(str)  # pfenet | hsnet
+  c.protocol_fields.lists = config_dict.placeholder(str)  # build | hsnet's data/splits dir
+  c.protocol_fields.episodes = config_dict.placeholder(int)  # per seed; 0: one per query
   c.protocol_fields.seeds = config_dict.placeholder(tuple)
-  c.protocol_fields.seed_rule = config_dict.placeholder(str)      # per_episode | sequential
+  c.protocol_fields.seed_rule = config_dict.placeholder(str)  # per_episode | sequential
 
   # -- checkpoints / init / resume -----------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 2
   c.checkpoint.async_save = True
-  c.init = ""                         # converted weights (python -m checkpoints.convert --dst DIR)
-  c.init_prefix = ""                  # sub-module the converted weights belong to ("" = whole model)
-  c.resume = ""                       # another run's workdir to continue from
+  c.init = ""  # converted weights (python -m checkpoints.convert --dst DIR)
+  c.init_prefix = ""  # sub-module the converted weights belong to ("" = whole model)
+  c.resume = ""  # another run's workdir to continue from
 
   # -- logging -------------------------------------------------------------------------
   c.tensorboard = True
@@ -209,10 +216,16 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
 
   # -- devices -------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, num_devices=0))  # 0: all devices
-  c.distributed = ml_collections.ConfigDict(dict(
-      mode="off",                     # off | auto (TPU pods, SLURM) | manual
-      coordinator_address="", num_processes=1, process_id=0, local_device_ids=(),
-      cpu_collectives="gloo"))
+  c.distributed = ml_collections.ConfigDict(
+    dict(
+      mode="off",  # off | auto (TPU pods, SLURM) | manual
+      coordinator_address="",
+      num_processes=1,
+      process_id=0,
+      local_device_ids=(),
+      cpu_collectives="gloo",
+    )
+  )
 
   c.smoke = bool(arg.get("smoke", False))
   return c
@@ -252,5 +265,13 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-__all__ = ["parse_arg", "base_config", "apply_smoke", "finalize", "BAM_SEEDS", "HDMNET_SEEDS",
-           "VAL_SEED", "canonical_dataset"]
+__all__ = [
+  "parse_arg",
+  "base_config",
+  "apply_smoke",
+  "finalize",
+  "BAM_SEEDS",
+  "HDMNET_SEEDS",
+  "VAL_SEED",
+  "canonical_dataset",
+]

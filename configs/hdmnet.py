@@ -78,8 +78,8 @@ def get_config(arg: str | None = None):
   c.optim.power = 0.9
   c.optim.warmup_steps = 0
   c.optim.lr_mults = (
-      (r"(down_supp|down_query|supp_merge|query_merge)/.*", 10.0),
-      (r"ensemble/(gram_merge|cls_merge)/.*", 10.0),
+    (r"(down_supp|down_query|supp_merge|query_merge)/.*", 10.0),
+    (r"ensemble/(gram_merge|cls_merge)/.*", 10.0),
   )
 
   # Test protocol (§8) and validation (§7).

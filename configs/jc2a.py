@@ -34,21 +34,32 @@ from configs import common
 
 # Table 3 rows: (use_p2p, use_p2b, use_ckmm).
 VARIANTS = {
-    "baseline": (False, False, False),
-    "p2p": (True, False, False),
-    "p2b": (False, True, False),
-    "p2p_p2b": (True, True, False),
-    "ckmm": (False, False, True),
-    "full": (True, True, True),
+  "baseline": (False, False, False),
+  "p2p": (True, False, False),
+  "p2b": (False, True, False),
+  "p2p_p2b": (True, True, False),
+  "ckmm": (False, False, True),
+  "full": (True, True, True),
 }
 ALIGNMENTS = ("ours", "softmax", "linear", "cosine")
 FUSIONS = ("add", "multiply", "concat")
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, dataset="pascal", fold=0, shot=1, layers=50, variant="full",
-                         align="ours", pe=True, hpam_fusion="add", mia_fusion="concat",
-                         pfenet_lr=True, smoke=False)
+  arg = common.parse_arg(
+    arg,
+    dataset="pascal",
+    fold=0,
+    shot=1,
+    layers=50,
+    variant="full",
+    align="ours",
+    pe=True,
+    hpam_fusion="add",
+    mia_fusion="concat",
+    pfenet_lr=True,
+    smoke=False,
+  )
   c = common.base_config(arg, model="jc2a")
   coco = c.dataset == "coco20i"
 
@@ -57,8 +68,11 @@ def get_config(arg: str | None = None):
     raise ValueError(f"JC²A has ResNet-50 and ResNet-101 configs, got layers={c.layers}")
   if arg.variant not in VARIANTS:
     raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {arg.variant!r}")
-  for name, value, allowed in (("align", arg.align, ALIGNMENTS), ("hpam_fusion", arg.hpam_fusion, FUSIONS),
-                               ("mia_fusion", arg.mia_fusion, FUSIONS)):
+  for name, value, allowed in (
+    ("align", arg.align, ALIGNMENTS),
+    ("hpam_fusion", arg.hpam_fusion, FUSIONS),
+    ("mia_fusion", arg.mia_fusion, FUSIONS),
+  ):
     if value not in allowed:
       raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
   use_p2p, use_p2b, use_ckmm = VARIANTS[arg.variant]
@@ -121,8 +135,9 @@ def get_config(arg: str | None = None):
   # The backbone is frozen: without ImageNet weights JC²A would train on a random ResNet.
   c.init_required = not c.smoke
   c.init_help = (
-      "Convert the ImageNet backbone and pass it: python -m checkpoints.convert --model jc2a "
-      "--src initmodel/resnet50_v2.pth --dst W0, then --config.init=W0 (see configs/jc2a.py).")
+    "Convert the ImageNet backbone and pass it: python -m checkpoints.convert --model jc2a "
+    "--src initmodel/resnet50_v2.pth --dst W0, then --config.init=W0 (see configs/jc2a.py)."
+  )
 
   if c.smoke:
     # Same code path on 65×65 inputs (9×9 features): relative pyramid, fewer blocks.

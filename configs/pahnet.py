@@ -52,15 +52,16 @@ def frozen_parts_help(model: str, dataset: str, fold: int) -> str:
   """How to provide PAHNet's frozen PSPNet base learner and SSP predictor (error messages)."""
   short = "coco" if common.canonical_dataset(dataset) == "coco20i" else "pascal"
   return (
-      f"{model} needs its frozen parts for {short} fold {fold}: the PSPNet base learner and the SSP "
-      f"predictor. Either convert a released PAHNet checkpoint (it holds both):\n"
-      f"  python -m checkpoints.convert --model {model} --src best.pth --dst <dir>\n"
-      f"and run with --config.init=<dir>, or give the two parts separately:\n"
-      f"  --config.init=pspnet=<psp_dir>,ssp=<ssp_dir>\n"
-      f"with <psp_dir> from configs/pspnet.py:dataset={short},fold={fold} (<workdir>/checkpoints) or "
-      f"`checkpoints.convert --model pspnet` of BAM's initmodel/PSPNet/{short}/split{fold}/resnet50/"
-      f"best.pth, and <ssp_dir> from configs/ssp.py:dataset={short},fold={fold} (<workdir>/checkpoints) "
-      f"or `checkpoints.convert --model ssp` of initmodel/SSPNet/{short}/split{fold}/resnet50/best.pth.")
+    f"{model} needs its frozen parts for {short} fold {fold}: the PSPNet base learner and the SSP "
+    f"predictor. Either convert a released PAHNet checkpoint (it holds both):\n"
+    f"  python -m checkpoints.convert --model {model} --src best.pth --dst <dir>\n"
+    f"and run with --config.init=<dir>, or give the two parts separately:\n"
+    f"  --config.init=pspnet=<psp_dir>,ssp=<ssp_dir>\n"
+    f"with <psp_dir> from configs/pspnet.py:dataset={short},fold={fold} (<workdir>/checkpoints) or "
+    f"`checkpoints.convert --model pspnet` of BAM's initmodel/PSPNet/{short}/split{fold}/resnet50/"
+    f"best.pth, and <ssp_dir> from configs/ssp.py:dataset={short},fold={fold} (<workdir>/checkpoints) "
+    f"or `checkpoints.convert --model ssp` of initmodel/SSPNet/{short}/split{fold}/resnet50/best.pth."
+  )
 
 
 def get_config(arg: str | None = None):
@@ -101,8 +102,15 @@ def get_config(arg: str | None = None):
     c.optim.schedule = "poly"
     c.optim.power = 0.9
     c.optim.groups.transformer = dict(
-        pattern=r"transformer/.*", optimizer="adamw", lr=6e-5, schedule="constant",
-        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+      pattern=r"transformer/.*",
+      optimizer="adamw",
+      lr=6e-5,
+      schedule="constant",
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.01,
+    )
   else:
     size = 633 if coco else 473
     c.data.train_size = size
@@ -121,8 +129,8 @@ def get_config(arg: str | None = None):
     c.optim.schedule = "poly"
     c.optim.power = 0.9
     c.optim.lr_mults = (
-        (r"(down_supp|down_query|supp_merge|query_merge)/.*", 10.0),
-        (r"ensemble/(gram_merge|cls_merge|kshot_rw)/.*", 10.0),
+      (r"(down_supp|down_query|supp_merge|query_merge)/.*", 10.0),
+      (r"ensemble/(gram_merge|cls_merge|kshot_rw)/.*", 10.0),
     )
   c.optim.warmup_steps = 0
   c.init_prefix = ""

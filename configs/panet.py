@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
   # PANet's own chain (dataloaders/transforms.py): PIL resize of the uint8 image, then mirror
   # (transforms.train_ops resize="panet"; tests/test_augment_official.py).
   c.data.train_resize = "panet"
-  c.data.scale = (1.0, 1.0)        # no RandScale, no rotation, no blur: resize + mirror
+  c.data.scale = (1.0, 1.0)  # no RandScale, no rotation, no blur: resize + mirror
   c.data.rotate = (0.0, 0.0)
   c.data.blur = 0.0
   c.data.test_size = 417
@@ -72,8 +72,8 @@ def get_config(arg: str | None = None):
   c.eval.episodes = 1000
   c.eval.seeds = common.BAM_SEEDS
   c.eval.val_episodes = 1000
-  c.eval.every_steps = 10_000      # PANet has no validation; this only tracks progress
-  c.eval.checkpoint = "latest"     # PANet tests its last snapshot
+  c.eval.every_steps = 10_000  # PANet has no validation; this only tracks progress
+  c.eval.checkpoint = "latest"  # PANet tests its last snapshot
   c.checkpoint.every_steps = 10_000
 
   return common.finalize(c)

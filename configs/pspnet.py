@@ -50,14 +50,15 @@ def base_learner_help(dataset: str, fold: int, path: str | None = None) -> str:
   short = "coco" if dataset == "coco20i" else "pascal"
   where = f" (config.init={path!r} does not exist)" if path else ""
   return (
-      f"HDMNet needs the frozen PSPNet base learner of {dataset} fold {fold} as config.init"
-      f"{where}. Either train one on the fold's base classes:\n"
-      f"  python -m fss_jax.main --config configs/pspnet.py:dataset={short},fold={fold} "
-      f"--workdir <base_workdir>\n"
-      f"and run with --config.init=<base_workdir>/checkpoints, or convert BAM's released "
-      f"initmodel/PSPNet/{short}/split{fold}/resnet50/best.pth:\n"
-      f"  python -m checkpoints.convert --model pspnet --src best.pth --dst <dir>\n"
-      f"and run with --config.init=<dir> (config.init_prefix='pspnet' in both cases).")
+    f"HDMNet needs the frozen PSPNet base learner of {dataset} fold {fold} as config.init"
+    f"{where}. Either train one on the fold's base classes:\n"
+    f"  python -m fss_jax.main --config configs/pspnet.py:dataset={short},fold={fold} "
+    f"--workdir <base_workdir>\n"
+    f"and run with --config.init=<base_workdir>/checkpoints, or convert BAM's released "
+    f"initmodel/PSPNet/{short}/split{fold}/resnet50/best.pth:\n"
+    f"  python -m checkpoints.convert --model pspnet --src best.pth --dst <dir>\n"
+    f"and run with --config.init=<dir> (config.init_prefix='pspnet' in both cases)."
+  )
 
 
 def get_config(arg: str | None = None):
@@ -67,11 +68,11 @@ def get_config(arg: str | None = None):
 
   c.model_fields.num_classes = 61 if coco else 16
   c.model_fields.depth = int(arg.layers)
-  c.model_fields.frozen = False          # BN trained (train_base.py has no fix_bn)
+  c.model_fields.frozen = False  # BN trained (train_base.py has no fix_bn)
 
   # Base-learner data (BAM BaseData): the whole train pool with base labels.
-  c.data.task = "base"                   # fss_jax.data.pipeline.make_base_train_loader
-  c.data.base_label = True               # episodic fallback: query_base_label is the target
+  c.data.task = "base"  # fss_jax.data.pipeline.make_base_train_loader
+  c.data.base_label = True  # episodic fallback: query_base_label is the target
   c.data.train_size = 417
   c.data.train_resize = "crop"
   c.data.scale = (0.5, 2.0)
@@ -89,10 +90,9 @@ def get_config(arg: str | None = None):
   c.optim.schedule = "poly"
   c.optim.power = 0.9
   c.optim.warmup_steps = 0
-  c.optim.lr_mults = ((".*", 10.0),) if coco else \
-      ((r"(ppm|cls_conv|cls_bn|classifier)/.*", 10.0),)
+  c.optim.lr_mults = ((".*", 10.0),) if coco else ((r"(ppm|cls_conv|cls_bn|classifier)/.*", 10.0),)
 
-  c.init_prefix = "backbone"             # converted ImageNet resnet50_v2 weights
+  c.init_prefix = "backbone"  # converted ImageNet resnet50_v2 weights
   c = common.finalize(c)
-  c.eval.every_steps = 0                 # see the module docstring (after the smoke switch too)
+  c.eval.every_steps = 0  # see the module docstring (after the smoke switch too)
   return c

@@ -74,8 +74,15 @@ def get_config(arg: str | None = None):
   c.optim.power = 0.9
   c.optim.warmup_steps = 0
   c.optim.groups.transformer = dict(
-      pattern=r"transformer/.*", optimizer="adamw", lr=6e-5, schedule="constant",
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    pattern=r"transformer/.*",
+    optimizer="adamw",
+    lr=6e-5,
+    schedule="constant",
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.01,
+  )
 
   # Test protocol (§8): one seed, 1000 / 4000 episodes, validated every epoch.
   episodes = 4000 if coco else 1000
@@ -89,10 +96,11 @@ def get_config(arg: str | None = None):
   # The backbone is frozen: without ImageNet weights SCCAN would train on a random ResNet.
   c.init_required = not c.smoke
   c.init_help = (
-      "Convert the ImageNet backbone of the official repository (initmodel/resnet50_v2.pth, or "
-      "resnet101_v2.pth with layers=101) and pass it: python -m checkpoints.convert --model "
-      "resnet_sccan --src initmodel/resnet50_v2.pth --dst W0 [--model-arg depth=101], then "
-      "--config.init=W0. A released SCCAN model: --config.init=DIR --config.init_prefix=''.")
+    "Convert the ImageNet backbone of the official repository (initmodel/resnet50_v2.pth, or "
+    "resnet101_v2.pth with layers=101) and pass it: python -m checkpoints.convert --model "
+    "resnet_sccan --src initmodel/resnet50_v2.pth --dst W0 [--model-arg depth=101], then "
+    "--config.init=W0. A released SCCAN model: --config.init=DIR --config.init_prefix=''."
+  )
 
   if c.smoke:
     # Same code path, a small transformer grid and two blocks.

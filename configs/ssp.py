@@ -42,13 +42,16 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, dataset="pascal", fold=0, shot=1, refine=False,
-                         split="interleaved", smoke=False)
+  arg = common.parse_arg(
+    arg, dataset="pascal", fold=0, shot=1, refine=False, split="interleaved", smoke=False
+  )
   c = common.base_config(arg, model="ssp")
   coco = c.dataset == "coco20i"
   if arg.split not in ("interleaved", "ssp"):
-    raise ValueError(f"split must be 'interleaved' (BAM/PAHNet) or 'ssp' (SSP's contiguous "
-                     f"COCO split), got {arg.split!r}")
+    raise ValueError(
+      f"split must be 'interleaved' (BAM/PAHNet) or 'ssp' (SSP's contiguous "
+      f"COCO split), got {arg.split!r}"
+    )
 
   c.refine = bool(arg.refine)
   c.model_fields.shot = c.get_ref("shot")
@@ -61,7 +64,7 @@ def get_config(arg: str | None = None):
   # SSP's dataset/transform.py: pad bottom/right (image 0, label 255), one random crop, then
   # flip (transforms.train_ops resize="ssp"; tests/test_augment_official.py).
   c.data.train_resize = "ssp"
-  c.data.scale = (1.0, 1.0)          # crop + flip only: no RandScale, rotation or blur
+  c.data.scale = (1.0, 1.0)  # crop + flip only: no RandScale, rotation or blur
   c.data.rotate = (0.0, 0.0)
   c.data.blur = 0.0
   c.data.test_size = 473
@@ -92,9 +95,10 @@ def get_config(arg: str | None = None):
   # layer0 / layer1 and every BatchNorm are frozen: they must be ImageNet weights.
   c.init_required = not c.smoke
   c.init_help = (
-      "Convert an ImageNet ResNet-50 and pass it: python -m checkpoints.convert --model ssp "
-      "--model-arg source=imagenet --src pretrained/resnet50.pth --dst R0 (SSP's file; PSPNet's "
-      "initmodel/resnet50_v2.pth with --model-arg source=resnet_v2), then --config.init=R0.")
+    "Convert an ImageNet ResNet-50 and pass it: python -m checkpoints.convert --model ssp "
+    "--model-arg source=imagenet --src pretrained/resnet50.pth --dst R0 (SSP's file; PSPNet's "
+    "initmodel/resnet50_v2.pth with --model-arg source=resnet_v2), then --config.init=R0."
+  )
   if c.smoke:
     c.optim.milestones = (1, 2)
   return common.finalize(c)

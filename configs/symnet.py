@@ -64,7 +64,7 @@ def get_config(arg: str | None = None):
   c.model_fields.depth = 50
   c.model_fields.scales = (81, 40, 20, 10) if coco else (60, 30, 15, 8)
   c.model_fields.kshot_hidden = 2
-  c.model_fields.embedding_path = ""         # "": the packaged word2vec table
+  c.model_fields.embedding_path = ""  # "": the packaged word2vec table
 
   # Data (§7): BAM training lists and augmentation, crop, base annotations.
   c.data.protocol = "bam"
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None):
   c.epochs = 50 if coco else 200
 
   c.optim.optimizer = "sgd"
-  c.optim.lr = 0.05                          # 0.005 x 10 (index_split = -1), see above
+  c.optim.lr = 0.05  # 0.005 x 10 (index_split = -1), see above
   c.optim.momentum = 0.9
   c.optim.nesterov = False
   c.optim.weight_decay = 1e-4
@@ -102,8 +102,9 @@ def get_config(arg: str | None = None):
   c.init_prefix = "pspnet"
   c.init_required = not c.smoke
   c.init_help = pspnet_config.base_learner_help(c.dataset, c.fold).replace(
-      "HDMNet needs", "Sym-Net needs", 1)
+    "HDMNet needs", "Sym-Net needs", 1
+  )
 
   if c.smoke:
-    c.model_fields.scales = ()               # follow the smoke input size (65 -> 9 x 9)
+    c.model_fields.scales = ()  # follow the smoke input size (65 -> 9 x 9)
   return common.finalize(c)

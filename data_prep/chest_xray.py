@@ -40,6 +40,10 @@ Source: https://www.kaggle.com/datasets/nikhilpandey360/chest-xray-masks-and-lab
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=_DESCRIPTION, features=self._fss_features(image_format="png"),
-        homepage="https://www.ncbi.nlm.nih.gov/pmc/articles/PMC4256233/", citation=_CITATION,
-        disable_shuffling=True)
+      builder=self,
+      description=_DESCRIPTION,
+      features=self._fss_features(image_format="png"),
+      homepage="https://www.ncbi.nlm.nih.gov/pmc/articles/PMC4256233/",
+      citation=_CITATION,
+      disable_shuffling=True,
+    )

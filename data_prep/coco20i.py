@@ -48,5 +48,10 @@ order = {raw.COCO_PAINT_ORDER} (later instances overwrite earlier ones).
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=_DESCRIPTION, features=self._fss_features(),
-        homepage="https://cocodataset.org", citation=_CITATION, disable_shuffling=True)
+      builder=self,
+      description=_DESCRIPTION,
+      features=self._fss_features(),
+      homepage="https://cocodataset.org",
+      citation=_CITATION,
+      disable_shuffling=True,
+    )

@@ -31,16 +31,16 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from data_prep import raw
 from fss_jax.data import splits
 
 log = logging.getLogger(__name__)
 # The raw-data error helpers the PASCAL / COCO parsers use (problem line, then the layout).
-_layout_error = raw._layout_error  # pylint: disable=protected-access
-_listing = raw._listing  # pylint: disable=protected-access
-_check_unique = raw._check_unique  # pylint: disable=protected-access
+_layout_error = raw._layout_error
+_listing = raw._listing
+_check_unique = raw._check_unique
 
 FSS1000_LAYOUT = """\
   <manual_dir>/                      (or <manual_dir>/FSS-1000/, <manual_dir>/fewshot_data/)
@@ -77,8 +77,12 @@ CHEST_XRAY_LAYOUT = """\
     masks/<name>.png                 (and test/) are not used. Montgomery's masks carry the image name itself
                                      (PATNet's loader only pairs the _mask.png names)"""
 
-LAYOUTS = {"fss1000": FSS1000_LAYOUT, "deepglobe": DEEPGLOBE_LAYOUT, "isic2018": ISIC2018_LAYOUT,
-           "chest_xray": CHEST_XRAY_LAYOUT}
+LAYOUTS = {
+  "fss1000": FSS1000_LAYOUT,
+  "deepglobe": DEEPGLOBE_LAYOUT,
+  "isic2018": ISIC2018_LAYOUT,
+  "chest_xray": CHEST_XRAY_LAYOUT,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +97,9 @@ def _manual_dir(manual_dir: str | os.PathLike, what: str, layout: str) -> pathli
   return path
 
 
-def _find_root(manual_dir: pathlib.Path, subdirs: Sequence[str],
-               is_root: Callable[[pathlib.Path], bool]) -> pathlib.Path | None:
+def _find_root(
+  manual_dir: pathlib.Path, subdirs: Sequence[str], is_root: Callable[[pathlib.Path], bool]
+) -> pathlib.Path | None:
   """``manual_dir`` or the first ``manual_dir/<subdir>`` that ``is_root`` accepts."""
   for candidate in [manual_dir] + [manual_dir / s for s in subdirs]:
     if candidate.is_dir() and is_root(candidate):
@@ -104,11 +109,15 @@ def _find_root(manual_dir: pathlib.Path, subdirs: Sequence[str],
 
 def _files(folder: pathlib.Path, suffix: str) -> list[pathlib.Path]:
   """Files of ``folder`` ending in ``suffix`` (case as PATNet's ``split('.')[1] == 'jpg'`` test), sorted by name."""
-  return sorted((p for p in folder.iterdir() if p.suffix == suffix and p.is_file()), key=lambda p: p.name)
+  return sorted(
+    (p for p in folder.iterdir() if p.suffix == suffix and p.is_file()), key=lambda p: p.name
+  )
 
 
 def _entry(image_id: str, image: pathlib.Path, mask: pathlib.Path, class_id: int) -> raw.Entry:
-  return raw.Entry(image_id=image_id, image=os.fspath(image), label=os.fspath(mask), class_id=class_id)
+  return raw.Entry(
+    image_id=image_id, image=os.fspath(image), label=os.fspath(mask), class_id=class_id
+  )
 
 
 def _check_pairs(entries: Sequence[raw.Entry], where: pathlib.Path, what: str, layout: str) -> None:
@@ -118,8 +127,12 @@ def _check_pairs(entries: Sequence[raw.Entry], where: pathlib.Path, what: str, l
     raise _layout_error(f"{where}: {what}. " + _listing(missing, "missing files"), layout)
 
 
-def _plan(dataset: str, root: pathlib.Path, split_entries: dict[str, list[raw.Entry]],
-          sources: dict[str, str]) -> raw.Plan:
+def _plan(
+  dataset: str,
+  root: pathlib.Path,
+  split_entries: dict[str, list[raw.Entry]],
+  sources: dict[str, str],
+) -> raw.Plan:
   for split, entries in split_entries.items():
     _check_unique(entries, f"{root} ({split})")
   return raw.Plan(dataset, os.fspath(root), split_entries, sources)
@@ -145,13 +158,20 @@ def plan_fss1000(manual_dir: str | os.PathLike) -> raw.Plan:
   manual_dir = _manual_dir(manual_dir, "FSS-1000", FSS1000_LAYOUT)
   info = splits.cross_domain("fss1000")
   known = set(info.class_names)
-  root = _find_root(manual_dir, ("FSS-1000", "fewshot_data", "fewshot_data/fewshot_data"),
-                    lambda d: any(c.is_dir() and c.name in known for c in d.iterdir()))
+  root = _find_root(
+    manual_dir,
+    ("FSS-1000", "fewshot_data", "fewshot_data/fewshot_data"),
+    lambda d: any(c.is_dir() and c.name in known for c in d.iterdir()),
+  )
   if root is None:
     folders = sorted(c.name for c in manual_dir.iterdir() if c.is_dir())
-    seen = f" (it has {', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''})" if folders else ""
+    seen = (
+      f" (it has {', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''})" if folders else ""
+    )
     raise _layout_error(
-        f"no FSS-1000 class folder in {manual_dir} (nor in FSS-1000/, fewshot_data/){seen}.", FSS1000_LAYOUT)
+      f"no FSS-1000 class folder in {manual_dir} (nor in FSS-1000/, fewshot_data/){seen}.",
+      FSS1000_LAYOUT,
+    )
   split_entries, sources = {}, {}
   for split in splits.FSS1000_SPLITS:
     classes = info.classes(split)
@@ -162,24 +182,43 @@ def plan_fss1000(manual_dir: str | os.PathLike) -> raw.Plan:
       if not folder.is_dir():
         absent.append(name)
         continue
-      entries += [_entry(f"{name}/{jpg.stem}", jpg, jpg.with_suffix(".png"), cid) for jpg in _files(folder, ".jpg")]
+      entries += [
+        _entry(f"{name}/{jpg.stem}", jpg, jpg.with_suffix(".png"), cid)
+        for jpg in _files(folder, ".jpg")
+      ]
     if len(absent) == len(classes):
       raise _layout_error(
-          f"{root} has none of the {len(classes)} FSS-1000 {split} class folders (e.g. {absent[0]}/).",
-          FSS1000_LAYOUT)
+        f"{root} has none of the {len(classes)} FSS-1000 {split} class folders (e.g. {absent[0]}/).",
+        FSS1000_LAYOUT,
+      )
     if absent:
-      log.warning("FSS-1000 %s: %d of %d class folders are missing in %s and left out: %s", split, len(absent),
-                  len(classes), root, ", ".join(absent[:10]) + (", ..." if len(absent) > 10 else ""))
+      log.warning(
+        "FSS-1000 %s: %d of %d class folders are missing in %s and left out: %s",
+        split,
+        len(absent),
+        len(classes),
+        root,
+        ", ".join(absent[:10]) + (", ..." if len(absent) > 10 else ""),
+      )
     _check_pairs(entries, root, f"{split} images without their .png mask", FSS1000_LAYOUT)
     split_entries[split] = entries
-    sources[split] = (f"{len(classes) - len(absent)} of {len(classes)} {split} classes (HSNet's "
-                      f"{splits.FSS1000_SPLITS[split]}) in {root}; masks binarised at grey >= "
-                      f"{raw.BINARY_MASK_THRESHOLD}")
-  unknown = sorted(c.name for c in root.iterdir() if c.is_dir() and c.name not in known
-                   and not c.name.startswith((".", "__")))
+    sources[split] = (
+      f"{len(classes) - len(absent)} of {len(classes)} {split} classes (HSNet's "
+      f"{splits.FSS1000_SPLITS[split]}) in {root}; masks binarised at grey >= "
+      f"{raw.BINARY_MASK_THRESHOLD}"
+    )
+  unknown = sorted(
+    c.name
+    for c in root.iterdir()
+    if c.is_dir() and c.name not in known and not c.name.startswith((".", "__"))
+  )
   if unknown:
-    log.warning("%s: %d folders are not FSS-1000 classes and are ignored: %s", root, len(unknown),
-                ", ".join(unknown[:10]))
+    log.warning(
+      "%s: %d folders are not FSS-1000 classes and are ignored: %s",
+      root,
+      len(unknown),
+      ", ".join(unknown[:10]),
+    )
   return _plan("fss1000", root, split_entries, sources)
 
 
@@ -198,15 +237,29 @@ def plan_deepglobe(manual_dir: str | os.PathLike) -> raw.Plan:
   """
   manual_dir = _manual_dir(manual_dir, "DeepGlobe", DEEPGLOBE_LAYOUT)
   names = splits.DEEPGLOBE_CLASS_NAMES
-  root = _find_root(manual_dir, ("Deepglobe", "DeepGlobe", "deepglobe"), lambda d: (d / "1" / "test").is_dir())
+  root = _find_root(
+    manual_dir, ("Deepglobe", "DeepGlobe", "deepglobe"), lambda d: (d / "1" / "test").is_dir()
+  )
   if root is None:
-    kaggle = [d for d in (manual_dir, manual_dir / "train") if d.is_dir() and any(d.glob("*_sat.jpg"))]
-    hint = (f" {kaggle[0]} holds the raw Kaggle tiles (*_sat.jpg, *_mask.png): PATNet evaluates on its own "
-            f"preprocessed class folders, linked from its README." if kaggle else "")
+    kaggle = [
+      d for d in (manual_dir, manual_dir / "train") if d.is_dir() and any(d.glob("*_sat.jpg"))
+    ]
+    hint = (
+      f" {kaggle[0]} holds the raw Kaggle tiles (*_sat.jpg, *_mask.png): PATNet evaluates on its own "
+      f"preprocessed class folders, linked from its README."
+      if kaggle
+      else ""
+    )
     raise _layout_error(
-        f"no DeepGlobe class folder 1/test/ in {manual_dir} (nor in Deepglobe/).{hint}", DEEPGLOBE_LAYOUT)
-  lacking = [f"{k}/test/{sub}" for k in range(1, len(names) + 1) for sub in ("origin", "groundtruth")
-             if not (root / str(k) / "test" / sub).is_dir()]
+      f"no DeepGlobe class folder 1/test/ in {manual_dir} (nor in Deepglobe/).{hint}",
+      DEEPGLOBE_LAYOUT,
+    )
+  lacking = [
+    f"{k}/test/{sub}"
+    for k in range(1, len(names) + 1)
+    for sub in ("origin", "groundtruth")
+    if not (root / str(k) / "test" / sub).is_dir()
+  ]
   if lacking:
     raise _layout_error(f"{root} lacks {', '.join(lacking)}.", DEEPGLOBE_LAYOUT)
   entries = []
@@ -214,11 +267,17 @@ def plan_deepglobe(manual_dir: str | os.PathLike) -> raw.Plan:
     test = root / str(k) / "test"
     tiles = _files(test / "origin", ".jpg")
     if not tiles:
-      raise _layout_error(f"{test / 'origin'} (class {k}, {names[k - 1]}) holds no .jpg tile.", DEEPGLOBE_LAYOUT)
-    entries += [_entry(f"{k}/{t.stem}", t, test / "groundtruth" / f"{t.stem}.png", k) for t in tiles]
+      raise _layout_error(
+        f"{test / 'origin'} (class {k}, {names[k - 1]}) holds no .jpg tile.", DEEPGLOBE_LAYOUT
+      )
+    entries += [
+      _entry(f"{k}/{t.stem}", t, test / "groundtruth" / f"{t.stem}.png", k) for t in tiles
+    ]
   _check_pairs(entries, root, "tiles without their groundtruth mask", DEEPGLOBE_LAYOUT)
-  source = (f"PATNet's class folders 1..6 in {root} ({', '.join(names)}); masks binarised at grey >= "
-            f"{raw.BINARY_MASK_THRESHOLD}")
+  source = (
+    f"PATNet's class folders 1..6 in {root} ({', '.join(names)}); masks binarised at grey >= "
+    f"{raw.BINARY_MASK_THRESHOLD}"
+  )
   return _plan("deepglobe", root, {"test": entries}, {"test": source})
 
 
@@ -246,7 +305,9 @@ def plan_isic2018(manual_dir: str | os.PathLike) -> raw.Plan:
   if root is None:
     raise _layout_error(f"no {ISIC_INPUT}/ folder in {manual_dir} (nor in ISIC/).", ISIC2018_LAYOUT)
   if not (root / ISIC_GROUND_TRUTH).is_dir():
-    raise _layout_error(f"{root} lacks {ISIC_GROUND_TRUTH}/ (the task-1 lesion masks).", ISIC2018_LAYOUT)
+    raise _layout_error(
+      f"{root} lacks {ISIC_GROUND_TRUTH}/ (the task-1 lesion masks).", ISIC2018_LAYOUT
+    )
   inp, gt = root / ISIC_INPUT, root / ISIC_GROUND_TRUTH
   names = splits.ISIC2018_CLASS_NAMES
   csv_class = splits.isic2018_image_classes()
@@ -255,31 +316,52 @@ def plan_isic2018(manual_dir: str | os.PathLike) -> raw.Plan:
   if any(f.is_dir() for f in folders):
     absent = [f.name for f in folders if not f.is_dir()]
     if absent:
-      raise _layout_error(f"{inp} has class folders but lacks {', '.join(a + '/' for a in absent)}.", ISIC2018_LAYOUT)
+      raise _layout_error(
+        f"{inp} has class folders but lacks {', '.join(a + '/' for a in absent)}.", ISIC2018_LAYOUT
+      )
     for k, f in enumerate(folders, 1):
       by_class[k] = _files(f, ".jpg")
-    disagree = [p.stem for k, images in by_class.items() for p in images if csv_class.get(p.stem, k) != k]
+    disagree = [
+      p.stem for k, images in by_class.items() for p in images if csv_class.get(p.stem, k) != k
+    ]
     if disagree:
-      log.warning("%d images of %s sit in another class folder than PATNet's class_id.csv says (e.g. %s); "
-                  "the folders are used (classes: %s)", len(disagree), inp, disagree[0],
-                  ", ".join(f"{k} {n}" for k, n in enumerate(names, 1)))
+      log.warning(
+        "%d images of %s sit in another class folder than PATNet's class_id.csv says (e.g. %s); "
+        "the folders are used (classes: %s)",
+        len(disagree),
+        inp,
+        disagree[0],
+        ", ".join(f"{k} {n}" for k, n in enumerate(names, 1)),
+      )
     source = f"class folders {inp}/{{1,2,3}}"
   else:
     images = _files(inp, ".jpg")
     unknown = [p.name for p in images if p.stem not in csv_class]
     if unknown:
       raise raw.RawDataError(
-          f"{inp}: " + _listing(unknown, "images are not ISIC 2018 task-1 training images of PATNet's class_id.csv")
-          + "\nSort the images into class folders 1/ 2/ 3/ (nevus, melanoma, seborrheic_keratosis) to give "
-            "their classes, or remove them.")
+        f"{inp}: "
+        + _listing(
+          unknown, "images are not ISIC 2018 task-1 training images of PATNet's class_id.csv"
+        )
+        + "\nSort the images into class folders 1/ 2/ 3/ (nevus, melanoma, seborrheic_keratosis) to give "
+        "their classes, or remove them."
+      )
     for k in range(1, len(names) + 1):
       by_class[k] = [p for p in images if csv_class[p.stem] == k]
     source = f"{inp} classed by PATNet's class_id.csv"
-  entries = [_entry(p.stem, p, gt / f"{p.stem}_segmentation.png", k) for k, ims in by_class.items() for p in ims]
+  entries = [
+    _entry(p.stem, p, gt / f"{p.stem}_segmentation.png", k)
+    for k, ims in by_class.items()
+    for p in ims
+  ]
   if not entries:
     raise _layout_error(f"{inp} holds no ISIC_<id>.jpg image.", ISIC2018_LAYOUT)
-  _check_pairs(entries, root, f"images without their {ISIC_GROUND_TRUTH}/<id>_segmentation.png mask",
-               ISIC2018_LAYOUT)
+  _check_pairs(
+    entries,
+    root,
+    f"images without their {ISIC_GROUND_TRUTH}/<id>_segmentation.png mask",
+    ISIC2018_LAYOUT,
+  )
   counts = ", ".join(f"{len(by_class[k])} {n}" for k, n in enumerate(names, 1))
   source += f" ({counts}); masks binarised at grey >= {raw.BINARY_MASK_THRESHOLD}"
   return _plan("isic2018", root, {"test": entries}, {"test": source})
@@ -304,10 +386,14 @@ def plan_chest_xray(manual_dir: str | os.PathLike) -> raw.Plan:
       two masks of one image.
   """
   manual_dir = _manual_dir(manual_dir, "Chest X-ray", CHEST_XRAY_LAYOUT)
-  root = _find_root(manual_dir, ("LungSegmentation", "Lung Segmentation"), lambda d: (d / "CXR_png").is_dir())
+  root = _find_root(
+    manual_dir, ("LungSegmentation", "Lung Segmentation"), lambda d: (d / "CXR_png").is_dir()
+  )
   if root is None:
     raise _layout_error(
-        f"no CXR_png/ folder in {manual_dir} (nor in LungSegmentation/, Lung Segmentation/).", CHEST_XRAY_LAYOUT)
+      f"no CXR_png/ folder in {manual_dir} (nor in LungSegmentation/, Lung Segmentation/).",
+      CHEST_XRAY_LAYOUT,
+    )
   if not (root / "masks").is_dir():
     raise _layout_error(f"{root} lacks masks/ (the lung masks).", CHEST_XRAY_LAYOUT)
   masks = _files(root / "masks", ".png")
@@ -317,20 +403,40 @@ def plan_chest_xray(manual_dir: str | os.PathLike) -> raw.Plan:
   for m in masks:
     image = root / "CXR_png" / chest_xray_image_name(m.name)
     if image.name in first:
-      raise raw.RawDataError(f"{root / 'masks'}: {first[image.name]} and {m.name} are both masks of "
-                             f"CXR_png/{image.name}; keep one.")
+      raise raw.RawDataError(
+        f"{root / 'masks'}: {first[image.name]} and {m.name} are both masks of "
+        f"CXR_png/{image.name}; keep one."
+      )
     first[image.name] = m.name
     entries.append(_entry(image.stem, image, m, 1))
   _check_pairs(entries, root, "masks without their CXR_png image", CHEST_XRAY_LAYOUT)
   suffixed = sum(m.stem.endswith("_mask") for m in masks)
-  source = (f"{len(masks)} masks in {root / 'masks'} ({suffixed} named <image>_mask.png, {len(masks) - suffixed} "
-            f"named as their image); masks binarised at grey >= {raw.BINARY_MASK_THRESHOLD}")
+  source = (
+    f"{len(masks)} masks in {root / 'masks'} ({suffixed} named <image>_mask.png, {len(masks) - suffixed} "
+    f"named as their image); masks binarised at grey >= {raw.BINARY_MASK_THRESHOLD}"
+  )
   return _plan("chest_xray", root, {"test": entries}, {"test": source})
 
 
-PLANNERS = {"fss1000": plan_fss1000, "deepglobe": plan_deepglobe, "isic2018": plan_isic2018,
-            "chest_xray": plan_chest_xray}
+PLANNERS = {
+  "fss1000": plan_fss1000,
+  "deepglobe": plan_deepglobe,
+  "isic2018": plan_isic2018,
+  "chest_xray": plan_chest_xray,
+}
 
-__all__ = ["PLANNERS", "LAYOUTS", "FSS1000_LAYOUT", "DEEPGLOBE_LAYOUT", "ISIC2018_LAYOUT", "CHEST_XRAY_LAYOUT",
-           "plan_fss1000", "plan_deepglobe", "plan_isic2018", "plan_chest_xray", "chest_xray_image_name",
-           "ISIC_INPUT", "ISIC_GROUND_TRUTH"]
+__all__ = [
+  "PLANNERS",
+  "LAYOUTS",
+  "FSS1000_LAYOUT",
+  "DEEPGLOBE_LAYOUT",
+  "ISIC2018_LAYOUT",
+  "CHEST_XRAY_LAYOUT",
+  "plan_fss1000",
+  "plan_deepglobe",
+  "plan_isic2018",
+  "plan_chest_xray",
+  "chest_xray_image_name",
+  "ISIC_INPUT",
+  "ISIC_GROUND_TRUTH",
+]

@@ -44,5 +44,10 @@ Source: the "Preprocessed Data" link of https://github.com/slei109/PATNet (READM
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=_DESCRIPTION, features=self._fss_features(),
-        homepage="http://deepglobe.org/", citation=_CITATION, disable_shuffling=True)
+      builder=self,
+      description=_DESCRIPTION,
+      features=self._fss_features(),
+      homepage="http://deepglobe.org/",
+      citation=_CITATION,
+      disable_shuffling=True,
+    )

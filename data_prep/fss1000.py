@@ -42,5 +42,10 @@ Source: fewshot_data.zip from https://github.com/HKUSTCV/FSS-1000 (PATNet's READ
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=_DESCRIPTION, features=self._fss_features(),
-        homepage="https://github.com/HKUSTCV/FSS-1000", citation=_CITATION, disable_shuffling=True)
+      builder=self,
+      description=_DESCRIPTION,
+      features=self._fss_features(),
+      homepage="https://github.com/HKUSTCV/FSS-1000",
+      citation=_CITATION,
+      disable_shuffling=True,
+    )

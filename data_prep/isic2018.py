@@ -44,5 +44,10 @@ https://challenge.isic-archive.com/data/#2018.
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=_DESCRIPTION, features=self._fss_features(),
-        homepage="https://challenge.isic-archive.com/landing/2018/", citation=_CITATION, disable_shuffling=True)
+      builder=self,
+      description=_DESCRIPTION,
+      features=self._fss_features(),
+      homepage="https://challenge.isic-archive.com/landing/2018/",
+      citation=_CITATION,
+      disable_shuffling=True,
+    )

@@ -50,6 +50,10 @@ lists/pascal/voc_sbd_merge_noduplicate.txt -> train.txt, lists/pascal/val.txt ->
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=_DESCRIPTION, features=self._fss_features(),
-        homepage="https://github.com/dvlab-research/PFENet", citation=_CITATION,
-        disable_shuffling=True)
+      builder=self,
+      description=_DESCRIPTION,
+      features=self._fss_features(),
+      homepage="https://github.com/dvlab-research/PFENet",
+      citation=_CITATION,
+      disable_shuffling=True,
+    )

@@ -48,7 +48,8 @@ import os
 import pathlib
 import sys
 import tempfile
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -62,11 +63,19 @@ SPLITS = ("train", "val")
 # Classes C of every dataset the builders know: PASCAL-5i / COCO-20i and the cross-domain sets.
 NUM_CLASSES = {**_FOLD_DATASET_CLASSES, **class_splits.CROSS_DOMAIN_NUM_CLASSES}
 # The TFDS splits of each dataset (record files and fss_index_<split>.npz each).
-DATASET_SPLITS = {"pascal5i": SPLITS, "coco20i": SPLITS, "fss1000": tuple(class_splits.FSS1000_SPLITS),
-                  "deepglobe": ("test",), "isic2018": ("test",), "chest_xray": ("test",)}
+DATASET_SPLITS = {
+  "pascal5i": SPLITS,
+  "coco20i": SPLITS,
+  "fss1000": tuple(class_splits.FSS1000_SPLITS),
+  "deepglobe": ("test",),
+  "isic2018": ("test",),
+  "chest_xray": ("test",),
+}
 # What a record's label holds: "class_index" (0 background, 1..C, 255 ignore) or "binary" (the
 # mask of the record's one class: 0 background, 1 foreground).
-LABEL_ENCODING = {d: "binary" if d in class_splits.CROSS_DOMAIN_DATASETS else "class_index" for d in NUM_CLASSES}
+LABEL_ENCODING = {
+  d: "binary" if d in class_splits.CROSS_DOMAIN_DATASETS else "class_index" for d in NUM_CLASSES
+}
 # Mask binarisation of the cross-domain sets, as PATNet's (and HSNet's) read_mask: PIL
 # convert("L"), then grey < 128 -> 0, >= 128 -> 1 (PATNet data/fss.py:75-79, same in deepglobe.py,
 # isic.py, lung.py).
@@ -144,6 +153,7 @@ class Entry:
     class_id: set for the cross-domain sets: ``label`` is a mask of this one class
       (1..C), binarised by `read_binary_mask`.
   """
+
   image_id: str
   image: str
   label: str | None = None
@@ -155,6 +165,7 @@ class Entry:
 @dataclasses.dataclass
 class Plan:
   """What a build will write: per split, the entries in record order, plus how they were found."""
+
   dataset: str
   root: str
   splits: dict[str, list[Entry]]
@@ -212,8 +223,11 @@ def _check_unique(entries: Sequence[Entry], list_path: Any) -> None:
       dups.append(e.image_id)
     seen.add(e.image_id)
   if dups:
-    raise RawDataError(f"{list_path}: " + _listing(sorted(set(dups)), "image ids listed more than once")
-                       + "\nRemove the repeated lines (keep the first occurrence).")
+    raise RawDataError(
+      f"{list_path}: "
+      + _listing(sorted(set(dups)), "image ids listed more than once")
+      + "\nRemove the repeated lines (keep the first occurrence)."
+    )
 
 
 def _check_exist(entries: Sequence[Entry], list_path: Any, layout: str) -> None:
@@ -223,8 +237,10 @@ def _check_exist(entries: Sequence[Entry], list_path: Any, layout: str) -> None:
       if p is not None and not os.path.isfile(p):
         missing.append(p)
   if missing:
-    raise _layout_error(f"{list_path} points at files that do not exist. " + _listing(missing, "missing files"),
-                        layout)
+    raise _layout_error(
+      f"{list_path} points at files that do not exist. " + _listing(missing, "missing files"),
+      layout,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,15 +270,18 @@ def find_voc_root(manual_dir: str | os.PathLike) -> pathlib.Path:
       root = c
       break
   else:
-    raise _layout_error(f"no JPEGImages/ folder in {manual_dir} (nor in VOC2012/, VOCdevkit/VOC2012/).",
-                        VOC_LAYOUT)
+    raise _layout_error(
+      f"no JPEGImages/ folder in {manual_dir} (nor in VOC2012/, VOCdevkit/VOC2012/).", VOC_LAYOUT
+    )
   missing = ["SegmentationClassAug"] if not (root / "SegmentationClassAug").is_dir() else []
   missing += [VOC_LISTS[s][0] for s in SPLITS if _voc_list(root, s) is None]
   if missing:
     hint = ""
     if "SegmentationClassAug" in missing and (root / "SegmentationClass").is_dir():
-      hint = ("\nSegmentationClass/ (VOC colour-palette masks of 2913 images) is not enough: PASCAL-5i "
-              "needs the SBD-augmented index masks SegmentationClassAug/.")
+      hint = (
+        "\nSegmentationClass/ (VOC colour-palette masks of 2913 images) is not enough: PASCAL-5i "
+        "needs the SBD-augmented index masks SegmentationClassAug/."
+      )
     raise _layout_error(f"{root} lacks {', '.join(missing)}.{hint}", VOC_LAYOUT)
   return root
 
@@ -307,8 +326,10 @@ def coco_category_map(categories: Sequence[dict[str, Any]], json_path: Any) -> d
   """COCO category id -> contiguous class 1..80 by ascending id (data_protocol.md §3.3)."""
   ids = sorted(int(c["id"]) for c in categories)
   if len(ids) != NUM_CLASSES["coco20i"] or len(set(ids)) != len(ids):
-    raise RawDataError(f"{json_path} has {len(set(ids))} distinct categories; COCO-20i needs the 80 COCO "
-                       f"instance categories (instances_*2014.json).")
+    raise RawDataError(
+      f"{json_path} has {len(set(ids))} distinct categories; COCO-20i needs the 80 COCO "
+      f"instance categories (instances_*2014.json)."
+    )
   return {cid: k for k, cid in enumerate(ids, 1)}
 
 
@@ -337,11 +358,16 @@ def load_coco_json(json_path: pathlib.Path):
       unknown.add(ann["category_id"])
       continue
     by_image.setdefault(ann["image_id"], []).append(
-        {"segmentation": ann["segmentation"], "iscrowd": int(ann.get("iscrowd", 0)),
-         "class": cat_map[ann["category_id"]]})
+      {
+        "segmentation": ann["segmentation"],
+        "iscrowd": int(ann.get("iscrowd", 0)),
+        "class": cat_map[ann["category_id"]],
+      }
+    )
   if unknown:
-    raise RawDataError(f"{json_path}: annotations use category ids {sorted(unknown)} that are not in "
-                       f"'categories'.")
+    raise RawDataError(
+      f"{json_path}: annotations use category ids {sorted(unknown)} that are not in 'categories'."
+    )
   return images, by_image
 
 
@@ -369,8 +395,10 @@ def plan_coco(manual_dir: str | os.PathLike) -> Plan:
       raise _layout_error(f"{root} has no {sub}/ image folder.", COCO_LAYOUT)
     use_png = png_dir.is_dir()
     if not use_png and not json_path.is_file():
-      raise _layout_error(f"{root} has neither annotations/{sub}/ (label PNGs) nor "
-                          f"annotations/instances_{sub}.json.", COCO_LAYOUT)
+      raise _layout_error(
+        f"{root} has neither annotations/{sub}/ (label PNGs) nor annotations/instances_{sub}.json.",
+        COCO_LAYOUT,
+      )
     list_path = root / f"{split}.txt"
     rows = read_list(list_path) if list_path.is_file() else None
     if use_png:
@@ -380,8 +408,11 @@ def plan_coco(manual_dir: str | os.PathLike) -> Plan:
       entries = []
       for parts in rows:
         image = _resolve(parts[0], root, COCO_ANCHORS)
-        label = (_resolve(parts[1], root, COCO_ANCHORS) if len(parts) == 2
-                 else png_dir / f"{image.stem}.png")
+        label = (
+          _resolve(parts[1], root, COCO_ANCHORS)
+          if len(parts) == 2
+          else png_dir / f"{image.stem}.png"
+        )
         entries.append(Entry(image_id=image.stem, image=os.fspath(image), label=os.fspath(label)))
       source = f"labels: PNGs in {png_dir}"
     else:
@@ -392,30 +423,43 @@ def plan_coco(manual_dir: str | os.PathLike) -> Plan:
         names = [pathlib.Path(parts[0]).name for parts in rows]
         absent = [n for n in names if n not in images]
         if absent:
-          raise RawDataError(f"{list_path} lists images that {json_path} does not describe. "
-                             + _listing(absent, "unknown images"))
+          raise RawDataError(
+            f"{list_path} lists images that {json_path} does not describe. "
+            + _listing(absent, "unknown images")
+          )
       entries = []
       for n in names:
         im = images[n]
-        entries.append(Entry(image_id=pathlib.Path(n).stem, image=os.fspath(image_dir / n), label=None,
-                             anns=tuple(by_image.get(im["id"], ())),
-                             size=(int(im["height"]), int(im["width"]))))
-      source = (f"labels: {json_path} rendered with pycocotools (crowd drawn: {COCO_DRAW_CROWD}, "
-                f"paint order: {COCO_PAINT_ORDER}, later overwrites)")
+        entries.append(
+          Entry(
+            image_id=pathlib.Path(n).stem,
+            image=os.fspath(image_dir / n),
+            label=None,
+            anns=tuple(by_image.get(im["id"], ())),
+            size=(int(im["height"]), int(im["width"])),
+          )
+        )
+      source = (
+        f"labels: {json_path} rendered with pycocotools (crowd drawn: {COCO_DRAW_CROWD}, "
+        f"paint order: {COCO_PAINT_ORDER}, later overwrites)"
+      )
     where = list_path if list_path.is_file() else f"{root}/{sub} (no {split}.txt)"
     if not entries:
       raise _layout_error(f"{where}: no images to build.", COCO_LAYOUT)
     _check_unique(entries, where)
     _check_exist(entries, where, COCO_LAYOUT)
     splits[split] = entries
-    sources[split] = (f"list {list_path}" if list_path.is_file() else "sorted file names") + "; " + source
+    sources[split] = (
+      (f"list {list_path}" if list_path.is_file() else "sorted file names") + "; " + source
+    )
   return Plan("coco20i", os.fspath(root), splits, sources)
 
 
 def plan(dataset: str, manual_dir: str | os.PathLike) -> Plan:
   """`plan_pascal`, `plan_coco` or the cross-domain parser (`data_prep.cross_domain`) by dataset name."""
   if dataset in class_splits.CROSS_DOMAIN_DATASETS:
-    from data_prep import cross_domain  # pylint: disable=g-import-not-at-top
+    from data_prep import cross_domain
+
     return cross_domain.PLANNERS[dataset](manual_dir)
   if dataset == "pascal5i":
     return plan_pascal(manual_dir)
@@ -433,7 +477,7 @@ class CorruptFile(Exception):
   """A file that cannot be decoded: the image is skipped and reported, never silently."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stderr_sink():
   """A scratch file of this process that receives file descriptor 2 during `imdecode_with_warnings`."""
   return tempfile.TemporaryFile()
@@ -468,11 +512,12 @@ def imdecode_with_warnings(data: bytes, flags: int) -> tuple[np.ndarray | None, 
 
 def _verify_png(data: bytes, what: str) -> None:
   """CorruptFile unless every chunk CRC of the PNG ``data`` (an image or label) matches and it ends with IEND."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.verify()
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise CorruptFile(f"damaged {what} PNG ({e})") from None
 
 
@@ -492,17 +537,20 @@ def read_image(path: str) -> tuple[bytes, int, int]:
   if img is None:
     raise CorruptFile("OpenCV cannot decode the image")
   if warnings:
-    raise CorruptFile(f"JPEG does not decode cleanly, its data is damaged (libjpeg: "
-                      f"{'; '.join(dict.fromkeys(warnings))})")
+    raise CorruptFile(
+      f"JPEG does not decode cleanly, its data is damaged (libjpeg: "
+      f"{'; '.join(dict.fromkeys(warnings))})"
+    )
   if data.startswith(PNG_SIGNATURE):
     _verify_png(data, "image")
   # libjpeg decodes a truncated JPEG with a warning (grey rest); make sure the stream is whole.
   if data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9":
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from PIL import Image
+
     try:
       with Image.open(io.BytesIO(data)) as im:
         im.load()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise CorruptFile(f"truncated or damaged JPEG ({e})") from None
   return data, int(img.shape[0]), int(img.shape[1])
 
@@ -516,7 +564,8 @@ def read_label_png(path: str) -> np.ndarray:
   `CorruptFile`, and so does a damaged PNG (bad chunk CRC or no end marker:
   PIL's ``load()`` alone returns wrong pixels for a flipped IDAT byte).
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   try:
     data = pathlib.Path(path).read_bytes()
   except OSError as e:
@@ -528,23 +577,30 @@ def read_label_png(path: str) -> np.ndarray:
       im.load()
       mode = im.mode
       arr = np.asarray(im)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise CorruptFile(f"cannot decode label: {e}") from None
   if mode in ("RGB", "RGBA"):
     if arr.shape[2] == 4 and (arr[..., 3] != 255).any():
-      raise RawDataError(f"{path}: label PNG has an alpha channel; expected a single-channel index PNG.")
+      raise RawDataError(
+        f"{path}: label PNG has an alpha channel; expected a single-channel index PNG."
+      )
     if not ((arr[..., 0] == arr[..., 1]) & (arr[..., 1] == arr[..., 2])).all():
       raise RawDataError(
-          f"{path}: label is an RGB colour image (like VOC's SegmentationClass colour masks); the builder needs "
-          f"single-channel index PNGs whose value is the class id. For PASCAL use SegmentationClassAug "
-          f"(linked from the PFENet README); for COCO render the instance json (see the layout).")
+        f"{path}: label is an RGB colour image (like VOC's SegmentationClass colour masks); the builder needs "
+        f"single-channel index PNGs whose value is the class id. For PASCAL use SegmentationClassAug "
+        f"(linked from the PFENet README); for COCO render the instance json (see the layout)."
+      )
     arr = arr[..., 0]
   elif mode == "LA":
     arr = arr[..., 0]
   elif mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L"):
-    raise RawDataError(f"{path}: label PNG has unsupported mode {mode!r}; expected 8-bit single-channel.")
+    raise RawDataError(
+      f"{path}: label PNG has unsupported mode {mode!r}; expected 8-bit single-channel."
+    )
   if arr.ndim != 2:
-    raise RawDataError(f"{path}: label has shape {arr.shape}; expected a single-channel [H, W] image.")
+    raise RawDataError(
+      f"{path}: label has shape {arr.shape}; expected a single-channel [H, W] image."
+    )
   if arr.dtype != np.uint8:
     if arr.dtype == bool:
       arr = arr.astype(np.uint8)
@@ -563,7 +619,8 @@ def read_binary_mask(path: str) -> np.ndarray:
   dropped), then grey >= `BINARY_MASK_THRESHOLD` (128) -> 1, else 0. A damaged PNG (bad
   chunk CRC, no end marker) or an undecodable file raises `CorruptFile`.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   try:
     data = pathlib.Path(path).read_bytes()
   except OSError as e:
@@ -574,7 +631,7 @@ def read_binary_mask(path: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
       im.load()
       grey = np.asarray(im.convert("L"))
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise CorruptFile(f"cannot decode mask: {e}") from None
   return (grey >= BINARY_MASK_THRESHOLD).astype(np.uint8)
 
@@ -586,7 +643,8 @@ def render_coco(anns: Sequence[dict[str, Any]], height: int, width: int) -> np.n
   a string) are decoded with pycocotools; painting follows `COCO_PAINT_ORDER`
   and `COCO_DRAW_CROWD`.
   """
-  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+  from pycocotools import mask as mask_utils
+
   label = np.zeros((height, width), np.uint8)
   for ann in anns:
     if ann["iscrowd"] and not COCO_DRAW_CROWD:
@@ -618,6 +676,7 @@ def render_coco(anns: Sequence[dict[str, Any]], height: int, width: int) -> np.n
 @dataclasses.dataclass(frozen=True)
 class Skip:
   """An image left out of the dataset (corrupt file), for the build report."""
+
   image_id: str
   file: str
   reason: str
@@ -626,11 +685,13 @@ class Skip:
 def count_pixels(label: np.ndarray, num_classes: int, path: str) -> tuple[np.ndarray, int]:
   """Label uint8 [H, W] -> (class_pixels int64 [C + 1], ignore_pixels); RawDataError on other values."""
   counts = np.bincount(label.ravel(), minlength=256).astype(np.int64)
-  bad = np.nonzero(counts[num_classes + 1:IGNORE])[0] + num_classes + 1
+  bad = np.nonzero(counts[num_classes + 1 : IGNORE])[0] + num_classes + 1
   if bad.size:
-    raise RawDataError(f"{path}: label values {bad.tolist()} are outside the dataset's classes 0..{num_classes} "
-                       f"and {IGNORE} (ignore). Is this the right label set for this dataset?")
-  return counts[:num_classes + 1], int(counts[IGNORE])
+    raise RawDataError(
+      f"{path}: label values {bad.tolist()} are outside the dataset's classes 0..{num_classes} "
+      f"and {IGNORE} (ignore). Is this the right label set for this dataset?"
+    )
+  return counts[: num_classes + 1], int(counts[IGNORE])
 
 
 def encode_label(label: np.ndarray) -> bytes:
@@ -657,13 +718,23 @@ def process_entry(entry: Entry, num_classes: int) -> dict[str, Any] | Skip:
     except CorruptFile as e:
       return Skip(entry.image_id, entry.label, str(e))
     if label.shape != (h, w):
-      return Skip(entry.image_id, entry.label, f"mask is {label.shape[0]}x{label.shape[1]} but the image is "
-                                               f"{h}x{w}")
+      return Skip(
+        entry.image_id,
+        entry.label,
+        f"mask is {label.shape[0]}x{label.shape[1]} but the image is {h}x{w}",
+      )
     class_pixels = np.zeros(num_classes + 1, np.int64)
     class_pixels[entry.class_id] = int(label.sum())
     class_pixels[0] = h * w - class_pixels[entry.class_id]
-    return {"image": data, "label": encode_label(label), "image_id": entry.image_id, "height": h,
-            "width": w, "class_pixels": class_pixels, "ignore_pixels": 0}
+    return {
+      "image": data,
+      "label": encode_label(label),
+      "image_id": entry.image_id,
+      "height": h,
+      "width": w,
+      "class_pixels": class_pixels,
+      "ignore_pixels": 0,
+    }
   if entry.label is not None:
     try:
       label = read_label_png(entry.label)
@@ -672,22 +743,35 @@ def process_entry(entry: Entry, num_classes: int) -> dict[str, Any] | Skip:
     label_file = entry.label
   else:
     if entry.size != (h, w):
-      return Skip(entry.image_id, entry.image, f"image is {h}x{w} but the COCO json says "
-                                               f"{entry.size[0]}x{entry.size[1]}")
+      return Skip(
+        entry.image_id,
+        entry.image,
+        f"image is {h}x{w} but the COCO json says {entry.size[0]}x{entry.size[1]}",
+      )
     try:
       label = render_coco(entry.anns, h, w)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       return Skip(entry.image_id, entry.image, f"cannot render its COCO annotations: {e}")
     label_file = f"{entry.image} (COCO annotations)"
   if label.shape != (h, w):
-    return Skip(entry.image_id, label_file, f"label is {label.shape[0]}x{label.shape[1]} but the image is "
-                                            f"{h}x{w}")
+    return Skip(
+      entry.image_id,
+      label_file,
+      f"label is {label.shape[0]}x{label.shape[1]} but the image is {h}x{w}",
+    )
   class_pixels, ignore_pixels = count_pixels(label, num_classes, label_file)
-  return {"image": data, "label": encode_label(label), "image_id": entry.image_id, "height": h,
-          "width": w, "class_pixels": class_pixels, "ignore_pixels": ignore_pixels}
+  return {
+    "image": data,
+    "label": encode_label(label),
+    "image_id": entry.image_id,
+    "height": h,
+    "width": w,
+    "class_pixels": class_pixels,
+    "ignore_pixels": ignore_pixels,
+  }
 
 
-_KEY_SPACE = 2 ** 128  # tfds.core.shuffle.HKEY_SIZE bits
+_KEY_SPACE = 2**128  # tfds.core.shuffle.HKEY_SIZE bits
 
 
 def record_key(position: int, n: int) -> int:
@@ -699,8 +783,15 @@ def _process_star(args):
   return process_entry(*args)
 
 
-def generate(entries: Sequence[Entry], num_classes: int, *, skipped: list[Skip] | None = None,
-             num_workers: int = 0, progress: bool = True, desc: str = "") -> Iterator[tuple[int, dict]]:
+def generate(
+  entries: Sequence[Entry],
+  num_classes: int,
+  *,
+  skipped: list[Skip] | None = None,
+  num_workers: int = 0,
+  progress: bool = True,
+  desc: str = "",
+) -> Iterator[tuple[int, dict]]:
   """Yields ``(key, record)`` for every readable entry, in list order.
 
   With shuffling disabled TFDS writes records in ascending key order, so the
@@ -718,18 +809,23 @@ def generate(entries: Sequence[Entry], num_classes: int, *, skipped: list[Skip] 
     progress: show a tqdm progress bar.
     desc: progress bar label.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm
+
   tasks = ((e, num_classes) for e in entries)
   pool = None
   if num_workers > 1 and len(entries) > 1:
-    import multiprocessing  # pylint: disable=g-import-not-at-top
+    import multiprocessing
+
     pool = multiprocessing.get_context("spawn").Pool(num_workers)
     results: Iterable = pool.imap(_process_star, tasks, chunksize=16)
   else:
     results = map(_process_star, tasks)
   try:
-    for pos, result in enumerate(tqdm(results, total=len(entries), desc=desc, disable=not progress,
-                                      unit="img", dynamic_ncols=True)):
+    for pos, result in enumerate(
+      tqdm(
+        results, total=len(entries), desc=desc, disable=not progress, unit="img", dynamic_ncols=True
+      )
+    ):
       if isinstance(result, Skip):
         log.warning("skipping %s (%s): %s", result.image_id, result.file, result.reason)
         if skipped is not None:
@@ -755,6 +851,7 @@ class FssBuilderMixin:
   (tqdm bar). After the build, ``fss_skipped`` holds {split: [Skip]} and
   ``fss_plan`` the `Plan` (entries in record order).
   """
+
   FSS_DATASET: str = ""
   fss_num_workers: int = 0
   fss_progress: bool = True
@@ -767,9 +864,11 @@ class FssBuilderMixin:
     """Silences TFDS's "Dataset ... downloaded and prepared to <incomplete.* folder>"."""
 
   def _fss_features(self, image_format: str = "jpeg"):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
+
     c = NUM_CLASSES[self.FSS_DATASET]
-    return tfds.features.FeaturesDict({
+    return tfds.features.FeaturesDict(
+      {
         # Original image bytes (given encoded, so TFDS needs no TensorFlow to write them).
         "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),
         # 8-bit single-channel PNG: raw class indices (0 background, 1..C, 255 ignore), or for
@@ -780,7 +879,8 @@ class FssBuilderMixin:
         "width": tfds.features.Scalar(dtype=np.int32),
         "class_pixels": tfds.features.Tensor(shape=(c + 1,), dtype=np.int64),
         "ignore_pixels": tfds.features.Scalar(dtype=np.int64),
-    })
+      }
+    )
 
   def fss_get_plan(self) -> Plan:
     """The raw-data `Plan` of ``fss_manual_dir`` (computed once, so both splits are checked up front)."""
@@ -788,8 +888,10 @@ class FssBuilderMixin:
     if plan_ is None:
       manual_dir = getattr(self, "fss_manual_dir", None)
       if manual_dir is None:
-        raise RawDataError("no manual_dir given; pass DownloadConfig(manual_dir=...) or use "
-                           "python -m data_prep.build")
+        raise RawDataError(
+          "no manual_dir given; pass DownloadConfig(manual_dir=...) or use "
+          "python -m data_prep.build"
+        )
       plan_ = self.fss_plan = plan(self.FSS_DATASET, manual_dir)
     return plan_
 
@@ -802,15 +904,50 @@ class FssBuilderMixin:
 
   def _generate_examples(self, split):
     plan_ = self.fss_get_plan()
-    yield from generate(plan_.splits[split], plan_.num_classes, skipped=self.fss_skipped[split],
-                        num_workers=self.fss_num_workers, progress=self.fss_progress,
-                        desc=f"{self.FSS_DATASET} {split}")
+    yield from generate(
+      plan_.splits[split],
+      plan_.num_classes,
+      skipped=self.fss_skipped[split],
+      num_workers=self.fss_num_workers,
+      progress=self.fss_progress,
+      desc=f"{self.FSS_DATASET} {split}",
+    )
 
 
-__all__ = ["RawDataError", "CorruptFile", "Entry", "Plan", "Skip", "plan", "plan_pascal", "plan_coco",
-           "find_voc_root", "read_list", "read_image", "read_label_png", "read_binary_mask", "render_coco",
-           "count_pixels", "DATASET_SPLITS", "LABEL_ENCODING", "BINARY_MASK_THRESHOLD",
-           "encode_label", "process_entry", "generate", "record_key", "coco_category_map", "load_coco_json",
-           "imdecode_with_warnings", "JPEG_CORRUPT_WARNINGS", "PNG_SIGNATURE",
-           "VOC_LAYOUT", "COCO_LAYOUT", "COCO_DRAW_CROWD", "COCO_PAINT_ORDER", "NUM_CLASSES", "SPLITS",
-           "MAX_LISTED", "FssBuilderMixin"]
+__all__ = [
+  "RawDataError",
+  "CorruptFile",
+  "Entry",
+  "Plan",
+  "Skip",
+  "plan",
+  "plan_pascal",
+  "plan_coco",
+  "find_voc_root",
+  "read_list",
+  "read_image",
+  "read_label_png",
+  "read_binary_mask",
+  "render_coco",
+  "count_pixels",
+  "DATASET_SPLITS",
+  "LABEL_ENCODING",
+  "BINARY_MASK_THRESHOLD",
+  "encode_label",
+  "process_entry",
+  "generate",
+  "record_key",
+  "coco_category_map",
+  "load_coco_json",
+  "imdecode_with_warnings",
+  "JPEG_CORRUPT_WARNINGS",
+  "PNG_SIGNATURE",
+  "VOC_LAYOUT",
+  "COCO_LAYOUT",
+  "COCO_DRAW_CROWD",
+  "COCO_PAINT_ORDER",
+  "NUM_CLASSES",
+  "SPLITS",
+  "MAX_LISTED",
+  "FssBuilderMixin",
+]

@@ -47,15 +47,28 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 
 from fss_jax.data import splits
 
-COCO_CATEGORY_IDS = tuple([*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
-                           *range(72, 83), *range(84, 91)])
+COCO_CATEGORY_IDS = tuple(
+  [
+    *range(1, 12),
+    *range(13, 26),
+    27,
+    28,
+    *range(31, 45),
+    *range(46, 66),
+    67,
+    70,
+    *range(72, 83),
+    *range(84, 91),
+  ]
+)
 COCO_CATEGORY_NAMES = splits.COCO_CLASS_NAMES
 assert len(COCO_CATEGORY_IDS) == len(COCO_CATEGORY_NAMES) == 80
 
@@ -131,8 +144,9 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _shape_polygon(kind: str, cy: float, cx: float, bh: float, bw: float, angle: float,
-                   rng: np.random.Generator) -> np.ndarray:
+def _shape_polygon(
+  kind: str, cy: float, cx: float, bh: float, bw: float, angle: float, rng: np.random.Generator
+) -> np.ndarray:
   """float [P, 2] (x, y) outline of a rectangle / ellipse / noisy polygon centred at (cy, cx)."""
   if kind == "rectangle":
     pts = np.array([[-bw, -bh], [bw, -bh], [bw, bh], [-bw, bh]], np.float64) / 2
@@ -141,8 +155,11 @@ def _shape_polygon(kind: str, cy: float, cx: float, bh: float, bw: float, angle:
     pts = np.stack([bw / 2 * np.cos(t), bh / 2 * np.sin(t)], 1)
   else:
     n = int(rng.integers(5, 10))
-    t = np.sort(rng.uniform(0, 2 * np.pi, n)) if rng.random() < 0.5 else np.linspace(0, 2 * np.pi, n,
-                                                                                      endpoint=False)
+    t = (
+      np.sort(rng.uniform(0, 2 * np.pi, n))
+      if rng.random() < 0.5
+      else np.linspace(0, 2 * np.pi, n, endpoint=False)
+    )
     r = rng.uniform(0.7, 1.0, n)
     pts = np.stack([bw / 2 * r * np.cos(t), bh / 2 * r * np.sin(t)], 1)
   rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
@@ -171,7 +188,10 @@ def _image_plan(rng: np.random.Generator, j: int, cells: list[list[int]], mixed_
   pair = j // 2
   cell = cells[pair % len(cells)]
   main = cell[(pair // len(cells)) % len(cell)]
-  others = [int(c) for c in rng.choice([c for c in cell if c != main], int(rng.integers(0, 3)), replace=False)]
+  others = [
+    int(c)
+    for c in rng.choice([c for c in cell if c != main], int(rng.integers(0, 3)), replace=False)
+  ]
   if rng.random() < mixed_p:
     other_cell = cells[(pair + 1 + int(rng.integers(0, len(cells) - 1))) % len(cells)]
     others.append(int(rng.choice(other_cell)))
@@ -195,7 +215,9 @@ def _draw_objects(rng, h, w, others, main):
 
 def _split_sizes(num_images: int) -> tuple[int, int]:
   if num_images < 8:
-    raise ValueError(f"num_images must be >= 8 (got {num_images}) so that both splits have image pairs")
+    raise ValueError(
+      f"num_images must be >= 8 (got {num_images}) so that both splits have image pairs"
+    )
   n_val = max(4, int(round(num_images * 0.3)))
   n_val += n_val % 2
   return num_images - n_val, n_val
@@ -235,8 +257,15 @@ def _voc_palette() -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_voc(out: str | os.PathLike, num_images: int = 32, seed: int = 0, *, nested: bool = False,
-              palette_fraction: float = 0.25, border_fraction: float = 0.8) -> pathlib.Path:
+def write_voc(
+  out: str | os.PathLike,
+  num_images: int = 32,
+  seed: int = 0,
+  *,
+  nested: bool = False,
+  palette_fraction: float = 0.25,
+  border_fraction: float = 0.8,
+) -> pathlib.Path:
   """Writes a synthetic SegmentationClassAug-style PASCAL layout; returns the manual_dir (``out``).
 
   Args:
@@ -247,7 +276,8 @@ def write_voc(out: str | os.PathLike, num_images: int = 32, seed: int = 0, *, ne
     palette_fraction: share of label PNGs written in palette ("P") mode (raw indices).
     border_fraction: share of images whose objects get a 255 border band (VOC style).
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   out = pathlib.Path(out)
   root = out / "VOC2012" if nested else out
   (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
@@ -308,13 +338,18 @@ def _rle_uncompressed(mask: np.ndarray) -> dict[str, Any]:
 
 def _coco_segmentation(rng, poly, mask, h, w):
   """(segmentation, iscrowd) in one of the COCO encodings."""
-  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+  from pycocotools import mask as mask_utils
+
   r = rng.random()
   if r < 0.5:
     seg = [np.round(poly, 2).ravel().tolist()]
     if rng.random() < 0.3:  # a second part (COCO instances are often multi-polygon)
       cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-      seg.append(np.round(_shape_polygon("polygon", cy, cx, h * 0.15, w * 0.15, 0.0, rng), 2).ravel().tolist())
+      seg.append(
+        np.round(_shape_polygon("polygon", cy, cx, h * 0.15, w * 0.15, 0.0, rng), 2)
+        .ravel()
+        .tolist()
+      )
     return seg, 0
   if r < 0.75:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -323,7 +358,8 @@ def _coco_segmentation(rng, poly, mask, h, w):
 
 
 def _decode_segmentation(seg, h, w) -> np.ndarray:
-  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+  from pycocotools import mask as mask_utils
+
   if isinstance(seg, list):
     rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
   elif isinstance(seg["counts"], list):
@@ -333,8 +369,14 @@ def _decode_segmentation(seg, h, w) -> np.ndarray:
   return mask_utils.decode(rle).astype(bool)
 
 
-def write_coco(out: str | os.PathLike, num_images: int = 40, seed: int = 0, *, labels: str = "json",
-               lists: bool = True) -> pathlib.Path:
+def write_coco(
+  out: str | os.PathLike,
+  num_images: int = 40,
+  seed: int = 0,
+  *,
+  labels: str = "json",
+  lists: bool = True,
+) -> pathlib.Path:
   """Writes a synthetic COCO 2014 layout; returns the manual_dir (``out``).
 
   Args:
@@ -345,7 +387,8 @@ def write_coco(out: str | os.PathLike, num_images: int = 40, seed: int = 0, *, l
     labels: "json" (instances_*2014.json only), "png" (label PNGs only) or "both".
     lists: write train.txt / val.txt (in a non-sorted order).
   """
-  from data_prep import raw  # pylint: disable=g-import-not-at-top
+  from data_prep import raw
+
   if labels not in ("json", "png", "both"):
     raise ValueError(f"labels must be 'json', 'png' or 'both', got {labels!r}")
   out = pathlib.Path(out)
@@ -353,8 +396,10 @@ def write_coco(out: str | os.PathLike, num_images: int = 40, seed: int = 0, *, l
   rng = np.random.default_rng(seed)
   cells = class_cells(80)
   n_train, n_val = _split_sizes(num_images)
-  categories = [{"id": cid, "name": name, "supercategory": "synthetic"}
-                for cid, name in zip(COCO_CATEGORY_IDS, COCO_CATEGORY_NAMES)]
+  categories = [
+    {"id": cid, "name": name, "supercategory": "synthetic"}
+    for cid, name in zip(COCO_CATEGORY_IDS, COCO_CATEGORY_NAMES)
+  ]
   ann_id = int(rng.integers(1, 1000))
   for split, n in (("train", n_train), ("val", n_val)):
     sub = f"{split}2014"
@@ -382,10 +427,22 @@ def write_coco(out: str | os.PathLike, num_images: int = 40, seed: int = 0, *, l
         if raw.COCO_DRAW_CROWD or not crowd:
           label[inst] = c
         ys, xs = np.nonzero(inst)
-        bbox = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)] if xs.size \
-            else [0.0, 0.0, 0.0, 0.0]
-        annotations.append({"id": ann_id, "image_id": int(ids[j]), "category_id": COCO_CATEGORY_IDS[c - 1],
-                            "segmentation": seg, "iscrowd": crowd, "area": float(inst.sum()), "bbox": bbox})
+        bbox = (
+          [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
+          if xs.size
+          else [0.0, 0.0, 0.0, 0.0]
+        )
+        annotations.append(
+          {
+            "id": ann_id,
+            "image_id": int(ids[j]),
+            "category_id": COCO_CATEGORY_IDS[c - 1],
+            "segmentation": seg,
+            "iscrowd": crowd,
+            "area": float(inst.sum()),
+            "bbox": bbox,
+          }
+        )
         ann_id += int(rng.integers(1, 5))
       _write_jpeg(out / sub / name, _paint(h, w, objs, rng, masks), gray=(j == gray_at))
       stem = name[:-4]
@@ -393,8 +450,13 @@ def write_coco(out: str | os.PathLike, num_images: int = 40, seed: int = 0, *, l
         cv2.imwrite(os.fspath(out / "annotations" / sub / f"{stem}.png"), label)
       lines.append(f"{sub}/{name} annotations/{sub}/{stem}.png")
     if labels != "png":
-      data = {"info": {"description": "fss-jax synthetic COCO 2014 twin"}, "images": images,
-              "annotations": annotations, "categories": categories, "licenses": []}
+      data = {
+        "info": {"description": "fss-jax synthetic COCO 2014 twin"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+        "licenses": [],
+      }
       (out / "annotations" / f"instances_{sub}.json").write_text(json.dumps(data))
     if lists:
       order = rng.permutation(len(lines))
@@ -402,7 +464,9 @@ def write_coco(out: str | os.PathLike, num_images: int = 40, seed: int = 0, *, l
   return out
 
 
-def write_raw(out: str | os.PathLike, layout: str, num_images: int, seed: int, **kwargs) -> pathlib.Path:
+def write_raw(
+  out: str | os.PathLike, layout: str, num_images: int, seed: int, **kwargs
+) -> pathlib.Path:
   """`write_voc` (layout "voc") or `write_coco` (layout "coco")."""
   if layout == "voc":
     return write_voc(out, num_images, seed, **kwargs)
@@ -414,8 +478,9 @@ def write_raw(out: str | os.PathLike, layout: str, num_images: int, seed: int, *
 LAYOUT_DATASET = {"voc": "pascal5i", "coco": "coco20i"}
 
 
-def make_built_dataset(tmp_dir: str | os.PathLike, layout: str = "voc", num_images: int = 32, seed: int = 0,
-                       **raw_kwargs) -> str:
+def make_built_dataset(
+  tmp_dir: str | os.PathLike, layout: str = "voc", num_images: int = 32, seed: int = 0, **raw_kwargs
+) -> str:
   """Writes synthetic raw data and builds it; returns the TFDS ``data_dir``.
 
   ``tmp_dir/raw_<tag>/`` receives the raw files and ``tmp_dir/tfds_<tag>/`` (the
@@ -438,17 +503,21 @@ def make_built_dataset(tmp_dir: str | os.PathLike, layout: str = "voc", num_imag
     seed: synthetic data seed.
     **raw_kwargs: passed to `write_voc` / `write_coco` (e.g. ``nested=True``, ``labels="png"``).
   """
-  from data_prep import build  # pylint: disable=g-import-not-at-top
+  from data_prep import build
+
   if layout not in LAYOUT_DATASET:
     raise ValueError(f"layout must be 'voc' or 'coco', got {layout!r}")
   tmp_dir = pathlib.Path(tmp_dir)
-  tag = "_".join([layout, str(num_images), str(seed)] + [f"{k}-{v}" for k, v in sorted(raw_kwargs.items())])
+  tag = "_".join(
+    [layout, str(num_images), str(seed)] + [f"{k}-{v}" for k, v in sorted(raw_kwargs.items())]
+  )
   data_dir = tmp_dir / f"tfds_{tag}"
   dataset = LAYOUT_DATASET[layout]
   if not build.is_complete(data_dir, dataset):
     manual_dir = tmp_dir / f"raw_{tag}"
     if manual_dir.exists():  # a half-written raw tree from an interrupted call
-      import shutil  # pylint: disable=g-import-not-at-top
+      import shutil
+
       shutil.rmtree(manual_dir)
     write_raw(manual_dir, layout, num_images, seed, **raw_kwargs)
     build.build(dataset, manual_dir, data_dir, progress=False)
@@ -465,7 +534,9 @@ _CD_TEXTURE_BASE = {"fss1000": 1000, "deepglobe": 3000, "isic2018": 3100, "chest
 _SOFT_EDGE_VALUES = (90, 127, 128, 200)
 
 
-def _object_scene(rng: np.random.Generator, h: int, w: int, texture: int) -> tuple[np.ndarray, np.ndarray]:
+def _object_scene(
+  rng: np.random.Generator, h: int, w: int, texture: int
+) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 [h, w, 3] RGB, bool [h, w] mask): one large textured object on a noisy background."""
   _, poly = _random_object(rng, h, w, main=True)
   mask = _fill(poly, h, w)
@@ -474,24 +545,40 @@ def _object_scene(rng: np.random.Generator, h: int, w: int, texture: int) -> tup
   return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
 
 
-def _write_mask(path: pathlib.Path, mask: np.ndarray, rng: np.random.Generator, *, rgb: bool = False,
-                soft_edge: bool = False) -> None:
+def _write_mask(
+  path: pathlib.Path,
+  mask: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  rgb: bool = False,
+  soft_edge: bool = False,
+) -> None:
   """A 0 / 255 mask PNG (grey "L", or "RGB" with three equal channels); ``soft_edge`` writes grey
   values of `_SOFT_EDGE_VALUES` on the object's border (what PATNet's >= 128 rule decides)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   grey = np.where(mask, 255, 0).astype(np.uint8)
   if soft_edge:
     m = mask.astype(np.uint8)
     kernel = np.ones((3, 3), np.uint8)
     band = (cv2.dilate(m, kernel) > 0) & ~(cv2.erode(m, kernel) > 0)
     ys, xs = np.nonzero(band)
-    grey[ys, xs] = np.asarray(_SOFT_EDGE_VALUES, np.uint8)[rng.integers(0, len(_SOFT_EDGE_VALUES), len(ys))]
+    grey[ys, xs] = np.asarray(_SOFT_EDGE_VALUES, np.uint8)[
+      rng.integers(0, len(_SOFT_EDGE_VALUES), len(ys))
+    ]
   im = Image.fromarray(np.repeat(grey[..., None], 3, -1) if rgb else grey, "RGB" if rgb else "L")
   im.save(path)
 
 
-def write_fss1000(out: str | os.PathLike, classes_per_split: Sequence[int] = (3, 2, 3), images_per_class: int = 10,
-                  seed: int = 0, *, top: str = "FSS-1000", size_range: tuple[int, int] = (32, 48)) -> pathlib.Path:
+def write_fss1000(
+  out: str | os.PathLike,
+  classes_per_split: Sequence[int] = (3, 2, 3),
+  images_per_class: int = 10,
+  seed: int = 0,
+  *,
+  top: str = "FSS-1000",
+  size_range: tuple[int, int] = (32, 48),
+) -> pathlib.Path:
   """Writes a synthetic FSS-1000 (``<top>/<class>/<n>.jpg`` + ``<n>.png``); returns the manual_dir (``out``).
 
   Classes are real FSS-1000 class names, ``classes_per_split`` of the official train /
@@ -526,8 +613,14 @@ def write_fss1000(out: str | os.PathLike, classes_per_split: Sequence[int] = (3,
   return out
 
 
-def write_deepglobe(out: str | os.PathLike, num_tiles: int = 12, seed: int = 0, *, top: str = "Deepglobe",
-                    size_range: tuple[int, int] = (32, 48)) -> pathlib.Path:
+def write_deepglobe(
+  out: str | os.PathLike,
+  num_tiles: int = 12,
+  seed: int = 0,
+  *,
+  top: str = "Deepglobe",
+  size_range: tuple[int, int] = (32, 48),
+) -> pathlib.Path:
   """Writes synthetic DeepGlobe tiles in PATNet's class folders; returns the manual_dir (``out``).
 
   Each tile is a land-cover map of 1-3 classes (tile t's main class is t mod 6 + 1,
@@ -548,23 +641,35 @@ def write_deepglobe(out: str | os.PathLike, num_tiles: int = 12, seed: int = 0, 
     side = int(rng.integers(size_range[0], size_range[1] + 1))
     main = t % n + 1
     cover = np.full((side, side), main, np.uint8)
-    for c in rng.choice([c for c in range(1, n + 1) if c != main], int(rng.integers(0, 3)), replace=False):
+    for c in rng.choice(
+      [c for c in range(1, n + 1) if c != main], int(rng.integers(0, 3)), replace=False
+    ):
       _, poly = _random_object(rng, side, side, main=False)
       cover[_fill(poly, side, side)] = int(c)
     img = _background(side, side, rng)
     for c in np.unique(cover):
-      img[cover == c] = class_texture(_CD_TEXTURE_BASE["deepglobe"] + int(c), side, side, rng)[cover == c]
+      img[cover == c] = class_texture(_CD_TEXTURE_BASE["deepglobe"] + int(c), side, side, rng)[
+        cover == c
+      ]
     img = np.clip(np.round(img), 0, 255).astype(np.uint8)
     stem = f"{int(numbers[t])}_sat_{int(rng.integers(0, 6))}{int(rng.integers(0, 6))}"
     for c in np.unique(cover):
       _write_jpeg(root / str(int(c)) / "test" / "origin" / f"{stem}.jpg", img)
-      _write_mask(root / str(int(c)) / "test" / "groundtruth" / f"{stem}.png", cover == c, rng, rgb=True)
+      _write_mask(
+        root / str(int(c)) / "test" / "groundtruth" / f"{stem}.png", cover == c, rng, rgb=True
+      )
   return out
 
 
-def write_isic2018(out: str | os.PathLike, images_per_class: Sequence[int] = (4, 3, 3), seed: int = 0, *,
-                   class_folders: bool = False, top: str = "ISIC",
-                   size_range: tuple[int, int] = (40, 64)) -> pathlib.Path:
+def write_isic2018(
+  out: str | os.PathLike,
+  images_per_class: Sequence[int] = (4, 3, 3),
+  seed: int = 0,
+  *,
+  class_folders: bool = False,
+  top: str = "ISIC",
+  size_range: tuple[int, int] = (40, 64),
+) -> pathlib.Path:
   """Writes a synthetic ISIC 2018 task 1 training set; returns the manual_dir (``out``).
 
   Image ids are real ids of PATNet's class_id.csv (``images_per_class`` nevus, melanoma,
@@ -573,13 +678,16 @@ def write_isic2018(out: str | os.PathLike, images_per_class: Sequence[int] = (4,
   ``<top>/ISIC2018_Task1_Training_GroundTruth/<id>_segmentation.png``, plus the
   ATTRIBUTION.txt / LICENSE.txt files of the official archives. Images are not square.
   """
-  from data_prep import cross_domain  # pylint: disable=g-import-not-at-top
+  from data_prep import cross_domain
+
   out = pathlib.Path(out)
   root = out / top if top else out
   inp, gt = root / cross_domain.ISIC_INPUT, root / cross_domain.ISIC_GROUND_TRUTH
   for d in (inp, gt):
     d.mkdir(parents=True, exist_ok=True)
-    (d / "ATTRIBUTION.txt").write_text("synthetic stand-in of the ISIC 2018 archive's attribution file\n")
+    (d / "ATTRIBUTION.txt").write_text(
+      "synthetic stand-in of the ISIC 2018 archive's attribution file\n"
+    )
     (d / "LICENSE.txt").write_text("synthetic stand-in of the ISIC 2018 archive's licence file\n")
   rng = np.random.default_rng(seed)
   by_class = splits.isic2018_image_classes()
@@ -596,8 +704,15 @@ def write_isic2018(out: str | os.PathLike, images_per_class: Sequence[int] = (4,
   return out
 
 
-def write_chest_xray(out: str | os.PathLike, num_shenzhen: int = 5, num_montgomery: int = 3, seed: int = 0, *,
-                     top: str = "Lung Segmentation", size_range: tuple[int, int] = (40, 64)) -> pathlib.Path:
+def write_chest_xray(
+  out: str | os.PathLike,
+  num_shenzhen: int = 5,
+  num_montgomery: int = 3,
+  seed: int = 0,
+  *,
+  top: str = "Lung Segmentation",
+  size_range: tuple[int, int] = (40, 64),
+) -> pathlib.Path:
   """Writes a synthetic Kaggle "Chest X-ray masks and labels" tree; returns the manual_dir (``out``).
 
   ``<top>/CXR_png/`` holds grey Shenzhen ``CHNCXR_<4 digits>_<0|1>.png`` and RGB Montgomery
@@ -605,16 +720,20 @@ def write_chest_xray(out: str | os.PathLike, num_shenzhen: int = 5, num_montgome
   0 / 255 lung masks, ``<name>_mask.png`` for Shenzhen and ``<name>.png`` for Montgomery
   (the Kaggle naming); ``<top>/test/`` and ``<top>/ClinicalReadings/`` complete the layout.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   out = pathlib.Path(out)
   root = out / top if top else out
   for d in ("CXR_png", "masks", "test", "ClinicalReadings"):
     (root / d).mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
-  names = ([(f"CHNCXR_{int(i):04d}_{int(rng.integers(0, 2))}", True)
-            for i in np.sort(rng.choice(np.arange(1, 663), num_shenzhen + 1, replace=False))]
-           + [(f"MCUCXR_{int(i):04d}_{int(rng.integers(0, 2))}", False)
-              for i in np.sort(rng.choice(np.arange(1, 139), num_montgomery + 1, replace=False))])
+  names = [
+    (f"CHNCXR_{int(i):04d}_{int(rng.integers(0, 2))}", True)
+    for i in np.sort(rng.choice(np.arange(1, 663), num_shenzhen + 1, replace=False))
+  ] + [
+    (f"MCUCXR_{int(i):04d}_{int(rng.integers(0, 2))}", False)
+    for i in np.sort(rng.choice(np.arange(1, 139), num_montgomery + 1, replace=False))
+  ]
   unmasked = {names[num_shenzhen][0], names[-1][0]}  # one of each source without a mask
   for name, shenzhen in names:
     h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
@@ -624,36 +743,53 @@ def write_chest_xray(out: str | os.PathLike, num_shenzhen: int = 5, num_montgome
       ry, rx = rng.uniform(0.3, 0.4) * h, rng.uniform(0.12, 0.18) * w
       lungs |= ((yy - 0.5 * h) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
     grey = np.clip(rng.normal(170, 20, (h, w)) - 90 * lungs, 0, 255).astype(np.uint8)
-    Image.fromarray(grey if shenzhen else np.repeat(grey[..., None], 3, -1), "L" if shenzhen else "RGB").save(
-        root / "CXR_png" / f"{name}.png")
-    (root / "ClinicalReadings" / f"{name}.txt").write_text("normal\n" if name.endswith("_0") else "tuberculosis\n")
+    Image.fromarray(
+      grey if shenzhen else np.repeat(grey[..., None], 3, -1), "L" if shenzhen else "RGB"
+    ).save(root / "CXR_png" / f"{name}.png")
+    (root / "ClinicalReadings" / f"{name}.txt").write_text(
+      "normal\n" if name.endswith("_0") else "tuberculosis\n"
+    )
     if name not in unmasked:
-      _write_mask(root / "masks" / (f"{name}_mask.png" if shenzhen else f"{name}.png"), lungs, rng,
-                  rgb=not shenzhen)
+      _write_mask(
+        root / "masks" / (f"{name}_mask.png" if shenzhen else f"{name}.png"),
+        lungs,
+        rng,
+        rgb=not shenzhen,
+      )
   Image.fromarray(rng.integers(0, 255, (size_range[0], size_range[0]), np.uint8), "L").save(
-      root / "test" / "CHNCXR_0999_0.png")
+    root / "test" / "CHNCXR_0999_0.png"
+  )
   return out
 
 
-CROSS_DOMAIN_WRITERS = {"fss1000": write_fss1000, "deepglobe": write_deepglobe, "isic2018": write_isic2018,
-                        "chest_xray": write_chest_xray}
+CROSS_DOMAIN_WRITERS = {
+  "fss1000": write_fss1000,
+  "deepglobe": write_deepglobe,
+  "isic2018": write_isic2018,
+  "chest_xray": write_chest_xray,
+}
 
 
-def write_cross_domain(out: str | os.PathLike, dataset: str, seed: int = 0, **kwargs) -> pathlib.Path:
+def write_cross_domain(
+  out: str | os.PathLike, dataset: str, seed: int = 0, **kwargs
+) -> pathlib.Path:
   """`write_fss1000` / `write_deepglobe` / `write_isic2018` / `write_chest_xray` by dataset name."""
   if dataset not in CROSS_DOMAIN_WRITERS:
     raise ValueError(f"dataset must be one of {sorted(CROSS_DOMAIN_WRITERS)}, got {dataset!r}")
   return CROSS_DOMAIN_WRITERS[dataset](out, seed=seed, **kwargs)
 
 
-def make_built_cross_domain(tmp_dir: str | os.PathLike, dataset: str, seed: int = 0, **raw_kwargs) -> str:
+def make_built_cross_domain(
+  tmp_dir: str | os.PathLike, dataset: str, seed: int = 0, **raw_kwargs
+) -> str:
   """Writes a synthetic cross-domain raw tree and builds it; returns the TFDS ``data_dir``.
 
   Like `make_built_dataset`: ``tmp_dir/raw_<tag>/`` and ``tmp_dir/tfds_<tag>/`` with a tag
   of all arguments, so a second call with the same arguments reuses the build. Read it with
   ``source.open_split(data_dir, dataset, "test")``.
   """
-  from data_prep import build  # pylint: disable=g-import-not-at-top
+  from data_prep import build
+
   if dataset not in CROSS_DOMAIN_WRITERS:
     raise ValueError(f"dataset must be one of {sorted(CROSS_DOMAIN_WRITERS)}, got {dataset!r}")
   tmp_dir = pathlib.Path(tmp_dir)
@@ -662,7 +798,8 @@ def make_built_cross_domain(tmp_dir: str | os.PathLike, dataset: str, seed: int 
   if not build.is_complete(data_dir, dataset):
     manual_dir = tmp_dir / f"raw_{tag}"
     if manual_dir.exists():
-      import shutil  # pylint: disable=g-import-not-at-top
+      import shutil
+
       shutil.rmtree(manual_dir)
     write_cross_domain(manual_dir, dataset, seed, **raw_kwargs)
     build.build(dataset, manual_dir, data_dir, progress=False)
@@ -670,14 +807,20 @@ def make_built_cross_domain(tmp_dir: str | os.PathLike, dataset: str, seed: int 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m data_prep.synthetic", description=__doc__.split("\n\n")[0]
+  )
   p.add_argument("--layout", required=True, choices=["voc", "coco"])
   p.add_argument("--out", required=True, help="manual_dir to write")
   p.add_argument("--num_images", type=int, default=40)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--voc_nested", action="store_true", help="voc: write under VOC2012/")
-  p.add_argument("--coco_labels", choices=["json", "png", "both"], default="json",
-                 help="coco: instances json, label PNGs or both")
+  p.add_argument(
+    "--coco_labels",
+    choices=["json", "png", "both"],
+    default="json",
+    help="coco: instances json, label PNGs or both",
+  )
   p.add_argument("--no_lists", action="store_true", help="coco: no train.txt / val.txt")
   args = p.parse_args(argv)
   if pathlib.Path(args.out).exists() and any(pathlib.Path(args.out).iterdir()):
@@ -687,10 +830,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = write_voc(args.out, args.num_images, args.seed, nested=args.voc_nested)
     dataset = "pascal5i"
   else:
-    out = write_coco(args.out, args.num_images, args.seed, labels=args.coco_labels, lists=not args.no_lists)
+    out = write_coco(
+      args.out, args.num_images, args.seed, labels=args.coco_labels, lists=not args.no_lists
+    )
     dataset = "coco20i"
-  print(f"wrote {args.num_images} synthetic {args.layout} images to {out}\nbuild with:\n  "
-        f"python -m data_prep.build --dataset {dataset} --manual_dir {out} --data_dir <data_dir>")
+  print(
+    f"wrote {args.num_images} synthetic {args.layout} images to {out}\nbuild with:\n  "
+    f"python -m data_prep.build --dataset {dataset} --manual_dir {out} --data_dir <data_dir>"
+  )
   return 0
 
 

@@ -42,11 +42,10 @@ import pathlib
 import sys
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from fss_jax import io as fss_io
+
 
 def _opt(default, help_text: str):
   return dataclasses.field(default=default, metadata={"help": help_text})
@@ -55,6 +54,7 @@ def _opt(default, help_text: str):
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Demo settings (the command-line flags of ``python -m examples.demo``)."""
+
   num_images: int = _opt(200, "Synthetic images (about 70 % train, 30 % val).")
   steps: int = _opt(600, "Training steps.")
   batch_size: int = _opt(2, "Episodes per step.")
@@ -68,24 +68,30 @@ class Options:
 
 def define_flags() -> None:
   """The demo's flags (defined only when run as a program, so importing is side-effect free)."""
-  flags.DEFINE_string("workdir", "demo_out", "Where data, checkpoints and overlays go (relative: to "
-                      "the current folder, so two checkouts never share one).")
+  flags.DEFINE_string(
+    "workdir",
+    "demo_out",
+    "Where data, checkpoints and overlays go (relative: to "
+    "the current folder, so two checkouts never share one).",
+  )
   for f in dataclasses.fields(Options):
     define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}[
-        type(f.default)]
+      type(f.default)
+    ]
     define(f.name, f.default, f.metadata["help"])
 
 
 def demo_config(data_dir: str, opts: Options = Options()):
   """configs/panet.py (fold 0, 1-shot) shrunk for a CPU: same model, loop and protocol."""
-  from configs import panet as panet_config  # pylint: disable=g-import-not-at-top
+  from configs import panet as panet_config
+
   if opts.optimizer not in ("sgd", "adamw"):
     raise ValueError(f"--optimizer must be sgd or adamw, got {opts.optimizer!r}")
   c = panet_config.get_config("dataset=pascal5i,fold=0,shot=1")
   c.data.data_dir = data_dir
   c.data.train_size = opts.size
   c.data.test_size = opts.size
-  c.data.label_bucket = 256            # synthetic images are at most 208 px
+  c.data.label_bucket = 256  # synthetic images are at most 208 px
   c.batch_size = opts.batch_size
   c.total_steps = opts.steps
   c.log_every_steps = 25
@@ -94,7 +100,7 @@ def demo_config(data_dir: str, opts: Options = Options()):
   if opts.optimizer == "adamw":
     c.optim.weight_decay = 1e-4
   c.optim.milestones = (int(opts.steps * 0.75),)
-  c.eval.every_steps = 0               # one evaluation at the end (below)
+  c.eval.every_steps = 0  # one evaluation at the end (below)
   c.eval.episodes = opts.episodes
   c.eval.seeds = (321,)
   c.eval.checkpoint = "latest"
@@ -108,10 +114,11 @@ def demo_config(data_dir: str, opts: Options = Options()):
 def write_overlays(out_dir: pathlib.Path, batches, predict_fn, state, mesh, n: int) -> list[str]:
   """PNG rows [support + mask | query + prediction | query + ground truth] for n episodes
   (`fss_jax.eval.visualize.episode_panel`)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from fss_jax import parallel  # pylint: disable=g-import-not-at-top
-  from fss_jax.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.eval import visualize  # pylint: disable=g-import-not-at-top
+  import numpy as np
+
+  from fss_jax import parallel
+  from fss_jax.eval import evaluate as evaluate_lib
+  from fss_jax.eval import visualize
 
   paths = []
   for batch in batches:
@@ -120,9 +127,14 @@ def write_overlays(out_dir: pathlib.Path, batches, predict_fn, state, mesh, n: i
     for i in range(len(pred)):
       if len(paths) >= n or not host["valid"][i]:
         continue
-      panel = visualize.episode_panel(host["query_image"][i], host["support_images"][i],
-                                      host["support_masks"][i], pred[i], host["query_mask"][i],
-                                      height=2 * pred.shape[1])
+      panel = visualize.episode_panel(
+        host["query_image"][i],
+        host["support_images"][i],
+        host["support_masks"][i],
+        pred[i],
+        host["query_mask"][i],
+        height=2 * pred.shape[1],
+      )
       path = out_dir / f"episode_{len(paths):02d}_class{int(host['class_id'][i])}.png"
       paths.append(os.fspath(visualize.write_png(path, panel)))
     if len(paths) >= n:
@@ -133,27 +145,33 @@ def write_overlays(out_dir: pathlib.Path, batches, predict_fn, state, mesh, n: i
 def run(workdir: pathlib.Path, opts: Options = Options()) -> dict:
   """The whole demo; returns the final summary dict."""
   t0 = time.time()
-  import jax  # pylint: disable=g-import-not-at-top
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
-  from fss_jax import parallel  # pylint: disable=g-import-not-at-top
-  from fss_jax.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.eval import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import optim as optim_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from data_prep import synthetic
+  from fss_jax import parallel
+  from fss_jax.eval import evaluate as evaluate_lib
+  from fss_jax.eval import metrics as metrics_lib
+  from fss_jax.train import loop
+  from fss_jax.train import optim as optim_lib
+  from fss_jax.train import state as state_lib
+  from fss_jax.train import step as step_lib
 
   workdir.mkdir(parents=True, exist_ok=True)
-  data_dir = synthetic.make_built_dataset(workdir / "data", "voc", num_images=opts.num_images,
-                                          seed=opts.seed)
+  data_dir = synthetic.make_built_dataset(
+    workdir / "data", "voc", num_images=opts.num_images, seed=opts.seed
+  )
   logging.info("synthetic dataset built in %.1fs: %s", time.time() - t0, data_dir)
   config = demo_config(data_dir, opts)
   run_dir = workdir / "run"
 
   # 1. Train on the base classes (resumes / skips when the workdir already has the run).
   summary = loop.train_and_evaluate(config, run_dir)
-  logging.info("trained %d steps; last losses %s (%.1fs so far)", summary["step"], summary["train"],
-               time.time() - t0)
+  logging.info(
+    "trained %d steps; last losses %s (%.1fs so far)",
+    summary["step"],
+    summary["train"],
+    time.time() - t0,
+  )
 
   # 2. Novel classes on stored episodes, with the all-foreground baseline.
   mesh = parallel.make_mesh(config.mesh)
@@ -164,34 +182,58 @@ def run(workdir: pathlib.Path, opts: Options = Options()) -> dict:
   _, model = loop.build_model(config)
   example = {k: v for k, v in evaluate_lib.model_inputs(batches[0]).items() if k != "valid"}
   params = jax.eval_shape(
-      lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(example), k)["params"],
-      jax.random.PRNGKey(0))
+    lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(example), k)["params"],
+    jax.random.PRNGKey(0),
+  )
   opt = optim_lib.build(config.optim, params, total_steps=config.total_steps)
   state, source = loop.load_for_eval(config, run_dir, model, opt.tx, example, mesh)
-  eval_fn = step_lib.make_eval_step(model=model, mesh=mesh, score=loop._score_mode(config))  # pylint: disable=protected-access
+  eval_fn = step_lib.make_eval_step(model=model, mesh=mesh, score=loop._score_mode(config))
   baseline = metrics_lib.ClassIoU(data.classes, data.class_names)
-  acc = evaluate_lib.evaluate_episodes(eval_fn, state, batches, classes=data.classes, mesh=mesh,
-                                       local_batch_size=eval_bs, baseline=baseline,
-                                       class_names=data.class_names)
+  acc = evaluate_lib.evaluate_episodes(
+    eval_fn,
+    state,
+    batches,
+    classes=data.classes,
+    mesh=mesh,
+    local_batch_size=eval_bs,
+    baseline=baseline,
+    class_names=data.class_names,
+  )
   result, base = acc.result(), baseline.result()
-  logging.info("novel classes, %s:\n%s\nall-foreground baseline:\n%s", source, acc.table(), baseline.table())
+  logging.info(
+    "novel classes, %s:\n%s\nall-foreground baseline:\n%s", source, acc.table(), baseline.table()
+  )
 
   # 3. Overlays.
   predict_fn = step_lib.make_predict_step(model=model, mesh=mesh)
   paths = write_overlays(workdir / "overlays", batches, predict_fn, state, mesh, opts.overlays)
-  out = {"model": config.model, "novel_mIoU": round(result["miou"], 2), "fb_iou": round(result["fb_iou"], 2),
-         "baseline_mIoU": round(base["miou"], 2), "episodes": int(result["episodes"]),
-         "seconds": round(time.time() - t0, 1)}
-  evaluate_lib.write_json(workdir / "demo_result.json",
-                          {**out, "per_class": result["per_class"], "baseline_per_class": base["per_class"],
-                           "train": summary["train"], "overlays": paths, "checkpoint": source})
+  out = {
+    "model": config.model,
+    "novel_mIoU": round(result["miou"], 2),
+    "fb_iou": round(result["fb_iou"], 2),
+    "baseline_mIoU": round(base["miou"], 2),
+    "episodes": int(result["episodes"]),
+    "seconds": round(time.time() - t0, 1),
+  }
+  evaluate_lib.write_json(
+    workdir / "demo_result.json",
+    {
+      **out,
+      "per_class": result["per_class"],
+      "baseline_per_class": base["per_class"],
+      "train": summary["train"],
+      "overlays": paths,
+      "checkpoint": source,
+    },
+  )
   return out
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import loop
+
   loop.quiet_library_logs()
   opts = Options(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Options)})
   workdir = fss_io.user_path(flags.FLAGS.workdir)

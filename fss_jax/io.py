@@ -33,7 +33,8 @@ import shutil
 import sys
 import tempfile
 import threading
-from typing import BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from etils import epath
 
@@ -84,8 +85,9 @@ def default_mode(directory: bool = False) -> int:
   return (0o777 if directory else 0o666) & ~current_umask()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None], *,
-                 overwrite: bool = True) -> epath.Path:
+def atomic_write(
+  path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None], *, overwrite: bool = True
+) -> epath.Path:
   """Writes ``data`` to ``path`` so that no reader ever sees a partial file.
 
   Args:
@@ -110,7 +112,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
     data = buf.getvalue()
   payload = data.encode("utf-8") if isinstance(data, str) else data
   if is_remote(dest):
-    dest.write_bytes(payload)   # one upload: the object appears whole or not at all
+    dest.write_bytes(payload)  # one upload: the object appears whole or not at all
     return dest
   dest.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
@@ -164,12 +166,13 @@ class LocalMirror:
     local: the folder to write into (a plain local path string).
   """
 
-  def __init__(self, remote: str | os.PathLike, files: tuple[str, ...] = (),
-               every_s: float | None = None):
+  def __init__(
+    self, remote: str | os.PathLike, files: tuple[str, ...] = (), every_s: float | None = None
+  ):
     """Args:
-      remote: the folder the files belong in (local or ``gs://``).
-      files: names whose remote copy is downloaded first, to be appended to.
-      every_s: also `sync` from a background thread every ``every_s`` seconds.
+    remote: the folder the files belong in (local or ``gs://``).
+    files: names whose remote copy is downloaded first, to be appended to.
+    every_s: also `sync` from a background thread every ``every_s`` seconds.
     """
     self.remote = user_path(remote)
     self._tmp = None
@@ -180,7 +183,7 @@ class LocalMirror:
     self.local = self._tmp.name
     self._synced: dict[str, tuple[int, int]] = {}
     self._lock = threading.Lock()
-    for name in files:   # appended across runs: start from the remote copy
+    for name in files:  # appended across runs: start from the remote copy
       src = self.remote / name
       if src.exists():
         with src.open("rb") as f, open(os.path.join(self.local, name), "wb") as dst:
@@ -188,8 +191,9 @@ class LocalMirror:
     self._stop = threading.Event()
     self._thread = None
     if every_s:
-      self._thread = threading.Thread(target=self._sync_every, args=(every_s,), daemon=True,
-                                      name="fss_jax-mirror")
+      self._thread = threading.Thread(
+        target=self._sync_every, args=(every_s,), daemon=True, name="fss_jax-mirror"
+      )
       self._thread.start()
 
   def _sync_every(self, seconds: float) -> None:
@@ -233,8 +237,19 @@ class LocalMirror:
     self._tmp = None
 
 
-__all__ = ["atomic_write", "default_mode", "current_umask", "user_path", "is_remote", "local_copy", "copy_file",
-           "LocalMirror", "captured_stderr", "describe_text_head", "file_sha256"]
+__all__ = [
+  "atomic_write",
+  "default_mode",
+  "current_umask",
+  "user_path",
+  "is_remote",
+  "local_copy",
+  "copy_file",
+  "LocalMirror",
+  "captured_stderr",
+  "describe_text_head",
+  "file_sha256",
+]
 
 
 def describe_text_head(head: bytes) -> str | None:

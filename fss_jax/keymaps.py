@@ -16,7 +16,7 @@ block's map is written once and reused under different prefixes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,15 +40,16 @@ def _linear_transpose(a: np.ndarray) -> np.ndarray:
 
 
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "copy": _identity,
-    "conv": _conv_oihw_to_hwio,
-    "linear": _linear_transpose,
+  "copy": _identity,
+  "conv": _conv_oihw_to_hwio,
+  "linear": _linear_transpose,
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """One source key -> one Flax variable."""
+
   src: str
   dst: Path
   transform: str = "copy"
@@ -60,6 +61,7 @@ class Ignore:
 
   It counts as used when present and is not reported when absent.
   """
+
   src: str
 
 
@@ -69,26 +71,34 @@ KeyMap = list  # list[Rule | Ignore]
 class ConversionError(ValueError):
   """A state dict does not fit a key map. Lists every mismatch."""
 
-  def __init__(self, missing: Sequence[str] = (), unexpected: Sequence[str] = (),
-               shape_errors: Sequence[str] = (), model: str = ""):
+  def __init__(
+    self,
+    missing: Sequence[str] = (),
+    unexpected: Sequence[str] = (),
+    shape_errors: Sequence[str] = (),
+    model: str = "",
+  ):
     self.missing = list(missing)
     self.unexpected = list(unexpected)
     self.shape_errors = list(shape_errors)
     lines = [f"checkpoint does not match the {model or 'model'} key map:"]
+
     def _section(title, items):
       if items:
         lines.append(f"  {title} ({len(items)}):")
         lines.extend(f"    {k}" for k in items[:50])
         if len(items) > 50:
           lines.append(f"    ... and {len(items) - 50} more")
+
     _section("missing keys (expected by the model, absent from the checkpoint)", self.missing)
     _section("unexpected keys (in the checkpoint, unknown to the model)", self.unexpected)
     _section("shape mismatches", self.shape_errors)
     super().__init__("\n".join(lines))
 
 
-def strip_prefixes(state_dict: Mapping[str, np.ndarray],
-                   prefixes: Iterable[str] = ("module.",)) -> dict[str, np.ndarray]:
+def strip_prefixes(
+  state_dict: Mapping[str, np.ndarray], prefixes: Iterable[str] = ("module.",)
+) -> dict[str, np.ndarray]:
   """Removes DataParallel/DDP prefixes (repeatedly) from every key."""
   prefixes = tuple(prefixes)
   out = {}
@@ -98,7 +108,7 @@ def strip_prefixes(state_dict: Mapping[str, np.ndarray],
       changed = False
       for p in prefixes:
         if k.startswith(p):
-          k, changed = k[len(p):], True
+          k, changed = k[len(p) :], True
     out[k] = v
   return out
 
@@ -112,9 +122,13 @@ def _set(tree: dict, path: Path, value: np.ndarray) -> None:
   node[path[-1]] = value
 
 
-def convert(state_dict: Mapping[str, np.ndarray], keymap: KeyMap, *,
-            model: str = "", expected_shapes: Mapping[Path, tuple] | None = None,
-            ) -> dict[str, dict]:
+def convert(
+  state_dict: Mapping[str, np.ndarray],
+  keymap: KeyMap,
+  *,
+  model: str = "",
+  expected_shapes: Mapping[Path, tuple] | None = None,
+) -> dict[str, dict]:
   """Applies `keymap` to a (prefix-stripped) numpy state dict.
 
   Args:
@@ -146,8 +160,9 @@ def convert(state_dict: Mapping[str, np.ndarray], keymap: KeyMap, *,
     if expected_shapes is not None and rule.dst in expected_shapes:
       want = tuple(expected_shapes[rule.dst])
       if tuple(value.shape) != want:
-        shape_errors.append(f"{src} -> {'/'.join(rule.dst)}: got {tuple(value.shape)}, "
-                            f"model expects {want}")
+        shape_errors.append(
+          f"{src} -> {'/'.join(rule.dst)}: got {tuple(value.shape)}, model expects {want}"
+        )
         continue
     _set(variables, rule.dst, value)
   if missing or unexpected or shape_errors:
@@ -160,6 +175,7 @@ def convert(state_dict: Mapping[str, np.ndarray], keymap: KeyMap, *,
 # `src` is the module's key prefix ("layer1.0.conv1"), `dst` the Flax module
 # path without collection (("backbone", "layer1_0", "conv1")).
 # ---------------------------------------------------------------------------
+
 
 def conv(src: str, dst: Path, bias: bool = True) -> list:
   rules = [Rule(f"{src}.weight", ("params", *dst, "kernel"), "conv")]
@@ -178,10 +194,10 @@ def linear(src: str, dst: Path, bias: bool = True) -> list:
 def bn(src: str, dst: Path, num_batches_tracked: bool = True) -> list:
   """BatchNorm2d -> flax BatchNorm (scale/bias params, mean/var batch_stats)."""
   rules = [
-      Rule(f"{src}.weight", ("params", *dst, "scale")),
-      Rule(f"{src}.bias", ("params", *dst, "bias")),
-      Rule(f"{src}.running_mean", ("batch_stats", *dst, "mean")),
-      Rule(f"{src}.running_var", ("batch_stats", *dst, "var")),
+    Rule(f"{src}.weight", ("params", *dst, "scale")),
+    Rule(f"{src}.bias", ("params", *dst, "bias")),
+    Rule(f"{src}.running_mean", ("batch_stats", *dst, "mean")),
+    Rule(f"{src}.running_var", ("batch_stats", *dst, "var")),
   ]
   if num_batches_tracked:
     rules.append(Ignore(f"{src}.num_batches_tracked"))
@@ -189,8 +205,10 @@ def bn(src: str, dst: Path, num_batches_tracked: bool = True) -> list:
 
 
 def layer_norm(src: str, dst: Path) -> list:
-  return [Rule(f"{src}.weight", ("params", *dst, "scale")),
-          Rule(f"{src}.bias", ("params", *dst, "bias"))]
+  return [
+    Rule(f"{src}.weight", ("params", *dst, "scale")),
+    Rule(f"{src}.bias", ("params", *dst, "bias")),
+  ]
 
 
 def copy(src: str, dst: Path) -> list:

@@ -32,17 +32,22 @@ import sys
 # CPU-feature notes) say nothing to a user of this command; warnings and errors still print.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
-from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import (
+  app,
+  flags,
+  logging,
+)
+from etils import epath
+from ml_collections import config_flags
 
-from fss_jax import io as fss_io  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fss_jax import io as fss_io
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file and argument, e.g. configs/panet.py:dataset=pascal5i,fold=0,shot=1.",
-    lock_config=True)
+  "config",
+  None,
+  "Config file and argument, e.g. configs/panet.py:dataset=pascal5i,fold=0,shot=1.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes) or eval.")
 
@@ -99,8 +104,10 @@ def missing_config_message(argv: list[str]) -> str | None:
     folder, shown = pathlib.Path(__file__).parents[1] / "configs", "configs"
   stems = [p.stem for p in sorted(folder.glob("*.py")) if _defines_get_config(p)]
   if path.is_dir():
-    return (f"--config {path} is a folder; pass a config file, e.g. "
-            f"{', '.join(f'{shown}/{s}.py' for s in stems[:4]) or 'configs/panet.py'}")
+    return (
+      f"--config {path} is a folder; pass a config file, e.g. "
+      f"{', '.join(f'{shown}/{s}.py' for s in stems[:4]) or 'configs/panet.py'}"
+    )
   close = difflib.get_close_matches(path.stem, stems, n=3, cutoff=0.6)
   hint = f"; close matches: {', '.join(f'{shown}/{s}.py' for s in close)}" if close else ""
   return f"config file {path} not found{hint}"
@@ -130,7 +137,7 @@ def unknown_override_message(argv: list[str]) -> str | None:
   """'unknown config key ...; did you mean ...' for the first bad ``--config.x`` in argv."""
   try:
     cfg = _load_config_file(argv)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
   if cfg is None:
     return None
@@ -144,7 +151,9 @@ def unknown_override_message(argv: list[str]) -> str | None:
     close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
     if not close:  # match on the last component, e.g. 'data.dir' -> 'data.data_dir'
       last = key.rsplit(".", 1)[-1]
-      names = difflib.get_close_matches(last, [k.rsplit(".", 1)[-1] for k in leaves], n=3, cutoff=0.6)
+      names = difflib.get_close_matches(
+        last, [k.rsplit(".", 1)[-1] for k in leaves], n=3, cutoff=0.6
+      )
       close = [k for k in leaves if k.rsplit(".", 1)[-1] in names][:3]
     hint = f"; close matches: {', '.join(close)}" if close else ""
     return f"unknown config key {key!r}{hint}"
@@ -188,7 +197,7 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     _fail("--workdir is required (checkpoints, logs and results go there)")
   # Imported here so that flag errors are reported without loading JAX.
-  from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import loop
 
   loop.quiet_library_logs()
   config = _CONFIG.value
@@ -202,9 +211,11 @@ def main(argv: list[str]) -> None:
 def _claim_workdir(config, workdir: epath.Path, stack: contextlib.ExitStack) -> None:
   """Before anything is written: the workdir is writable and no other run holds it (process 0
   takes its lock, held until ``stack`` closes)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fss_jax import parallel  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from fss_jax import parallel
+  from fss_jax.train import workdir as workdir_lib
+
   try:
     parallel.initialize(config.distributed)  # process_index() is only right after this
     workdir_lib.check_writable(workdir)
@@ -216,13 +227,16 @@ def _claim_workdir(config, workdir: epath.Path, stack: contextlib.ExitStack) -> 
 
 def _run(config, workdir: epath.Path) -> dict:
   """``--mode train`` / ``eval`` with the text log; errors become one line and an exit status."""
-  from fss_jax.data import source  # pylint: disable=g-import-not-at-top
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import source
+  from fss_jax.models import registry
+  from fss_jax.train import loop
+  from fss_jax.train import state as state_lib
+  from fss_jax.train import workdir as workdir_lib
+
   with workdir_lib.text_log(workdir) as log:
-    logging.info("fss_jax.main --mode %s --workdir %s (%s)", _MODE.value, workdir, " ".join(sys.argv))
+    logging.info(
+      "fss_jax.main --mode %s --workdir %s (%s)", _MODE.value, workdir, " ".join(sys.argv)
+    )
     try:
       if _MODE.value == "train":
         summary = loop.train_and_evaluate(config, workdir)
@@ -247,9 +261,15 @@ def _run(config, workdir: epath.Path) -> dict:
       # A diagnosis on the console; the keys of each side in log.txt (hundreds for a model).
       log.write_exception("run failed" + (f"\n{e.details}" if e.details else ""))
       _fail(f"{e}" + (f"\n  every key is listed in {log.path}" if e.details else ""))
-    except (source.DatasetNotReadyError, loop.WorkdirMismatchError, loop.CheckpointDamagedError,
-            workdir_lib.WorkdirError,
-            registry.UnsupportedModelError, FileNotFoundError, ValueError) as e:
+    except (
+      source.DatasetNotReadyError,
+      loop.WorkdirMismatchError,
+      loop.CheckpointDamagedError,
+      workdir_lib.WorkdirError,
+      registry.UnsupportedModelError,
+      FileNotFoundError,
+      ValueError,
+    ) as e:
       log.write_exception("run failed")  # the traceback goes to log.txt, one line to the console
       _fail(str(e))
   return summary

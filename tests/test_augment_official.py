@@ -27,7 +27,7 @@ FIX = pathlib.Path(__file__).resolve().parent / "fixtures" / "augment"
 STD = np.float32(T.STD)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fixture(name: str) -> tuple[dict, dict]:
   """{case: {array name: array}} and the case metadata of ``<name>.npz``."""
   with np.load(FIX / f"{name}.npz") as z:
@@ -77,11 +77,15 @@ class Replay:
 
   def integers(self, low, high):
     lo, hi, v = self._next("randint")
-    assert (int(low), int(high) - 1) == (lo, hi), f"ours integers({low}, {high}), official randint({lo}, {hi})"
+    assert (int(low), int(high) - 1) == (lo, hi), (
+      f"ours integers({low}, {high}), official randint({lo}, {hi})"
+    )
     return int(v)
 
   def done(self):
-    assert self.i == len(self.calls), f"ours drew {self.i} numbers, the official code {len(self.calls)}"
+    assert self.i == len(self.calls), (
+      f"ours drew {self.i} numbers, the official code {len(self.calls)}"
+    )
 
 
 def _assert_image(ours, ref, what="image", scale=None):
@@ -122,13 +126,13 @@ def _sccan_op(meta):
   kind = meta["kind"]
   if kind == "RandScale":
     return T.RandScale(scale=tuple(meta["scale"]))
-  if kind == "RandRotate":          # RandRotate([-10, 10], padding=mean, ignore_label=255), p = 0.5
+  if kind == "RandRotate":  # RandRotate([-10, 10], padding=mean, ignore_label=255), p = 0.5
     return T.RandRotate(angle=tuple(meta["angle"]), p=meta["p"])
   if kind == "RandomGaussianBlur":  # RandomGaussianBlur(): radius (= kernel size) 5, p = 0.5 fixed
     return T.RandomGaussianBlur()
   if kind == "RandomHorizontalFlip":
     return T.RandomHorizontalFlip()
-  if kind == "Crop":                # Crop([s, s], crop_type='rand', padding=mean, ignore_label=255)
+  if kind == "Crop":  # Crop([s, s], crop_type='rand', padding=mean, ignore_label=255)
     return T.RandomCrop(size=(meta["size"], meta["size"]))
   raise KeyError(kind)
 
@@ -154,13 +158,15 @@ def test_draw_then_apply_is_random_map():
   op = _sccan_op(metas["rotate_pos"])
   params = op.draw(Replay(a), [a["label"]])
   assert params["angle"] == pytest.approx(-10 + 20 * 0.9)
-  image, (label, label2) = op.apply(a["image"].astype(np.float32), [a["label"], a["label2"]], params)
+  image, (label, label2) = op.apply(
+    a["image"].astype(np.float32), [a["label"], a["label2"]], params
+  )
   _assert_image(image, a["out_image"])
   _assert_label(label, a["out_label"])
   _assert_label(label2, a["out_label2"])
   crop = T.RandomCrop(size=(33, 33))
   r = Replay(cases["crop_retry"])
-  assert crop.draw(r, [cases["crop_retry"]["label"]]) == {"top": 25, "left": 26}   # third pair kept
+  assert crop.draw(r, [cases["crop_retry"]["label"]]) == {"top": 25, "left": 26}  # third pair kept
   r.done()
 
 
@@ -193,15 +199,22 @@ def _episode(a, shots):
   return ep
 
 
-@pytest.mark.parametrize("name,case", [(n, c) for n in ("sccan_chain", "hdmnet_chain") for c in _cases(n)])
+@pytest.mark.parametrize(
+  "name,case", [(n, c) for n in ("sccan_chain", "hdmnet_chain") for c in _cases(n)]
+)
 def test_family_chains_match_official(name, case):
   """BAM/HDMNet ``SemData``: query (image, label, base label) through the tri chain, then
   each support through the pair chain, one ``random`` stream; SCCAN = crop, HDMNet =
   squash; ``ToTensor`` + ``Normalize`` last."""
   cases, metas = _fixture(name)
   a, m = cases[case], metas[case]
-  ops = T.train_ops(m["size"], scale=tuple(m["scale"]), rotate=tuple(m["rotate"]), blur=m["blur"],
-                    resize=m["resize"])
+  ops = T.train_ops(
+    m["size"],
+    scale=tuple(m["scale"]),
+    rotate=tuple(m["rotate"]),
+    blur=m["blur"],
+    resize=m["resize"],
+  )
   rng = Replay(a)
   out = T.apply_ops(_episode(a, m["shots"]), ops, rng)
   rng.done()
@@ -229,7 +242,7 @@ def _check_recipe(recipe, case, ops):
   ep = {"query_image": a["image"].astype(np.float32), "query_mask": a["label"]}
   order = _SSP_ORDER if recipe == "ssp" else None
   rng = Replay(a, order)
-  pre = T.apply_ops(ep, ops[:-2], rng)                      # before Normalize, ToArrays
+  pre = T.apply_ops(ep, ops[:-2], rng)  # before Normalize, ToArrays
   rng.done()
   _assert_image(pre["query_image"], a["pre_image"], "image before normalisation")
   _assert_label(pre["query_mask"], a["out_label"])
@@ -239,7 +252,9 @@ def _check_recipe(recipe, case, ops):
   _assert_label(out["query_mask"], a["out_label_tensor"])
 
 
-@pytest.mark.parametrize("recipe,case", [(r, c) for r in ("panet", "ssp") for c in _cases(f"{r}_chain")])
+@pytest.mark.parametrize(
+  "recipe,case", [(r, c) for r in ("panet", "ssp") for c in _cases(f"{r}_chain")]
+)
 def test_panet_and_ssp_recipes_match_official(recipe, case):
   """PANet: ``Compose([Resize(size), RandomMirror()])`` on PIL images, then
   ``ToTensorNormalize``; SSP: ``crop(img, mask, size)``, ``hflip``, ``normalize``."""
@@ -255,7 +270,9 @@ def test_configured_recipes_match_official(method):
   assert c.data.train_resize == method, c.data.train_resize
   for case in _cases(f"{method}_chain"):
     size = _fixture(f"{method}_chain")[1][case]["size"]
-    _check_recipe(method, case, _recipe_ops(tuple(size) if isinstance(size, list) else size, method, c))
+    _check_recipe(
+      method, case, _recipe_ops(tuple(size) if isinstance(size, list) else size, method, c)
+    )
 
 
 # -- the fixtures catch wrong ops -------------------------------------------------------------------------
@@ -265,8 +282,10 @@ def test_configured_recipes_match_official(method):
 class _NearestExactScale(T.RandScale):
   def apply(self, image, labels, params):
     s = params["scale"]
-    return (cv2.resize(image, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR),
-            [cv2.resize(l, None, fx=s, fy=s, interpolation=cv2.INTER_NEAREST_EXACT) for l in labels])
+    return (
+      cv2.resize(image, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR),
+      [cv2.resize(l, None, fx=s, fy=s, interpolation=cv2.INTER_NEAREST_EXACT) for l in labels],
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,8 +293,10 @@ class _CornerCentreRotate(T.RandRotate):
   def apply(self, image, labels, params):
     h, w = labels[0].shape
     m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), params["angle"], 1)
-    return (cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=self.border),
-            [cv2.warpAffine(l, m, (w, h), flags=cv2.INTER_NEAREST, borderValue=255) for l in labels])
+    return (
+      cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=self.border),
+      [cv2.warpAffine(l, m, (w, h), flags=cv2.INTER_NEAREST, borderValue=255) for l in labels],
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +305,10 @@ class _InverseRotate(T.RandRotate):
     h, w = labels[0].shape
     m = cv2.getRotationMatrix2D((w / 2, h / 2), params["angle"], 1)
     f = cv2.WARP_INVERSE_MAP
-    return (cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR | f, borderValue=self.border),
-            [cv2.warpAffine(l, m, (w, h), flags=cv2.INTER_NEAREST | f, borderValue=255) for l in labels])
+    return (
+      cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR | f, borderValue=self.border),
+      [cv2.warpAffine(l, m, (w, h), flags=cv2.INTER_NEAREST | f, borderValue=255) for l in labels],
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,22 +333,22 @@ class _ExclusiveCrop(T.RandomCrop):
 
 
 _MUTANTS = [
-    ("label nearest rounding", "scale_up", _NearestExactScale(scale=(0.9, 1.1))),
-    ("rotation centre (w-1)/2", "rotate_pos", _CornerCentreRotate()),
-    ("rotation direction", "rotate_neg", _InverseRotate()),
-    ("rotation image border 0", "rotate_pos", T.RandRotate(border=(0.0, 0.0, 0.0))),
-    ("rotation label border 0", "rotate_neg", T.RandRotate(ignore_label=0)),
-    ("blur kernel 3", "blur_on", T.RandomGaussianBlur(ksize=3)),
-    ("blur kernel 7", "blur_on", T.RandomGaussianBlur(ksize=7)),
-    ("flip axis", "flip_on", _VerticalFlip()),
-    ("flip when u = p", "flip_off", _FlipAtHalf()),
-    ("crop pad value 0", "crop_pad_rows", T.RandomCrop(size=(41, 41), pad_value=(0.0, 0.0, 0.0))),
-    ("crop pad bottom/right", "crop_pad_odd", T.RandomCrop(size=(46, 46), pad="end")),
-    ("crop label pad 0", "crop_pad_both", T.RandomCrop(size=(39, 39), ignore_label=0)),
-    ("crop offsets exclusive", "crop_no_object", _ExclusiveCrop(size=(33, 33))),
-    ("crop without the 85 % rule", "crop_retry", T.RandomCrop(size=(33, 33), retries=0)),
-    ("crop keep rule 50 %", "crop_retry", T.RandomCrop(size=(33, 33), min_keep=0.5)),
-    ("crop 30 retries", "crop_exhaust", T.RandomCrop(size=(33, 33), retries=30)),
+  ("label nearest rounding", "scale_up", _NearestExactScale(scale=(0.9, 1.1))),
+  ("rotation centre (w-1)/2", "rotate_pos", _CornerCentreRotate()),
+  ("rotation direction", "rotate_neg", _InverseRotate()),
+  ("rotation image border 0", "rotate_pos", T.RandRotate(border=(0.0, 0.0, 0.0))),
+  ("rotation label border 0", "rotate_neg", T.RandRotate(ignore_label=0)),
+  ("blur kernel 3", "blur_on", T.RandomGaussianBlur(ksize=3)),
+  ("blur kernel 7", "blur_on", T.RandomGaussianBlur(ksize=7)),
+  ("flip axis", "flip_on", _VerticalFlip()),
+  ("flip when u = p", "flip_off", _FlipAtHalf()),
+  ("crop pad value 0", "crop_pad_rows", T.RandomCrop(size=(41, 41), pad_value=(0.0, 0.0, 0.0))),
+  ("crop pad bottom/right", "crop_pad_odd", T.RandomCrop(size=(46, 46), pad="end")),
+  ("crop label pad 0", "crop_pad_both", T.RandomCrop(size=(39, 39), ignore_label=0)),
+  ("crop offsets exclusive", "crop_no_object", _ExclusiveCrop(size=(33, 33))),
+  ("crop without the 85 % rule", "crop_retry", T.RandomCrop(size=(33, 33), retries=0)),
+  ("crop keep rule 50 %", "crop_retry", T.RandomCrop(size=(33, 33), min_keep=0.5)),
+  ("crop 30 retries", "crop_exhaust", T.RandomCrop(size=(33, 33), retries=30)),
 ]
 
 
@@ -336,16 +359,30 @@ def test_fixtures_catch_a_wrong_op(what, case, op):
 
 
 def test_fixtures_catch_wrong_recipes():
-  with pytest.raises(AssertionError):          # OpenCV instead of PIL resampling
-    _check_recipe("panet", "down_both_flip", [T.SquashResize((41, 41)), T.RandomHorizontalFlip(),
-                                              T.Normalize(), T.ToArrays()])
-  with pytest.raises(AssertionError):          # PFENet's symmetric mean padding
-    _check_recipe("ssp", "pad_both", [T.RandomCrop((41, 41), retries=0), T.RandomHorizontalFlip(),
-                                      T.Normalize(), T.ToArrays()])
-  with pytest.raises(AssertionError):          # flip before the crop (the padding side changes)
-    _check_recipe("ssp", "pad_rows", [T.RandomHorizontalFlip(), T.RandomCrop((41, 41), pad_value=(0, 0, 0),
-                                      retries=0, pad="end"), T.Normalize(), T.ToArrays()])
-  with pytest.raises(AssertionError):          # test resize onto a mean canvas
+  with pytest.raises(AssertionError):  # OpenCV instead of PIL resampling
+    _check_recipe(
+      "panet",
+      "down_both_flip",
+      [T.SquashResize((41, 41)), T.RandomHorizontalFlip(), T.Normalize(), T.ToArrays()],
+    )
+  with pytest.raises(AssertionError):  # PFENet's symmetric mean padding
+    _check_recipe(
+      "ssp",
+      "pad_both",
+      [T.RandomCrop((41, 41), retries=0), T.RandomHorizontalFlip(), T.Normalize(), T.ToArrays()],
+    )
+  with pytest.raises(AssertionError):  # flip before the crop (the padding side changes)
+    _check_recipe(
+      "ssp",
+      "pad_rows",
+      [
+        T.RandomHorizontalFlip(),
+        T.RandomCrop((41, 41), pad_value=(0, 0, 0), retries=0, pad="end"),
+        T.Normalize(),
+        T.ToArrays(),
+      ],
+    )
+  with pytest.raises(AssertionError):  # test resize onto a mean canvas
     a = _fixture("sccan_test_resize")[0]["wide"]
     out = T.AspectResizePad(41).map(_query(a))
     out["query_image"][out["query_mask"] == 255] = np.float32(T.MEAN)
@@ -379,7 +416,7 @@ def test_scale_is_uniform(scale):
   s = np.array([d["scale"] for d in _draws(T.RandScale(scale=scale))])
   lo, hi = scale
   assert s.min() >= lo and s.max() < hi
-  assert _ks_uniform(s, lo, hi) < 1.95 / np.sqrt(N)         # KS at alpha = 0.001
+  assert _ks_uniform(s, lo, hi) < 1.95 / np.sqrt(N)  # KS at alpha = 0.001
 
 
 def test_rotate_probability_and_angle():
@@ -436,7 +473,7 @@ def test_crop_offsets_are_uniform(recipe):
   assert sorted(c) == cells, "offsets cover exactly the inclusive ranges"
   f = np.array([c[k] for k in cells])
   chi2 = ((f - N / len(cells)) ** 2 / (N / len(cells))).sum()
-  assert chi2 < 65.0                                       # chi-square, 34 dof, alpha = 0.001
+  assert chi2 < 65.0  # chi-square, 34 dof, alpha = 0.001
   # a label smaller than the crop: padded first, so the only offset is (0, 0)
   assert _offset_counts(op, np.zeros((4, 5), np.uint8), n=50) == {(0, 0): 50}
 
@@ -450,19 +487,26 @@ def test_crop_retry_rule_distribution():
   label = np.zeros((10, 12), np.uint8)
   label[3:6, 4:8] = 1
   c = _offset_counts(op, label)
-  keep = [(t, l) for t in range(5) for l in range(7)
-          if (label[t:t + 6, l:l + 6] == 1).sum() >= 0.85 * 12]
+  keep = [
+    (t, l)
+    for t in range(5)
+    for l in range(7)
+    if (label[t : t + 6, l : l + 6] == 1).sum() >= 0.85 * 12
+  ]
   # P(all 32 draws miss) = (1 - 12 / 35) ** 32 ~ 1.5e-6: every episode lands in `keep`
   assert sorted(c) == sorted(keep) and len(keep) == 12
   f = np.array([c[k] for k in keep])
-  assert ((f - N / 12) ** 2 / (N / 12)).sum() < 31.3       # chi-square, 11 dof, alpha = 0.001
+  assert ((f - N / 12) ** 2 / (N / 12)).sum() < 31.3  # chi-square, 11 dof, alpha = 0.001
 
 
 def test_recipe_chains_and_defaults():
   """The four §8 size normalisations, in the official order of flip and resize."""
-  kinds = lambda ops: [type(o).__name__ for o in ops]  # noqa: E731
+  kinds = lambda ops: [type(o).__name__ for o in ops]
   bare = dict(scale=(1, 1), rotate=(0, 0), blur=0.0)
-  assert kinds(T.train_ops(41, **bare, resize="panet"))[:2] == ["SquashResize", "RandomHorizontalFlip"]
+  assert kinds(T.train_ops(41, **bare, resize="panet"))[:2] == [
+    "SquashResize",
+    "RandomHorizontalFlip",
+  ]
   assert kinds(T.train_ops(41, **bare, resize="ssp"))[:2] == ["RandomCrop", "RandomHorizontalFlip"]
   assert kinds(T.train_ops(41, **bare, resize="crop"))[:2] == ["RandomHorizontalFlip", "RandomCrop"]
   assert T.train_ops(41, **bare, resize="panet")[0].backend == "pil"

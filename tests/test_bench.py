@@ -17,9 +17,29 @@ from bench import results as results_lib
 from bench import run as bench_run
 from bench import torch_ref
 
-COMMON_KEYS = {"model", "mode", "size", "batch", "shot", "dtype", "devices", "steps_per_s", "episodes_per_s",
-               "images_per_s", "compile_s", "peak_memory_bytes", "peak_memory_kind", "params_total",
-               "params_trainable", "backend", "device_kind", "jax_version", "model_fields", "command", "host"}
+COMMON_KEYS = {
+  "model",
+  "mode",
+  "size",
+  "batch",
+  "shot",
+  "dtype",
+  "devices",
+  "steps_per_s",
+  "episodes_per_s",
+  "images_per_s",
+  "compile_s",
+  "peak_memory_bytes",
+  "peak_memory_kind",
+  "params_total",
+  "params_trainable",
+  "backend",
+  "device_kind",
+  "jax_version",
+  "model_fields",
+  "command",
+  "host",
+}
 
 
 def _record(capsys, argv):
@@ -38,29 +58,72 @@ def test_synthetic_episode_contract():
   assert ep["support_masks"].shape == (2, 3, 17, 17) and ep["query_mask"].dtype == np.int32
   for m in (ep["query_mask"], ep["support_masks"]):
     assert set(np.unique(m)) <= {0, 1, 255}
-    assert (m.reshape(-1, 17 * 17) == 1).any(axis=1).all()      # every mask has foreground
+    assert (m.reshape(-1, 17 * 17) == 1).any(axis=1).all()  # every mask has foreground
   np.testing.assert_array_equal(ep["label_size"], [[17, 17], [17, 17]])
   again = bench_run.synthetic_episode(2, 3, 17, seed=1)
-  np.testing.assert_array_equal(ep["query_image"], again["query_image"])  # torch_ref gets the same inputs
+  np.testing.assert_array_equal(
+    ep["query_image"], again["query_image"]
+  )  # torch_ref gets the same inputs
 
 
 def test_panet_train_and_eval_json(capsys, tmp_path):
   out = tmp_path / "r.jsonl"
-  train = _record(capsys, ["--model", "panet", "--mode", "train", "--size", "33", "--steps", "2",
-                           "--warmup", "1", "--out", str(out)])
+  train = _record(
+    capsys,
+    [
+      "--model",
+      "panet",
+      "--mode",
+      "train",
+      "--size",
+      "33",
+      "--steps",
+      "2",
+      "--warmup",
+      "1",
+      "--out",
+      str(out),
+    ],
+  )
   assert COMMON_KEYS <= set(train)
   assert train["mode"] == "train" and train["size"] == 33 and train["devices"] == 1
-  assert train["steps_per_s"] > 0 and train["images_per_s"] == pytest.approx(2 * train["episodes_per_s"], rel=1e-3)
+  assert train["steps_per_s"] > 0 and train["images_per_s"] == pytest.approx(
+    2 * train["episodes_per_s"], rel=1e-3
+  )
   assert np.isfinite(train["final_loss"])
-  assert train["params_total"] == train["params_trainable"] == 14_714_688   # VGG-16 conv layers, nothing frozen
+  assert (
+    train["params_total"] == train["params_trainable"] == 14_714_688
+  )  # VGG-16 conv layers, nothing frozen
   assert train["model_fields"]["shots"] == 1 and train["config"] == "configs/panet.py:shot=1"
   assert train["peak_memory_bytes"] > 0
   if "flops_per_step" in train:
     assert train["flops_per_step"] > 0
 
-  ev = _record(capsys, ["--model", "panet", "--mode", "eval", "--size", "33", "--batch", "2",
-                        "--devices", "2", "--steps", "2", "--warmup", "1", "--eval-fn", "score",
-                        "--peak-tflops", "1", "--out", str(out)])
+  ev = _record(
+    capsys,
+    [
+      "--model",
+      "panet",
+      "--mode",
+      "eval",
+      "--size",
+      "33",
+      "--batch",
+      "2",
+      "--devices",
+      "2",
+      "--steps",
+      "2",
+      "--warmup",
+      "1",
+      "--eval-fn",
+      "score",
+      "--peak-tflops",
+      "1",
+      "--out",
+      str(out),
+    ],
+  )
   assert COMMON_KEYS <= set(ev)
   assert ev["mode"] == "eval" and ev["devices"] == 2 and ev["eval_fn"] == "score"
   assert ev["episodes_per_s"] == pytest.approx(2 * ev["steps_per_s"], rel=1e-3)
@@ -74,8 +137,23 @@ def test_panet_train_and_eval_json(capsys, tmp_path):
 
 
 def test_bfloat16_train_record(capsys):
-  rec = _record(capsys, ["--model", "panet", "--mode", "train", "--size", "33", "--steps", "1",
-                         "--warmup", "1", "--dtype", "bfloat16"])
+  rec = _record(
+    capsys,
+    [
+      "--model",
+      "panet",
+      "--mode",
+      "train",
+      "--size",
+      "33",
+      "--steps",
+      "1",
+      "--warmup",
+      "1",
+      "--dtype",
+      "bfloat16",
+    ],
+  )
   assert rec["dtype"] == "bfloat16" and np.isfinite(rec["final_loss"])
   assert rec["params_total"] == 14_714_688
 
@@ -92,18 +170,62 @@ def test_clear_errors():
 
 
 def test_results_render_compare_and_scaling():
-  jax_rec = {"impl": "jax", "model": "m", "mode": "train", "size": 65, "batch": 2, "shot": 1, "steps_per_s": 2.0,
-             "episodes_per_s": 4.0, "images_per_s": 8.0, "compile_s": 3.0, "backend": "cpu", "device_kind": "cpu",
-             "jax_version": "0.10.2", "host": {"load_avg": [3.0, 2.0, 1.0], "cpu": "x", "cpu_count": 2}}
+  jax_rec = {
+    "impl": "jax",
+    "model": "m",
+    "mode": "train",
+    "size": 65,
+    "batch": 2,
+    "shot": 1,
+    "steps_per_s": 2.0,
+    "episodes_per_s": 4.0,
+    "images_per_s": 8.0,
+    "compile_s": 3.0,
+    "backend": "cpu",
+    "device_kind": "cpu",
+    "jax_version": "0.10.2",
+    "host": {"load_avg": [3.0, 2.0, 1.0], "cpu": "x", "cpu_count": 2},
+  }
   torch_rec = dict(jax_rec, impl="torch", steps_per_s=1.0, compile_s=None, first_step_s=1.5)
-  recs = [{"bench": "compare", "model": "m", "mode": "train", "size": 65, "batch": 2, "shot": 1, "jax": jax_rec,
-           "torch": torch_rec, "speedup": 2.0, "command": "python bench/compare.py --model m"},
-          {"bench": "scaling", "model": "m", "mode": "train", "size": 65, "batch": 8, "shot": 1,
-           "rows": [{"devices": 1, "batch_per_device": 8, "steps_per_s": 1.0}], "loss_spread": 0.0}]
+  recs = [
+    {
+      "bench": "compare",
+      "model": "m",
+      "mode": "train",
+      "size": 65,
+      "batch": 2,
+      "shot": 1,
+      "jax": jax_rec,
+      "torch": torch_rec,
+      "speedup": 2.0,
+      "command": "python bench/compare.py --model m",
+    },
+    {
+      "bench": "scaling",
+      "model": "m",
+      "mode": "train",
+      "size": 65,
+      "batch": 8,
+      "shot": 1,
+      "rows": [{"devices": 1, "batch_per_device": 8, "steps_per_s": 1.0}],
+      "loss_spread": 0.0,
+    },
+  ]
   page = results_lib.render(recs)
   assert "JAX vs PyTorch" in page and "| 2 |" in page and "Scaling over devices" in page
-  base = dict(jax_rec, model="sccan", mode="eval", size=473, batch=1, dtype="float32", devices=1, step_ms=100.0)
+  base = dict(
+    jax_rec,
+    model="sccan",
+    mode="eval",
+    size=473,
+    batch=1,
+    dtype="float32",
+    devices=1,
+    step_ms=100.0,
+  )
   plus = dict(base, model="sccan_pahnet", step_ms=250.0)
   plugin_page = results_lib.render([base, plus])
-  assert "Cost of the plug-in over sccan" in plugin_page and "| 2.5 | – | – | 3.0 / 3.0 |" in plugin_page
+  assert (
+    "Cost of the plug-in over sccan" in plugin_page and "| 2.5 | – | – | 3.0 / 3.0 |" in plugin_page
+  )
   assert "python bench/compare.py --model m" in page

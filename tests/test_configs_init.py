@@ -14,8 +14,11 @@ import pytest
 
 from fss_jax.models import registry
 
-CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
-                 if p.stem not in ("__init__", "common"))
+CONFIGS = sorted(
+  p.stem
+  for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+  if p.stem not in ("__init__", "common")
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -26,7 +29,10 @@ def test_frozen_parts_require_init(name):
     c = mod.get_config(variant or None)
     spec = registry.get(c.model)
     if spec.frozen:
-      assert c.get("init_required", False), f"{name} {variant}: frozen {spec.frozen} but no init_required"
+      assert c.get("init_required", False), (
+        f"{name} {variant}: frozen {spec.frozen} but no init_required"
+      )
       assert "--config.init=" in c.init_help, c.init_help
       assert not mod.get_config(",".join(filter(None, [variant, "smoke"]))).get(
-          "init_required", False)
+        "init_required", False
+      )

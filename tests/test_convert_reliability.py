@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from checkpoints import convert
 from checkpoints import io as ckpt_io
-from conftest import REPO
 from fss_jax.models import registry
 
 _SHAPES = {"conv": (1, 1, 1, 1), "linear": (1, 1), "copy": (1,)}
@@ -26,14 +26,17 @@ _SHAPES = {"conv": (1, 1, 1, 1), "linear": (1, 1), "copy": (1,)}
 
 def _state_dict(model: str) -> dict[str, np.ndarray]:
   """Every source key of `model`'s key map, with a tiny array its transform accepts."""
-  return {r.src: np.zeros(_SHAPES[getattr(r, "transform", "copy")], np.float32)
-          for r in registry.get(model).keymap()}
+  return {
+    r.src: np.zeros(_SHAPES[getattr(r, "transform", "copy")], np.float32)
+    for r in registry.get(model).keymap()
+  }
 
 
 def _run(argv):
   """convert.main in-process -> (rc, stdout, stderr)."""
   import contextlib
   import io
+
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     rc = convert.main(argv)
@@ -62,8 +65,13 @@ _KILLED = textwrap.dedent("""
 
 def _killed_conversion(dst) -> os.PathLike:
   """Runs write_orbax(dst) in a process killed mid-write; returns the temporary it left."""
-  proc = subprocess.run([sys.executable, "-c", _KILLED, str(dst)], cwd=REPO, timeout=300,
-                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True)
+  proc = subprocess.run(
+    [sys.executable, "-c", _KILLED, str(dst)],
+    cwd=REPO,
+    timeout=300,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    capture_output=True,
+  )
   assert proc.returncode == -9, proc.stderr.decode()
   (left,) = [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.tmp-")]
   return left
@@ -102,8 +110,10 @@ def test_next_conversion_removes_what_a_killed_one_left(tmp_path):
   assert ckpt_io.read_metadata(dst)["model"] == "panet" and "wrote" in stdout
   lines = err.splitlines()
   assert len(lines) == 3, err
-  assert f"removed {stale} (0.0 MB): temporary directory of an interrupted conversion, left by " \
-         f"process {dead}, which has ended" in lines, err
+  assert (
+    f"removed {stale} (0.0 MB): temporary directory of an interrupted conversion, left by "
+    f"process {dead}, which has ended" in lines
+  ), err
   assert any(line.startswith(f"removed {legacy} ") for line in lines), err
   assert any(line.startswith(f"removed {replaced} ") for line in lines), err
   assert not stale.exists() and not legacy.exists() and not replaced.exists()
@@ -115,11 +125,15 @@ def test_next_conversion_removes_what_a_killed_one_left(tmp_path):
 
 # -- messages ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content,says", [
+
+@pytest.mark.parametrize(
+  "content,says",
+  [
     (b"checkpoint of the 5-shot model\n", "a text file starting with 'checkpoint of the"),
     (b"<!DOCTYPE html><html><body>Sign in</body></html>", "an HTML page"),
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n", "Git LFS pointer"),
-])
+  ],
+)
 def test_non_checkpoint_pth_says_so(tmp_path, content, says):
   src = tmp_path / "best.pth"
   src.write_bytes(content)
@@ -133,8 +147,9 @@ def test_empty_pth(tmp_path):
   src = tmp_path / "best.pth"
   src.write_bytes(b"")
   rc, _, err = _run(["--model", "sccan", "--src", str(src), "--dst", str(tmp_path / "o")])
-  assert rc == 2 and err == (f"error: {src} is empty (0 bytes); download or export the "
-                             f"checkpoint again\n")
+  assert rc == 2 and err == (
+    f"error: {src} is empty (0 bytes); download or export the checkpoint again\n"
+  )
 
 
 def test_directory_as_src_names_the_files_inside(tmp_path):
@@ -142,21 +157,24 @@ def test_directory_as_src_names_the_files_inside(tmp_path):
   folder.mkdir()
   (folder / "train_epoch_49_0.6523.pth").write_bytes(b"PK\x03\x04")
   rc, _, err = _run(["--model", "sccan", "--src", str(folder), "--dst", str(tmp_path / "o")])
-  assert rc == 2 and err == (f"error: {folder} is a directory; pass the .pth file inside it (it "
-                             f"holds train_epoch_49_0.6523.pth)\n")
+  assert rc == 2 and err == (
+    f"error: {folder} is a directory; pass the .pth file inside it (it "
+    f"holds train_epoch_49_0.6523.pth)\n"
+  )
   converted = ckpt_io.write_orbax({"params": {"w": np.ones(2, np.float32)}}, tmp_path / "ck")
   rc, _, err = _run(["--model", "sccan", "--src", str(converted), "--dst", str(tmp_path / "o")])
   assert rc == 2 and "already converted checkpoint; use it as it is" in err, err
 
 
 def test_model_hints_name_the_flag(tmp_path):
-  src = tmp_path / "sccan_5shot.npz"             # SCCAN keys; "5shot" in the name: a 5-shot file
+  src = tmp_path / "sccan_5shot.npz"  # SCCAN keys; "5shot" in the name: a 5-shot file
   np.savez(src, **_state_dict("sccan"))
   rc, _, err = _run(["--model", "sccan", "--src", str(src), "--dst", str(tmp_path / "o")])
   assert rc == 2 and "5-shot model" in err and "pass --model-arg shot=5" in err, err
   assert "pass shot=" not in err
   assert convert.field_hints_as_flags("pass layers=101; and pass shot=5") == (
-      "pass --model-arg layers=101; and pass --model-arg shot=5")
+    "pass --model-arg layers=101; and pass --model-arg shot=5"
+  )
 
 
 def test_checkpoint_of_another_model_says_which(tmp_path):
@@ -167,11 +185,13 @@ def test_checkpoint_of_another_model_says_which(tmp_path):
   rc, _, err = _run(["--model", "hdmnet", "--src", str(src), "--dst", str(dst)])
   assert rc == 2 and not dst.exists()
   lines = err.splitlines()
-  assert lines[0] == (f"error: {src} is not a hdmnet checkpoint: this looks like a sccan "
-                      f"checkpoint ({n}/{n} keys match); pass --model sccan (nothing was written)")
+  assert lines[0] == (
+    f"error: {src} is not a hdmnet checkpoint: this looks like a sccan "
+    f"checkpoint ({n}/{n} keys match); pass --model sccan (nothing was written)"
+  )
   assert len(lines) == 2 and "--verbose lists them" in lines[1], err
   rc, _, err = _run(["--model", "hdmnet", "--src", str(src), "--dst", str(dst), "--verbose"])
-  assert rc == 2 and len(err.splitlines()) > 1000          # every missing / unexpected key
+  assert rc == 2 and len(err.splitlines()) > 1000  # every missing / unexpected key
 
 
 def test_key_lists_are_cut_without_verbose(tmp_path):
@@ -184,6 +204,7 @@ def test_key_lists_are_cut_without_verbose(tmp_path):
   assert "unexpected keys (in the checkpoint, unknown to the model) (30):" in err
   assert "aux.head9.weight" in err and "aux.head10.weight" not in err
   assert "... and 20 more (--verbose lists them all)" in err and len(err.splitlines()) == 13, err
-  rc, _, err = _run(["--model", "panet", "--src", str(src), "--dst", str(tmp_path / "o"),
-                     "--verbose"])
+  rc, _, err = _run(
+    ["--model", "panet", "--src", str(src), "--dst", str(tmp_path / "o"), "--verbose"]
+  )
   assert rc == 2 and "aux.head29.weight" in err and "more" not in err

@@ -44,7 +44,9 @@ def _patnet_fss(root):
   info = splits.cross_domain("fss1000")
   out = {}
   for split, listed in (("train", "trn.txt"), ("val", "val.txt"), ("test", "test.txt")):
-    names = sorted((splits._ASSET_DIR / "fss1000" / listed).read_text().split("\n")[:-1])  # fss.py:22-24
+    names = sorted(
+      (splits._ASSET_DIR / "fss1000" / listed).read_text().split("\n")[:-1]
+    )  # fss.py:22-24
     offset = {"train": 0, "val": 520, "test": 760}[split]  # fss.py:83-87, 98-105
     rows = []
     for cat in names:
@@ -70,7 +72,9 @@ def _patnet_isic(root):
   for cid, cat in enumerate("123", 1):
     for img in _jpgs(f"{root}/ISIC2018_Task1-2_Training_Input/{cat}/*"):
       stem = pathlib.Path(img).stem
-      rows.append((stem, cid, img, f"{root}/ISIC2018_Task1_Training_GroundTruth/{stem}_segmentation.png"))
+      rows.append(
+        (stem, cid, img, f"{root}/ISIC2018_Task1_Training_GroundTruth/{stem}_segmentation.png")
+      )
   return {"test": rows}
 
 
@@ -78,7 +82,9 @@ def _patnet_lung(root):
   rows = []
   for mask in sorted(glob.glob(f"{root}/masks/*")):
     name = os.path.basename(mask)
-    stem = name[:-9] if name.endswith("_mask.png") else name[:-4]  # lung.py:64; Montgomery: same name
+    stem = (
+      name[:-9] if name.endswith("_mask.png") else name[:-4]
+    )  # lung.py:64; Montgomery: same name
     rows.append((stem, 1, f"{root}/CXR_png/{stem}.png", mask))
   return {"test": rows}
 
@@ -138,17 +144,29 @@ def test_fss1000_official_class_splits():
   # PATNet's test class c (0-based 760 + position in the sorted test list) is our c + 1
   test = sorted(splits.fss1000_split_classes("test"))
   assert info.class_names[760] == test[0] and info.class_names[999] == test[-1]
-  assert "thor's_hammer" in names[1] and all(n == n.strip() for n in info.class_names)  # CRLF lists stripped
+  assert "thor's_hammer" in names[1] and all(
+    n == n.strip() for n in info.class_names
+  )  # CRLF lists stripped
 
 
 def test_test_only_class_lists():
   assert splits.cross_domain("deepglobe").splits == {"test": (1, 2, 3, 4, 5, 6)}
-  assert splits.class_names("deepglobe")[1] == "agriculture" and splits.class_names("deepglobe")[6] == "barren"
+  assert (
+    splits.class_names("deepglobe")[1] == "agriculture"
+    and splits.class_names("deepglobe")[6] == "barren"
+  )
   assert splits.cross_domain("isic").splits == {"test": (1, 2, 3)}
   assert splits.cross_domain("lung").class_names == ("lung",)
   counts = np.bincount(list(splits.isic2018_image_classes().values()))
-  assert counts.tolist() == [0, 1867, 519, 208]  # PATNet's class_id.csv: 2594 task-1 training images
-  assert splits.dataset_kind("chest_xray") == "cross_domain" and splits.dataset_kind("pascal") == "folds"
+  assert counts.tolist() == [
+    0,
+    1867,
+    519,
+    208,
+  ]  # PATNet's class_id.csv: 2594 task-1 training images
+  assert (
+    splits.dataset_kind("chest_xray") == "cross_domain" and splits.dataset_kind("pascal") == "folds"
+  )
   with pytest.raises(ValueError, match="splits"):
     splits.cross_domain("isic2018").classes("train")
   with pytest.raises(ValueError):
@@ -201,14 +219,18 @@ def test_soft_mask_borders_follow_patnets_threshold(built):
 
 def test_read_binary_mask_is_pil_luma_at_128(tmp_path):
   rgb = np.zeros((2, 4, 3), np.uint8)
-  rgb[0] = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]   # luma 76, 150, 29, 128
+  rgb[0] = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]  # luma 76, 150, 29, 128
   rgb[1] = [[127, 127, 127], [255, 255, 255], [200, 100, 90], [0, 0, 0]]
   Image.fromarray(rgb, "RGB").save(tmp_path / "m.png")
-  np.testing.assert_array_equal(raw.read_binary_mask(os.fspath(tmp_path / "m.png")), [[0, 1, 0, 1], [0, 1, 1, 0]])
+  np.testing.assert_array_equal(
+    raw.read_binary_mask(os.fspath(tmp_path / "m.png")), [[0, 1, 0, 1], [0, 1, 1, 0]]
+  )
   pal = Image.fromarray(np.array([[0, 1], [1, 2]], np.uint8), "P")
   pal.putpalette([0, 0, 0, 255, 255, 255, 0, 0, 255] + [0] * 759)
   pal.save(tmp_path / "p.png")
-  np.testing.assert_array_equal(raw.read_binary_mask(os.fspath(tmp_path / "p.png")), [[0, 1], [1, 0]])
+  np.testing.assert_array_equal(
+    raw.read_binary_mask(os.fspath(tmp_path / "p.png")), [[0, 1], [1, 0]]
+  )
   (tmp_path / "bad.png").write_bytes(raw.PNG_SIGNATURE + b"garbage")
   with pytest.raises(raw.CorruptFile):
     raw.read_binary_mask(os.fspath(tmp_path / "bad.png"))
@@ -218,7 +240,9 @@ def test_isic_class_folders_and_flat_official_layout_agree(built, tmp_path):
   manual, data_dir = built["isic2018"]
   sorted_tree = _isic_sorted_copy(manual, tmp_path / "sorted")
   a, b = raw.plan("isic2018", manual), raw.plan("isic2018", sorted_tree)
-  assert [(e.image_id, e.class_id) for e in a.splits["test"]] == [(e.image_id, e.class_id) for e in b.splits["test"]]
+  assert [(e.image_id, e.class_id) for e in a.splits["test"]] == [
+    (e.image_id, e.class_id) for e in b.splits["test"]
+  ]
   assert "class_id.csv" in a.sources["test"] and "class folders" in b.sources["test"]
 
 
@@ -230,7 +254,9 @@ def test_chest_xray_pairs_both_mask_namings(built):
   assert len(entries) == len(list((root / "masks").glob("*.png")))  # every mask, nothing else
   assert {pathlib.Path(e.label).stem.endswith("_mask") for e in entries} == {True, False}
   assert all(pathlib.Path(e.image).parent.name == "CXR_png" for e in entries)
-  assert len(list((root / "CXR_png").glob("*.png"))) == len(entries) + 2  # images without a mask are left out
+  assert (
+    len(list((root / "CXR_png").glob("*.png"))) == len(entries) + 2
+  )  # images without a mask are left out
   assert cross_domain.chest_xray_image_name("CHNCXR_0001_0_mask.png") == "CHNCXR_0001_0.png"
   assert cross_domain.chest_xray_image_name("MCUCXR_0001_0.png") == "MCUCXR_0001_0.png"
 
@@ -239,7 +265,10 @@ def test_fss1000_root_variants_and_partial_download(tmp_path, caplog):
   manual = synthetic.write_fss1000(tmp_path / "raw", (1, 1, 1), 3, seed=5, top="fewshot_data")
   plan = raw.plan("fss1000", manual)
   assert plan.root.endswith("fewshot_data") and {s: len(e) for s, e in plan.splits.items()} == {
-      "train": 3, "val": 3, "test": 3}
+    "train": 3,
+    "val": 3,
+    "test": 3,
+  }
   assert "519 of 520 class folders are missing" in caplog.text  # logged, not an error
   assert "1 of 240 test classes" in plan.sources["test"]
   (manual / "fewshot_data" / "not_a_class").mkdir()
@@ -251,7 +280,9 @@ def test_fss1000_root_variants_and_partial_download(tmp_path, caplog):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dataset,shot", [("fss1000", 5), ("deepglobe", 1), ("isic2018", 1), ("chest_xray", 1)])
+@pytest.mark.parametrize(
+  "dataset,shot", [("fss1000", 5), ("deepglobe", 1), ("isic2018", 1), ("chest_xray", 1)]
+)
 def test_episodes_from_cross_domain_lists(built, dataset, shot):
   _, data_dir = built[dataset]
   src = source.open_split(data_dir, dataset, "test")
@@ -368,17 +399,24 @@ def test_corrupt_and_empty_masks_are_reported(tmp_path):
   masks = sorted((manual / "Lung Segmentation" / "masks").glob("*.png"))
   masks[0].write_bytes(raw.PNG_SIGNATURE + b"garbage")
   Image.fromarray(np.full((8, 8), 127, np.uint8), "L").save(masks[1])  # all below 128: empty
-  image = manual / "Lung Segmentation" / "CXR_png" / cross_domain.chest_xray_image_name(masks[1].name)
+  image = (
+    manual / "Lung Segmentation" / "CXR_png" / cross_domain.chest_xray_image_name(masks[1].name)
+  )
   h, w = cv2.imread(os.fspath(image)).shape[:2]
   Image.fromarray(np.full((h, w), 127, np.uint8), "L").save(masks[1])
   build.build("chest_xray", manual, tmp_path / "tfds", progress=False)
   report = source.read_build_report(tmp_path / "tfds", "chest_xray")
   assert report["splits"]["test"] == {"listed": 4, "records": 3, "skipped": 1}
-  assert report["skipped"][0]["file"].endswith(masks[0].name) and "mask" in report["skipped"][0]["reason"]
+  assert (
+    report["skipped"][0]["file"].endswith(masks[0].name)
+    and "mask" in report["skipped"][0]["reason"]
+  )
   assert report["empty_masks"] == {"test": [image.stem]}
   src = source.open_split(tmp_path / "tfds", "chest_xray", "test")
   np.testing.assert_array_equal(splits.record_classes(src.index, "chest_xray"), [1, 1, 1])
-  assert len(splits.cross_domain_lists(src.index, "chest_xray")) == 3  # PATNet draws the empty one too
+  assert (
+    len(splits.cross_domain_lists(src.index, "chest_xray")) == 3
+  )  # PATNet draws the empty one too
   assert len(splits.cross_domain_lists(src.index, "chest_xray", min_pixels=1)) == 2
 
 
@@ -386,9 +424,14 @@ def test_empty_masks_keep_their_class_from_the_image_id():
   ids = np.asarray(["1/a", "3/b", "3/c"])
   cp = np.zeros((3, 7), np.int64)
   cp[:, 0] = 16
-  cp[0, 1], cp[0, 0] = 4, 12          # record 0: class 1; records 1, 2: empty masks of folder 3
-  index = source.DatasetIndex(image_ids=ids, heights=np.full(3, 4, np.int32), widths=np.full(3, 4, np.int32),
-                              class_pixels=cp, ignore_pixels=np.zeros(3, np.int64))
+  cp[0, 1], cp[0, 0] = 4, 12  # record 0: class 1; records 1, 2: empty masks of folder 3
+  index = source.DatasetIndex(
+    image_ids=ids,
+    heights=np.full(3, 4, np.int32),
+    widths=np.full(3, 4, np.int32),
+    class_pixels=cp,
+    ignore_pixels=np.zeros(3, np.int64),
+  )
   np.testing.assert_array_equal(splits.record_classes(index, "deepglobe"), [1, 3, 3])
   lists = splits.cross_domain_lists(index, "deepglobe")
   assert lists.counts() == {1: 1, 2: 0, 3: 2, 4: 0, 5: 0, 6: 0} and lists.min_pixels == 0
@@ -396,27 +439,53 @@ def test_empty_masks_keep_their_class_from_the_image_id():
   fss = splits.cross_domain("fss1000")
   cp = np.zeros((1, 1001), np.int64)
   cp[0, 0] = 16
-  index = source.DatasetIndex(image_ids=np.asarray([f"{fss.class_names[770]}/3"]), heights=np.full(1, 4, np.int32),
-                              widths=np.full(1, 4, np.int32), class_pixels=cp, ignore_pixels=np.zeros(1, np.int64))
+  index = source.DatasetIndex(
+    image_ids=np.asarray([f"{fss.class_names[770]}/3"]),
+    heights=np.full(1, 4, np.int32),
+    widths=np.full(1, 4, np.int32),
+    class_pixels=cp,
+    ignore_pixels=np.zeros(1, np.int64),
+  )
   assert splits.record_classes(index, "fss1000").tolist() == [771]
 
 
 def test_cli_builds_a_test_only_dataset(tmp_path, capsys):
   manual = synthetic.write_isic2018(tmp_path / "raw", (2, 1, 1), seed=11, class_folders=True)
-  args = ["--dataset", "isic2018", "--manual_dir", os.fspath(manual), "--data_dir", os.fspath(tmp_path / "d"),
-          "--num_workers", "0", "--no_progress"]
+  args = [
+    "--dataset",
+    "isic2018",
+    "--manual_dir",
+    os.fspath(manual),
+    "--data_dir",
+    os.fspath(tmp_path / "d"),
+    "--num_workers",
+    "0",
+    "--no_progress",
+  ]
   assert build.main(args) == 0
   out = capsys.readouterr().out
   assert "isic2018 ready in" in out and "test 4 records (0 skipped)" in out
   assert build.is_complete(tmp_path / "d", "isic2018")
-  assert sorted(p.name for p in source.dataset_dir(tmp_path / "d", "isic2018").glob("fss_index_*")) == [
-      "fss_index_test.npz"]
+  assert sorted(
+    p.name for p in source.dataset_dir(tmp_path / "d", "isic2018").glob("fss_index_*")
+  ) == ["fss_index_test.npz"]
   report = os.fspath(source.dataset_dir(tmp_path / "d", "isic2018") / source.REPORT_FILE)
   mtime = os.stat(report).st_mtime_ns
   assert build.main(args) == 0  # rerun: complete build found, nothing rewritten
   assert os.stat(report).st_mtime_ns == mtime
-  assert build.main(["--dataset", "deepglobe", "--manual_dir", os.fspath(tmp_path / "nope"),
-                     "--data_dir", os.fspath(tmp_path / "d")]) == 2
+  assert (
+    build.main(
+      [
+        "--dataset",
+        "deepglobe",
+        "--manual_dir",
+        os.fspath(tmp_path / "nope"),
+        "--data_dir",
+        os.fspath(tmp_path / "d"),
+      ]
+    )
+    == 2
+  )
   err = capsys.readouterr().err
   assert err.startswith("error: DeepGlobe manual_dir") and "test/groundtruth/<tile>.png" in err
 
@@ -424,6 +493,7 @@ def test_cli_builds_a_test_only_dataset(tmp_path, capsys):
 def test_synthetic_cross_domain_is_deterministic(tmp_path):
   def tree(path):
     return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
   a = tree(synthetic.write_deepglobe(tmp_path / "a", 6, seed=1))
   assert a == tree(synthetic.write_deepglobe(tmp_path / "b", 6, seed=1))
   assert a != tree(synthetic.write_deepglobe(tmp_path / "c", 6, seed=2))

@@ -75,6 +75,7 @@ def _voc_expected(manual):
 
 def _coco_expected_json(manual):
   from pycocotools.coco import COCO
+
   out = {}
   for split in ("train", "val"):
     coco = COCO(os.fspath(manual / "annotations" / f"instances_{split}2014.json"))
@@ -97,14 +98,20 @@ def _coco_expected_png(manual):
   out = {}
   for split in ("train", "val"):
     pngs = sorted((manual / "annotations" / f"{split}2014").glob("*.png"))
-    out[split] = [(p.stem, manual / f"{split}2014" / f"{p.stem}.jpg",
-                   cv2.imread(os.fspath(p), cv2.IMREAD_UNCHANGED)) for p in pngs]
+    out[split] = [
+      (
+        p.stem,
+        manual / f"{split}2014" / f"{p.stem}.jpg",
+        cv2.imread(os.fspath(p), cv2.IMREAD_UNCHANGED),
+      )
+      for p in pngs
+    ]
   return out
 
 
 def _counts(label, c):
   bc = np.bincount(label.ravel(), minlength=256)
-  return bc[:c + 1], bc[255]
+  return bc[: c + 1], bc[255]
 
 
 def _check_dataset(data_dir, name, expected):
@@ -124,7 +131,9 @@ def _check_dataset(data_dir, name, expected):
       assert ex["image_id"] == image_id
   report = source.read_build_report(data_dir, name)
   assert report["complete"] and report["skipped"] == []
-  assert {s: v["records"] for s, v in report["splits"].items()} == {s: len(r) for s, r in expected.items()}
+  assert {s: v["records"] for s, v in report["splits"].items()} == {
+    s: len(r) for s, r in expected.items()
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,8 +164,16 @@ def test_voc_nested_layout(voc_nested):
 def test_coco_json_build_matches_pycocotools(coco_json):
   manual, data_dir, name = coco_json
   ann = json.loads((manual / "annotations" / "instances_train2014.json").read_text())["annotations"]
-  kinds = {("poly" if isinstance(a["segmentation"], list) else
-            "rle_list" if isinstance(a["segmentation"]["counts"], list) else "rle_str") for a in ann}
+  kinds = {
+    (
+      "poly"
+      if isinstance(a["segmentation"], list)
+      else "rle_list"
+      if isinstance(a["segmentation"]["counts"], list)
+      else "rle_str"
+    )
+    for a in ann
+  }
   assert kinds == {"poly", "rle_list", "rle_str"}
   _check_dataset(data_dir, name, _coco_expected_json(manual))
   # the list order is not sorted, and the json's extra image without annotations is not in it
@@ -188,8 +205,10 @@ def test_synthetic_coco_pngs_equal_the_rendered_json(tmp_path):
     for name, im in images.items():
       png = manual / "annotations" / f"{split}2014" / f"{name[:-4]}.png"
       if by_image.get(im["id"]):
-        np.testing.assert_array_equal(raw.read_label_png(os.fspath(png)),
-                                      raw.render_coco(by_image[im["id"]], im["height"], im["width"]))
+        np.testing.assert_array_equal(
+          raw.read_label_png(os.fspath(png)),
+          raw.render_coco(by_image[im["id"]], im["height"], im["width"]),
+        )
       else:
         assert not png.exists()
 
@@ -240,9 +259,19 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path, monkeypatch):
 def test_killed_build_leftovers_are_ignored_and_removed(tmp_path):
   manual = synthetic.write_voc(tmp_path / "raw", 8, 7)
   data_dir = tmp_path / "tfds"
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                        text=True, check=True)
-  leftover = data_dir / "pascal5i" / f"incomplete.build-{int(dead.stdout)}-deadbeef.1.0.0" / "pascal5i" / "1.0.0"
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  leftover = (
+    data_dir
+    / "pascal5i"
+    / f"incomplete.build-{int(dead.stdout)}-deadbeef.1.0.0"
+    / "pascal5i"
+    / "1.0.0"
+  )
   leftover.mkdir(parents=True)
   (leftover / "dataset_info.json").write_text("{}")
   with pytest.raises(source.DatasetNotReadyError, match="interrupted"):
@@ -294,27 +323,58 @@ print(",".join(source.open_split(sys.argv[1] + "/tfds", "pascal5i", "train").ind
 
 def test_record_order_survives_tfds_on_disk_buckets(voc, tmp_path):
   manual, data_dir, name = voc
-  out = subprocess.run([sys.executable, "-c", _BUCKETS_SCRIPT, os.fspath(tmp_path)], capture_output=True,
-                       text=True, cwd=pathlib.Path(__file__).parents[1])
+  out = subprocess.run(
+    [sys.executable, "-c", _BUCKETS_SCRIPT, os.fspath(tmp_path)],
+    capture_output=True,
+    text=True,
+    cwd=pathlib.Path(__file__).parents[1],
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   ids = out.stdout.strip().splitlines()[-1].split(",")
   assert ids == source.open_split(data_dir, name, "train").index.image_ids.tolist()
-  assert sorted((tmp_path / "tfds" / "pascal5i").iterdir()) == [tmp_path / "tfds" / "pascal5i" / "1.0.0"]
+  assert sorted((tmp_path / "tfds" / "pascal5i").iterdir()) == [
+    tmp_path / "tfds" / "pascal5i" / "1.0.0"
+  ]
 
 
 def test_cli(tmp_path, capsys):
   manual = tmp_path / "raw"
-  assert synthetic.main(["--layout", "voc", "--out", os.fspath(manual), "--num_images", "8", "--seed", "9"]) == 0
-  args = ["--dataset", "pascal5i", "--manual_dir", os.fspath(manual), "--data_dir", os.fspath(tmp_path / "d"),
-          "--num_workers", "0", "--no_progress"]
+  assert (
+    synthetic.main(
+      ["--layout", "voc", "--out", os.fspath(manual), "--num_images", "8", "--seed", "9"]
+    )
+    == 0
+  )
+  args = [
+    "--dataset",
+    "pascal5i",
+    "--manual_dir",
+    os.fspath(manual),
+    "--data_dir",
+    os.fspath(tmp_path / "d"),
+    "--num_workers",
+    "0",
+    "--no_progress",
+  ]
   assert build.main(args) == 0
   out = capsys.readouterr().out
   assert "train 4 records (0 skipped)" in out
   # TFDS's "Downloading and preparing dataset Unknown size ..." lines: nothing is downloaded
   assert "Downloading and preparing" not in out and "downloaded and prepared" not in out
   assert build.main(args) == 0  # rerun: no-op
-  assert build.main(["--dataset", "coco20i", "--manual_dir", os.fspath(tmp_path / "nope"),
-                     "--data_dir", os.fspath(tmp_path / "d")]) == 2
+  assert (
+    build.main(
+      [
+        "--dataset",
+        "coco20i",
+        "--manual_dir",
+        os.fspath(tmp_path / "nope"),
+        "--data_dir",
+        os.fspath(tmp_path / "d"),
+      ]
+    )
+    == 2
+  )
   err = capsys.readouterr().err
   assert "does not exist" in err and "instances_train2014.json" in err
 
@@ -334,7 +394,9 @@ def test_workers_give_the_same_records(voc, tmp_path):
 
 
 def _first_ids(root, split, n=1):
-  return [pathlib.Path(l.split()[0]).stem for l in (root / f"{split}.txt").read_text().splitlines()[:n]]
+  return [
+    pathlib.Path(l.split()[0]).stem for l in (root / f"{split}.txt").read_text().splitlines()[:n]
+  ]
 
 
 def test_corrupt_files_are_skipped_and_reported(tmp_path):
@@ -349,8 +411,12 @@ def test_corrupt_files_are_skipped_and_reported(tmp_path):
   assert report["splits"]["train"] == {"listed": 4, "records": 2, "skipped": 2}
   skipped = {s["image_id"]: s for s in report["skipped"]}
   assert set(skipped) == {bad_jpg, bad_png}
-  assert "decode" in skipped[bad_jpg]["reason"] and skipped[bad_jpg]["file"].endswith(f"{bad_jpg}.jpg")
-  assert skipped[bad_png]["file"].endswith(f"{bad_png}.png") and "label" in skipped[bad_png]["reason"]
+  assert "decode" in skipped[bad_jpg]["reason"] and skipped[bad_jpg]["file"].endswith(
+    f"{bad_jpg}.jpg"
+  )
+  assert (
+    skipped[bad_png]["file"].endswith(f"{bad_png}.png") and "label" in skipped[bad_png]["reason"]
+  )
   ids = source.open_split(data_dir, "pascal5i", "train").index.image_ids.tolist()
   assert bad_jpg not in ids and bad_png not in ids and len(ids) == 2
 
@@ -428,7 +494,9 @@ def test_missing_inputs_show_the_layout(tmp_path):
 def test_coco_list_image_unknown_to_json(tmp_path):
   manual = synthetic.write_coco(tmp_path / "raw", 8, 14, labels="json")
   with open(manual / "val.txt", "a") as f:
-    f.write("val2014/COCO_val2014_999999999999.jpg annotations/val2014/COCO_val2014_999999999999.png\n")
+    f.write(
+      "val2014/COCO_val2014_999999999999.jpg annotations/val2014/COCO_val2014_999999999999.png\n"
+    )
   with pytest.raises(raw.RawDataError, match="COCO_val2014_999999999999.jpg"):
     raw.plan_coco(manual)
 
@@ -466,6 +534,7 @@ def test_make_built_dataset_covers_every_fold(tmp_path):
 def test_build_follows_the_umask(tmp_path):
   """A dataset built on shared storage is readable by the other users (umask 022)."""
   import stat
+
   old = os.umask(0o022)
   try:
     _, data_dir, _ = _build(tmp_path, "voc", 8, 5)

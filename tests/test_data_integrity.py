@@ -51,7 +51,7 @@ def _flip_middle_byte(path: pathlib.Path) -> int:
   data[pos] ^= 0xFF
   with open(path, "r+b") as f:  # in place: same inode, as damage on disk would be
     f.seek(pos)
-    f.write(data[pos:pos + 1])
+    f.write(data[pos : pos + 1])
   return pos
 
 
@@ -80,7 +80,11 @@ def test_build_records_size_and_sha256_of_every_record_file(built, monkeypatch):
   path = source.dataset_dir(data_dir, DATASET)
   report = source.read_build_report(data_dir, DATASET)
   on_disk = sorted(p.name for p in path.glob("*.array_record-*"))
-  assert sorted(report["record_files"]) == on_disk == [TRAIN_FILE, "pascal5i-val.array_record-00000-of-00001"]
+  assert (
+    sorted(report["record_files"])
+    == on_disk
+    == [TRAIN_FILE, "pascal5i-val.array_record-00000-of-00001"]
+  )
   for name, entry in report["record_files"].items():
     data = (path / name).read_bytes()
     assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -93,7 +97,9 @@ def test_build_records_size_and_sha256_of_every_record_file(built, monkeypatch):
 def test_a_copied_build_is_hashed_once(copy, monkeypatch):
   calls = _count_hashes(monkeypatch)
   source.open_split(copy, DATASET, "train")
-  assert calls == [os.fspath(_record_file(copy))]  # new inode / ctime: verified once, only this split
+  assert calls == [
+    os.fspath(_record_file(copy))
+  ]  # new inode / ctime: verified once, only this split
   source.open_split(copy, DATASET, "train")
   assert len(calls) == 1  # stamped
 
@@ -112,8 +118,10 @@ def test_truncated_record_file_is_named_on_open(copy, built, monkeypatch):
     source.open_split(copy, DATASET, "train")
   msg = str(e.value)
   assert f"{f} has {size // 2} bytes but was built with {size}" in msg and "truncated" in msg
-  assert msg.splitlines()[1:] == ["Rebuild it with:",
-                                  f"  {source.build_command(copy, DATASET)} --overwrite"]
+  assert msg.splitlines()[1:] == [
+    "Rebuild it with:",
+    f"  {source.build_command(copy, DATASET)} --overwrite",
+  ]
   assert calls == []  # the size check alone catches it
   assert len(source.open_split(copy, DATASET, "val")) == 8  # the other split is intact
   # a rerun of the build no longer takes the damaged dataset for complete
@@ -124,15 +132,26 @@ def test_truncated_record_file_is_named_on_open(copy, built, monkeypatch):
 
 def _main(*args):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "fss_jax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "fss_jax.main", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_truncated_record_file_via_main_is_one_message(copy, tmp_path):
   f = _record_file(copy)
   os.truncate(f, os.stat(f).st_size - 1000)
-  r = _main("--config", "configs/panet.py:smoke", "--workdir", os.fspath(tmp_path / "w"),
-            f"--config.data.data_dir={copy}")
+  r = _main(
+    "--config",
+    "configs/panet.py:smoke",
+    "--workdir",
+    os.fspath(tmp_path / "w"),
+    f"--config.data.data_dir={copy}",
+  )
   assert r.returncode == 2, r.stderr[-3000:]
   assert "Traceback" not in r.stderr
   assert f"error: record file {f} has" in r.stderr and "--overwrite" in r.stderr
@@ -167,12 +186,16 @@ def test_verify_command(copy, capsys, monkeypatch):
   _flip_middle_byte(f)
   assert build.main(args) == 2
   err = capsys.readouterr().err
-  assert err.startswith(f"error: record file {f} does not match its sha256") and "--overwrite" in err
+  assert (
+    err.startswith(f"error: record file {f} does not match its sha256") and "--overwrite" in err
+  )
   assert "pascal5i-val" not in err.splitlines()[0]
   os.truncate(f, 1000)
   assert build.main(args) == 2
   assert f"{f} has 1000 bytes" in capsys.readouterr().err
-  assert build.main(["--verify", "--dataset", DATASET, "--data_dir", os.fspath(copy / "nothing")]) == 2
+  assert (
+    build.main(["--verify", "--dataset", DATASET, "--data_dir", os.fspath(copy / "nothing")]) == 2
+  )
   assert "is not built" in capsys.readouterr().err
 
 
@@ -186,16 +209,22 @@ def test_damaged_record_read_names_the_file(copy):
       src[i]
   msg = str(e.value)
   assert msg.startswith(f"record file {f} is damaged: reading record ") and "hash mismatch" in msg
-  assert msg.splitlines()[1:] == ["Rebuild it with:", f"  {source.build_command(copy, DATASET)} --overwrite"]
+  assert msg.splitlines()[1:] == [
+    "Rebuild it with:",
+    f"  {source.build_command(copy, DATASET)} --overwrite",
+  ]
   with pytest.raises(source.RecordFileError, match=f"record file {f} is damaged"):
     src.__getitems__(list(range(len(src))))
 
 
 def test_damaged_record_read_through_the_episode_pipeline(copy):
-  from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import pipeline
+
   src = source.open_split(copy, DATASET, "train")
   _damage_every_record(_record_file(copy))
-  cfg = pipeline.EpisodeConfig(dataset=DATASET, data_dir=os.fspath(copy), train_size=64, min_pixels=1)
+  cfg = pipeline.EpisodeConfig(
+    dataset=DATASET, data_dir=os.fspath(copy), train_size=64, min_pixels=1
+  )
   it = iter(pipeline.make_train_loader(cfg, global_batch_size=2, source=src))
   with pytest.raises(source.RecordFileError, match=TRAIN_FILE):
     for _ in range(16):
@@ -220,22 +249,22 @@ def _scan_middle(data: bytes) -> int:
 
 def _xor_run(data: bytes, n: int) -> bytes:
   d, m = bytearray(data), _scan_middle(data)
-  d[m:m + n] = bytes(b ^ 0xFF for b in d[m:m + n])
+  d[m : m + n] = bytes(b ^ 0xFF for b in d[m : m + n])
   return bytes(d)
 
 
 def _put(data: bytes, at: int, new: bytes) -> bytes:
-  return data[:at] + new + data[at + len(new):]
+  return data[:at] + new + data[at + len(new) :]
 
 
 JPEG_DAMAGE = {
-    "truncated_half": lambda d: d[:len(d) // 2],
-    "truncated_eoi": lambda d: d[:-2],
-    "xor_32_bytes_mid_scan": lambda d: _xor_run(d, 32),
-    "garbage_512_bytes_mid_scan": lambda d: _put(d, _scan_middle(d) - 256, bytes(range(256)) * 2),
-    "zero_256_bytes_mid_scan": lambda d: _put(d, _scan_middle(d), bytes(256)),
-    "early_eoi_marker": lambda d: _put(d, _scan_middle(d), b"\xff\xd9"),
-    "bogus_marker": lambda d: _put(d, _scan_middle(d), b"\xff\xc4"),
+  "truncated_half": lambda d: d[: len(d) // 2],
+  "truncated_eoi": lambda d: d[:-2],
+  "xor_32_bytes_mid_scan": lambda d: _xor_run(d, 32),
+  "garbage_512_bytes_mid_scan": lambda d: _put(d, _scan_middle(d) - 256, bytes(range(256)) * 2),
+  "zero_256_bytes_mid_scan": lambda d: _put(d, _scan_middle(d), bytes(256)),
+  "early_eoi_marker": lambda d: _put(d, _scan_middle(d), b"\xff\xd9"),
+  "bogus_marker": lambda d: _put(d, _scan_middle(d), b"\xff\xc4"),
 }
 
 
@@ -279,7 +308,9 @@ def test_build_skips_and_names_damaged_files(tmp_path, capsys):
   cut, flipped, bad_label = (pathlib.Path(r[0]).stem for r in rows[:3])
   jpg = manual / "JPEGImages"
   (jpg / f"{cut}.jpg").write_bytes((jpg / f"{cut}.jpg").read_bytes()[:-300])
-  data = (jpg / f"{flipped}.jpg").read_bytes()  # a 512-byte run of garbage inside the scan data, same size
+  data = (
+    jpg / f"{flipped}.jpg"
+  ).read_bytes()  # a 512-byte run of garbage inside the scan data, same size
   garbage = np.random.default_rng(0).integers(0, 256, 512, np.uint8).tobytes()
   (jpg / f"{flipped}.jpg").write_bytes(_put(data, _scan_middle(data) - 256, garbage))
   png = manual / "SegmentationClassAug" / f"{bad_label}.png"
@@ -287,8 +318,17 @@ def test_build_skips_and_names_damaged_files(tmp_path, capsys):
   pos = (data.find(b"IDAT") + data.find(b"IEND")) // 2
   png.write_bytes(_put(data, pos, bytes([data[pos] ^ 0x10])))
 
-  args = ["--dataset", DATASET, "--manual_dir", os.fspath(manual), "--data_dir", os.fspath(tmp_path / "tfds"),
-          "--num_workers", "0", "--no_progress"]
+  args = [
+    "--dataset",
+    DATASET,
+    "--manual_dir",
+    os.fspath(manual),
+    "--data_dir",
+    os.fspath(tmp_path / "tfds"),
+    "--num_workers",
+    "0",
+    "--no_progress",
+  ]
   assert build.main(args) == 0
   out = capsys.readouterr().out
   assert "train 1 records (3 skipped)" in out and "3 corrupt images/labels were skipped" in out
@@ -298,6 +338,10 @@ def test_build_skips_and_names_damaged_files(tmp_path, capsys):
   assert skipped[cut]["file"] == os.fspath(jpg / f"{cut}.jpg")
   assert skipped[flipped]["file"] == os.fspath(jpg / f"{flipped}.jpg")
   assert "Corrupt JPEG data" in skipped[flipped]["reason"]
-  assert skipped[bad_label]["file"] == os.fspath(png) and "damaged label PNG" in skipped[bad_label]["reason"]
+  assert (
+    skipped[bad_label]["file"] == os.fspath(png)
+    and "damaged label PNG" in skipped[bad_label]["reason"]
+  )
   assert source.open_split(tmp_path / "tfds", DATASET, "train").index.image_ids.tolist() == [
-      pathlib.Path(rows[3][0]).stem]
+    pathlib.Path(rows[3][0]).stem
+  ]

@@ -49,12 +49,21 @@ def test_train_batches(voc_dir):
   (b,), _ = _take(loader, 1)
   assert b["query_image"].shape == (4, CROP, CROP, 3) and b["query_image"].dtype == np.float32
   assert b["query_mask"].shape == (4, CROP, CROP) and b["query_mask"].dtype == np.int32
-  assert b["support_images"].shape == (4, 1, CROP, CROP, 3) and b["support_masks"].shape == (4, 1, CROP, CROP)
+  assert b["support_images"].shape == (4, 1, CROP, CROP, 3) and b["support_masks"].shape == (
+    4,
+    1,
+    CROP,
+    CROP,
+  )
   assert b["class_id"].dtype == np.int32 and b["class_index"].shape == (4,)
   base = splits.fold_classes("pascal5i", 1).base
   assert loader.classes == base
   assert [base[i] for i in b["class_index"]] == b["class_id"].tolist()
-  assert set(np.unique(b["query_mask"])) <= {0, 1, 255} and set(np.unique(b["support_masks"])) <= {0, 1, 255}
+  assert set(np.unique(b["query_mask"])) <= {0, 1, 255} and set(np.unique(b["support_masks"])) <= {
+    0,
+    1,
+    255,
+  }
   assert (b["support_masks"] == 1).any(axis=(1, 2, 3)).all(), "supports show their class"
   # the base label moves with the query: episode-class pixels carry the class's base number
   for q, bl, ci in zip(b["query_mask"], b["query_base_label"], b["class_index"]):
@@ -77,7 +86,10 @@ def test_training_episodes_show_no_novel_pixel(voc_dir):
       assert ep.class_ids == (int(c),)
       for p in (ep.query, *ep.supports[0]):
         assert src.index.class_pixels[p][novel].sum() == 0
-      assert src.index.class_pixels[ep.supports[0][0]][c] >= splits.MIN_PIXELS and ep.query != ep.supports[0][0]
+      assert (
+        src.index.class_pixels[ep.supports[0][0]][c] >= splits.MIN_PIXELS
+        and ep.query != ep.supports[0][0]
+      )
 
 
 def test_four_processes_get_disjoint_shards_covering_the_epoch(voc_dir):
@@ -93,12 +105,14 @@ def test_four_processes_get_disjoint_shards_covering_the_epoch(voc_dir):
     got, _ = _take(shard, steps)
     for t in range(steps):
       seen += got[t]["episode_index"].tolist()
-      for k in ref[t]:   # the same episodes as rows 2p..2p+1 of the single-process batch
-        assert np.array_equal(got[t][k], ref[t][k][2 * p:2 * p + 2]), k
+      for k in ref[t]:  # the same episodes as rows 2p..2p+1 of the single-process batch
+        assert np.array_equal(got[t][k], ref[t][k][2 * p : 2 * p + 2]), k
   assert sorted(seen) == list(range(steps * 8)) and len(set(seen)) == len(seen)
   src = source.open_split(voc_dir, "pascal5i", "train")
   sampler = episodes.make_sampler(src.index, "pascal5i", 2, "train", shot=1, seed=cfg.seed)
-  assert sorted(sampler.sample(i).query for i in range(q)) == sorted(sampler.query_positions.tolist())
+  assert sorted(sampler.sample(i).query for i in range(q)) == sorted(
+    sampler.query_positions.tolist()
+  )
   with pytest.raises(ValueError, match="not divisible by the 3 processes"):
     pipeline.make_train_loader(cfg, global_batch_size=8, shard_index=0, shard_count=3)
 
@@ -149,7 +163,9 @@ def test_eval_loader_reads_stored_episodes(voc_dir, tmp_path):
     h, w = item["label"].shape
     assert b["label_size"][i].tolist() == [h, w]
     assert np.array_equal(b["label_original"][i, :h, :w], want)
-    assert (b["label_original"][i, h:] == 255).all() and (b["label_original"][i, :, w:] == 255).all()
+    assert (b["label_original"][i, h:] == 255).all() and (
+      b["label_original"][i, :, w:] == 255
+    ).all()
     assert b["class_id"][i] == r["class_id"] and b["class_index"][i] == r["class_id"] - 1
     # §9.1: content top-left, 255 label canvas elsewhere
     nh, nw = pipeline.T.aspect_size(h, w, CROP)
@@ -158,7 +174,9 @@ def test_eval_loader_reads_stored_episodes(voc_dir, tmp_path):
   # two processes: disjoint valid episodes covering the file
   seen = []
   for p in range(2):
-    for bb in pipeline.make_eval_loader(cfg, path, global_batch_size=4, shard_index=p, shard_count=2):
+    for bb in pipeline.make_eval_loader(
+      cfg, path, global_batch_size=4, shard_index=p, shard_count=2
+    ):
       seen += bb["episode_index"][bb["valid"] == 1].tolist()
   assert sorted(seen) == list(range(10))
 
@@ -168,7 +186,9 @@ def test_eval_loader_errors(voc_dir, tmp_path):
   _, recs = _test_file(voc_dir, path, n=3)
   with pytest.raises(ValueError, match="not one of this fold's classes"):
     pipeline.make_eval_loader(_cfg(voc_dir, fold=1), path, global_batch_size=1)
-  with pytest.raises(ValueError, match="1-way 1-shot episodes but the config asks for 1-way 5-shot"):
+  with pytest.raises(
+    ValueError, match="1-way 1-shot episodes but the config asks for 1-way 5-shot"
+  ):
     pipeline.make_eval_loader(_cfg(voc_dir, fold=0, shot=5), path, global_batch_size=1)
   with pytest.raises(ValueError, match="larger than the label bucket 100x100"):
     pipeline.make_eval_loader(_cfg(voc_dir, fold=0, label_bucket=100), path, global_batch_size=1)
@@ -181,7 +201,9 @@ def test_eval_loader_errors(voc_dir, tmp_path):
 def test_coco_train_and_eval(coco_dir, tmp_path):
   cfg = _cfg(coco_dir, dataset="coco20i", fold=3, test_resize="squash", base_label=True)
   (b,), _ = _take(pipeline.make_train_loader(cfg, global_batch_size=2), 1)
-  assert b["query_base_label"].max() <= 255 and set(np.unique(b["query_base_label"])) <= set(range(61)) | {255}
+  assert b["query_base_label"].max() <= 255 and set(np.unique(b["query_base_label"])) <= set(
+    range(61)
+  ) | {255}
   assert all(c % 4 != 0 for c in b["class_id"]), "fold 3 base classes"
   path = tmp_path / "c.jsonl"
   _test_file(coco_dir, path, dataset="coco20i", fold=3, n=3)

@@ -24,9 +24,8 @@ import pytest
 from configs import common
 from fss_jax import parallel
 from fss_jax.models import registry
-from fss_jax.train import loop
 from fss_jax.ops import losses
-from fss_jax.train import optim
+from fss_jax.train import loop, optim
 from fss_jax.train import state as state_lib
 from fss_jax.train import step as step_lib
 
@@ -37,22 +36,24 @@ CLASSES = (1, 2, 3, 4, 5)
 
 # -- the tiny model --------------------------------------------------------------------------
 
+
 class TinySeg(nn.Module):
   """conv -> BN -> ReLU (shared by query and support), prototype, 1x1 head over [f, f * proto]."""
+
   features: int = 4
   dropout: float = 0.1
 
   @nn.compact
   def __call__(self, episode, *, train: bool):
-    q = episode["query_image"]                                  # [B, H, W, 3]
-    s = episode["support_images"][:, 0]                         # [B, H, W, 3]
+    q = episode["query_image"]  # [B, H, W, 3]
+    s = episode["support_images"][:, 0]  # [B, H, W, 3]
     m = (episode["support_masks"][:, 0] == 1).astype(jnp.float32)[..., None]
     conv = nn.Conv(self.features, (3, 3), name="enc")
     bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")
     b = q.shape[0]
     f = nn.relu(bn(conv(jnp.concatenate([q, s], axis=0))))
     fq, fs = f[:b], f[b:]
-    proto = jnp.sum(fs * m, axis=(1, 2)) / (jnp.sum(m, axis=(1, 2)) + 1e-5)   # [B, C]
+    proto = jnp.sum(fs * m, axis=(1, 2)) / (jnp.sum(m, axis=(1, 2)) + 1e-5)  # [B, C]
     x = jnp.concatenate([fq, fq * proto[:, None, None, :]], axis=-1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return {"logits": nn.Conv(2, (1, 1), name="head")(x)}
@@ -64,32 +65,44 @@ def tiny_loss(outputs, episode):
   return losses.weighted_sum({"ce": ce, "dice": dice}, {"ce": 1.0, "dice": 0.5})
 
 
-SPEC = registry.ModelSpec(name="tiny_test", make_model=TinySeg, keymap=lambda **kw: [], loss_fn=tiny_loss)
+SPEC = registry.ModelSpec(
+  name="tiny_test", make_model=TinySeg, keymap=lambda **kw: [], loss_fn=tiny_loss
+)
 
 
 @pytest.fixture(autouse=True)
 def _register(monkeypatch):
-  monkeypatch.setitem(registry._MODULES, "tiny_test", __name__)  # pylint: disable=protected-access
+  monkeypatch.setitem(registry._MODULES, "tiny_test", __name__)
 
 
 # -- fake data ----------------------------------------------------------------------------------
 
-def fake_batch(rng: np.random.Generator, n: int, *, size: int = SIZE, eval_mode: bool = False) -> dict:
+
+def fake_batch(
+  rng: np.random.Generator, n: int, *, size: int = SIZE, eval_mode: bool = False
+) -> dict:
   """n synthetic 1-shot episodes: a bright square (fg) on noise, in query and support."""
+
   def image_and_mask():
     img = rng.standard_normal((n, size, size, 3)).astype(np.float32) * 0.5
     mask = np.zeros((n, size, size), np.int32)
     for i in range(n):
       h, w = rng.integers(3, size // 2, 2)
       y, x = rng.integers(0, size - h), rng.integers(0, size - w)
-      mask[i, y:y + h, x:x + w] = 1
-      img[i, y:y + h, x:x + w] += 1.5
+      mask[i, y : y + h, x : x + w] = 1
+      img[i, y : y + h, x : x + w] += 1.5
     mask[rng.random(mask.shape) < 0.02] = 255
     return img, mask
+
   q, qm = image_and_mask()
   s, sm = image_and_mask()
-  batch = {"query_image": q, "query_mask": qm, "support_images": s[:, None], "support_masks": sm[:, None],
-           "class_id": rng.choice(CLASSES, n).astype(np.int32)}
+  batch = {
+    "query_image": q,
+    "query_mask": qm,
+    "support_images": s[:, None],
+    "support_masks": sm[:, None],
+    "class_id": rng.choice(CLASSES, n).astype(np.int32),
+  }
   if eval_mode:
     lab = np.full((n, BUCKET, BUCKET), 255, np.int32)
     sizes = np.zeros((n, 2), np.int32)
@@ -122,7 +135,7 @@ class FakeIter:
       full["query_image"][:] = np.nan
     self.pos += 1
     b = self.global_bs // self.n
-    return {k: v[self.p * b:(self.p + 1) * b] for k, v in full.items()}
+    return {k: v[self.p * b : (self.p + 1) * b] for k, v in full.items()}
 
   def get_state(self):
     return {"pos": self.pos}
@@ -152,12 +165,16 @@ def fake_data(config, **kw) -> loop.Data:
       full = fake_batch(rng, eval_bs, eval_mode=True)
       full["valid"] = (t * eval_bs + np.arange(eval_bs) < num).astype(np.int32)
       b = eval_bs // n
-      out.append({k: v[p * b:(p + 1) * b] for k, v in full.items()})
+      out.append({k: v[p * b : (p + 1) * b] for k, v in full.items()})
     return out
 
-  return loop.Data(train=lambda: FakeLoader(seed=config.seed, global_bs=config.batch_size, shard_index=p,
-                                            shard_count=n, **kw),
-                   eval=evaluate, classes=CLASSES)
+  return loop.Data(
+    train=lambda: FakeLoader(
+      seed=config.seed, global_bs=config.batch_size, shard_index=p, shard_count=n, **kw
+    ),
+    eval=evaluate,
+    classes=CLASSES,
+  )
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -169,8 +186,13 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.log_every_steps = 1
   c.optim.lr = 0.05
   c.optim.schedule = "poly"
-  c.optim.groups = ml_collections.ConfigDict({"head": dict(pattern="head/.*", optimizer="adamw", lr=1e-3,
-                                                           schedule="constant", weight_decay=0.01)})
+  c.optim.groups = ml_collections.ConfigDict(
+    {
+      "head": dict(
+        pattern="head/.*", optimizer="adamw", lr=1e-3, schedule="constant", weight_decay=0.01
+      )
+    }
+  )
   c.eval.every_steps = 3
   c.eval.val_episodes = 10
   c.eval.episodes = 10
@@ -179,7 +201,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 2
   c.checkpoint.async_save = True
   c.tensorboard = False
-  c.mesh.num_devices = 1   # the sharded paths are covered above and in test_multiprocess.py
+  c.mesh.num_devices = 1  # the sharded paths are covered above and in test_multiprocess.py
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")
@@ -192,14 +214,23 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 # -- sharding -------------------------------------------------------------------------------------
 
+
 def _setup(mesh, batch, lr=1.0):
   model = TinySeg(features=4, dropout=0.1)
-  cfg = ml_collections.ConfigDict(dict(optimizer="sgd", lr=lr, momentum=0.0, weight_decay=0.0,
-                                       schedule="constant"))
-  params = jax.eval_shape(lambda k: state_lib.init_variables(model, batch, k)["params"], jax.random.PRNGKey(0))
+  cfg = ml_collections.ConfigDict(
+    dict(optimizer="sgd", lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant")
+  )
+  params = jax.eval_shape(
+    lambda k: state_lib.init_variables(model, batch, k)["params"], jax.random.PRNGKey(0)
+  )
   opt = optim.build(cfg, params)
-  st = state_lib.create(model, opt.tx, batch, rng=jax.random.PRNGKey(0),
-                        sharding=None if mesh is None else parallel.replicated(mesh))
+  st = state_lib.create(
+    model,
+    opt.tx,
+    batch,
+    rng=jax.random.PRNGKey(0),
+    sharding=None if mesh is None else parallel.replicated(mesh),
+  )
   return model, opt, st
 
 
@@ -213,15 +244,19 @@ def test_one_step_8_devices_equals_1_device():
     mesh = parallel.make_mesh(None, devices=devices)
     repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     st = jax.device_put(host_state, repl)
-    grads_fn = jax.jit(functools.partial(step_lib.loss_and_grads, model=model, loss_fn=tiny_loss),
-                       in_shardings=(repl, repl, data, repl), out_shardings=repl)
+    grads_fn = jax.jit(
+      functools.partial(step_lib.loss_and_grads, model=model, loss_fn=tiny_loss),
+      in_shardings=(repl, repl, data, repl),
+      out_shardings=repl,
+    )
     gbatch = parallel.to_global(batch, mesh)
     assert gbatch["query_image"].sharding.spec == jax.sharding.PartitionSpec("data")
     (loss, (_, new_bs)), grads = grads_fn(st.params, st.batch_stats, gbatch, jax.random.PRNGKey(3))
     train_step = step_lib.make_train_step(model=model, loss_fn=tiny_loss, tx=opt.tx, mesh=mesh)
     new_state, metrics = train_step(st, gbatch)
-    results[name] = jax.tree.map(np.asarray, (loss, grads, new_bs, metrics, new_state.params,
-                                              new_state.batch_stats))
+    results[name] = jax.tree.map(
+      np.asarray, (loss, grads, new_bs, metrics, new_state.params, new_state.batch_stats)
+    )
   (l8, g8, bs8, m8, p8, s8), (l1, g1, bs1, m1, p1, s1) = results["8"], results["1"]
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g8, g1)
@@ -237,13 +272,21 @@ def test_frozen_params_do_not_move():
   batch = fake_batch(np.random.default_rng(1), 8)
   mesh = parallel.make_mesh(dict(num_devices=1))
   model = TinySeg()
-  params = jax.eval_shape(lambda k: state_lib.init_variables(model, batch, k)["params"], jax.random.PRNGKey(0))
-  opt = optim.build(ml_collections.ConfigDict(dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)),
-                    params, frozen=("enc/.*",))
-  st = state_lib.create(model, opt.tx, batch, rng=jax.random.PRNGKey(0), sharding=parallel.replicated(mesh))
+  params = jax.eval_shape(
+    lambda k: state_lib.init_variables(model, batch, k)["params"], jax.random.PRNGKey(0)
+  )
+  opt = optim.build(
+    ml_collections.ConfigDict(dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)),
+    params,
+    frozen=("enc/.*",),
+  )
+  st = state_lib.create(
+    model, opt.tx, batch, rng=jax.random.PRNGKey(0), sharding=parallel.replicated(mesh)
+  )
   before = jax.tree.map(np.asarray, st.params)
-  train_step = step_lib.make_train_step(model=model, loss_fn=tiny_loss, tx=opt.tx, mesh=mesh,
-                                        trainable=opt.trainable)
+  train_step = step_lib.make_train_step(
+    model=model, loss_fn=tiny_loss, tx=opt.tx, mesh=mesh, trainable=opt.trainable
+  )
   st, _ = train_step(st, parallel.to_global(batch, mesh))
   after = jax.tree.map(np.asarray, st.params)
   np.testing.assert_array_equal(after["enc"]["kernel"], before["enc"]["kernel"])
@@ -252,11 +295,13 @@ def test_frozen_params_do_not_move():
 
 # -- evaluation -------------------------------------------------------------------------------------
 
+
 def test_eval_step_traces_once_over_original_sizes():
   mesh = parallel.make_mesh(dict(num_devices=4))
   rng = np.random.default_rng(2)
   batch = fake_batch(rng, 8, eval_mode=True)
   model, opt, st = _setup(mesh, {k: v for k, v in batch.items() if k != "valid"})
+
   def fn(state, b):
     return step_lib.eval_step(state, b, model=model, score="pad_square")
 
@@ -269,15 +314,18 @@ def test_eval_step_traces_once_over_original_sizes():
     assert out["intersection"].shape == (8, 2)
     valid_px = [(b["label_original"][i] != 255).sum() for i in range(8)]
     np.testing.assert_array_equal(out["target"].sum(1), valid_px)
-  assert len(seen) > 10   # many different original sizes, one trace
+  assert len(seen) > 10  # many different original sizes, one trace
 
 
 # -- the loop ---------------------------------------------------------------------------------------
 
+
 def _final_params(workdir):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  mngr = loop.checkpoint_manager(pathlib.Path(workdir) / loop.CHECKPOINT_DIR, keep=1, async_save=False,
-                                 read_only=True)
+  import orbax.checkpoint as ocp
+
+  mngr = loop.checkpoint_manager(
+    pathlib.Path(workdir) / loop.CHECKPOINT_DIR, keep=1, async_save=False, read_only=True
+  )
   step = mngr.latest_step()
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   mngr.close()
@@ -290,7 +338,9 @@ def test_interrupt_and_resume_reproduces_uninterrupted_run(tmp_path):
   assert full["step"] == 6 and full["resumed_from"] == "scratch"
   assert full["val"] is not None and full["val"]["episodes"] == 10
 
-  with pytest.raises(KeyboardInterrupt):   # preempted while fetching batch 3 (after the step-2 checkpoint)
+  with pytest.raises(
+    KeyboardInterrupt
+  ):  # preempted while fetching batch 3 (after the step-2 checkpoint)
     loop.train_and_evaluate(cfg, tmp_path / "b", data=fake_data(cfg, interrupt_at=3))
   resumed = loop.train_and_evaluate(cfg, tmp_path / "b", data=fake_data(cfg))
   assert resumed["resumed_from"] == "workdir"
@@ -311,7 +361,8 @@ def test_interrupt_and_resume_reproduces_uninterrupted_run(tmp_path):
   results = loop.results_path(cfg, tmp_path / "a")
   assert results.is_file()
   from fss_jax.eval import visualize
-  chart = visualize.chart_path(results)                              # per-class IoU bar chart
+
+  chart = visualize.chart_path(results)  # per-class IoU bar chart
   assert chart.is_file() and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -319,9 +370,11 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_other_models_are_refused(
   cfg = tiny_config(**{"eval.every_steps": 0})
   # The loss of step 5 comes from the state after update 4: checkpoint 4 may hold the weights
   # that give it, so it is removed and checkpoint 2 is the one kept (and resumed from).
-  with pytest.raises(loop.NonFiniteLossError,
-                     match=r"(?s)loss is nan at step 5.*last good checkpoint \(step 2\).*checkpoint 4 "
-                           r"removed.*rerun resumes from it"):
+  with pytest.raises(
+    loop.NonFiniteLossError,
+    match=r"(?s)loss is nan at step 5.*last good checkpoint \(step 2\).*checkpoint 4 "
+    r"removed.*rerun resumes from it",
+  ):
     loop.train_and_evaluate(cfg, tmp_path, data=fake_data(cfg, nan_at=4))
   step, params = _final_params(tmp_path)
   assert step == 2
@@ -329,21 +382,33 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_other_models_are_refused(
 
   # The workdir now holds a tiny_test(features=4) 1-shot checkpoint: other runs are refused.
   other = tiny_config(**{"eval.every_steps": 0, "model_fields.features": 8})
-  with pytest.raises(loop.WorkdirMismatchError, match=r"model_fields.features: checkpoint 4, this run 8"):
+  with pytest.raises(
+    loop.WorkdirMismatchError, match=r"model_fields.features: checkpoint 4, this run 8"
+  ):
     loop.train_and_evaluate(other, tmp_path, data=fake_data(other))
   five = tiny_config(shot=5, **{"eval.every_steps": 0})
   with pytest.raises(loop.WorkdirMismatchError, match=r"shot: checkpoint 1, this run 5"):
     loop.train_and_evaluate(five, tmp_path, data=fake_data(five))
-  assert _final_params(tmp_path)[0] == 2   # nothing was overwritten
+  assert _final_params(tmp_path)[0] == 2  # nothing was overwritten
 
 
 def test_update_that_makes_parameters_non_finite_is_never_saved(tmp_path):
   """A finite loss is computed before its update: the state after a ruinous update (lr far too
   large) must not become "the last good checkpoint" (issue: 26/26 tensors non-finite)."""
-  cfg = tiny_config(**{"eval.every_steps": 0, "checkpoint.every_steps": 1, "optim.lr": 1e38,
-                       "optim.groups.head.lr": 1e38, "optim.groups.head.optimizer": "sgd"})
-  with pytest.raises(loop.NonFiniteLossError, match=r"training stopped: (update \d+ made parameters "
-                                                    r"non-finite|the loss is)"):
+  cfg = tiny_config(
+    **{
+      "eval.every_steps": 0,
+      "checkpoint.every_steps": 1,
+      "optim.lr": 1e38,
+      "optim.groups.head.lr": 1e38,
+      "optim.groups.head.optimizer": "sgd",
+    }
+  )
+  with pytest.raises(
+    loop.NonFiniteLossError,
+    match=r"training stopped: (update \d+ made parameters "
+    r"non-finite|the loss is)",
+  ):
     loop.train_and_evaluate(cfg, tmp_path, data=fake_data(cfg))
   # every state after update 1 is ruined (non-finite, or finite weights that give a NaN loss
   # at the next step): none of them may be left as a checkpoint to resume from
@@ -365,7 +430,8 @@ def test_pending_flush_names_a_non_finite_update():
 
 
 def test_init_from_converted_weights_is_strict(tmp_path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+
   batch = fake_batch(np.random.default_rng(4), 8)
   mesh = parallel.make_mesh(dict(num_devices=1))
   model, opt, st = _setup(mesh, batch)
@@ -373,10 +439,14 @@ def test_init_from_converted_weights_is_strict(tmp_path):
   weights = jax.tree.map(lambda a: a + 1.0, host)
   ocp.PyTreeCheckpointer().save(tmp_path / "conv" / "variables", weights)
   loaded = state_lib.load_init(st, tmp_path / "conv", opt.tx, sharding=parallel.replicated(mesh))
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.params), weights["params"])
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.params), weights["params"]
+  )
 
-  bad = {"params": {"enc": weights["params"]["enc"], "extra": {"kernel": np.zeros((1, 1), np.float32)}},
-         "batch_stats": weights["batch_stats"]}
+  bad = {
+    "params": {"enc": weights["params"]["enc"], "extra": {"kernel": np.zeros((1, 1), np.float32)}},
+    "batch_stats": weights["batch_stats"],
+  }
   ocp.PyTreeCheckpointer().save(tmp_path / "bad" / "variables", bad)
   with pytest.raises(state_lib.InitMismatchError) as e:
     state_lib.load_init(st, tmp_path / "bad", opt.tx)
@@ -384,10 +454,19 @@ def test_init_from_converted_weights_is_strict(tmp_path):
   assert "missing in the checkpoint" in msg and "params/head/kernel" in msg
   assert "unexpected in the checkpoint" in msg and "params/extra/kernel" in msg
   # A backbone-only conversion goes under a prefix.
-  enc_only = {"params": {"kernel": weights["params"]["enc"]["kernel"], "bias": weights["params"]["enc"]["bias"]}}
+  enc_only = {
+    "params": {
+      "kernel": weights["params"]["enc"]["kernel"],
+      "bias": weights["params"]["enc"]["bias"],
+    }
+  }
   merged = state_lib.merge_variables(host, enc_only, prefix="enc")
-  np.testing.assert_array_equal(merged["params"]["enc"]["kernel"], weights["params"]["enc"]["kernel"])
-  np.testing.assert_array_equal(merged["params"]["head"]["kernel"], host["params"]["head"]["kernel"])
+  np.testing.assert_array_equal(
+    merged["params"]["enc"]["kernel"], weights["params"]["enc"]["kernel"]
+  )
+  np.testing.assert_array_equal(
+    merged["params"]["head"]["kernel"], host["params"]["head"]["kernel"]
+  )
   with pytest.raises(FileNotFoundError, match="checkpoints.convert"):
     state_lib.read_variables(tmp_path / "nowhere")
 
@@ -398,28 +477,35 @@ def test_missing_required_init_says_how_to_get_it(tmp_path):
   with cfg.unlocked():
     cfg.init_required = True
     cfg.init_help = "Train one with python -m fss_jax.main --config configs/pspnet.py:fold=0"
-  with pytest.raises(FileNotFoundError, match=r"(?s)config.init is empty.*configs/pspnet.py:fold=0"):
+  with pytest.raises(
+    FileNotFoundError, match=r"(?s)config.init is empty.*configs/pspnet.py:fold=0"
+  ):
     loop.train_and_evaluate(cfg, tmp_path / "w", data=fake_data(cfg))
   with cfg.unlocked():
     cfg.init = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=r"does not exist"):
     loop.train_and_evaluate(cfg, tmp_path / "w2", data=fake_data(cfg))
-  assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+  assert not (tmp_path / "w" / "checkpoints").exists() or not any(
+    (tmp_path / "w" / "checkpoints").iterdir()
+  )
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   cfg = tiny_config(**{"eval.every_steps": 0, "checkpoint.async_save": False})
-  loop.train_and_evaluate(cfg, tmp_path, data=fake_data(cfg))            # checkpoints 4 and 6
-  files = [p for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*")
-           if p.is_file() and p.stat().st_size > 64]
+  loop.train_and_evaluate(cfg, tmp_path, data=fake_data(cfg))  # checkpoints 4 and 6
+  files = [
+    p
+    for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*")
+    if p.is_file() and p.stat().st_size > 64
+  ]
   assert files
-  for p in files:                                                       # truncated data files
+  for p in files:  # truncated data files
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
   more = tiny_config(**{"eval.every_steps": 0, "total_steps": 8})
   summary = loop.train_and_evaluate(more, tmp_path, data=fake_data(more))
   assert summary["resumed_from"] == "workdir" and summary["step"] == 8
-  assert [h["step"] for h in summary["history"]] == [5, 6, 7, 8]          # resumed from step 4
-  for p in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):        # break every one
+  assert [h["step"] for h in summary["history"]] == [5, 6, 7, 8]  # resumed from step 4
+  for p in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):  # break every one
     if p.is_file() and p.stat().st_size > 64:
       p.write_bytes(b"")
   for p in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
@@ -439,8 +525,11 @@ def test_validation_data_is_checked_before_the_first_step(tmp_path):
     calls.append(seed)
     raise ValueError("shot K=5 exceeds the support images of class 3: class 3 has 2")
 
-  with pytest.raises(ValueError, match=r"validation episodes \(test split, seed 321, K=1\) cannot "
-                                       r"be made, nothing was trained: shot K=5 exceeds"):
+  with pytest.raises(
+    ValueError,
+    match=r"validation episodes \(test split, seed 321, K=1\) cannot "
+    r"be made, nothing was trained: shot K=5 exceeds",
+  ):
     loop.train_and_evaluate(cfg, tmp_path / "w", data=dataclasses.replace(data, eval=evaluate))
   assert calls == [321]
   ckpts = tmp_path / "w" / "checkpoints"
@@ -449,6 +538,9 @@ def test_validation_data_is_checked_before_the_first_step(tmp_path):
 
 def test_resume_ignores_compute_only_fields():
   saved = {"model": "hdmnet", "model_fields": {"shot": 1}}
-  assert loop._meta_differences(saved, {"model": "hdmnet", "model_fields": {"shot": 1, "remat": True}}) == []  # pylint: disable=protected-access
-  diffs = loop._meta_differences(saved, {"model": "hdmnet", "model_fields": {"shot": 5}})  # pylint: disable=protected-access
+  assert (
+    loop._meta_differences(saved, {"model": "hdmnet", "model_fields": {"shot": 1, "remat": True}})
+    == []
+  )
+  diffs = loop._meta_differences(saved, {"model": "hdmnet", "model_fields": {"shot": 5}})
   assert diffs == ["model_fields.shot: checkpoint 1, this run 5"]

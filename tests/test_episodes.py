@@ -22,9 +22,11 @@ def toy_source(n=60, *, seed=0, num_classes=20, classes=None, small_p=0.5, small
   for i in range(n):
     h, w = int(rng.integers(30, 41)), int(rng.integers(36, 47))
     lab = np.zeros((h, w), np.uint8)
-    lab[2:2 + 16, 3:3 + 16] = classes[i % len(classes)]                       # 256 px
+    lab[2 : 2 + 16, 3 : 3 + 16] = classes[i % len(classes)]  # 256 px
     if rng.random() < small_p:
-      lab[h - 6:h - 1, w - 6:w - 1] = small_classes[int(rng.integers(len(small_classes)))]  # 25 px
+      lab[h - 6 : h - 1, w - 6 : w - 1] = small_classes[
+        int(rng.integers(len(small_classes)))
+      ]  # 25 px
     lab[0, :] = 255
     images.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     labels.append(lab)
@@ -32,14 +34,25 @@ def toy_source(n=60, *, seed=0, num_classes=20, classes=None, small_p=0.5, small
 
 
 def _sampler(src, fold=0, mode="train", shot=1, seed=0, way=1, protocol="bam"):
-  return episodes.make_sampler(src.index, "pascal5i", fold, mode, shot=shot, seed=seed, way=way,
-                               protocol=protocol, min_pixels=MIN_PX)
+  return episodes.make_sampler(
+    src.index,
+    "pascal5i",
+    fold,
+    mode,
+    shot=shot,
+    seed=seed,
+    way=way,
+    protocol=protocol,
+    min_pixels=MIN_PX,
+  )
 
 
 def _check_episode(ep, src, sampler, *, novel=()):
   labels = src.labels
   assert ep.query in set(sampler.query_positions.tolist())
-  assert (labels[ep.query] == ep.class_ids[0]).any(), "the (first) episode class is present in the query"
+  assert (labels[ep.query] == ep.class_ids[0]).any(), (
+    "the (first) episode class is present in the query"
+  )
   for c, j, sup in zip(ep.class_ids, ep.class_indices, ep.supports):
     assert sampler.lists.classes[j] == c
     assert len(set(sup)) == len(sup) == sampler.shot, "K distinct supports"
@@ -81,11 +94,13 @@ def test_training_epochs_visit_every_query_once():
   for epoch in range(2):
     seen = [sampler.sample(epoch * q + i).query for i in range(q)]
     assert sorted(seen) == sorted(sampler.query_positions.tolist())
-  assert [sampler.sample(i).query for i in range(q)] != [sampler.sample(q + i).query for i in range(q)]
+  assert [sampler.sample(i).query for i in range(q)] != [
+    sampler.sample(q + i).query for i in range(q)
+  ]
 
 
 def test_pfenet_protocol_keeps_images_with_novel_pixels():
-  src = toy_source(60, seed=3, small_p=0.5, small_classes=[1, 2])      # fold 0 novel = 1..5
+  src = toy_source(60, seed=3, small_p=0.5, small_classes=[1, 2])  # fold 0 novel = 1..5
   bam, pfenet = _sampler(src, protocol="bam"), _sampler(src, protocol="pfenet")
   assert len(pfenet) > len(bam)
   for i in range(100):
@@ -96,10 +111,16 @@ def test_pfenet_protocol_keeps_images_with_novel_pixels():
 
 def test_same_seed_same_episodes_and_seed_matters():
   src = toy_source(60, seed=4)
-  a, b, c = _sampler(src, seed=7, shot=2), _sampler(src, seed=7, shot=2), _sampler(src, seed=8, shot=2)
+  a, b, c = (
+    _sampler(src, seed=7, shot=2),
+    _sampler(src, seed=7, shot=2),
+    _sampler(src, seed=8, shot=2),
+  )
   ea = [a.sample(i) for i in range(60)]
   assert ea == [b.sample(i) for i in range(60)]
-  assert ea[::-1] == [a.sample(i) for i in reversed(range(60))], "episodes depend on (seed, index) only"
+  assert ea[::-1] == [a.sample(i) for i in reversed(range(60))], (
+    "episodes depend on (seed, index) only"
+  )
   assert ea != [c.sample(i) for i in range(60)]
 
 
@@ -123,12 +144,16 @@ def test_n_way_episodes():
     assert len(set(ep.class_ids)) == 3 and len(ep.supports) == 3
     _check_episode(ep, src, sampler, novel=splits.fold_classes("pascal5i", 3).novel)
   rec = episodes.episode_record(ep, src.index.image_ids)
-  assert isinstance(rec["class_id"], list) and len(rec["supports"]) == 3 and len(rec["supports"][0]) == 2
+  assert (
+    isinstance(rec["class_id"], list) and len(rec["supports"]) == 3 and len(rec["supports"][0]) == 2
+  )
 
 
 def test_too_large_shot_is_a_clear_error():
-  src = toy_source(40, seed=7)                       # 2 images per class
-  with pytest.raises(ValueError, match=r"shot K=5 exceeds the support images of classes: class \d+ has 2"):
+  src = toy_source(40, seed=7)  # 2 images per class
+  with pytest.raises(
+    ValueError, match=r"shot K=5 exceeds the support images of classes: class \d+ has 2"
+  ):
     _sampler(src, shot=5)
 
 
@@ -147,7 +172,9 @@ def test_query_without_usable_class_is_left_out():
 
 def test_records_round_trip(tmp_path):
   src = toy_source(40, seed=8)
-  recs = episodes.generate(src.index, "pascal5i", 0, "test", shot=1, num_episodes=7, seed=3, min_pixels=MIN_PX)
+  recs = episodes.generate(
+    src.index, "pascal5i", 0, "test", shot=1, num_episodes=7, seed=3, min_pixels=MIN_PX
+  )
   path = episodes.write_episodes(tmp_path / "e.jsonl", recs)
   lines = path.read_text().splitlines()
   assert len(lines) == 7 and json.loads(lines[0]) == recs[0]
@@ -167,15 +194,33 @@ def voc_dir(tmp_path_factory):
 
 
 def test_cli_is_byte_identical_and_uses_val_images(voc_dir, tmp_path, capsys):
-  from fss_jax.data import source  # pylint: disable=g-import-not-at-top
-  args = ["--dataset", "pascal5i", "--data_dir", voc_dir, "--fold", "0", "--shot", "1", "--split", "test",
-          "--num_episodes", "12", "--seed", "321"]
+  from fss_jax.data import source
+
+  args = [
+    "--dataset",
+    "pascal5i",
+    "--data_dir",
+    voc_dir,
+    "--fold",
+    "0",
+    "--shot",
+    "1",
+    "--split",
+    "test",
+    "--num_episodes",
+    "12",
+    "--seed",
+    "321",
+  ]
   assert episodes.main(args + ["--out", str(tmp_path / "a.jsonl")]) == 0
   assert episodes.main(args + ["--out", str(tmp_path / "b.jsonl")]) == 0
   a = (tmp_path / "a.jsonl").read_bytes()
   assert a == (tmp_path / "b.jsonl").read_bytes()
   assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
-  val, train = source.open_split(voc_dir, "pascal5i", "val"), source.open_split(voc_dir, "pascal5i", "train")
+  val, train = (
+    source.open_split(voc_dir, "pascal5i", "val"),
+    source.open_split(voc_dir, "pascal5i", "train"),
+  )
   val_ids, train_ids = set(val.index.image_ids.tolist()), set(train.index.image_ids.tolist())
   recs = [json.loads(l) for l in a.decode().splitlines()]
   assert len(recs) == 12
@@ -205,21 +250,55 @@ def test_cli_is_byte_identical_and_uses_val_images(voc_dir, tmp_path, capsys):
 def test_cli_keeps_an_existing_file_without_overwrite(tmp_path, capsys):
   out = tmp_path / "e.jsonl"
   out.write_text("kept\n")
-  args = ["--dataset", "pascal5i", "--data_dir", str(tmp_path / "no_data"), "--fold", "0", "--shot", "1",
-          "--split", "test", "--num_episodes", "4", "--seed", "321", "--out", str(out)]
+  args = [
+    "--dataset",
+    "pascal5i",
+    "--data_dir",
+    str(tmp_path / "no_data"),
+    "--fold",
+    "0",
+    "--shot",
+    "1",
+    "--split",
+    "test",
+    "--num_episodes",
+    "4",
+    "--seed",
+    "321",
+    "--out",
+    str(out),
+  ]
   assert episodes.main(args) == 2
   err = capsys.readouterr().err.strip()
-  assert err == f"error: {out} already exists; pass --overwrite to replace it"     # one line, before any work
+  assert (
+    err == f"error: {out} already exists; pass --overwrite to replace it"
+  )  # one line, before any work
   assert out.read_text() == "kept\n"
 
 
 def test_cli_overwrite_replaces_atomically(voc_dir, tmp_path):
   out = tmp_path / "e.jsonl"
   out.write_text("old\n")
-  args = ["--dataset", "pascal5i", "--data_dir", voc_dir, "--fold", "0", "--shot", "1", "--split", "test",
-          "--num_episodes", "5", "--seed", "321", "--out", str(out)]
+  args = [
+    "--dataset",
+    "pascal5i",
+    "--data_dir",
+    voc_dir,
+    "--fold",
+    "0",
+    "--shot",
+    "1",
+    "--split",
+    "test",
+    "--num_episodes",
+    "5",
+    "--seed",
+    "321",
+    "--out",
+    str(out),
+  ]
   assert episodes.main(args + ["--overwrite"]) == 0
   assert len(episodes.read_episodes(out)) == 5
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]          # no temporary file left
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]  # no temporary file left
   with pytest.raises(FileExistsError, match="overwrite"):
     episodes.write_episodes(out, [], overwrite=False)

@@ -8,26 +8,57 @@ import io
 import json
 import math
 
-import pytest
-
 from fss_jax.eval import evaluate as evaluate_lib
 from fss_jax.eval import table
 
-PFENET = dict(name="pfenet_bam", test_size=473, test_resize="aspect", score="original", ignore_255=True,
-              novel_filter=True, class_split="interleaved", episode_rule="pfenet", lists="build",
-              episodes=1000, seeds=[1, 2], seed_rule="per_episode")
-HSNET = dict(PFENET, name="hsnet", test_size=400, test_resize="squash", score="input", novel_filter=False,
-             episode_rule="hsnet", seeds=[0], seed_rule="sequential")
+PFENET = dict(
+  name="pfenet_bam",
+  test_size=473,
+  test_resize="aspect",
+  score="original",
+  ignore_255=True,
+  novel_filter=True,
+  class_split="interleaved",
+  episode_rule="pfenet",
+  lists="build",
+  episodes=1000,
+  seeds=[1, 2],
+  seed_rule="per_episode",
+)
+HSNET = dict(
+  PFENET,
+  name="hsnet",
+  test_size=400,
+  test_resize="squash",
+  score="input",
+  novel_filter=False,
+  episode_rule="hsnet",
+  seeds=[0],
+  seed_rule="sequential",
+)
 
 
 def _write(workdir, *, fold, seeds, model="sccan", shot=1, protocol=PFENET, train_shot=1):
   """A results JSON as `fss_jax.train.loop.evaluate` writes it: {seed: (miou, fb_iou)}."""
-  per_seed = {s: {"miou": m, "fb_iou": f, "per_class": {"1": m}, "episodes": 1000}
-              for s, (m, f) in seeds.items()}
+  per_seed = {
+    s: {"miou": m, "fb_iou": f, "per_class": {"1": m}, "episodes": 1000}
+    for s, (m, f) in seeds.items()
+  }
   summary = evaluate_lib.summarize(per_seed)
-  summary.update(model=model, dataset="pascal5i", fold=fold, shot=shot, way=1, episodes_per_seed=1000,
-                 score="pad_square", protocol=dict(protocol, seeds=list(seeds)), train_shot=train_shot,
-                 train_dataset="pascal5i", train_fold=fold, model_fields={"layers": 50})
+  summary.update(
+    model=model,
+    dataset="pascal5i",
+    fold=fold,
+    shot=shot,
+    way=1,
+    episodes_per_seed=1000,
+    score="pad_square",
+    protocol=dict(protocol, seeds=list(seeds)),
+    train_shot=train_shot,
+    train_dataset="pascal5i",
+    train_fold=fold,
+    model_fields={"layers": 50},
+  )
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / f"results_pascal5i_f{fold}_{shot}shot.json"
   path.write_text(json.dumps(summary))
@@ -45,23 +76,36 @@ def test_cells_pool_seeds_of_several_runs_and_fold_mean_pairs_seeds(tmp_path, ca
   md = capsys.readouterr().out
   assert md == md_path.read_text()
   # fold 0: mean 62, population std sqrt(8/3); fold 1: mean 53, std sqrt(6); n = 3 results of 1000 episodes.
-  assert f"62.00 ± {math.sqrt(8 / 3):.2f} (3×1000)" in md and f"53.00 ± {math.sqrt(6):.2f} (3×1000)" in md
+  assert (
+    f"62.00 ± {math.sqrt(8 / 3):.2f} (3×1000)" in md
+    and f"53.00 ± {math.sqrt(6):.2f} (3×1000)" in md
+  )
   # fold mean per seed: 55, 59, 58.5 -> mean 57.5; FB-IoU: 65, 69, 68.5 -> 67.5.
   per_seed = [55.0, 59.0, 58.5]
   sd = math.sqrt(sum((x - 57.5) ** 2 for x in per_seed) / 3)
-  assert (f"| sccan | 62.00 ± 1.63 (3×1000) | 53.00 ± 2.45 (3×1000) | – | – | 57.50 ± {sd:.2f} [2/4 folds] "
-          f"| 67.50 ± {sd:.2f} |") in md
-  assert "population std, ddof = 0" in md and "Never the best seed" in md and "best-of" not in md.lower()
+  assert (
+    f"| sccan | 62.00 ± 1.63 (3×1000) | 53.00 ± 2.45 (3×1000) | – | – | 57.50 ± {sd:.2f} [2/4 folds] "
+    f"| 67.50 ± {sd:.2f} |"
+  ) in md
+  assert (
+    "population std, ddof = 0" in md and "Never the best seed" in md and "best-of" not in md.lower()
+  )
   assert "## pascal5i · 1-shot · protocol pfenet_bam" in md and '"test_size"=473' not in md
-  assert 'test_size=473' in md and "seeds=[1, 2, 3]" in md
+  assert "test_size=473" in md and "seeds=[1, 2, 3]" in md
   rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
   assert [(r["fold"], r["miou_mean"], r["n_results"], r["runs"], r["seeds"]) for r in rows] == [
-      ("0", "62.0000", "3", "2", "1 2 3"), ("1", "53.0000", "3", "2", "1 2 3"), ("mean", "57.5000", "6", "4", "1 2 3")]
+    ("0", "62.0000", "3", "2", "1 2 3"),
+    ("1", "53.0000", "3", "2", "1 2 3"),
+    ("mean", "57.5000", "6", "4", "1 2 3"),
+  ]
   # Sample std (ddof 1) when asked, said so in the legend; best-of only on request and labelled.
   assert table.main([str(tmp_path), "--std", "sample", "--best-of"]) == 0
   md = capsys.readouterr().out
   assert "62.00 ± 2.00 (3×1000)" in md and "sample std, ddof = 1" in md
-  assert "best-of, not a mean" in md and "| sccan | 64.00 (of 3) | 56.00 (of 3) | – | – | 59.00 [2/4 folds] |" in md
+  assert (
+    "best-of, not a mean" in md
+    and "| sccan | 64.00 (of 3) | 56.00 (of 3) | – | – | 59.00 [2/4 folds] |" in md
+  )
 
 
 def test_a_column_under_two_protocols_is_refused(tmp_path, capsys):
@@ -69,7 +113,9 @@ def test_a_column_under_two_protocols_is_refused(tmp_path, capsys):
   hs = _write(tmp_path / "h", fold=0, seeds={0: (58.0, 69.0)}, model="hdmnet", protocol=HSNET)
   assert table.main([str(tmp_path / "a"), str(hs)]) == 2
   err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1 and err.startswith("error: column pascal5i 1-shot mixes protocols")
+  assert len(err.splitlines()) == 1 and err.startswith(
+    "error: column pascal5i 1-shot mixes protocols"
+  )
   assert "test_size 473 vs 400" in err and "--split-protocols" in err
   assert table.main([str(tmp_path), "--split-protocols"]) == 0
   md = capsys.readouterr().out

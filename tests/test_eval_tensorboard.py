@@ -18,15 +18,16 @@ import re
 
 import numpy as np
 import pytest
-
 import test_engine as te
+
 from fss_jax.eval import metrics
 from fss_jax.models import registry
 from fss_jax.train import loop
 
 CONFIGS = ("panet", "sccan", "pspnet", "hdmnet", "ssp", "pahnet", "jc2a", "symnet")
-needs_loop_patch = pytest.mark.skipif(not hasattr(loop, "_log_devices"),
-                                      reason="needs the loop.py patch of issue 21 point 8, item 6")
+needs_loop_patch = pytest.mark.skipif(
+  not hasattr(loop, "_log_devices"), reason="needs the loop.py patch of issue 21 point 8, item 6"
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -38,7 +39,8 @@ def test_smoke_configs_write_tensorboard(name):
 
 def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
   """{tag: [(step, value)]} of every event file in ``logdir``."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (clu's writers use it already)
+  import tensorflow as tf  # clu's writers use it already
+
   out = {}
   for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -50,9 +52,12 @@ def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
 
 @needs_loop_patch
 def test_eval_mode_writes_scores_to_tensorboard_and_logs_the_mesh(tmp_path, monkeypatch, caplog):
-  monkeypatch.setitem(registry._MODULES, "tiny_test", te.__name__)  # pylint: disable=protected-access
-  cfg = te.tiny_config(tensorboard=True, total_steps=1, **{"eval.every_steps": 0, "checkpoint.every_steps": 1,
-                                                           "eval.num_images": 0})
+  monkeypatch.setitem(registry._MODULES, "tiny_test", te.__name__)
+  cfg = te.tiny_config(
+    tensorboard=True,
+    total_steps=1,
+    **{"eval.every_steps": 0, "checkpoint.every_steps": 1, "eval.num_images": 0},
+  )
   data = dataclasses.replace(te.fake_data(cfg), class_names=metrics.class_names("pascal5i"))
   loop.train_and_evaluate(cfg, tmp_path, data=data)
   with caplog.at_level(logging.INFO):
@@ -61,15 +66,28 @@ def test_eval_mode_writes_scores_to_tensorboard_and_logs_the_mesh(tmp_path, monk
   devices = re.compile(r"\d+ process\(es\), \d+ \w+ device\(s\) .* mesh \{'data': 1, 'model': 1\}")
   first = next(i for i, m in enumerate(lines) if devices.search(m))
   assert first < next(i for i, m in enumerate(lines) if m.startswith("evaluating ")), lines
-  assert any(m.startswith("seed 1: 10/10 episodes (100%)") for m in lines), lines    # progress inside a seed
+  assert any(m.startswith("seed 1: 10/10 episodes (100%)") for m in lines), (
+    lines
+  )  # progress inside a seed
 
   scalars = _scalars(tmp_path)
-  assert "train/loss" in scalars                                                    # the training run's
-  (step, miou), = scalars["eval/miou"]
+  assert "train/loss" in scalars  # the training run's
+  ((step, miou),) = scalars["eval/miou"]
   assert step == 1 and miou == pytest.approx(summary["miou_mean"], abs=1e-4)
-  assert {"eval/miou_std", "eval/fb_iou", "eval/fb_iou_std", "eval/iou/1_aeroplane",
-          "eval/iou/5_bottle"} <= set(scalars)
-  assert summary["class_names"] == {"1": "aeroplane", "2": "bicycle", "3": "bird", "4": "boat", "5": "bottle"}
+  assert {
+    "eval/miou_std",
+    "eval/fb_iou",
+    "eval/fb_iou_std",
+    "eval/iou/1_aeroplane",
+    "eval/iou/5_bottle",
+  } <= set(scalars)
+  assert summary["class_names"] == {
+    "1": "aeroplane",
+    "2": "bicycle",
+    "3": "bird",
+    "4": "boat",
+    "5": "bottle",
+  }
   assert all("aeroplane" in t for t in summary["tables"].values())
 
 

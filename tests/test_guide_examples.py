@@ -44,61 +44,74 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 torch = pytest.importorskip("torch")
 
 GUIDE = REPO / "WORKSPACE.md"
 DOCS = ("README.md", "WORKSPACE.md", "tests/parity_extra/README.md")
-SIZE = 65                                     # the smoke configs' input size
+SIZE = 65  # the smoke configs' input size
 
 # Guide placeholder -> what the test puts there ({R}: the module's scratch folder,
 # {python}: this interpreter). Nothing else in a command is changed.
 PLACEHOLDERS = {
-    "python": "{python}",
-    # §3 synthetic data
-    "/tmp/raw_voc": "{R}/raw_voc",
-    "/tmp/raw_coco": "{R}/raw_coco",
-    "/tmp/tfds": "{R}/tfds",
-    # §6 official files (stand-ins, see `_write_official`) and destinations
-    "exp/.../win8_train_epoch_43_0.6753.pth": "{R}/official/sccan/win8_train_epoch_43_0.6753.pth",
-    "best.pth": "{R}/official/hdmnet/best.pth",
-    "PSPNet/pascal/split0/resnet50/best.pth": "{R}/official/PSPNet/pascal/split0/resnet50/best.pth",
-    "resnet50.pth": "{R}/official/resnet50.pth",
-    "ckpt/sccan_f0": "{R}/ckpt/sccan_f0",
-    "ckpt/hdmnet_f0": "{R}/ckpt/hdmnet_f0",
-    "ckpt/psp_f0": "{R}/ckpt/psp_f0",
-    "ckpt/r50": "{R}/ckpt/r50",
-    # §7 the user's images (synthetic, see `images`) and output folder
-    "cat1.jpg": "{R}/images/cat1.jpg",
-    "cat1_mask.png": "{R}/images/cat1_mask.png",
-    "cat2.jpg": "{R}/images/cat2.jpg",
-    "cat2_mask.png": "{R}/images/cat2_mask.png",
-    "q1.jpg": "{R}/images/q1.jpg",
-    "q2.jpg": "{R}/images/q2.jpg",
-    "out/": "{R}/out/",
-    # §4 the method and the workdir
-    "configs/<method>.py": "configs/panet.py",
-    "W": "{R}/W",
+  "python": "{python}",
+  # §3 synthetic data
+  "/tmp/raw_voc": "{R}/raw_voc",
+  "/tmp/raw_coco": "{R}/raw_coco",
+  "/tmp/tfds": "{R}/tfds",
+  # §6 official files (stand-ins, see `_write_official`) and destinations
+  "exp/.../win8_train_epoch_43_0.6753.pth": "{R}/official/sccan/win8_train_epoch_43_0.6753.pth",
+  "best.pth": "{R}/official/hdmnet/best.pth",
+  "PSPNet/pascal/split0/resnet50/best.pth": "{R}/official/PSPNet/pascal/split0/resnet50/best.pth",
+  "resnet50.pth": "{R}/official/resnet50.pth",
+  "ckpt/sccan_f0": "{R}/ckpt/sccan_f0",
+  "ckpt/hdmnet_f0": "{R}/ckpt/hdmnet_f0",
+  "ckpt/psp_f0": "{R}/ckpt/psp_f0",
+  "ckpt/r50": "{R}/ckpt/r50",
+  # §7 the user's images (synthetic, see `images`) and output folder
+  "cat1.jpg": "{R}/images/cat1.jpg",
+  "cat1_mask.png": "{R}/images/cat1_mask.png",
+  "cat2.jpg": "{R}/images/cat2.jpg",
+  "cat2_mask.png": "{R}/images/cat2_mask.png",
+  "q1.jpg": "{R}/images/q1.jpg",
+  "q2.jpg": "{R}/images/q2.jpg",
+  "out/": "{R}/out/",
+  # §4 the method and the workdir
+  "configs/<method>.py": "configs/panet.py",
+  "W": "{R}/W",
 }
 
 # Flags appended to a command (never replacing any of its own) to fit a CPU test.
 APPENDED = {
-    # §7: the model input at the smoke size instead of SCCAN's 473.
-    "fss_jax.predict": ["--size", str(SIZE)],
-    # §4 eval: the §3 data, the converted PANet weights (W holds no training run; §9:
-    # "convert it and run --mode eval --config.init=DST"), smoke-sized episodes, and no
-    # TensorBoard episode images (a second compilation).
-    "fss_jax.main": ["--config.data.data_dir={R}/tfds", "--config.init={R}/ckpt/vgg16_panet",
-                     f"--config.data.test_size={SIZE}", "--config.eval.episodes=4",
-                     "--config.eval.seeds=(321,)", "--config.eval.num_images=0"],
+  # §7: the model input at the smoke size instead of SCCAN's 473.
+  "fss_jax.predict": ["--size", str(SIZE)],
+  # §4 eval: the §3 data, the converted PANet weights (W holds no training run; §9:
+  # "convert it and run --mode eval --config.init=DST"), smoke-sized episodes, and no
+  # TensorBoard episode images (a second compilation).
+  "fss_jax.main": [
+    "--config.data.data_dir={R}/tfds",
+    "--config.init={R}/ckpt/vgg16_panet",
+    f"--config.data.test_size={SIZE}",
+    "--config.eval.episodes=4",
+    "--config.eval.seeds=(321,)",
+    "--config.eval.num_images=0",
+  ],
 }
 
 # Flags whose value is a file or folder: after substitution it must be in the scratch
 # folder (a guide path left unmapped would otherwise be written into the checkout).
-_PATH_FLAGS = ("--src", "--dst", "--out", "--workdir", "--manual_dir", "--data_dir", "--checkpoint",
-               "--support", "--query")
+_PATH_FLAGS = (
+  "--src",
+  "--dst",
+  "--out",
+  "--workdir",
+  "--manual_dir",
+  "--data_dir",
+  "--checkpoint",
+  "--support",
+  "--query",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +134,7 @@ def section(text: str, title: str) -> str:
   heads = [(m.start(), len(m.group(1)), m.group(2)) for m in _HEADING.finditer(plain)]
   for i, (start, level, name) in enumerate(heads):
     if name.startswith(title):
-      end = next((s for s, lv, _ in heads[i + 1:] if lv <= level), len(text))
+      end = next((s for s, lv, _ in heads[i + 1 :] if lv <= level), len(text))
       return text[start:end]
   raise AssertionError(f"WORKSPACE.md has no heading starting with {title!r}")
 
@@ -168,7 +181,7 @@ def substitute(argv: list[str], root: pathlib.Path) -> list[str]:
   assert not left, f"unmapped placeholders {left} in {shlex.join(argv)}; add them to PLACEHOLDERS"
   for i, tok in enumerate(out[:-1]):
     if tok in _PATH_FLAGS:
-      for value in out[i + 1:]:
+      for value in out[i + 1 :]:
         if value.startswith("-"):
           break
         for part in value.split(":"):
@@ -184,8 +197,9 @@ def run(argv: list[str], root: pathlib.Path, timeout: int = 600) -> subprocess.C
   while argv and re.match(r"^[A-Z_][A-Z0-9_]*=", argv[0]):
     key, _, value = argv.pop(0).partition("=")
     env[key] = value
-  r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                     check=False)
+  r = subprocess.run(
+    argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+  )
   assert r.returncode == 0, f"{shlex.join(argv)}\nexit {r.returncode}\n{r.stderr[-4000:]}"
   return r
 
@@ -198,9 +212,11 @@ def _flag(argv: list[str], name: str) -> str:
 # Stand-ins of official files
 # ---------------------------------------------------------------------------
 
-_TORCH_SHAPE = {"conv": lambda s: (s[3], s[2], s[0], s[1]),   # HWIO -> OIHW
-                "linear": lambda s: s[::-1],
-                "copy": lambda s: s}
+_TORCH_SHAPE = {
+  "conv": lambda s: (s[3], s[2], s[0], s[1]),  # HWIO -> OIHW
+  "linear": lambda s: s[::-1],
+  "copy": lambda s: s,
+}
 
 
 def _leaf(tree, path):
@@ -219,7 +235,8 @@ def official_state_dict(rules, target, rng=None) -> dict[str, np.ndarray]:
   variance near 1) when ``rng`` is given, else zeros; a rule whose destination is not
   in ``target`` gets a (1,) array, which the comparison with ``target`` then reports.
   """
-  from fss_jax import keymaps  # pylint: disable=g-import-not-at-top
+  from fss_jax import keymaps
+
   sd = {}
   for r in rules:
     if not isinstance(r, keymaps.Rule):
@@ -260,19 +277,23 @@ def _write_official(path: pathlib.Path, sd, *, trained: bool) -> pathlib.Path:
 
 def model_variables(name: str, fields: dict | None = None, shot: int = 1):
   """ShapeDtypeStructs of registered model ``name``'s variables (traced, not compiled)."""
-  from bench import run as bench_run  # pylint: disable=g-import-not-at-top
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from bench import run as bench_run
+  from fss_jax.models import registry
+  from fss_jax.train import state as state_lib
+
   model = registry.get(name).make_model(**(fields or {}))
-  episode = {k: v for k, v in bench_run.synthetic_episode(1, shot, SIZE).items()
-             if k in bench_run.EVAL_KEYS}
-  return jax.eval_shape(lambda k: state_lib.init_variables(model, episode, k),
-                        jax.random.PRNGKey(0))
+  episode = {
+    k: v for k, v in bench_run.synthetic_episode(1, shot, SIZE).items() if k in bench_run.EVAL_KEYS
+  }
+  return jax.eval_shape(
+    lambda k: state_lib.init_variables(model, episode, k), jax.random.PRNGKey(0)
+  )
 
 
 def _convert_args(argv: list[str]) -> tuple[str, dict]:
   """(--model, fields of its --model-arg flags) of a convert command."""
-  from checkpoints import convert  # pylint: disable=g-import-not-at-top
+  from checkpoints import convert
+
   args = [argv[i + 1] for i, a in enumerate(argv) if a == "--model-arg"]
   return _flag(argv, "--model"), convert.parse_model_args(args)
 
@@ -281,29 +302,37 @@ def _convert_args(argv: list[str]) -> tuple[str, dict]:
 # The §6 table of ImageNet backbone files
 # ---------------------------------------------------------------------------
 
+
 def backbone_table() -> list[dict]:
   """Rows of §6's "Which `--model` converts an ImageNet backbone file" table."""
   text = section(section(GUIDE.read_text(), "6."), "Which `--model`")
-  rows = [l for l in text.splitlines() if l.startswith("|")][2:]   # after header + rule
+  rows = [l for l in text.splitlines() if l.startswith("|")][2:]  # after header + rule
   out = []
   for line in rows:
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
     assert len(cells) == 4, line
     code = [re.findall(r"`([^`]+)`", c) for c in cells]
-    out.append({"file": code[0][0], "argv": shlex.split(code[1][0]),
-                "config": code[2][0] if code[2] else None,
-                "under": code[3][0] if code[3] else cells[3], "line": line})
+    out.append(
+      {
+        "file": code[0][0],
+        "argv": shlex.split(code[1][0]),
+        "config": code[2][0] if code[2] else None,
+        "under": code[3][0] if code[3] else cells[3],
+        "line": line,
+      }
+    )
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config_target(config_file: str):
   """(config, variables of its model, its init_prefix) of ``configs/X.py`` (smoke sizes)."""
-  import importlib  # pylint: disable=g-import-not-at-top
+  import importlib
+
   name = pathlib.Path(config_file).stem
   config = importlib.import_module(f"configs.{name}").get_config("smoke")
   fields = config.model_fields.to_dict()
-  if fields.get("use_ckmm"):      # JC²A: CKMM needs a per-fold prototype file, not the backbone
+  if fields.get("use_ckmm"):  # JC²A: CKMM needs a per-fold prototype file, not the backbone
     fields["use_ckmm"] = False
   return config, model_variables(config.model, fields, shot=config.shot), config.init_prefix
 
@@ -311,6 +340,7 @@ def _config_target(config_file: str):
 # ---------------------------------------------------------------------------
 # Module fixtures: one scratch folder, data, conversions
 # ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
@@ -321,8 +351,11 @@ def root(tmp_path_factory):
 def data_dir(root):
   """§3 "Synthetic data", run as written: raw VOC / COCO layouts, PASCAL-5i build."""
   cmds = guide_commands("3.", "Synthetic data")
-  assert [_module(c) for c in cmds] == ["data_prep.synthetic", "data_prep.synthetic",
-                                       "data_prep.build"]
+  assert [_module(c) for c in cmds] == [
+    "data_prep.synthetic",
+    "data_prep.synthetic",
+    "data_prep.build",
+  ]
   for argv in cmds:
     run(argv, root)
   assert (root / "tfds" / "pascal5i").is_dir()
@@ -336,22 +369,31 @@ def section6_commands() -> list[list[str]]:
 
 def _run_conversion(argv: list[str], root: pathlib.Path) -> dict:
   """Writes a stand-in of the command's official file, runs the command -> what it did."""
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from fss_jax.models import registry
+
   model, fields = _convert_args(argv)
   src = pathlib.Path(_flag(substitute(argv, root), "--src"))
-  if model == "resnet_torchvision":                        # torchvision's own file
-    import torchvision  # pylint: disable=g-import-not-at-top
+  if model == "resnet_torchvision":  # torchvision's own file
+    import torchvision
+
     sd = {k: v.numpy() for k, v in torchvision.models.resnet50(weights=None).state_dict().items()}
     _write_official(src, sd, trained=False)
-  else:                                                    # a released model
+  else:  # a released model
     assert registry.get(model).loss_fn is not None, f"no stand-in recipe for --model {model}"
     target = model_variables(model, fields, shot=int(fields.get("shot", 1)))
-    rng = np.random.default_rng(0) if model == "sccan" else None     # §7 predicts with it
-    _write_official(src, official_state_dict(registry.get(model).keymap(**fields), target, rng),
-                    trained=True)
+    rng = np.random.default_rng(0) if model == "sccan" else None  # §7 predicts with it
+    _write_official(
+      src, official_state_dict(registry.get(model).keymap(**fields), target, rng), trained=True
+    )
   r = run(argv, root)
-  return {"argv": argv, "model": model, "fields": fields, "src": src,
-          "dst": pathlib.Path(_flag(substitute(argv, root), "--dst")), "stdout": r.stdout}
+  return {
+    "argv": argv,
+    "model": model,
+    "fields": fields,
+    "src": src,
+    "dst": pathlib.Path(_flag(substitute(argv, root), "--dst")),
+    "stdout": r.stdout,
+  }
 
 
 @pytest.fixture(scope="module")
@@ -361,32 +403,40 @@ def conversions(root):
 
   def get(dst: str) -> dict:
     if dst not in done:
-      done[dst] = _run_conversion(next(c for c in section6_commands() if _flag(c, "--dst") == dst),
-                                  root)
+      done[dst] = _run_conversion(
+        next(c for c in section6_commands() if _flag(c, "--dst") == dst), root
+      )
     return done[dst]
+
   return get
 
 
 @pytest.fixture(scope="module")
 def panet_init(root):
   """The §6 table's torchvision VGG-16 row for configs/panet.py, on the command line."""
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from fss_jax.models import registry
+
   row = next(r for r in backbone_table() if r["config"] == "configs/panet.py")
   model, fields = _convert_args(row["argv"])
   _, target, prefix = _config_target(row["config"])
   assert prefix == ""
-  src = _write_official(root / "official" / row["file"],
-                        official_state_dict(registry.get(model).keymap(**fields), target,
-                                            np.random.default_rng(1)), trained=False)
+  src = _write_official(
+    root / "official" / row["file"],
+    official_state_dict(registry.get(model).keymap(**fields), target, np.random.default_rng(1)),
+    trained=False,
+  )
   dst = root / "ckpt" / "vgg16_panet"
-  run(["python", "-m", "checkpoints.convert", *row["argv"], "--src", str(src), "--dst", str(dst)],
-      root)
+  run(
+    ["python", "-m", "checkpoints.convert", *row["argv"], "--src", str(src), "--dst", str(dst)],
+    root,
+  )
   return dst
 
 
 # ---------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------
+
 
 def test_section6_block_converts_each_kind_of_release():
   dsts = [_flag(c, "--dst") for c in section6_commands()]
@@ -397,39 +447,44 @@ def test_section6_block_converts_each_kind_of_release():
 def test_section6_conversion_command(conversions, dst):
   c = conversions(dst)
   assert f"wrote {c['dst']} (model {c['model']}" in c["stdout"]
-  assert (c["dst"] / "variables").is_dir()                    # "DST/variables orbax"
+  assert (c["dst"] / "variables").is_dir()  # "DST/variables orbax"
   meta = json.loads((c["dst"] / "metadata.json").read_text())  # "+ DST/metadata.json"
   assert meta["model"] == c["model"]
   assert all(meta["fields"].get(k) == v for k, v in c["fields"].items())
   assert meta["source"] == str(c["src"].absolute()) and len(meta["sha256"]) == 64
-  assert not [p for p in c["dst"].parent.iterdir() if p.name.startswith(".")]   # no temp folders
+  assert not [p for p in c["dst"].parent.iterdir() if p.name.startswith(".")]  # no temp folders
 
 
 def test_section6_converted_values_are_the_files(conversions):
   """The values are the official file's, in Flax layout (a convolution's OIHW -> HWIO)."""
-  from checkpoints import io as ckpt_io  # pylint: disable=g-import-not-at-top
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from checkpoints import io as ckpt_io
+  from fss_jax.models import registry
+
   c = conversions("ckpt/sccan_f0")
   sd = torch.load(c["src"], weights_only=True)["state_dict"]
   rule = next(r for r in registry.get("sccan").keymap() if getattr(r, "transform", "") == "conv")
-  np.testing.assert_array_equal(_leaf(ckpt_io.read_orbax(c["dst"]), rule.dst),
-                                sd[f"module.{rule.src}"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    _leaf(ckpt_io.read_orbax(c["dst"]), rule.dst),
+    sd[f"module.{rule.src}"].numpy().transpose(2, 3, 1, 0),
+  )
 
 
 def test_section6_backbone_table_rows_fit_their_configs():
   """Each row: the file's keys (from the row's key map) convert into exactly the tree the
   config's model has under the config's init_prefix, which the row names."""
-  from fss_jax import keymaps  # pylint: disable=g-import-not-at-top
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
+  import torchvision
+
+  from fss_jax import keymaps
+  from fss_jax.models import registry
+  from fss_jax.train import state as state_lib
+
   rows = backbone_table()
   assert any(r["file"] == "initmodel/resnet50_v2.pth" for r in rows)
   targets = {}
   for row in rows:
     model, fields = _convert_args(row["argv"])
     rules = registry.get(model).keymap(**fields)
-    if row["file"].startswith(("vgg16-", "resnet50-")):      # torchvision's files: its keys
+    if row["file"].startswith(("vgg16-", "resnet50-")):  # torchvision's files: its keys
       arch = row["file"].split("-")[0]
       with torch.device("meta"):
         keys = set(getattr(torchvision.models, arch)(weights=None).state_dict())
@@ -446,28 +501,40 @@ def test_section6_backbone_table_rows_fit_their_configs():
     subtree = {c: _leaf(target[c], pre) or {} for c in ("params", "batch_stats")}
     loaded = keymaps.convert(official_state_dict(rules, subtree), rules, model=model)
     missing, unexpected, shapes = state_lib.compare_variables(target, loaded, prefix=prefix)
-    assert not (missing or unexpected or shapes), (row["line"], missing[:5], unexpected[:5],
-                                                   shapes[:5])
+    assert not (missing or unexpected or shapes), (
+      row["line"],
+      missing[:5],
+      unexpected[:5],
+      shapes[:5],
+    )
 
 
 def test_section6_resnet50_v2_row_on_the_command_line(root):
   """``initmodel/resnet50_v2.pth`` -> ``--model resnet_deep_stem`` -> configs/pspnet.py's
   ``backbone``: converted by the CLI and matched against the config's model."""
-  from checkpoints import io as ckpt_io  # pylint: disable=g-import-not-at-top
-  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  row = next(r for r in backbone_table()
-             if r["file"] == "initmodel/resnet50_v2.pth" and r["config"] == "configs/pspnet.py")
+  from checkpoints import io as ckpt_io
+  from fss_jax.models import registry
+  from fss_jax.train import state as state_lib
+
+  row = next(
+    r
+    for r in backbone_table()
+    if r["file"] == "initmodel/resnet50_v2.pth" and r["config"] == "configs/pspnet.py"
+  )
   model, fields = _convert_args(row["argv"])
   assert model == "resnet_deep_stem"
   _, target, prefix = _config_target(row["config"])
   sub = {c: _leaf(target[c], prefix.split("/")) or {} for c in ("params", "batch_stats")}
-  src = _write_official(root / "official" / row["file"],
-                        official_state_dict(registry.get(model).keymap(**fields), sub),
-                        trained=False)
+  src = _write_official(
+    root / "official" / row["file"],
+    official_state_dict(registry.get(model).keymap(**fields), sub),
+    trained=False,
+  )
   dst = root / "ckpt" / "r50_v2"
-  r = run(["python", "-m", "checkpoints.convert", *row["argv"], "--src", str(src), "--dst",
-           str(dst)], root)
+  r = run(
+    ["python", "-m", "checkpoints.convert", *row["argv"], "--src", str(src), "--dst", str(dst)],
+    root,
+  )
   assert "wrote" in r.stdout and (dst / "metadata.json").is_file()
   loaded = ckpt_io.read_orbax(dst)
   assert state_lib.compare_variables(target, loaded, prefix=prefix) == ([], [], [])
@@ -476,7 +543,8 @@ def test_section6_resnet50_v2_row_on_the_command_line(root):
 @pytest.fixture(scope="module")
 def images(root):
   """§7's cat1/cat2 supports (JPEG + binary PNG mask) and q1/q2 queries, of several sizes."""
-  import cv2  # pylint: disable=g-import-not-at-top
+  import cv2
+
   d = root / "images"
   d.mkdir()
   rng = np.random.default_rng(2)
@@ -485,21 +553,22 @@ def images(root):
     cv2.imwrite(str(d / f"{name}.jpg"), rng.integers(0, 256, (h, w, 3), np.uint8))
     if name.startswith("cat"):
       mask = np.zeros((h, w), np.uint8)
-      mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 1
+      mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
       cv2.imwrite(str(d / f"{name}_mask.png"), mask)
   return sizes
 
 
 def test_section7_predict_command(root, conversions, images):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   cmds = [c for c in guide_commands("7.") if _module(c) == "fss_jax.predict"]
   assert len(cmds) == 1
   argv = cmds[0]
-  conversions(_flag(argv, "--checkpoint"))                     # made by its §6 command
+  conversions(_flag(argv, "--checkpoint"))  # made by its §6 command
   r = run(argv, root)
   out = pathlib.Path(_flag(substitute(argv, root), "--out"))
   doc = json.loads((out / "predictions.json").read_text())
-  queries = [pathlib.Path(q).stem for q in argv[argv.index("--query") + 1:argv.index("--out")]]
+  queries = [pathlib.Path(q).stem for q in argv[argv.index("--query") + 1 : argv.index("--out")]]
   assert [q["name"] for q in doc["queries"]] == queries == ["q1", "q2"]
   for q in doc["queries"]:
     # "<query>_mask.png at the query's original size"
@@ -516,7 +585,8 @@ def test_section7_predict_command(root, conversions, images):
 
 def test_section3_synthetic_data_commands(data_dir):
   """§3's synthetic PASCAL layout builds into a dataset with both splits."""
-  from fss_jax.data import source  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import source
+
   for split in ("train", "val"):
     assert len(source.open_split(str(data_dir), "pascal5i", split)) > 0
 
@@ -524,21 +594,22 @@ def test_section3_synthetic_data_commands(data_dir):
 def test_section6_vgg16_row_on_the_command_line(panet_init):
   """``vgg16-397923af.pth`` -> ``--model panet --model-arg source=imagenet``: the whole
   configs/panet.py model (the §4 evaluation below loads it)."""
-  from checkpoints import io as ckpt_io  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from checkpoints import io as ckpt_io
+  from fss_jax.train import state as state_lib
+
   _, target, prefix = _config_target("configs/panet.py")
   loaded = ckpt_io.read_orbax(panet_init)
   assert state_lib.compare_variables(target, loaded, prefix=prefix) == ([], [], [])
 
 
 def test_section4_eval_command(root, data_dir, panet_init):
-  del data_dir, panet_init                  # both reached through PLACEHOLDERS / APPENDED
+  del data_dir, panet_init  # both reached through PLACEHOLDERS / APPENDED
   cmds = [c for c in guide_commands("4.") if _module(c) == "fss_jax.main" and "eval" in c]
   argv = cmds[0]
   assert _flag(argv, "--mode") == "eval" and _flag(argv, "--workdir") == "W"
   r = run(argv, root)
   work = root / "W"
-  summary = json.loads(r.stdout.strip().splitlines()[-1])    # "the last stdout line is JSON"
+  summary = json.loads(r.stdout.strip().splitlines()[-1])  # "the last stdout line is JSON"
   # "writes W/results_<dataset>_f<fold>_<k>shot.json plus a per-class IoU bar chart PNG beside it"
   results = work / "results_pascal5i_f0_1shot.json"
   doc = json.loads(results.read_text())
@@ -564,8 +635,9 @@ def _anchor(heading: str) -> str:
 def _repo_top() -> set[str]:
   """The top-level names of the repository (tracked files when git knows them)."""
   try:
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True, timeout=60).stdout.split()
+    files = subprocess.run(
+      ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
   except (OSError, subprocess.SubprocessError):
     files = [p.name for p in REPO.iterdir() if not p.name.startswith(".")]
   return {f.split("/")[0] for f in files}
@@ -577,10 +649,10 @@ def _path_problems(token: str, top: set[str]) -> str | None:
   if token.startswith("../"):
     return "points outside the repository"
   if any(c in token for c in "<>*{}$|") or "..." in token or "…" in token:
-    return None                                            # a placeholder or a pattern
+    return None  # a placeholder or a pattern
   first = token.split("/")[0]
   if first not in top or ("/" not in token and "." not in token):
-    return None                                            # not a repository path
+    return None  # not a repository path
   return None if (REPO / token).exists() else "does not exist"
 
 
@@ -594,7 +666,7 @@ def test_links_and_repository_paths_exist():
     prose = _without_fences(text)
     code += _INLINE_CODE.findall(prose)
     for target in _LINK.findall(_INLINE_CODE.sub("", prose)):
-      if re.match(r"^[a-z]+:", target):                     # https:, mailto:
+      if re.match(r"^[a-z]+:", target):  # https:, mailto:
         continue
       file, _, anchor = target.partition("#")
       dest = (path.parent / file).resolve() if file else path

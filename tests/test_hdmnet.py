@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import extra_fixture_paths, load_fixture
 from flax import traverse_util
 
 from checkpoints import fixtures
 from checkpoints.verify import verify_fixture
-from conftest import extra_fixture_paths, load_fixture
 from fss_jax import keymaps
 from fss_jax.models import hdmnet, registry
 from fss_jax.nn import ensemble
@@ -31,6 +31,7 @@ def fixture():
 # ---------------------------------------------------------------------------
 # Parity
 # ---------------------------------------------------------------------------
+
 
 def test_verify_hdmnet_fixture(fixture):
   arrays, meta, path, _ = fixture
@@ -57,8 +58,9 @@ def test_verify_hdmnet_fixture(fixture):
   assert mids["mid_gram_merge_in_bg"]["max_abs"] <= 1e-2 * est_ref
 
 
-@pytest.mark.parametrize("path", extra_fixture_paths("hdmnet", exclude=("hdmnet_1shot_241_b1",)),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+  "path", extra_fixture_paths("hdmnet", exclude=("hdmnet_1shot_241_b1",)), ids=lambda p: p.stem
+)
 def test_parity_other_fixtures(path):
   """Unseen fixtures (other shots / sizes / batches / seeds) made with the official code."""
   report = verify_fixture(path)
@@ -69,6 +71,7 @@ def test_parity_other_fixtures(path):
 # ---------------------------------------------------------------------------
 # Blocks against direct numpy / torch
 # ---------------------------------------------------------------------------
+
 
 def _softmax(x, axis):
   x = x - x.max(axis=axis, keepdims=True)
@@ -93,7 +96,7 @@ def test_attention_rules_match_numpy():
   kn = kh / np.maximum(np.linalg.norm(kh, axis=-1, keepdims=True), 1e-12)
   s = qn @ np.swapaxes(kn, -1, -2) / 0.1
   m = mask[:, None, None, :]
-  a = _softmax(s, -2) * m                                   # softmax over QUERIES, then mask
+  a = _softmax(s, -2) * m  # softmax over QUERIES, then mask
   ref_cross = np.transpose(a @ vh, (0, 2, 1, 3))
   ref_corr = ((s * m).sum(-1) / (m.sum(-1) + 1e-9)).mean(1)
   np.testing.assert_allclose(y_cross, ref_cross, atol=1e-5)
@@ -129,8 +132,9 @@ def test_distillation_loss_matches_the_reference_formula():
   y = (rng.random((2, 33, 33)) > 0.6).astype(np.int32)
   y[0, :3] = 255
   maps = [rng.standard_normal((2, n, n)).astype(np.float32) * 3 for n in (5, 9, 17)]
-  got = float(jax.jit(hdm.correlation_distillation_loss)([jnp.asarray(m) for m in maps],
-                                                          jnp.asarray(y)))
+  got = float(
+    jax.jit(hdm.correlation_distillation_loss)([jnp.asarray(m) for m in maps], jnp.asarray(y))
+  )
 
   def distil(t, s):  # HDMNet.disstil_loss
     if t.shape[-2:] != s.shape[-2:]:
@@ -153,17 +157,18 @@ def test_scene_difference_and_base_map_match_numpy():
   rng = np.random.default_rng(3)
   q = rng.standard_normal((2, 5, 5, 6)).astype(np.float32)
   s = rng.standard_normal((2, 3, 5, 5, 6)).astype(np.float32)
-  s[0, 1] = np.maximum(s[0, 1], 0) * (rng.random((5, 5, 1)) > 0.5)   # masked-image-like
+  s[0, 1] = np.maximum(s[0, 1], 0) * (rng.random((5, 5, 1)) > 0.5)  # masked-image-like
 
   def gram(f):
-    f = f.reshape(-1, f.shape[-1]).T.astype(np.float64)            # C x N
+    f = f.reshape(-1, f.shape[-1]).T.astype(np.float64)  # C x N
     n = np.linalg.norm(f, axis=1, keepdims=True)
     return f @ f.T / (n @ n.T + 1e-7)
 
   with jax.default_matmul_precision("highest"):
     e = np.asarray(ensemble.scene_difference(jnp.asarray(q), jnp.asarray(s)))
-  ref = np.array([[np.linalg.norm(gram(q[b]) - gram(s[b, k])) / 6 for k in range(3)]
-                  for b in range(2)])
+  ref = np.array(
+    [[np.linalg.norm(gram(q[b]) - gram(s[b, k])) / 6 for k in range(3)] for b in range(2)]
+  )
   np.testing.assert_allclose(e, ref, rtol=1e-5)
 
   p = jax.nn.softmax(jnp.asarray(rng.standard_normal((2, 4, 4, 5)).astype(np.float32)), -1)
@@ -196,17 +201,21 @@ def test_kshot_reweighting_permutation(unsort):
 
 
 def test_episode_base_channel():
-  ep = {"query_mask": jnp.array([[[0, 1], [1, 255]], [[1, 0], [0, 0]]]),
-        "query_base_label": jnp.array([[[3, 7], [7, 255]], [[2, 5], [0, 0]]])}
+  ep = {
+    "query_mask": jnp.array([[[0, 1], [1, 255]], [[1, 0], [0, 0]]]),
+    "query_base_label": jnp.array([[[3, 7], [7, 255]], [[2, 5], [0, 0]]]),
+  }
   np.testing.assert_array_equal(hdmnet.episode_base_channel(ep), [7, 2])
   np.testing.assert_array_equal(
-      hdmnet.episode_base_channel({**ep, "class_index": jnp.array([4, 0])}), [5, 1])
+    hdmnet.episode_base_channel({**ep, "class_index": jnp.array([4, 0])}), [5, 1]
+  )
   assert hdmnet.episode_base_channel({"query_mask": ep["query_mask"]}) is None
 
 
 # ---------------------------------------------------------------------------
 # Key maps and a 5-shot, batch-2 training forward at another size
 # ---------------------------------------------------------------------------
+
 
 def _five_shot_state(state: dict) -> dict:
   rng = np.random.default_rng(5)
@@ -232,12 +241,12 @@ def _episode(b: int, k: int, size: int) -> dict:
 
   q_mask = blob(b)
   return {
-      "query_image": rng.standard_normal((b, size, size, 3)).astype(np.float32),
-      "support_images": rng.standard_normal((b, k, size, size, 3)).astype(np.float32),
-      "support_masks": blob(b * k).reshape(b, k, size, size),
-      "query_mask": q_mask,
-      "query_base_label": np.where(q_mask == 1, 3, 0).astype(np.int32),
-      "class_index": np.array([2, 2], np.int32),
+    "query_image": rng.standard_normal((b, size, size, 3)).astype(np.float32),
+    "support_images": rng.standard_normal((b, k, size, size, 3)).astype(np.float32),
+    "support_masks": blob(b * k).reshape(b, k, size, size),
+    "query_mask": q_mask,
+    "query_base_label": np.where(q_mask == 1, 3, 0).astype(np.int32),
+    "class_index": np.array([2, 2], np.int32),
   }
 
 
@@ -246,15 +255,17 @@ def test_keymap_five_shot_and_training_forward(fixture):
   sd = _five_shot_state(state)
   rules = hdmnet.keymap(shot=5)
   assert {r.src for r in rules} == set(sd)  # every official key has exactly one rule
-  variables = keymaps.convert(keymaps.strip_prefixes({f"module.{k}": v for k, v in sd.items()}),
-                              rules, model="hdmnet")
+  variables = keymaps.convert(
+    keymaps.strip_prefixes({f"module.{k}": v for k, v in sd.items()}), rules, model="hdmnet"
+  )
   assert len(sd) == 625 + 4  # hdmnet.md §10.3: 625 entries, + kshot_rw (4 tensors here)
   model = hdmnet.make_model(shot=5, num_base_classes=16)
   ep = {k: jnp.asarray(v) for k, v in _episode(2, 5, 65).items()}
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ep))
   shapes = lambda t: {k: v.shape for k, v in traverse_util.flatten_dict(t).items()}
-  assert {c: shapes(variables[c]) for c in ("params", "batch_stats")} == \
-      {c: shapes(abstract[c]) for c in ("params", "batch_stats")}
+  assert {c: shapes(variables[c]) for c in ("params", "batch_stats")} == {
+    c: shapes(abstract[c]) for c in ("params", "batch_stats")
+  }
   # As the engine: gradients w.r.t. the trainable parameters only (frozen = SPEC.frozen).
   # (The rbg PRNG only keeps the compile of the ~50 dropout sites short on CPU.)
   flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
@@ -266,45 +277,68 @@ def test_keymap_five_shot_and_training_forward(fixture):
 
   def loss(tp, fp, episode):
     params = traverse_util.unflatten_dict({**fp, **tp}, sep="/")
-    out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, episode,
-                      train=True, rngs={"dropout": jax.random.key(1, impl="rbg")})
+    out = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      episode,
+      train=True,
+      rngs={"dropout": jax.random.key(1, impl="rbg")},
+    )
     total, metrics = hdmnet.loss_fn(out, episode)
     return total, (out, metrics)
 
   with jax.default_matmul_precision("highest"):
     (total, (out, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        trainable_p, frozen_p, ep)
+      trainable_p, frozen_p, ep
+    )
   assert out["logits"].shape == (2, 65, 65, 2)
   assert out["meta_logits"].shape == (2, 65, 65, 2)
   assert out["base_logits"].shape == (2, 65, 65, 16)
   assert [c.shape for c in out["corr"]] == [(2, 3, 3), (2, 5, 5), (2, 9, 9)]
   assert out["est_val"].shape == (2,)
-  assert set(metrics) == {"ce_final", "ce_meta", "distil", "ce_base", "loss", "distil_stage0",
-                          "distil_stage1", "distil_stage2"}
+  assert set(metrics) == {
+    "ce_final",
+    "ce_meta",
+    "distil",
+    "ce_base",
+    "loss",
+    "distil_stage0",
+    "distil_stage1",
+    "distil_stage2",
+  }
   assert float(metrics["distil"]) == pytest.approx(
-      sum(float(metrics[f"distil_stage{i}"]) for i in range(3)) / 3, rel=1e-6)
+    sum(float(metrics[f"distil_stage{i}"]) for i in range(3)) / 3, rel=1e-6
+  )
   assert np.isfinite(float(total))
-  assert float(total) == pytest.approx(sum(float(metrics[k]) for k in
-                                           ("ce_final", "ce_meta", "distil", "ce_base")),
-                                       rel=1e-5)
+  assert float(total) == pytest.approx(
+    sum(float(metrics[k]) for k in ("ce_final", "ce_meta", "distil", "ce_base")), rel=1e-5
+  )
   assert set(grads) == set(trainable_p)
   assert all(np.all(np.isfinite(g)) for g in grads.values())
-  for p in ("transformer/match_0/attn/attn/linear_q/kernel", "down_supp/conv/kernel",
-            "transformer/down_0/layer_0/attn/sr/kernel", "query_merge/kernel",
-            "ensemble/gram_merge/kernel"):
+  for p in (
+    "transformer/match_0/attn/attn/linear_q/kernel",
+    "down_supp/conv/kernel",
+    "transformer/down_0/layer_0/attn/sr/kernel",
+    "query_merge/kernel",
+    "ensemble/gram_merge/kernel",
+  ):
     assert np.any(grads[p]), p
 
 
 def test_config_and_optimizer_groups(fixture):
   from configs import hdmnet as hdmnet_config
   from fss_jax.train import optim as optim_lib
+
   _, _, _, state = fixture
   c = hdmnet_config.get_config("dataset=pascal,fold=0,shot=1")
   assert (c.data.train_size, c.data.train_resize, c.data.test_resize) == (473, "squash", "squash")
   assert (c.batch_size, c.epochs, c.eval.episodes, len(c.eval.seeds)) == (16, 200, 1000, 10)
   coco = hdmnet_config.get_config("dataset=coco,fold=1,shot=5")
-  assert (coco.data.train_size, coco.batch_size, coco.epochs, coco.eval.episodes) == \
-      (633, 24, 50, 10000)
+  assert (coco.data.train_size, coco.batch_size, coco.epochs, coco.eval.episodes) == (
+    633,
+    24,
+    50,
+    10000,
+  )
   assert coco.model_fields.shot == 5 and coco.model_fields.num_base_classes == 61
   for cfg, sd in ((c, state), (coco, _five_shot_state(state))):
     fields = dict(cfg.model_fields)
@@ -314,14 +348,18 @@ def test_config_and_optimizer_groups(fixture):
     labels = traverse_util.flatten_dict(opt.labels, sep="/")
     assert all(l == optim_lib.FROZEN for p, l in labels.items() if p.startswith("pspnet/"))
     assert labels["transformer/cls/conv_2/kernel"] == optim_lib.DEFAULT
-    for p in ("down_supp/conv/kernel", "query_merge/kernel", "ensemble/gram_merge/kernel",
-              "ensemble/cls_merge/kernel"):
+    for p in (
+      "down_supp/conv/kernel",
+      "query_merge/kernel",
+      "ensemble/gram_merge/kernel",
+      "ensemble/cls_merge/kernel",
+    ):
       assert labels[p] == "default*10", p
     if cfg.shot > 1:  # not in any optimiser group of the reference
       assert labels["ensemble/kshot_rw/conv_0/kernel"] == optim_lib.FROZEN
     lrs = {k: float(f(0)) for k, f in opt.schedules.items()}  # poly: t = 1 of 100
-    assert lrs["default"] == pytest.approx(1e-4 * 0.99 ** 0.9, rel=1e-5)
-    assert lrs["default*10"] == pytest.approx(1e-3 * 0.99 ** 0.9, rel=1e-5)
+    assert lrs["default"] == pytest.approx(1e-4 * 0.99**0.9, rel=1e-5)
+    assert lrs["default*10"] == pytest.approx(1e-3 * 0.99**0.9, rel=1e-5)
 
 
 @pytest.mark.parametrize("axis", [-2, -1, 1])

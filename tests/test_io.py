@@ -17,7 +17,11 @@ def test_bytes_str_and_writer(tmp_path):
   fss_io.atomic_write(tmp_path / "x.npz", lambda f: np.savez_compressed(f, a=np.arange(3)))
   with np.load(tmp_path / "x.npz") as z:
     np.testing.assert_array_equal(z["a"], [0, 1, 2])
-  assert sorted(q.name for q in tmp_path.rglob("*")) == ["a.bin", "sub", "x.npz"]   # no temp files left
+  assert sorted(q.name for q in tmp_path.rglob("*")) == [
+    "a.bin",
+    "sub",
+    "x.npz",
+  ]  # no temp files left
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -42,20 +46,22 @@ def test_files_follow_the_umask(tmp_path, umask, want):
     p = fss_io.atomic_write(tmp_path / "shared" / "index.npz", b"x")
   finally:
     os.umask(old)
-  assert stat.S_IMODE(os.stat(p).st_mode) == want   # tempfile alone gives 0600
+  assert stat.S_IMODE(os.stat(p).st_mode) == want  # tempfile alone gives 0600
   assert fss_io.current_umask() == old
 
 
 def test_converted_checkpoint_follows_the_umask(tmp_path):
   from checkpoints import io as ckpt_io
+
   old = os.umask(0o022)
   try:
-    dst = ckpt_io.write_orbax({"params": {"w": np.ones((2, 3), np.float32)}}, tmp_path / "ck",
-                              metadata={"model": "panet"})
+    dst = ckpt_io.write_orbax(
+      {"params": {"w": np.ones((2, 3), np.float32)}}, tmp_path / "ck", metadata={"model": "panet"}
+    )
   finally:
     os.umask(old)
   for p in [dst, *dst.rglob("*")]:
     mode = stat.S_IMODE(os.stat(p).st_mode)
-    assert mode & stat.S_IROTH, (p, oct(mode))                   # readable by other users
+    assert mode & stat.S_IROTH, (p, oct(mode))  # readable by other users
     if p.is_dir():
       assert mode & stat.S_IXOTH, (p, oct(mode))

@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 
 from fss_jax.models import jc2a
-from fss_jax.train import jc2a_prior
 from fss_jax.nn.attention import linear
 from fss_jax.ops import windows
+from fss_jax.train import jc2a_prior
 
 N_BASE = 15
 # jc2a.md §11 (ResNet-50): backbone 23,631,808 + trainable 11,285,364.
 BACKBONE_R50 = 23_631_808
 FULL_R50 = 34_917_172
 FULL_R101 = 53_909_300
-POS_EMBED = 2 * (60 * 60 + 30 * 30 + 15 * 15 + 8 * 8)   # 9,578
-QKV = 3 * 256 * 256                                      # 196,608
+POS_EMBED = 2 * (60 * 60 + 30 * 30 + 15 * 15 + 8 * 8)  # 9,578
+QKV = 3 * 256 * 256  # 196,608
 
 
 @pytest.fixture(autouse=True)
@@ -42,12 +42,14 @@ def _fp(n=N_BASE, d=2048, seed=0):
 
 
 def _episode_spec(b, k, size):
-  return {"query_image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32),
-          "support_images": jax.ShapeDtypeStruct((b, k, size, size, 3), jnp.float32),
-          "support_masks": jax.ShapeDtypeStruct((b, k, size, size), jnp.int32)}
+  return {
+    "query_image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32),
+    "support_images": jax.ShapeDtypeStruct((b, k, size, size, 3), jnp.float32),
+    "support_masks": jax.ShapeDtypeStruct((b, k, size, size), jnp.int32),
+  }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shapes(**fields):
   model = jc2a.JC2A(**fields)
   return jax.eval_shape(lambda e: model.init(jax.random.key(0), e), _episode_spec(1, 1, 473))
@@ -56,8 +58,9 @@ def _shapes(**fields):
 def _count(tree) -> int:
   """Parameters as jc2a.md §11 counts them: the FP_base constant (params/fp_base) excluded."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return sum(int(np.prod(x.shape)) for path, x in leaves
-             if "fp_base" not in jax.tree_util.keystr(path))
+  return sum(
+    int(np.prod(x.shape)) for path, x in leaves if "fp_base" not in jax.tree_util.keystr(path)
+  )
 
 
 def _block_importance(mask, m):
@@ -73,6 +76,7 @@ def _block_tokens(x, m):
 # P2B block selection vs a direct numpy implementation
 # ---------------------------------------------------------------------------
 
+
 def _np_blocks(mask, m):
   """numpy: pad bottom/right, m×m blocks in raster order, coverage, stable descending order."""
   b, h, w = mask.shape
@@ -82,7 +86,7 @@ def _np_blocks(mask, m):
   imp = np.zeros((b, (hp // m) * (wp // m)), np.float64)
   for i in range(imp.shape[1]):
     r, c = divmod(i, wp // m)
-    imp[:, i] = padded[:, r * m:(r + 1) * m, c * m:(c + 1) * m].sum((1, 2)) / (m * m)
+    imp[:, i] = padded[:, r * m : (r + 1) * m, c * m : (c + 1) * m].sum((1, 2)) / (m * m)
   order = np.stack([np.argsort(-imp[j], kind="stable") for j in range(b)])
   return imp, order
 
@@ -110,7 +114,7 @@ def test_block_selection_equals_numpy(side, k):
   for bi in range(5):
     for j, blk in enumerate(idx[bi]):
       r, c = divmod(int(blk), hp // 3)
-      want = pad[bi, r * 3:(r + 1) * 3, c * 3:(c + 1) * 3].reshape(9, 2)
+      want = pad[bi, r * 3 : (r + 1) * 3, c * 3 : (c + 1) * 3].reshape(9, 2)
       np.testing.assert_array_equal(got[bi, j], want)
 
 
@@ -124,6 +128,7 @@ def test_block_selection_ties_are_stable_for_soft_masks():
 # ---------------------------------------------------------------------------
 # HPAM (Eq. 3, 4, 9, 10) and CKMM (Eq. 13) against direct numpy formulas
 # ---------------------------------------------------------------------------
+
 
 def _softmax(x, axis):
   e = np.exp(x - x.max(axis=axis, keepdims=True))
@@ -153,8 +158,12 @@ def test_hpam_equals_direct_formulas():
     qp = (q[i] + pq[..., None]).reshape(-1, c)
     spp = np.zeros((9, 9, c), np.float32)
     spp[:s, :s] = sp[i] + ps[..., None]
-    blocks = np.stack([spp[(t // 3) * 3:(t // 3) * 3 + 3, (t % 3) * 3:(t % 3) * 3 + 3].reshape(9, c)
-                       for t in order[i, :k]])                                # [k, 9, c]
+    blocks = np.stack(
+      [
+        spp[(t // 3) * 3 : (t // 3) * 3 + 3, (t % 3) * 3 : (t % 3) * 3 + 3].reshape(9, c)
+        for t in order[i, :k]
+      ]
+    )  # [k, 9, c]
     ctx = sum(_softmax(blocks[:, j] @ wk, 0).T @ (blocks[:, j] @ wv) for j in range(9)) / 9
     ps_ = np.maximum(qp @ wq, 0) @ ctx
     want[i] = pd + ps_
@@ -167,15 +176,18 @@ def test_ckmm_prior_equals_formula():
   fp = rng.standard_normal((3, 16)).astype(np.float32)
   got = np.asarray(jc2a.ckmm_prior(jnp.asarray(feat), jnp.asarray(fp)))
   cos = np.einsum("bhwd,nd->bhwn", feat, fp) / (
-      np.linalg.norm(feat, axis=-1, keepdims=True) * np.linalg.norm(fp, axis=-1) + 1e-7)
+    np.linalg.norm(feat, axis=-1, keepdims=True) * np.linalg.norm(fp, axis=-1) + 1e-7
+  )
   raw = cos.mean(-1, keepdims=True)
   lo, hi = raw.min((1, 2), keepdims=True), raw.max((1, 2), keepdims=True)
   np.testing.assert_allclose(got, (raw - lo) / (hi - lo + 1e-7), rtol=1e-5, atol=1e-6)
   assert got.shape == (2, 5, 6, 1) and got.min() >= 0 and got.max() <= 1
-  dot = np.asarray(jc2a.ckmm_prior(jnp.asarray(feat), jnp.asarray(fp), similarity="dot",
-                                   minmax=False))
-  np.testing.assert_allclose(dot, np.einsum("bhwd,nd->bhwn", feat, fp).mean(-1, keepdims=True),
-                             rtol=1e-5, atol=1e-4)
+  dot = np.asarray(
+    jc2a.ckmm_prior(jnp.asarray(feat), jnp.asarray(fp), similarity="dot", minmax=False)
+  )
+  np.testing.assert_allclose(
+    dot, np.einsum("bhwd,nd->bhwn", feat, fp).mean(-1, keepdims=True), rtol=1e-5, atol=1e-4
+  )
 
 
 def test_shot_fusion_averages_probabilities():
@@ -184,14 +196,14 @@ def test_shot_fusion_averages_probabilities():
   fused = np.asarray(jc2a.JC2A()._fuse_shots(jnp.asarray(logits), 2, 5))
   probs = _softmax(logits, -1).reshape(2, 5, 4, 4, 2).mean(1)
   np.testing.assert_allclose(np.exp(fused), probs, rtol=1e-5, atol=1e-6)
-  mean = np.asarray(jc2a.JC2A(shot_fusion="logit")._fuse_shots(
-      jnp.asarray(logits), 2, 5))
+  mean = np.asarray(jc2a.JC2A(shot_fusion="logit")._fuse_shots(jnp.asarray(logits), 2, 5))
   np.testing.assert_allclose(mean, logits.reshape(2, 5, 4, 4, 2).mean(1), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
 # Parameter counts (jc2a.md §11) via eval_shape — no compute at 473
 # ---------------------------------------------------------------------------
+
 
 def test_full_model_parameter_count():
   v = _shapes()
@@ -206,27 +218,28 @@ def test_full_model_parameter_count():
 
 # Table 3 rows (34.45 / 34.91 / 34.92 / 34.92 / 34.45 / 34.92 M in jc2a.md §11).
 TABLE3 = [
-    (dict(use_p2p=False, use_p2b=False, use_ckmm=False), 34_447_818),   # baseline: init_merge 512 in
-    (dict(use_p2b=False, use_ckmm=False), 34_906_570),                  # + P2P: + QKV, 768 in
-    (dict(use_p2p=False, use_ckmm=False), 34_916_148),                  # + P2B: + QKV + PE
-    (dict(use_ckmm=False), 34_916_148),                                 # + P2P + P2B (shared W)
-    (dict(use_p2p=False, use_p2b=False), 34_448_842),                   # + CKMM: 513 in
-    (dict(), FULL_R50),
+  (dict(use_p2p=False, use_p2b=False, use_ckmm=False), 34_447_818),  # baseline: init_merge 512 in
+  (dict(use_p2b=False, use_ckmm=False), 34_906_570),  # + P2P: + QKV, 768 in
+  (dict(use_p2p=False, use_ckmm=False), 34_916_148),  # + P2B: + QKV + PE
+  (dict(use_ckmm=False), 34_916_148),  # + P2P + P2B (shared W)
+  (dict(use_p2p=False, use_p2b=False), 34_448_842),  # + CKMM: 513 in
+  (dict(), FULL_R50),
 ]
 # Table 4 / 6 rows.
 OTHERS = [
-    (dict(pos_embed="none"), FULL_R50 - POS_EMBED),                     # ours w/o PE
-    (dict(alignment="softmax"), FULL_R50),
-    (dict(alignment="cosine"), FULL_R50),
-    (dict(alignment="linear"), FULL_R50 + 2 * 256),                     # Φ = BatchNorm
-    (dict(hpam_fusion="concat"), FULL_R50 + 4 * 256 * 256),             # init_merge 1025 in
-    (dict(mia_fusion="add"), FULL_R50 - 4 * 256),                       # init_merge 768 in
-    (dict(share_projections=False), FULL_R50 + QKV),
+  (dict(pos_embed="none"), FULL_R50 - POS_EMBED),  # ours w/o PE
+  (dict(alignment="softmax"), FULL_R50),
+  (dict(alignment="cosine"), FULL_R50),
+  (dict(alignment="linear"), FULL_R50 + 2 * 256),  # Φ = BatchNorm
+  (dict(hpam_fusion="concat"), FULL_R50 + 4 * 256 * 256),  # init_merge 1025 in
+  (dict(mia_fusion="add"), FULL_R50 - 4 * 256),  # init_merge 768 in
+  (dict(share_projections=False), FULL_R50 + QKV),
 ]
 
 
-@pytest.mark.parametrize("fields,expected", TABLE3 + OTHERS,
-                         ids=[str(f) for f, _ in TABLE3 + OTHERS])
+@pytest.mark.parametrize(
+  "fields,expected", TABLE3 + OTHERS, ids=[str(f) for f, _ in TABLE3 + OTHERS]
+)
 def test_ablation_parameter_counts(fields, expected):
   assert _count(_shapes(**fields)["params"]) == expected
 
@@ -241,8 +254,9 @@ def test_shapes_at_473(shot):
   assert [a.shape for a in out["aux"]] == [(2, s, s, 2) for s in (60, 30, 15, 8)]
   assert out["prior"].shape == (2, 60, 60, 1)
   # Training mode (dropout) traces as well.
-  out = jax.eval_shape(lambda v, e: model.apply(v, e, train=True, rngs={"dropout": jax.random.key(0)}),
-                       variables, spec)
+  out = jax.eval_shape(
+    lambda v, e: model.apply(v, e, train=True, rngs={"dropout": jax.random.key(0)}), variables, spec
+  )
   assert out["logits"].shape == (2, 473, 473, 2)
 
 
@@ -250,11 +264,14 @@ def test_loss_is_pfenet_main_plus_mean_aux():
   rng = np.random.default_rng(4)
   y = rng.integers(0, 2, (2, 16, 16)).astype(np.int32)
   y[0, :3] = 255
-  outputs = {"logits": jnp.asarray(rng.standard_normal((2, 16, 16, 2)), jnp.float32),
-             "aux": tuple(jnp.asarray(rng.standard_normal((2, s, s, 2)), jnp.float32) for s in (8, 4))}
+  outputs = {
+    "logits": jnp.asarray(rng.standard_normal((2, 16, 16, 2)), jnp.float32),
+    "aux": tuple(jnp.asarray(rng.standard_normal((2, s, s, 2)), jnp.float32) for s in (8, 4)),
+  }
   loss, metrics = jc2a.loss_fn(outputs, {"query_mask": jnp.asarray(y)})
-  from fss_jax.ops.resize import resize_bilinear
   from fss_jax.ops.losses import cross_entropy
+  from fss_jax.ops.resize import resize_bilinear
+
   aux = [cross_entropy(resize_bilinear(a, (16, 16), align_corners=True), y) for a in outputs["aux"]]
   want = cross_entropy(outputs["logits"], y) + (aux[0] + aux[1]) / 2
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
@@ -265,8 +282,10 @@ def test_loss_is_pfenet_main_plus_mean_aux():
 # FP_base file, factory, key map, config
 # ---------------------------------------------------------------------------
 
+
 def _config(data_dir, arg: str = ""):
   from configs import jc2a as cfg
+
   c = cfg.get_config(arg or None)
   c.data.data_dir = str(data_dir)
   return c
@@ -283,9 +302,14 @@ def test_missing_fp_base_names_the_command(tmp_path):
 
 def test_fp_base_round_trip_and_no_overwrite(tmp_path):
   from fss_jax.data import splits
+
   path = jc2a_prior.fp_base_path(tmp_path, "pascal5i", 1, 50)
-  fp = jc2a_prior.FPBase(_fp(), classes=splits.fold_classes("pascal5i", 1).base,
-                         counts=np.arange(15), meta={"fold": 1, "layers": 50})
+  fp = jc2a_prior.FPBase(
+    _fp(),
+    classes=splits.fold_classes("pascal5i", 1).base,
+    counts=np.arange(15),
+    meta={"fold": 1, "layers": 50},
+  )
   jc2a_prior.save_fp_base(path, fp)
   with pytest.raises(FileExistsError):
     jc2a_prior.save_fp_base(path, fp)
@@ -311,6 +335,7 @@ def test_fp_base_round_trip_and_no_overwrite(tmp_path):
 
 def test_backbone_keymaps_cover_the_backbone():
   from fss_jax import keymaps as km
+
   params = _shapes(use_p2p=False, use_p2b=False, use_ckmm=False)
   want = {("params", "backbone", *k) for k in _paths(params["params"]["backbone"])}
   want |= {("batch_stats", "backbone", *k) for k in _paths(params["batch_stats"]["backbone"])}
@@ -329,13 +354,21 @@ def _paths(tree):
 
 def test_spec_and_configs():
   from fss_jax.models import registry
+
   spec = registry.get("jc2a")
   assert spec.frozen == (r"backbone/.*|fp_base",)
   assert spec.derived_params_fn() is jc2a_prior.fp_base_params
   assert spec.loss_fn is jc2a.loss_fn
   from configs import jc2a as cfg
+
   c = cfg.get_config("dataset=coco,fold=3,layers=101")
-  assert (c.dataset, c.fold, c.batch_size, c.data.train_size, c.optim.lr) == ("coco20i", 3, 4, 473, 2.5e-3)
+  assert (c.dataset, c.fold, c.batch_size, c.data.train_size, c.optim.lr) == (
+    "coco20i",
+    3,
+    4,
+    473,
+    2.5e-3,
+  )
   assert c.model_fields.layers == 101 and c.model_fields.num_base_classes == 60
   assert c.epochs == 50 and c.data.protocol == "pfenet"
   fields = c.model_fields.to_dict()
@@ -343,7 +376,12 @@ def test_spec_and_configs():
     f = cfg.get_config(f"variant={variant}").model_fields
     assert (f.use_p2p, f.use_p2b, f.use_ckmm) == (p2p, p2b, ckmm)
   f = cfg.get_config("align=cosine,pe=false,hpam_fusion=concat,mia_fusion=add").model_fields
-  assert (f.alignment, f.pos_embed, f.hpam_fusion, f.mia_fusion) == ("cosine", "none", "concat", "add")
+  assert (f.alignment, f.pos_embed, f.hpam_fusion, f.mia_fusion) == (
+    "cosine",
+    "none",
+    "concat",
+    "add",
+  )
   assert cfg.get_config("pfenet_lr=false").optim.lr_mults == ()
   # Every model field is a JC2A field; no path is a model field (checkpoints stay portable).
   names = {f.name for f in jc2a.dataclasses.fields(jc2a.JC2A)}
@@ -358,15 +396,27 @@ def test_spec_and_configs():
 # The FP_base command and a training run through fss_jax.main (synthetic data)
 # ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def voc_with_prior(tmp_path_factory):
   """A synthetic PASCAL build plus the fold-0 FP_base written by the prior command."""
   synthetic = pytest.importorskip("data_prep.synthetic")
   data_dir = synthetic.make_built_dataset(tmp_path_factory.mktemp("jc2a_voc"), "voc", 24, 0)
-  argv = ["--data_dir", str(data_dir), "--dataset", "pascal", "--fold", "0", "--random_init",
-          "--size", "65", "--batch_size", "4"]
+  argv = [
+    "--data_dir",
+    str(data_dir),
+    "--dataset",
+    "pascal",
+    "--fold",
+    "0",
+    "--random_init",
+    "--size",
+    "65",
+    "--batch_size",
+    "4",
+  ]
   assert jc2a_prior.main(argv) == 0
-  assert jc2a_prior.main(argv) == 1          # an existing file is never replaced silently
+  assert jc2a_prior.main(argv) == 1  # an existing file is never replaced silently
   return data_dir
 
 
@@ -375,6 +425,7 @@ def test_prior_command_equals_direct_wgap(voc_with_prior):
   from fss_jax.data import source, splits, transforms
   from fss_jax.nn.backbones.resnet import ResNetDeepStem
   from fss_jax.ops.resize import resize_bilinear
+
   fp = jc2a_prior.load_fp_base(jc2a_prior.fp_base_path(voc_with_prior, "pascal5i", 0, 50))
   assert fp.classes == splits.fold_classes("pascal5i", 0).base and fp.value.shape == (15, 2048)
   assert fp.meta["backbone"] == "random" and fp.counts.sum() > 0
@@ -388,7 +439,9 @@ def test_prior_command_equals_direct_wgap(voc_with_prior):
   def feature(p):  # layer4 and the resized label of record p, once per image
     if p not in cache:
       ex = src[int(p)]
-      im, (lb,) = transforms.AspectResizePad(size=65).apply(ex["image"].astype(np.float32), [ex["label"]])
+      im, (lb,) = transforms.AspectResizePad(size=65).apply(
+        ex["image"].astype(np.float32), [ex["label"]]
+      )
       im, _ = transforms.Normalize().apply(im, [])
       cache[p] = np.asarray(layer4(im[None]))[0], lb
     return cache[p]
@@ -399,8 +452,11 @@ def test_prior_command_equals_direct_wgap(voc_with_prior):
     assert fp.counts[j] == len(pos)
     for p in pos:
       f, lb = feature(int(p))
-      msk = np.asarray(resize_bilinear(jnp.asarray(lb == c, jnp.float32)[None, ..., None],
-                                       f.shape[:2], align_corners=True))[0]
+      msk = np.asarray(
+        resize_bilinear(
+          jnp.asarray(lb == c, jnp.float32)[None, ..., None], f.shape[:2], align_corners=True
+        )
+      )[0]
       want[j] += (f * msk).sum((0, 1)) / (msk.sum() + 5e-4) / len(pos)
   np.testing.assert_allclose(fp.value, want, rtol=2e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
 
@@ -413,18 +469,30 @@ ADAM = ("--config.optim.optimizer=adamw", "--config.optim.lr=1e-3", "--config.op
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device
-  return subprocess.run([sys.executable, "-m", "fss_jax.main", "--config", "configs/jc2a.py:smoke",
-                         *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+  return subprocess.run(
+    [sys.executable, "-m", "fss_jax.main", "--config", "configs/jc2a.py:smoke", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 @pytest.fixture(scope="module")
 def trained(voc_with_prior, tmp_path_factory):
   """(summary, workdir) of a 16-step smoke run through fss_jax.main (one CPU device)."""
   workdir = tmp_path_factory.mktemp("jc2a_run") / "run"
-  run = _main("--workdir", str(workdir), f"--config.data.data_dir={voc_with_prior}",
-              "--config.total_steps=16", "--config.eval.every_steps=0",
-              "--config.checkpoint.every_steps=100", *ADAM)
+  run = _main(
+    "--workdir",
+    str(workdir),
+    f"--config.data.data_dir={voc_with_prior}",
+    "--config.total_steps=16",
+    "--config.eval.every_steps=0",
+    "--config.checkpoint.every_steps=100",
+    *ADAM,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   return json.loads(run.stdout.strip().splitlines()[-1]), workdir
 
@@ -439,28 +507,39 @@ def test_training_run_through_main_lowers_the_loss(trained):
 
 
 @pytest.mark.slow
-def test_checkpoint_carries_fp_base_for_eval_and_predict(trained, voc_with_prior, tmp_path,
-                                                         monkeypatch):
+def test_checkpoint_carries_fp_base_for_eval_and_predict(
+  trained, voc_with_prior, tmp_path, monkeypatch
+):
   """FP_base is set from the file when training starts, then lives in the checkpoint: the
   workdir evaluates on a moved copy of the dataset without the file, and predicts."""
   from fss_jax import predict
   from fss_jax.train import state as state_lib
+
   _, workdir = trained
   fp = jc2a_prior.load_fp_base(jc2a_prior.fp_base_path(voc_with_prior, "pascal5i", 0, 50))
   saved = state_lib.read_variables(workdir / "checkpoints" / "16" / "state")
-  np.testing.assert_array_equal(saved["params"]["fp_base"], fp.value)   # frozen: never updated
+  np.testing.assert_array_equal(saved["params"]["fp_base"], fp.value)  # frozen: never updated
   # The dataset moved, without its FP_base file: evaluation reads the checkpoint only.
   moved = tmp_path / "moved"
   shutil.copytree(voc_with_prior, moved, ignore=shutil.ignore_patterns("jc2a_fp_base_*"))
   assert not list(moved.rglob("jc2a_fp_base_*"))
-  run = _main("--workdir", str(workdir), "--mode", "eval", f"--config.data.data_dir={moved}",
-              "--config.eval.checkpoint=latest", *ADAM)
+  run = _main(
+    "--workdir",
+    str(workdir),
+    "--mode",
+    "eval",
+    f"--config.data.data_dir={moved}",
+    "--config.eval.checkpoint=latest",
+    *ADAM,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   summary = json.loads(run.stdout.strip().splitlines()[-1])
   assert np.isfinite(summary["miou_mean"]), summary
+
   # predict: no dataset at all (reading an FP_base file would fail).
   def no_file(*_, **__):
     raise AssertionError("predict read an FP_base file")
+
   monkeypatch.setattr(jc2a_prior, "load_fp_base", no_file)
   p = predict.Predictor(None, workdir)
   assert p.model_name == "jc2a"
@@ -470,7 +549,7 @@ def test_checkpoint_carries_fp_base_for_eval_and_predict(trained, voc_with_prior
   mask[20:50, 25:60] = 1
   (pred,) = p.segment([image], [mask], [image])
   assert pred.mask.shape == (70, 80) and np.all(np.isfinite(pred.probability))
-  _, variables, _ = p._build(1)  # pylint: disable=protected-access
+  _, variables, _ = p._build(1)
   np.testing.assert_array_equal(np.asarray(variables["params"]["fp_base"]), fp.value)
 
 
@@ -479,6 +558,7 @@ def test_backbone_conversion_loads_under_init_prefix(source):
   """A synthetic ImageNet / PSPNet state dict with every key converts and fits `backbone`."""
   from fss_jax import keymaps as km
   from fss_jax.train import state as state_lib
+
   target = _shapes(use_p2p=False, use_p2b=False, use_ckmm=False)
   flat = {}
   for coll in ("params", "batch_stats"):
@@ -502,6 +582,7 @@ def test_backbone_conversion_loads_under_init_prefix(source):
 
 def test_pfenet_keymap_covers_the_reusable_parts():
   from fss_jax import keymaps as km
+
   target = _shapes(use_p2p=False, use_p2b=False, use_ckmm=False)
   have = {("params", *k) for k in _paths(target["params"])}
   have |= {("batch_stats", *k) for k in _paths(target["batch_stats"])}

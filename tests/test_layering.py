@@ -15,9 +15,21 @@ from conftest import REPO
 
 PACKAGE = REPO / "fss_jax"
 # Subpackage / module of fss_jax -> layer; a module imports from its own layer or below.
-LAYERS = {"io": 0, "parallel": 0, "keymaps": 0, "assets": 0, "ops": 1, "nn": 2, "models": 3, "data": 3,
-          "train": 4, "eval": 4, "main": 5, "predict": 5}
-SIDE_BY_SIDE = {("models", "data"), ("data", "models")}   # same layer, still no arrow between
+LAYERS = {
+  "io": 0,
+  "parallel": 0,
+  "keymaps": 0,
+  "assets": 0,
+  "ops": 1,
+  "nn": 2,
+  "models": 3,
+  "data": 3,
+  "train": 4,
+  "eval": 4,
+  "main": 5,
+  "predict": 5,
+}
+SIDE_BY_SIDE = {("models", "data"), ("data", "models")}  # same layer, still no arrow between
 OUTSIDE = ("configs", "data_prep", "checkpoints", "examples", "bench", "tests")
 
 
@@ -33,7 +45,9 @@ def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
     if isinstance(node, ast.Import):
       out += [(node.lineno, a.name) for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      out += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+      out += [(node.lineno, node.module)] + [
+        (node.lineno, f"{node.module}.{a.name}") for a in node.names
+      ]
   return out
 
 

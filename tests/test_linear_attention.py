@@ -30,7 +30,7 @@ def _direct_ours(q, k, v):
   """ReLU(Q) · (softmax(K)ᵀ V), softmax over support positions per channel; mean over groups."""
   out = 0.0
   for g in range(k.shape[1]):
-    a = _np_softmax(k[:, g], axis=1)                           # [B, N, C]
+    a = _np_softmax(k[:, g], axis=1)  # [B, N, C]
     ctx = np.einsum("bnc,bnd->bcd", a.astype(np.float64), v[:, g].astype(np.float64))
     out = out + np.einsum("bqc,bcd->bqd", np.maximum(q, 0).astype(np.float64), ctx)
   return out / k.shape[1]
@@ -62,31 +62,42 @@ def test_ours_equals_direct_formula_and_differs_from_softmax(groups):
   assert got.shape == (b, nq, c)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # Not the softmax attention (whatever its scale).
-  for scale in (1.0, c ** -0.5):
+  for scale in (1.0, c**-0.5):
     sm = _direct_softmax(q, k, v, scale)
     assert np.abs(got - sm).max() > 1e-2
   if groups == 1:  # [B, Nk, C] keys are G = 1
-    np.testing.assert_allclose(np.asarray(la.relu_softmax_attention(q, k[:, 0], v[:, 0])), got,
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      np.asarray(la.relu_softmax_attention(q, k[:, 0], v[:, 0])), got, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_alternatives_equal_their_formulas():
   b, nq, nk, c, g = 2, 10, 7, 6, 3
   q, k, v = _rand((b, nq, c), 3), _rand((b, g, nk, c), 4), _rand((b, g, nk, c), 5)
-  np.testing.assert_allclose(np.asarray(la.softmax_attention(q, k, v)),
-                             _direct_softmax(q, k, v, c ** -0.5), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(la.softmax_attention(q, k, v, scale=0.3)),
-                             _direct_softmax(q, k, v, 0.3), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(la.cosine_interaction(q, k, v)), _direct_cosine(q, k, v),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(la.softmax_attention(q, k, v)),
+    _direct_softmax(q, k, v, c**-0.5),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  np.testing.assert_allclose(
+    np.asarray(la.softmax_attention(q, k, v, scale=0.3)),
+    _direct_softmax(q, k, v, 0.3),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  np.testing.assert_allclose(
+    np.asarray(la.cosine_interaction(q, k, v)), _direct_cosine(q, k, v), rtol=1e-5, atol=1e-6
+  )
   # Katharopoulos elu+1 linear attention == its quadratic form.
   fq, fk = np.where(q > 0, q + 1, np.exp(q)), np.where(k > 0, k + 1, np.exp(k))
   want = 0.0
   for j in range(g):
     sim = np.einsum("bqc,bnc->bqn", fq, fk[:, j])
     want = want + np.einsum("bqn,bnd->bqd", sim / sim.sum(-1, keepdims=True), v[:, j])
-  np.testing.assert_allclose(np.asarray(la.elu_linear_attention(q, k, v, eps=0.0)), want / g,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(la.elu_linear_attention(q, k, v, eps=0.0)), want / g, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_zero_support_positions_add_nothing():
@@ -119,12 +130,13 @@ def test_module_projects_then_attends(operator):
   if operator == "ours":
     want = _direct_ours(q, k, v)
   elif operator == "softmax":
-    want = _direct_softmax(q, k, v, dim ** -0.5)
+    want = _direct_softmax(q, k, v, dim**-0.5)
   elif operator == "cosine":
     want = _direct_cosine(q, k, v)
   else:  # BatchNorm Φ in inference mode at init = identity up to eps
-    want = np.einsum("bqc,bcd->bqd", q / np.sqrt(1 + 1e-5),
-                     np.einsum("bgnc,bgnd->bcd", _np_softmax(k, 2), v) / g)
+    want = np.einsum(
+      "bqc,bcd->bqd", q / np.sqrt(1 + 1e-5), np.einsum("bgnc,bgnd->bcd", _np_softmax(k, 2), v) / g
+    )
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
 
 
@@ -139,8 +151,9 @@ def test_linear_batchnorm_trains_with_mutable_stats():
 
 def test_unknown_operator_is_a_clear_error():
   with pytest.raises(ValueError, match="alignment operator"):
-    la.AlignmentAttention(operator="nope").init(jax.random.key(0), jnp.zeros((1, 2, 3)),
-                                                jnp.zeros((1, 2, 3)))
+    la.AlignmentAttention(operator="nope").init(
+      jax.random.key(0), jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3))
+    )
 
 
 def test_cosine_gradient_is_finite_at_zero_keys():

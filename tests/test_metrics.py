@@ -16,7 +16,7 @@ def test_intersection_and_union_hand_example():
   target = np.array([[0, 1, 255], [0, 0, 1]])
   i, u, t = metrics.intersection_and_union(pred, target, 2)
   # valid pixels: (0,0) p0 t0, (0,1) p1 t1, (1,0) p1 t0, (1,1) p0 t0, (1,2) p0 t1
-  np.testing.assert_array_equal(i, [2, 1])          # bg: (0,0),(1,1); fg: (0,1)
+  np.testing.assert_array_equal(i, [2, 1])  # bg: (0,0),(1,1); fg: (0,1)
   np.testing.assert_array_equal(u, [3 + 3 - 2, 2 + 2 - 1])
   np.testing.assert_array_equal(t, [3, 2])
 
@@ -45,16 +45,21 @@ def test_class_iou_hand_example():
 
 
 def test_summarize_mean_std():
-  s = evaluate_lib.summarize({1: {"miou": 40.0, "fb_iou": 60.0, "per_class": {"1": 30.0}},
-                              2: {"miou": 50.0, "fb_iou": 70.0, "per_class": {"1": 50.0}}})
+  s = evaluate_lib.summarize(
+    {
+      1: {"miou": 40.0, "fb_iou": 60.0, "per_class": {"1": 30.0}},
+      2: {"miou": 50.0, "fb_iou": 70.0, "per_class": {"1": 50.0}},
+    }
+  )
   assert s["miou_mean"] == 45.0 and s["miou_std"] == 5.0 and s["miou_max"] == 50.0
   assert s["fb_iou_mean"] == 65.0 and s["per_class_mean"] == {"1": 40.0}
 
 
 def _torch_reference(logits, label, score):
   """The references' scoring: F.interpolate(align_corners=True) + intersectionAndUnion."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch
+  import torch.nn.functional as F
+
   h, w = label.shape
   if score == "pad_square":
     side = max(h, w)
@@ -83,7 +88,8 @@ def test_episode_counts_match_reference_scoring(score):
     lab[rng.random((h, w)) < 0.1] = 255
     label[i, :h, :w] = lab
   out = jax.jit(lambda l, y, s: metrics.episode_counts(l, y, s, score=score))(
-      logits, label, np.asarray(sizes, np.int32))
+    logits, label, np.asarray(sizes, np.int32)
+  )
   for i, (h, w) in enumerate(sizes):
     ri, ru, rt = _torch_reference(logits[i], label[i, :h, :w], score)
     np.testing.assert_array_equal(np.asarray(out["intersection"][i]), ri)
@@ -93,7 +99,8 @@ def test_episode_counts_match_reference_scoring(score):
 
 def test_align_corners_matrix_matches_torch():
   torch = pytest.importorskip("torch")
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F
+
   x = np.random.default_rng(1).standard_normal((1, 1, 11, 1)).astype(np.float32)
   for out in (1, 5, 11, 30):
     m = metrics.align_corners_matrix(jnp.asarray([out]), 11, 32)[0, :out]
@@ -109,7 +116,7 @@ def test_all_foreground_baseline_counts():
   np.testing.assert_array_equal(union, [[30, 40], [5, 20]])
   acc = metrics.ClassIoU([1])
   acc.add(inter, union, np.array([1, 1]))
-  assert acc.result()["miou"] == pytest.approx(100 * 25 / 60)   # fg fraction of the valid pixels
+  assert acc.result()["miou"] == pytest.approx(100 * 25 / 60)  # fg fraction of the valid pixels
   # The same numbers as scoring an all-foreground prediction with intersection_and_union.
   target = np.array([0] * 30 + [1] * 10)
   i, u, _ = metrics.intersection_and_union(np.ones_like(target), target, 2)
@@ -121,8 +128,13 @@ def test_class_names_of_the_datasets():
   voc = metrics.class_names("pascal")
   assert len(voc) == 20 and voc[1] == "aeroplane" and voc[15] == "person" and voc[20] == "tvmonitor"
   coco = metrics.class_names("coco20i")
-  assert len(coco) == 80 and coco[1] == "person" and coco[10] == "traffic light" and coco[80] == "toothbrush"
-  assert metrics.class_names("my_custom_set") == {}                  # unknown dataset: bare ids
+  assert (
+    len(coco) == 80
+    and coco[1] == "person"
+    and coco[10] == "traffic light"
+    and coco[80] == "toothbrush"
+  )
+  assert metrics.class_names("my_custom_set") == {}  # unknown dataset: bare ids
 
 
 def test_class_iou_table_names_every_class():
@@ -134,4 +146,4 @@ def test_class_iou_table_names_every_class():
   long = metrics.ClassIoU([36, 37], {"36": "baseball glove", "37": "skateboard"})
   table = long.table()
   assert "baseball glove" in table and "skateboard" in table
-  assert len({len(r) for r in table.splitlines()[:3]}) == 1          # the name column is aligned
+  assert len({len(r) for r in table.splitlines()[:3]}) == 1  # the name column is aligned

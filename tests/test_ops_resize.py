@@ -15,9 +15,18 @@ from fss_jax.ops import resize  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-SIZES = [((7, 13), (13, 7)), ((13, 7), (7, 13)), ((60, 60), (64, 64)), ((241, 61), (61, 241)),
-         ((1, 5), (5, 1)), ((5, 1), (1, 5)), ((53, 53), (241, 241)), ((64, 64), (60, 60)),
-         ((9, 9), (9, 9)), ((6, 3), (12, 3))]
+SIZES = [
+  ((7, 13), (13, 7)),
+  ((13, 7), (7, 13)),
+  ((60, 60), (64, 64)),
+  ((241, 61), (61, 241)),
+  ((1, 5), (5, 1)),
+  ((5, 1), (1, 5)),
+  ((53, 53), (241, 241)),
+  ((64, 64), (60, 60)),
+  ((9, 9), (9, 9)),
+  ((6, 3), (12, 3)),
+]
 
 
 def _nchw(x):
@@ -26,8 +35,7 @@ def _nchw(x):
 
 def _torch_bilinear(x, size=None, scale=None, ac=False):
   t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-  return F.interpolate(t, size=size, scale_factor=scale, mode="bilinear",
-                       align_corners=ac).numpy()
+  return F.interpolate(t, size=size, scale_factor=scale, mode="bilinear", align_corners=ac).numpy()
 
 
 @pytest.mark.parametrize("ac", [False, True])
@@ -43,11 +51,19 @@ def test_bilinear_matches_torch(src, dst, ac):
 def test_bilinear_weights_match_torch_exactly():
   # The interpolation matrix itself (torch applied to an identity) is bit-exact,
   # including torch's fused multiply-add in the half-pixel source index.
-  for src, dst, ac in [(60, 241, False), (241, 473, False), (64, 13, False), (60, 64, True),
-                       (473, 64, True), (5, 1, False), (1, 5, True)]:
+  for src, dst, ac in [
+    (60, 241, False),
+    (241, 473, False),
+    (64, 13, False),
+    (60, 64, True),
+    (473, 64, True),
+    (5, 1, False),
+    (1, 5, True),
+  ]:
     eye = np.eye(src, dtype=np.float32)[None, None]
-    ref = F.interpolate(torch.from_numpy(eye), size=(dst, src), mode="bilinear",
-                        align_corners=ac).numpy()[0, 0]
+    ref = F.interpolate(
+      torch.from_numpy(eye), size=(dst, src), mode="bilinear", align_corners=ac
+    ).numpy()[0, 0]
     np.testing.assert_array_equal(resize.linear_weights(src, dst, align_corners=ac), ref)
 
 
@@ -69,12 +85,16 @@ def test_bilinear_scale_factor(scale, ac):
   np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("src,dst", SIZES + [((473, 473), (60, 60)), ((60, 60), (473, 473)),
-                                             ((30, 30), (60, 60))])
+@pytest.mark.parametrize(
+  "src,dst", SIZES + [((473, 473), (60, 60)), ((60, 60), (473, 473)), ((30, 30), (60, 60))]
+)
 def test_nearest_int_labels(src, dst):
   lab = np.random.default_rng(3).integers(0, 256, (2, *src)).astype(np.int32)
-  ref = F.interpolate(torch.from_numpy(lab[:, None].astype(np.float32)), size=dst,
-                      mode="nearest").numpy()[:, 0].astype(np.int32)
+  ref = (
+    F.interpolate(torch.from_numpy(lab[:, None].astype(np.float32)), size=dst, mode="nearest")
+    .numpy()[:, 0]
+    .astype(np.int32)
+  )
   out = np.asarray(resize.resize_nearest(jnp.asarray(lab), dst))
   assert out.dtype == np.int32
   np.testing.assert_array_equal(out, ref)

@@ -45,8 +45,9 @@ def test_cosine_similarity_gradient_matches_torch():
   ta, tb = torch.from_numpy(a).requires_grad_(), torch.from_numpy(b).requires_grad_()
   w = np.random.default_rng(2).standard_normal((4, 5, 6)).astype(np.float32)
   (F.cosine_similarity(ta, tb, dim=-1) * torch.from_numpy(w)).sum().backward()
-  ga, gb = jax.grad(lambda x, y: jnp.sum(similarity.cosine_similarity(x, y) * w),
-                    argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+  ga, gb = jax.grad(lambda x, y: jnp.sum(similarity.cosine_similarity(x, y) * w), argnums=(0, 1))(
+    jnp.asarray(a), jnp.asarray(b)
+  )
   assert np.isfinite(np.asarray(ga)).all() and np.isfinite(np.asarray(gb)).all()
   # Compare away from the degenerate vectors (torch's clamp under no_grad makes
   # those gradients scale with 1/eps; ours agree but the values are huge).
@@ -61,15 +62,20 @@ def test_cosine_similarity_matrix_modes():
   b[0, 1] = 0
   with jax.default_matmul_precision("highest"):
     clamp = np.asarray(similarity.cosine_similarity_matrix(jnp.asarray(a), jnp.asarray(b)))
-    prod = np.asarray(similarity.cosine_similarity_matrix(jnp.asarray(a), jnp.asarray(b),
-                                                          eps=1e-7, eps_mode="product"))
-  ref = F.cosine_similarity(torch.from_numpy(a)[:, :, None], torch.from_numpy(b)[:, None],
-                            dim=-1).numpy()
+    prod = np.asarray(
+      similarity.cosine_similarity_matrix(
+        jnp.asarray(a), jnp.asarray(b), eps=1e-7, eps_mode="product"
+      )
+    )
+  ref = F.cosine_similarity(
+    torch.from_numpy(a)[:, :, None], torch.from_numpy(b)[:, None], dim=-1
+  ).numpy()
   np.testing.assert_allclose(clamp, ref, atol=1e-6)
   ta, tb = torch.from_numpy(a).double(), torch.from_numpy(b).double()
-  ref = (torch.bmm(ta, tb.transpose(1, 2))
-         / (torch.bmm(ta.norm(dim=2, keepdim=True), tb.norm(dim=2, keepdim=True).transpose(1, 2))
-            + 1e-7)).numpy()
+  ref = (
+    torch.bmm(ta, tb.transpose(1, 2))
+    / (torch.bmm(ta.norm(dim=2, keepdim=True), tb.norm(dim=2, keepdim=True).transpose(1, 2)) + 1e-7)
+  ).numpy()
   np.testing.assert_allclose(prod, ref, atol=1e-6)
   np.testing.assert_array_equal(prod[0, :, 1], 0)
 
@@ -100,8 +106,9 @@ def _torch_sccan_prior(q, s, m):
   b, c, h, w = q.shape
   tq = q.reshape(b, c, -1).permute(0, 2, 1)  # [b, Lq, c]
   ts = s.reshape(b, c, -1)  # [b, c, Ls]
-  cos = torch.bmm(tq, ts) / (torch.bmm(tq.norm(dim=2, keepdim=True),
-                                       ts.norm(dim=1, keepdim=True)) + 1e-7)
+  cos = torch.bmm(tq, ts) / (
+    torch.bmm(tq.norm(dim=2, keepdim=True), ts.norm(dim=1, keepdim=True)) + 1e-7
+  )
   r = torch.bmm(cos.softmax(-1), m.reshape(b, -1, 1))[..., 0]
   lo, hi = r.min(1, keepdim=True)[0], r.max(1, keepdim=True)[0]
   return ((r - lo) / (hi - lo + 1e-7)).view(b, 1, h, w).numpy()
@@ -122,8 +129,9 @@ def _nchw(x):
 def test_correlation_prior_max(normalize, out_size):
   q, s, m = _inputs(np.random.default_rng(4), hs=9, ws=9)
   with jax.default_matmul_precision("highest"):
-    out = similarity.correlation_prior(jnp.asarray(q), jnp.asarray(s), jnp.asarray(m),
-                                       normalize=normalize, output_size=out_size)
+    out = similarity.correlation_prior(
+      jnp.asarray(q), jnp.asarray(s), jnp.asarray(m), normalize=normalize, output_size=out_size
+    )
   ref = _torch_pfenet_prior(_nchw(q), _nchw(s), m[:, None], out_size, normalize)
   assert out.shape == (2, *(out_size or (9, 9)), 1)
   np.testing.assert_allclose(_nchw(out), ref, atol=2e-5)
@@ -132,8 +140,9 @@ def test_correlation_prior_max(normalize, out_size):
 def test_correlation_prior_softmax_mask():
   q, s, m = _inputs(np.random.default_rng(5))
   with jax.default_matmul_precision("highest"):
-    out = similarity.correlation_prior(jnp.asarray(q), jnp.asarray(s), jnp.asarray(m),
-                                       reduce="softmax_mask", mask_support=False)
+    out = similarity.correlation_prior(
+      jnp.asarray(q), jnp.asarray(s), jnp.asarray(m), reduce="softmax_mask", mask_support=False
+    )
   ref = _torch_sccan_prior(_nchw(q), _nchw(s), m[:, None])
   np.testing.assert_allclose(_nchw(out), ref, atol=2e-5)
 

@@ -18,19 +18,38 @@ torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 
 
 def _cfg(**kw):
-  base = dict(optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4, b1=0.9,
-              b2=0.999, eps=1e-8, schedule="constant", power=0.9, milestones=(), gamma=0.1,
-              warmup_steps=0, lr_mults=(), frozen=(), groups=ml_collections.ConfigDict(),
-              grad_clip_norm=0.0)
+  base = dict(
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=5e-4,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    schedule="constant",
+    power=0.9,
+    milestones=(),
+    gamma=0.1,
+    warmup_steps=0,
+    lr_mults=(),
+    frozen=(),
+    groups=ml_collections.ConfigDict(),
+    grad_clip_norm=0.0,
+  )
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
 
 def _params(rng):
-  return {"backbone": {"conv": {"kernel": rng.standard_normal((3, 3, 2, 4)).astype(np.float32)}},
-          "head": {"kernel": rng.standard_normal((4, 2)).astype(np.float32),
-                   "bias": rng.standard_normal((2,)).astype(np.float32)},
-          "transformer": {"w": rng.standard_normal((4, 4)).astype(np.float32)}}
+  return {
+    "backbone": {"conv": {"kernel": rng.standard_normal((3, 3, 2, 4)).astype(np.float32)}},
+    "head": {
+      "kernel": rng.standard_normal((4, 2)).astype(np.float32),
+      "bias": rng.standard_normal((2,)).astype(np.float32),
+    },
+    "transformer": {"w": rng.standard_normal((4, 4)).astype(np.float32)},
+  }
 
 
 def _run_optax(opt, params, grads_seq):
@@ -43,7 +62,10 @@ def _run_optax(opt, params, grads_seq):
 
 
 def _grads(rng, params, n):
-  return [jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), params) for _ in range(n)]
+  return [
+    jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), params)
+    for _ in range(n)
+  ]
 
 
 def test_schedules_match_reference_formulas():
@@ -98,22 +120,38 @@ def test_two_optimisers_poly_lr_mult_frozen_match_torch():
   params = _params(rng)
   grads = _grads(rng, params, 5)
   T = 8
-  groups = ml_collections.ConfigDict({"transformer": dict(pattern=".*transformer.*", optimizer="adamw",
-                                                          lr=6e-5, schedule="constant", weight_decay=0.01)})
+  groups = ml_collections.ConfigDict(
+    {
+      "transformer": dict(
+        pattern=".*transformer.*",
+        optimizer="adamw",
+        lr=6e-5,
+        schedule="constant",
+        weight_decay=0.01,
+      )
+    }
+  )
   cfg = _cfg(lr=0.005, weight_decay=1e-4, schedule="poly", lr_mults=((".*", 10.0),), groups=groups)
   opt = optim.build(cfg, params, total_steps=T, frozen=("backbone/.*",))
   assert opt.summary == {"frozen": 1, "default*10": 2, "transformer": 1}
-  assert jax.tree.leaves(opt.trainable) == [False, True, True, True]   # backbone, head x2, transformer
+  assert jax.tree.leaves(opt.trainable) == [
+    False,
+    True,
+    True,
+    True,
+  ]  # backbone, head x2, transformer
   got = _run_optax(opt, params, grads)
-  np.testing.assert_array_equal(got["backbone"]["conv"]["kernel"], params["backbone"]["conv"]["kernel"])
+  np.testing.assert_array_equal(
+    got["backbone"]["conv"]["kernel"], params["backbone"]["conv"]["kernel"]
+  )
 
   head = [torch.nn.Parameter(torch.tensor(params["head"][k])) for k in ("kernel", "bias")]
   tr = torch.nn.Parameter(torch.tensor(params["transformer"]["w"]))
   sgd = torch.optim.SGD([{"params": head}], lr=0.005, momentum=0.9, weight_decay=1e-4)
-  adamw = torch.optim.AdamW([tr], lr=6e-5)   # torch defaults: betas (.9, .999), eps 1e-8, wd 0.01
+  adamw = torch.optim.AdamW([tr], lr=6e-5)  # torch defaults: betas (.9, .999), eps 1e-8, wd 0.01
   for i, g in enumerate(grads):
     t = i + 1
-    for pg in sgd.param_groups:   # poly_learning_rate(index_split=-1): every group 10x
+    for pg in sgd.param_groups:  # poly_learning_rate(index_split=-1): every group 10x
       pg["lr"] = 0.005 * (1 - t / T) ** 0.9 * 10
     head[0].grad, head[1].grad = torch.tensor(g["head"]["kernel"]), torch.tensor(g["head"]["bias"])
     tr.grad = torch.tensor(g["transformer"]["w"])
@@ -133,15 +171,20 @@ def test_adamw_poly_groups_match_torch():
   params = {"transformer": _params(rng)["transformer"], "head": _params(rng)["head"]}
   grads = _grads(rng, params, 4)
   T = 6
-  opt = optim.build(_cfg(optimizer="adamw", lr=1e-4, weight_decay=0.01, schedule="poly",
-                         lr_mults=(("head/.*", 10.0),)), params, total_steps=T)
+  opt = optim.build(
+    _cfg(
+      optimizer="adamw", lr=1e-4, weight_decay=0.01, schedule="poly", lr_mults=(("head/.*", 10.0),)
+    ),
+    params,
+    total_steps=T,
+  )
   got = _run_optax(opt, params, grads)
   tr = torch.nn.Parameter(torch.tensor(params["transformer"]["w"]))
   hd = [torch.nn.Parameter(torch.tensor(params["head"][k])) for k in ("kernel", "bias")]
   o = torch.optim.AdamW([{"params": [tr]}, {"params": hd}], lr=1e-4, weight_decay=0.01)
   for i, g in enumerate(grads):
     lr = 1e-4 * (1 - (i + 1) / T) ** 0.9
-    o.param_groups[0]["lr"], o.param_groups[1]["lr"] = lr, lr * 10   # index_split=0
+    o.param_groups[0]["lr"], o.param_groups[1]["lr"] = lr, lr * 10  # index_split=0
     tr.grad = torch.tensor(g["transformer"]["w"])
     hd[0].grad, hd[1].grad = torch.tensor(g["head"]["kernel"]), torch.tensor(g["head"]["bias"])
     o.step()
@@ -151,7 +194,9 @@ def test_adamw_poly_groups_match_torch():
 
 def test_bad_patterns_and_names_are_reported():
   params = _params(np.random.default_rng(3))
-  with pytest.raises(ValueError, match=r"frozen pattern 'encoder/\.\*' matches no parameter.*backbone"):
+  with pytest.raises(
+    ValueError, match=r"frozen pattern 'encoder/\.\*' matches no parameter.*backbone"
+  ):
     optim.build(_cfg(), params, frozen=("encoder/.*",))
   with pytest.raises(ValueError, match="lr_mults pattern"):
     optim.build(_cfg(lr_mults=(("nothing", 10.0),)), params)

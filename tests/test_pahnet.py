@@ -15,22 +15,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import leaf, load_fixture, run_train_steps
+
 from fss_jax import keymaps
 from fss_jax.models import pahnet, registry
 from fss_jax.nn import prototype
 
 FIXTURES = {
-    "sccan_pahnet": ("sccan_pahnet", "sccan_pahnet_1shot_241_b2", "_sccan_outputs"),
-    "hdmnet_pahnet": ("hdmnet_pahnet", "hdmnet_pahnet_1shot_241_b1", "_hdmnet_outputs"),
+  "sccan_pahnet": ("sccan_pahnet", "sccan_pahnet_1shot_241_b2", "_sccan_outputs"),
+  "hdmnet_pahnet": ("hdmnet_pahnet", "hdmnet_pahnet_1shot_241_b1", "_hdmnet_outputs"),
 }
 
 
 def _fixture_params():
   """The official fixture of each folder first, then every other one (K-shot / other sizes,
   in shared/parity or tests/parity_extra)."""
-  from conftest import extra_fixture_paths, parity_fixture
+  from conftest import extra_fixture_paths
+
   params = []
   for name, (folder, official, _) in FIXTURES.items():
     params.append(pytest.param(name, folder, official, id=official))
@@ -42,16 +43,20 @@ def _fixture_params():
 def _notes_decisions(meta):
   notes = " ".join(meta["notes"])
   prior = re.search(r"fg: (\[\[.*?\]\]) corr: (\[\[.*?\]\])", notes)
-  ssp = re.search(r"fg prob > 0\.7 per batch item (\[[^\]]*\]).*bg prob > 0\.6 (\[[^\]]*\])",
-                  notes)
+  ssp = re.search(r"fg prob > 0\.7 per batch item (\[[^\]]*\]).*bg prob > 0\.6 (\[[^\]]*\])", notes)
   assert prior and ssp, notes
-  return {"fg": ast.literal_eval(prior.group(1)), "corr": ast.literal_eval(prior.group(2)),
-          "fg_above": ast.literal_eval(ssp.group(1)), "bg_above": ast.literal_eval(ssp.group(2))}
+  return {
+    "fg": ast.literal_eval(prior.group(1)),
+    "corr": ast.literal_eval(prior.group(2)),
+    "fg_above": ast.literal_eval(ssp.group(1)),
+    "bg_above": ast.literal_eval(ssp.group(2)),
+  }
 
 
 @pytest.mark.parametrize("name,folder,fixture", _fixture_params())
 def test_verify_fixture_and_branch_decisions(name, folder, fixture, monkeypatch):
   from checkpoints.verify import verify_fixture
+
   _, official, outputs_fn = FIXTURES[name]
   if fixture == official:
     _, meta, path = load_fixture(folder, fixture)
@@ -62,8 +67,9 @@ def test_verify_fixture_and_branch_decisions(name, folder, fixture, monkeypatch)
   original = getattr(pahnet, outputs_fn)
 
   def capture(result, m):
-    captured.update(pahnet._flatten(result[1]["intermediates"]))  # pylint: disable=protected-access
+    captured.update(pahnet._flatten(result[1]["intermediates"]))
     return original(result, m)
+
   monkeypatch.setattr(pahnet, outputs_fn, capture)
 
   report = verify_fixture(path)
@@ -76,19 +82,21 @@ def test_verify_fixture_and_branch_decisions(name, folder, fixture, monkeypatch)
     assert outs[out]["argmax_agree"] == 1.0
   assert outs["out_final"]["max_abs"] <= 1e-3 and outs["out_final"]["argmax_agree"] >= 0.999
   mids = report["intermediates"]
-  if fixture != official:          # other fixtures may record fewer intermediates / notes
+  if fixture != official:  # other fixtures may record fewer intermediates / notes
     return
   for mid in ("mid_ssp_out", "mid_prior_layer4_fg_corr", "mid_prior_ppm_cls_corr"):
     assert mids[mid]["max_abs"] <= 1e-4 * max(1.0, mids[mid]["scale"]), (mid, mids[mid])
   if name == "sccan_pahnet":
-    for n in range(8):                                  # matched windows: exact
+    for n in range(8):  # matched windows: exact
       assert mids[f"mid_swin_block{n}_window_index"]["max_abs"] == 0.0
       assert mids[f"mid_swin_block{n}_pseudo"]["max_abs"] <= 1e-4
   else:
     assert outs["out_pro_pred"]["max_abs"] <= 1e-4
     for i in range(3):
-      assert mids[f"mid_match{i}_cross_weight"]["max_abs"] <= 1e-4 * mids[
-          f"mid_match{i}_cross_weight"]["scale"] * 10
+      assert (
+        mids[f"mid_match{i}_cross_weight"]["max_abs"]
+        <= 1e-4 * mids[f"mid_match{i}_cross_weight"]["scale"] * 10
+      )
       assert mids[f"mid_match{i}_pe_pseudo"]["max_abs"] <= 1e-4
 
   want = _notes_decisions(meta)
@@ -103,9 +111,10 @@ def test_verify_fixture_and_branch_decisions(name, folder, fixture, monkeypatch)
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _regenerated(name):
   from checkpoints import fixtures
+
   folder, fixture, _ = FIXTURES[name]
   _, meta, _ = load_fixture(folder, fixture)
   return fixtures.regenerate(meta)
@@ -118,10 +127,14 @@ def _state_dict(name, shot, drop=None):
     sd = {k: v for k, v in sd.items() if not re.match(drop, k)}
   if shot > 1:
     rng = np.random.default_rng(shot)
-    sd.update({"kshot_rw.0.weight": rng.standard_normal((2, shot, 1, 1)).astype(np.float32),
-               "kshot_rw.0.bias": np.zeros(2, np.float32),
-               "kshot_rw.2.weight": rng.standard_normal((shot, 2, 1, 1)).astype(np.float32),
-               "kshot_rw.2.bias": np.zeros(shot, np.float32)})
+    sd.update(
+      {
+        "kshot_rw.0.weight": rng.standard_normal((2, shot, 1, 1)).astype(np.float32),
+        "kshot_rw.0.bias": np.zeros(2, np.float32),
+        "kshot_rw.2.weight": rng.standard_normal((shot, 2, 1, 1)).astype(np.float32),
+        "kshot_rw.2.bias": np.zeros(shot, np.float32),
+      }
+    )
   return sd
 
 
@@ -131,14 +144,19 @@ def _episode(rng, b, k, h, same_supports=False):
   for i in range(b):
     for j in range(k + 1):
       y, x = rng.integers(0, h // 2, 2)
-      masks[i, j, y:y + h // 2, x:x + h // 2] = 1
+      masks[i, j, y : y + h // 2, x : x + h // 2] = 1
   masks[:, :, -2:] = 255
   img += 1.5 * (masks == 1)[..., None]
   if same_supports:
     img[:, 2:], masks[:, 2:] = img[:, 1:2], masks[:, 1:2]
-  return {"query_image": jnp.asarray(img[:, 0]), "query_mask": jnp.asarray(masks[:, 0]),
-          "support_images": jnp.asarray(img[:, 1:]), "support_masks": jnp.asarray(masks[:, 1:]),
-          "class_id": jnp.zeros((b,), jnp.int32), "class_index": jnp.zeros((b,), jnp.int32)}
+  return {
+    "query_image": jnp.asarray(img[:, 0]),
+    "query_mask": jnp.asarray(masks[:, 0]),
+    "support_images": jnp.asarray(img[:, 1:]),
+    "support_masks": jnp.asarray(masks[:, 1:]),
+    "class_id": jnp.zeros((b,), jnp.int32),
+    "class_index": jnp.zeros((b,), jnp.int32),
+  }
 
 
 def _flat(tree, prefix=()):
@@ -151,8 +169,9 @@ def _flat(tree, prefix=()):
   return out
 
 
-@pytest.mark.parametrize("name,size,n_keys", [("sccan_pahnet", 57, 1084),
-                                              ("hdmnet_pahnet", 65, 980)])
+@pytest.mark.parametrize(
+  "name,size,n_keys", [("sccan_pahnet", 57, 1084), ("hdmnet_pahnet", 65, 980)]
+)
 def test_five_shot_keymap_and_shapes_at_another_size(name, size, n_keys):
   """5-shot, B=2: the key map uses every key of a 5-shot state dict once, the converted
   variables are exactly the model's, and the forward has the documented shapes."""
@@ -163,8 +182,11 @@ def test_five_shot_keymap_and_shapes_at_another_size(name, size, n_keys):
   variables = keymaps.convert(sd, spec.keymap(**fields), model=name)
   model = spec.make_model(**fields)
   ep = _episode(np.random.default_rng(0), 2, 5, size)
-  init = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, ep, train=False))
+  init = jax.eval_shape(
+    lambda: model.init(
+      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, ep, train=False
+    )
+  )
   assert _flat(variables) == _flat(init)
   out = jax.eval_shape(lambda v, e: model.apply(v, e, train=False), variables, ep)
   assert out["logits"].shape == (2, size, size, 2)
@@ -174,7 +196,7 @@ def test_five_shot_keymap_and_shapes_at_another_size(name, size, n_keys):
     assert out["base_logits"].shape == (2, 64, 64, 16)
     assert [p.shape for p in out["pseudo_masks"]] == [(2, 64, 64, 2)] * 8
   else:
-    f = (size - 1) // 8 + 1                                       # 65 -> 9 -> 5 -> 3
+    f = (size - 1) // 8 + 1  # 65 -> 9 -> 5 -> 3
     assert out["base_logits"].shape == (2, size, size, 16)
     assert [p.shape for p in out["pseudo_masks"]] == [(2, 3, 3, 2), (2, 5, 5, 2), (2, f, f, 2)]
     assert [c.shape for c in out["corr"]] == [(2, 3, 3), (2, 5, 5), (2, f, f)]
@@ -202,8 +224,8 @@ def test_asc_states_and_mismatch():
   mis = np.asarray(prototype.asc_mismatch(t, s))
   want = (np.asarray(t)[:, None] + np.asarray(s)[None, :]) == 1.0
   np.testing.assert_array_equal(mis, want)
-  assert mis[0].tolist() == [False, True, True, False]             # hard BG vs FG keys
-  assert not mis[3].any()                                          # soft queries never
+  assert mis[0].tolist() == [False, True, True, False]  # hard BG vs FG keys
+  assert not mis[3].any()  # soft queries never
 
 
 def test_hdmnet_asc_cross_attention_matches_numpy():
@@ -214,20 +236,31 @@ def test_hdmnet_asc_cross_attention_matches_numpy():
   key_mask = (rng.random((b, lk)) > 0.5).astype(np.float32)
   prob = np.asarray([[0.1, 0.4, 0.9, 0.75, 0.2, 0.5]] * b, np.float32)
   mod = pahnet.ASCMaskedAttention(dim=c, heads=h)
-  v = mod.init(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(src),
-               key_mask=jnp.asarray(key_mask), query_prob=jnp.asarray(prob))
+  v = mod.init(
+    jax.random.PRNGKey(0),
+    jnp.asarray(x),
+    jnp.asarray(src),
+    key_mask=jnp.asarray(key_mask),
+    query_prob=jnp.asarray(prob),
+  )
   with jax.default_matmul_precision("highest"):
-    y, corr = mod.apply(v, jnp.asarray(x), jnp.asarray(src), key_mask=jnp.asarray(key_mask),
-                        query_prob=jnp.asarray(prob))
+    y, corr = mod.apply(
+      v,
+      jnp.asarray(x),
+      jnp.asarray(src),
+      key_mask=jnp.asarray(key_mask),
+      query_prob=jnp.asarray(prob),
+    )
   p = jax.tree.map(np.asarray, v["params"])
   q = (x @ p["linear_q"]["kernel"]).reshape(b, lq, h, -1)
   k = (src @ p["linear_k"]["kernel"]).reshape(b, lk, h, -1)
   val = (src @ p["linear_v"]["kernel"]).reshape(b, lk, h, -1)
-  nrm = lambda a: a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+  nrm = lambda a: a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
   ell = np.einsum("bqhd,bkhd->bhqk", nrm(q), nrm(k)) / 0.1
   t = np.where(prob < 0.3, 0.0, np.where(prob > 0.7, 1.0, prob))
   cmat = (prob[:, :, None] * p["proj_q"]["kernel"][0]) @ (
-      key_mask[:, :, None] * p["proj_s"]["kernel"][0]).transpose(0, 2, 1)
+    key_mask[:, :, None] * p["proj_s"]["kernel"][0]
+  ).transpose(0, 2, 1)
   sc = cmat[:, None] * ell
   att = np.exp(sc - sc.max(-2, keepdims=True))
   att = att / att.sum(-2, keepdims=True)
@@ -270,14 +303,20 @@ def test_prototype_prior_selection_matches_numpy():
 
 def test_configs_follow_the_recipes():
   from configs import pahnet as cfg
+
   c = cfg.get_config("variant=sccan,dataset=coco,fold=1,shot=5")
   assert (c.model, c.batch_size, c.epochs, c.eval.episodes) == ("sccan_pahnet", 2, 50, 4000)
   assert c.optim.optimizer == "sgd" and c.optim.lr == 0.005
   assert c.optim.groups.transformer.lr == 6e-5
   assert c.data.train_resize == "crop" and c.data.test_resize == "squash"
   c = cfg.get_config("variant=hdmnet,dataset=coco")
-  assert (c.model, c.batch_size, c.epochs, c.data.train_size, c.data.test_size) == \
-      ("hdmnet_pahnet", 6, 75, 633, 633)
+  assert (c.model, c.batch_size, c.epochs, c.data.train_size, c.data.test_size) == (
+    "hdmnet_pahnet",
+    6,
+    75,
+    633,
+    633,
+  )
   assert c.optim.optimizer == "adamw" and c.data.base_label
   c = cfg.get_config("variant=hdmnet")
   assert (c.batch_size, c.epochs, c.eval.episodes, tuple(c.eval.seeds)) == (4, 300, 1000, (321,))
@@ -290,13 +329,14 @@ def test_smoke_config_training_lowers_the_loss(variant):
   """Engine train_step with the smoke config, 2-shot: the loss goes down; the predictor
   and the base learner stay frozen; the transformer (PFE / ASC) and kshot_rw train."""
   from configs import pahnet as cfg
+
   c = cfg.get_config(f"variant={variant},smoke,shot=2")
   name = c.model
   spec = registry.get(name)
   fields = dict(c.model_fields)
   optim_cfg = c.optim.to_dict()
   if variant == "sccan":
-    fields.update(feature_dropout=0.0, classifier_dropout=0.0)       # deterministic steps
+    fields.update(feature_dropout=0.0, classifier_dropout=0.0)  # deterministic steps
     drop = r"transformer\.layers\.0\.blocks\.[2-7]\."
   else:
     fields.update(feature_dropout=0.0, transformer_dropout=0.0)
@@ -305,18 +345,26 @@ def test_smoke_config_training_lowers_the_loss(variant):
     # features (~1e2) the recipe's 1e-3 overshoots; a smaller lr shows the descent.
     optim_cfg["lr"] = 1e-6
   model = spec.make_model(**fields)
-  variables = jax.tree.map(jnp.asarray, keymaps.convert(
-      _state_dict(name, 2, drop), spec.keymap(**fields), model=name))
+  variables = jax.tree.map(
+    jnp.asarray, keymaps.convert(_state_dict(name, 2, drop), spec.keymap(**fields), model=name)
+  )
   batch = _episode(np.random.default_rng(0), 2, 2, 33)
-  before, after, losses, metrics = run_train_steps(spec, model, variables, optim_cfg, batch,
-                                                   total_steps=c.total_steps)
+  before, after, losses, metrics = run_train_steps(
+    spec, model, variables, optim_cfg, batch, total_steps=c.total_steps
+  )
   assert losses[-1] < losses[0], (losses, jax.tree.map(float, metrics))
   assert "ce_pseudo" in metrics
-  np.testing.assert_array_equal(after["ssp"]["backbone"]["layer3_5"]["conv3"]["kernel"],
-                                before["ssp"]["backbone"]["layer3_5"]["conv3"]["kernel"])
-  np.testing.assert_array_equal(after["pspnet"]["classifier"]["kernel"],
-                                before["pspnet"]["classifier"]["kernel"])
-  pe = ("transformer", "blocks_0", "pe", "q", "kernel") if variant == "sccan" else \
-      ("transformer", "match_pe_0", "q", "kernel")
+  np.testing.assert_array_equal(
+    after["ssp"]["backbone"]["layer3_5"]["conv3"]["kernel"],
+    before["ssp"]["backbone"]["layer3_5"]["conv3"]["kernel"],
+  )
+  np.testing.assert_array_equal(
+    after["pspnet"]["classifier"]["kernel"], before["pspnet"]["classifier"]["kernel"]
+  )
+  pe = (
+    ("transformer", "blocks_0", "pe", "q", "kernel")
+    if variant == "sccan"
+    else ("transformer", "match_pe_0", "q", "kernel")
+  )
   for path in (pe, ("ensemble", "kshot_rw", "conv_0", "kernel")):
     assert not np.array_equal(leaf(after, path), leaf(before, path)), path

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import parity_fixture
 
 from checkpoints import fixtures, verify
-from conftest import parity_fixture
 from fss_jax import keymaps
 from fss_jax.models import panet, registry
 from fss_jax.nn.backbones import vgg
@@ -21,6 +21,7 @@ FIXTURE = ("panet", "panet_1shot_241_b2")
 # ---------------------------------------------------------------------------
 # Parity
 # ---------------------------------------------------------------------------
+
 
 def test_parity_fixture():
   report = verify.verify_fixture(parity_fixture(*FIXTURE))
@@ -34,9 +35,17 @@ def test_parity_fixture():
   assert outs["out_pred"]["argmax_agree"] >= 0.999
   assert outs["out_align_loss"]["max_abs"] == 0.0  # eval mode: no PAR
   mids = report["intermediates"]
-  for name in ["mid_vgg_block1__chmean", "mid_vgg_block4__chmean", "mid_vgg_block5__c32",
-               "mid_prototype_epi0_fg", "mid_prototype_epi0_bg", "mid_prototype_epi1_fg",
-               "mid_prototype_epi1_bg", "mid_dist_epi0_proto0", "mid_dist_epi1_proto1"]:
+  for name in [
+    "mid_vgg_block1__chmean",
+    "mid_vgg_block4__chmean",
+    "mid_vgg_block5__c32",
+    "mid_prototype_epi0_fg",
+    "mid_prototype_epi0_bg",
+    "mid_prototype_epi1_fg",
+    "mid_prototype_epi1_bg",
+    "mid_dist_epi0_proto0",
+    "mid_dist_epi1_proto1",
+  ]:
     e = mids[name]
     assert e["max_abs"] is not None and e["max_abs"] <= 1e-4 * max(1.0, e["scale"]), (name, e)
   assert report["passed"]
@@ -69,15 +78,29 @@ def _assert_tree_matches_model(variables):
   want = jax.tree_util.tree_map(lambda s: s.shape, shapes)
   got = jax.tree_util.tree_map(lambda a: a.shape, variables)
   assert got == want
-  n = sum(math.prod(s) for s in jax.tree_util.tree_leaves(
-      want, is_leaf=lambda x: isinstance(x, tuple)))
+  n = sum(
+    math.prod(s) for s in jax.tree_util.tree_leaves(want, is_leaf=lambda x: isinstance(x, tuple))
+  )
   assert n == 14_714_688  # the paper's 14.7M
 
 
 def test_imagenet_keymap():
   # torchvision vgg16 key layout: features.{0,2,5,...,28} convs + classifier.
-  shapes = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256),
-            (512, 256), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+  shapes = [
+    (64, 3),
+    (64, 64),
+    (128, 64),
+    (128, 128),
+    (256, 128),
+    (256, 256),
+    (256, 256),
+    (512, 256),
+    (512, 512),
+    (512, 512),
+    (512, 512),
+    (512, 512),
+    (512, 512),
+  ]
   sd = {}
   for j, (o, i) in zip(vgg.TORCHVISION_VGG16_CONV_INDICES, shapes):
     sd[f"features.{j}.weight"] = np.zeros((o, i, 3, 3), np.float32)
@@ -96,17 +119,17 @@ def test_imagenet_keymap():
 # Forward on tiny episodes + numpy re-computation of prototypes / scores
 # ---------------------------------------------------------------------------
 
+
 def _episode(rng, *, b, n, k, size):
   way = () if n is None else (n,)
   masks = rng.integers(0, 2, (b, *way, k, size, size)).astype(np.int32)
   masks[..., 0, 0] = 255  # an ignore pixel in every support (counts as background)
   return {
-      "query_image": jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32),
-      "query_mask": jnp.asarray(rng.integers(0, 1 + (n or 1), (b, size, size)), jnp.int32),
-      "support_images": jnp.asarray(rng.standard_normal((b, *way, k, size, size, 3)),
-                                    jnp.float32),
-      "support_masks": jnp.asarray(masks),
-      "class_id": jnp.zeros((b,), jnp.int32),
+    "query_image": jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32),
+    "query_mask": jnp.asarray(rng.integers(0, 1 + (n or 1), (b, size, size)), jnp.int32),
+    "support_images": jnp.asarray(rng.standard_normal((b, *way, k, size, size, 3)), jnp.float32),
+    "support_masks": jnp.asarray(masks),
+    "class_id": jnp.zeros((b,), jnp.int32),
   }
 
 
@@ -128,13 +151,12 @@ def _np_reference(feats, masks, b, n, k):
   f = feats.astype(np.float64)
   h, c = f.shape[1], f.shape[-1]
   size = masks.shape[-1]
-  supp = f[:b * n * k].reshape(b, n, k, h, h, c)
-  qry = f[b * n * k:]
+  supp = f[: b * n * k].reshape(b, n, k, h, h, c)
+  qry = f[b * n * k :]
   r = _np_bilinear_matrix(h, size)
   up = np.einsum("yh,bnkhwc,xw->bnkyxc", r, supp, r)  # features at mask size
   fore, back = (masks == 1).astype(np.float64), (masks != 1).astype(np.float64)
-  pool = lambda m: (np.einsum("bnkyxc,bnkyx->bnkc", up, m)  # noqa: E731
-                    / (m.sum(axis=(-1, -2))[..., None] + 1e-5))
+  pool = lambda m: np.einsum("bnkyxc,bnkyx->bnkc", up, m) / (m.sum(axis=(-1, -2))[..., None] + 1e-5)
   fg, bg = pool(fore), pool(back)
   protos = np.concatenate([bg.mean(axis=(1, 2))[:, None], fg.mean(axis=2)], axis=1)
   qn = qry / np.maximum(np.linalg.norm(qry, axis=-1, keepdims=True), 1e-8)
@@ -161,8 +183,9 @@ def test_forward_shapes_and_numpy_prototypes(n, k):
   if n is None:
     masks = masks[:, None]
   protos, scores, logits = _np_reference(np.asarray(out["blocks"]["block5"]), masks, b, ways, k)
-  np.testing.assert_allclose(np.asarray(out["prototypes"]), protos, rtol=1e-4,
-                             atol=1e-5 * np.abs(protos).max())
+  np.testing.assert_allclose(
+    np.asarray(out["prototypes"]), protos, rtol=1e-4, atol=1e-5 * np.abs(protos).max()
+  )
   np.testing.assert_allclose(np.asarray(out["scores"]), scores, atol=1e-4)
   np.testing.assert_allclose(np.asarray(out["logits"]), logits, atol=1e-4)
 
@@ -181,9 +204,10 @@ def test_shape_errors():
 # PAR loss
 # ---------------------------------------------------------------------------
 
+
 def _par_inputs(n):
   # Query features at 2x2 (= mask size, so the resize is the identity), C = 2.
-  qf = np.array([[[1, 0], [1, 0]], [[0, 1], [0, 1]]], np.float32)[None]   # [1, 2, 2, 2]
+  qf = np.array([[[1, 0], [1, 0]], [[0, 1], [0, 1]]], np.float32)[None]  # [1, 2, 2, 2]
   scores = np.zeros((1, 2, 2, 1 + n), np.float32)
   scores[0, 0, :, 0] = 1  # top row -> background
   scores[0, 1, :, 1] = 1  # bottom row -> way 1 (way 2, if any, is never predicted)
@@ -218,10 +242,12 @@ def test_train_step_loss_and_gradients():
   (loss, metrics), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(variables["params"])
   assert set(metrics) == {"loss", "seg_loss", "align_loss", "align_epi0", "align_epi1"}
   assert float(metrics["align_loss"]) == pytest.approx(
-      (float(metrics["align_epi0"]) + float(metrics["align_epi1"])) / 2, rel=1e-6)
+    (float(metrics["align_epi0"]) + float(metrics["align_epi1"])) / 2, rel=1e-6
+  )
   assert float(metrics["align_loss"]) > 0
-  np.testing.assert_allclose(float(loss), float(metrics["seg_loss"] + metrics["align_loss"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(loss), float(metrics["seg_loss"] + metrics["align_loss"]), rtol=1e-6
+  )
   leaves = jax.tree_util.tree_leaves(grads)
   assert len(leaves) == 26 and all(np.isfinite(np.asarray(g)).all() for g in leaves)
   assert float(jnp.abs(grads["encoder"]["conv5_3"]["kernel"]).sum()) > 0
@@ -233,12 +259,16 @@ def test_standalone_encoder_keymap():
   variables = keymaps.convert(sd, vgg.encoder_keymap(source="panet"))
   enc = vgg.make_encoder()
   x = jnp.zeros((1, 9, 9, 3))
-  want = jax.tree_util.tree_map(lambda s: s.shape, jax.eval_shape(
-      lambda: enc.init(jax.random.PRNGKey(0), x)))
+  want = jax.tree_util.tree_map(
+    lambda s: s.shape, jax.eval_shape(lambda: enc.init(jax.random.PRNGKey(0), x))
+  )
   assert jax.tree_util.tree_map(lambda a: a.shape, variables) == want
   out = jax.eval_shape(lambda: enc.apply(variables, jnp.zeros((1, 241, 241, 3))))
-  assert out["block5"].shape == (1, 31, 31, 512) == (1, vgg.feature_size(241),
-                                                      vgg.feature_size(241), 512)
+  assert (
+    out["block5"].shape
+    == (1, 31, 31, 512)
+    == (1, vgg.feature_size(241), vgg.feature_size(241), 512)
+  )
   assert [r.src for r in vgg.encoder_keymap()][:2] == ["features.0.weight", "features.0.bias"]
 
 
@@ -248,10 +278,11 @@ def test_encoder_pool_choice_gives_identical_gradients():
   for pool in ("taps", "reduce_window"):
     model = panet.PANet(encoder_pool=pool)
     variables = model.init(jax.random.PRNGKey(0), ep, train=False)
-    total = lambda p, m=model: panet.loss_fn(m.apply({"params": p}, ep, train=True), ep)[0]  # noqa: E731
+    total = lambda p, m=model: panet.loss_fn(m.apply({"params": p}, ep, train=True), ep)[0]
     grads[pool] = jax.jit(jax.grad(total))(variables["params"])
-  for a, b in zip(jax.tree_util.tree_leaves(grads["taps"]),
-                  jax.tree_util.tree_leaves(grads["reduce_window"])):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(grads["taps"]), jax.tree_util.tree_leaves(grads["reduce_window"])
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="pool must be"):
     vgg.PANetVGG16(pool="avg").init(jax.random.PRNGKey(0), jnp.zeros((1, 9, 9, 3)))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from fss_jax import predict
 
-BOMB_SIDE = 15000          # 225 megapixels: above --max-pixels 50 and PIL's own 179 MP error
+BOMB_SIDE = 15000  # 225 megapixels: above --max-pixels 50 and PIL's own 179 MP error
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +51,39 @@ def files(tmp_path_factory):
 
 def _cli(files, capfd, *, query="query.jpg", mask="support_mask.png", extra=()):
   """predict.main with one support and one query -> (exit code, stderr at the fd level)."""
-  argv = ["--checkpoint", str(files / "ckpt"), "--size", "64", "--resize", "pad",
-          "--support", f"{files / 'support.jpg'}:{files / mask}",
-          "--query", str(files / query), "--out", str(files / "out"), *extra]
+  argv = [
+    "--checkpoint",
+    str(files / "ckpt"),
+    "--size",
+    "64",
+    "--resize",
+    "pad",
+    "--support",
+    f"{files / 'support.jpg'}:{files / mask}",
+    "--query",
+    str(files / query),
+    "--out",
+    str(files / "out"),
+    *extra,
+  ]
   rc = predict.main(argv)
   return rc, capfd.readouterr().err
 
 
-@pytest.mark.parametrize("name,says", [
+@pytest.mark.parametrize(
+  "name,says",
+  [
     ("empty.jpg", r"is empty \(0 bytes\)"),
     ("text.jpg", r"is not a readable image \(a text file starting with 'this is not a jpeg'\)"),
     ("truncated.jpg", r"is not a readable image \(a truncated or corrupt JPEG file"),
     ("truncated.png", r"is not a readable image \(a truncated or corrupt PNG file"),
-    ("bomb_palette.png", r"is 15000x15000 = 225 megapixels, above --max-pixels 50; downscale "
-                         r"it or raise --max-pixels"),
-])
+    (
+      "bomb_palette.png",
+      r"is 15000x15000 = 225 megapixels, above --max-pixels 50; downscale "
+      r"it or raise --max-pixels",
+    ),
+  ],
+)
 def test_bad_query_is_one_line(files, capfd, name, says):
   rc, err = _cli(files, capfd, query=name)
   assert rc == 2
@@ -75,13 +93,18 @@ def test_bad_query_is_one_line(files, capfd, name, says):
   assert not (files / "out").exists()
 
 
-@pytest.mark.parametrize("name,says", [
+@pytest.mark.parametrize(
+  "name,says",
+  [
     ("empty.jpg", "is empty (0 bytes)"),
     ("text.jpg", "is not a readable image (a text file"),
     ("truncated.png", "is not a readable image (a truncated or corrupt PNG file"),
-    ("bomb_1bit.png", "is 15000x15000 = 225 megapixels, above --max-pixels 50; downscale it or "
-                      "raise --max-pixels"),
-])
+    (
+      "bomb_1bit.png",
+      "is 15000x15000 = 225 megapixels, above --max-pixels 50; downscale it or raise --max-pixels",
+    ),
+  ],
+)
 def test_bad_support_mask_is_one_line(files, capfd, name, says):
   rc, err = _cli(files, capfd, mask=name)
   assert rc == 2
@@ -92,9 +115,11 @@ def test_bad_support_mask_is_one_line(files, capfd, name, says):
 def test_max_pixels_flag(files, capfd):
   # 100 x 80 = 0.008 megapixels: refused under 0.005, read under 0.01 (and with no limit).
   rc, err = _cli(files, capfd, extra=["--max-pixels", "0.005"])
-  assert rc == 2 and err == (f"error: support image {files / 'support.jpg'} is 100x80 = 0.008 "
-                             f"megapixels, above --max-pixels 0.005; downscale it or raise "
-                             f"--max-pixels\n")
+  assert rc == 2 and err == (
+    f"error: support image {files / 'support.jpg'} is 100x80 = 0.008 "
+    f"megapixels, above --max-pixels 0.005; downscale it or raise "
+    f"--max-pixels\n"
+  )
   for limit in (0.01, 0, None):
     assert predict.read_image(files / "query.jpg", max_megapixels=limit).shape == (80, 100, 3)
     assert predict.read_mask(files / "support_mask.png", max_megapixels=limit).shape == (80, 100)
@@ -105,7 +130,7 @@ def test_max_pixels_flag(files, capfd):
 def test_pil_limit_never_applies(files, monkeypatch):
   """PIL's decompression-bomb warning / error never shows: --max-pixels is the only limit,
   and PIL's own setting is left as it was."""
-  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)      # 100 x 80 > 2 x 3000: PIL's error
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 100 x 80 > 2 x 3000: PIL's error
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert predict.read_mask(files / "support_mask.png").shape == (80, 100)
@@ -118,10 +143,11 @@ def test_jpeg_mask_warns(files, capsys):
   assert mask.shape == (80, 100) and mask[40, 50] == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith(
-      f"warning: support mask {files / 'support_mask.jpg'} is a JPEG (lossy)"), err
+    f"warning: support mask {files / 'support_mask.jpg'} is a JPEG (lossy)"
+  ), err
   assert "save masks as PNG" in err
   got = []
   predict.read_mask(files / "support_mask.png", warn=got.append)
-  assert got == []                                           # a PNG mask: no warning
+  assert got == []  # a PNG mask: no warning
   predict.read_mask(files / "support_mask.jpg", warn=got.append)
   assert len(got) == 1 and "JPEG" in got[0]

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_fixture, parity_fixture
 from flax import traverse_util
 
 from checkpoints import fixtures
 from checkpoints.verify import verify_fixture
-from conftest import load_fixture, parity_fixture
 from fss_jax import keymaps
 from fss_jax.models import pspnet, registry
 from fss_jax.nn.ppm import PPM, ppm_keymap
@@ -63,6 +63,7 @@ def _np_adaptive_avg(x, out):
 def _np_resize_ac(x, size):
   """bilinear align_corners=True, numpy."""
   b, h, w, c = x.shape
+
   def axis_w(n_in, n_out):
     m = np.zeros((n_out, n_in))
     for o in range(n_out):
@@ -72,6 +73,7 @@ def _np_resize_ac(x, size):
       m[o, i0] += 1 - (s - i0)
       m[o, i1] += s - i0
     return m
+
   return np.einsum("oh,bhwc,pw->bopc", axis_w(h, size[0]), x, axis_w(w, size[1]))
 
 
@@ -95,7 +97,8 @@ def test_ppm_matches_numpy_with_overlapping_bins():
     p = _np_adaptive_avg(x.astype(np.float64), b)
     p = np.einsum("bhwc,oc->bhwo", p, sd[f"ppm.features.{i}.1.weight"][:, :, 0, 0])
     p = (p - sd[f"ppm.features.{i}.2.running_mean"]) / np.sqrt(
-        sd[f"ppm.features.{i}.2.running_var"] + 1e-5)
+      sd[f"ppm.features.{i}.2.running_var"] + 1e-5
+    )
     p = np.maximum(p * sd[f"ppm.features.{i}.2.weight"] + sd[f"ppm.features.{i}.2.bias"], 0)
     ref.append(_np_resize_ac(p, (10, 10)))
   ref = np.concatenate(ref, -1)
@@ -118,15 +121,17 @@ def _bam_state_dict(hdmnet_named: dict) -> dict:
 def test_keymaps_use_every_official_key_once(backbone_fixture):
   _, meta, _, state = backbone_fixture
   model = pspnet.make_model(num_classes=16)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               {"query_image": jnp.zeros((1, 33, 33, 3))}))
+  abstract = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), {"query_image": jnp.zeros((1, 33, 33, 3))})
+  )
   want = {c: _shapes(abstract[c]) for c in ("params", "batch_stats")}
   for naming, sd in (("hdmnet", state), ("bam", _bam_state_dict(state))):
     rules = pspnet.pspnet_keymap(naming=naming)
     assert len({r.src for r in rules}) == len(rules)
     assert {r.src for r in rules} == set(sd), naming  # every key has exactly one rule
-    variables = keymaps.convert(keymaps.strip_prefixes(
-        {f"module.{k}": v for k, v in sd.items()}), rules, model="pspnet")
+    variables = keymaps.convert(
+      keymaps.strip_prefixes({f"module.{k}": v for k, v in sd.items()}), rules, model="pspnet"
+    )
     assert {c: _shapes(variables[c]) for c in want} == want, naming
   n_backbone = sum(k.startswith("layer") for k in state)
   assert len(_bam_state_dict(state)) == len(state) + n_backbone  # the encoder.N copies
@@ -143,14 +148,15 @@ def test_base_training_forward_updates_batch_norm(backbone_fixture):
   image = jnp.asarray(rng.standard_normal((2, 33, 33, 3)).astype(np.float32))
   label = rng.integers(0, 16, (2, 33, 33)).astype(np.int32)
   label[:, :5] = 255
-  episode = {"image": image, "label": jnp.asarray(label)}   # make_base_train_loader batch
+  episode = {"image": image, "label": jnp.asarray(label)}  # make_base_train_loader batch
   # Weights from the fixture's rule (a jitted init would cost another compile).
   variables = keymaps.convert(backbone_fixture[3], pspnet.pspnet_keymap(naming="hdmnet"))
 
   @jax.jit
   def step(v, e):
-    out, new = model.apply(v, e, train=True, rngs={"dropout": jax.random.PRNGKey(2)},
-                           mutable=["batch_stats"])
+    out, new = model.apply(
+      v, e, train=True, rngs={"dropout": jax.random.PRNGKey(2)}, mutable=["batch_stats"]
+    )
     loss, metrics = pspnet.loss_fn(out, e)
     return out, new, loss, metrics
 
@@ -180,22 +186,34 @@ def test_output_size_rule():
 def test_config_recipe_and_missing_base_learner_message():
   from configs import hdmnet as hdmnet_config
   from configs import pspnet as pspnet_config
+
   c = pspnet_config.get_config("dataset=pascal,fold=1")
-  assert (c.model, c.model_fields.num_classes, c.data.train_size, c.batch_size, c.epochs) == \
-      ("pspnet", 16, 417, 12, 100)
+  assert (c.model, c.model_fields.num_classes, c.data.train_size, c.batch_size, c.epochs) == (
+    "pspnet",
+    16,
+    417,
+    12,
+    100,
+  )
   assert c.optim.lr == 2.5e-4 and c.optim.optimizer == "sgd"
   assert c.optim.lr_mults == ((r"(ppm|cls_conv|cls_bn|classifier)/.*", 10.0),)
   coco = pspnet_config.get_config("dataset=coco,fold=3")
-  assert (coco.model_fields.num_classes, coco.epochs, coco.optim.lr_mults) == \
-      (61, 20, ((".*", 10.0),))
+  assert (coco.model_fields.num_classes, coco.epochs, coco.optim.lr_mults) == (
+    61,
+    20,
+    ((".*", 10.0),),
+  )
   smoke = pspnet_config.get_config("smoke")
   assert smoke.total_steps == 3 and smoke.data.train_size == 65
   # The HDMNet config says how to get the fold's base learner.
   h = hdmnet_config.get_config("dataset=pascal,fold=2,shot=5")
   assert h.init_required and h.init_prefix == "pspnet"
-  for text in ("python -m fss_jax.main --config configs/pspnet.py:dataset=pascal,fold=2",
-               "python -m checkpoints.convert --model pspnet",
-               "initmodel/PSPNet/pascal/split2/resnet50/best.pth", "pascal5i fold 2"):
+  for text in (
+    "python -m fss_jax.main --config configs/pspnet.py:dataset=pascal,fold=2",
+    "python -m checkpoints.convert --model pspnet",
+    "initmodel/PSPNet/pascal/split2/resnet50/best.pth",
+    "pascal5i fold 2",
+  ):
     assert text in h.init_help, text
   msg = pspnet_config.base_learner_help("coco", 0, "/nowhere/psp")
   assert "config.init='/nowhere/psp' does not exist" in msg

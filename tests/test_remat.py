@@ -35,31 +35,48 @@ def _binary(rng, *shape):
 def _cases():
   """name -> (module factory (remat) -> module, inputs (rng) -> args, call kwargs)."""
   sccan_kw = dict(dim=32, depth=2, num_heads=4, window=4)
-  hdm_args = lambda r, h: (_maps(r, 2, h, h, 64), _maps(r, 2, h, h, 64),      # noqa: E731
-                           _binary(r, 2, 4 * h, 4 * h), _maps(r, 2, h, h, 2))
+  hdm_args = lambda r, h: (
+    _maps(r, 2, h, h, 64),
+    _maps(r, 2, h, h, 64),
+    _binary(r, 2, 4 * h, 4 * h),
+    _maps(r, 2, h, h, 2),
+  )
   return {
-      "sccan": (lambda remat: SCCATransformer(**sccan_kw, remat=remat),
-                lambda r: (_maps(r, 2, 8, 8, 32), _maps(r, 2, 8, 8, 32), _binary(r, 2, 8, 8, 1)),
-                {}),
-      "sccan_plus": (lambda remat: pahnet.SCCAPlusTransformer(**sccan_kw, remat=remat),
-                     lambda r: (_maps(r, 2, 8, 8, 32), _maps(r, 2, 8, 8, 32),
-                                _binary(r, 2, 8, 8, 1), jnp.asarray(r.random((2, 8, 8)),
-                                                                    jnp.float32)),
-                     {}),
-      "hdmnet": (lambda remat: HierarchicalTransformer(depth=1, remat=remat),
-                 lambda r: hdm_args(r, 8), {"train": True}),
-      "hdmnet_plus": (lambda remat: pahnet.TransformerPlus(depth=1, remat=remat),
-                      lambda r: (*hdm_args(r, 8), jnp.asarray(r.random((2, 8, 8)),
-                                                              jnp.float32)),
-                      {"train": True}),
+    "sccan": (
+      lambda remat: SCCATransformer(**sccan_kw, remat=remat),
+      lambda r: (_maps(r, 2, 8, 8, 32), _maps(r, 2, 8, 8, 32), _binary(r, 2, 8, 8, 1)),
+      {},
+    ),
+    "sccan_plus": (
+      lambda remat: pahnet.SCCAPlusTransformer(**sccan_kw, remat=remat),
+      lambda r: (
+        _maps(r, 2, 8, 8, 32),
+        _maps(r, 2, 8, 8, 32),
+        _binary(r, 2, 8, 8, 1),
+        jnp.asarray(r.random((2, 8, 8)), jnp.float32),
+      ),
+      {},
+    ),
+    "hdmnet": (
+      lambda remat: HierarchicalTransformer(depth=1, remat=remat),
+      lambda r: hdm_args(r, 8),
+      {"train": True},
+    ),
+    "hdmnet_plus": (
+      lambda remat: pahnet.TransformerPlus(depth=1, remat=remat),
+      lambda r: (*hdm_args(r, 8), jnp.asarray(r.random((2, 8, 8)), jnp.float32)),
+      {"train": True},
+    ),
   }
 
 
 def _loss_and_grad(module, variables, args, kwargs):
   def loss(params):
-    out = module.apply({**variables, "params": params}, *args, rngs={"dropout": RNGS["dropout"]},
-                       **kwargs)
+    out = module.apply(
+      {**variables, "params": params}, *args, rngs={"dropout": RNGS["dropout"]}, **kwargs
+    )
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(out)) * 1e-3
+
   fn = jax.jit(jax.value_and_grad(loss))
   compiled = fn.lower(variables["params"]).compile()
   mem = compiled.memory_analysis()

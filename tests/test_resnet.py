@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_fixture, parity_fixture
 
 from checkpoints import fixtures
 from checkpoints.verify import verify_fixture
-from conftest import load_fixture, parity_fixture
 from fss_jax import keymaps
 from fss_jax.nn import layers
 from fss_jax.nn.backbones import resnet
@@ -48,8 +48,9 @@ def test_verify_torchvision_fixture():
   assert report["outputs"]["out_logits"]["argmax_agree"] == 1.0
   # The informational stage maps agree as well (1e-3 relative for the deep ones).
   mids = report["intermediates"]
-  assert {"mid_stem", "mid_layer1", "mid_layer2", "mid_layer3", "mid_layer4",
-          "mid_avgpool"} <= set(mids)
+  assert {"mid_stem", "mid_layer1", "mid_layer2", "mid_layer3", "mid_layer4", "mid_avgpool"} <= set(
+    mids
+  )
   for name, e in mids.items():
     assert e["max_abs"] <= 1e-3 * max(1.0, e["scale"]), (name, e)
 
@@ -82,11 +83,17 @@ def test_pspnet_fixture_layer0_to_layer4():
 
 # -- unseen fixtures, written here the way shared/parity/ writes them -----------------------
 
+
 def _rule(owner, key: str) -> str:
   leaf = key.rsplit(".", 1)[-1]
   if "BatchNorm" in type(owner).__name__:  # BatchNorm2d and FrozenBatchNorm2d
-    return {"weight": "norm_weight", "bias": "norm_bias", "running_mean": "running_mean",
-            "running_var": "running_var", "num_batches_tracked": "num_batches_tracked"}[leaf]
+    return {
+      "weight": "norm_weight",
+      "bias": "norm_bias",
+      "running_mean": "running_mean",
+      "running_var": "running_var",
+      "num_batches_tracked": "num_batches_tracked",
+    }[leaf]
   if isinstance(owner, torch.nn.Conv2d):
     return "conv" if leaf == "weight" else "bias"
   if isinstance(owner, torch.nn.Linear):
@@ -99,13 +106,15 @@ def _rule_value(rule, key, shape, seed):
   if rule == "num_batches_tracked":
     return np.zeros(shape, np.int64)
   n = np.random.default_rng(zlib.crc32(key.encode()) ^ seed).standard_normal(shape).astype(f32)
-  return {"conv": lambda: n * f32(math.sqrt(2.0 / (shape[1] * shape[2] * shape[3]))),
-          "linear": lambda: n * f32(math.sqrt(1.0 / shape[1])),
-          "bias": lambda: n * f32(0.01),
-          "norm_weight": lambda: f32(1) + f32(0.1) * n,
-          "norm_bias": lambda: f32(0.1) * n,
-          "running_mean": lambda: f32(0.1) * n,
-          "running_var": lambda: f32(1) + f32(0.1) * np.abs(n)}[rule]()
+  return {
+    "conv": lambda: n * f32(math.sqrt(2.0 / (shape[1] * shape[2] * shape[3]))),
+    "linear": lambda: n * f32(math.sqrt(1.0 / shape[1])),
+    "bias": lambda: n * f32(0.01),
+    "norm_weight": lambda: f32(1) + f32(0.1) * n,
+    "norm_bias": lambda: f32(0.1) * n,
+    "running_mean": lambda: f32(0.1) * n,
+    "running_var": lambda: f32(1) + f32(0.1) * np.abs(n),
+  }[rule]()
 
 
 def _load_rule_weights(model, seed: int) -> list[dict]:
@@ -117,10 +126,16 @@ def _load_rule_weights(model, seed: int) -> list[dict]:
     rule = _rule(owner, key)
     v = _rule_value(rule, key, tuple(t.shape), seed)
     state[key] = torch.from_numpy(v)
-    entries.append({"key": key, "shape": list(t.shape), "dtype": str(v.dtype), "rule": rule,
-                    "owner": type(owner).__name__,
-                    "check": [float(v.astype(np.float64).sum()),
-                              float(v.reshape(-1)[0]) if v.size else 0.0]})
+    entries.append(
+      {
+        "key": key,
+        "shape": list(t.shape),
+        "dtype": str(v.dtype),
+        "rule": rule,
+        "owner": type(owner).__name__,
+        "check": [float(v.astype(np.float64).sum()), float(v.reshape(-1)[0]) if v.size else 0.0],
+      }
+    )
   model.load_state_dict(state)
   return entries
 
@@ -129,21 +144,39 @@ def _sccan_like_backbone(torchvision):
   """SCCAN's Backbone rebuilt from torchvision parts: deep stem, FrozenBatchNorm2d,
   replace_stride_with_dilation=[False, True, True], keys ``backbone.body.*``."""
   import collections
+
   from torchvision.models.resnet import Bottleneck, ResNet
   from torchvision.ops.misc import FrozenBatchNorm2d
-  tv = ResNet(Bottleneck, [3, 4, 6, 3], replace_stride_with_dilation=[False, True, True],
-              norm_layer=FrozenBatchNorm2d)
+
+  tv = ResNet(
+    Bottleneck,
+    [3, 4, 6, 3],
+    replace_stride_with_dilation=[False, True, True],
+    norm_layer=FrozenBatchNorm2d,
+  )
   tv.inplanes, tv.dilation = 128, 1
-  stages = [tv._make_layer(Bottleneck, 64, 3), tv._make_layer(Bottleneck, 128, 4, stride=2),
-            tv._make_layer(Bottleneck, 256, 6, stride=2, dilate=True),
-            tv._make_layer(Bottleneck, 512, 3, stride=2, dilate=True)]
+  stages = [
+    tv._make_layer(Bottleneck, 64, 3),
+    tv._make_layer(Bottleneck, 128, 4, stride=2),
+    tv._make_layer(Bottleneck, 256, 6, stride=2, dilate=True),
+    tv._make_layer(Bottleneck, 512, 3, stride=2, dilate=True),
+  ]
   conv = lambda i, o, s: torch.nn.Conv2d(i, o, 3, s, 1, bias=False)
-  body = torch.nn.Sequential(collections.OrderedDict(
-      conv1=conv(3, 64, 2), bn1=FrozenBatchNorm2d(64), relu1=torch.nn.ReLU(),
-      conv2=conv(64, 64, 1), bn2=FrozenBatchNorm2d(64), relu2=torch.nn.ReLU(),
-      conv3=conv(64, 128, 1), bn3=FrozenBatchNorm2d(128), relu3=torch.nn.ReLU(),
+  body = torch.nn.Sequential(
+    collections.OrderedDict(
+      conv1=conv(3, 64, 2),
+      bn1=FrozenBatchNorm2d(64),
+      relu1=torch.nn.ReLU(),
+      conv2=conv(64, 64, 1),
+      bn2=FrozenBatchNorm2d(64),
+      relu2=torch.nn.ReLU(),
+      conv3=conv(64, 128, 1),
+      bn3=FrozenBatchNorm2d(128),
+      relu3=torch.nn.ReLU(),
       maxpool=torch.nn.MaxPool2d(3, 2, 1),
-      **{f"layer{i + 1}": s for i, s in enumerate(stages)}))
+      **{f"layer{i + 1}": s for i, s in enumerate(stages)},
+    )
+  )
   holder = torch.nn.Module()
   holder.backbone = torch.nn.Module()
   holder.backbone.body = body
@@ -157,8 +190,10 @@ def test_verify_unseen_fixture(kind, tmp_path):
   if kind == "torchvision":
     seed, size, batch = 777, 96, 2
     model = torchvision.models.resnet50(weights=None).eval()
-    model_class, fixture = ("torchvision.models.resnet.ResNet (resnet50)",
-                            "backbone_torchvision_resnet50")
+    model_class, fixture = (
+      "torchvision.models.resnet.ResNet (resnet50)",
+      "backbone_torchvision_resnet50",
+    )
   else:
     seed, size, batch = 4242, 81, 2
     model = _sccan_like_backbone(torchvision)
@@ -174,9 +209,14 @@ def test_verify_unseen_fixture(kind, tmp_path):
         y = child(y)
         if name.startswith("layer"):
           outputs[f"out_{name}"] = y.numpy()
-  meta = {"fixture": fixture, "model_class": model_class, "GLOBAL_SEED": seed,
-          "state_dict": {"num_keys": len(entries), "keys": entries}, "overrides": {},
-          "input_shapes": {"in_img": list(x.shape)}}
+  meta = {
+    "fixture": fixture,
+    "model_class": model_class,
+    "GLOBAL_SEED": seed,
+    "state_dict": {"num_keys": len(entries), "keys": entries},
+    "overrides": {},
+    "input_shapes": {"in_img": list(x.shape)},
+  }
   path = tmp_path / f"{fixture}_{size}_b{batch}.npz"
   np.savez_compressed(path, in_img=x, **outputs)
   path.with_suffix(".json").write_text(json.dumps(meta))
@@ -188,6 +228,7 @@ def test_verify_unseen_fixture(kind, tmp_path):
 
 
 # -- structure and layers -------------------------------------------------------------------
+
 
 def test_block_plans_match_the_references():
   sizes = resnet.stage_sizes(50)
@@ -208,19 +249,24 @@ def test_variant_shapes_and_keymaps_fit():
   """Every variant's key map covers exactly its parameters (abstract init, no compute)."""
   x = jax.ShapeDtypeStruct((1, 65, 65, 3), jnp.float32)
   cases = [
-      (resnet.ResNetTorchvision(include_head=True),
-       dict(stem="torchvision", include_head=True), (17, 17, 9, 5, 3)),
-      (resnet.ResNetDeepStem(), dict(stem="deep", naming="pspnet"), (17, 17, 9, 9, 9)),
-      (resnet.ResNetSCCAN(), dict(stem="deep", naming="resnet_v2"), (17, 17, 9, 9, 9)),
-      (resnet.ResNetDeepStem(depth=101), dict(stem="deep", depth=101), (17, 17, 9, 9, 9)),
-      (resnet.ResNetSSP(), dict(stem="deep", naming="ssp", num_stages=3), (17, 17, 9, 9)),
+    (
+      resnet.ResNetTorchvision(include_head=True),
+      dict(stem="torchvision", include_head=True),
+      (17, 17, 9, 5, 3),
+    ),
+    (resnet.ResNetDeepStem(), dict(stem="deep", naming="pspnet"), (17, 17, 9, 9, 9)),
+    (resnet.ResNetSCCAN(), dict(stem="deep", naming="resnet_v2"), (17, 17, 9, 9, 9)),
+    (resnet.ResNetDeepStem(depth=101), dict(stem="deep", depth=101), (17, 17, 9, 9, 9)),
+    (resnet.ResNetSSP(), dict(stem="deep", naming="ssp", num_stages=3), (17, 17, 9, 9)),
   ]
   for model, km, sizes in cases:
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape)))
-    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(x.shape)), variables)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape)))  # noqa: B023 (called in this iteration)
+    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(x.shape)), variables)  # noqa: B023 (called in this iteration)
     assert [out[f"layer{i}"].shape[1] for i in range(len(sizes))] == list(sizes)
-    flat = {tuple(str(getattr(k, "key", k)) for k in p)
-            for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    flat = {
+      tuple(str(getattr(k, "key", k)) for k in p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]
+    }
     rules = [r for r in resnet.resnet_keymap(**km) if isinstance(r, keymaps.Rule)]
     assert {r.dst for r in rules} == flat
   # SSP (last case): layers 0-3 only.
@@ -243,8 +289,12 @@ def test_conv2d_matches_torch():
     tconv = torch.nn.Conv2d(6, 12, k, s, p, d, g, bias=True)
     with torch.no_grad():
       ref = tconv(torch.from_numpy(x)).numpy()
-    v = {"params": {"kernel": tconv.weight.detach().numpy().transpose(2, 3, 1, 0),
-                    "bias": tconv.bias.detach().numpy()}}
+    v = {
+      "params": {
+        "kernel": tconv.weight.detach().numpy().transpose(2, 3, 1, 0),
+        "bias": tconv.bias.detach().numpy(),
+      }
+    }
     out = layers.Conv2d(12, k, s, p, d, g).apply(v, jnp.asarray(x.transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, atol=1e-5)
 
@@ -256,10 +306,13 @@ def test_batchnorm_train_and_eval_match_torch():
   with torch.no_grad():
     tbn.weight.uniform_(0.5, 1.5), tbn.bias.uniform_(-1, 1)
     tbn.running_mean.uniform_(-1, 1), tbn.running_var.uniform_(0.5, 2)
-  v = {"params": {"scale": tbn.weight.detach().numpy().copy(),
-                  "bias": tbn.bias.detach().numpy().copy()},
-       "batch_stats": {"mean": tbn.running_mean.numpy().copy(),
-                       "var": tbn.running_var.numpy().copy()}}
+  v = {
+    "params": {
+      "scale": tbn.weight.detach().numpy().copy(),
+      "bias": tbn.bias.detach().numpy().copy(),
+    },
+    "batch_stats": {"mean": tbn.running_mean.numpy().copy(), "var": tbn.running_var.numpy().copy()},
+  }
   xh = jnp.asarray(x.transpose(0, 2, 3, 1))
   bn = layers.BatchNorm2d()
   tbn.eval()

@@ -20,12 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import (
+  extra_fixture_paths,
+  leaf,
+  load_fixture,
+  parity_fixture,
+  run_train_steps,
+)
 
 from checkpoints.verify import verify_fixture
-from conftest import PARITY_DIR, extra_fixture_paths, leaf, load_fixture, parity_fixture, run_train_steps
 from fss_jax import keymaps
-from fss_jax.models import registry
-from fss_jax.models import sccan
+from fss_jax.models import registry, sccan
 
 OFFICIAL = "sccan_1shot_241_b2"
 
@@ -34,14 +39,14 @@ def _check_report(report, meta):
   print("\n".join(report["lines"]))
   assert report["model"] == "sccan"
   out = report["outputs"]["out_logits"]
-  assert out["scale"] > 0.5                       # real logits were compared
+  assert out["scale"] > 0.5  # real logits were compared
   assert out["max_abs"] <= 1e-4 * max(1.0, out["scale"]), out
   assert out["argmax_agree"] >= 0.999
   assert report["passed"]
   mids = report["intermediates"]
   index_names = [n for n in meta["tensors"] if n.endswith("_window_index")]
   assert len(index_names) == 8
-  for name in index_names:                        # integer window matches: exact
+  for name in index_names:  # integer window matches: exact
     assert mids[name]["max_abs"] == 0.0, name
   for name in ("mid_prior_mask", "mid_meta_logits_64", "mid_transformer_out__c8"):
     e = mids[name]
@@ -58,8 +63,9 @@ def test_parity_official_fixture():
   _check_report(verify_fixture(path), meta)
 
 
-@pytest.mark.parametrize("path", extra_fixture_paths("sccan", exclude=(OFFICIAL,)),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+  "path", extra_fixture_paths("sccan", exclude=(OFFICIAL,)), ids=lambda p: p.stem
+)
 def test_parity_other_fixtures(path):
   """Unseen fixtures (other shots / sizes / backbones) made with the official code."""
   meta = json.loads(path.with_suffix(".json").read_text())
@@ -68,13 +74,16 @@ def test_parity_other_fixtures(path):
 
 # -- robustness -------------------------------------------------------------------------------
 
+
 def _episode_shapes(b, k, h, w):
   f32, i32 = jnp.float32, jnp.int32
-  return {"query_image": jax.ShapeDtypeStruct((b, h, w, 3), f32),
-          "support_images": jax.ShapeDtypeStruct((b, k, h, w, 3), f32),
-          "support_masks": jax.ShapeDtypeStruct((b, k, h, w), i32),
-          "query_mask": jax.ShapeDtypeStruct((b, h, w), i32),
-          "class_id": jax.ShapeDtypeStruct((b,), i32)}
+  return {
+    "query_image": jax.ShapeDtypeStruct((b, h, w, 3), f32),
+    "support_images": jax.ShapeDtypeStruct((b, k, h, w, 3), f32),
+    "support_masks": jax.ShapeDtypeStruct((b, k, h, w), i32),
+    "query_mask": jax.ShapeDtypeStruct((b, h, w), i32),
+    "class_id": jax.ShapeDtypeStruct((b,), i32),
+  }
 
 
 def _variable_shapes(model, episode):
@@ -96,20 +105,25 @@ def test_five_shot_non_square_shapes(r50_shapes):
   assert out["prior"].shape == (1, 64, 64, 1)
   # Training mode (dropout) and the loss trace too.
   loss = jax.eval_shape(
-      lambda v, e: sccan.loss_fn(model.apply(v, e, train=True,
-                                             rngs={"dropout": jax.random.PRNGKey(1)}), e)[0],
-      variables, ep)
+    lambda v, e: sccan.loss_fn(
+      model.apply(v, e, train=True, rngs={"dropout": jax.random.PRNGKey(1)}), e
+    )[0],
+    variables,
+    ep,
+  )
   assert loss.shape == ()
 
 
 def test_shot_mismatch_is_a_clear_error(r50_shapes):
   model, _, variables = r50_shapes
   with pytest.raises(ValueError, match=r"1 supports per query.*shot=5"):
-    jax.eval_shape(lambda v, e: model.apply(v, e, train=False), variables,
-                   _episode_shapes(1, 1, 65, 65))
+    jax.eval_shape(
+      lambda v, e: model.apply(v, e, train=False), variables, _episode_shapes(1, 1, 65, 65)
+    )
 
 
 # -- key map ----------------------------------------------------------------------------------
+
 
 def _official_keys():
   _, meta, _ = load_fixture("sccan", OFFICIAL)
@@ -144,13 +158,16 @@ def test_keymap_uses_every_official_key_once(r50_shapes):
   assert len(keys) == 489
   rules = sccan.keymap(shot=1, layers=50)
   assert sorted(r.src for r in rules if isinstance(r, keymaps.Rule)) == sorted(k for k, _ in keys)
-  sd = keymaps.strip_prefixes(_synthetic(keys, prefix="module."))   # COCO DDP checkpoints
+  sd = keymaps.strip_prefixes(_synthetic(keys, prefix="module."))  # COCO DDP checkpoints
   variables = keymaps.convert(sd, registry.get("sccan").keymap(shot=5, layers=50), model="sccan")
-  _, _, want = r50_shapes                                            # a 5-shot model: same keys
+  _, _, want = r50_shapes  # a 5-shot model: same keys
   assert _flat_shapes(variables) == _flat_shapes(want)
-  n_train = sum(int(np.prod(s)) for p, s in _flat_shapes(variables).items()
-                if p[0] == "params" and p[1] != "backbone")
-  assert n_train == 11_373_314                                       # sccan.md §9.3
+  n_train = sum(
+    int(np.prod(s))
+    for p, s in _flat_shapes(variables).items()
+    if p[0] == "params" and p[1] != "backbone"
+  )
+  assert n_train == 11_373_314  # sccan.md §9.3
 
 
 def test_keymap_resnet101():
@@ -168,7 +185,7 @@ def test_wrong_backbone_is_named():
     keymaps.convert(r101, sccan.keymap(layers=50), model="sccan")
   with pytest.raises(ValueError, match=r"ResNet-101 backbone.*layers=50.*pass layers=101"):
     sccan.check_checkpoint(r101, shot=1, layers=50)
-  sccan.check_checkpoint(r101, shot=1, layers=101)                   # fine
+  sccan.check_checkpoint(r101, shot=1, layers=101)  # fine
 
 
 def test_wrong_shot_is_named_from_the_released_file_name():
@@ -187,19 +204,33 @@ def test_wrong_shot_is_named_from_the_released_file_name():
     sccan.check_checkpoint({"conv1.weight": np.zeros((64, 3, 3, 3))}, shot=1)
 
 
-
 def test_convert_cli_names_the_wrong_checkpoint(tmp_path, capsys):
   from checkpoints import convert
-  src = tmp_path / "win8_train5_epoch_21_0.6987.npz"                 # a released 5-shot name
+
+  src = tmp_path / "win8_train5_epoch_21_0.6987.npz"  # a released 5-shot name
   np.savez(src, **_synthetic(_r101_keys(_official_keys())))
   dst = tmp_path / "out"
-  rc = convert.main(["--model", "sccan", "--src", str(src), "--dst", str(dst),
-                     "--model-arg", "layers=50", "--model-arg", "shot=1"])
+  rc = convert.main(
+    [
+      "--model",
+      "sccan",
+      "--src",
+      str(src),
+      "--dst",
+      str(dst),
+      "--model-arg",
+      "layers=50",
+      "--model-arg",
+      "shot=1",
+    ]
+  )
   err = capsys.readouterr().err
   assert rc == 2 and not dst.exists()
   assert "ResNet-101 backbone" in err and "5-shot model" in err
 
+
 # -- loss -------------------------------------------------------------------------------------
+
 
 def test_loss_is_sigmoid_dice_with_ce_reported():
   rng = np.random.default_rng(0)
@@ -216,10 +247,13 @@ def test_loss_is_sigmoid_dice_with_ce_reported():
 
 # -- config -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arg,episodes,epochs", [
-    ("", 1000, 200), ("dataset=coco,fold=2,shot=5,layers=101", 4000, 50)])
+
+@pytest.mark.parametrize(
+  "arg,episodes,epochs", [("", 1000, 200), ("dataset=coco,fold=2,shot=5,layers=101", 4000, 50)]
+)
 def test_config_recipe(arg, episodes, epochs):
   from configs import sccan as cfg_sccan
+
   c = cfg_sccan.get_config(arg)
   assert c.model == "sccan" and c.eval.episodes == episodes and c.epochs == epochs
   assert c.eval.seeds == (321,) and c.data.test_resize == "aspect"
@@ -231,6 +265,7 @@ def test_config_recipe(arg, episodes, epochs):
 def test_config_two_optimisers(r50_shapes):
   from configs import sccan as cfg_sccan
   from fss_jax.train import optim
+
   c = cfg_sccan.get_config("shot=5")
   _, _, variables = r50_shapes
   opt = optim.build(c.optim, variables["params"], total_steps=1000, frozen=sccan.SPEC.frozen)
@@ -252,6 +287,7 @@ def test_config_two_optimisers(r50_shapes):
 
 # -- training ---------------------------------------------------------------------------------
 
+
 def _synthetic_episode(rng, b, h):
   """Query and support share a bright square: a learnable foreground."""
   img = rng.standard_normal((b, 2, h, h, 3)).astype(np.float32) * 0.3
@@ -259,11 +295,15 @@ def _synthetic_episode(rng, b, h):
   for i in range(b):
     for j in range(2):
       y, x = rng.integers(0, h // 2, 2)
-      masks[i, j, y:y + h // 2, x:x + h // 2] = 1
+      masks[i, j, y : y + h // 2, x : x + h // 2] = 1
   img += 2.0 * masks[..., None]
-  return {"query_image": jnp.asarray(img[:, 0]), "query_mask": jnp.asarray(masks[:, 0]),
-          "support_images": jnp.asarray(img[:, 1:]), "support_masks": jnp.asarray(masks[:, 1:]),
-          "class_id": jnp.zeros((b,), jnp.int32)}
+  return {
+    "query_image": jnp.asarray(img[:, 0]),
+    "query_mask": jnp.asarray(masks[:, 0]),
+    "support_images": jnp.asarray(img[:, 1:]),
+    "support_masks": jnp.asarray(masks[:, 1:]),
+    "class_id": jnp.zeros((b,), jnp.int32),
+  }
 
 
 def test_smoke_config_trains_with_both_optimisers():
@@ -273,6 +313,7 @@ def test_smoke_config_trains_with_both_optimisers():
   from checkpoints import fixtures
   from configs import sccan as cfg_sccan
   from fss_jax.train import optim
+
   c = cfg_sccan.get_config("smoke")
   spec = registry.get("sccan")
   fields = dict(c.model_fields, feature_dropout=0.0, classifier_dropout=0.0)  # deterministic
@@ -280,17 +321,22 @@ def test_smoke_config_trains_with_both_optimisers():
   assert model.grid == 32 and model.depth == 2
   # Weights: the fixture rule (cheaper than compiling a ResNet-50 init), blocks 0-1 only.
   _, meta, _ = load_fixture("sccan", OFFICIAL)
-  sd = {k: v for k, v in fixtures.regenerate(meta).items()
-        if not re.match(r"transformer\.layers\.0\.blocks\.[2-9]\.", k)}
+  sd = {
+    k: v
+    for k, v in fixtures.regenerate(meta).items()
+    if not re.match(r"transformer\.layers\.0\.blocks\.[2-9]\.", k)
+  }
   variables = jax.tree.map(jnp.asarray, keymaps.convert(sd, spec.keymap(**fields)))
   opt = optim.build(c.optim, variables["params"], total_steps=c.total_steps, frozen=spec.frozen)
   assert set(opt.summary) == {"frozen", "default*10", "transformer"}
   batch = _synthetic_episode(np.random.default_rng(0), 2, 33)
-  before, after, losses, metrics = run_train_steps(spec, model, variables, c.optim, batch,
-                                                   total_steps=c.total_steps)
+  before, after, losses, metrics = run_train_steps(
+    spec, model, variables, c.optim, batch, total_steps=c.total_steps
+  )
   assert np.isfinite(float(metrics["ce"]))
   assert losses[-1] < losses[0], losses
-  np.testing.assert_array_equal(after["backbone"]["conv1"]["kernel"],
-                                before["backbone"]["conv1"]["kernel"])          # frozen
+  np.testing.assert_array_equal(
+    after["backbone"]["conv1"]["kernel"], before["backbone"]["conv1"]["kernel"]
+  )  # frozen
   for path in (("transformer", "norm0", "scale"), ("down_query", "kernel")):  # AdamW, SGD
     assert not np.array_equal(leaf(after, path), leaf(before, path)), path

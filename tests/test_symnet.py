@@ -30,13 +30,17 @@ def _fixture_meta() -> dict:
 def _official_entries(shot: int) -> list[dict]:
   """(key, shape, rule) of the official state dict: the fixture's 420 keys, plus
   kshot_rw for K > 1 (424 keys)."""
-  entries = [dict(key=e["key"], shape=e["shape"], rule=e["rule"])
-             for e in _fixture_meta()["state_dict"]["keys"]]
+  entries = [
+    dict(key=e["key"], shape=e["shape"], rule=e["rule"])
+    for e in _fixture_meta()["state_dict"]["keys"]
+  ]
   if shot > 1:
-    entries += [dict(key="kshot_rw.0.weight", shape=[2, shot, 1, 1], rule="conv"),
-                dict(key="kshot_rw.0.bias", shape=[2], rule="bias"),
-                dict(key="kshot_rw.2.weight", shape=[shot, 2, 1, 1], rule="conv"),
-                dict(key="kshot_rw.2.bias", shape=[shot], rule="bias")]
+    entries += [
+      dict(key="kshot_rw.0.weight", shape=[2, shot, 1, 1], rule="conv"),
+      dict(key="kshot_rw.0.bias", shape=[2], rule="bias"),
+      dict(key="kshot_rw.2.weight", shape=[shot, 2, 1, 1], rule="conv"),
+      dict(key="kshot_rw.2.bias", shape=[shot], rule="bias"),
+    ]
   return entries
 
 
@@ -53,25 +57,33 @@ def _shapes(tree) -> dict[str, tuple]:
 
 def _abstract_variables(model, size: int = 33, shot: int = 1):
   ep = _episode(np.random.default_rng(0), 1, shot, size)
-  return jax.eval_shape(lambda e: model.init({"params": jax.random.key(0),
-                                              "dropout": jax.random.key(1)}, e, train=False), ep)
+  return jax.eval_shape(
+    lambda e: model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, e, train=False
+    ),
+    ep,
+  )
 
 
 def _episode(rng, b: int, k: int, size: int, class_id: int = 3) -> dict:
   mask = np.zeros((b, k, size, size), np.int32)
-  mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+  mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
   mask[..., 0, :] = 255
   q = np.zeros((b, size, size), np.int32)
-  q[:, size // 3:, size // 3:] = 1
-  return {"query_image": jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32),
-          "support_images": jnp.asarray(rng.standard_normal((b, k, size, size, 3)), jnp.float32),
-          "support_masks": jnp.asarray(mask), "query_mask": jnp.asarray(q),
-          "class_id": jnp.full((b,), class_id, jnp.int32)}
+  q[:, size // 3 :, size // 3 :] = 1
+  return {
+    "query_image": jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32),
+    "support_images": jnp.asarray(rng.standard_normal((b, k, size, size, 3)), jnp.float32),
+    "support_masks": jnp.asarray(mask),
+    "query_mask": jnp.asarray(q),
+    "class_id": jnp.full((b,), class_id, jnp.int32),
+  }
 
 
 # ---------------------------------------------------------------------------
 # Parity with the official forward
 # ---------------------------------------------------------------------------
+
 
 def test_parity_fixture_through_verify():
   path = parity_fixture(*FIXTURE)
@@ -87,15 +99,16 @@ def test_parity_fixture_through_verify():
     assert outs[name]["argmax_agree"] >= 0.999, (name, outs[name])
   mids = report["intermediates"]
   with np.load(path) as z:
-    assert sorted(mids) == sorted(k for k in z.files if k.startswith("mid_"))   # all 76
+    assert sorted(mids) == sorted(k for k in z.files if k.startswith("mid_"))  # all 76
   for name, e in mids.items():
     assert e["max_abs"] is not None, (name, e)
     rel = 1e-2 if "est_val" in name else 1e-3
     assert e["max_abs"] <= rel * max(1.0, e["scale"]), (name, e)
 
 
-@pytest.mark.parametrize("path", extra_fixture_paths("symnet", exclude=(FIXTURE[1],)),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+  "path", extra_fixture_paths("symnet", exclude=(FIXTURE[1],)), ids=lambda p: p.stem
+)
 def test_parity_other_fixtures(path):
   """Unseen fixtures (other shots / sizes / batches / seeds) made with the official code."""
   report = verify.verify_fixture(path)
@@ -107,19 +120,22 @@ def test_registry_finds_the_fixture():
   spec = registry.for_fixture(_fixture_meta())
   assert spec.name == "symnet"
   fields = spec.parity.model_fields(_fixture_meta())
-  assert fields == dict(shot=1, dataset="pascal5i", num_base_classes=16, depth=50,
-                        scales=(31, 16, 8, 4))
+  assert fields == dict(
+    shot=1, dataset="pascal5i", num_base_classes=16, depth=50, scales=(31, 16, 8, 4)
+  )
 
 
 # ---------------------------------------------------------------------------
 # Parameter counts and the key map
 # ---------------------------------------------------------------------------
 
+
 def _counts(spec, variables) -> tuple[int, int]:
   shapes = _shapes(variables["params"])
   total = sum(math.prod(s) for s in shapes.values())
-  frozen = sum(math.prod(s) for p, s in shapes.items()
-               if any(re.fullmatch(f, p) for f in spec.frozen))
+  frozen = sum(
+    math.prod(s) for p, s in shapes.items() if any(re.fullmatch(f, p) for f in spec.frozen)
+  )
   return total, total - frozen
 
 
@@ -128,7 +144,7 @@ def test_parameter_counts():
   total, trainable = _counts(spec, _abstract_variables(spec.make_model(shot=1)))
   assert (total, trainable) == (57_931_118, 11_217_310)
   total5, trainable5 = _counts(spec, _abstract_variables(spec.make_model(shot=5), shot=5))
-  assert (total5 - total, trainable5 - trainable) == (27, 27)                 # kshot_rw
+  assert (total5 - total, trainable5 - trainable) == (27, 27)  # kshot_rw
   coco, _ = _counts(spec, _abstract_variables(spec.make_model(dataset="coco20i")))
   assert coco == 57_954_203
 
@@ -139,18 +155,22 @@ def test_keymap_uses_every_official_key_once(shot, num_keys):
   sd = keymaps.strip_prefixes(_state_dict(shot, prefix="module."))
   assert len(sd) == num_keys
   rules = spec.keymap(shot=shot)
-  assert sorted(r.src for r in rules) == sorted(sd)                           # each key once
+  assert sorted(r.src for r in rules) == sorted(sd)  # each key once
   model = spec.make_model(shot=shot)
   want = _abstract_variables(model, shot=shot)
-  expected = {tuple(p.split("/")): s for c in ("params", "batch_stats")
-              for p, s in _shapes({c: want[c]}).items()}
+  expected = {
+    tuple(p.split("/")): s
+    for c in ("params", "batch_stats")
+    for p, s in _shapes({c: want[c]}).items()
+  }
   variables = keymaps.convert(sd, rules, model="symnet", expected_shapes=expected)
   got = {c: _shapes({c: variables[c]}) for c in ("params", "batch_stats")}
   assert got == {c: _shapes({c: want[c]}) for c in ("params", "batch_stats")}
   # Raw bilinear matrix copied untransposed; Linear weights transposed.
   np.testing.assert_array_equal(variables["params"]["apa"]["weight"], sd["CrossAttention.weight"])
-  np.testing.assert_array_equal(variables["params"]["apa"]["w_q"]["kernel"],
-                                sd["CrossAttention.w_q.weight"].T)
+  np.testing.assert_array_equal(
+    variables["params"]["apa"]["w_q"]["kernel"], sd["CrossAttention.w_q.weight"].T
+  )
   with pytest.raises(keymaps.ConversionError, match="CrossAttention.proj.bias"):
     keymaps.convert({k: v for k, v in sd.items() if k != "CrossAttention.proj.bias"}, rules)
 
@@ -159,20 +179,25 @@ def test_keymap_uses_every_official_key_once(shot, num_keys):
 # K-shot and another input size
 # ---------------------------------------------------------------------------
 
+
 def test_five_shot_equals_one_shot_on_repeated_supports():
   """5 copies of one support must give the 1-shot result: mean correlations, weighted
   priors / text prototypes and est_val all collapse (weights sum to 1)."""
-  size, b = 41, 2                                    # features 6x6, bins (6, 3, 2, 1)
+  size, b = 41, 2  # features 6x6, bins (6, 3, 2, 1)
   spec = registry.get("symnet")
   m1, m5 = spec.make_model(shot=1), spec.make_model(shot=5)
   sd5 = _state_dict(5)
   v5 = keymaps.convert(sd5, spec.keymap(shot=5))
-  v1 = keymaps.convert({k: v for k, v in sd5.items() if not k.startswith("kshot_rw")},
-                       spec.keymap(shot=1))
+  v1 = keymaps.convert(
+    {k: v for k, v in sd5.items() if not k.startswith("kshot_rw")}, spec.keymap(shot=1)
+  )
   rng = np.random.default_rng(1)
   ep1 = _episode(rng, b, 1, size, class_id=7)
-  ep5 = dict(ep1, support_images=jnp.repeat(ep1["support_images"], 5, axis=1),
-             support_masks=jnp.repeat(ep1["support_masks"], 5, axis=1))
+  ep5 = dict(
+    ep1,
+    support_images=jnp.repeat(ep1["support_images"], 5, axis=1),
+    support_masks=jnp.repeat(ep1["support_masks"], 5, axis=1),
+  )
   with jax.default_matmul_precision("highest"):
     run5 = jax.jit(lambda v, e: m5.apply(v, e, train=False, mutable=["intermediates"]))
     o5, st5 = run5(v5, ep5)
@@ -197,6 +222,7 @@ def test_five_shot_equals_one_shot_on_repeated_supports():
 # ---------------------------------------------------------------------------
 # Blocks whose data-dependent branches the fixture does not take
 # ---------------------------------------------------------------------------
+
 
 def _ref_normalize(v):
   return v / max(np.linalg.norm(v), 1e-12)
@@ -224,33 +250,44 @@ def _ref_triplet(ts, feats, masks, tq, amb, bg, margin=0.5):
       dneg = _ref_dist(a, np.mean([_ref_normalize(n) for n in neg], axis=0))
       shot += max(0.0, margin + dpos - dneg)
     s_loss += shot / max(count, 1)
-  q_loss = np.mean([max(0.0, margin + _ref_dist(_ref_normalize(tq[j]), _ref_normalize(amb[j]))
-                        - _ref_dist(_ref_normalize(tq[j]), _ref_normalize(bg[j])))
-                    for j in range(b)])
+  q_loss = np.mean(
+    [
+      max(
+        0.0,
+        margin
+        + _ref_dist(_ref_normalize(tq[j]), _ref_normalize(amb[j]))
+        - _ref_dist(_ref_normalize(tq[j]), _ref_normalize(bg[j])),
+      )
+      for j in range(b)
+    ]
+  )
   return s_loss / k + q_loss
 
 
 def test_hard_triplet_loss_matches_reference_loops():
-  from fss_jax.nn import symnet_blocks as blocks  # pylint: disable=g-import-not-at-top
+  from fss_jax.nn import symnet_blocks as blocks
+
   rng = np.random.default_rng(0)
   b, k, h, w, c = 3, 2, 4, 5, 6
   feats = np.maximum(rng.standard_normal((b, k, h, w, c)), 0).astype(np.float32)
-  feats[0, 0, 0, 0] = 0.0                                  # a zero vector (ReLU output)
+  feats[0, 0, 0, 0] = 0.0  # a zero vector (ReLU output)
   masks = (rng.random((b, k, h, w)) > 0.5).astype(np.float32)
-  masks[1, 0] = 0.0                                        # no positives: skipped
-  masks[2, 1] = 1.0                                        # no negatives: skipped
+  masks[1, 0] = 0.0  # no positives: skipped
+  masks[2, 1] = 1.0  # no negatives: skipped
   ts, tq, amb, bg = (rng.standard_normal((b, c)).astype(np.float32) for _ in range(4))
-  amb = tq + 0.1 * amb                                     # some query terms are zero (hinge)
+  amb = tq + 0.1 * amb  # some query terms are zero (hinge)
   got = blocks.hard_triplet_loss(ts, feats, masks, tq, amb, bg)
   np.testing.assert_allclose(float(got), _ref_triplet(ts, feats, masks, tq, amb, bg), rtol=1e-5)
   grads = jax.grad(lambda t, f: blocks.hard_triplet_loss(t, f, masks, tq, amb, bg), (0, 1))(
-      jnp.asarray(ts), jnp.asarray(feats))
+    jnp.asarray(ts), jnp.asarray(feats)
+  )
   assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
   assert float(jnp.abs(grads[0]).sum()) > 0
 
 
 def test_query_self_prototypes_thresholds_and_fallbacks():
-  from fss_jax.nn import symnet_blocks as blocks  # pylint: disable=g-import-not-at-top
+  from fss_jax.nn import symnet_blocks as blocks
+
   rng = np.random.default_rng(1)
   h = w = 6
   feat = rng.standard_normal((2, h, w, 3)).astype(np.float32)
@@ -264,12 +301,13 @@ def test_query_self_prototypes_thresholds_and_fallbacks():
   # image 1: r in [0.6, 0.65]: fg -> top-12, ambiguous -> middle ranks 12..23, bg -> top-12 of 1-r
   order = np.argsort(r[1])
   np.testing.assert_allclose(fg[1], f[1][order[-12:]].mean(0), rtol=1e-5)
-  np.testing.assert_allclose(amb[1], f[1][order[18 - 6:18 + 6]].mean(0), rtol=1e-5)
+  np.testing.assert_allclose(amb[1], f[1][order[18 - 6 : 18 + 6]].mean(0), rtol=1e-5)
   np.testing.assert_allclose(bg[1], f[1][order[:12]].mean(0), rtol=1e-5)
 
 
 def test_block_correlation_empty_support_mask_gives_zero():
-  from fss_jax.nn import symnet_blocks as blocks  # pylint: disable=g-import-not-at-top
+  from fss_jax.nn import symnet_blocks as blocks
+
   rng = np.random.default_rng(2)
   q = jnp.asarray(rng.standard_normal((2, 4, 4, 8)), jnp.float32)
   s = jnp.asarray(rng.standard_normal((2, 4, 4, 8)), jnp.float32)
@@ -281,13 +319,15 @@ def test_block_correlation_empty_support_mask_gives_zero():
   qn = qn / (np.linalg.norm(qn, axis=1, keepdims=True) + 1e-5)
   sn = np.asarray(s[1])[1:3, 1:3].reshape(-1, 8)
   sn = sn / (np.linalg.norm(sn, axis=1, keepdims=True) + 1e-5)
-  np.testing.assert_allclose(out[1].reshape(-1), np.maximum(qn @ sn.T, 0).mean(1), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    out[1].reshape(-1), np.maximum(qn @ sn.T, 0).mean(1), rtol=1e-5, atol=1e-6
+  )
 
 
 # ---------------------------------------------------------------------------
 # Class embeddings and bad input
 # ---------------------------------------------------------------------------
+
 
 def test_packaged_embeddings():
   pascal = assets.load_class_embeddings("pascal")
@@ -296,7 +336,7 @@ def test_packaged_embeddings():
   assert pascal.dtype == np.float32
   np.testing.assert_allclose(pascal.astype(np.float64).sum(), -24.234728, atol=1e-5)
   np.testing.assert_allclose(coco.astype(np.float64).sum(), -75.020577, atol=1e-5)
-  np.testing.assert_array_equal(pascal[0], coco[0])                     # shared background row
+  np.testing.assert_array_equal(pascal[0], coco[0])  # shared background row
   np.testing.assert_allclose(np.linalg.norm(pascal, axis=1), 1.0, atol=1e-5)
   for t in assets.WORD2VEC.values():
     assert assets.sha256_file(assets.ASSET_DIR / t.file) == t.sha256
@@ -373,17 +413,33 @@ def test_scales_must_follow_the_input_size():
 # Training through the engine
 # ---------------------------------------------------------------------------
 
+
 def test_configs():
-  from configs import symnet as symnet_config  # pylint: disable=g-import-not-at-top
+  from configs import symnet as symnet_config
+
   c = symnet_config.get_config("dataset=pascal,fold=1,shot=5")
-  assert (c.model, c.fold, c.model_fields.shot, c.model_fields.scales) == \
-      ("symnet", 1, 5, (60, 30, 15, 8))
-  assert (c.data.train_size, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == \
-      (473, 0.05, 0.9, 1e-4)
+  assert (c.model, c.fold, c.model_fields.shot, c.model_fields.scales) == (
+    "symnet",
+    1,
+    5,
+    (60, 30, 15, 8),
+  )
+  assert (c.data.train_size, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (
+    473,
+    0.05,
+    0.9,
+    1e-4,
+  )
   assert (c.epochs, c.batch_size, c.eval.episodes, c.init_prefix) == (200, 8, 1000, "pspnet")
   c = symnet_config.get_config("dataset=coco")
-  assert (c.dataset, c.data.train_size, c.model_fields.scales, c.model_fields.num_base_classes,
-          c.eval.episodes, c.epochs) == ("coco20i", 641, (81, 40, 20, 10), 61, 5000, 50)
+  assert (
+    c.dataset,
+    c.data.train_size,
+    c.model_fields.scales,
+    c.model_fields.num_base_classes,
+    c.eval.episodes,
+    c.epochs,
+  ) == ("coco20i", 641, (81, 40, 20, 10), 61, 5000, 50)
   assert c.eval.seeds == (510, 365, 382, 322, 988)
   model = symnet.make_model(**c.model_fields)
   assert model.scales[0] == symnet.feature_size(c.data.train_size)
@@ -392,16 +448,32 @@ def test_configs():
 @pytest.mark.slow
 def test_smoke_training_via_main_reports_every_loss_term(tmp_path):
   """3 steps on synthetic VOC data through ``python -m fss_jax.main`` (train + validation)."""
-  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  import os
+  import subprocess
+  import sys
+
   synthetic = pytest.importorskip("data_prep.synthetic")
   data = synthetic.make_built_dataset(tmp_path / "data", "voc", num_images=32, seed=0)
   repo = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   work = tmp_path / "symnet"
-  r = subprocess.run([sys.executable, "-m", "fss_jax.main", "--config", "configs/symnet.py:smoke",
-                      "--workdir", str(work), f"--config.data.data_dir={data}"],
-                     cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fss_jax.main",
+      "--config",
+      "configs/symnet.py:smoke",
+      "--workdir",
+      str(work),
+      f"--config.data.data_dir={data}",
+    ],
+    cwd=repo,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert r.returncode == 0, r.stderr[-4000:]
   summary = json.loads(r.stdout.strip().splitlines()[-1])
   assert summary["step"] == 3 and len(summary["history"]) == 3
@@ -418,9 +490,13 @@ def test_smoke_training_via_main_reports_every_loss_term(tmp_path):
 def test_fixed_batch_training_lowers_every_trainable_loss_term():
   """12 engine train steps (SGD, the config's optimiser with a constant lr) on one batch:
   main, aux1, aux_inner and triplet go down; aux2 (frozen base learner) is only logged."""
-  import functools  # pylint: disable=g-import-not-at-top
-  from configs import symnet as symnet_config  # pylint: disable=g-import-not-at-top
-  from fss_jax.train import optim as optim_lib, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top,multiple-imports
+  import functools
+
+  from configs import symnet as symnet_config
+  from fss_jax.train import optim as optim_lib
+  from fss_jax.train import state as state_lib
+  from fss_jax.train import step as step_lib
+
   c = symnet_config.get_config("smoke")
   c.optim.lr, c.optim.schedule = 0.01, "constant"
   spec = registry.get("symnet")
@@ -431,15 +507,23 @@ def test_fixed_batch_training_lowers_every_trainable_loss_term():
   mask = np.zeros((b, size, size), np.int32)
   mask[:, 8:24, 8:24] = 1
   img[mask == 1] += 1.5
-  ep = {"query_image": jnp.asarray(img), "support_images": jnp.asarray(img[:, None]),
-        "support_masks": jnp.asarray(mask[:, None]), "query_mask": jnp.asarray(mask),
-        "query_base_label": jnp.asarray(mask * 3), "class_id": jnp.asarray([3, 4]),
-        "class_index": jnp.asarray([0, 1])}
+  ep = {
+    "query_image": jnp.asarray(img),
+    "support_images": jnp.asarray(img[:, None]),
+    "support_masks": jnp.asarray(mask[:, None]),
+    "query_mask": jnp.asarray(mask),
+    "query_base_label": jnp.asarray(mask * 3),
+    "class_id": jnp.asarray([3, 4]),
+    "class_index": jnp.asarray([0, 1]),
+  }
   params_shape = _abstract_variables(model)["params"]
   opt = optim_lib.build(c.optim, params_shape, total_steps=12, frozen=spec.frozen)
   state = state_lib.create(model, opt.tx, ep, rng=jax.random.PRNGKey(0))
-  step = jax.jit(functools.partial(step_lib.train_step, model=model, loss_fn=spec.loss_fn,
-                                   tx=opt.tx, trainable=opt.trainable))
+  step = jax.jit(
+    functools.partial(
+      step_lib.train_step, model=model, loss_fn=spec.loss_fn, tx=opt.tx, trainable=opt.trainable
+    )
+  )
   frozen0 = jax.tree_util.tree_leaves(state.params["pspnet"])
   history = []
   for _ in range(12):

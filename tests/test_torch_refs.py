@@ -18,10 +18,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bench import compare  # noqa: E402
-from bench import torch_ref  # noqa: E402
-from bench import torch_refs  # noqa: E402
-from bench.torch_refs import common, cuda_proxy, mmcv_standins, symnet  # noqa: E402
+from bench import (
+  compare,
+  torch_ref,
+  torch_refs,
+)
+from bench.torch_refs import common, cuda_proxy, mmcv_standins, symnet
 
 # A checkout with PANet's interface (models/fewshot.py: FewShotSeg(in_channels, pretrained_path,
 # cfg); forward(supp_imgs, fore_mask, back_mask, qry_imgs) -> (logits [B, 2, H, W], align_loss)).
@@ -59,8 +61,26 @@ def fake_panet(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_runner_record_on_a_checkout_with_panets_interface(fake_panet, capsys, mode):
-  rec = torch_ref.main(["--repo", str(fake_panet), "--model", "panet", "--mode", mode, "--size", "17",
-                        "--batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu"])
+  rec = torch_ref.main(
+    [
+      "--repo",
+      str(fake_panet),
+      "--model",
+      "panet",
+      "--mode",
+      mode,
+      "--size",
+      "17",
+      "--batch",
+      "2",
+      "--steps",
+      "2",
+      "--warmup",
+      "1",
+      "--device",
+      "cpu",
+    ]
+  )
   printed = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][-1])
   assert printed["steps_per_s"] == rec["steps_per_s"] > 0
   assert rec["impl"] == "torch" and rec["mode"] == mode and rec["backend"] == "cpu"
@@ -68,7 +88,7 @@ def test_runner_record_on_a_checkout_with_panets_interface(fake_panet, capsys, m
   assert rec["images_per_s"] == pytest.approx(2 * rec["episodes_per_s"], rel=1e-3)
   assert rec["params_total"] == rec["params_trainable"] == 112
   assert rec["reference"] == "kaixin96/PANet models.fewshot.FewShotSeg"
-  assert rec["repo_commit"] is None                       # not a git work tree of its own
+  assert rec["repo_commit"] is None  # not a git work tree of its own
   assert ("final_loss" in rec) == (mode == "train")
   if mode == "train":
     assert np.isfinite(rec["final_loss"])
@@ -76,18 +96,39 @@ def test_runner_record_on_a_checkout_with_panets_interface(fake_panet, capsys, m
 
 def test_compare_runs_both_sides_and_reports_the_ratio(fake_panet, tmp_path):
   out = tmp_path / "cmp.jsonl"
-  rec = compare.main(["--repo", str(fake_panet), "--model", "panet", "--mode", "eval", "--size", "33",
-                      "--steps", "1", "--warmup", "1", "--torch-arg=--device=cpu", "--out", str(out)])
+  rec = compare.main(
+    [
+      "--repo",
+      str(fake_panet),
+      "--model",
+      "panet",
+      "--mode",
+      "eval",
+      "--size",
+      "33",
+      "--steps",
+      "1",
+      "--warmup",
+      "1",
+      "--torch-arg=--device=cpu",
+      "--out",
+      str(out),
+    ]
+  )
   assert "error" not in rec["jax"] and "error" not in rec["torch"], rec
   assert rec["jax"]["impl"] != "torch" and rec["torch"]["impl"] == "torch"
-  assert rec["speedup"] == pytest.approx(rec["jax"]["steps_per_s"] / rec["torch"]["steps_per_s"], rel=1e-2)
+  assert rec["speedup"] == pytest.approx(
+    rec["jax"]["steps_per_s"] / rec["torch"]["steps_per_s"], rel=1e-2
+  )
   assert json.loads(out.read_text().splitlines()[-1])["speedup"] == rec["speedup"]
 
 
 @pytest.mark.parametrize("model", torch_ref.SUPPORTED)
 def test_every_builder_names_the_checkout_it_expects(model, tmp_path):
-  assert "/" in torch_refs.reference(model)               # "owner/repo module.Class"
-  with pytest.raises(FileNotFoundError, match=r"does not look like|is not the PAHNet checkout root"):
+  assert "/" in torch_refs.reference(model)  # "owner/repo module.Class"
+  with pytest.raises(
+    FileNotFoundError, match=r"does not look like|is not the PAHNet checkout root"
+  ):
     torch_ref.main(["--repo", str(tmp_path), "--model", model, "--size", "33", "--device", "cpu"])
 
 
@@ -95,16 +136,21 @@ def test_pahnet_subdirectory_passed_by_mistake(tmp_path):
   (tmp_path / "model").mkdir()
   (tmp_path / "model" / "SCCANPlus.py").touch()
   with pytest.raises(FileNotFoundError, match="SCCAN_PAHNet/.*pass its parent"):
-    torch_ref.main(["--repo", str(tmp_path), "--model", "sccan_pahnet", "--size", "33", "--device", "cpu"])
+    torch_ref.main(
+      ["--repo", str(tmp_path), "--model", "sccan_pahnet", "--size", "33", "--device", "cpu"]
+    )
 
 
 def test_symnet_bins_are_the_bins_of_fss_jax():
   from fss_jax.models import symnet as jax_symnet
-  assert symnet.pyramid_scales(473) == [60, 30, 15, 8]       # the PASCAL yaml
-  assert symnet.pyramid_scales(641) == [81, 40, 20, 10]      # the COCO yaml
-  assert symnet.pyramid_scales(241) == [31, 16, 8, 4]        # the parity fixture
+
+  assert symnet.pyramid_scales(473) == [60, 30, 15, 8]  # the PASCAL yaml
+  assert symnet.pyramid_scales(641) == [81, 40, 20, 10]  # the COCO yaml
+  assert symnet.pyramid_scales(241) == [31, 16, 8, 4]  # the parity fixture
   for size in range(97, 700, 8):
-    assert tuple(symnet.pyramid_scales(size)) == jax_symnet.default_scales(jax_symnet.feature_size(size)), size
+    assert tuple(symnet.pyramid_scales(size)) == jax_symnet.default_scales(
+      jax_symnet.feature_size(size)
+    ), size
 
 
 def test_cpu_proxy_maps_cuda_requests_only():
@@ -127,8 +173,8 @@ def test_no_checkpoint_files_answers_every_load_with_a_marker():
   with common.no_checkpoint_files(requested):
     ck = torch.load("initmodel/resnet50_v2.pth")
     assert ck["state_dict"] is ck and len(ck) == 0
-    net.load_state_dict(ck["state_dict"])                  # skipped
-    with pytest.raises(RuntimeError):                      # a real state dict still goes through
+    net.load_state_dict(ck["state_dict"])  # skipped
+    with pytest.raises(RuntimeError):  # a real state dict still goes through
       net.load_state_dict({"weight": torch.zeros(3, 3)})
   assert requested == ["initmodel/resnet50_v2.pth"]
   assert torch.equal(net.weight, before)
@@ -148,6 +194,7 @@ def test_mmcv_standins_build_and_follow_training_mode():
   shims: list[str] = []
   mmcv_standins.install(shims)
   import importlib
+
   try:
     importlib.import_module("mmcv")
     real = not getattr(sys.modules["mmcv"], "_fss_jax_standin", False)
@@ -158,17 +205,20 @@ def test_mmcv_standins_build_and_follow_training_mode():
   assert any(s.startswith("mmcv") for s in shims) and any(s.startswith("mmseg") for s in shims)
   cnn = importlib.import_module("mmcv.cnn")
   conv = cnn.ConvModule(3, 4, 3, padding=1, norm_cfg={"type": "BN"})
-  assert conv.conv.bias is None                            # bias="auto" with a norm
+  assert conv.conv.bias is None  # bias="auto" with a norm
   assert conv(torch.randn(2, 3, 5, 5)).shape == (2, 4, 5, 5)
-  drop = importlib.import_module("mmcv.cnn.bricks.drop").build_dropout({"type": "DropPath", "drop_prob": 0.5})
+  drop = importlib.import_module("mmcv.cnn.bricks.drop").build_dropout(
+    {"type": "DropPath", "drop_prob": 0.5}
+  )
   x = torch.ones(64, 8)
   assert torch.equal(drop.eval()(x), x)
   y = drop.train()(x)
   assert set(torch.unique(y).tolist()) <= {0.0, 2.0} and (y == 0).any()
   patch = importlib.import_module("mmseg.models.utils").PatchEmbed(
-      in_channels=4, embed_dims=8, kernel_size=3, stride=2, padding=1, norm_cfg={"type": "LN"})
+    in_channels=4, embed_dims=8, kernel_size=3, stride=2, padding=1, norm_cfg={"type": "LN"}
+  )
   tokens, hw = patch(torch.randn(1, 4, 9, 9))
   assert tokens.shape == (1, 25, 8) and tuple(hw) == (5, 5)
   again: list[str] = []
-  mmcv_standins.install(again)                             # a second build in the process
+  mmcv_standins.install(again)  # a second build in the process
   assert len(again) == 2

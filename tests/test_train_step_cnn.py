@@ -4,7 +4,6 @@ official train scripts: shared/parity/<model>/train (`checkpoints.train_step`)."
 from __future__ import annotations
 
 import pytest
-
 from train_step_cases import run_train_fixture
 
 

@@ -4,7 +4,6 @@ shared/parity/<model>/train (`checkpoints.train_step`)."""
 from __future__ import annotations
 
 import pytest
-
 from train_step_cases import run_train_fixture
 
 
@@ -20,7 +19,8 @@ def test_train_step_matches_official(folder, tmp_path):
 def test_unseen_5shot_train_step(folder, tmp_path):
   """5-shot fixtures made beside the shipped ones (tests/parity_extra/<model>/train): HDMNet's
   kshot_rw requires grad but is in no official optimizer (never updated), Sym-Net's is trained."""
-  from conftest import EXTRA_PARITY_DIR  # pylint: disable=g-import-not-at-top
+  from conftest import EXTRA_PARITY_DIR
+
   report = run_train_fixture(folder, tmp_path, root=EXTRA_PARITY_DIR)
   kshot = [k for k in report["grads"] if k.startswith("kshot_rw.")]
   assert bool(kshot) == (folder == "symnet")

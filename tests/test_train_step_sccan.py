@@ -8,7 +8,6 @@ never run side by side on the two pytest workers.
 from __future__ import annotations
 
 import pytest
-
 from train_step_cases import run_train_fixture
 
 

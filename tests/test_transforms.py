@@ -47,14 +47,20 @@ def test_rand_scale_matches_cv2():
   r, ref = _rngs(1)
   out = T.RandScale((0.9, 1.1)).random_map(ep, r)
   s = 0.9 + 0.2 * ref.random()
-  assert np.array_equal(out["query_image"], cv2.resize(ep["query_image"], None, fx=s, fy=s,
-                                                       interpolation=cv2.INTER_LINEAR))
+  assert np.array_equal(
+    out["query_image"],
+    cv2.resize(ep["query_image"], None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR),
+  )
   for k in ("query_mask", "query_base_label"):
-    assert np.array_equal(out[k], cv2.resize(ep[k], None, fx=s, fy=s, interpolation=cv2.INTER_NEAREST))
+    assert np.array_equal(
+      out[k], cv2.resize(ep[k], None, fx=s, fy=s, interpolation=cv2.INTER_NEAREST)
+    )
   for k in range(2):  # each support its own draw
     s = 0.9 + 0.2 * ref.random()
     img = ep["support_images"][k]
-    assert np.array_equal(out["support_images"][k], cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR))
+    assert np.array_equal(
+      out["support_images"][k], cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
+    )
     assert out["support_masks"][k].shape == out["support_images"][k].shape[:2]
   assert out["query_image"].dtype == np.float32 and out["query_mask"].dtype == np.uint8
 
@@ -67,15 +73,31 @@ def test_rand_rotate_matches_cv2():
   angle = -10 + 20 * ref.random()
   h, w = ep["query_mask"].shape
   m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
-  want = cv2.warpAffine(ep["query_image"], m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                        borderValue=MEAN)
+  want = cv2.warpAffine(
+    ep["query_image"],
+    m,
+    (w, h),
+    flags=cv2.INTER_LINEAR,
+    borderMode=cv2.BORDER_CONSTANT,
+    borderValue=MEAN,
+  )
   assert np.array_equal(out["query_image"], want)
-  want_l = cv2.warpAffine(ep["query_mask"], m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=255)
-  assert np.array_equal(out["query_mask"], want_l) and (want_l == 255).sum() > (ep["query_mask"] == 255).sum()
+  want_l = cv2.warpAffine(
+    ep["query_mask"],
+    m,
+    (w, h),
+    flags=cv2.INTER_NEAREST,
+    borderMode=cv2.BORDER_CONSTANT,
+    borderValue=255,
+  )
+  assert (
+    np.array_equal(out["query_mask"], want_l)
+    and (want_l == 255).sum() > (ep["query_mask"] == 255).sum()
+  )
   # corners are filled with the mean colour
-  assert np.allclose(out["query_image"][h - 1, 0], np.float32(MEAN)) or np.allclose(out["query_image"][0, 0],
-                                                                                      np.float32(MEAN))
+  assert np.allclose(out["query_image"][h - 1, 0], np.float32(MEAN)) or np.allclose(
+    out["query_image"][0, 0], np.float32(MEAN)
+  )
   same = T.RandRotate(p=0.0).random_map(ep, np.random.default_rng(0))
   assert np.array_equal(same["query_image"], ep["query_image"])
 
@@ -114,7 +136,7 @@ def test_crop_pads_symmetrically_with_mean_and_255():
 def test_crop_offsets_follow_the_85_percent_rule():
   h, w, c = 120, 130, 40
   msk = np.zeros((h, w), np.uint8)
-  msk[80:100, 100:125] = 1          # an object near the bottom-right corner
+  msk[80:100, 100:125] = 1  # an object near the bottom-right corner
   op = T.RandomCrop(size=(c, c))
   for seed in range(20):
     r, ref = _rngs(seed)
@@ -123,7 +145,7 @@ def test_crop_offsets_follow_the_85_percent_rule():
     raw = (msk == 1).sum()
     for attempt in range(32):
       t, l = int(ref.integers(0, h - c + 1)), int(ref.integers(0, w - c + 1))
-      if attempt == 31 or (msk[t:t + c, l:l + c] == 1).sum() >= 0.85 * raw:
+      if attempt == 31 or (msk[t : t + c, l : l + c] == 1).sum() >= 0.85 * raw:
         break
     assert (top, left) == (t, l)
   # with retries the crop nearly always keeps >= 85 % of the object, a single draw rarely does
@@ -133,21 +155,33 @@ def test_crop_offsets_follow_the_85_percent_rule():
 
   def rate(retries):
     op = T.RandomCrop(size=(60, 60), retries=retries)
-    return np.mean([(op.random_map(ep, np.random.default_rng(s))["query_mask"] == 1).sum() >= 0.85 * 400
-                    for s in range(40)])
+    return np.mean(
+      [
+        (op.random_map(ep, np.random.default_rng(s))["query_mask"] == 1).sum() >= 0.85 * 400
+        for s in range(40)
+      ]
+    )
+
   assert rate(31) >= 0.9 and rate(0) <= 0.4
   # no label-1 pixels: the first draw is kept
   r, ref = _rngs(3)
-  assert op.offsets(np.zeros((h, w), np.uint8), r) == (int(ref.integers(0, h - c + 1)),
-                                                       int(ref.integers(0, w - c + 1)))
+  assert op.offsets(np.zeros((h, w), np.uint8), r) == (
+    int(ref.integers(0, h - c + 1)),
+    int(ref.integers(0, w - c + 1)),
+  )
 
 
 def test_query_labels_share_draws_and_supports_draw_their_own():
   h, w = 60, 70
   img = _image(h, w)
   msk = _mask(h, w, box=(10, 10, 45, 50))
-  ep = {"query_image": img, "query_mask": msk, "query_base_label": msk.copy(),
-        "support_images": [img.copy(), img.copy()], "support_masks": [msk.copy(), msk.copy()]}
+  ep = {
+    "query_image": img,
+    "query_mask": msk,
+    "query_base_label": msk.copy(),
+    "support_images": [img.copy(), img.copy()],
+    "support_masks": [msk.copy(), msk.copy()],
+  }
   ops = T.train_ops(41)[:-2]
   out = T.apply_ops(ep, ops, np.random.default_rng(5))
   assert np.array_equal(out["query_mask"], out["query_base_label"])
@@ -158,30 +192,50 @@ def test_query_labels_share_draws_and_supports_draw_their_own():
 def test_squash_resize_matches_cv2():
   ep = _episode(shots=1)
   out = T.SquashResize(size=(33, 47)).map(ep)
-  assert np.array_equal(out["query_image"], cv2.resize(ep["query_image"], (47, 33), interpolation=cv2.INTER_LINEAR))
-  assert np.array_equal(out["support_masks"][0],
-                        cv2.resize(ep["support_masks"][0], (47, 33), interpolation=cv2.INTER_NEAREST))
+  assert np.array_equal(
+    out["query_image"], cv2.resize(ep["query_image"], (47, 33), interpolation=cv2.INTER_LINEAR)
+  )
+  assert np.array_equal(
+    out["support_masks"][0],
+    cv2.resize(ep["support_masks"][0], (47, 33), interpolation=cv2.INTER_NEAREST),
+  )
 
 
-@pytest.mark.parametrize("hw,size,want", [((375, 500), 473, (352, 472)), ((500, 375), 473, (472, 352)),
-                                          ((500, 500), 473, (472, 472)), ((480, 640), 641, (480, 640)),
-                                          ((333, 500), 473, (312, 472)), ((50, 60), 97, (80, 96))])
+@pytest.mark.parametrize(
+  "hw,size,want",
+  [
+    ((375, 500), 473, (352, 472)),
+    ((500, 375), 473, (472, 352)),
+    ((500, 500), 473, (472, 472)),
+    ((480, 640), 641, (480, 640)),
+    ((333, 500), 473, (312, 472)),
+    ((50, 60), 97, (80, 96)),
+  ],
+)
 def test_aspect_size(hw, size, want):
   assert T.aspect_size(*hw, size) == want
 
 
 def test_aspect_resize_pad_matches_cv2():
-  h, w, s = 37, 50, 33                    # long side -> 33 -> 32; short side int(37*33/50)=24 -> 24
-  ep = {"query_image": _image(h, w), "query_mask": _mask(h, w),
-        "support_images": [_image(w, h)], "support_masks": [_mask(w, h, box=(2, 2, 20, 20))]}
+  h, w, s = 37, 50, 33  # long side -> 33 -> 32; short side int(37*33/50)=24 -> 24
+  ep = {
+    "query_image": _image(h, w),
+    "query_mask": _mask(h, w),
+    "support_images": [_image(w, h)],
+    "support_masks": [_mask(w, h, box=(2, 2, 20, 20))],
+  }
   out = T.AspectResizePad(size=s).map(ep)
   nh, nw = T.aspect_size(h, w, s)
   assert (nh, nw) == (24, 32)
   img, msk = out["query_image"], out["query_mask"]
   assert img.shape == (s, s, 3) and msk.shape == (s, s)
-  assert np.array_equal(img[:nh, :nw], cv2.resize(ep["query_image"], (nw, nh), interpolation=cv2.INTER_LINEAR))
+  assert np.array_equal(
+    img[:nh, :nw], cv2.resize(ep["query_image"], (nw, nh), interpolation=cv2.INTER_LINEAR)
+  )
   assert (img[nh:] == 0).all() and (img[:, nw:] == 0).all(), "zero (not mean) canvas"
-  assert np.array_equal(msk[:nh, :nw], cv2.resize(ep["query_mask"], (nw, nh), interpolation=cv2.INTER_NEAREST))
+  assert np.array_equal(
+    msk[:nh, :nw], cv2.resize(ep["query_mask"], (nw, nh), interpolation=cv2.INTER_NEAREST)
+  )
   assert (msk[nh:] == 255).all() and (msk[:, nw:] == 255).all()
   assert out["support_images"][0].shape == (s, s, 3)
   sh, sw = T.aspect_size(w, h, s)
@@ -208,14 +262,20 @@ def test_normalize_is_bit_exact_with_torch():
 
 
 def test_keep_original_label_and_bucket_error():
-  ep = {"query_image": _image(30, 44), "query_mask": _mask(30, 44), "query_base_label": _mask(30, 44) * 3,
-        "query_id": "x"}
+  ep = {
+    "query_image": _image(30, 44),
+    "query_mask": _mask(30, 44),
+    "query_base_label": _mask(30, 44) * 3,
+    "query_id": "x",
+  }
   out = T.KeepOriginalLabel(bucket=(48, 48)).map(ep)
   assert out["label_original"].shape == (48, 48) and out["label_size"].tolist() == [30, 44]
   assert np.array_equal(out["label_original"][:30, :44], ep["query_mask"])
   assert (out["label_original"][30:] == 255).all() and (out["label_original"][:, 44:] == 255).all()
   assert np.array_equal(out["query_base_label_original"][:30, :44], ep["query_base_label"])
-  with pytest.raises(ValueError, match=r"query image x is 30x44, larger than the label bucket 40x40"):
+  with pytest.raises(
+    ValueError, match=r"query image x is 30x44, larger than the label bucket 40x40"
+  ):
     T.KeepOriginalLabel(bucket=(40, 40)).map(ep)
 
 
@@ -243,8 +303,16 @@ class _Recorded(grain.transforms.RandomMap):
     return out
 
 
-@pytest.mark.parametrize("op", [T.RandScale((0.5, 2.0)), T.RandRotate(p=0.9), T.RandomGaussianBlur(p=0.7),
-                                T.RandomHorizontalFlip(), T.RandomCrop(size=(41, 41))])
+@pytest.mark.parametrize(
+  "op",
+  [
+    T.RandScale((0.5, 2.0)),
+    T.RandRotate(p=0.9),
+    T.RandomGaussianBlur(p=0.7),
+    T.RandomHorizontalFlip(),
+    T.RandomCrop(size=(41, 41)),
+  ],
+)
 def test_ops_run_the_same_inside_grain(op):
   eps = [_episode(shots=1) for _ in range(4)]
   ds = grain.MapDataset.source(eps).seed(3).random_map(_Recorded(op))
@@ -274,7 +342,7 @@ def test_deterministic_ops_run_the_same_inside_grain():
 
 
 def test_train_chain_leaves_out_identity_steps():
-  kinds = lambda ops: [type(o).__name__ for o in ops]  # noqa: E731
+  kinds = lambda ops: [type(o).__name__ for o in ops]
   full = kinds(T.train_ops(33))
   assert full[:4] == ["RandScale", "RandRotate", "RandomGaussianBlur", "RandomHorizontalFlip"]
   # PANet (resize + mirror) and SSP (crop + flip): no RandScale, rotation or blur.
@@ -289,8 +357,18 @@ def test_train_chain_leaves_out_identity_steps():
 @pytest.mark.parametrize("method", ["panet", "ssp"])
 def test_flip_only_recipes_build_their_chain(method):
   import importlib
+
   c = importlib.import_module(f"configs.{method}").get_config("smoke")
-  ops = T.train_ops(c.data.train_size, scale=c.data.scale, rotate=c.data.rotate, blur=c.data.blur,
-                    resize=c.data.train_resize)
+  ops = T.train_ops(
+    c.data.train_size,
+    scale=c.data.scale,
+    rotate=c.data.rotate,
+    blur=c.data.blur,
+    resize=c.data.train_resize,
+  )
   kinds = {type(o).__name__ for o in ops}
-  assert "RandomHorizontalFlip" in kinds and not kinds & {"RandScale", "RandRotate", "RandomGaussianBlur"}
+  assert "RandomHorizontalFlip" in kinds and not kinds & {
+    "RandScale",
+    "RandRotate",
+    "RandomGaussianBlur",
+  }

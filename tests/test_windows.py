@@ -89,8 +89,8 @@ def test_pad_to_windows_and_top_windows():
   p = np.asarray(W.pad_to_windows(x, 3))
   assert p.shape == (1, 9, 9, 2) and p[:, :8, :7].all()
   assert not p[:, 8:].any() and not p[:, :, 7:].any()
-  assert W.pad_to_windows(x[..., 0], 3).shape == (1, 9, 9)     # any trailing axes
-  assert W.pad_to_windows(x[:, :6, :6], 3).shape == (1, 6, 6, 2)   # already whole windows
+  assert W.pad_to_windows(x[..., 0], 3).shape == (1, 9, 9)  # any trailing axes
+  assert W.pad_to_windows(x[:, :6, :6], 3).shape == (1, 6, 6, 2)  # already whole windows
   scores = jnp.asarray([[0.0, 2.0, 0.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
   np.testing.assert_array_equal(np.asarray(W.top_windows(scores, 3)), [[1, 4, 3], [0, 1, 2]])
   assert W.top_windows(scores, 9).shape == (2, 5)
@@ -98,14 +98,16 @@ def test_pad_to_windows_and_top_windows():
 
 # -- patch alignment ---------------------------------------------------------------------------
 
+
 def _np_generate_indices(q, s, m, ws, eps=5e-4, cos_eps=1e-7):
   """numpy transcription of the official generate_indices (NHWC inputs)."""
-  qp = _np_partition(q, ws).mean(axis=2)                          # [B, N, C]
+  qp = _np_partition(q, ws).mean(axis=2)  # [B, N, C]
   ma = (_np_partition(m, ws).mean(axis=2) * ws * ws + np.float32(eps)).astype(np.float32)
   sp = _np_partition(s * m, ws).mean(axis=2) * ws * ws / ma
   valid = (ma != np.float32(eps)).astype(np.float32)
   cos = np.einsum("bic,bjc->bij", sp, qp) / (
-      np.linalg.norm(sp, axis=-1)[:, :, None] * np.linalg.norm(qp, axis=-1)[:, None, :] + cos_eps)
+    np.linalg.norm(sp, axis=-1)[:, :, None] * np.linalg.norm(qp, axis=-1)[:, None, :] + cos_eps
+  )
   score = (cos + 1) / 2 * valid
   return score.argmax(axis=1), score
 
@@ -116,10 +118,11 @@ def test_alignment_matches_numpy_reference():
   s = rng.standard_normal((2, 24, 24, 8)).astype(np.float32)
   m = np.zeros((2, 24, 24, 1), np.float32)
   m[0, 3:17, 5:20] = 1.0
-  m[0, 2, 5:20] = 0.25   # soft border
+  m[0, 2, 5:20] = 0.25  # soft border
   m[1, 10:12, 10:12] = 1.0
-  idx, score = scca.align_support_windows(jnp.asarray(q), jnp.asarray(s), jnp.asarray(m), 8,
-                                          return_scores=True)
+  idx, score = scca.align_support_windows(
+    jnp.asarray(q), jnp.asarray(s), jnp.asarray(m), 8, return_scores=True
+  )
   ref_idx, ref_score = _np_generate_indices(q, s, m, 8)
   np.testing.assert_allclose(np.asarray(score), ref_score, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(idx), ref_idx)
@@ -148,6 +151,7 @@ def test_alignment_ties_take_the_first_window():
 
 # -- scaled-cosine attention -------------------------------------------------------------------
 
+
 def _np_attention(p, x, y, heads, n_self):
   n, lq, c = x.shape
   d = c // heads
@@ -155,7 +159,7 @@ def _np_attention(p, x, y, heads, n_self):
   kv = (y @ p["kv"]["kernel"] + p["kv"]["bias"]).reshape(n, y.shape[1], 2, heads, d)
   k, v = kv[:, :, 0].transpose(0, 2, 1, 3), kv[:, :, 1].transpose(0, 2, 1, 3)
   logits = q @ k.transpose(0, 1, 3, 2)
-  self_l = logits[..., :n_self] * d ** -0.5
+  self_l = logits[..., :n_self] * d**-0.5
   qn = np.linalg.norm(q, axis=-1, keepdims=True)
   kn = np.linalg.norm(k[:, :, n_self:], axis=-1, keepdims=True)
   cross = logits[..., n_self:] / (qn @ kn.transpose(0, 1, 3, 2) + 1e-7)

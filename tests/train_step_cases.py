@@ -18,14 +18,21 @@ import sys
 import tempfile
 
 import numpy as np
-
 from conftest import REPO, parity_fixture
 
 # Peak RSS of one verify run on CPU, GB (2 cores, XLA's kernels; YNNPACK: SCCAN 6.4, SCCAN +
 # PAHNet 12.5 before verify's memory scheduler): a check above EXCLUSIVE_GB runs alone among the
 # train-step checks of all pytest workers, the others share (`_memory_slot`).
-PEAK_GB = {"sccan_pahnet": 10.1, "sccan": 4.9, "hdmnet_pahnet": 3.4, "hdmnet": 2.5, "symnet": 2.5,
-           "pspnet": 2.0, "panet": 1.0, "ssp": 1.0}
+PEAK_GB = {
+  "sccan_pahnet": 10.1,
+  "sccan": 4.9,
+  "hdmnet_pahnet": 3.4,
+  "hdmnet": 2.5,
+  "symnet": 2.5,
+  "pspnet": 2.0,
+  "panet": 1.0,
+  "ssp": 1.0,
+}
 EXCLUSIVE_GB = 8.0
 _LOCK = pathlib.Path(tempfile.gettempdir()) / "fss_jax_train_step_memory.lock"
 
@@ -47,30 +54,49 @@ def run_train_fixture(folder: str, tmp_path, *, cpu_kernels: str = "auto", root=
 
   ``root``: another fixture folder (tests/parity_extra) instead of ../shared/parity.
   """
-  path = parity_fixture(f"{folder}/train") if root is None else \
-      sorted((root / folder / "train").glob("*.npz"))[0]
+  path = (
+    parity_fixture(f"{folder}/train")
+    if root is None
+    else sorted((root / folder / "train").glob("*.npz"))[0]
+  )
   out = tmp_path / "report.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  cmd = [sys.executable, "-m", "checkpoints.verify", "--fixture", str(path), "--json", str(out),
-         "--cpu-kernels", cpu_kernels]
+  cmd = [
+    sys.executable,
+    "-m",
+    "checkpoints.verify",
+    "--fixture",
+    str(path),
+    "--json",
+    str(out),
+    "--cpu-kernels",
+    cpu_kernels,
+  ]
   with _memory_slot(folder):
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-                          check=False)
-  assert out.is_file(), (f"exit {proc.returncode} (-9: killed, e.g. out of memory)\n"
-                         + proc.stdout[-3000:] + proc.stderr[-3000:])
+    proc = subprocess.run(
+      cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+  assert out.is_file(), (
+    f"exit {proc.returncode} (-9: killed, e.g. out of memory)\n"
+    + proc.stdout[-3000:]
+    + proc.stderr[-3000:]
+  )
   report = json.loads(out.read_text())
   with np.load(path) as z:
     names = list(z.files)
-  want = {"outputs": {n for n in names if n.startswith("out_loss_")},
-          "grads": {n[len("grad_"):] for n in names if n.startswith("grad_")},
-          "deltas": {n[len("delta_"):] for n in names if n.startswith("delta_")},
-          "stats": {n[len("stat_"):] for n in names if n.startswith("stat_")}}
+  want = {
+    "outputs": {n for n in names if n.startswith("out_loss_")},
+    "grads": {n[len("grad_") :] for n in names if n.startswith("grad_")},
+    "deltas": {n[len("delta_") :] for n in names if n.startswith("delta_")},
+    "stats": {n[len("stat_") :] for n in names if n.startswith("stat_")},
+  }
   for cat, keys in want.items():
     assert set(report[cat]) == keys, (cat, sorted(keys ^ set(report[cat]))[:10])
   assert report["kind"] == "train_step"
   assert report["passed"], proc.stdout[-4000:]
   if cpu_kernels == "auto":
-    from checkpoints import train_adapters  # pylint: disable=g-import-not-at-top
+    from checkpoints import train_adapters
+
     cpu_kernels = train_adapters.cpu_kernels(json.loads(path.with_suffix(".json").read_text()))
   assert ("ynn_fusion_type" in report["xla_flags"]) == (cpu_kernels == "xla")
   assert proc.returncode == 0

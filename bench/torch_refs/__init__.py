@@ -11,17 +11,17 @@ libraries they import.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 # registry name -> module under bench/torch_refs
 MODULES = {
-    "panet": "panet",
-    "hdmnet": "hdmnet",
-    "hdmnet_pahnet": "hdmnet_pahnet",
-    "sccan": "sccan",
-    "symnet": "symnet",
-    "sccan_pahnet": "sccan_pahnet",
-    "ssp": "ssp",
+  "panet": "panet",
+  "hdmnet": "hdmnet",
+  "hdmnet_pahnet": "hdmnet_pahnet",
+  "sccan": "sccan",
+  "symnet": "symnet",
+  "sccan_pahnet": "sccan_pahnet",
+  "ssp": "ssp",
 }
 
 

@@ -10,22 +10,26 @@ import os
 import pathlib
 import sys
 import types
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 
 class Reference(NamedTuple):
   """A built reference: ``train_iter()`` returns the loss, ``eval_fwd()`` the [B, H, W] prediction."""
-  model: Any                   # torch.nn.Module (parameters counted by the runner)
+
+  model: Any  # torch.nn.Module (parameters counted by the runner)
   train_iter: Callable[[], Any]
   eval_fwd: Callable[[], Any]
-  info: dict[str, Any]         # construction, optimiser, skipped checkpoint files, ...
+  info: dict[str, Any]  # construction, optimiser, skipped checkpoint files, ...
 
 
 def use_repo(repo: pathlib.Path, packages: Sequence[str], marker: str) -> None:
   """Puts ``repo`` first on sys.path and forgets same-named modules imported from elsewhere."""
   if not (repo / marker).is_file():
-    raise FileNotFoundError(f"--repo {repo} does not look like the checkout (no {marker}); clone the "
-                            f"official repository and pass its root")
+    raise FileNotFoundError(
+      f"--repo {repo} does not look like the checkout (no {marker}); clone the "
+      f"official repository and pass its root"
+    )
   for name in list(sys.modules):
     if name.split(".")[0] in packages:
       del sys.modules[name]
@@ -53,7 +57,8 @@ def shim_torchvision_utils(shims: list[str]) -> None:
   try:
     importlib.import_module("torchvision.models.utils")
   except ImportError:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
+
     m = types.ModuleType("torchvision.models.utils")
     m.load_state_dict_from_url = torch.hub.load_state_dict_from_url
     sys.modules["torchvision.models.utils"] = m
@@ -67,8 +72,8 @@ def shim_timm(shims: list[str]) -> None:
     return
   except ImportError:
     pass
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
+  import torch
+  from torch import nn
 
   class DropPath(nn.Module):
     """Stochastic depth per sample (identity in eval mode or for p = 0)."""
@@ -108,7 +113,8 @@ def no_checkpoint_files(requested: list[str]):
   The references load ImageNet / PSPNet weights in their constructors; speed does
   not depend on the weights, so the files are never read (their paths are recorded).
   """
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   # An empty dict whose every key is itself (``torch.load(f)["state_dict"]`` is the marker too).
   marker = type("_NoCheckpoint", (dict,), {"__missing__": lambda self, key: self})()
   load, load_sd = torch.load, torch.nn.Module.load_state_dict
@@ -145,4 +151,5 @@ def batchnorm_eval_in_train(model, enabled: bool = True) -> Callable[[], None]:
     if any(m.training for m in bns):
       for m in bns:
         m.eval()
+
   return fix

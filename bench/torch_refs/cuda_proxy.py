@@ -24,11 +24,14 @@ class CpuTorch(types.ModuleType):
     super().__init__("torch")
 
   def __getattr__(self, name: str):
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
+
     attr = getattr(torch, name)
     if name == "device":
+
       def device(d, *args):
         return torch.device("cpu") if _is_cuda(d) else torch.device(d, *args)
+
       attr = device
     elif callable(attr) and not isinstance(attr, type):
       fn = attr
@@ -38,15 +41,19 @@ class CpuTorch(types.ModuleType):
         if _is_cuda(kwargs.get("device", "")):
           kwargs["device"] = "cpu"
         return fn(*args, **kwargs)
-    setattr(self, name, attr)                  # looked up once per name
+
+    setattr(self, name, attr)  # looked up once per name
     return attr
 
 
 def patch_module(module, device, shims: list[str]) -> None:
   """Replaces ``module.torch`` by :class:`CpuTorch` when ``device`` is the CPU (else leaves it)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   if torch.device(device).type != "cpu":
     return
   module.torch = CpuTorch()
-  shims.append(f"{module.__name__}: module global torch -> proxy mapping torch.device('cuda') / "
-               f"device='cuda' to the CPU (device is cpu)")
+  shims.append(
+    f"{module.__name__}: module global torch -> proxy mapping torch.device('cuda') / "
+    f"device='cuda' to the CPU (device is cpu)"
+  )

@@ -7,10 +7,7 @@ import pathlib
 import sys
 import types
 
-from bench.torch_refs import common
-from bench.torch_refs import cuda_proxy
-from bench.torch_refs import hdmnet
-from bench.torch_refs import mmcv_standins
+from bench.torch_refs import common, cuda_proxy, hdmnet, mmcv_standins
 
 REFERENCE = "tianyu-zou/PAHNet HDMNet_PAHNet.model.HDMNetPlus.OneModel"
 SUBDIR = "HDMNet_PAHNet"
@@ -24,14 +21,20 @@ def shim_matplotlib(shims: list[str]) -> None:
     return
   except ImportError:
     pass
-  mpl, plt, colors = (types.ModuleType(n) for n in ("matplotlib", "matplotlib.pyplot", "matplotlib.colors"))
+  mpl, plt, colors = (
+    types.ModuleType(n) for n in ("matplotlib", "matplotlib.pyplot", "matplotlib.colors")
+  )
   colors.LinearSegmentedColormap = None
   mpl.pyplot, mpl.colors = plt, colors
   sys.modules.update({"matplotlib": mpl, "matplotlib.pyplot": plt, "matplotlib.colors": colors})
-  shims.append("matplotlib (pyplot, colors.LinearSegmentedColormap: imported, unused) empty modules")
+  shims.append(
+    "matplotlib (pyplot, colors.LinearSegmentedColormap: imported, unused) empty modules"
+  )
 
 
-def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]) -> common.Reference:
+def build(
+  repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]
+) -> common.Reference:
   """``args = load_cfg_from_cfg_file(HDMNet_PAHNet/config/pascal/pascal_split0_resnet50_manet[_5s].yaml);
   OneModel(args, cls_type="Base")`` (it builds ``SSP_MatchingNet('resnet50', False)`` and puts it in eval
   mode in its forward). ``repo`` is the PAHNet root (it holds train_HDMNet_PAHNet.py and HDMNet_PAHNet/).
@@ -60,11 +63,13 @@ def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]
   cuda_proxy.patch_module(plus, device, shims)
   # test_HDMNet_PAHNet.py unpacks three outputs, the model returns four: eval_fwd takes output [0].
   train_iter, eval_fwd = hdmnet.make_steps(model, optimizer, args, hdmnet.episode_inputs(ep))
-  info = {"construction": f"args = load_cfg_from_cfg_file({yaml.relative_to(repo)}); args.shot={k}; "
-                          "OneModel(args, cls_type='Base'); model.freeze_modules(model)",
-          "optimizer": "model.get_optim(model, args, LR=args.base_lr) (AdamW, weight_decay=args.weight_decay; "
-                       "the poly lr schedule is not applied)",
-          "loss": "main_loss + aux_weight1 * aux_loss1 + aux_weight2 * aux_loss2 (train_HDMNet_PAHNet.py); "
-                  "fix_bn on BatchNorm",
-          "checkpoint_files_skipped": requested}
+  info = {
+    "construction": f"args = load_cfg_from_cfg_file({yaml.relative_to(repo)}); args.shot={k}; "
+    "OneModel(args, cls_type='Base'); model.freeze_modules(model)",
+    "optimizer": "model.get_optim(model, args, LR=args.base_lr) (AdamW, weight_decay=args.weight_decay; "
+    "the poly lr schedule is not applied)",
+    "loss": "main_loss + aux_weight1 * aux_loss1 + aux_weight2 * aux_loss2 (train_HDMNet_PAHNet.py); "
+    "fix_bn on BatchNorm",
+    "checkpoint_files_skipped": requested,
+  }
   return common.Reference(model, train_iter, eval_fwd, info)

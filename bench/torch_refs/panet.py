@@ -10,18 +10,23 @@ from bench.torch_refs import common
 REFERENCE = "kaixin96/PANet models.fewshot.FewShotSeg"
 
 
-def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]) -> common.Reference:
+def build(
+  repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]
+) -> common.Reference:
   """FewShotSeg(in_channels=3, pretrained_path=None, cfg={'align': train}) (fixture construction;
   PANet trains with align=True)."""
   del shims
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   common.use_repo(repo, ("models", "util", "dataloaders", "config"), "models/fewshot.py")
   fewshot = importlib.import_module("models.fewshot")
-  model = fewshot.FewShotSeg(in_channels=3, pretrained_path=None, cfg={"align": bool(train)}).to(device)
+  model = fewshot.FewShotSeg(in_channels=3, pretrained_path=None, cfg={"align": bool(train)}).to(
+    device
+  )
   k = ep["support_images"].shape[1]
-  supp = ep["support_images"]                                     # [B, K, 3, H, W]
-  smask = ep["support_masks"]                                     # [B, K, H, W]
-  supp_imgs = [[supp[:, s] for s in range(k)]]                    # way x shot x [B, 3, H, W]
+  supp = ep["support_images"]  # [B, K, 3, H, W]
+  smask = ep["support_masks"]  # [B, K, H, W]
+  supp_imgs = [[supp[:, s] for s in range(k)]]  # way x shot x [B, 3, H, W]
   fore = [[(smask[:, s] == 1).float() for s in range(k)]]
   back = [[(smask[:, s] != 1).float() for s in range(k)]]
   qry = [ep["query_image"]]
@@ -42,6 +47,8 @@ def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]
     out, _ = model(supp_imgs, fore, back, qry)
     return out.argmax(dim=1)
 
-  info = {"construction": "FewShotSeg(in_channels=3, pretrained_path=None, cfg={'align': %s})" % bool(train),
-          "optimizer": "SGD(lr=1e-3, momentum=0.9, weight_decay=5e-4)"}
+  info = {
+    "construction": f"FewShotSeg(in_channels=3, pretrained_path=None, cfg={{'align': {bool(train)}}})",
+    "optimizer": "SGD(lr=1e-3, momentum=0.9, weight_decay=5e-4)",
+  }
   return common.Reference(model, train_iter, eval_fwd, info)

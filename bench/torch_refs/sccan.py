@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 from bench.torch_refs import common
 
@@ -18,12 +18,17 @@ def make_steps(model, optimizers, args, ep: dict, final: Callable):
   (SGD + AdamW) zeroed and stepped. Eval: argmax of ``final(model output)``.
   """
   fix_bn = common.batchnorm_eval_in_train(model, bool(getattr(args, "fix_bn", False)))
-  inputs = {"s_x": ep["support_images"], "s_y": ep["support_masks"].long(), "x": ep["query_image"],
-            "y_m": ep["query_mask"].long(), "cat_idx": [ep["class_index"].long()]}
+  inputs = {
+    "s_x": ep["support_images"],
+    "s_y": ep["support_masks"].long(),
+    "x": ep["query_image"],
+    "y_m": ep["query_mask"].long(),
+    "cat_idx": [ep["class_index"].long()],
+  }
   aux1, aux2 = float(getattr(args, "aux_weight1", 1.0)), float(getattr(args, "aux_weight2", 1.0))
 
   def train_iter():
-    fix_bn()                              # model.train(); model.apply(fix_bn)
+    fix_bn()  # model.train(); model.apply(fix_bn)
     _, main_loss, aux_loss1, aux_loss2 = model(**inputs)
     loss = main_loss + aux1 * aux_loss1 + aux2 * aux_loss2
     for opt in optimizers:
@@ -39,7 +44,9 @@ def make_steps(model, optimizers, args, ep: dict, final: Callable):
   return train_iter, eval_fwd
 
 
-def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]) -> common.Reference:
+def build(
+  repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]
+) -> common.Reference:
   """``args = load_cfg_from_cfg_file(config/pascal/pascal_split0_resnet50[_5s].yaml); OneModel(args)``."""
   del train
   common.use_repo(repo, ("model", "util"), "model/SCCAN.py")
@@ -53,14 +60,18 @@ def build(repo: pathlib.Path, ep: dict, *, train: bool, device, shims: list[str]
   sccan = importlib.import_module("model.SCCAN")
   with common.no_checkpoint_files(requested):
     model = sccan.OneModel(args)
-  optimizer, optimizer_swin = model.get_optim(model, args, LR=args.base_lr)   # train_sccan.py get_model()
+  optimizer, optimizer_swin = model.get_optim(
+    model, args, LR=args.base_lr
+  )  # train_sccan.py get_model()
   if hasattr(model, "freeze_modules"):
     model.freeze_modules(model)
   model = model.to(device)
   train_iter, eval_fwd = make_steps(model, (optimizer, optimizer_swin), args, ep, lambda out: out)
-  info = {"construction": f"args = load_cfg_from_cfg_file({yaml.relative_to(repo)}); args.shot={k}; "
-                          f"OneModel(args); model.get_optim(...); model.freeze_modules(model); "
-                          f"fix_bn={bool(getattr(args, 'fix_bn', False))}",
-          "optimizer": "model.get_optim(model, args, LR=args.base_lr) (SGD + AdamW for the transformer)",
-          "checkpoint_files_skipped": requested}
+  info = {
+    "construction": f"args = load_cfg_from_cfg_file({yaml.relative_to(repo)}); args.shot={k}; "
+    f"OneModel(args); model.get_optim(...); model.freeze_modules(model); "
+    f"fix_bn={bool(getattr(args, 'fix_bn', False))}",
+    "optimizer": "model.get_optim(model, args, LR=args.base_lr) (SGD + AdamW for the transformer)",
+    "checkpoint_files_skipped": requested,
+  }
   return common.Reference(model, train_iter, eval_fwd, info)

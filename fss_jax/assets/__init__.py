@@ -22,7 +22,7 @@ import functools
 import hashlib
 import os
 import pathlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class AssetError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class EmbeddingTable:
   """One class-embedding table: file (relative to this package), checksum, shape."""
+
   file: str
   sha256: str
   shape: tuple[int, int]
@@ -44,15 +45,24 @@ class EmbeddingTable:
 # SHA-256 of the .npy files (the official .pkl files hash to eebb9c29... / 226bd025...,
 # symnet.md §8; the arrays inside are the same: element sums -24.234728 / -75.020577).
 WORD2VEC: dict[str, EmbeddingTable] = {
-    "pascal5i": EmbeddingTable("symnet/word2vec_pascal.npy",
-                               "5f0172bc5e466940b37f20aa0c3e998ef05d637e82ba931618bc892b528aa928",
-                               (21, 300)),
-    "coco20i": EmbeddingTable("symnet/word2vec_coco.npy",
-                              "ac2768bfb8928f43edba7a3e3e8b47d438f4b22c1e436967c457e2f25bfe8505",
-                              (81, 300)),
+  "pascal5i": EmbeddingTable(
+    "symnet/word2vec_pascal.npy",
+    "5f0172bc5e466940b37f20aa0c3e998ef05d637e82ba931618bc892b528aa928",
+    (21, 300),
+  ),
+  "coco20i": EmbeddingTable(
+    "symnet/word2vec_coco.npy",
+    "ac2768bfb8928f43edba7a3e3e8b47d438f4b22c1e436967c457e2f25bfe8505",
+    (81, 300),
+  ),
 }
-_ALIASES = {"pascal": "pascal5i", "voc": "pascal5i", "pascal5i": "pascal5i",
-            "coco": "coco20i", "coco20i": "coco20i"}
+_ALIASES = {
+  "pascal": "pascal5i",
+  "voc": "pascal5i",
+  "pascal5i": "pascal5i",
+  "coco": "coco20i",
+  "coco20i": "coco20i",
+}
 
 
 def canonical_dataset(dataset: str) -> str:
@@ -60,8 +70,10 @@ def canonical_dataset(dataset: str) -> str:
   try:
     return _ALIASES[str(dataset).lower()]
   except KeyError:
-    raise AssetError(f"no class embeddings for dataset {dataset!r}; Sym-Net ships word2vec "
-                     f"tables for {', '.join(WORD2VEC)}") from None
+    raise AssetError(
+      f"no class embeddings for dataset {dataset!r}; Sym-Net ships word2vec "
+      f"tables for {', '.join(WORD2VEC)}"
+    ) from None
 
 
 def num_class_rows(dataset: str) -> int:
@@ -91,31 +103,41 @@ def _load(dataset: str, path: str | None) -> np.ndarray:
   file = ASSET_DIR / want.file if packaged else pathlib.Path(path).expanduser()
   if not file.is_file():
     if packaged:
-      raise AssetError(f"the packaged class embeddings {file} are missing; reinstall fss-jax "
-                       f"(the .npy files are package data of fss_jax.assets) or copy "
-                       f"{pathlib.Path(want.file).name} from Sym-Net's embeddings/ "
-                       f"(converted to .npy) to {file.parent}")
+      raise AssetError(
+        f"the packaged class embeddings {file} are missing; reinstall fss-jax "
+        f"(the .npy files are package data of fss_jax.assets) or copy "
+        f"{pathlib.Path(want.file).name} from Sym-Net's embeddings/ "
+        f"(converted to .npy) to {file.parent}"
+      )
     raise AssetError(f"class embedding file {file} not found")
   sha = sha256_file(file)
   other = _dataset_of_sha(sha)
   if other is not None and other != dataset:
-    raise AssetError(f"{file} holds the {other} class embeddings, but the model is built for "
-                     f"{dataset}; use the {dataset} table ({WORD2VEC[dataset].file}) or set the "
-                     f"model's dataset to {other}")
+    raise AssetError(
+      f"{file} holds the {other} class embeddings, but the model is built for "
+      f"{dataset}; use the {dataset} table ({WORD2VEC[dataset].file}) or set the "
+      f"model's dataset to {other}"
+    )
   if packaged and sha != want.sha256:
-    raise AssetError(f"{file} is corrupted or was replaced: SHA-256 {sha}, expected "
-                     f"{want.sha256}; reinstall fss-jax or restore the file from the "
-                     f"repository")
+    raise AssetError(
+      f"{file} is corrupted or was replaced: SHA-256 {sha}, expected "
+      f"{want.sha256}; reinstall fss-jax or restore the file from the "
+      f"repository"
+    )
   try:
     table = np.load(file, allow_pickle=False)
   except (ValueError, OSError) as e:
-    raise AssetError(f"cannot read class embeddings {file}: {e} (expected a .npy float array "
-                     f"[{want.shape[0]}, D], row = class id)") from None
+    raise AssetError(
+      f"cannot read class embeddings {file}: {e} (expected a .npy float array "
+      f"[{want.shape[0]}, D], row = class id)"
+    ) from None
   if table.ndim != 2 or table.shape[0] != want.shape[0]:
     guess = [n for n, t in WORD2VEC.items() if table.ndim == 2 and t.shape[0] == table.shape[0]]
     hint = f" (that is the row count of {guess[0]})" if guess else ""
-    raise AssetError(f"class embeddings {file} have shape {tuple(table.shape)}{hint}; {dataset} "
-                     f"needs [{want.shape[0]}, D] (row = class id, row 0 = background)")
+    raise AssetError(
+      f"class embeddings {file} have shape {tuple(table.shape)}{hint}; {dataset} "
+      f"needs [{want.shape[0]}, D] (row = class id, row 0 = background)"
+    )
   if packaged and tuple(table.shape) != want.shape:
     raise AssetError(f"{file}: shape {tuple(table.shape)}, expected {want.shape}")
   table = np.asarray(table, np.float32)
@@ -141,8 +163,9 @@ def load_class_embeddings(dataset: str, path: str | os.PathLike | None = None) -
   return _load(canonical_dataset(dataset), None if path is None else os.fspath(path))
 
 
-def check_class_ids(class_ids: Iterable[int] | np.ndarray, dataset: str,
-                    num_rows: int | None = None) -> None:
+def check_class_ids(
+  class_ids: Iterable[int] | np.ndarray, dataset: str, num_rows: int | None = None
+) -> None:
   """Raises `AssetError` when a class id cannot index the dataset's embedding table.
 
   Args:
@@ -155,12 +178,23 @@ def check_class_ids(class_ids: Iterable[int] | np.ndarray, dataset: str,
   rows = num_class_rows(dataset) if num_rows is None else int(num_rows)
   bad = ids[(ids < 0) | (ids >= rows)]
   if bad.size:
-    raise AssetError(f"class id(s) {sorted(set(int(i) for i in bad))} outside the "
-                     f"{canonical_dataset(dataset)} embedding table (rows 0..{rows - 1}, "
-                     f"episode classes 1..{rows - 1}); episodes must carry the original "
-                     f"dataset class id in 'class_id' (not the fold-local index), and the "
-                     f"model's dataset must match the data")
+    raise AssetError(
+      f"class id(s) {sorted(set(int(i) for i in bad))} outside the "
+      f"{canonical_dataset(dataset)} embedding table (rows 0..{rows - 1}, "
+      f"episode classes 1..{rows - 1}); episodes must carry the original "
+      f"dataset class id in 'class_id' (not the fold-local index), and the "
+      f"model's dataset must match the data"
+    )
 
 
-__all__ = ["AssetError", "EmbeddingTable", "WORD2VEC", "ASSET_DIR", "load_class_embeddings",
-           "check_class_ids", "num_class_rows", "sha256_file", "canonical_dataset"]
+__all__ = [
+  "AssetError",
+  "EmbeddingTable",
+  "WORD2VEC",
+  "ASSET_DIR",
+  "load_class_embeddings",
+  "check_class_ids",
+  "num_class_rows",
+  "sha256_file",
+  "canonical_dataset",
+]

@@ -68,7 +68,7 @@ import os
 import pathlib
 import pickle
 import sys
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -108,6 +108,7 @@ class Episode:
     class_indices: [way] positions of the classes in the list's classes (``subcls``).
     supports: [way][shot] record positions of the supports.
   """
+
   index: int
   query: int
   class_ids: tuple[int, ...]
@@ -137,8 +138,9 @@ class EpisodeSampler:
     eligible: bool [Q, |classes|] eligible episode classes per query.
   """
 
-  def __init__(self, lists: splits.FoldLists, *, shot: int, seed: int, way: int = 1,
-               order: str | None = None):
+  def __init__(
+    self, lists: splits.FoldLists, *, shot: int, seed: int, way: int = 1, order: str | None = None
+  ):
     if shot < 1 or way < 1:
       raise ValueError(f"shot and way must be >= 1, got shot={shot}, way={way}")
     if way > len(lists.classes):
@@ -152,15 +154,22 @@ class EpisodeSampler:
       raise ValueError(f"order must be 'shuffle' or 'list', got {self.order!r}")
     where = f"{lists.mode} list of classes {lists.classes}"
     if len(lists) == 0:
-      raise ValueError(f"the {where} is empty: no image has one of these classes with >= {lists.min_pixels} "
-                       f"pixels; check the dataset and fold")
+      raise ValueError(
+        f"the {where} is empty: no image has one of these classes with >= {lists.min_pixels} "
+        f"pixels; check the dataset and fold"
+      )
     counts = lists.counts()
     short = {c: n for c, n in counts.items() if 0 < n < self.shot}
     if short:
-      raise ValueError("shot K={} exceeds the support images of {}: {} (>= {} px of the class); use a smaller "
-                       "shot or a larger dataset".format(
-                           self.shot, "class" if len(short) == 1 else "classes",
-                           ", ".join(f"class {c} has {n}" for c, n in short.items()), lists.min_pixels))
+      raise ValueError(
+        "shot K={} exceeds the support images of {}: {} (>= {} px of the class); use a smaller "
+        "shot or a larger dataset".format(
+          self.shot,
+          "class" if len(short) == 1 else "classes",
+          ", ".join(f"class {c} has {n}" for c, n in short.items()),
+          lists.min_pixels,
+        )
+      )
     qpos = lists.query_positions
     elig = np.zeros(lists.candidates.shape, bool)
     for j, c in enumerate(lists.classes):
@@ -168,12 +177,19 @@ class EpisodeSampler:
       elig[:, j] = lists.candidates[:, j] & (avail >= self.shot)
     keep = elig.any(axis=1)
     if not keep.any():
-      raise ValueError(f"no query of the {where} has a class with {self.shot} support image(s) besides itself "
-                       f"(support counts {counts}); use a smaller shot or a larger dataset")
+      raise ValueError(
+        f"no query of the {where} has a class with {self.shot} support image(s) besides itself "
+        f"(support counts {counts}); use a smaller shot or a larger dataset"
+      )
     if not keep.all():
-      _LOG.warning("%d of %d queries of the %s have no class with %d support image(s) besides themselves "
-                      "and are left out (a reference run would fail on them)", int((~keep).sum()), len(keep),
-                      where, self.shot)
+      _LOG.warning(
+        "%d of %d queries of the %s have no class with %d support image(s) besides themselves "
+        "and are left out (a reference run would fail on them)",
+        int((~keep).sum()),
+        len(keep),
+        where,
+        self.shot,
+      )
     self.query_positions = qpos[keep]
     self.eligible = elig[keep]
     self._support_sets = {c: frozenset(map(int, v)) for c, v in lists.support_positions.items()}
@@ -234,15 +250,25 @@ class EpisodeSampler:
     first = int(cand[_randint(rng, len(cand))])
     chosen = [first]
     if self.way > 1:
-      others = [j for j in range(len(classes))
-                if j != first and len(self.available(classes[j], query)) >= self.shot]
+      others = [
+        j
+        for j in range(len(classes))
+        if j != first and len(self.available(classes[j], query)) >= self.shot
+      ]
       if len(others) < self.way - 1:
-        raise ValueError(f"{self.way}-way {self.shot}-shot episode {index}: only {len(others)} other classes "
-                         f"have {self.shot} support image(s); use fewer ways or shots")
+        raise ValueError(
+          f"{self.way}-way {self.shot}-shot episode {index}: only {len(others)} other classes "
+          f"have {self.shot} support image(s); use fewer ways or shots"
+        )
       chosen += [others[k] for k in _distinct(rng, len(others), self.way - 1)]
     supports = tuple(self._draw_supports(rng, classes[j], query) for j in chosen)
-    return Episode(index=index, query=query, class_ids=tuple(int(classes[j]) for j in chosen),
-                   class_indices=tuple(int(j) for j in chosen), supports=supports)
+    return Episode(
+      index=index,
+      query=query,
+      class_ids=tuple(int(classes[j]) for j in chosen),
+      class_indices=tuple(int(j) for j in chosen),
+      supports=supports,
+    )
 
   __getitem__ = sample
 
@@ -275,14 +301,22 @@ class HSNetLists:
     entries: [(record position, class id)] in list order ("entries", "every_image").
     classwise: class id -> int64 record positions (``img_metadata_classwise``), list order.
   """
+
   kind: str
   classes: tuple[int, ...]
   entries: tuple[tuple[int, int], ...]
   classwise: Mapping[int, np.ndarray]
 
 
-def hsnet_lists(index, dataset: str, fold: int, *, lists: str = "build", coco_split: str = "interleaved",
-                min_pixels: int = splits.MIN_PIXELS) -> HSNetLists:
+def hsnet_lists(
+  index,
+  dataset: str,
+  fold: int,
+  *,
+  lists: str = "build",
+  coco_split: str = "interleaved",
+  min_pixels: int = splits.MIN_PIXELS,
+) -> HSNetLists:
   """The HSNet-rule lists of (dataset, fold)'s test split.
 
   Args:
@@ -306,7 +340,10 @@ def hsnet_lists(index, dataset: str, fold: int, *, lists: str = "build", coco_sp
     if kind != "every_image":
       return HSNetLists(kind, classes, (), {c: np.asarray(v, np.int64) for c, v in by_id.items()})
     entries = tuple((p, c) for c in classes for p in by_id[c])
-    numeric = {c: np.asarray(sorted(v, key=lambda p: _numeric_name(ids[p])), np.int64) for c, v in by_id.items()}
+    numeric = {
+      c: np.asarray(sorted(v, key=lambda p: _numeric_name(ids[p])), np.int64)
+      for c, v in by_id.items()
+    }
     return HSNetLists(kind, classes, entries, numeric)
   fl = splits.fold_lists(index, dataset, fold, "test", coco_split=coco_split, min_pixels=min_pixels)
   classwise = {int(c): np.asarray(fl.support_positions[c], np.int64) for c in fl.classes}
@@ -334,8 +371,10 @@ def check_way(dataset: str, way: int) -> None:
   """Refuses N > 1 ways on a cross-domain set: its masks are binary (1 = the record's one class),
   so a query label cannot show several episode classes (one line)."""
   if _cross_domain(dataset) and int(way) != 1:
-    raise ValueError(f"{splits.canonical_cross_domain(dataset)} has binary masks (1 = the record's one "
-                     f"class), so its episodes are 1-way only, not {way}-way; set --config.eval.way=1")
+    raise ValueError(
+      f"{splits.canonical_cross_domain(dataset)} has binary masks (1 = the record's one "
+      f"class), so its episodes are 1-way only, not {way}-way; set --config.eval.way=1"
+    )
 
 
 def _numeric_name(image_id: str) -> tuple:
@@ -360,7 +399,9 @@ def _hsnet_file_lists(index, dataset: str, fold: int, root: pathlib.Path, kind: 
   if dataset == "pascal5i":
     path = root / "pascal" / "val" / f"fold{fold}.txt"
     if not path.is_file():
-      raise FileNotFoundError(f"HSNet list {path} not found; pass the hsnet repository's data/splits folder")
+      raise FileNotFoundError(
+        f"HSNet list {path} not found; pass the hsnet repository's data/splits folder"
+      )
     entries = []
     for line in path.read_text().split("\n"):
       if line.strip():
@@ -368,25 +409,31 @@ def _hsnet_file_lists(index, dataset: str, fold: int, root: pathlib.Path, kind: 
         p = position(name, missing)
         if p is not None:
           entries.append((p, int(cls)))
-    classes = tuple(range(5 * fold + 1, 5 * fold + 6))          # pascal.py:107-115
+    classes = tuple(range(5 * fold + 1, 5 * fold + 6))  # pascal.py:107-115
     classwise = {c: np.asarray([p for p, k in entries if k == c], np.int64) for c in classes}
   elif dataset == "coco20i":
     path = root / "coco" / "val" / f"fold{fold}.pkl"
     if not path.is_file():
-      raise FileNotFoundError(f"HSNet list {path} not found; pass the hsnet repository's data/splits folder")
+      raise FileNotFoundError(
+        f"HSNet list {path} not found; pass the hsnet repository's data/splits folder"
+      )
     with open(path, "rb") as f:
       raw = pickle.load(f)  # HSNet's own file: {class - 1: [val2014/COCO_val2014_....jpg, ...]}
-    classes = tuple(fold + 4 * v + 1 for v in range(20))           # coco.py:60-66
+    classes = tuple(fold + 4 * v + 1 for v in range(20))  # coco.py:60-66
     classwise = {}
     for c in classes:
       ps = [position(n, missing) for n in raw.get(c - 1, [])]
       classwise[c] = np.asarray([p for p in ps if p is not None], np.int64)
     entries = []
   else:
-    raise ValueError(f"HSNet list files exist for pascal5i and coco20i only; use lists='build' for {dataset}")
+    raise ValueError(
+      f"HSNet list files exist for pascal5i and coco20i only; use lists='build' for {dataset}"
+    )
   if missing:
-    raise ValueError(f"{len(missing)} image(s) of {path} are not in the {dataset} build (first: "
-                     f"{', '.join(missing[:3])}); is it the val split of the same dataset?")
+    raise ValueError(
+      f"{len(missing)} image(s) of {path} are not in the {dataset} build (first: "
+      f"{', '.join(missing[:3])}); is it the val split of the same dataset?"
+    )
   return HSNetLists(kind, classes, tuple(entries), classwise)
 
 
@@ -403,12 +450,20 @@ class HSNetSampler:
       raise ValueError(f"shot must be >= 1, got {shot}")
     self.lists, self.shot, self.seed = lists, int(shot), int(seed)
     if lists.kind in ("entries", "every_image") and not lists.entries:
-      raise ValueError("the HSNet test list is empty: no image holds a test class with >= 2048 pixels")
-    thin = {c: len(v) for c, v in lists.classwise.items() if len(v) < 2 and (
-        lists.kind in ("class_uniform", "class_cycle") or any(k == c for _, k in lists.entries))}
+      raise ValueError(
+        "the HSNet test list is empty: no image holds a test class with >= 2048 pixels"
+      )
+    thin = {
+      c: len(v)
+      for c, v in lists.classwise.items()
+      if len(v) < 2
+      and (lists.kind in ("class_uniform", "class_cycle") or any(k == c for _, k in lists.entries))
+    }
     if thin:
       # The reference loops forever here (it re-draws until a support differs from the query).
-      raise ValueError(f"classes with fewer than 2 images cannot give a support besides the query: {thin}")
+      raise ValueError(
+        f"classes with fewer than 2 images cannot give a support besides the query: {thin}"
+      )
 
   def rng(self, index: int) -> np.random.Generator:
     return np.random.default_rng([_EPISODE_STREAM, self.seed, index])
@@ -427,7 +482,9 @@ class HSNetSampler:
     if l.kind in ("entries", "every_image"):
       query, cls = l.entries[index % len(l.entries)]
     else:
-      cls = l.classes[_randint(rng, len(l.classes)) if l.kind == "class_uniform" else index % len(l.classes)]
+      cls = l.classes[
+        _randint(rng, len(l.classes)) if l.kind == "class_uniform" else index % len(l.classes)
+      ]
       pool = l.classwise[cls]
       query = int(pool[_randint(rng, len(pool))])
     pool = l.classwise[cls]
@@ -436,8 +493,13 @@ class HSNetSampler:
       s = int(pool[_randint(rng, len(pool))])
       if s != query:
         supports.append(s)
-    return Episode(index=index, query=int(query), class_ids=(int(cls),),
-                   class_indices=(l.classes.index(cls),), supports=(tuple(supports),))
+    return Episode(
+      index=index,
+      query=int(query),
+      class_ids=(int(cls),),
+      class_indices=(l.classes.index(cls),),
+      supports=(tuple(supports),),
+    )
 
 
 # -- stored episode lists (JSON lines) ----------------------------------------------
@@ -446,24 +508,34 @@ class HSNetSampler:
 def episode_record(ep: Episode, image_ids: Sequence[str]) -> dict:
   """The JSON-lines record of ``ep``; ``image_ids`` maps record positions to ids."""
   if len(ep.class_ids) == 1:
-    return {"query": str(image_ids[ep.query]), "supports": [str(image_ids[p]) for p in ep.supports[0]],
-            "class_id": ep.class_ids[0]}
-  return {"query": str(image_ids[ep.query]),
-          "supports": [[str(image_ids[p]) for p in way] for way in ep.supports],
-          "class_id": list(ep.class_ids)}
+    return {
+      "query": str(image_ids[ep.query]),
+      "supports": [str(image_ids[p]) for p in ep.supports[0]],
+      "class_id": ep.class_ids[0],
+    }
+  return {
+    "query": str(image_ids[ep.query]),
+    "supports": [[str(image_ids[p]) for p in way] for way in ep.supports],
+    "class_id": list(ep.class_ids),
+  }
 
 
 def format_records(records: Iterable[dict]) -> bytes:
   """JSON lines (one compact-but-readable object per line, fixed key order)."""
   out = []
   for r in records:
-    out.append(json.dumps({"query": r["query"], "supports": r["supports"], "class_id": r["class_id"]},
-                          ensure_ascii=True))
+    out.append(
+      json.dumps(
+        {"query": r["query"], "supports": r["supports"], "class_id": r["class_id"]},
+        ensure_ascii=True,
+      )
+    )
   return ("\n".join(out) + "\n").encode("ascii") if out else b""
 
 
-def write_episodes(path: str | os.PathLike, records: Iterable[dict], *,
-                   overwrite: bool = True) -> os.PathLike:
+def write_episodes(
+  path: str | os.PathLike, records: Iterable[dict], *, overwrite: bool = True
+) -> os.PathLike:
   """Writes the records as JSON lines atomically (temporary file + rename).
 
   Raises:
@@ -476,8 +548,10 @@ def read_episodes(path: str | os.PathLike) -> list[dict]:
   """Reads a JSON-lines episode file; errors name the file and line."""
   path = fss_io.user_path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"episode file {path} not found; generate it with "
-                            f"`python -m fss_jax.data.episodes ... --split test --out {path}`")
+    raise FileNotFoundError(
+      f"episode file {path} not found; generate it with "
+      f"`python -m fss_jax.data.episodes ... --split test --out {path}`"
+    )
   records = []
   with path.open("r", encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
@@ -489,31 +563,57 @@ def read_episodes(path: str | os.PathLike) -> list[dict]:
       except json.JSONDecodeError:
         ok = False
       if not ok:
-        raise ValueError(f"{path}:{n}: not an episode record "
-                         f"(expected {{\"query\", \"supports\", \"class_id\"}}): {line.strip()[:200]}")
+        raise ValueError(
+          f"{path}:{n}: not an episode record "
+          f'(expected {{"query", "supports", "class_id"}}): {line.strip()[:200]}'
+        )
       records.append(r)
   if not records:
     raise ValueError(f"episode file {path} is empty")
   return records
 
 
-def make_sampler(index, dataset: str, fold: int, mode: str, *, shot: int, seed: int, way: int = 1,
-                 protocol: str = "bam", coco_split: str = "interleaved",
-                 min_pixels: int = splits.MIN_PIXELS) -> EpisodeSampler:
+def make_sampler(
+  index,
+  dataset: str,
+  fold: int,
+  mode: str,
+  *,
+  shot: int,
+  seed: int,
+  way: int = 1,
+  protocol: str = "bam",
+  coco_split: str = "interleaved",
+  min_pixels: int = splits.MIN_PIXELS,
+) -> EpisodeSampler:
   """Lists of (dataset, fold, mode) from a split's index + a sampler over them (a fold-less
   cross-domain set: every class of its test split, `splits.cross_domain_lists`)."""
   if _cross_domain(dataset) and mode == "test":
     lists = splits.cross_domain_lists(index, dataset, "test")
   else:
-    lists = splits.fold_lists(index, dataset, fold, mode, protocol=protocol, coco_split=coco_split,
-                              min_pixels=min_pixels)
+    lists = splits.fold_lists(
+      index, dataset, fold, mode, protocol=protocol, coco_split=coco_split, min_pixels=min_pixels
+    )
   return EpisodeSampler(lists, shot=shot, seed=seed, way=way)
 
 
-def generate(index, dataset: str, fold: int, mode: str, *, shot: int, num_episodes: int, seed: int,
-             way: int = 1, protocol: str = "bam", coco_split: str = "interleaved",
-             min_pixels: int = splits.MIN_PIXELS, rule: str = "pfenet", seed_rule: str = "per_episode",
-             lists: str = "build") -> list[dict]:
+def generate(
+  index,
+  dataset: str,
+  fold: int,
+  mode: str,
+  *,
+  shot: int,
+  num_episodes: int,
+  seed: int,
+  way: int = 1,
+  protocol: str = "bam",
+  coco_split: str = "interleaved",
+  min_pixels: int = splits.MIN_PIXELS,
+  rule: str = "pfenet",
+  seed_rule: str = "per_episode",
+  lists: str = "build",
+) -> list[dict]:
   """Episode records 0..num_episodes-1 of (dataset, fold, mode) — what the CLI writes.
 
   Args:
@@ -526,58 +626,113 @@ def generate(index, dataset: str, fold: int, mode: str, *, shot: int, num_episod
   check_way(dataset, way)
   if rule == "hsnet":
     if mode != "test" or way != 1:
-      raise ValueError(f"the HSNet episode rule is for 1-way test episodes (got mode={mode!r}, way={way})")
-    sampler = HSNetSampler(hsnet_lists(index, dataset, fold, lists=lists, coco_split=coco_split,
-                                       min_pixels=min_pixels), shot=shot, seed=seed)
+      raise ValueError(
+        f"the HSNet episode rule is for 1-way test episodes (got mode={mode!r}, way={way})"
+      )
+    sampler = HSNetSampler(
+      hsnet_lists(index, dataset, fold, lists=lists, coco_split=coco_split, min_pixels=min_pixels),
+      shot=shot,
+      seed=seed,
+    )
   else:
     if lists != "build":
-      raise ValueError(f"lists={lists!r} needs rule='hsnet'; the PFENet rule reads the build's lists")
-    sampler = make_sampler(index, dataset, fold, mode, shot=shot, seed=seed, way=way, protocol=protocol,
-                           coco_split=coco_split, min_pixels=min_pixels)
+      raise ValueError(
+        f"lists={lists!r} needs rule='hsnet'; the PFENet rule reads the build's lists"
+      )
+    sampler = make_sampler(
+      index,
+      dataset,
+      fold,
+      mode,
+      shot=shot,
+      seed=seed,
+      way=way,
+      protocol=protocol,
+      coco_split=coco_split,
+      min_pixels=min_pixels,
+    )
   if num_episodes == 0:
     num_episodes = len(sampler)
     if num_episodes == 0:
-      raise ValueError(f"num_episodes=0 (one per query) needs a query list; the {dataset} HSNet rule "
-                       f"draws its queries, give a number of episodes")
+      raise ValueError(
+        f"num_episodes=0 (one per query) needs a query list; the {dataset} HSNet rule "
+        f"draws its queries, give a number of episodes"
+      )
   if num_episodes < 1:
     raise ValueError(f"num_episodes must be >= 1 (or 0: one per query), got {num_episodes}")
   ids = index.image_ids
-  return [episode_record(sampler.sample(i, r), ids)
-          for i, r in zip(range(num_episodes), sampler.rngs(num_episodes, seed_rule))]
+  return [
+    episode_record(sampler.sample(i, r), ids)
+    for i, r in zip(range(num_episodes), sampler.rngs(num_episodes, seed_rule))
+  ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m fss_jax.data.episodes", description=__doc__.split("\n")[0])
-  p.add_argument("--dataset", required=True, help="pascal5i, coco20i or a cross-domain test set (isic2018, ...)")
+  p = argparse.ArgumentParser(
+    prog="python -m fss_jax.data.episodes", description=__doc__.split("\n")[0]
+  )
+  p.add_argument(
+    "--dataset", required=True, help="pascal5i, coco20i or a cross-domain test set (isic2018, ...)"
+  )
   p.add_argument("--data_dir", required=True, help="the --data_dir of `python -m data_prep.build`")
   p.add_argument("--fold", type=int, required=True)
   p.add_argument("--shot", type=int, required=True)
   p.add_argument("--way", type=int, default=1)
-  p.add_argument("--split", choices=("train", "test"), required=True,
-                 help="test: val images, novel classes (stored eval episodes); train: train images, base classes")
+  p.add_argument(
+    "--split",
+    choices=("train", "test"),
+    required=True,
+    help="test: val images, novel classes (stored eval episodes); train: train images, base classes",
+  )
   p.add_argument("--num_episodes", type=int, required=True)
   p.add_argument("--seed", type=int, required=True)
-  p.add_argument("--protocol", choices=splits.PROTOCOLS, default="bam",
-                 help="training lists: bam (intersection filter, default) or pfenet")
+  p.add_argument(
+    "--protocol",
+    choices=splits.PROTOCOLS,
+    default="bam",
+    help="training lists: bam (intersection filter, default) or pfenet",
+  )
   p.add_argument("--coco_split", choices=splits.COCO_SPLITS, default="interleaved")
   p.add_argument("--rule", choices=RULES, default="pfenet", help="episode rule (docs/protocols.md)")
   p.add_argument("--seed_rule", choices=SEED_RULES, default="per_episode")
-  p.add_argument("--lists", default="build", help="HSNet rule: 'build' or hsnet's data/splits folder")
+  p.add_argument(
+    "--lists", default="build", help="HSNet rule: 'build' or hsnet's data/splits folder"
+  )
   p.add_argument("--out", required=True, help="output .jsonl")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace an existing --out file (atomically); without it an existing file is kept")
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing --out file (atomically); without it an existing file is kept",
+  )
   a = p.parse_args(argv)
   if not a.overwrite and fss_io.user_path(a.out).exists():
     print(f"error: {a.out} already exists; pass --overwrite to replace it", file=sys.stderr)
     return 2
-  from fss_jax.data import source  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import source
+
   try:
-    cross = _cross_domain(a.dataset)   # fold-less test sets: their "test" split (`test_split`)
-    dataset = splits.canonical_cross_domain(a.dataset) if cross else splits.canonical_dataset(a.dataset)
-    src = source.open_split(a.data_dir, dataset, test_split(dataset) if a.split == "test" else SPLIT_OF_MODE[a.split])
-    records = generate(src.index, dataset, a.fold, a.split, shot=a.shot, num_episodes=a.num_episodes,
-                       seed=a.seed, way=a.way, protocol=a.protocol, coco_split=a.coco_split,
-                       rule=a.rule, seed_rule=a.seed_rule, lists=a.lists)
+    cross = _cross_domain(a.dataset)  # fold-less test sets: their "test" split (`test_split`)
+    dataset = (
+      splits.canonical_cross_domain(a.dataset) if cross else splits.canonical_dataset(a.dataset)
+    )
+    src = source.open_split(
+      a.data_dir, dataset, test_split(dataset) if a.split == "test" else SPLIT_OF_MODE[a.split]
+    )
+    records = generate(
+      src.index,
+      dataset,
+      a.fold,
+      a.split,
+      shot=a.shot,
+      num_episodes=a.num_episodes,
+      seed=a.seed,
+      way=a.way,
+      protocol=a.protocol,
+      coco_split=a.coco_split,
+      rule=a.rule,
+      seed_rule=a.seed_rule,
+      lists=a.lists,
+    )
     out = write_episodes(a.out, records, overwrite=a.overwrite)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)

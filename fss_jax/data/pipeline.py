@@ -49,7 +49,8 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import grain
@@ -63,13 +64,19 @@ DEFAULT_LABEL_BUCKET = {"pascal5i": 512, "coco20i": 640}
 
 
 def canonical_dataset(name: str) -> str:
-  """"pascal5i" / "coco20i" / a cross-domain test set ("isic2018", ...) for a name or alias."""
+  """ "pascal5i" / "coco20i" / a cross-domain test set ("isic2018", ...) for a name or alias."""
   try:
     kind = splits.dataset_kind(name)
   except ValueError:
-    raise ValueError(f"unknown dataset {name!r}; use one of "
-                     f"{', '.join(splits.DATASETS + splits.CROSS_DOMAIN_DATASETS)}") from None
-  return splits.canonical_cross_domain(name) if kind == "cross_domain" else splits.canonical_dataset(name)
+    raise ValueError(
+      f"unknown dataset {name!r}; use one of "
+      f"{', '.join(splits.DATASETS + splits.CROSS_DOMAIN_DATASETS)}"
+    ) from None
+  return (
+    splits.canonical_cross_domain(name)
+    if kind == "cross_domain"
+    else splits.canonical_dataset(name)
+  )
 
 
 def is_cross_domain(dataset: str) -> bool:
@@ -117,6 +124,7 @@ class EpisodeConfig:
       and page-faulting them back for every image (about 2x faster augmentation). Applied
       in worker processes, and in this process when ``worker_count == 0``.
   """
+
   dataset: str = "pascal5i"
   data_dir: str = "~/tensorflow_datasets"
   fold: int = 0
@@ -149,13 +157,16 @@ class EpisodeConfig:
     object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
     object.__setattr__(self, "rotate", tuple(float(v) for v in self.rotate))
     if self.train_resize not in T.TRAIN_RESIZES:
-      raise ValueError(f"train_resize must be one of {', '.join(T.TRAIN_RESIZES)}, "
-                       f"got {self.train_resize!r}")
+      raise ValueError(
+        f"train_resize must be one of {', '.join(T.TRAIN_RESIZES)}, got {self.train_resize!r}"
+      )
     if self.test_resize not in ("aspect", "squash"):
       raise ValueError(f"test_resize must be 'aspect' or 'squash', got {self.test_resize!r}")
     if self.worker_count < 0 or self.read_threads < 1:
-      raise ValueError(f"worker_count must be >= 0 and read_threads >= 1, got {self.worker_count}, "
-                       f"{self.read_threads}")
+      raise ValueError(
+        f"worker_count must be >= 0 and read_threads >= 1, got {self.worker_count}, "
+        f"{self.read_threads}"
+      )
 
   @property
   def bucket(self) -> tuple[int, int] | None:
@@ -174,7 +185,9 @@ class EpisodeConfig:
 
   def fold_classes(self) -> splits.FoldClasses:
     if self.cross_domain:
-      raise ValueError(f"{self.dataset} is a cross-domain test set: it has no folds and no base classes")
+      raise ValueError(
+        f"{self.dataset} is a cross-domain test set: it has no folds and no base classes"
+      )
     return splits.fold_classes(self.dataset, self.fold, coco_split=self.coco_split)
 
   def test_classes(self) -> tuple[int, ...]:
@@ -191,13 +204,16 @@ class EpisodeConfig:
 def per_process_batch(global_batch_size: int, shard_count: int) -> int:
   """b = G / P; ValueError unless P divides G."""
   if global_batch_size < 1 or shard_count < 1 or global_batch_size % shard_count:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the {shard_count} "
-                     f"processes; choose a multiple of {shard_count}")
+    raise ValueError(
+      f"global batch size {global_batch_size} is not divisible by the {shard_count} "
+      f"processes; choose a multiple of {shard_count}"
+    )
   return global_batch_size // shard_count
 
 
-def global_indices(local: np.ndarray | int, *, global_batch_size: int, shard_index: int,
-                   shard_count: int) -> np.ndarray | int:
+def global_indices(
+  local: np.ndarray | int, *, global_batch_size: int, shard_index: int, shard_count: int
+) -> np.ndarray | int:
   """Global episode index of a process-local element index (see the module docstring)."""
   b = per_process_batch(global_batch_size, shard_count)
   return (local // b) * global_batch_size + shard_index * b + local % b
@@ -225,7 +241,9 @@ class _Range(grain.MapDataset):
 class _ProcessShard(grain.MapDataset):
   """Process-local view: local element i -> global element `global_indices(i)`."""
 
-  def __init__(self, parent: grain.MapDataset, *, global_batch_size: int, shard_index: int, shard_count: int):
+  def __init__(
+    self, parent: grain.MapDataset, *, global_batch_size: int, shard_index: int, shard_count: int
+  ):
     super().__init__(parent)
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
@@ -242,8 +260,11 @@ class _ProcessShard(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    return self._parent[global_indices(int(index), global_batch_size=self._g, shard_index=self._p,
-                                       shard_count=self._n)]
+    return self._parent[
+      global_indices(
+        int(index), global_batch_size=self._g, shard_index=self._p, shard_count=self._n
+      )
+    ]
 
   def __str__(self) -> str:
     return f"ProcessShard({self._p}/{self._n}, global_batch={self._g})"
@@ -262,9 +283,16 @@ class ArraySource:
     image_ids: N unique ids (default "img_00000", ...).
   """
 
-  def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], *, num_classes: int,
-               image_ids: Sequence[str] | None = None):
-    from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  def __init__(
+    self,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    *,
+    num_classes: int,
+    image_ids: Sequence[str] | None = None,
+  ):
+    from fss_jax.data import source as source_lib
+
     if len(images) != len(labels):
       raise ValueError(f"{len(images)} images but {len(labels)} labels")
     self.images = [np.asarray(i, np.uint8) for i in images]
@@ -272,16 +300,26 @@ class ArraySource:
     ids = list(image_ids) if image_ids is not None else [f"img_{i:05d}" for i in range(len(images))]
     for i, (im, lb) in enumerate(zip(self.images, self.labels)):
       if im.ndim != 3 or im.shape[2] != 3 or im.shape[:2] != lb.shape:
-        raise ValueError(f"image {ids[i]}: image {im.shape} and label {lb.shape} do not match [H, W, 3] / [H, W]")
+        raise ValueError(
+          f"image {ids[i]}: image {im.shape} and label {lb.shape} do not match [H, W, 3] / [H, W]"
+        )
       bad = np.setdiff1d(np.unique(lb), np.r_[np.arange(num_classes + 1), T.IGNORE])
       if len(bad):
-        raise ValueError(f"image {ids[i]}: label values {bad.tolist()} are not classes 0..{num_classes} or 255")
-    counts = np.stack([np.bincount(l.ravel(), minlength=256) for l in self.labels]) if self.labels else \
-        np.zeros((0, 256), np.int64)
+        raise ValueError(
+          f"image {ids[i]}: label values {bad.tolist()} are not classes 0..{num_classes} or 255"
+        )
+    counts = (
+      np.stack([np.bincount(l.ravel(), minlength=256) for l in self.labels])
+      if self.labels
+      else np.zeros((0, 256), np.int64)
+    )
     self.index = source_lib.DatasetIndex(
-        image_ids=np.asarray(ids, dtype=str), heights=np.asarray([l.shape[0] for l in self.labels], np.int32),
-        widths=np.asarray([l.shape[1] for l in self.labels], np.int32),
-        class_pixels=counts[:, :num_classes + 1].astype(np.int64), ignore_pixels=counts[:, T.IGNORE].astype(np.int64))
+      image_ids=np.asarray(ids, dtype=str),
+      heights=np.asarray([l.shape[0] for l in self.labels], np.int32),
+      widths=np.asarray([l.shape[1] for l in self.labels], np.int32),
+      class_pixels=counts[:, : num_classes + 1].astype(np.int64),
+      ignore_pixels=counts[:, T.IGNORE].astype(np.int64),
+    )
     self.index.validate()
     self._positions = {k: i for i, k in enumerate(ids)}
 
@@ -294,7 +332,11 @@ class ArraySource:
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     i = int(i)
-    return {"image": self.images[i], "label": self.labels[i], "image_id": str(self.index.image_ids[i])}
+    return {
+      "image": self.images[i],
+      "label": self.labels[i],
+      "image_id": str(self.index.image_ids[i]),
+    }
 
   def __getitems__(self, keys: Sequence[int]) -> list[dict[str, Any]]:
     return [self[k] for k in keys]
@@ -317,7 +359,9 @@ def _binary_lut(class_ids: Sequence[int], *, binary: bool = False) -> np.ndarray
   lut = np.zeros(256, np.uint8)
   if binary:
     if len(class_ids) != 1:
-      raise ValueError(f"binary masks hold one class: {len(class_ids)}-way episodes cannot be labelled")
+      raise ValueError(
+        f"binary masks hold one class: {len(class_ids)}-way episodes cannot be labelled"
+      )
     lut[1] = 1
   else:
     for w, c in enumerate(class_ids):
@@ -341,6 +385,7 @@ class LabelAtInput(grain.transforms.Map):
   before `transforms.KeepOriginalLabel` keeps it as the scored label. The eval step's own
   nearest resize from S to S is then the identity, so the counts are those of scoring the
   original label resized on the device, for any image size."""
+
   size: int
 
   def map(self, ep):
@@ -353,6 +398,7 @@ class LabelAtInput(grain.transforms.Map):
 @dataclasses.dataclass(frozen=True)
 class EpisodeSpec:
   """Record positions of one episode (what a `LoadEpisode` needs)."""
+
   index: int
   query: int
   class_ids: tuple[int, ...]
@@ -390,19 +436,28 @@ class LoadEpisode(grain.transforms.Map):
   binary masks (episode class 1, 255 kept, all else 0; N-way: way w -> w), the base
   label when ``base_lut`` is given, and the scalars."""
 
-  def __init__(self, source, *, base_lut: np.ndarray | None = None, with_valid: bool = False,
-               binary: bool = False):
+  def __init__(
+    self,
+    source,
+    *,
+    base_lut: np.ndarray | None = None,
+    with_valid: bool = False,
+    binary: bool = False,
+  ):
     self.source = source
     self.base_lut = base_lut
     self.with_valid = with_valid
-    self.binary = binary    # labels are the record's class mask (cross-domain builds)
+    self.binary = binary  # labels are the record's class mask (cross-domain builds)
 
   def map(self, spec: EpisodeSpec) -> dict[str, Any]:
     # One read per record: array_record's batched read starts a thread pool per call.
     q = self.source[spec.query]
     lut = _binary_lut(spec.class_ids, binary=self.binary)
-    ep = {"query_image": q["image"].astype(np.float32), "query_mask": cv2.LUT(q["label"], lut),
-          "query_id": q["image_id"]}
+    ep = {
+      "query_image": q["image"].astype(np.float32),
+      "query_mask": cv2.LUT(q["label"], lut),
+      "query_id": q["image_id"],
+    }
     if self.base_lut is not None:
       ep["query_base_label"] = cv2.LUT(q["label"], self.base_lut)
     s_img, s_msk = [], []
@@ -415,7 +470,9 @@ class LoadEpisode(grain.transforms.Map):
     ep["support_images"], ep["support_masks"] = s_img, s_msk
     single = len(spec.class_ids) == 1
     ep["class_id"] = np.asarray(spec.class_ids[0] if single else spec.class_ids, np.int32)
-    ep["class_index"] = np.asarray(spec.class_indices[0] if single else spec.class_indices, np.int32)
+    ep["class_index"] = np.asarray(
+      spec.class_indices[0] if single else spec.class_indices, np.int32
+    )
     ep["episode_index"] = np.asarray(spec.index, np.int32)
     if self.with_valid:
       ep["valid"] = np.asarray(int(spec.valid), np.int32)
@@ -440,6 +497,7 @@ class Loader:
     classes: the class list (base for training, novel for eval); ``class_index`` indexes it.
     num_steps: batches the iterator yields (None: endless).
   """
+
   dataset: Any
   global_batch_size: int
   batch_size: int
@@ -454,7 +512,8 @@ class Loader:
 
 def _mark_flags_parsed() -> None:
   # grain's worker processes read absl flags; libraries/tests run without absl.app.
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -464,42 +523,62 @@ def tune_malloc() -> bool:
 
   Returns False where glibc's ``mallopt`` is unavailable (then nothing changes)."""
   try:
-    import ctypes  # pylint: disable=g-import-not-at-top
+    import ctypes
+
     libc = ctypes.CDLL("libc.so.6")
   except OSError:
     return False
   m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-  return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 128 << 20)
-              and libc.mallopt(m_top_pad, 16 << 20))
+  return bool(
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    and libc.mallopt(m_trim_threshold, 128 << 20)
+    and libc.mallopt(m_top_pad, 16 << 20)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class _WorkerInit:
   """Picklable per-worker set-up (OpenCV threads, malloc tuning)."""
+
   cv2_threads: int | None
   malloc: bool
 
   def __call__(self, worker_index: int, worker_count: int) -> None:
     del worker_index, worker_count
     if self.cv2_threads is not None:
-      import cv2  # pylint: disable=g-import-not-at-top
+      import cv2
+
       cv2.setNumThreads(self.cv2_threads)
     if self.malloc:
       tune_malloc()
 
 
-def _finish(ds: grain.MapDataset, cfg: EpisodeConfig, *, global_batch_size: int, shard_index: int,
-            shard_count: int) -> grain.IterDataset:
+def _finish(
+  ds: grain.MapDataset,
+  cfg: EpisodeConfig,
+  *,
+  global_batch_size: int,
+  shard_index: int,
+  shard_count: int,
+) -> grain.IterDataset:
   b = per_process_batch(global_batch_size, shard_count)
-  ds = _ProcessShard(ds, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count)
+  ds = _ProcessShard(
+    ds, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count
+  )
   ds = ds.batch(b, drop_remainder=True, batch_fn=T.batch_episodes)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                            prefetch_buffer_size=max(1, cfg.prefetch_batches)))
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(
+      num_threads=cfg.read_threads, prefetch_buffer_size=max(1, cfg.prefetch_batches)
+    )
+  )
   if cfg.worker_count > 0:
     _mark_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
-                                                     per_worker_buffer_size=cfg.worker_buffer_size),
-                        worker_init_fn=_WorkerInit(cfg.cv2_threads, cfg.tune_malloc))
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
+      ),
+      worker_init_fn=_WorkerInit(cfg.cv2_threads, cfg.tune_malloc),
+    )
   elif cfg.tune_malloc:
     tune_malloc()
   return it
@@ -514,12 +593,20 @@ def _apply_ops(ds: grain.MapDataset, ops: Sequence) -> grain.MapDataset:
 def _open(cfg: EpisodeConfig, split: str, source):
   if source is not None:
     return source
-  from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import source as source_lib
+
   return source_lib.open_split(cfg.data_dir, cfg.dataset, split)
 
 
-def make_train_loader(cfg: EpisodeConfig, *, global_batch_size: int, shard_index: int = 0,
-                      shard_count: int = 1, num_epochs: int | None = None, source=None) -> Loader:
+def make_train_loader(
+  cfg: EpisodeConfig,
+  *,
+  global_batch_size: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+  source=None,
+) -> Loader:
   """The training episode stream of this process (§7.2 sampling, §8 augmentation).
 
   Args:
@@ -535,9 +622,18 @@ def make_train_loader(cfg: EpisodeConfig, *, global_batch_size: int, shard_index
     A `Loader` with batches of the module docstring's format.
   """
   src = _open(cfg, "train", source)
-  sampler = episodes_lib.make_sampler(src.index, cfg.dataset, cfg.fold, "train", shot=cfg.shot, seed=cfg.seed,
-                                      way=cfg.way, protocol=cfg.protocol, coco_split=cfg.coco_split,
-                                      min_pixels=cfg.min_pixels)
+  sampler = episodes_lib.make_sampler(
+    src.index,
+    cfg.dataset,
+    cfg.fold,
+    "train",
+    shot=cfg.shot,
+    seed=cfg.seed,
+    way=cfg.way,
+    protocol=cfg.protocol,
+    coco_split=cfg.coco_split,
+    min_pixels=cfg.min_pixels,
+  )
   b = per_process_batch(global_batch_size, shard_count)
   q = len(sampler)
   n = sys.maxsize if num_epochs is None else num_epochs * q
@@ -545,15 +641,29 @@ def make_train_loader(cfg: EpisodeConfig, *, global_batch_size: int, shard_index
   ds = _Range(n).map(SampleEpisode(sampler))
   ds = ds.map(LoadEpisode(src, base_lut=fc.base_label_lut() if cfg.base_label else None))
   ds = ds.seed(cfg.seed)
-  ds = _apply_ops(ds, T.train_ops(cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur,
-                                  resize=cfg.train_resize))
-  it = _finish(ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count)
-  return Loader(dataset=it, global_batch_size=global_batch_size, batch_size=b, episodes_per_epoch=q,
-                steps_per_epoch=max(1, q // global_batch_size), classes=sampler.lists.classes,
-                num_steps=None if num_epochs is None else n // global_batch_size)
+  ds = _apply_ops(
+    ds,
+    T.train_ops(
+      cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur, resize=cfg.train_resize
+    ),
+  )
+  it = _finish(
+    ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count
+  )
+  return Loader(
+    dataset=it,
+    global_batch_size=global_batch_size,
+    batch_size=b,
+    episodes_per_epoch=q,
+    steps_per_epoch=max(1, q // global_batch_size),
+    classes=sampler.lists.classes,
+    num_steps=None if num_epochs is None else n // global_batch_size,
+  )
 
 
-def load_episode_specs(path: str | os.PathLike, source, classes: Sequence[int]) -> list[EpisodeSpec]:
+def load_episode_specs(
+  path: str | os.PathLike, source, classes: Sequence[int]
+) -> list[EpisodeSpec]:
   """Reads a stored episode file and resolves image ids to record positions.
 
   Raises ValueError naming the file/line for unknown images or classes outside ``classes``.
@@ -563,32 +673,54 @@ def load_episode_specs(path: str | os.PathLike, source, classes: Sequence[int]) 
   specs = []
   for n, r in enumerate(records):
     where = f"{path}: episode {n} (line {n + 1})"
-    if isinstance(r["class_id"], list):   # N-way: one class and one support list per way
+    if isinstance(r["class_id"], list):  # N-way: one class and one support list per way
       cids, sups = r["class_id"], r["supports"]
     else:
       cids, sups = [r["class_id"]], [r["supports"]]
     if len(sups) != len(cids) or any(not isinstance(s, list) or not s for s in sups):
-      raise ValueError(f"{where}: supports must be one non-empty list per class, got {r['supports']!r}")
+      raise ValueError(
+        f"{where}: supports must be one non-empty list per class, got {r['supports']!r}"
+      )
     bad = [c for c in cids if int(c) not in classes]
     if bad:
-      raise ValueError(f"{where}: class {bad[0]} is not one of this fold's classes {classes}; was the file "
-                       f"generated for another dataset or fold?")
+      raise ValueError(
+        f"{where}: class {bad[0]} is not one of this fold's classes {classes}; was the file "
+        f"generated for another dataset or fold?"
+      )
     try:
       query = source.id_to_position(str(r["query"]))
       supports = tuple(tuple(source.id_to_position(str(s)) for s in way) for way in sups)
     except KeyError as e:
-      raise ValueError(f"{where}: {e.args[0]}; was the file generated from another dataset build?") from None
-    specs.append(EpisodeSpec(index=n, query=query, class_ids=tuple(int(c) for c in cids),
-                             class_indices=tuple(classes.index(int(c)) for c in cids), supports=supports))
+      raise ValueError(
+        f"{where}: {e.args[0]}; was the file generated from another dataset build?"
+      ) from None
+    specs.append(
+      EpisodeSpec(
+        index=n,
+        query=query,
+        class_ids=tuple(int(c) for c in cids),
+        class_indices=tuple(classes.index(int(c)) for c in cids),
+        supports=supports,
+      )
+    )
   shots = {len(w) for s in specs for w in s.supports}
   ways = {len(s.class_ids) for s in specs}
   if len(shots) != 1 or len(ways) != 1:
-    raise ValueError(f"{path}: episodes mix shots {sorted(shots)} / ways {sorted(ways)}; one file per setting")
+    raise ValueError(
+      f"{path}: episodes mix shots {sorted(shots)} / ways {sorted(ways)}; one file per setting"
+    )
   return specs
 
 
-def make_eval_loader(cfg: EpisodeConfig, episodes_path: str | os.PathLike, *, global_batch_size: int,
-                     shard_index: int = 0, shard_count: int = 1, source=None) -> Loader:
+def make_eval_loader(
+  cfg: EpisodeConfig,
+  episodes_path: str | os.PathLike,
+  *,
+  global_batch_size: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  source=None,
+) -> Loader:
   """Batches of the stored test episodes in ``episodes_path`` (§9 test transform).
 
   Every process reads the whole file and keeps its shard of each global batch; the last
@@ -603,14 +735,16 @@ def make_eval_loader(cfg: EpisodeConfig, episodes_path: str | os.PathLike, *, gl
   specs = load_episode_specs(episodes_path, src, classes)
   shot, way = len(specs[0].supports[0]), len(specs[0].class_ids)
   if (shot, way) != (cfg.shot, cfg.way):
-    raise ValueError(f"{episodes_path} holds {way}-way {shot}-shot episodes but the config asks for "
-                     f"{cfg.way}-way {cfg.shot}-shot")
+    raise ValueError(
+      f"{episodes_path} holds {way}-way {shot}-shot episodes but the config asks for "
+      f"{cfg.way}-way {cfg.shot}-shot"
+    )
   idx = src.index
   qpos = np.asarray([s.query for s in specs])
   largest = int(max(idx.heights[qpos].max(), idx.widths[qpos].max()))
   if cfg.score_size:
-    bucket = (int(cfg.score_size),) * 2          # labels resized to S×S on the host
-  elif cfg.bucket is None:                         # no default (cross-domain): fit the largest query
+    bucket = (int(cfg.score_size),) * 2  # labels resized to S×S on the host
+  elif cfg.bucket is None:  # no default (cross-domain): fit the largest query
     bucket = (largest, largest)
   else:
     bucket = cfg.bucket
@@ -618,18 +752,31 @@ def make_eval_loader(cfg: EpisodeConfig, episodes_path: str | os.PathLike, *, gl
     too_big = np.flatnonzero((idx.heights[qpos] > hb) | (idx.widths[qpos] > wb))
     if len(too_big):
       i = qpos[too_big[0]]
-      raise ValueError(f"query image {idx.image_ids[i]} is {idx.heights[i]}x{idx.widths[i]}, larger than the "
-                       f"label bucket {hb}x{wb}; set EpisodeConfig.label_bucket >= {largest}")
-  base_lut = cfg.fold_classes().base_label_lut() if cfg.base_label and not cfg.cross_domain else None
+      raise ValueError(
+        f"query image {idx.image_ids[i]} is {idx.heights[i]}x{idx.widths[i]}, larger than the "
+        f"label bucket {hb}x{wb}; set EpisodeConfig.label_bucket >= {largest}"
+      )
+  base_lut = (
+    cfg.fold_classes().base_label_lut() if cfg.base_label and not cfg.cross_domain else None
+  )
   b = per_process_batch(global_batch_size, shard_count)
   steps = math.ceil(len(specs) / global_batch_size)
   ds = _Range(steps * global_batch_size).map(StoredEpisode(specs))
   ds = ds.map(LoadEpisode(src, base_lut=base_lut, with_valid=True, binary=cfg.cross_domain))
   ops = T.test_ops(cfg.test_size, resize=cfg.test_resize, bucket=bucket)
   ds = _apply_ops(ds, ([LabelAtInput(int(cfg.score_size))] if cfg.score_size else []) + ops)
-  it = _finish(ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count)
-  return Loader(dataset=it, global_batch_size=global_batch_size, batch_size=b, episodes_per_epoch=len(specs),
-                steps_per_epoch=steps, classes=classes, num_steps=steps)
+  it = _finish(
+    ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count
+  )
+  return Loader(
+    dataset=it,
+    global_batch_size=global_batch_size,
+    batch_size=b,
+    episodes_per_epoch=len(specs),
+    steps_per_epoch=steps,
+    classes=classes,
+    num_steps=steps,
+  )
 
 
 # -- base-learner pre-training (BAM `BaseData`, §6) ------------------------------------------
@@ -648,13 +795,20 @@ class _BaseImage(grain.transforms.Map):
       return index % n
     epoch = index // n
     if self._cache is None or self._cache[0] != epoch:
-      self._cache = (epoch, np.random.default_rng([episodes_lib._ORDER_STREAM, self.seed, epoch]).permutation(n))  # pylint: disable=protected-access
+      self._cache = (
+        epoch,
+        np.random.default_rng([episodes_lib._ORDER_STREAM, self.seed, epoch]).permutation(n),
+      )
     return int(self._cache[1][index % n])
 
   def map(self, index: int) -> dict[str, Any]:
     item = self.source[self._position(index)]
-    return {"query_image": item["image"].astype(np.float32), "query_mask": cv2.LUT(item["label"], self.lut),
-            "query_id": item["image_id"], "episode_index": np.asarray(index, np.int32)}
+    return {
+      "query_image": item["image"].astype(np.float32),
+      "query_mask": cv2.LUT(item["label"], self.lut),
+      "query_id": item["image_id"],
+      "episode_index": np.asarray(index, np.int32),
+    }
 
 
 class _RenameBase(grain.transforms.Map):
@@ -662,8 +816,15 @@ class _RenameBase(grain.transforms.Map):
     return {"image": ep["query_image"], "label": ep["query_mask"], "index": ep["episode_index"]}
 
 
-def make_base_train_loader(cfg: EpisodeConfig, *, global_batch_size: int, shard_index: int = 0,
-                           shard_count: int = 1, num_epochs: int | None = None, source=None) -> Loader:
+def make_base_train_loader(
+  cfg: EpisodeConfig,
+  *,
+  global_batch_size: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+  source=None,
+) -> Loader:
   """Base-learner (PSPNet) training batches over the **whole** train pool (§6 BaseData):
   ``image`` [b, H, W, 3] f32 and ``label`` [b, H, W] i32 (base classes 1..|base|, novel
   and background 0, 255 kept), §8 augmentation with ``cfg.train_size`` / ``cfg.scale``
@@ -675,16 +836,41 @@ def make_base_train_loader(cfg: EpisodeConfig, *, global_batch_size: int, shard_
   n = sys.maxsize if num_epochs is None else num_epochs * n_img
   lut = fc.base_label_lut()
   ds = _Range(n).map(_BaseImage(src, lut, cfg.seed, "shuffle")).seed(cfg.seed)
-  ops = T.train_ops(cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur,
-                    resize=cfg.train_resize)
+  ops = T.train_ops(
+    cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur, resize=cfg.train_resize
+  )
   ds = _apply_ops(ds, ops).map(_RenameBase())
-  it = _finish(ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count)
-  return Loader(dataset=it, global_batch_size=global_batch_size, batch_size=b, episodes_per_epoch=n_img,
-                steps_per_epoch=max(1, n_img // global_batch_size), classes=fc.base,
-                num_steps=None if num_epochs is None else n // global_batch_size)
+  it = _finish(
+    ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count
+  )
+  return Loader(
+    dataset=it,
+    global_batch_size=global_batch_size,
+    batch_size=b,
+    episodes_per_epoch=n_img,
+    steps_per_epoch=max(1, n_img // global_batch_size),
+    classes=fc.base,
+    num_steps=None if num_epochs is None else n // global_batch_size,
+  )
 
 
-__all__ = ["EpisodeConfig", "Loader", "ArraySource", "EpisodeSpec", "SampleEpisode", "StoredEpisode", "LoadEpisode",
-           "LabelAtInput", "make_train_loader", "make_eval_loader", "make_base_train_loader", "load_episode_specs",
-           "per_process_batch", "global_indices", "DEFAULT_LABEL_BUCKET", "canonical_dataset", "is_cross_domain",
-           "nearest_indices"]
+__all__ = [
+  "EpisodeConfig",
+  "Loader",
+  "ArraySource",
+  "EpisodeSpec",
+  "SampleEpisode",
+  "StoredEpisode",
+  "LoadEpisode",
+  "LabelAtInput",
+  "make_train_loader",
+  "make_eval_loader",
+  "make_base_train_loader",
+  "load_episode_specs",
+  "per_process_batch",
+  "global_indices",
+  "DEFAULT_LABEL_BUCKET",
+  "canonical_dataset",
+  "is_cross_domain",
+  "nearest_indices",
+]

@@ -53,7 +53,8 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -87,8 +88,10 @@ def dataset_dir(data_dir: str | os.PathLike, dataset: str) -> epath.Path:
 
 def build_command(data_dir: str | os.PathLike, dataset: str) -> str:
   """The command that builds ``dataset`` into ``data_dir``."""
-  return (f"python -m data_prep.build --dataset {dataset} "
-          f"--manual_dir <raw {dataset} directory> --data_dir {os.fspath(data_dir)}")
+  return (
+    f"python -m data_prep.build --dataset {dataset} "
+    f"--manual_dir <raw {dataset} directory> --data_dir {os.fspath(data_dir)}"
+  )
 
 
 class DatasetNotReadyError(FileNotFoundError):
@@ -118,7 +121,12 @@ def _stat_key(file: epath.Path) -> dict[str, int]:
     st = file.stat()
     return {"size": int(st.length), "mtime": int(st.mtime)}
   st = os.stat(os.fspath(file))
-  return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+  return {
+    "size": st.st_size,
+    "mtime_ns": st.st_mtime_ns,
+    "ctime_ns": st.st_ctime_ns,
+    "inode": st.st_ino,
+  }
 
 
 def read_verified(path: epath.Path) -> dict[str, dict[str, Any]]:
@@ -133,10 +141,16 @@ def read_verified(path: epath.Path) -> dict[str, dict[str, Any]]:
 def write_verified(path: epath.Path, files: dict[str, dict[str, Any]]) -> bool:
   """Writes the verification stamp; False (and a warning) when ``path`` is not writable."""
   try:
-    fss_io.atomic_write(path / VERIFIED_FILE, json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+    fss_io.atomic_write(
+      path / VERIFIED_FILE, json.dumps({"format": 1, "files": files}, indent=1) + "\n"
+    )
   except OSError as e:
-    log.warning("cannot record the verified checksums in %s (%s); the next open verifies them again. "
-                "Run python -m data_prep.build --verify as a user who can write there.", path, e)
+    log.warning(
+      "cannot record the verified checksums in %s (%s); the next open verifies them again. "
+      "Run python -m data_prep.build --verify as a user who can write there.",
+      path,
+      e,
+    )
     return False
   return True
 
@@ -144,8 +158,10 @@ def write_verified(path: epath.Path, files: dict[str, dict[str, Any]]) -> bool:
 def stamp_verified(path: epath.Path, expected: dict[str, dict[str, Any]]) -> bool:
   """Stamps record files just copied from a verified build with the report's sha256 (their
   stat keys as they are now), so the first open does not hash them again."""
-  return write_verified(path, {name: {**_stat_key(path / name), "sha256": want["sha256"]}
-                               for name, want in expected.items()})
+  return write_verified(
+    path,
+    {name: {**_stat_key(path / name), "sha256": want["sha256"]} for name, want in expected.items()},
+  )
 
 
 def checksum_record_files(path: epath.Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -160,8 +176,13 @@ def checksum_record_files(path: epath.Path, names: Sequence[str]) -> dict[str, d
   return entries
 
 
-def check_record_files(path: epath.Path, expected: dict[str, dict[str, Any]], names: Sequence[str], *,
-                       checksum: str = "changed") -> list[str]:
+def check_record_files(
+  path: epath.Path,
+  expected: dict[str, dict[str, Any]],
+  names: Sequence[str],
+  *,
+  checksum: str = "changed",
+) -> list[str]:
   """Compares record files with the build report; returns the problems (empty: all intact).
 
   Args:
@@ -188,15 +209,19 @@ def check_record_files(path: epath.Path, expected: dict[str, dict[str, Any]], na
       problems.append(f"record file {file} is missing")
       continue
     if key["size"] != want["size"]:
-      problems.append(f"record file {file} has {key['size']} bytes but was built with {want['size']} "
-                      f"(truncated or replaced)")
+      problems.append(
+        f"record file {file} has {key['size']} bytes but was built with {want['size']} "
+        f"(truncated or replaced)"
+      )
       continue
     if checksum == "never" or (checksum == "changed" and stamps.get(name) == key):
       continue
     log.info("checking the sha256 of %s (%.1f MB)", file, key["size"] / 1e6)
     digest = file_sha256(file)
     if digest != want["sha256"]:
-      problems.append(f"record file {file} does not match its sha256 from the build (damaged or modified)")
+      problems.append(
+        f"record file {file} does not match its sha256 from the build (damaged or modified)"
+      )
       continue
     verified[name] = key
   if verified:
@@ -215,6 +240,7 @@ class DatasetIndex:
     class_pixels: int64 [N, C + 1], pixels of label value 0..C at original resolution.
     ignore_pixels: int64 [N], pixels of label value 255.
   """
+
   image_ids: np.ndarray
   heights: np.ndarray
   widths: np.ndarray
@@ -234,16 +260,25 @@ class DatasetIndex:
     n = len(self.image_ids)
     problems = []
     if self.image_ids.ndim != 1 or self.image_ids.dtype.kind != "U":
-      problems.append(f"image_ids must be a 1-D str array, got {self.image_ids.dtype} {self.image_ids.shape}")
+      problems.append(
+        f"image_ids must be a 1-D str array, got {self.image_ids.dtype} {self.image_ids.shape}"
+      )
     for name in ("heights", "widths", "ignore_pixels"):
       a = getattr(self, name)
       if a.shape != (n,) or a.dtype.kind not in "iu":
         problems.append(f"{name} must be an integer array of shape ({n},), got {a.dtype} {a.shape}")
-    if self.class_pixels.ndim != 2 or self.class_pixels.shape[0] != n or self.class_pixels.dtype.kind not in "iu":
-      problems.append(f"class_pixels must be an integer array [{n}, C+1], got {self.class_pixels.dtype} "
-                      f"{self.class_pixels.shape}")
-    elif n and not np.array_equal(self.class_pixels.sum(1) + self.ignore_pixels,
-                                  self.heights.astype(np.int64) * self.widths):
+    if (
+      self.class_pixels.ndim != 2
+      or self.class_pixels.shape[0] != n
+      or self.class_pixels.dtype.kind not in "iu"
+    ):
+      problems.append(
+        f"class_pixels must be an integer array [{n}, C+1], got {self.class_pixels.dtype} "
+        f"{self.class_pixels.shape}"
+      )
+    elif n and not np.array_equal(
+      self.class_pixels.sum(1) + self.ignore_pixels, self.heights.astype(np.int64) * self.widths
+    ):
       problems.append("class_pixels + ignore_pixels do not add up to height * width")
     if problems:
       raise ValueError("; ".join(problems))
@@ -252,24 +287,45 @@ class DatasetIndex:
 def save_index(path: str | os.PathLike, index: DatasetIndex, *, dataset: str, split: str) -> None:
   """Writes ``index`` to ``path`` (.npz) atomically (temporary file + rename)."""
   index.validate()
-  fss_io.atomic_write(path, lambda f: np.savez_compressed(
-      f, image_ids=index.image_ids, heights=index.heights.astype(np.int32),
-      widths=index.widths.astype(np.int32), class_pixels=index.class_pixels.astype(np.int64),
-      ignore_pixels=index.ignore_pixels.astype(np.int64), format=np.int64(INDEX_FORMAT),
-      dataset=np.str_(dataset), split=np.str_(split)))
+  fss_io.atomic_write(
+    path,
+    lambda f: np.savez_compressed(
+      f,
+      image_ids=index.image_ids,
+      heights=index.heights.astype(np.int32),
+      widths=index.widths.astype(np.int32),
+      class_pixels=index.class_pixels.astype(np.int64),
+      ignore_pixels=index.ignore_pixels.astype(np.int64),
+      format=np.int64(INDEX_FORMAT),
+      dataset=np.str_(dataset),
+      split=np.str_(split),
+    ),
+  )
 
 
 def load_index(path: str | os.PathLike) -> tuple[DatasetIndex, dict[str, Any]]:
   """Reads an index written by `save_index`; returns (index, {"dataset", "split", "format"})."""
-  with fss_io.user_path(path).open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
-    missing = {"image_ids", "heights", "widths", "class_pixels", "ignore_pixels", "format"} - set(z.files)
+  with (
+    fss_io.user_path(path).open("rb") as f,
+    np.load(io.BytesIO(f.read()), allow_pickle=False) as z,
+  ):
+    missing = {"image_ids", "heights", "widths", "class_pixels", "ignore_pixels", "format"} - set(
+      z.files
+    )
     if missing:
       raise ValueError(f"index file {path} lacks {sorted(missing)}")
-    index = DatasetIndex(image_ids=z["image_ids"], heights=z["heights"], widths=z["widths"],
-                         class_pixels=z["class_pixels"], ignore_pixels=z["ignore_pixels"])
-    meta = {"format": int(z["format"]),
-            "dataset": str(z["dataset"]) if "dataset" in z.files else None,
-            "split": str(z["split"]) if "split" in z.files else None}
+    index = DatasetIndex(
+      image_ids=z["image_ids"],
+      heights=z["heights"],
+      widths=z["widths"],
+      class_pixels=z["class_pixels"],
+      ignore_pixels=z["ignore_pixels"],
+    )
+    meta = {
+      "format": int(z["format"]),
+      "dataset": str(z["dataset"]) if "dataset" in z.files else None,
+      "split": str(z["split"]) if "split" in z.files else None,
+    }
   return index, meta
 
 
@@ -289,7 +345,9 @@ def decode_label(data: bytes) -> np.ndarray:
   if label.ndim == 3 and label.shape[2] == 1:
     label = label[..., 0]
   if label.ndim != 2 or label.dtype != np.uint8:
-    raise ValueError(f"label is not an 8-bit single-channel PNG (decoded {label.dtype} {label.shape})")
+    raise ValueError(
+      f"label is not an 8-bit single-channel PNG (decoded {label.dtype} {label.shape})"
+    )
   return label
 
 
@@ -305,7 +363,9 @@ class SplitSource(Sequence):
     dataset, split, path: what was opened.
   """
 
-  def __init__(self, data_dir: str | os.PathLike, dataset: str, split: str, *, _verify: bool = True):
+  def __init__(
+    self, data_dir: str | os.PathLike, dataset: str, split: str, *, _verify: bool = True
+  ):
     self.data_dir = os.fspath(data_dir)
     self.dataset = dataset
     self.split = split
@@ -321,38 +381,52 @@ class SplitSource(Sequence):
   # -- opening -----------------------------------------------------------------
 
   def _not_ready(self, problem: str, cls: type[DatasetNotReadyError] = DatasetNotReadyError):
-    return cls(f"{problem}\nRebuild it with:\n  {build_command(self.data_dir, self.dataset)} --overwrite")
+    return cls(
+      f"{problem}\nRebuild it with:\n  {build_command(self.data_dir, self.dataset)} --overwrite"
+    )
 
   def _open(self, verify: bool) -> None:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
 
     path = self.path
     if not (path / "dataset_info.json").is_file():
-      incomplete = sorted(p.name for p in path.parent.glob(f"*incomplete*{DATASET_VERSION}*")) \
-          if path.parent.is_dir() else []
-      hint = (f" (found only the unfinished build {incomplete[0]} — an interrupted build; it is ignored)"
-              if incomplete else "")
+      incomplete = (
+        sorted(p.name for p in path.parent.glob(f"*incomplete*{DATASET_VERSION}*"))
+        if path.parent.is_dir()
+        else []
+      )
+      hint = (
+        f" (found only the unfinished build {incomplete[0]} — an interrupted build; it is ignored)"
+        if incomplete
+        else ""
+      )
       raise DatasetNotReadyError(
-          f"dataset {self.dataset!r} is not built in {self.data_dir}: {path}/dataset_info.json not found{hint}.\n"
-          f"Build it with:\n  {build_command(self.data_dir, self.dataset)}")
+        f"dataset {self.dataset!r} is not built in {self.data_dir}: {path}/dataset_info.json not found{hint}.\n"
+        f"Build it with:\n  {build_command(self.data_dir, self.dataset)}"
+      )
     builder = tfds.builder_from_directory(os.fspath(path))
     if self.split not in builder.info.splits:
       raise ValueError(f"split {self.split!r} not in {path} (has {sorted(builder.info.splits)})")
     split_info = builder.info.splits[self.split]
-    self._shards = ([os.path.basename(fi.filename) for fi in split_info.file_instructions],
-                    np.cumsum([fi.take for fi in split_info.file_instructions]).tolist())
+    self._shards = (
+      [os.path.basename(fi.filename) for fi in split_info.file_instructions],
+      np.cumsum([fi.take for fi in split_info.file_instructions]).tolist(),
+    )
     if verify:
       self._check_record_files(split_info.filenames)
     records = builder.as_data_source(
-        self.split, decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()})
+      self.split,
+      decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()},
+    )
     index_path = path / index_filename(self.split)
     if not index_path.is_file():
-      raise self._not_ready(f"dataset {path} has no index file {index_path.name} (built by another tool or "
-                            f"damaged).")
+      raise self._not_ready(
+        f"dataset {path} has no index file {index_path.name} (built by another tool or damaged)."
+      )
     try:
       index, meta = load_index(index_path)
       index.validate()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise self._not_ready(f"index file {index_path} is unreadable or inconsistent: {e}.") from e
     if verify:
       self._check(index, meta, records, builder)
@@ -367,8 +441,10 @@ class SplitSource(Sequence):
       report = {}
     expected = report.get("record_files")
     if expected is None:  # built before checksums were recorded (report format 1)
-      log.info("%s records no checksums (an older build); rebuild with --overwrite to check its files",
-               self.path / REPORT_FILE)
+      log.info(
+        "%s records no checksums (an older build); rebuild with --overwrite to check its files",
+        self.path / REPORT_FILE,
+      )
       return
     problems = check_record_files(self.path, expected, names)
     if problems:
@@ -380,8 +456,11 @@ class SplitSource(Sequence):
     return self.path / names[min(bisect.bisect_right(ends, i), len(names) - 1)]
 
   def _damaged(self, i: int, error: Exception) -> RecordFileError:
-    return self._not_ready(f"record file {self._file_of(i)} is damaged: reading record {i} of "
-                           f"{self.dataset}/{self.split} failed ({error}).", RecordFileError)
+    return self._not_ready(
+      f"record file {self._file_of(i)} is damaged: reading record {i} of "
+      f"{self.dataset}/{self.split} failed ({error}).",
+      RecordFileError,
+    )
 
   def _read_one(self, records, i: int):
     """The raw record ``i``; a damaged file raises `RecordFileError` naming it."""
@@ -403,25 +482,36 @@ class SplitSource(Sequence):
     path = self.path / index_filename(self.split)
     n = len(index)
     if meta["format"] != INDEX_FORMAT or meta["split"] not in (None, self.split):
-      raise self._not_ready(f"index file {path} has format {meta['format']} / split {meta['split']!r}; "
-                            f"expected format {INDEX_FORMAT} / split {self.split!r}.")
+      raise self._not_ready(
+        f"index file {path} has format {meta['format']} / split {meta['split']!r}; "
+        f"expected format {INDEX_FORMAT} / split {self.split!r}."
+      )
     if n != len(records):
-      raise self._not_ready(f"index file {path} lists {n} images but the split has {len(records)} records.")
+      raise self._not_ready(
+        f"index file {path} lists {n} images but the split has {len(records)} records."
+      )
     cp = builder.info.features["class_pixels"].shape
     if tuple(cp) != (index.class_pixels.shape[1],):
-      raise self._not_ready(f"index file {path} has {index.class_pixels.shape[1]} class columns, "
-                            f"records have {cp[0]}.")
+      raise self._not_ready(
+        f"index file {path} has {index.class_pixels.shape[1]} class columns, records have {cp[0]}."
+      )
     expected = NUM_CLASSES.get(self.dataset)
     if expected is not None and index.num_classes != expected:
-      raise self._not_ready(f"{self.dataset} has {expected} classes but {path} has {index.num_classes}.")
+      raise self._not_ready(
+        f"{self.dataset} has {expected} classes but {path} has {index.num_classes}."
+      )
     for i in sorted({0, n // 2, n - 1} if n else set())[:_SPOT_CHECKS]:
       rec = self._read_one(records, i)
       rid = _to_str(rec["image_id"])
-      if (rid != index.image_ids[i] or int(rec["height"]) != index.heights[i]
-          or int(rec["width"]) != index.widths[i]
-          or not np.array_equal(np.asarray(rec["class_pixels"]), index.class_pixels[i])):
-        raise self._not_ready(f"index file {path} disagrees with record {i} ({rid!r} vs "
-                              f"{index.image_ids[i]!r}).")
+      if (
+        rid != index.image_ids[i]
+        or int(rec["height"]) != index.heights[i]
+        or int(rec["width"]) != index.widths[i]
+        or not np.array_equal(np.asarray(rec["class_pixels"]), index.class_pixels[i])
+      ):
+        raise self._not_ready(
+          f"index file {path} disagrees with record {i} ({rid!r} vs {index.image_ids[i]!r})."
+        )
 
   def _ensure_open(self) -> None:
     if self._records is None:
@@ -466,12 +556,17 @@ class SplitSource(Sequence):
       image = decode_image(rec["image"])
       label = decode_label(rec["label"])
     except ValueError as e:
-      raise self._not_ready(f"record {i} ({image_id}) of {self.dataset}/{self.split} in {self._file_of(i)} does "
-                            f"not decode: {e}.", RecordFileError) from e
+      raise self._not_ready(
+        f"record {i} ({image_id}) of {self.dataset}/{self.split} in {self._file_of(i)} does "
+        f"not decode: {e}.",
+        RecordFileError,
+      ) from e
     h, w = int(self._index.heights[i]), int(self._index.widths[i])
     if image.shape[:2] != (h, w) or label.shape != (h, w):
-      raise ValueError(f"{self.dataset}/{self.split} record {i} ({image_id}): decoded image {image.shape[:2]} / "
-                       f"label {label.shape} but the index says {(h, w)}; rebuild the dataset.")
+      raise ValueError(
+        f"{self.dataset}/{self.split} record {i} ({image_id}): decoded image {image.shape[:2]} / "
+        f"label {label.shape} but the index says {(h, w)}; rebuild the dataset."
+      )
     return {"image": image, "label": label, "image_id": image_id}
 
   def _position(self, i) -> int:
@@ -534,8 +629,28 @@ def read_build_report(data_dir: str | os.PathLike, dataset: str) -> dict[str, An
   return json.loads(p.read_text()) if p.is_file() else None
 
 
-__all__ = ["DatasetIndex", "SplitSource", "open_split", "DatasetNotReadyError", "RecordFileError", "dataset_dir",
-           "index_filename", "save_index", "load_index", "decode_image", "decode_label",
-           "read_build_report", "build_command", "file_sha256", "checksum_record_files",
-           "check_record_files", "read_verified", "write_verified", "stamp_verified", "DATASET_VERSION", "NUM_CLASSES",
-           "REPORT_FILE", "VERIFIED_FILE"]
+__all__ = [
+  "DatasetIndex",
+  "SplitSource",
+  "open_split",
+  "DatasetNotReadyError",
+  "RecordFileError",
+  "dataset_dir",
+  "index_filename",
+  "save_index",
+  "load_index",
+  "decode_image",
+  "decode_label",
+  "read_build_report",
+  "build_command",
+  "file_sha256",
+  "checksum_record_files",
+  "check_record_files",
+  "read_verified",
+  "write_verified",
+  "stamp_verified",
+  "DATASET_VERSION",
+  "NUM_CLASSES",
+  "REPORT_FILE",
+  "VERIFIED_FILE",
+]

@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import pathlib
 import types
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -56,12 +56,17 @@ MODES = ("train", "test")
 # §5.1: 2·32·32 pixels at original resolution (OSLSM's "≥ 2 cells at 1/32").
 MIN_PIXELS = 2 * 32 * 32
 IGNORE = 255
-_ALIASES = {"pascal": "pascal5i", "voc": "pascal5i", "pascal5i": "pascal5i",
-            "coco": "coco20i", "coco20i": "coco20i"}
+_ALIASES = {
+  "pascal": "pascal5i",
+  "voc": "pascal5i",
+  "pascal5i": "pascal5i",
+  "coco": "coco20i",
+  "coco20i": "coco20i",
+}
 
 
 def canonical_dataset(dataset: str) -> str:
-  """"pascal5i" / "coco20i" for a dataset name or alias ("pascal", "coco")."""
+  """ "pascal5i" / "coco20i" for a dataset name or alias ("pascal", "coco")."""
   try:
     return _ALIASES[dataset.lower()]
   except KeyError:
@@ -71,20 +76,109 @@ def canonical_dataset(dataset: str) -> str:
 # Class names by class id 1..C (label value k is the k-th name): PASCAL VOC's 20 classes, and
 # COCO's 80 instance categories by ascending COCO category id (data_protocol.md §3.3).
 PASCAL_CLASS_NAMES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor")
+  "aeroplane",
+  "bicycle",
+  "bird",
+  "boat",
+  "bottle",
+  "bus",
+  "car",
+  "cat",
+  "chair",
+  "cow",
+  "diningtable",
+  "dog",
+  "horse",
+  "motorbike",
+  "person",
+  "pottedplant",
+  "sheep",
+  "sofa",
+  "train",
+  "tvmonitor",
+)
 COCO_CLASS_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush")
+  "person",
+  "bicycle",
+  "car",
+  "motorcycle",
+  "airplane",
+  "bus",
+  "train",
+  "truck",
+  "boat",
+  "traffic light",
+  "fire hydrant",
+  "stop sign",
+  "parking meter",
+  "bench",
+  "bird",
+  "cat",
+  "dog",
+  "horse",
+  "sheep",
+  "cow",
+  "elephant",
+  "bear",
+  "zebra",
+  "giraffe",
+  "backpack",
+  "umbrella",
+  "handbag",
+  "tie",
+  "suitcase",
+  "frisbee",
+  "skis",
+  "snowboard",
+  "sports ball",
+  "kite",
+  "baseball bat",
+  "baseball glove",
+  "skateboard",
+  "surfboard",
+  "tennis racket",
+  "bottle",
+  "wine glass",
+  "cup",
+  "fork",
+  "knife",
+  "spoon",
+  "bowl",
+  "banana",
+  "apple",
+  "sandwich",
+  "orange",
+  "broccoli",
+  "carrot",
+  "hot dog",
+  "pizza",
+  "donut",
+  "cake",
+  "chair",
+  "couch",
+  "potted plant",
+  "bed",
+  "dining table",
+  "toilet",
+  "tv",
+  "laptop",
+  "mouse",
+  "remote",
+  "keyboard",
+  "cell phone",
+  "microwave",
+  "oven",
+  "toaster",
+  "sink",
+  "refrigerator",
+  "book",
+  "clock",
+  "vase",
+  "scissors",
+  "teddy bear",
+  "hair drier",
+  "toothbrush",
+)
 _NAMES_OF = {"pascal5i": PASCAL_CLASS_NAMES, "coco20i": COCO_CLASS_NAMES}
 
 
@@ -113,6 +207,7 @@ class FoldClasses:
     novel: the fold's test classes, ascending.
     base: the fold's training classes, ascending (defines the base-label numbering).
   """
+
   dataset: str
   fold: int
   novel: tuple[int, ...]
@@ -187,6 +282,7 @@ class FoldLists:
       candidate classes: any pixel count).
     mode, filter_intersection, min_pixels: how the lists were made.
   """
+
   classes: tuple[int, ...]
   query_positions: np.ndarray
   support_positions: Mapping[int, np.ndarray]
@@ -210,9 +306,14 @@ class FoldLists:
     return {c: len(self.support_positions[c]) for c in self.classes}
 
 
-def build_lists(class_pixels: np.ndarray, classes: tuple[int, ...] | list[int], *,
-                filter_intersection: bool, min_pixels: int = MIN_PIXELS,
-                mode: str = "train") -> FoldLists:
+def build_lists(
+  class_pixels: np.ndarray,
+  classes: tuple[int, ...] | list[int],
+  *,
+  filter_intersection: bool,
+  min_pixels: int = MIN_PIXELS,
+  mode: str = "train",
+) -> FoldLists:
   """§5.1 for one class list S over all images at once.
 
   Args:
@@ -234,22 +335,36 @@ def build_lists(class_pixels: np.ndarray, classes: tuple[int, ...] | list[int], 
   bad = [c for c in classes if not 1 <= c <= num_classes]
   if bad:
     raise ValueError(f"classes {bad} are outside 1..{num_classes}")
-  counts = cp[:, 1:]                                              # [N, C]
+  counts = cp[:, 1:]  # [N, C]
   present = counts > 0
   in_s = np.zeros(num_classes, bool)
   in_s[np.asarray(classes, np.int64) - 1] = True
   keep_image = ~(present & ~in_s).any(axis=1) if filter_intersection else np.ones(len(cp), bool)
   cols = np.asarray(classes, np.int64) - 1
-  kept = (counts[:, cols] >= min_pixels) & keep_image[:, None]    # [N, |S|]
+  kept = (counts[:, cols] >= min_pixels) & keep_image[:, None]  # [N, |S|]
   query = np.flatnonzero(kept.any(axis=1)).astype(np.int64)
   support = {c: np.flatnonzero(kept[:, j]).astype(np.int64) for j, c in enumerate(classes)}
-  return FoldLists(classes=classes, query_positions=query, support_positions=support,
-                   candidates=present[query][:, cols], mode=mode,
-                   filter_intersection=bool(filter_intersection), min_pixels=int(min_pixels))
+  return FoldLists(
+    classes=classes,
+    query_positions=query,
+    support_positions=support,
+    candidates=present[query][:, cols],
+    mode=mode,
+    filter_intersection=bool(filter_intersection),
+    min_pixels=int(min_pixels),
+  )
 
 
-def fold_lists(index, dataset: str, fold: int, mode: str, *, protocol: str = "bam",
-               coco_split: str = "interleaved", min_pixels: int = MIN_PIXELS) -> FoldLists:
+def fold_lists(
+  index,
+  dataset: str,
+  fold: int,
+  mode: str,
+  *,
+  protocol: str = "bam",
+  coco_split: str = "interleaved",
+  min_pixels: int = MIN_PIXELS,
+) -> FoldLists:
   """The fold's lists for ``mode`` from a split's `DatasetIndex` (or anything with
   ``class_pixels``).
 
@@ -270,10 +385,17 @@ def fold_lists(index, dataset: str, fold: int, mode: str, *, protocol: str = "ba
   fc = fold_classes(dataset, fold, coco_split=coco_split)
   cp = np.asarray(index.class_pixels)
   if cp.shape[1] - 1 != fc.num_classes:
-    raise ValueError(f"{fc.dataset} has {fc.num_classes} classes but the index has {cp.shape[1] - 1} "
-                     f"class columns; is it the index of another dataset?")
-  return build_lists(cp, fc.classes(mode), filter_intersection=(mode == "train" and protocol == "bam"),
-                     min_pixels=min_pixels, mode=mode)
+    raise ValueError(
+      f"{fc.dataset} has {fc.num_classes} classes but the index has {cp.shape[1] - 1} "
+      f"class columns; is it the index of another dataset?"
+    )
+  return build_lists(
+    cp,
+    fc.classes(mode),
+    filter_intersection=(mode == "train" and protocol == "bam"),
+    min_pixels=min_pixels,
+    mode=mode,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,39 +417,54 @@ DEEPGLOBE_CLASS_NAMES = ("agriculture", "urban", "rangeland", "forest", "water",
 # data/isic/class_id.csv in order of first appearance (the folder mapping DMTNet and IFA use).
 ISIC2018_CLASS_NAMES = ("nevus", "melanoma", "seborrheic_keratosis")
 CHEST_XRAY_CLASS_NAMES = ("lung",)
-_CD_ALIASES = {"fss1000": "fss1000", "fss": "fss1000", "fss-1000": "fss1000", "fss_1000": "fss1000",
-               "deepglobe": "deepglobe", "isic2018": "isic2018", "isic": "isic2018",
-               "chest_xray": "chest_xray", "chestxray": "chest_xray", "lung": "chest_xray"}
+_CD_ALIASES = {
+  "fss1000": "fss1000",
+  "fss": "fss1000",
+  "fss-1000": "fss1000",
+  "fss_1000": "fss1000",
+  "deepglobe": "deepglobe",
+  "isic2018": "isic2018",
+  "isic": "isic2018",
+  "chest_xray": "chest_xray",
+  "chestxray": "chest_xray",
+  "lung": "chest_xray",
+}
 
 
 def canonical_cross_domain(dataset: str) -> str:
-  """"fss1000" / "deepglobe" / "isic2018" / "chest_xray" for a name or alias ("fss", "isic", "lung")."""
+  """ "fss1000" / "deepglobe" / "isic2018" / "chest_xray" for a name or alias ("fss", "isic", "lung")."""
   try:
     return _CD_ALIASES[str(dataset).lower()]
   except KeyError:
-    raise ValueError(f"unknown cross-domain dataset {dataset!r}; expected one of {CROSS_DOMAIN_DATASETS}") from None
+    raise ValueError(
+      f"unknown cross-domain dataset {dataset!r}; expected one of {CROSS_DOMAIN_DATASETS}"
+    ) from None
 
 
 def dataset_kind(dataset: str) -> str:
-  """"folds" (PASCAL-5i, COCO-20i) or "cross_domain" (fold-less test sets); ValueError otherwise."""
+  """ "folds" (PASCAL-5i, COCO-20i) or "cross_domain" (fold-less test sets); ValueError otherwise."""
   if str(dataset).lower() in _CD_ALIASES:
     return "cross_domain"
   if str(dataset).lower() in _ALIASES:
     return "folds"
-  raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS + CROSS_DOMAIN_DATASETS}")
+  raise ValueError(
+    f"unknown dataset {dataset!r}; expected one of {DATASETS + CROSS_DOMAIN_DATASETS}"
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fss1000_split_classes(split: str) -> tuple[str, ...]:
   """FSS-1000 class names of ``split`` ("train" 520, "val" 240, "test" 240), sorted as PATNet /
   HSNet sort them (``sorted`` of the list lines, data/fss.py:24)."""
   if split not in FSS1000_SPLITS:
     raise ValueError(f"FSS-1000 has splits {tuple(FSS1000_SPLITS)}, got {split!r}")
   path = _ASSET_DIR / "fss1000" / FSS1000_SPLITS[split]
-  return tuple(sorted(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
+  return tuple(
+    sorted(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def isic2018_image_classes() -> Mapping[str, int]:
   """{ISIC image id: class id} of the 2594 ISIC 2018 task-1 training images (PATNet's
   data/isic/class_id.csv, shipped in fss_jax/assets/isic2018/), ids per `ISIC2018_CLASS_NAMES`."""
@@ -351,6 +488,7 @@ class CrossDomain:
     splits: split -> its class ids, ascending (FSS-1000: train 1..520, val 521..760,
       test 761..1000 = PATNet's 0-based ids + 1; the others: "test" only).
   """
+
   name: str
   class_names: tuple[str, ...]
   splits: Mapping[str, tuple[int, ...]]
@@ -366,7 +504,7 @@ class CrossDomain:
     return self.splits[split]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cross_domain(dataset: str) -> CrossDomain:
   """The `CrossDomain` classes of a dataset or alias."""
   name = canonical_cross_domain(dataset)
@@ -377,8 +515,11 @@ def cross_domain(dataset: str) -> CrossDomain:
       splits_[split] = tuple(range(len(names) + 1, len(names) + len(part) + 1))
       names += part
     return CrossDomain(name, names, splits_)
-  names = {"deepglobe": DEEPGLOBE_CLASS_NAMES, "isic2018": ISIC2018_CLASS_NAMES,
-           "chest_xray": CHEST_XRAY_CLASS_NAMES}[name]
+  names = {
+    "deepglobe": DEEPGLOBE_CLASS_NAMES,
+    "isic2018": ISIC2018_CLASS_NAMES,
+    "chest_xray": CHEST_XRAY_CLASS_NAMES,
+  }[name]
   return CrossDomain(name, names, {"test": tuple(range(1, len(names) + 1))})
 
 
@@ -392,13 +533,17 @@ def record_classes(index, dataset: str) -> np.ndarray:
   info = cross_domain(dataset)
   cp = np.asarray(index.class_pixels)
   if cp.ndim != 2 or cp.shape[1] - 1 != info.num_classes:
-    raise ValueError(f"{info.name} has {info.num_classes} classes but the index has {cp.shape[-1] - 1} class "
-                     f"columns; is it the index of another dataset?")
+    raise ValueError(
+      f"{info.name} has {info.num_classes} classes but the index has {cp.shape[-1] - 1} class "
+      f"columns; is it the index of another dataset?"
+    )
   fg = cp[:, 1:] > 0
   multi = np.flatnonzero(fg.sum(1) > 1)
   if multi.size:
-    raise ValueError(f"{multi.size} records of this index have pixels of several classes (first: record "
-                     f"{int(multi[0])}); a {info.name} record holds one class; rebuild the dataset")
+    raise ValueError(
+      f"{multi.size} records of this index have pixels of several classes (first: record "
+      f"{int(multi[0])}); a {info.name} record holds one class; rebuild the dataset"
+    )
   classes = np.where(fg.any(1), fg.argmax(1) + 1, 0).astype(np.int64)
   ids = np.asarray(index.image_ids)
   for i in np.flatnonzero(classes == 0):
@@ -416,8 +561,9 @@ def record_classes(index, dataset: str) -> np.ndarray:
   return classes
 
 
-def cross_domain_lists(index, dataset: str, split: str = "test", *, min_pixels: int = 0,
-                       mode: str | None = None) -> FoldLists:
+def cross_domain_lists(
+  index, dataset: str, split: str = "test", *, min_pixels: int = 0, mode: str | None = None
+) -> FoldLists:
   """Query / support lists of a cross-domain split: every class of the split, no folds, no filter.
 
   By default (``min_pixels=0``) every record of a class is a query candidate and a
@@ -441,16 +587,45 @@ def cross_domain_lists(index, dataset: str, split: str = "test", *, min_pixels: 
   if min_pixels > 0:
     cp = np.asarray(index.class_pixels)
     owner = np.where(cp[np.arange(len(owner)), owner] >= min_pixels, owner, 0)
-  member = np.zeros((len(owner), info.num_classes + 1), np.int64)   # 0 / 1 "pixel counts": membership
+  member = np.zeros(
+    (len(owner), info.num_classes + 1), np.int64
+  )  # 0 / 1 "pixel counts": membership
   member[np.arange(len(owner)), owner] = 1
   member[:, 0] = 0
-  lists = build_lists(member, classes, filter_intersection=False, min_pixels=1,
-                      mode=mode or ("train" if split == "train" else "test"))
+  lists = build_lists(
+    member,
+    classes,
+    filter_intersection=False,
+    min_pixels=1,
+    mode=mode or ("train" if split == "train" else "test"),
+  )
   return dataclasses.replace(lists, min_pixels=int(min_pixels))
 
-__all__ = ["DATASETS", "NUM_CLASSES", "MIN_PIXELS", "COCO_SPLITS", "PROTOCOLS", "FoldClasses",
-           "FoldLists", "canonical_dataset", "fold_classes", "build_lists", "fold_lists",
-           "CROSS_DOMAIN_DATASETS", "CROSS_DOMAIN_NUM_CLASSES", "CrossDomain", "cross_domain",
-           "canonical_cross_domain", "dataset_kind", "cross_domain_lists", "record_classes", "fss1000_split_classes",
-           "isic2018_image_classes", "FSS1000_SPLITS", "DEEPGLOBE_CLASS_NAMES", "ISIC2018_CLASS_NAMES",
-           "CHEST_XRAY_CLASS_NAMES"]
+
+__all__ = [
+  "DATASETS",
+  "NUM_CLASSES",
+  "MIN_PIXELS",
+  "COCO_SPLITS",
+  "PROTOCOLS",
+  "FoldClasses",
+  "FoldLists",
+  "canonical_dataset",
+  "fold_classes",
+  "build_lists",
+  "fold_lists",
+  "CROSS_DOMAIN_DATASETS",
+  "CROSS_DOMAIN_NUM_CLASSES",
+  "CrossDomain",
+  "cross_domain",
+  "canonical_cross_domain",
+  "dataset_kind",
+  "cross_domain_lists",
+  "record_classes",
+  "fss1000_split_classes",
+  "isic2018_image_classes",
+  "FSS1000_SPLITS",
+  "DEEPGLOBE_CLASS_NAMES",
+  "ISIC2018_CLASS_NAMES",
+  "CHEST_XRAY_CLASS_NAMES",
+]

@@ -66,7 +66,7 @@ sizes); the unused centre crop. Every config here uses square sizes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import grain
@@ -83,7 +83,9 @@ _LABELS = ("query_mask", "query_base_label")
 # -- group plumbing -------------------------------------------------------------------
 
 
-def _apply(ep: dict, fn: Callable[[np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]) -> dict:
+def _apply(
+  ep: dict, fn: Callable[[np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
+) -> dict:
   """Applies ``fn(image, labels) -> (image, labels)`` to the query group, then to each
   support; ``labels[0]`` is always the (binary) mask. Returns a new dict."""
   out = dict(ep)
@@ -131,6 +133,7 @@ class _GroupRandomMap(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class RandScale(_GroupRandomMap):
   """§8.1: s = lo + (hi - lo)·u; ``cv2.resize(fx=fy=s)``, image bilinear, labels nearest."""
+
   scale: tuple[float, float] = (0.9, 1.1)
 
   def __post_init__(self):
@@ -154,6 +157,7 @@ class RandRotate(_GroupRandomMap):
   """§8.2: with probability p (``u < p``, then a second draw for the angle) rotate by
   lo + (hi - lo)·u degrees about (W/2, H/2); image bilinear with the mean-colour
   border, labels nearest with 255."""
+
   angle: tuple[float, float] = (-10.0, 10.0)
   p: float = 0.5
   border: tuple[float, float, float] = MEAN
@@ -170,10 +174,25 @@ class RandRotate(_GroupRandomMap):
       return image, labels
     h, w = labels[0].shape
     m = cv2.getRotationMatrix2D((w / 2, h / 2), params["angle"], 1)
-    image = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                           borderValue=self.border)
-    labels = [cv2.warpAffine(l, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                             borderValue=self.ignore_label) for l in labels]
+    image = cv2.warpAffine(
+      image,
+      m,
+      (w, h),
+      flags=cv2.INTER_LINEAR,
+      borderMode=cv2.BORDER_CONSTANT,
+      borderValue=self.border,
+    )
+    labels = [
+      cv2.warpAffine(
+        l,
+        m,
+        (w, h),
+        flags=cv2.INTER_NEAREST,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=self.ignore_label,
+      )
+      for l in labels
+    ]
     return image, labels
 
 
@@ -181,6 +200,7 @@ class RandRotate(_GroupRandomMap):
 class RandomGaussianBlur(_GroupRandomMap):
   """§8.3: with probability p, ``cv2.GaussianBlur(image, (k, k), 0)``, image only (for
   k = 5 OpenCV's fixed kernel [1, 4, 6, 4, 1] / 16, reflect-101 border)."""
+
   ksize: int = 5
   p: float = 0.5
 
@@ -196,6 +216,7 @@ class RandomGaussianBlur(_GroupRandomMap):
 @dataclasses.dataclass(frozen=True)
 class RandomHorizontalFlip(_GroupRandomMap):
   """§8.4: with probability p (``u < p``) mirror image and labels."""
+
   p: float = 0.5
 
   def draw(self, rng, labels):
@@ -218,8 +239,15 @@ def _pads(shape: tuple[int, ...], size: tuple[int, int], where: str) -> tuple[in
   raise ValueError(f"pad must be 'center' or 'end', got {where!r}")
 
 
-def pad_to(image: np.ndarray, labels: list[np.ndarray], size: tuple[int, int], *,
-           value: Sequence[float] = MEAN, ignore_label: int = IGNORE, where: str = "center"):
+def pad_to(
+  image: np.ndarray,
+  labels: list[np.ndarray],
+  size: tuple[int, int],
+  *,
+  value: Sequence[float] = MEAN,
+  ignore_label: int = IGNORE,
+  where: str = "center",
+):
   """Pads up to ``size``: image with ``value``, labels with ``ignore_label``.
   [H, W, 3] -> [≥h, ≥w, 3]. ``where="center"`` (PFENet): top = ⌊pad/2⌋, bottom = the rest,
   same for left/right; ``"end"`` (SSP): bottom and right only."""
@@ -242,6 +270,7 @@ class RandomCrop(_GroupRandomMap):
   up to ``retries`` more times, keeping the last. SSP: ``pad="end"`` (bottom/right),
   ``pad_value=(0, 0, 0)``, ``retries=0`` (one draw).
   """
+
   size: tuple[int, int] = (473, 473)
   pad_value: tuple[float, float, float] = MEAN
   ignore_label: int = IGNORE
@@ -259,7 +288,9 @@ class RandomCrop(_GroupRandomMap):
       left = int(rng.integers(0, w - cw + 1))
       if attempt == self.retries:
         break
-      if np.count_nonzero(labels0[top:top + ch, left:left + cw] == 1) >= self.min_keep * raw_pos:
+      if (
+        np.count_nonzero(labels0[top : top + ch, left : left + cw] == 1) >= self.min_keep * raw_pos
+      ):
         break
     return top, left
 
@@ -273,11 +304,12 @@ class RandomCrop(_GroupRandomMap):
 
   def apply(self, image, labels, params):
     ch, cw = _size_hw(self.size)
-    image, labels = pad_to(image, labels, (ch, cw), value=self.pad_value, ignore_label=self.ignore_label,
-                           where=self.pad)
+    image, labels = pad_to(
+      image, labels, (ch, cw), value=self.pad_value, ignore_label=self.ignore_label, where=self.pad
+    )
     top, left = params["top"], params["left"]
-    image = image[top:top + ch, left:left + cw]
-    labels = [l[top:top + ch, left:left + cw] for l in labels]
+    image = image[top : top + ch, left : left + cw]
+    labels = [l[top : top + ch, left : left + cw] for l in labels]
     return image, labels
 
 
@@ -295,6 +327,7 @@ class SquashResize(grain.transforms.Map):
   shrinking (antialiasing) and rounds after each pass; labels PIL nearest (source pixel
   ⌊(x + 0.5)·in/out⌋). Both return float32 images.
   """
+
   size: tuple[int, int] = (473, 473)
   backend: str = "cv2"
 
@@ -307,7 +340,9 @@ class SquashResize(grain.transforms.Map):
     if self.backend == "pil":
       rgb = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8))
       image = np.array(rgb.resize((w, h), Image.Resampling.BILINEAR), np.float32)
-      labels = [np.array(Image.fromarray(l).resize((w, h), Image.Resampling.NEAREST)) for l in labels]
+      labels = [
+        np.array(Image.fromarray(l).resize((w, h), Image.Resampling.NEAREST)) for l in labels
+      ]
       return image, labels
     image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
     labels = [cv2.resize(l, (w, h), interpolation=cv2.INTER_NEAREST) for l in labels]
@@ -331,6 +366,7 @@ def aspect_size(h: int, w: int, size: int) -> tuple[int, int]:
 class AspectResizePad(grain.transforms.Map):
   """§9.1 (PFENet/BAM/SCCAN test): resize to `aspect_size` (image bilinear, labels
   nearest) and paste top-left into a size×size canvas of zeros (image) / 255 (labels)."""
+
   size: int = 473
   ignore_label: int = IGNORE
 
@@ -350,13 +386,17 @@ class AspectResizePad(grain.transforms.Map):
     return _apply(ep, self.apply)
 
 
-def pad_label(label: np.ndarray, bucket: tuple[int, int], *, value: int = IGNORE, what: str = "label") -> np.ndarray:
+def pad_label(
+  label: np.ndarray, bucket: tuple[int, int], *, value: int = IGNORE, what: str = "label"
+) -> np.ndarray:
   """[h, w] -> [Hb, Wb] padded bottom/right with ``value``; ValueError if it does not fit."""
   hb, wb = bucket
   h, w = label.shape
   if h > hb or w > wb:
-    raise ValueError(f"{what} is {h}x{w}, larger than the label bucket {hb}x{wb}; raise the eval "
-                     f"label bucket (EpisodeConfig.label_bucket) to at least {max(h, w)}")
+    raise ValueError(
+      f"{what} is {h}x{w}, larger than the label bucket {hb}x{wb}; raise the eval "
+      f"label bucket (EpisodeConfig.label_bucket) to at least {max(h, w)}"
+    )
   out = np.full((hb, wb), value, label.dtype)
   out[:h, :w] = label
   return out
@@ -368,6 +408,7 @@ class KeepOriginalLabel(grain.transforms.Map):
   resolution: ``label_original`` u8 [Hb, Wb] (255-padded) and ``label_size`` i32 [2]
   (true h, w); also ``query_base_label_original`` when a base label is present.
   Run it before any resize."""
+
   bucket: tuple[int, int] = (512, 512)
 
   def map(self, ep):
@@ -377,7 +418,9 @@ class KeepOriginalLabel(grain.transforms.Map):
     out["label_original"] = pad_label(mask, _size_hw(self.bucket), what=what)
     out["label_size"] = np.asarray(mask.shape, np.int32)
     if "query_base_label" in ep:
-      out["query_base_label_original"] = pad_label(ep["query_base_label"], _size_hw(self.bucket), what=what)
+      out["query_base_label_original"] = pad_label(
+        ep["query_base_label"], _size_hw(self.bucket), what=what
+      )
     return out
 
 
@@ -388,6 +431,7 @@ class KeepOriginalLabel(grain.transforms.Map):
 class Normalize(grain.transforms.Map):
   """§8.6: (x - mean) / std per RGB channel in float32 (bit-exact with torch's
   ``sub_(m).div_(s)`` on float32 tensors)."""
+
   mean: tuple[float, float, float] = MEAN
   std: tuple[float, float, float] = STD
 
@@ -434,7 +478,7 @@ def batch_episodes(elements: Sequence[dict]) -> dict[str, np.ndarray]:
   """
   first = elements[0]
   out = {}
-  for k, v in first.items():
+  for k in first:
     if k in ("support_images", "support_masks"):
       continue
     out[k] = np.stack([e[k] for e in elements])
@@ -461,9 +505,14 @@ def batch_episodes(elements: Sequence[dict]) -> dict[str, np.ndarray]:
 TRAIN_RESIZES = ("crop", "squash", "panet", "ssp")
 
 
-def train_ops(size: int | tuple[int, int], *, scale: tuple[float, float] = (0.9, 1.1),
-              rotate: tuple[float, float] = (-10.0, 10.0), blur: float = 0.5,
-              resize: str = "crop") -> list:
+def train_ops(
+  size: int | tuple[int, int],
+  *,
+  scale: tuple[float, float] = (0.9, 1.1),
+  rotate: tuple[float, float] = (-10.0, 10.0),
+  blur: float = 0.5,
+  resize: str = "crop",
+) -> list:
   """The §8 chain: [RandScale] [RandRotate] [blur], then by ``resize``:
 
   * "crop" (PFENet/BAM/SCCAN): flip, `RandomCrop` (mean padding, 85 % rule);
@@ -500,7 +549,9 @@ def train_ops(size: int | tuple[int, int], *, scale: tuple[float, float] = (0.9,
   return ops + last + [Normalize(), ToArrays()]
 
 
-def test_ops(size: int, *, resize: str = "aspect", bucket: tuple[int, int] | None = (512, 512)) -> list:
+def test_ops(
+  size: int, *, resize: str = "aspect", bucket: tuple[int, int] | None = (512, 512)
+) -> list:
   """The §9 chain. ``resize``: "aspect" (§9.1, aspect + pad) or "squash" (§9.2).
   ``bucket``: keep the original query label padded to it (None: don't)."""
   if resize == "aspect":
@@ -525,6 +576,26 @@ def apply_ops(ep: dict, ops: Sequence, rng: np.random.Generator | None = None) -
   return ep
 
 
-__all__ = ["MEAN", "STD", "IGNORE", "TRAIN_RESIZES", "RandScale", "RandRotate", "RandomGaussianBlur",
-           "RandomHorizontalFlip", "RandomCrop", "SquashResize", "AspectResizePad", "KeepOriginalLabel", "Normalize",
-           "ToArrays", "aspect_size", "pad_to", "pad_label", "train_ops", "test_ops", "apply_ops", "batch_episodes"]
+__all__ = [
+  "MEAN",
+  "STD",
+  "IGNORE",
+  "TRAIN_RESIZES",
+  "RandScale",
+  "RandRotate",
+  "RandomGaussianBlur",
+  "RandomHorizontalFlip",
+  "RandomCrop",
+  "SquashResize",
+  "AspectResizePad",
+  "KeepOriginalLabel",
+  "Normalize",
+  "ToArrays",
+  "aspect_size",
+  "pad_to",
+  "pad_label",
+  "train_ops",
+  "test_ops",
+  "apply_ops",
+  "batch_episodes",
+]

@@ -20,7 +20,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -78,11 +79,17 @@ class ProgressLog:
     log: ``printf``-style logger (absl ``logging.info``).
   """
 
-  def __init__(self, label: str = "eval", *, every_s: float = 10.0,
-               clock: Callable[[], float] = time.monotonic, log: Callable[..., None] = logging.info):
+  def __init__(
+    self,
+    label: str = "eval",
+    *,
+    every_s: float = 10.0,
+    clock: Callable[[], float] = time.monotonic,
+    log: Callable[..., None] = logging.info,
+  ):
     self.label, self.every_s, self.clock, self.log = label, float(every_s), clock, log
     self.start = clock()
-    self.first: tuple[float, int] | None = None   # (time, episodes) of the first completed batch
+    self.first: tuple[float, int] | None = None  # (time, episodes) of the first completed batch
     self.last_log = -math.inf
 
   def __call__(self, done: int, total: int | None) -> None:
@@ -91,33 +98,47 @@ class ProgressLog:
     if self.first is None:
       self.first = (now, done)
       self.last_log = now
-      self.log("%s: %s after %.1f s (compilation included)", self.label, _count(done, total),
-               now - self.start)
+      self.log(
+        "%s: %s after %.1f s (compilation included)",
+        self.label,
+        _count(done, total),
+        now - self.start,
+      )
       return
     if not finished and now - self.last_log < self.every_s:
       return
     self.last_log = now
     t1, n1 = self.first
     rate = (done - n1) / max(now - t1, 1e-9)
-    eta = f", ETA {(total - done) / rate:.0f} s" if total is not None and rate > 0 and not finished else ""
+    eta = (
+      f", ETA {(total - done) / rate:.0f} s"
+      if total is not None and rate > 0 and not finished
+      else ""
+    )
     self.log("%s: %s, %.1f episodes/s%s", self.label, _count(done, total), rate, eta)
 
 
 def _count(done: int, total: int | None) -> str:
-  """"480/1000 episodes (48%)", or "480 episodes" when the total is unknown."""
+  """ "480/1000 episodes (48%)", or "480 episodes" when the total is unknown."""
   if not total:
     return f"{done} episodes"
   return f"{done}/{total} episodes ({100.0 * done / total:.0f}%)"
 
 
-def evaluate_episodes(eval_fn: Callable, state: Any, batches: Iterable[Mapping[str, Any]], *,
-                      classes: Sequence[int], mesh, local_batch_size: int,
-                      class_names: Mapping[int, str] | None = None,
-                      max_batches: int | None = None,
-                      baseline: metrics_lib.ClassIoU | None = None,
-                      total: int | None = None,
-                      progress: Callable[[int, int | None], None] | None = None
-                      ) -> metrics_lib.ClassIoU:
+def evaluate_episodes(
+  eval_fn: Callable,
+  state: Any,
+  batches: Iterable[Mapping[str, Any]],
+  *,
+  classes: Sequence[int],
+  mesh,
+  local_batch_size: int,
+  class_names: Mapping[int, str] | None = None,
+  max_batches: int | None = None,
+  baseline: metrics_lib.ClassIoU | None = None,
+  total: int | None = None,
+  progress: Callable[[int, int | None], None] | None = None,
+) -> metrics_lib.ClassIoU:
   """Accumulates the eval step's counts over ``batches`` (this process's shards).
 
   Args:
@@ -177,17 +198,29 @@ def summarize(per_seed: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
   fb = np.asarray([per_seed[s]["fb_iou"] for s in seeds], np.float64)
   classes = list(per_seed[seeds[0]]["per_class"])
   per_class = {c: float(np.mean([per_seed[s]["per_class"][c] for s in seeds])) for c in classes}
-  return {"seeds": {str(s): dict(per_seed[s]) for s in seeds},
-          "num_seeds": len(seeds),
-          "miou_mean": float(miou.mean()), "miou_std": float(miou.std()),
-          "miou_max": float(miou.max()),
-          "fb_iou_mean": float(fb.mean()), "fb_iou_std": float(fb.std()),
-          "per_class_mean": per_class}
+  return {
+    "seeds": {str(s): dict(per_seed[s]) for s in seeds},
+    "num_seeds": len(seeds),
+    "miou_mean": float(miou.mean()),
+    "miou_std": float(miou.std()),
+    "miou_max": float(miou.max()),
+    "fb_iou_mean": float(fb.mean()),
+    "fb_iou_std": float(fb.std()),
+    "per_class_mean": per_class,
+  }
 
 
-def evaluate_seeds(eval_fn: Callable, state: Any, make_loader: Callable[[int], Iterable], *,
-                   seeds: Sequence[int], classes: Sequence[int], mesh, local_batch_size: int,
-                   class_names: Mapping[int, str] | None = None) -> tuple[dict, dict[int, str]]:
+def evaluate_seeds(
+  eval_fn: Callable,
+  state: Any,
+  make_loader: Callable[[int], Iterable],
+  *,
+  seeds: Sequence[int],
+  classes: Sequence[int],
+  mesh,
+  local_batch_size: int,
+  class_names: Mapping[int, str] | None = None,
+) -> tuple[dict, dict[int, str]]:
   """Runs `evaluate_episodes` for every seed.
 
   Args:
@@ -201,15 +234,29 @@ def evaluate_seeds(eval_fn: Callable, state: Any, make_loader: Callable[[int], I
   per_seed, tables = {}, {}
   for seed in seeds:
     t0 = time.time()
-    acc = evaluate_episodes(eval_fn, state, make_loader(int(seed)), classes=classes, mesh=mesh,
-                            local_batch_size=local_batch_size, class_names=class_names,
-                            progress=ProgressLog(f"seed {int(seed)}"))
+    acc = evaluate_episodes(
+      eval_fn,
+      state,
+      make_loader(int(seed)),
+      classes=classes,
+      mesh=mesh,
+      local_batch_size=local_batch_size,
+      class_names=class_names,
+      progress=ProgressLog(f"seed {int(seed)}"),
+    )
     r = acc.result()
     r["seconds"] = round(time.time() - t0, 3)
     per_seed[int(seed)] = r
     tables[int(seed)] = acc.table()
-    logging.info("seed %d: mIoU %.2f FB-IoU %.2f over %d episodes (%.1fs)\n%s", seed, r["miou"],
-                 r["fb_iou"], r["episodes"], r["seconds"], tables[int(seed)])
+    logging.info(
+      "seed %d: mIoU %.2f FB-IoU %.2f over %d episodes (%.1fs)\n%s",
+      seed,
+      r["miou"],
+      r["fb_iou"],
+      r["episodes"],
+      r["seconds"],
+      tables[int(seed)],
+    )
   summary = summarize(per_seed)
   names = {int(c): str(n) for c, n in (class_names or {}).items()}
   named = {str(c): names[int(c)] for c in classes if int(c) in names}
@@ -225,9 +272,12 @@ def summary_scalars(summary: Mapping[str, Any], *, prefix: str = "eval") -> dict
   ``f"{prefix}/iou/{id}"`` without a name in ``summary["class_names"]``.
   """
   names = summary.get("class_names") or {}
-  out = {f"{prefix}/miou": float(summary["miou_mean"]), f"{prefix}/miou_std": float(summary["miou_std"]),
-         f"{prefix}/fb_iou": float(summary["fb_iou_mean"]),
-         f"{prefix}/fb_iou_std": float(summary["fb_iou_std"])}
+  out = {
+    f"{prefix}/miou": float(summary["miou_mean"]),
+    f"{prefix}/miou_std": float(summary["miou_std"]),
+    f"{prefix}/fb_iou": float(summary["fb_iou_mean"]),
+    f"{prefix}/fb_iou_std": float(summary["fb_iou_std"]),
+  }
   for c, v in summary["per_class_mean"].items():
     name = names.get(str(c), "").replace(" ", "_")
     out[f"{prefix}/iou/{c}_{name}" if name else f"{prefix}/iou/{c}"] = float(v)
@@ -244,10 +294,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> os.PathLike | None:
 def format_summary(summary: Mapping[str, Any]) -> str:
   """One line: mIoU mean ± std (per seed) and FB-IoU."""
   seeds = ", ".join(f"{s}: {r['miou']:.2f}" for s, r in summary["seeds"].items())
-  return (f"mIoU {summary['miou_mean']:.2f} ± {summary['miou_std']:.2f} "
-          f"(FB-IoU {summary['fb_iou_mean']:.2f} ± {summary['fb_iou_std']:.2f}) over "
-          f"{summary['num_seeds']} seed(s) [{seeds}]")
+  return (
+    f"mIoU {summary['miou_mean']:.2f} ± {summary['miou_std']:.2f} "
+    f"(FB-IoU {summary['fb_iou_mean']:.2f} ± {summary['fb_iou_std']:.2f}) over "
+    f"{summary['num_seeds']} seed(s) [{seeds}]"
+  )
 
 
-__all__ = ["evaluate_episodes", "all_foreground_counts", "evaluate_seeds", "summarize", "write_json", "format_summary",
-           "model_inputs", "pad_batch", "ProgressLog", "summary_scalars"]
+__all__ = [
+  "evaluate_episodes",
+  "all_foreground_counts",
+  "evaluate_seeds",
+  "summarize",
+  "write_json",
+  "format_summary",
+  "model_inputs",
+  "pad_batch",
+  "ProgressLog",
+  "summary_scalars",
+]

@@ -27,7 +27,8 @@ tables and charts show next to the ids.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,7 @@ class Scoring:
       HSNet PASCAL); False: it counts as background (HSNet COCO, PATNet's binarised masks).
       Padding outside the label's H×W is never counted.
   """
+
   mode: str = "pad_square"
   size: int = 0
   ignore_255: bool = True
@@ -65,9 +67,10 @@ class Scoring:
       raise ValueError(f"score mode 'input' needs the input size (size >= 1), got {self.size}")
 
 
-def as_scoring(score: "str | Scoring") -> Scoring:
+def as_scoring(score: str | Scoring) -> Scoring:
   """A `Scoring` from itself or a mode name (255 ignored)."""
   return score if isinstance(score, Scoring) else Scoring(mode=str(score))
+
 
 class_names = splits.class_names  # {class id: name} of a dataset (fss_jax.data.splits)
 
@@ -75,6 +78,7 @@ class_names = splits.class_names  # {class id: name} of a dataset (fss_jax.data.
 # ---------------------------------------------------------------------------
 # Device side
 # ---------------------------------------------------------------------------
+
 
 def align_corners_matrix(out_size: jax.Array, in_size: int, bucket: int) -> jax.Array:
   """Per-example 1-D align_corners=True bilinear interpolation operator.
@@ -95,18 +99,23 @@ def align_corners_matrix(out_size: jax.Array, in_size: int, bucket: int) -> jax.
   """
   out = jnp.asarray(out_size, jnp.int32)[:, None]
   y = jnp.arange(bucket, dtype=jnp.float32)[None, :]
-  scale = jnp.where(out > 1, jnp.float32(in_size - 1) / jnp.maximum(out - 1, 1).astype(jnp.float32),
-                    0.0)
+  scale = jnp.where(
+    out > 1, jnp.float32(in_size - 1) / jnp.maximum(out - 1, 1).astype(jnp.float32), 0.0
+  )
   src = jnp.clip(scale * y, 0.0, float(in_size - 1))
   i0 = jnp.floor(src).astype(jnp.int32)
   i1 = jnp.minimum(i0 + 1, in_size - 1)
   l1 = src - i0.astype(jnp.float32)
-  m = (jax.nn.one_hot(i0, in_size, dtype=jnp.float32) * (1.0 - l1)[..., None]
-       + jax.nn.one_hot(i1, in_size, dtype=jnp.float32) * l1[..., None])
+  m = (
+    jax.nn.one_hot(i0, in_size, dtype=jnp.float32) * (1.0 - l1)[..., None]
+    + jax.nn.one_hot(i1, in_size, dtype=jnp.float32) * l1[..., None]
+  )
   return m
 
 
-def resize_to_labels(logits: jax.Array, target_hw: jax.Array, bucket_hw: tuple[int, int]) -> jax.Array:
+def resize_to_labels(
+  logits: jax.Array, target_hw: jax.Array, bucket_hw: tuple[int, int]
+) -> jax.Array:
   """align_corners=True bilinear resize of each episode to its own (h, w), on a fixed canvas.
 
   Args:
@@ -118,10 +127,11 @@ def resize_to_labels(logits: jax.Array, target_hw: jax.Array, bucket_hw: tuple[i
     [B, Hb, Wb, C]; entries outside each episode's target size are meaningless.
   """
   _, h, w, _ = logits.shape
-  rh = align_corners_matrix(target_hw[:, 0], h, bucket_hw[0])    # [B, Hb, h]
-  rw = align_corners_matrix(target_hw[:, 1], w, bucket_hw[1])    # [B, Wb, w]
-  x = jnp.einsum("byi,bijc->byjc", rh, logits.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)
+  rh = align_corners_matrix(target_hw[:, 0], h, bucket_hw[0])  # [B, Hb, h]
+  rw = align_corners_matrix(target_hw[:, 1], w, bucket_hw[1])  # [B, Wb, w]
+  x = jnp.einsum(
+    "byi,bijc->byjc", rh, logits.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+  )
   return jnp.einsum("bxj,byjc->byxc", rw, x, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -136,14 +146,15 @@ def nearest_rows(in_size: jax.Array, out: int) -> jax.Array:
 def resize_labels_nearest(label: jax.Array, label_size: jax.Array, out: int) -> jax.Array:
   """Each episode's H×W label (top-left of a padded bucket) -> out×out, torch nearest rule."""
   size = jnp.asarray(label_size, jnp.int32)
-  rows = nearest_rows(size[:, 0], out)                                        # [B, S]
-  cols = nearest_rows(size[:, 1], out)                                        # [B, S]
-  x = jnp.take_along_axis(label, rows[:, :, None], axis=1)                    # [B, S, Wb]
-  return jnp.take_along_axis(x, cols[:, None, :], axis=2)                     # [B, S, S]
+  rows = nearest_rows(size[:, 0], out)  # [B, S]
+  cols = nearest_rows(size[:, 1], out)  # [B, S]
+  x = jnp.take_along_axis(label, rows[:, :, None], axis=1)  # [B, S, Wb]
+  return jnp.take_along_axis(x, cols[:, None, :], axis=2)  # [B, S, S]
 
 
-def episode_counts(logits: jax.Array, label: jax.Array, label_size: jax.Array, *,
-                   score: "str | Scoring" = "pad_square") -> dict[str, jax.Array]:
+def episode_counts(
+  logits: jax.Array, label: jax.Array, label_size: jax.Array, *, score: str | Scoring = "pad_square"
+) -> dict[str, jax.Array]:
   """Per-episode, per-bin intersection / union / target area at the scoring resolution.
 
   Args:
@@ -196,8 +207,10 @@ def episode_counts(logits: jax.Array, label: jax.Array, label_size: jax.Array, *
 # Host side
 # ---------------------------------------------------------------------------
 
-def intersection_and_union(pred: np.ndarray, target: np.ndarray, num_classes: int,
-                           ignore_index: int = IGNORE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def intersection_and_union(
+  pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = IGNORE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """numpy ``intersectionAndUnion`` of the references: pred / target int arrays of one shape.
 
   Returns:
@@ -235,8 +248,13 @@ class ClassIoU:
     self.fb_union = np.zeros(2, np.int64)
     self.episodes = 0
 
-  def add(self, intersection: np.ndarray, union: np.ndarray, class_id: np.ndarray,
-          valid: np.ndarray | None = None) -> None:
+  def add(
+    self,
+    intersection: np.ndarray,
+    union: np.ndarray,
+    class_id: np.ndarray,
+    valid: np.ndarray | None = None,
+  ) -> None:
     """Adds a batch of episodes.
 
     Args:
@@ -248,14 +266,18 @@ class ClassIoU:
     uni = np.asarray(union, np.int64)
     cls = np.asarray(class_id).reshape(inter.shape[0], -1)
     if cls.shape[1] != inter.shape[1] - 1:
-      raise ValueError(f"class_id has {cls.shape[1]} ways per episode but the counts have "
-                       f"{inter.shape[1]} bins (background + ways)")
+      raise ValueError(
+        f"class_id has {cls.shape[1]} ways per episode but the counts have "
+        f"{inter.shape[1]} bins (background + ways)"
+      )
     keep = np.ones(inter.shape[0], bool) if valid is None else np.asarray(valid, bool).reshape(-1)
     for b in np.nonzero(keep)[0]:
       for w in range(cls.shape[1]):
         c = int(cls[b, w])
         if c not in self._pos:
-          raise ValueError(f"episode class {c} is not one of the evaluated classes {self.class_ids}")
+          raise ValueError(
+            f"episode class {c} is not one of the evaluated classes {self.class_ids}"
+          )
         k = self._pos[c]
         self.inter[k] += inter[b, w + 1]
         self.union[k] += uni[b, w + 1]
@@ -274,28 +296,42 @@ class ClassIoU:
     per_class = self.per_class()
     fb = self.fb_inter / (self.fb_union + EPS)
     return {
-        "miou": float(np.mean(list(per_class.values()))),
-        "fb_iou": float(100.0 * fb.mean()),
-        "fg_iou": float(100.0 * fb[1]),
-        "bg_iou": float(100.0 * fb[0]),
-        "per_class": {str(c): v for c, v in per_class.items()},
-        "episodes": int(self.episodes),
+      "miou": float(np.mean(list(per_class.values()))),
+      "fb_iou": float(100.0 * fb.mean()),
+      "fg_iou": float(100.0 * fb[1]),
+      "bg_iou": float(100.0 * fb[0]),
+      "per_class": {str(c): v for c, v in per_class.items()},
+      "episodes": int(self.episodes),
     }
 
   def table(self) -> str:
     """A per-class text table (id, name, IoU %, Σ intersection, Σ union, episodes)."""
     names = [self.class_names.get(c, "") for c in self.class_ids]
     w = max([4] + [len(n) for n in names])
-    rows = [f"{'class':>5}  {'name':<{w}} {'IoU %':>7} {'Σ inter':>12} {'Σ union':>12} {'episodes':>8}"]
+    rows = [
+      f"{'class':>5}  {'name':<{w}} {'IoU %':>7} {'Σ inter':>12} {'Σ union':>12} {'episodes':>8}"
+    ]
     for i, (c, name) in enumerate(zip(self.class_ids, names)):
       iou = 100.0 * self.inter[i] / (self.union[i] + EPS)
-      rows.append(f"{c:>5}  {name:<{w}} {iou:>7.2f} {self.inter[i]:>12d} "
-                  f"{self.union[i]:>12d} {self.count[i]:>8d}")
+      rows.append(
+        f"{c:>5}  {name:<{w}} {iou:>7.2f} {self.inter[i]:>12d} "
+        f"{self.union[i]:>12d} {self.count[i]:>8d}"
+      )
     r = self.result()
     rows.append(f"mIoU {r['miou']:.2f}   FB-IoU {r['fb_iou']:.2f}   ({self.episodes} episodes)")
     return "\n".join(rows)
 
 
-__all__ = ["episode_counts", "resize_to_labels", "align_corners_matrix", "resize_labels_nearest",
-           "intersection_and_union", "ClassIoU", "class_names", "SCORES", "IGNORE", "Scoring",
-           "as_scoring"]
+__all__ = [
+  "episode_counts",
+  "resize_to_labels",
+  "align_corners_matrix",
+  "resize_labels_nearest",
+  "intersection_and_union",
+  "ClassIoU",
+  "class_names",
+  "SCORES",
+  "IGNORE",
+  "Scoring",
+  "as_scoring",
+]

@@ -36,7 +36,8 @@ import copy
 import hashlib
 import json
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_collections
 from absl import logging
@@ -46,15 +47,26 @@ from fss_jax.eval import metrics as metrics_lib
 
 DEFAULT = "pfenet_bam"
 # Every field of a resolved protocol, in record order (docs/protocols.md, field by field).
-FIELDS = ("test_size", "test_resize", "score", "ignore_255", "novel_filter", "class_split",
-          "episode_rule", "lists", "episodes", "seeds", "seed_rule")
+FIELDS = (
+  "test_size",
+  "test_resize",
+  "score",
+  "ignore_255",
+  "novel_filter",
+  "class_split",
+  "episode_rule",
+  "lists",
+  "episodes",
+  "seeds",
+  "seed_rule",
+)
 TEST_RESIZES = ("aspect", "squash")
 SCORES = ("original", "input")
 CLASS_SPLITS = ("interleaved", "contiguous")
-HSNET_SEED = 0          # hsnet test.py:20 and PATNet test.py:18: utils.fix_randseed(0)
-HSNET_SIZE = 400        # hsnet test.py:88, PATNet test.py:73: FSSDataset.initialize(img_size=400)
-HSNET_EPISODES = 1000   # hsnet data/pascal.py:30, data/coco.py:30: __len__ = 1000 when testing
-PATNET_EPISODES = 600   # PATNet data/deepglobe.py:13, isic.py:13, lung.py:13: num=600
+HSNET_SEED = 0  # hsnet test.py:20 and PATNet test.py:18: utils.fix_randseed(0)
+HSNET_SIZE = 400  # hsnet test.py:88, PATNet test.py:73: FSSDataset.initialize(img_size=400)
+HSNET_EPISODES = 1000  # hsnet data/pascal.py:30, data/coco.py:30: __len__ = 1000 when testing
+PATNET_EPISODES = 600  # PATNet data/deepglobe.py:13, isic.py:13, lung.py:13: num=600
 FSS1000 = ("fss1000", "fss", "fss_1000", "fss-1000")
 
 
@@ -62,22 +74,38 @@ def _pfenet_bam(config, dataset: str) -> dict[str, Any]:
   """The method config's own values (it states where it departs from PFENet / BAM)."""
   del dataset
   d, e = config.data, config.eval
-  return {"test_size": int(d.test_size), "test_resize": str(d.test_resize), "score": "original",
-          "ignore_255": True, "novel_filter": str(d.get("protocol", "bam")) == "bam",
-          "class_split": str(d.get("coco_split", "interleaved")), "episode_rule": "pfenet",
-          "lists": "build", "episodes": int(e.episodes), "seeds": tuple(int(s) for s in e.seeds),
-          "seed_rule": "per_episode"}
+  return {
+    "test_size": int(d.test_size),
+    "test_resize": str(d.test_resize),
+    "score": "original",
+    "ignore_255": True,
+    "novel_filter": str(d.get("protocol", "bam")) == "bam",
+    "class_split": str(d.get("coco_split", "interleaved")),
+    "episode_rule": "pfenet",
+    "lists": "build",
+    "episodes": int(e.episodes),
+    "seeds": tuple(int(s) for s in e.seeds),
+    "seed_rule": "per_episode",
+  }
 
 
 def _hsnet(config, dataset: str) -> dict[str, Any]:
   del config
-  return {"test_size": HSNET_SIZE, "test_resize": "squash", "score": "input",
-          # PASCAL: boundaries (255) ignored (evaluation.py:15-21 with pascal.py:70-75); COCO's
-          # loader maps every value but the class, 255 included, to 0 (coco.py:92-93).
-          "ignore_255": dataset != "coco20i",
-          "novel_filter": False, "class_split": "interleaved", "episode_rule": "hsnet",
-          "lists": "build", "episodes": 0 if dataset in FSS1000 else HSNET_EPISODES,
-          "seeds": (HSNET_SEED,), "seed_rule": "sequential"}
+  return {
+    "test_size": HSNET_SIZE,
+    "test_resize": "squash",
+    "score": "input",
+    # PASCAL: boundaries (255) ignored (evaluation.py:15-21 with pascal.py:70-75); COCO's
+    # loader maps every value but the class, 255 included, to 0 (coco.py:92-93).
+    "ignore_255": dataset != "coco20i",
+    "novel_filter": False,
+    "class_split": "interleaved",
+    "episode_rule": "hsnet",
+    "lists": "build",
+    "episodes": 0 if dataset in FSS1000 else HSNET_EPISODES,
+    "seeds": (HSNET_SEED,),
+    "seed_rule": "sequential",
+  }
 
 
 def _patnet_cd(config, dataset: str) -> dict[str, Any]:
@@ -90,7 +118,10 @@ def _patnet_cd(config, dataset: str) -> dict[str, Any]:
 
 
 PRESETS: dict[str, Callable[[Any, str], dict[str, Any]]] = {
-    "pfenet_bam": _pfenet_bam, "hsnet": _hsnet, "patnet_cd": _patnet_cd}
+  "pfenet_bam": _pfenet_bam,
+  "hsnet": _hsnet,
+  "patnet_cd": _patnet_cd,
+}
 
 
 def eval_dataset(config) -> str:
@@ -98,8 +129,12 @@ def eval_dataset(config) -> str:
   name = str(config.eval.get("dataset", "") or "") if "eval" in config else ""
   if not name:
     return str(config.dataset)
-  from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
-  if getattr(splits, "dataset_kind", None) is not None and splits.dataset_kind(name) == "cross_domain":
+  from fss_jax.data import splits
+
+  if (
+    getattr(splits, "dataset_kind", None) is not None
+    and splits.dataset_kind(name) == "cross_domain"
+  ):
     return splits.canonical_cross_domain(name)
   return splits.canonical_dataset(name)
 
@@ -135,20 +170,30 @@ def resolve(config) -> dict[str, Any]:
   out["ignore_255"], out["novel_filter"] = bool(out["ignore_255"]), bool(out["novel_filter"])
   out["seeds"] = [int(s) for s in out["seeds"]]
   out["lists"] = str(out["lists"])
-  for key, allowed in (("test_resize", TEST_RESIZES), ("score", SCORES), ("class_split", CLASS_SPLITS),
-                       ("episode_rule", episodes_lib.RULES), ("seed_rule", episodes_lib.SEED_RULES)):
+  for key, allowed in (
+    ("test_resize", TEST_RESIZES),
+    ("score", SCORES),
+    ("class_split", CLASS_SPLITS),
+    ("episode_rule", episodes_lib.RULES),
+    ("seed_rule", episodes_lib.SEED_RULES),
+  ):
     if out[key] not in allowed:
       raise ValueError(f"protocol field {key}={out[key]!r}; use one of {', '.join(allowed)}")
   if out["score"] == "input" and out["test_resize"] != "squash":
-    raise ValueError("protocol field score='input' scores at the square input, which only holds "
-                     "the whole image with test_resize='squash' (got 'aspect')")
+    raise ValueError(
+      "protocol field score='input' scores at the square input, which only holds "
+      "the whole image with test_resize='squash' (got 'aspect')"
+    )
   if out["episodes"] < 0 or not out["seeds"] or out["test_size"] < 1:
-    raise ValueError(f"protocol fields need episodes >= 0 (0: one per query), at least one seed and "
-                     f"test_size >= 1; got episodes={out['episodes']}, seeds={out['seeds']}, "
-                     f"test_size={out['test_size']}")
+    raise ValueError(
+      f"protocol fields need episodes >= 0 (0: one per query), at least one seed and "
+      f"test_size >= 1; got episodes={out['episodes']}, seeds={out['seeds']}, "
+      f"test_size={out['test_size']}"
+    )
   if out["lists"] != "build" and out["episode_rule"] != "hsnet":
-    raise ValueError(f"protocol field lists={out['lists']!r} (HSNet's list files) needs "
-                     f"episode_rule='hsnet'")
+    raise ValueError(
+      f"protocol field lists={out['lists']!r} (HSNet's list files) needs episode_rule='hsnet'"
+    )
   return {k: out[k] for k in ("name", *FIELDS)}
 
 
@@ -157,10 +202,14 @@ def apply(config) -> ml_collections.ConfigDict:
   and into ``protocol_fields`` (so the run record names every value). Idempotent."""
   r = resolve(config)
   c = copy.deepcopy(config)
-  writes = {("data", "test_size"): r["test_size"], ("data", "test_resize"): r["test_resize"],
-            ("data", "protocol"): "bam" if r["novel_filter"] else "pfenet",
-            ("data", "coco_split"): r["class_split"], ("eval", "episodes"): r["episodes"],
-            ("eval", "seeds"): tuple(r["seeds"])}
+  writes = {
+    ("data", "test_size"): r["test_size"],
+    ("data", "test_resize"): r["test_resize"],
+    ("data", "protocol"): "bam" if r["novel_filter"] else "pfenet",
+    ("data", "coco_split"): r["class_split"],
+    ("eval", "episodes"): r["episodes"],
+    ("eval", "seeds"): tuple(r["seeds"]),
+  }
   changed = []
   for (group, key), value in writes.items():
     old = c[group].get(key)
@@ -172,24 +221,34 @@ def apply(config) -> ml_collections.ConfigDict:
       if k in c.protocol_fields:
         c.protocol_fields[k] = tuple(r[k]) if k == "seeds" else r[k]
   if changed:
-    logging.info("protocol %s: %s (set config.protocol_fields.<field> to keep a value)", r["name"],
-                 ", ".join(changed))
+    logging.info(
+      "protocol %s: %s (set config.protocol_fields.<field> to keep a value)",
+      r["name"],
+      ", ".join(changed),
+    )
   return c
 
 
-def check_eval_shape(spec, model: str, *, train_shot: int, train_way: int, shot: int, way: int) -> None:
+def check_eval_shape(
+  spec, model: str, *, train_shot: int, train_way: int, shot: int, way: int
+) -> None:
   """Refuses an evaluation K / N the model cannot run, naming the supported ones (one line)."""
   if shot < 1 or way < 1:
-    raise ValueError(f"eval.shot and eval.way must be >= 1 (0: the training value), got {shot}, {way}")
+    raise ValueError(
+      f"eval.shot and eval.way must be >= 1 (0: the training value), got {shot}, {way}"
+    )
   shots = spec.eval_shots(train_shot)
   if shots is not None and shot not in shots:
-    raise ValueError(f"model {model} trained {train_shot}-shot evaluates at K = "
-                     f"{', '.join(map(str, shots))} only (its shot fusion has K-dependent parameters; "
-                     f"docs/protocols.md), not eval.shot={shot}")
+    raise ValueError(
+      f"model {model} trained {train_shot}-shot evaluates at K = "
+      f"{', '.join(map(str, shots))} only (its shot fusion has K-dependent parameters; "
+      f"docs/protocols.md), not eval.shot={shot}"
+    )
   ways = spec.eval_ways(train_way)
   if ways is not None and way not in ways:
-    raise ValueError(f"model {model} evaluates {', '.join(map(str, ways))}-way episodes only, "
-                     f"not eval.way={way}")
+    raise ValueError(
+      f"model {model} evaluates {', '.join(map(str, ways))}-way episodes only, not eval.way={way}"
+    )
 
 
 def eval_config(config, spec=None) -> ml_collections.ConfigDict:
@@ -208,7 +267,8 @@ def eval_config(config, spec=None) -> ml_collections.ConfigDict:
       cross-domain set (binary masks: `episodes.check_way`).
   """
   if spec is None:
-    from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+    from fss_jax.models import registry
+
     spec = registry.get(config.model)
   e = config.eval
   train_shot, train_way = int(config.shot), int(config.get("way", 1))
@@ -216,17 +276,22 @@ def eval_config(config, spec=None) -> ml_collections.ConfigDict:
   way = int(e.get("way", 0) or train_way)
   fold = int(e.get("fold", -1))
   fold = int(config.fold) if fold < 0 else fold
-  check_eval_shape(spec, config.model, train_shot=train_shot, train_way=train_way, shot=shot, way=way)
-  episodes_lib.check_way(eval_dataset(config), way)   # cross-domain masks are binary: 1-way only
+  check_eval_shape(
+    spec, config.model, train_shot=train_shot, train_way=train_way, shot=shot, way=way
+  )
+  episodes_lib.check_way(eval_dataset(config), way)  # cross-domain masks are binary: 1-way only
   c = apply(config)
-  fields = config.model_fields.copy_and_resolve_references() if hasattr(
-      config.model_fields, "copy_and_resolve_references") else ml_collections.ConfigDict(dict(config.model_fields))
+  fields = (
+    config.model_fields.copy_and_resolve_references()
+    if hasattr(config.model_fields, "copy_and_resolve_references")
+    else ml_collections.ConfigDict(dict(config.model_fields))
+  )
   with fields.unlocked():
     if shot != train_shot and spec.shot_field and spec.shot_field in fields:
       fields[spec.shot_field] = shot
     if way != train_way and spec.way_field and spec.way_field in fields:
       fields[spec.way_field] = way
-  c.model_fields = fields     # plain values: changing shot / dataset below does not reach them
+  c.model_fields = fields  # plain values: changing shot / dataset below does not reach them
   c.shot, c.way, c.fold, c.dataset = shot, way, fold, eval_dataset(config)
   return c
 
@@ -287,10 +352,14 @@ def results_fields(train_config, config) -> dict[str, Any]:
   the training run's shot / way / dataset / fold / model fields."""
   fields = train_config.model_fields
   fields = fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)
-  return {"protocol": resolve(config), "train_shot": int(train_config.shot),
-          "train_way": int(train_config.get("way", 1)), "train_dataset": str(train_config.dataset),
-          "train_fold": int(train_config.fold),
-          "model_fields": json.loads(json.dumps(fields, default=str))}
+  return {
+    "protocol": resolve(config),
+    "train_shot": int(train_config.shot),
+    "train_way": int(train_config.get("way", 1)),
+    "train_dataset": str(train_config.dataset),
+    "train_fold": int(train_config.fold),
+    "model_fields": json.loads(json.dumps(fields, default=str)),
+  }
 
 
 def describe(protocol: Mapping[str, Any]) -> str:
@@ -300,13 +369,29 @@ def describe(protocol: Mapping[str, Any]) -> str:
     return str(p.get("name", "unrecorded"))
   where = "input" if p["score"] == "input" else "original label size"
   eps = "one per query" if int(p["episodes"]) == 0 else str(p["episodes"])
-  return (f"{p['name']}: test {p['test_size']} {p['test_resize']}, scored at {where}, 255 "
-          f"{'ignored' if p['ignore_255'] else 'as background'}, novel filter "
-          f"{'on' if p['novel_filter'] else 'off'}, {p['class_split']} COCO split, {p['episode_rule']} "
-          f"episodes from {p['lists']} lists, {eps} episodes x seeds {list(p['seeds'])} "
-          f"({p['seed_rule']})")
+  return (
+    f"{p['name']}: test {p['test_size']} {p['test_resize']}, scored at {where}, 255 "
+    f"{'ignored' if p['ignore_255'] else 'as background'}, novel filter "
+    f"{'on' if p['novel_filter'] else 'off'}, {p['class_split']} COCO split, {p['episode_rule']} "
+    f"episodes from {p['lists']} lists, {eps} episodes x seeds {list(p['seeds'])} "
+    f"({p['seed_rule']})"
+  )
 
 
-__all__ = ["DEFAULT", "FIELDS", "PRESETS", "resolve", "apply", "eval_config", "check_eval_shape",
-           "scoring", "episode_kwargs", "episodes_tag", "results_tag", "results_fields", "describe",
-           "overrides", "eval_dataset"]
+__all__ = [
+  "DEFAULT",
+  "FIELDS",
+  "PRESETS",
+  "resolve",
+  "apply",
+  "eval_config",
+  "check_eval_shape",
+  "scoring",
+  "episode_kwargs",
+  "episodes_tag",
+  "results_tag",
+  "results_fields",
+  "describe",
+  "overrides",
+  "eval_dataset",
+]

@@ -32,7 +32,8 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class TableError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Sample:
   """One (run, test seed) result."""
+
   path: str
   seed: str
   miou: float
@@ -62,6 +64,7 @@ class Sample:
 @dataclasses.dataclass
 class Result:
   """One results JSON."""
+
   path: str
   model: str
   dataset: str
@@ -86,11 +89,19 @@ def protocol_of(summary: Mapping[str, Any]) -> dict:
   p = summary.get("protocol")
   if isinstance(p, Mapping):
     return dict(p)
-  return {"name": "unrecorded", "score": summary.get("score"), "episodes": summary.get("episodes_per_seed")}
+  return {
+    "name": "unrecorded",
+    "score": summary.get("score"),
+    "episodes": summary.get("episodes_per_seed"),
+  }
 
 
 def identity(protocol: Mapping[str, Any]) -> tuple:
-  return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in protocol.items() if k not in _NOT_IDENTITY))
+  return tuple(
+    sorted(
+      (k, json.dumps(v, sort_keys=True)) for k, v in protocol.items() if k not in _NOT_IDENTITY
+    )
+  )
 
 
 def load(path: str | os.PathLike) -> Result | None:
@@ -102,14 +113,25 @@ def load(path: str | os.PathLike) -> Result | None:
   if not isinstance(s, dict) or not isinstance(s.get("seeds"), dict) or "model" not in s:
     return None
   try:
-    samples = [Sample(str(path), str(seed), float(r["miou"]), float(r["fb_iou"]), int(r.get("episodes", 0)))
-               for seed, r in s["seeds"].items()]
+    samples = [
+      Sample(str(path), str(seed), float(r["miou"]), float(r["fb_iou"]), int(r.get("episodes", 0)))
+      for seed, r in s["seeds"].items()
+    ]
     shot, way = int(s["shot"]), int(s.get("way", 1))
-    return Result(path=str(path), model=str(s["model"]), dataset=str(s["dataset"]), fold=int(s["fold"]),
-                  shot=shot, way=way, protocol=protocol_of(s), train_shot=int(s.get("train_shot", shot)),
-                  train_dataset=str(s.get("train_dataset", s["dataset"])),
-                  train_fold=int(s.get("train_fold", s["fold"])),
-                  model_fields=dict(s.get("model_fields") or {}), samples=samples)
+    return Result(
+      path=str(path),
+      model=str(s["model"]),
+      dataset=str(s["dataset"]),
+      fold=int(s["fold"]),
+      shot=shot,
+      way=way,
+      protocol=protocol_of(s),
+      train_shot=int(s.get("train_shot", shot)),
+      train_dataset=str(s.get("train_dataset", s["dataset"])),
+      train_fold=int(s.get("train_fold", s["fold"])),
+      model_fields=dict(s.get("model_fields") or {}),
+      samples=samples,
+    )
   except (KeyError, TypeError, ValueError) as e:
     raise TableError(f"{path} is not a results JSON of fss_jax ({type(e).__name__}: {e})") from None
 
@@ -123,7 +145,7 @@ def collect(paths: Iterable[str | os.PathLike]) -> list[Result]:
     if p.is_dir():
       if fss_io.is_remote(p):
         files = sorted([*p.glob("results_*.json"), *p.glob("*/results_*.json")])
-      else:   # epath has no recursive glob; a local folder is walked by pathlib
+      else:  # epath has no recursive glob; a local folder is walked by pathlib
         files = sorted(pathlib.Path(p).rglob("results_*.json"))
     elif p.is_file():
       files = [p]
@@ -134,7 +156,9 @@ def collect(paths: Iterable[str | os.PathLike]) -> list[Result]:
       if r is not None:
         out.append(r)
   if not out:
-    raise TableError(f"no results JSON (results_*.json with per-seed results) under {', '.join(map(str, paths))}")
+    raise TableError(
+      f"no results JSON (results_*.json with per-seed results) under {', '.join(map(str, paths))}"
+    )
   return out
 
 
@@ -175,7 +199,7 @@ class Column:
   way: int
   protocol: dict
   folds: list
-  rows: dict        # label -> {fold: [Sample]}
+  rows: dict  # label -> {fold: [Sample]}
 
   @property
   def title(self) -> str:
@@ -197,14 +221,26 @@ def columns(results: list[Result], *, split_protocols: bool = False) -> list[Col
     for r in rs[1:]:
       if identity(r.protocol) != identity(first.protocol):
         raise TableError(_mixed_message(first, r))
-    rows: dict[str, dict[int, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    rows: dict[str, dict[int, list]] = collections.defaultdict(
+      lambda: collections.defaultdict(list)
+    )
     for r in rs:
       rows[labels[id(r)]][r.fold].extend(r.samples)
     folds = sorted({r.fold for r in rs} | set(range(_NUM_FOLDS.get(first.dataset, 0))))
     seeds = sorted({s for r in rs for s in r.protocol.get("seeds", []) or []})
-    protocol = dict(first.protocol, seeds=seeds) if "seeds" in first.protocol else dict(first.protocol)
-    out.append(Column(first.dataset, first.shot, first.way, protocol, folds,
-                      {k: dict(v) for k, v in sorted(rows.items())}))
+    protocol = (
+      dict(first.protocol, seeds=seeds) if "seeds" in first.protocol else dict(first.protocol)
+    )
+    out.append(
+      Column(
+        first.dataset,
+        first.shot,
+        first.way,
+        protocol,
+        folds,
+        {k: dict(v) for k, v in sorted(rows.items())},
+      )
+    )
   return out
 
 
@@ -213,9 +249,11 @@ def _mixed_message(a: Result, b: Result) -> str:
   keys = [k for k in sorted(set(pa) | set(pb)) if k not in _NOT_IDENTITY and pa.get(k) != pb.get(k)]
   diff = ", ".join(f"{k} {pa.get(k)!r} vs {pb.get(k)!r}" for k in keys)
   way = f"{a.way}-way " if a.way > 1 else ""
-  return (f"column {a.dataset} {way}{a.shot}-shot mixes protocols: {pa.get('name')} ({a.path}) and "
-          f"{pb.get('name')} ({b.path}) differ in {diff}; evaluate both under one protocol "
-          f"(--config.protocol=...) or pass --split-protocols")
+  return (
+    f"column {a.dataset} {way}{a.shot}-shot mixes protocols: {pa.get('name')} ({a.path}) and "
+    f"{pb.get('name')} ({b.path}) differ in {diff}; evaluate both under one protocol "
+    f"(--config.protocol=...) or pass --split-protocols"
+  )
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -228,7 +266,7 @@ class Stat:
   fb: float
   fb_std: float
   n: int
-  episodes: tuple          # distinct episode counts of the samples
+  episodes: tuple  # distinct episode counts of the samples
   runs: int
   seeds: tuple
   best: float
@@ -238,9 +276,17 @@ class Stat:
 def cell_stat(samples: list[Sample], kind: str) -> Stat:
   m = [s.miou for s in samples]
   f = [s.fb_iou for s in samples]
-  return Stat(float(np.mean(m)), std(m, kind), float(np.mean(f)), std(f, kind), len(samples),
-              tuple(sorted({s.episodes for s in samples})), len({s.path for s in samples}),
-              tuple(sorted({s.seed for s in samples}, key=_seed_key)), float(np.max(m)))
+  return Stat(
+    float(np.mean(m)),
+    std(m, kind),
+    float(np.mean(f)),
+    std(f, kind),
+    len(samples),
+    tuple(sorted({s.episodes for s in samples})),
+    len({s.path for s in samples}),
+    tuple(sorted({s.seed for s in samples}, key=_seed_key)),
+    float(np.max(m)),
+  )
 
 
 def _seed_key(s: str):
@@ -267,9 +313,18 @@ def fold_mean(cells: Mapping[int, list[Sample]], folds: Sequence[int], kind: str
     ms = fs = float("nan")
     best = float(np.mean([s.best for s in stats]))
   note = "" if len(present) == len(folds) else f"{len(present)}/{len(folds)} folds"
-  return Stat(miou, ms, fb, fs, sum(s.n for s in stats), tuple(sorted({e for s in stats for e in s.episodes})),
-              len({x.path for f in present for x in cells[f]}),
-              tuple(sorted({x.seed for f in present for x in cells[f]}, key=_seed_key)), best, note)
+  return Stat(
+    miou,
+    ms,
+    fb,
+    fs,
+    sum(s.n for s in stats),
+    tuple(sorted({e for s in stats for e in s.episodes})),
+    len({x.path for f in present for x in cells[f]}),
+    tuple(sorted({x.seed for f in present for x in cells[f]}, key=_seed_key)),
+    best,
+    note,
+  )
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -285,7 +340,8 @@ def _behind(st: Stat) -> str:
 
 
 def _protocol_line(p: Mapping[str, Any]) -> str:
-  from fss_jax.eval import protocol as protocol_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.eval import protocol as protocol_lib
+
   order = {k: i for i, k in enumerate(("name", *protocol_lib.FIELDS))}
   keys = sorted(p, key=lambda k: (order.get(k, len(order)), k))
   return ", ".join(f"{k}={json.dumps(p[k])}" for k in keys)
@@ -293,18 +349,26 @@ def _protocol_line(p: Mapping[str, Any]) -> str:
 
 def markdown(cols: list[Column], *, kind: str = "population", best_of: bool = False) -> str:
   ddof = "population std, ddof = 0" if kind == "population" else "sample std, ddof = 1"
-  lines = ["# Results", "",
-           f"Each cell: mIoU mean ± std over the n (run, test seed) results of that fold ({ddof}), "
-           "then (n×E): n results of E episodes each. *mean*: the mean over folds of the cell means; "
-           "its ± is the std over seeds of the per-seed fold mean when every fold was tested on the "
-           "same seeds, else omitted. *FB-IoU*: the same for FB-IoU. Never the best seed"
-           + (" (best-of tables below are labelled)." if best_of else "."), ""]
+  lines = [
+    "# Results",
+    "",
+    f"Each cell: mIoU mean ± std over the n (run, test seed) results of that fold ({ddof}), "
+    "then (n×E): n results of E episodes each. *mean*: the mean over folds of the cell means; "
+    "its ± is the std over seeds of the per-seed fold mean when every fold was tested on the "
+    "same seeds, else omitted. *FB-IoU*: the same for FB-IoU. Never the best seed"
+    + (" (best-of tables below are labelled)." if best_of else "."),
+    "",
+  ]
   for col in cols:
     lines += [f"## {col.title}", "", f"Protocol: {_protocol_line(col.protocol)}", ""]
     lines += _table(col, kind, best=False)
     if best_of:
-      lines += ["", f"Best single result per cell (max over runs × seeds; **best-of, not a mean**, "
-                    f"shown because --best-of was given):", ""]
+      lines += [
+        "",
+        "Best single result per cell (max over runs × seeds; **best-of, not a mean**, "
+        "shown because --best-of was given):",
+        "",
+      ]
       lines += _table(col, kind, best=True)
     lines.append("")
   return "\n".join(lines).rstrip() + "\n"
@@ -320,7 +384,9 @@ def _table(col: Column, kind: str, *, best: bool) -> list[str]:
         out.append("–")
         continue
       st = cell_stat(cells[f], kind)
-      out.append(f"{st.best:.2f} (of {st.n})" if best else f"{_pm(st.miou, st.miou_std)} {_behind(st)}")
+      out.append(
+        f"{st.best:.2f} (of {st.n})" if best else f"{_pm(st.miou, st.miou_std)} {_behind(st)}"
+      )
     m = fold_mean(cells, col.folds, kind)
     note = f" [{m.note}]" if m.note else ""
     if best:
@@ -331,9 +397,25 @@ def _table(col: Column, kind: str, *, best: bool) -> list[str]:
   return rows
 
 
-CSV_FIELDS = ("dataset", "shot", "way", "protocol", "method", "fold", "miou_mean", "miou_std",
-              "fb_iou_mean", "fb_iou_std", "n_results", "runs", "seeds", "episodes_per_result", "std",
-              "best_miou", "protocol_fields")
+CSV_FIELDS = (
+  "dataset",
+  "shot",
+  "way",
+  "protocol",
+  "method",
+  "fold",
+  "miou_mean",
+  "miou_std",
+  "fb_iou_mean",
+  "fb_iou_std",
+  "n_results",
+  "runs",
+  "seeds",
+  "episodes_per_result",
+  "std",
+  "best_miou",
+  "protocol_fields",
+)
 
 
 def csv_text(cols: list[Column], *, kind: str = "population", best_of: bool = False) -> str:
@@ -347,13 +429,24 @@ def csv_text(cols: list[Column], *, kind: str = "population", best_of: bool = Fa
       m = fold_mean(cells, col.folds, kind)
       stats.append(("mean", m))
       for fold, st in stats:
-        row = {"dataset": col.dataset, "shot": col.shot, "way": col.way,
-               "protocol": col.protocol.get("name", ""), "method": label, "fold": fold,
-               "miou_mean": f"{st.miou:.4f}", "miou_std": "" if np.isnan(st.miou_std) else f"{st.miou_std:.4f}",
-               "fb_iou_mean": f"{st.fb:.4f}", "fb_iou_std": "" if np.isnan(st.fb_std) else f"{st.fb_std:.4f}",
-               "n_results": st.n, "runs": st.runs, "seeds": " ".join(st.seeds),
-               "episodes_per_result": "/".join(map(str, st.episodes)), "std": kind,
-               "protocol_fields": json.dumps(col.protocol, sort_keys=True)}
+        row = {
+          "dataset": col.dataset,
+          "shot": col.shot,
+          "way": col.way,
+          "protocol": col.protocol.get("name", ""),
+          "method": label,
+          "fold": fold,
+          "miou_mean": f"{st.miou:.4f}",
+          "miou_std": "" if np.isnan(st.miou_std) else f"{st.miou_std:.4f}",
+          "fb_iou_mean": f"{st.fb:.4f}",
+          "fb_iou_std": "" if np.isnan(st.fb_std) else f"{st.fb_std:.4f}",
+          "n_results": st.n,
+          "runs": st.runs,
+          "seeds": " ".join(st.seeds),
+          "episodes_per_result": "/".join(map(str, st.episodes)),
+          "std": kind,
+          "protocol_fields": json.dumps(col.protocol, sort_keys=True),
+        }
         if best_of:
           row["best_miou"] = f"{st.best:.4f}"
         w.writerow(row)
@@ -361,16 +454,30 @@ def csv_text(cols: list[Column], *, kind: str = "population", best_of: bool = Fa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m fss_jax.eval.table", description=__doc__.split("\n")[0])
-  p.add_argument("paths", nargs="+", help="workdirs (searched for results_*.json) or results JSON files")
+  p = argparse.ArgumentParser(
+    prog="python -m fss_jax.eval.table", description=__doc__.split("\n")[0]
+  )
+  p.add_argument(
+    "paths", nargs="+", help="workdirs (searched for results_*.json) or results JSON files"
+  )
   p.add_argument("--markdown", help="also write the Markdown table here")
   p.add_argument("--csv", help="write one CSV row per cell here")
-  p.add_argument("--best-of", action="store_true",
-                 help="add the best single result per cell, in its own labelled table / CSV column")
-  p.add_argument("--std", choices=("population", "sample"), default="population",
-                 help="std over results: population (ddof 0, default, as the results JSON) or sample (ddof 1)")
-  p.add_argument("--split-protocols", action="store_true",
-                 help="one column per protocol instead of refusing a column that mixes protocols")
+  p.add_argument(
+    "--best-of",
+    action="store_true",
+    help="add the best single result per cell, in its own labelled table / CSV column",
+  )
+  p.add_argument(
+    "--std",
+    choices=("population", "sample"),
+    default="population",
+    help="std over results: population (ddof 0, default, as the results JSON) or sample (ddof 1)",
+  )
+  p.add_argument(
+    "--split-protocols",
+    action="store_true",
+    help="one column per protocol instead of refusing a column that mixes protocols",
+  )
   a = p.parse_args(argv)
   try:
     cols = columns(collect(a.paths), split_protocols=a.split_protocols)

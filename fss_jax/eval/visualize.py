@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -40,8 +41,8 @@ IGNORE = 255
 MEAN = tuple(v * 255 for v in (0.485, 0.456, 0.406))
 STD = tuple(v * 255 for v in (0.229, 0.224, 0.225))
 
-PRED_COLOR = (230, 25, 75)      # prediction (red)
-TARGET_COLOR = (60, 180, 75)    # ground truth / support masks (green)
+PRED_COLOR = (230, 25, 75)  # prediction (red)
+TARGET_COLOR = (60, 180, 75)  # ground truth / support masks (green)
 SUPPORT_COLOR = TARGET_COLOR
 IGNORE_COLOR = (128, 128, 128)  # ignore (255) pixels of a target, when shown
 ALPHA = 0.5
@@ -50,6 +51,7 @@ ALPHA = 0.5
 # ---------------------------------------------------------------------------
 # Overlays and panels
 # ---------------------------------------------------------------------------
+
 
 def foreground(mask: np.ndarray) -> np.ndarray:
   """bool [H, W]: True where ``mask`` is foreground (bool True, or an integer label
@@ -70,8 +72,14 @@ def _rgb(image: np.ndarray) -> np.ndarray:
   return image.astype(np.uint8) if image.dtype != np.uint8 else image
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PRED_COLOR,
-            alpha: float = ALPHA, *, ignore_color: Sequence[int] | None = None) -> np.ndarray:
+def overlay(
+  image: np.ndarray,
+  mask: np.ndarray,
+  color: Sequence[int] = PRED_COLOR,
+  alpha: float = ALPHA,
+  *,
+  ignore_color: Sequence[int] | None = None,
+) -> np.ndarray:
   """Tints the foreground of ``mask`` on ``image``.
 
   Args:
@@ -89,8 +97,10 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PRED_COL
   image = _rgb(image)
   mask = np.asarray(mask)
   if mask.shape != image.shape[:2]:
-    raise ValueError(f"overlay: mask {mask.shape} and image {image.shape[:2]} differ in size; "
-                     "resize the mask to the image first (nearest neighbour)")
+    raise ValueError(
+      f"overlay: mask {mask.shape} and image {image.shape[:2]} differ in size; "
+      "resize the mask to the image first (nearest neighbour)"
+    )
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
   out = image.copy()
@@ -127,8 +137,14 @@ def outline_thickness(hw: Sequence[int]) -> int:
   return max(1, min(int(hw[0]), int(hw[1])) // 160)
 
 
-def outline(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PRED_COLOR, *,
-            thickness: int | None = None, ignore_color: Sequence[int] | None = None) -> np.ndarray:
+def outline(
+  image: np.ndarray,
+  mask: np.ndarray,
+  color: Sequence[int] = PRED_COLOR,
+  *,
+  thickness: int | None = None,
+  ignore_color: Sequence[int] | None = None,
+) -> np.ndarray:
   """Draws the contour of the foreground of ``mask`` on ``image``; the inside keeps its colours.
 
   Args:
@@ -147,8 +163,10 @@ def outline(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PRED_COL
   image = _rgb(image)
   mask = np.asarray(mask)
   if mask.shape != image.shape[:2]:
-    raise ValueError(f"outline: mask {mask.shape} and image {image.shape[:2]} differ in size; "
-                     "resize the mask to the image first (nearest neighbour)")
+    raise ValueError(
+      f"outline: mask {mask.shape} and image {image.shape[:2]} differ in size; "
+      "resize the mask to the image first (nearest neighbour)"
+    )
   t = outline_thickness(image.shape) if thickness is None else int(thickness)
   out = image.copy()
   if ignore_color is not None and mask.dtype != bool:
@@ -176,12 +194,15 @@ def caption_height(tile_height: int) -> int:
 
 def panel_captions(num_supports: int, with_target: bool = True) -> list[str]:
   """The captions of an `episode_panel`'s tiles, left to right."""
-  supports = ["support"] if num_supports == 1 else [f"support {k}" for k in range(1, num_supports + 1)]
+  supports = (
+    ["support"] if num_supports == 1 else [f"support {k}" for k in range(1, num_supports + 1)]
+  )
   return supports + ["prediction"] + (["ground truth"] if with_target else [])
 
 
-def denormalize(image: np.ndarray, mean: Sequence[float] = MEAN,
-                std: Sequence[float] = STD) -> np.ndarray:
+def denormalize(
+  image: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+) -> np.ndarray:
   """ImageNet-normalised float [..., H, W, 3] -> uint8 RGB (``x * std + mean``, clipped)."""
   x = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
@@ -209,14 +230,22 @@ def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return mask
   if mask.dtype == bool or (mask.min(initial=0) >= 0 and mask.max(initial=0) <= 255):
     return cv2.resize(mask.astype(np.uint8), (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
-  return cv2.resize(mask.astype(np.float32), (hw[1], hw[0]),
-                    interpolation=cv2.INTER_NEAREST).astype(np.int32)
+  return cv2.resize(
+    mask.astype(np.float32), (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST
+  ).astype(np.int32)
 
 
-def episode_panel(query_image: np.ndarray, support_images: Sequence[np.ndarray] | np.ndarray,
-                  support_masks: Sequence[np.ndarray] | np.ndarray, prediction: np.ndarray,
-                  target: np.ndarray | None = None, *, height: int | None = None, gap: int = 4,
-                  captions: bool = True) -> np.ndarray:
+def episode_panel(
+  query_image: np.ndarray,
+  support_images: Sequence[np.ndarray] | np.ndarray,
+  support_masks: Sequence[np.ndarray] | np.ndarray,
+  prediction: np.ndarray,
+  target: np.ndarray | None = None,
+  *,
+  height: int | None = None,
+  gap: int = 4,
+  captions: bool = True,
+) -> np.ndarray:
   """One row of captioned tiles: ``[support 1 .. support K | prediction | ground truth]``.
 
   Masks are drawn as contours (`outline`), so the image under them stays visible:
@@ -247,8 +276,9 @@ def episode_panel(query_image: np.ndarray, support_images: Sequence[np.ndarray] 
     return outline(img, _resize_mask(mask, (th, tw)), color, ignore_color=ignore)
 
   if len(support_images) != len(support_masks):
-    raise ValueError(f"episode_panel: {len(support_images)} support images but "
-                     f"{len(support_masks)} support masks")
+    raise ValueError(
+      f"episode_panel: {len(support_images)} support images but {len(support_masks)} support masks"
+    )
   tiles = [fit(img, m, SUPPORT_COLOR) for img, m in zip(support_images, support_masks)]
   tiles.append(fit(q, prediction, PRED_COLOR))
   if target is not None:
@@ -264,8 +294,9 @@ def episode_panel(query_image: np.ndarray, support_images: Sequence[np.ndarray] 
   return np.concatenate(row, axis=1)
 
 
-def panels_from_batch(batch: Mapping[str, Any], predictions: Any, *, max_panels: int = 4,
-                      valid: Any = None) -> list[np.ndarray]:
+def panels_from_batch(
+  batch: Mapping[str, Any], predictions: Any, *, max_panels: int = 4, valid: Any = None
+) -> list[np.ndarray]:
   """Panels for the first ``max_panels`` episodes of a host batch.
 
   Args:
@@ -284,7 +315,7 @@ def panels_from_batch(batch: Mapping[str, Any], predictions: Any, *, max_panels:
   pred = np.asarray(predictions)
   if pred.ndim == 4:
     pred = np.argmax(pred, axis=-1)
-  pred = pred.astype(np.int32)                                          # [B, h, w]
+  pred = pred.astype(np.int32)  # [B, h, w]
   q = np.asarray(batch["query_image"])
   b = q.shape[0]
   si = np.asarray(batch["support_images"])
@@ -299,13 +330,19 @@ def panels_from_batch(batch: Mapping[str, Any], predictions: Any, *, max_panels:
       break
     if not ok[i]:
       continue
-    panels.append(episode_panel(q[i], si[i], sm[i], pred[i],
-                                None if target is None else np.asarray(target[i])))
+    panels.append(
+      episode_panel(q[i], si[i], sm[i], pred[i], None if target is None else np.asarray(target[i]))
+    )
   return panels
 
 
-def write_image_summaries(writer, step: int, panels: Sequence[np.ndarray] | Mapping[str, np.ndarray],
-                          *, prefix: str = "eval/episode") -> dict[str, np.ndarray]:
+def write_image_summaries(
+  writer,
+  step: int,
+  panels: Sequence[np.ndarray] | Mapping[str, np.ndarray],
+  *,
+  prefix: str = "eval/episode",
+) -> dict[str, np.ndarray]:
   """Writes panels as images with a clu ``MetricWriter`` (``writer.write_images``).
 
   Each panel gets its own key (``f"{prefix}_{i}"``, or ``f"{prefix}/{name}"`` for a
@@ -322,8 +359,9 @@ def write_image_summaries(writer, step: int, panels: Sequence[np.ndarray] | Mapp
   Returns:
     The {key: [1, H, W, 3]} dict that was written.
   """
-  items = panels.items() if isinstance(panels, Mapping) else \
-      ((str(i), p) for i, p in enumerate(panels))
+  items = (
+    panels.items() if isinstance(panels, Mapping) else ((str(i), p) for i, p in enumerate(panels))
+  )
   sep = "/" if isinstance(panels, Mapping) else "_"
   images = {}
   for name, p in items:
@@ -332,7 +370,9 @@ def write_image_summaries(writer, step: int, panels: Sequence[np.ndarray] | Mapp
       p = p[..., None]
     if p.ndim != 3 or p.shape[-1] not in (1, 3, 4):
       raise ValueError(f"image summary {name!r}: expected [H, W, C] with C in 1/3/4, got {p.shape}")
-    images[f"{prefix}{sep}{name}"] = _as_uint8(p)[None] if p.shape[-1] == 3 else p.astype(np.uint8)[None]
+    images[f"{prefix}{sep}{name}"] = (
+      _as_uint8(p)[None] if p.shape[-1] == 3 else p.astype(np.uint8)[None]
+    )
   if images:
     writer.write_images(int(step), images)
   return images
@@ -341,6 +381,7 @@ def write_image_summaries(writer, step: int, panels: Sequence[np.ndarray] | Mapp
 # ---------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------
+
 
 def encode_png(image: np.ndarray) -> bytes:
   """uint8 [H, W] or RGB [H, W, 3] -> PNG bytes (RGB order, OpenCV encoder)."""
@@ -358,8 +399,14 @@ def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = T
   return fss_io.atomic_write(path, encode_png(image), overwrite=overwrite)
 
 
-def bar_chart_figure(per_class_iou: Mapping[str, float], *, errors: Mapping[str, float] | None = None,
-                     title: str | None = None, mean: float | None = None, dpi: int = 100):
+def bar_chart_figure(
+  per_class_iou: Mapping[str, float],
+  *,
+  errors: Mapping[str, float] | None = None,
+  title: str | None = None,
+  mean: float | None = None,
+  dpi: int = 100,
+):
   """The per-class IoU bar chart as a matplotlib ``Figure`` (Agg canvas, no pyplot state).
 
   The title is wrapped at spaces (and shrunk if a word is still too long) to the
@@ -376,8 +423,8 @@ def bar_chart_figure(per_class_iou: Mapping[str, float], *, errors: Mapping[str,
   Returns:
     The drawn ``matplotlib.figure.Figure``.
   """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   if not per_class_iou:
     raise ValueError("iou_bar_chart: no classes to draw")
@@ -398,8 +445,11 @@ def bar_chart_figure(per_class_iou: Mapping[str, float], *, errors: Mapping[str,
     ax.legend(loc="upper right", fontsize=8)
   ax.set_xticks(x)
   ax.set_xticklabels(names, fontsize=8)
-  top = max(100.0, float(np.nanmax(values + (err if err is not None else 0))) * 1.05) \
-      if np.nanmax(values) > 1.5 else 1.0
+  top = (
+    max(100.0, float(np.nanmax(values + (err if err is not None else 0))) * 1.05)
+    if np.nanmax(values) > 1.5
+    else 1.0
+  )
   ax.set_ylim(0, top)
   ax.set_ylabel("IoU (%)" if top > 1.0 else "IoU")
   renderer = fig.canvas.get_renderer()
@@ -413,14 +463,24 @@ def bar_chart_figure(per_class_iou: Mapping[str, float], *, errors: Mapping[str,
 
 def _labels_overlap(labels, renderer, pad: float = 2.0) -> bool:
   """True when neighbouring tick labels (left to right) overlap horizontally."""
-  boxes = sorted((t.get_window_extent(renderer) for t in labels if t.get_text()), key=lambda b: b.x0)
+  boxes = sorted(
+    (t.get_window_extent(renderer) for t in labels if t.get_text()), key=lambda b: b.x0
+  )
   return any(a.x1 + pad > b.x0 for a, b in zip(boxes, boxes[1:]))
 
 
-def _fit_title(fig, text: str, renderer, *, fontsize: float = 10.0, min_fontsize: float = 6.0,
-               margin: float = 0.96):
+def _fit_title(
+  fig,
+  text: str,
+  renderer,
+  *,
+  fontsize: float = 10.0,
+  min_fontsize: float = 6.0,
+  margin: float = 0.96,
+):
   """``fig.suptitle(text)`` wrapped at spaces, then shrunk, until it fits ``margin`` x the width."""
-  import textwrap  # pylint: disable=g-import-not-at-top
+  import textwrap
+
   limit = margin * fig.bbox.width
   title = fig.suptitle(text, fontsize=fontsize)
   width = len(text)
@@ -432,10 +492,16 @@ def _fit_title(fig, text: str, renderer, *, fontsize: float = 10.0, min_fontsize
   return title
 
 
-def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *,
-                  errors: Mapping[str, float] | None = None, title: str | None = None,
-                  mean: float | None = None, overwrite: bool = True, dpi: int = 100
-                  ) -> os.PathLike:
+def iou_bar_chart(
+  per_class_iou: Mapping[str, float],
+  path: str | os.PathLike,
+  *,
+  errors: Mapping[str, float] | None = None,
+  title: str | None = None,
+  mean: float | None = None,
+  overwrite: bool = True,
+  dpi: int = 100,
+) -> os.PathLike:
   """Per-class IoU bar chart (`bar_chart_figure`) as a PNG, written atomically.
 
   Args:
@@ -446,7 +512,8 @@ def iou_bar_chart(per_class_iou: Mapping[str, float], path: str | os.PathLike, *
   Returns:
     The path written.
   """
-  import io as io_lib  # pylint: disable=g-import-not-at-top
+  import io as io_lib
+
   fig = bar_chart_figure(per_class_iou, errors=errors, title=title, mean=mean, dpi=dpi)
   buf = io_lib.BytesIO()
   fig.savefig(buf, format="png")
@@ -459,17 +526,25 @@ def chart_path(results_json: str | os.PathLike) -> os.PathLike:
   return p.with_name(f"{p.stem}_iou.png")
 
 
-def chart_class_names(summary: Mapping[str, Any], class_names: Mapping[Any, str] | None = None
-                      ) -> dict[str, str]:
+def chart_class_names(
+  summary: Mapping[str, Any], class_names: Mapping[Any, str] | None = None
+) -> dict[str, str]:
   """{str(id): name}: ``class_names``, else ``summary["class_names"]``, else the dataset's."""
-  names = class_names or summary.get("class_names") or metrics_lib.class_names(
-      str(summary.get("dataset", "")))
+  names = (
+    class_names
+    or summary.get("class_names")
+    or metrics_lib.class_names(str(summary.get("dataset", "")))
+  )
   return {str(c): str(n) for c, n in names.items()}
 
 
-def summary_bar_chart(summary: Mapping[str, Any], path: str | os.PathLike, *,
-                      class_names: Mapping[Any, str] | None = None, title: str | None = None
-                      ) -> os.PathLike:
+def summary_bar_chart(
+  summary: Mapping[str, Any],
+  path: str | os.PathLike,
+  *,
+  class_names: Mapping[Any, str] | None = None,
+  title: str | None = None,
+) -> os.PathLike:
   """The bar chart of an `fss_jax.eval.evaluate.summarize` result.
 
   Bars are ``summary["per_class_mean"]`` (percent), error bars the std over
@@ -496,14 +571,33 @@ def summary_bar_chart(summary: Mapping[str, Any], path: str | os.PathLike, *,
     fold = f" fold {summary['fold']}" if "fold" in summary else ""
     shot = f" {summary['shot']}-shot" if "shot" in summary else ""
     mi = summary.get("miou_mean")
-    score = f": mIoU {mi:.2f} ± {summary.get('miou_std', 0.0):.2f} ({summary.get('num_seeds', 1)} seed(s))" \
-        if mi is not None else ""
+    score = (
+      f": mIoU {mi:.2f} ± {summary.get('miou_std', 0.0):.2f} ({summary.get('num_seeds', 1)} seed(s))"
+      if mi is not None
+      else ""
+    )
     title = f"{head}{fold}{shot}{score}".strip() or None
-  return iou_bar_chart(labelled, path, errors=lab_err, title=title,
-                       mean=summary.get("miou_mean"))
+  return iou_bar_chart(labelled, path, errors=lab_err, title=title, mean=summary.get("miou_mean"))
 
 
-__all__ = ["overlay", "outline", "boundary", "foreground", "denormalize", "episode_panel",
-           "panel_captions", "caption", "panels_from_batch", "write_image_summaries",
-           "bar_chart_figure", "iou_bar_chart", "summary_bar_chart", "chart_class_names", "chart_path",
-           "write_png", "encode_png", "PRED_COLOR", "TARGET_COLOR"]
+__all__ = [
+  "overlay",
+  "outline",
+  "boundary",
+  "foreground",
+  "denormalize",
+  "episode_panel",
+  "panel_captions",
+  "caption",
+  "panels_from_batch",
+  "write_image_summaries",
+  "bar_chart_figure",
+  "iou_bar_chart",
+  "summary_bar_chart",
+  "chart_class_names",
+  "chart_path",
+  "write_png",
+  "encode_png",
+  "PRED_COLOR",
+  "TARGET_COLOR",
+]

@@ -26,7 +26,8 @@ Loss (§5): CE(final) + CE(meta) + mean KL distillation + CE(base) (no gradient)
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,20 +37,24 @@ import numpy as np
 from fss_jax import keymaps
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models.registry import ModelSpec, ParityAdapter
-from fss_jax.nn.attention.hdm import (HierarchicalTransformer, correlation_distillation_terms,
-                                      hierarchical_transformer_keymap)
+from fss_jax.nn.attention.hdm import (
+  HierarchicalTransformer,
+  correlation_distillation_terms,
+  hierarchical_transformer_keymap,
+)
 from fss_jax.nn.ensemble import LearnerEnsemble, ensemble_keymap
 from fss_jax.nn.layers import Conv2d
+from fss_jax.ops import losses
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
 from fss_jax.ops.similarity import correlation_prior
-from fss_jax.ops import losses
 
 FIXTURE_CLASS = "model.HDMNet.OneModel"
 
 
 class DownProject(nn.Module):
   """``down_query`` / ``down_supp``: conv1x1 (no bias) -> ReLU -> Dropout2d(0.5)."""
+
   features: int = 256
   dropout: float = 0.5
 
@@ -76,8 +81,9 @@ def episode_base_channel(episode: Mapping[str, jax.Array]) -> jax.Array | None:
   return None
 
 
-def merge_inputs(q: jax.Array, s: jax.Array, proto: jax.Array, prior: jax.Array,
-                 sow) -> tuple[jax.Array, jax.Array]:
+def merge_inputs(
+  q: jax.Array, s: jax.Array, proto: jax.Array, prior: jax.Array, sow
+) -> tuple[jax.Array, jax.Array]:
   """Step 5 (also PAHNet's HDMNetPlus): to the transformer width (64), ReLU.
 
   ``S_in = conv1x1([s, p_k])`` (``supp_merge``), ``Q_in = conv1x1([q, mean_k p_k,
@@ -87,29 +93,46 @@ def merge_inputs(q: jax.Array, s: jax.Array, proto: jax.Array, prior: jax.Array,
   b, h, w, c = q.shape
   k = s.shape[0] // b
   proto_map = jnp.broadcast_to(proto[:, None, None, :], (b * k, h, w, c))
-  s_in = nn.relu(Conv2d(64, 1, use_bias=False, name="supp_merge")(
-      jnp.concatenate([s, proto_map], -1)))
+  s_in = nn.relu(
+    Conv2d(64, 1, use_bias=False, name="supp_merge")(jnp.concatenate([s, proto_map], -1))
+  )
   proto_mean = jnp.mean(proto.reshape(b, k, c), axis=1)
-  q_in = nn.relu(Conv2d(64, 1, use_bias=False, name="query_merge")(jnp.concatenate(
-      [q, jnp.broadcast_to(proto_mean[:, None, None, :], (b, h, w, c)), prior * 10.0], -1)))
+  q_in = nn.relu(
+    Conv2d(64, 1, use_bias=False, name="query_merge")(
+      jnp.concatenate(
+        [q, jnp.broadcast_to(proto_mean[:, None, None, :], (b, h, w, c)), prior * 10.0], -1
+      )
+    )
+  )
   sow("supp_merge_out", s_in)
   sow("query_merge_out", q_in)
   return q_in, s_in
 
 
-def learner_ensemble(meta: jax.Array, base: jax.Array, query_layer2: jax.Array,
-                     support_layer2: jax.Array, episode: Mapping[str, jax.Array], *,
-                     shot: int, kshot_hidden: int, train: bool) -> dict:
+def learner_ensemble(
+  meta: jax.Array,
+  base: jax.Array,
+  query_layer2: jax.Array,
+  support_layer2: jax.Array,
+  episode: Mapping[str, jax.Array],
+  *,
+  shot: int,
+  kshot_hidden: int,
+  train: bool,
+) -> dict:
   """Step 7 (also PAHNet's): BAM's `LearnerEnsemble` of the meta logits and the base
   learner's, with the layer2 Gram scene difference of the query [B, h, w, C] and each
   support [B*K, h, w, C]; K-shot weights without BAM's unsort (``kshot_unsort=False``);
   in training the episode class channel is left out of the base map."""
   exclude = episode_base_channel(episode) if train else None
   b = query_layer2.shape[0]
-  return LearnerEnsemble(shot=shot, kshot_hidden=kshot_hidden, kshot_unsort=False,
-                         name="ensemble")(
-      meta, base, query_layer2, support_layer2.reshape(b, shot, *support_layer2.shape[1:]),
-      exclude_channel=exclude)
+  return LearnerEnsemble(shot=shot, kshot_hidden=kshot_hidden, kshot_unsort=False, name="ensemble")(
+    meta,
+    base,
+    query_layer2,
+    support_layer2.reshape(b, shot, *support_layer2.shape[1:]),
+    exclude_channel=exclude,
+  )
 
 
 class HDMNet(nn.Module):
@@ -124,6 +147,7 @@ class HDMNet(nn.Module):
       backbone (HDMNet: True).
     remat: recompute the transformer layers in the backward (less memory, same parameters).
   """
+
   shot: int = 1
   num_base_classes: int = 16
   depth: int = 50
@@ -147,11 +171,14 @@ class HDMNet(nn.Module):
     b, hh, ww, _ = x.shape
     k = s_x.shape[1]
     if k != self.shot:
-      raise ValueError(f"the model was built for {self.shot}-shot episodes, got {k} supports; "
-                       f"set config.shot={k} (model field shot)")
+      raise ValueError(
+        f"the model was built for {self.shot}-shot episodes, got {k} supports; "
+        f"set config.shot={k} (model field shot)"
+      )
     sow = lambda n, v: self.sow("intermediates", n, v)
-    psp = pspnet_lib.PSPNet(num_classes=self.num_base_classes, depth=self.depth, frozen=True,
-                            name="pspnet")
+    psp = pspnet_lib.PSPNet(
+      num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
+    )
 
     # 1. frozen features (query; supports from the masked images)
     mask = (episode["support_masks"] == 1).astype(x.dtype).reshape(b * k, hh, ww, 1)
@@ -167,54 +194,75 @@ class HDMNet(nn.Module):
       sow(f"feat_support_{name}", fs[name])
 
     # 2. mid-level features
-    q = DownProject(name="down_query")(jnp.concatenate([fq["layer3"], fq["layer2"]], -1),
-                                       train=train)
-    s = DownProject(name="down_supp")(jnp.concatenate([fs["layer3"], fs["layer2"]], -1),
-                                      train=train)
+    q = DownProject(name="down_query")(
+      jnp.concatenate([fq["layer3"], fq["layer2"]], -1), train=train
+    )
+    s = DownProject(name="down_supp")(
+      jnp.concatenate([fs["layer3"], fs["layer2"]], -1), train=train
+    )
     sow("down_query_out", q)
     sow("down_supp_out", s)
     _, h, w, _ = s.shape
 
     # 3. prototypes (Weighted GAP, bilinear ac=True mask)
     m_bil = resize_bilinear(mask, (h, w), align_corners=True)
-    proto = masked_average_pool(s, m_bil, eps=0.0005)                 # [B*K, 256]
+    proto = masked_average_pool(s, m_bil, eps=0.0005)  # [B*K, 256]
 
     # 4. prior: max cosine to the masked support (legacy nearest mask), mean over shots
     m_near = resize_nearest(mask, (h, w))
 
     def prior(feat: str) -> jax.Array:
-      fq_k = jnp.repeat(fq[feat], k, axis=0)                         # row b*K + j
+      fq_k = jnp.repeat(fq[feat], k, axis=0)  # row b*K + j
       p = correlation_prior(fq_k, fs[feat], m_near, eps=1e-7, reduce="max", normalize=False)
       return jnp.mean(p.reshape(b, k, h, w, 1), axis=1)
 
     sim1, sim2 = prior("feat5"), prior("layer4")
     sow("similarity_ppm_cls", sim1)
     sow("similarity_layer4", sim2)
-    similarity = jnp.concatenate([sim1, sim2], axis=-1)               # [B, h, w, 2]
+    similarity = jnp.concatenate([sim1, sim2], axis=-1)  # [B, h, w, 2]
 
     # 5. merge to the transformer width
     q_in, s_in = merge_inputs(q, s, proto, similarity, sow)
 
     # 6. hierarchical transformer
     meta, corr = HierarchicalTransformer(shot=k, remat=self.remat, name="transformer")(
-        q_in, s_in, mask[..., 0], similarity, train=train)
+      q_in, s_in, mask[..., 0], similarity, train=train
+    )
     sow("meta_logits_lowres", meta)
 
     # 7. base learner and ensemble
     # The frozen classifier's logits carry no gradient (reference: requires_grad=False).
     base = jax.lax.stop_gradient(psp.classify(fq["feat5"], train=train))
     sow("base_logits_lowres", base)
-    ens = learner_ensemble(meta, base, fq["layer2"], fs["layer2"], episode, shot=k,
-                           kshot_hidden=self.kshot_hidden, train=train)
+    ens = learner_ensemble(
+      meta,
+      base,
+      fq["layer2"],
+      fs["layer2"],
+      episode,
+      shot=k,
+      kshot_hidden=self.kshot_hidden,
+      train=train,
+    )
 
     # 8. outputs at the input resolution
     up = lambda t: resize_bilinear(t, (hh, ww), align_corners=True)
-    return {"logits": up(ens["final"]), "meta_logits": up(meta), "base_logits": up(base),
-            "corr": corr, "est_val": ens["est_val"]}
+    return {
+      "logits": up(ens["final"]),
+      "meta_logits": up(meta),
+      "base_logits": up(base),
+      "corr": corr,
+      "est_val": ens["est_val"],
+    }
 
 
-def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array], *,
-            aux_weight1: float = 1.0, aux_weight2: float = 1.0) -> tuple[jax.Array, dict]:
+def loss_fn(
+  outputs: Mapping[str, Any],
+  episode: Mapping[str, jax.Array],
+  *,
+  aux_weight1: float = 1.0,
+  aux_weight2: float = 1.0,
+) -> tuple[jax.Array, dict]:
   """HDMNet's training loss (hdmnet.md §5).
 
   ``CE(final) + CE(meta) + aux_weight1 * distil + aux_weight2 * CE(base)``, CE
@@ -226,14 +274,15 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array], *,
   y = episode["query_mask"]
   distil = correlation_distillation_terms(outputs["corr"], y)
   terms = {
-      "ce_final": losses.cross_entropy(outputs["logits"], y),
-      "ce_meta": losses.cross_entropy(outputs["meta_logits"], y),
-      "distil": sum(distil) / len(distil),
+    "ce_final": losses.cross_entropy(outputs["logits"], y),
+    "ce_meta": losses.cross_entropy(outputs["meta_logits"], y),
+    "distil": sum(distil) / len(distil),
   }
   weights = {"distil": aux_weight1}
   if "query_base_label" in episode:
     terms["ce_base"] = jax.lax.stop_gradient(
-        losses.cross_entropy(outputs["base_logits"], episode["query_base_label"]))
+      losses.cross_entropy(outputs["base_logits"], episode["query_base_label"])
+    )
     weights["ce_base"] = aux_weight2
   return losses.weighted_sum(terms, weights, reported=losses.parts("distil_stage", distil))
 
@@ -242,8 +291,10 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array], *,
 # Key maps
 # ---------------------------------------------------------------------------
 
-def hdmnet_keymap(*, shot: int = 1, depth: int = 50, kshot_hidden: int = 2,
-                  prefix: str = "") -> list:
+
+def hdmnet_keymap(
+  *, shot: int = 1, depth: int = 50, kshot_hidden: int = 2, prefix: str = ""
+) -> list:
   """Official HDMNet state-dict keys (after stripping ``module.``) -> `HDMNet` variables."""
   rules = pspnet_lib.pspnet_keymap(naming="hdmnet", depth=depth, dst=("pspnet",))
   for name in ("down_query", "down_supp"):
@@ -255,14 +306,29 @@ def hdmnet_keymap(*, shot: int = 1, depth: int = 50, kshot_hidden: int = 2,
   return keymaps.prefixed(prefix, rules)
 
 
-def make_model(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
-               kshot_hidden: int = 2, remat: bool = False) -> HDMNet:
-  return HDMNet(shot=shot, num_base_classes=num_base_classes, depth=depth,
-                kshot_hidden=kshot_hidden, remat=remat)
+def make_model(
+  shot: int = 1,
+  num_base_classes: int = 16,
+  depth: int = 50,
+  kshot_hidden: int = 2,
+  remat: bool = False,
+) -> HDMNet:
+  return HDMNet(
+    shot=shot,
+    num_base_classes=num_base_classes,
+    depth=depth,
+    kshot_hidden=kshot_hidden,
+    remat=remat,
+  )
 
 
-def keymap(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
-           kshot_hidden: int = 2, remat: bool = False) -> list:
+def keymap(
+  shot: int = 1,
+  num_base_classes: int = 16,
+  depth: int = 50,
+  kshot_hidden: int = 2,
+  remat: bool = False,
+) -> list:
   del remat  # no parameters of its own
   return hdmnet_keymap(shot=shot, depth=depth, kshot_hidden=kshot_hidden)
 
@@ -272,15 +338,20 @@ def keymap(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
 # ---------------------------------------------------------------------------
 # fixture_inputs, fixture_apply, nchw, chmean and transformer_mids serve PAHNet's too.
 
+
 def _fixture_fields(meta: Mapping[str, Any]) -> dict:
   shapes = {e["key"]: tuple(e["shape"]) for e in meta["state_dict"]["keys"]}
   values = (meta.get("config") or {}).get("values") or {}
   shot = int(values.get("shot", meta["input_shapes"]["in_supp_img"][1]))
-  fields = dict(shot=shot, num_base_classes=int(shapes["base_learnear.2.weight"][0]),
-                depth=pspnet_lib.resnet.depth_from_keys(shapes)[0])
+  fields = dict(
+    shot=shot,
+    num_base_classes=int(shapes["base_learnear.2.weight"][0]),
+    depth=pspnet_lib.resnet.depth_from_keys(shapes)[0],
+  )
   if shot > 1:
-    fields["kshot_hidden"] = int(shapes["kshot_rw.0.weight"][0]) if "kshot_rw.0.weight" in \
-        shapes else 0
+    fields["kshot_hidden"] = (
+      int(shapes["kshot_rw.0.weight"][0]) if "kshot_rw.0.weight" in shapes else 0
+    )
   else:
     fields["kshot_hidden"] = int(values.get("kshot_trans_dim", 2))
   return fields
@@ -290,10 +361,10 @@ def fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) ->
   """NCHW fixture arrays -> an NHWC Episode."""
   f32 = lambda a: np.asarray(a, np.float32)
   return {
-      "query_image": jnp.asarray(np.transpose(f32(arrays["in_query_img"]), (0, 2, 3, 1))),
-      "support_images": jnp.asarray(np.transpose(f32(arrays["in_supp_img"]), (0, 1, 3, 4, 2))),
-      "support_masks": jnp.asarray(arrays["in_supp_label"].astype(np.int32)),
-      "query_mask": jnp.asarray(arrays["in_query_label"].astype(np.int32)),
+    "query_image": jnp.asarray(np.transpose(f32(arrays["in_query_img"]), (0, 2, 3, 1))),
+    "support_images": jnp.asarray(np.transpose(f32(arrays["in_supp_img"]), (0, 1, 3, 4, 2))),
+    "support_masks": jnp.asarray(arrays["in_supp_label"].astype(np.int32)),
+    "query_mask": jnp.asarray(arrays["in_query_label"].astype(np.int32)),
   }
 
 
@@ -316,10 +387,15 @@ def chmean(x) -> np.ndarray:
 
 def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
   out, state = result
-  mid = {k: v[0] if isinstance(v, tuple) and len(v) == 1 else v
-         for k, v in _flatten(state.get("intermediates", {})).items()}
-  d = {"out_final": nchw(out["logits"]), "out_meta": nchw(out["meta_logits"]),
-       "out_base": nchw(out["base_logits"])}
+  mid = {
+    k: v[0] if isinstance(v, tuple) and len(v) == 1 else v
+    for k, v in _flatten(state.get("intermediates", {})).items()
+  }
+  d = {
+    "out_final": nchw(out["logits"]),
+    "out_meta": nchw(out["meta_logits"]),
+    "out_base": nchw(out["base_logits"]),
+  }
   for who in ("query", "support"):
     for name in ("layer0", "layer1", "layer2", "layer3", "layer4"):
       d[f"mid_feat_{who}_{name}__chmean"] = chmean(mid[f"feat_{who}_{name}"])
@@ -333,7 +409,8 @@ def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
   d["mid_similarity_layer4"] = nchw(mid["similarity_layer4"])
   d["mid_similarity_ppm_cls"] = nchw(mid["similarity_ppm_cls"])
   d["mid_transformer_in_similarity"] = np.concatenate(
-      [d["mid_similarity_ppm_cls"], d["mid_similarity_layer4"]], axis=1)
+    [d["mid_similarity_ppm_cls"], d["mid_similarity_layer4"]], axis=1
+  )
   d.update(transformer_mids(mid))
   for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
     d[f"mid_{name}"] = nchw(mid[f"ensemble/{name}"])
@@ -343,8 +420,10 @@ def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
 def transformer_mids(mid: Mapping[str, Any]) -> dict:
   """The fixture's ``mid_`` arrays of the hierarchical transformer and the low-res logits
   (shared with PAHNet's HDMNetPlus), from `_flatten`'d intermediates."""
-  d = {"mid_meta_logits_lowres": nchw(mid["meta_logits_lowres"]),
-       "mid_base_logits_lowres": nchw(mid["base_logits_lowres"])}
+  d = {
+    "mid_meta_logits_lowres": nchw(mid["meta_logits_lowres"]),
+    "mid_base_logits_lowres": nchw(mid["base_logits_lowres"]),
+  }
   for i in range(3):
     t = f"transformer/down_{i}/"
     for who in ("query", "support"):
@@ -375,26 +454,31 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 
 PARITY = ParityAdapter(
-    model_classes=(FIXTURE_CLASS,),
-    model_fields=_fixture_fields,
-    inputs=fixture_inputs,
-    outputs=_fixture_outputs,
-    apply=fixture_apply,
-    logit_outputs=("out_final", "out_meta", "out_base"),
-    # out_final goes through est_val (a difference of two nearly equal Gram matrices):
-    # parity/README.md allows ~1e-3 absolute there; meta/base keep the default.
-    tolerances={"out_final": 1e-3},
+  model_classes=(FIXTURE_CLASS,),
+  model_fields=_fixture_fields,
+  inputs=fixture_inputs,
+  outputs=_fixture_outputs,
+  apply=fixture_apply,
+  logit_outputs=("out_final", "out_meta", "out_base"),
+  # out_final goes through est_val (a difference of two nearly equal Gram matrices):
+  # parity/README.md allows ~1e-3 absolute there; meta/base keep the default.
+  tolerances={"out_final": 1e-3},
 )
 
 SPEC = ModelSpec(
-    "hdmnet", make_model, keymap, loss_fn=loss_fn, parity=PARITY,
-    output="probabilities",   # BAM's ensemble mixes the meta and base softmaxes (hdmnet.md §3 step 8)
-    # The PSPNet base learner (backbone, PPM, cls, classifier) is frozen; kshot_rw is in
-    # no optimiser group of the reference (hdmnet.md §6), so it keeps its initial values.
-    # One pattern, so that it matches in 1-shot models (no kshot_rw) as well.
-    frozen=(r"(pspnet|ensemble/kshot_rw)/.*",),
-    # The PSPNet base learner's PPM (41 px); the transformer's 4 x 4 reduction needs 25.
-    min_input_size=pspnet_lib.MIN_INPUT_SIZE,
-    # Only the training K: a K-shot model's ensemble has a learned K -> hidden -> K shot
-    # weighting (kshot_rw, K > 1), which a 1-shot model lacks (any_shot stays False).
-    any_shot=False)
+  "hdmnet",
+  make_model,
+  keymap,
+  loss_fn=loss_fn,
+  parity=PARITY,
+  output="probabilities",  # BAM's ensemble mixes the meta and base softmaxes (hdmnet.md §3 step 8)
+  # The PSPNet base learner (backbone, PPM, cls, classifier) is frozen; kshot_rw is in
+  # no optimiser group of the reference (hdmnet.md §6), so it keeps its initial values.
+  # One pattern, so that it matches in 1-shot models (no kshot_rw) as well.
+  frozen=(r"(pspnet|ensemble/kshot_rw)/.*",),
+  # The PSPNet base learner's PPM (41 px); the transformer's 4 x 4 reduction needs 25.
+  min_input_size=pspnet_lib.MIN_INPUT_SIZE,
+  # Only the training K: a K-shot model's ensemble has a learned K -> hidden -> K shot
+  # weighting (kshot_rw, K > 1), which a 1-shot model lacks (any_shot stays False).
+  any_shot=False,
+)

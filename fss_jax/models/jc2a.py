@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,8 +56,14 @@ CKMM_SIMILARITIES = ("cosine", "dot")
 BACKBONE_SOURCES = ("imagenet", "pspnet")
 
 
-def ckmm_prior(feat: jax.Array, fp_base: jax.Array, *, similarity: str = "cosine",
-               minmax: bool = True, eps: float = 1e-7) -> jax.Array:
+def ckmm_prior(
+  feat: jax.Array,
+  fp_base: jax.Array,
+  *,
+  similarity: str = "cosine",
+  minmax: bool = True,
+  eps: float = 1e-7,
+) -> jax.Array:
   """CKMM class-agnostic probability map (Eq. 13, jc2a.md §5.2).
 
   Args:
@@ -89,6 +96,7 @@ def ckmm_prior(feat: jax.Array, fp_base: jax.Array, *, similarity: str = "cosine
 # ---------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------
+
 
 def _level_sizes(bins: Sequence[float], side: int) -> list[int]:
   # PFENet: a bin <= 1.0 is a fraction of the feature side, else an absolute size.
@@ -125,6 +133,7 @@ class JC2A(nn.Module):
       training (PFENet's own script; needs a mutable ``batch_stats``). Default False.
     num_classes: 2 (1-way).
   """
+
   shot: int = 1
   layers: int = 50
   reduce_dim: int = 256
@@ -155,21 +164,27 @@ class JC2A(nn.Module):
   num_classes: int = 2
 
   def _check(self) -> None:
-    for name, value, allowed in (("hpam_fusion", self.hpam_fusion, FUSIONS),
-                                 ("mia_fusion", self.mia_fusion, FUSIONS),
-                                 ("alignment", self.alignment, OPERATORS),
-                                 ("pos_embed", self.pos_embed, POS_EMBEDS),
-                                 ("shot_fusion", self.shot_fusion, SHOT_FUSIONS),
-                                 ("ckmm_similarity", self.ckmm_similarity, CKMM_SIMILARITIES)):
+    for name, value, allowed in (
+      ("hpam_fusion", self.hpam_fusion, FUSIONS),
+      ("mia_fusion", self.mia_fusion, FUSIONS),
+      ("alignment", self.alignment, OPERATORS),
+      ("pos_embed", self.pos_embed, POS_EMBEDS),
+      ("shot_fusion", self.shot_fusion, SHOT_FUSIONS),
+      ("ckmm_similarity", self.ckmm_similarity, CKMM_SIMILARITIES),
+    ):
       if value not in allowed:
         raise ValueError(f"JC2A: unknown {name} {value!r}; choose one of {allowed}")
     hpam = self.use_p2p or self.use_p2b
     if self.use_ckmm and hpam is False and self.mia_fusion != "concat":
-      raise ValueError(f"JC2A: mia_fusion={self.mia_fusion!r} combines P_aw with P_ag and needs "
-                       "HPAM (use_p2p or use_p2b); use mia_fusion='concat'")
+      raise ValueError(
+        f"JC2A: mia_fusion={self.mia_fusion!r} combines P_aw with P_ag and needs "
+        "HPAM (use_p2p or use_p2b); use mia_fusion='concat'"
+      )
     if len(self.top_k) != len(self.pyramid_bins):
-      raise ValueError(f"JC2A: top_k {tuple(self.top_k)} and pyramid_bins "
-                       f"{tuple(self.pyramid_bins)} must have the same length")
+      raise ValueError(
+        f"JC2A: top_k {tuple(self.top_k)} and pyramid_bins "
+        f"{tuple(self.pyramid_bins)} must have the same length"
+      )
 
   @nn.compact
   def __call__(self, episode: Mapping[str, jax.Array], *, train: bool = False) -> dict:
@@ -194,32 +209,48 @@ class JC2A(nn.Module):
     smask = smask.reshape(b * k, *smask.shape[2:])
 
     # Step 1-2: frozen backbone (shared instance; XLA drops the unused support layer4).
-    backbone = ResNetDeepStem(depth=self.layers, frozen=not self.backbone_bn_batch_stats,
-                              name="backbone")
+    backbone = ResNetDeepStem(
+      depth=self.layers, frozen=not self.backbone_bn_batch_stats, name="backbone"
+    )
     fq = jax.tree.map(jax.lax.stop_gradient, backbone(qimg, train=train))
     fs = jax.tree.map(jax.lax.stop_gradient, backbone(simg, train=train))
     drop = nn.Dropout(self.feat_dropout, broadcast_dims=(1, 2), deterministic=not train)
-    f_q = drop(MergeConv(self.reduce_dim, name="down_query")(
-        jnp.concatenate([fq["layer3"], fq["layer2"]], -1)))                  # [B, h, w, C]
-    f_s = drop(MergeConv(self.reduce_dim, name="down_supp")(
-        jnp.concatenate([fs["layer3"], fs["layer2"]], -1)))                  # [BK, h, w, C]
+    f_q = drop(
+      MergeConv(self.reduce_dim, name="down_query")(
+        jnp.concatenate([fq["layer3"], fq["layer2"]], -1)
+      )
+    )  # [B, h, w, C]
+    f_s = drop(
+      MergeConv(self.reduce_dim, name="down_supp")(
+        jnp.concatenate([fs["layer3"], fs["layer2"]], -1)
+      )
+    )  # [BK, h, w, C]
     h, w = f_q.shape[1:3]
     m = resize_bilinear((smask == 1).astype(f_s.dtype)[..., None], (h, w), align_corners=True)
-    proto = masked_average_pool(f_s, m, eps=self.prototype_eps)               # [BK, C]
+    proto = masked_average_pool(f_s, m, eps=self.prototype_eps)  # [BK, C]
     f_s_masked = f_s * m
     out = {}
 
     # Step 3: CKMM (does not depend on the support: once per query).
     prior = None
     if self.use_ckmm:
-      feat = fq[self.ckmm_feature]                                            # [B, h, w, D]
-      fp_base = self.param("fp_base", nn.initializers.zeros_init(),
-                           (self.num_base_classes, feat.shape[-1]), jnp.float32)
-      prior = ckmm_prior(feat, jax.lax.stop_gradient(fp_base), similarity=self.ckmm_similarity,
-                         minmax=self.ckmm_minmax, eps=self.ckmm_eps)          # [B, h, w, 1]
+      feat = fq[self.ckmm_feature]  # [B, h, w, D]
+      fp_base = self.param(
+        "fp_base",
+        nn.initializers.zeros_init(),
+        (self.num_base_classes, feat.shape[-1]),
+        jnp.float32,
+      )
+      prior = ckmm_prior(
+        feat,
+        jax.lax.stop_gradient(fp_base),
+        similarity=self.ckmm_similarity,
+        minmax=self.ckmm_minmax,
+        eps=self.ckmm_eps,
+      )  # [B, h, w, 1]
       out["prior"] = prior
       prior = jnp.repeat(prior, k, axis=0)
-    f_q = jnp.repeat(f_q, k, axis=0)                                          # [BK, h, w, C]
+    f_q = jnp.repeat(f_q, k, axis=0)  # [BK, h, w, C]
 
     # Step 4: pyramid, HPAM, MIA.
     sizes = _level_sizes(self.pyramid_bins, h)
@@ -228,10 +259,21 @@ class JC2A(nn.Module):
     if hpam_on:
       sps = [adaptive_avg_pool(f_s_masked, (s, s)) for s in sizes]
       ms = [adaptive_avg_pool(m, (s, s))[..., 0] for s in sizes]
-      p_aw = HPAM(self.reduce_dim, tuple(self.top_k), self.block_size, self.use_p2p, self.use_p2b,
-                  self.hpam_fusion, self.alignment, self.softmax_scale, self.linear_feature_map,
-                  self.pos_embed, self.pos_embed_std, self.share_projections,
-                  name="hpam")(qs, sps, ms, train=train)
+      p_aw = HPAM(
+        self.reduce_dim,
+        tuple(self.top_k),
+        self.block_size,
+        self.use_p2p,
+        self.use_p2b,
+        self.hpam_fusion,
+        self.alignment,
+        self.softmax_scale,
+        self.linear_feature_map,
+        self.pos_embed,
+        self.pos_embed_std,
+        self.share_projections,
+        name="hpam",
+      )(qs, sps, ms, train=train)
     merged = []
     for l, (s, q_l) in enumerate(zip(sizes, qs)):
       parts = [q_l, jnp.broadcast_to(proto[:, None, None, :], q_l.shape)]
@@ -244,8 +286,9 @@ class JC2A(nn.Module):
       merged.append(MergeConv(self.reduce_dim, name=f"init_merge_{l}")(jnp.concatenate(parts, -1)))
 
     # Step 5: decoder.
-    logits, aux = FEMDecoder(self.reduce_dim, self.num_classes, self.cls_dropout,
-                             name="decoder")(merged, train=train)
+    logits, aux = FEMDecoder(self.reduce_dim, self.num_classes, self.cls_dropout, name="decoder")(
+      merged, train=train
+    )
     logits = resize_bilinear(logits, (img_h, img_w), align_corners=True)
     out["logits"] = self._fuse_shots(logits, b, k)
     out["aux"] = tuple(self._fuse_shots(a, b, k) for a in aux)
@@ -265,6 +308,7 @@ class JC2A(nn.Module):
 # ---------------------------------------------------------------------------
 # Loss, factory, key map, spec
 # ---------------------------------------------------------------------------
+
 
 def make_loss(aux_weight: float = 1.0):
   """PFENet loss: ``CE(out, y) + aux_weight · mean_l CE(up(aux_l), y)`` (ignore 255)."""
@@ -307,18 +351,34 @@ def _pspnet_extra_ignores(layers: int, num_base_classes: int | None) -> list:
       rules.append(km.Ignore(f"encoder.{stage[5:]}.{rest}"))
   for i in range(4):
     rules += [km.Ignore(f"ppm.features.{i}.1.weight")]
-    rules += [km.Ignore(f"ppm.features.{i}.2.{p}") for p in
-              ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    rules += [
+      km.Ignore(f"ppm.features.{i}.2.{p}")
+      for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    ]
   rules += [km.Ignore("cls.0.weight"), km.Ignore("cls.4.weight"), km.Ignore("cls.4.bias")]
-  rules += [km.Ignore(f"cls.1.{p}") for p in
-            ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
-  rules += [km.Ignore(f"aux.{n}") for n in
-            ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var",
-             "1.num_batches_tracked", "4.weight", "4.bias")]
+  rules += [
+    km.Ignore(f"cls.1.{p}")
+    for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+  ]
+  rules += [
+    km.Ignore(f"aux.{n}")
+    for n in (
+      "0.weight",
+      "1.weight",
+      "1.bias",
+      "1.running_mean",
+      "1.running_var",
+      "1.num_batches_tracked",
+      "4.weight",
+      "4.bias",
+    )
+  ]
   return rules
 
 
-def keymap(*, layers: int = 50, source: str = "imagenet", dst: Sequence[str] = (), **_unused) -> list:
+def keymap(
+  *, layers: int = 50, source: str = "imagenet", dst: Sequence[str] = (), **_unused
+) -> list:
   """Backbone initialisation key map (no JC²A checkpoint exists to convert).
 
   ``python -m checkpoints.convert --model jc2a --src resnet50_v2.pth --dst W0
@@ -341,8 +401,9 @@ def keymap(*, layers: int = 50, source: str = "imagenet", dst: Sequence[str] = (
   if source == "imagenet":
     return resnet_keymap(depth=layers, stem="deep", naming="resnet_v2", dst=dst)
   if source == "pspnet":
-    return (resnet_keymap(depth=layers, stem="deep", naming="pspnet", ignore_head=False, dst=dst)
-            + _pspnet_extra_ignores(layers, None))
+    return resnet_keymap(
+      depth=layers, stem="deep", naming="pspnet", ignore_head=False, dst=dst
+    ) + _pspnet_extra_ignores(layers, None)
   raise ValueError(f"unknown backbone source {source!r}; choose one of {BACKBONE_SOURCES}")
 
 
@@ -352,8 +413,9 @@ def pfenet_keymap(*, layers: int = 50) -> list:
   ``init_merge`` (513 vs 769 inputs), HPAM and FP_base have no PFENet counterpart;
   PFENet's ``res1`` / ``res2`` / ``cls`` / FEM keys match `FEMDecoder`'s.
   """
-  rules = resnet_keymap(depth=layers, stem="deep", naming="pspnet", ignore_head=False,
-                        dst=("backbone",))
+  rules = resnet_keymap(
+    depth=layers, stem="deep", naming="pspnet", ignore_head=False, dst=("backbone",)
+  )
   rules += km.conv("down_query.0", ("down_query", "conv"), bias=False)
   rules += km.conv("down_supp.0", ("down_supp", "conv"), bias=False)
   rules += pfenet_decoder_keymap("", ("decoder",))
@@ -371,17 +433,27 @@ def min_input_size(pyramid_bins: Sequence[float] = JC2A.pyramid_bins, **_) -> in
 
 
 SPEC = ModelSpec(
-    name="jc2a",
-    make_model=make_model,
-    keymap=keymap,
-    loss_fn=loss_fn,
-    # The backbone and the FP_base constant (one pattern: fp_base exists only with CKMM).
-    frozen=(r"backbone/.*|fp_base",),
-    min_input_size=min_input_size,
-    any_shot=True,   # decision-level fusion (mean softmax over shots): any K
-    # FP_base from the fold's prior file when a run starts from scratch ({} without CKMM).
-    derived_params="fss_jax.train.jc2a_prior:fp_base_params",
+  name="jc2a",
+  make_model=make_model,
+  keymap=keymap,
+  loss_fn=loss_fn,
+  # The backbone and the FP_base constant (one pattern: fp_base exists only with CKMM).
+  frozen=(r"backbone/.*|fp_base",),
+  min_input_size=min_input_size,
+  any_shot=True,  # decision-level fusion (mean softmax over shots): any K
+  # FP_base from the fold's prior file when a run starts from scratch ({} without CKMM).
+  derived_params="fss_jax.train.jc2a_prior:fp_base_params",
 )
 
-__all__ = ["JC2A", "HPAM", "SPEC", "make_model", "make_loss", "loss_fn", "keymap", "pfenet_keymap",
-           "ckmm_prior", "min_input_size"]
+__all__ = [
+  "JC2A",
+  "HPAM",
+  "SPEC",
+  "make_model",
+  "make_loss",
+  "loss_fn",
+  "keymap",
+  "pfenet_keymap",
+  "ckmm_prior",
+  "min_input_size",
+]

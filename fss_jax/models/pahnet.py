@@ -30,6 +30,7 @@ from fss_jax.models.pahnet_hdmnet import fixture_outputs as _hdmnet_outputs
 from fss_jax.models.pahnet_sccan import SCCANPlus  # noqa: F401
 from fss_jax.models.pahnet_sccan import fixture_outputs as _sccan_outputs
 from fss_jax.models.registry import ModelSpec, ParityAdapter
+
 # HDMNetPlus's ``MaskMultiHeadAttention`` is HDMNet's called with ``query_prob`` (ASC).
 from fss_jax.nn.attention.hdm import MaskedMultiHeadAttention as ASCMaskedAttention  # noqa: F401
 from fss_jax.nn.attention.hdm import TransformerPlus  # noqa: F401
@@ -44,30 +45,52 @@ _TOLERANCES = {"out_final": 1e-3}
 # `outputs` is late-bound to this module's `_sccan_outputs` / `_hdmnet_outputs`, so that
 # tests can wrap them (e.g. to read the branch decisions).
 SCCAN_PARITY = ParityAdapter(
-    model_classes=(pahnet_sccan.FIXTURE_CLASS,),
-    model_fields=lambda meta: fixture_fields(meta, "base_learner.2.weight"),
-    inputs=fixture_inputs, outputs=lambda r, m: _sccan_outputs(r, m), apply=fixture_apply,
-    logit_outputs=("out_final", "out_meta", "out_base"), tolerances=_TOLERANCES)
+  model_classes=(pahnet_sccan.FIXTURE_CLASS,),
+  model_fields=lambda meta: fixture_fields(meta, "base_learner.2.weight"),
+  inputs=fixture_inputs,
+  outputs=lambda r, m: _sccan_outputs(r, m),
+  apply=fixture_apply,
+  logit_outputs=("out_final", "out_meta", "out_base"),
+  tolerances=_TOLERANCES,
+)
 
 HDMNET_PARITY = ParityAdapter(
-    model_classes=(pahnet_hdmnet.FIXTURE_CLASS,),
-    model_fields=lambda meta: fixture_fields(meta, "base_learnear.2.weight"),
-    inputs=fixture_inputs, outputs=lambda r, m: _hdmnet_outputs(r, m), apply=fixture_apply,
-    logit_outputs=("out_final", "out_meta", "out_base", "out_pro_pred"), tolerances=_TOLERANCES)
+  model_classes=(pahnet_hdmnet.FIXTURE_CLASS,),
+  model_fields=lambda meta: fixture_fields(meta, "base_learnear.2.weight"),
+  inputs=fixture_inputs,
+  outputs=lambda r, m: _hdmnet_outputs(r, m),
+  apply=fixture_apply,
+  logit_outputs=("out_final", "out_meta", "out_base", "out_pro_pred"),
+  tolerances=_TOLERANCES,
+)
 
 # Frozen (pahnet.md §6): the SSP predictor and the whole PSPNet base learner; the attn_s
 # ASC projections of SCCANPlus and the down-path ones of HDMNetPlus are not built at all.
 FROZEN = ("ssp/.*", "pspnet/.*")
 
 SPECS = {
-    # Both: the PSPNet base learner's PPM (41 px) above the SSP predictor's top-12 (25 px).
-    # Both evaluate at the training K only (any_shot False): the BAM ensemble of a K-shot model
-    # has a learned K -> hidden -> K shot weighting (kshot_rw) that a model of another K lacks.
-    "sccan_pahnet": ModelSpec("sccan_pahnet", pahnet_sccan.make_model, pahnet_sccan.keymap,
-                              loss_fn=pahnet_sccan.loss_fn, parity=SCCAN_PARITY, frozen=FROZEN,
-                              unused=lambda blocks=8, **_: sccan_lib.unused_params(depth=blocks),
-                              min_input_size=pspnet_lib.MIN_INPUT_SIZE, output="probabilities"),
-    "hdmnet_pahnet": ModelSpec("hdmnet_pahnet", pahnet_hdmnet.make_model, pahnet_hdmnet.keymap,
-                               loss_fn=pahnet_hdmnet.loss_fn, parity=HDMNET_PARITY, frozen=FROZEN,
-                               min_input_size=pspnet_lib.MIN_INPUT_SIZE, output="probabilities"),
+  # Both: the PSPNet base learner's PPM (41 px) above the SSP predictor's top-12 (25 px).
+  # Both evaluate at the training K only (any_shot False): the BAM ensemble of a K-shot model
+  # has a learned K -> hidden -> K shot weighting (kshot_rw) that a model of another K lacks.
+  "sccan_pahnet": ModelSpec(
+    "sccan_pahnet",
+    pahnet_sccan.make_model,
+    pahnet_sccan.keymap,
+    loss_fn=pahnet_sccan.loss_fn,
+    parity=SCCAN_PARITY,
+    frozen=FROZEN,
+    unused=lambda blocks=8, **_: sccan_lib.unused_params(depth=blocks),
+    min_input_size=pspnet_lib.MIN_INPUT_SIZE,
+    output="probabilities",
+  ),
+  "hdmnet_pahnet": ModelSpec(
+    "hdmnet_pahnet",
+    pahnet_hdmnet.make_model,
+    pahnet_hdmnet.keymap,
+    loss_fn=pahnet_hdmnet.loss_fn,
+    parity=HDMNET_PARITY,
+    frozen=FROZEN,
+    min_input_size=pspnet_lib.MIN_INPUT_SIZE,
+    output="probabilities",
+  ),
 }

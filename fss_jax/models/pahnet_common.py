@@ -17,7 +17,8 @@ record. NHWC throughout.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,24 +40,31 @@ def check_episode(episode: Mapping[str, jax.Array], shot: int) -> tuple[int, int
   b, hh, ww, _ = x.shape
   k = sx.shape[1]
   if k != shot:
-    raise ValueError(f"the model was built for {shot}-shot episodes, got {k} supports; "
-                     f"set config.shot={k} (model field shot)")
+    raise ValueError(
+      f"the model was built for {shot}-shot episodes, got {k} supports; "
+      f"set config.shot={k} (model field shot)"
+    )
   if sx.shape[2:4] != (hh, ww) or sy.shape[2:] != (hh, ww):
-    raise ValueError(f"support images {tuple(sx.shape)} / masks {tuple(sy.shape)} must share "
-                     f"the query size {hh}x{ww}")
+    raise ValueError(
+      f"support images {tuple(sx.shape)} / masks {tuple(sy.shape)} must share "
+      f"the query size {hh}x{ww}"
+    )
   return b, k, hh, ww
 
 
-def predictor_probability(ssp: ssp_lib.SSPMatchingNet, episode: Mapping[str, jax.Array]
-                          ) -> jax.Array:
+def predictor_probability(
+  ssp: ssp_lib.SSPMatchingNet, episode: Mapping[str, jax.Array]
+) -> jax.Array:
   """The frozen predictor's softmax ``[B, s, s, 2]`` (no gradient), pahnet.md §1.2."""
-  out = ssp(episode["query_image"], episode["support_images"], episode["support_masks"],
-            train=False)
+  out = ssp(
+    episode["query_image"], episode["support_images"], episode["support_masks"], train=False
+  )
   return jax.lax.stop_gradient(jax.nn.softmax(out["out_1"], axis=-1))
 
 
-def frozen_features(psp: pspnet_lib.PSPNet, episode: Mapping[str, jax.Array], sow: Sow,
-                    names: Sequence[str]) -> tuple[dict, dict]:
+def frozen_features(
+  psp: pspnet_lib.PSPNet, episode: Mapping[str, jax.Array], sow: Sow, names: Sequence[str]
+) -> tuple[dict, dict]:
   """PSPNet features of the query and the unmasked supports, one batch, no gradient.
 
   Returns (query features ``{name: [B, h, w, C]}``, support features
@@ -65,8 +73,9 @@ def frozen_features(psp: pspnet_lib.PSPNet, episode: Mapping[str, jax.Array], so
   """
   x, sx = episode["query_image"], episode["support_images"]
   b, k, hh, ww = sx.shape[:4]
-  feats = jax.lax.stop_gradient(psp.features(
-      jnp.concatenate([x, sx.reshape(b * k, hh, ww, -1)], 0), train=False))
+  feats = jax.lax.stop_gradient(
+    psp.features(jnp.concatenate([x, sx.reshape(b * k, hh, ww, -1)], 0), train=False)
+  )
   fq = {n: f[:b] for n, f in feats.items()}
   fs = {n: f[b:] for n, f in feats.items()}
   for n in names:
@@ -75,8 +84,13 @@ def frozen_features(psp: pspnet_lib.PSPNet, episode: Mapping[str, jax.Array], so
   return fq, fs
 
 
-def level_priors(fq: Mapping[str, jax.Array], fs: Mapping[str, jax.Array], masks: jax.Array,
-                 out_size: Sequence[int], sow: Sow) -> jax.Array:
+def level_priors(
+  fq: Mapping[str, jax.Array],
+  fs: Mapping[str, jax.Array],
+  masks: jax.Array,
+  out_size: Sequence[int],
+  sow: Sow,
+) -> jax.Array:
   """Prototype priors of layer4 and feature 5 and the per-sample choice (§1.3).
 
   fq: query features at backbone resolution; fs: [B, K, r, r, C] support
@@ -114,8 +128,11 @@ def fixture_fields(meta: Mapping[str, Any], classifier_key: str) -> dict:
   shapes = {e["key"]: tuple(e["shape"]) for e in meta["state_dict"]["keys"]}
   values = (meta.get("config") or {}).get("values") or {}
   shot = int(values.get("shot", meta["input_shapes"]["in_supp_img"][1]))
-  fields = dict(shot=shot, num_base_classes=int(shapes[classifier_key][0]),
-                depth=pspnet_lib.resnet.depth_from_keys(shapes)[0])
+  fields = dict(
+    shot=shot,
+    num_base_classes=int(shapes[classifier_key][0]),
+    depth=pspnet_lib.resnet.depth_from_keys(shapes)[0],
+  )
   if shot > 1 and "kshot_rw.0.weight" in shapes:
     fields["kshot_hidden"] = int(shapes["kshot_rw.0.weight"][0])
   elif shot > 1:
@@ -140,14 +157,21 @@ def common_outputs(result) -> tuple[dict, dict]:
   predictor, backbone, prior and ensemble ``mid_`` arrays; NCHW)."""
   out, state = result
   mid = flatten(state.get("intermediates", {}))
-  d = {"out_final": nchw(out["logits"]), "out_meta": nchw(out["meta_logits"]),
-       "out_base": nchw(out["base_logits"])}
-  d.update({"mid_ssp_out": nchw(mid["ssp/out_1"]),
-            "mid_ssp_sim_out0": nchw(mid["ssp/out_0_low"]),
-            "mid_ssp_sim_out1": nchw(mid["ssp/out_1_low"]),
-            "mid_ssp_func_fg": np.asarray(mid["ssp/ssp_fg"]),
-            "mid_ssp_func_bg": np.asarray(mid["ssp/ssp_bg"]),
-            "mid_ssp_func_bglocal__chmean": chmean(mid["ssp/ssp_bg_local"])})
+  d = {
+    "out_final": nchw(out["logits"]),
+    "out_meta": nchw(out["meta_logits"]),
+    "out_base": nchw(out["base_logits"]),
+  }
+  d.update(
+    {
+      "mid_ssp_out": nchw(mid["ssp/out_1"]),
+      "mid_ssp_sim_out0": nchw(mid["ssp/out_0_low"]),
+      "mid_ssp_sim_out1": nchw(mid["ssp/out_1_low"]),
+      "mid_ssp_func_fg": np.asarray(mid["ssp/ssp_fg"]),
+      "mid_ssp_func_bg": np.asarray(mid["ssp/ssp_bg"]),
+      "mid_ssp_func_bglocal__chmean": chmean(mid["ssp/ssp_bg_local"]),
+    }
+  )
   d["mid_ssp_layer3_query__chmean"] = chmean(mid["ssp/layer3_query"])
   d["mid_ssp_layer3_support0__chmean"] = chmean(np.asarray(mid["ssp/layer3_support"])[:, 0])
   for who in ("query", "support"):

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,8 +37,14 @@ from fss_jax.models import hdmnet as hdmnet_lib
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models import ssp as ssp_lib
 from fss_jax.models.hdmnet import chmean, nchw
-from fss_jax.models.pahnet_common import (check_episode, common_outputs, frozen_features,
-                                          level_priors, predictor_probability, pseudo_mask_ce)
+from fss_jax.models.pahnet_common import (
+  check_episode,
+  common_outputs,
+  frozen_features,
+  level_priors,
+  predictor_probability,
+  pseudo_mask_ce,
+)
 from fss_jax.nn.attention import hdm
 from fss_jax.nn.prototype import prototype_enhanced_keymap
 from fss_jax.ops import losses
@@ -60,6 +67,7 @@ class HDMNetPlus(nn.Module):
     transformer_dropout: dropout inside the transformer (0.1; the PFEs have none).
     remat: recompute the transformer layers in the backward (same parameters).
   """
+
   shot: int = 1
   num_base_classes: int = 16
   depth: int = 50
@@ -76,24 +84,29 @@ class HDMNetPlus(nn.Module):
     "corr" (coarse to fine), "pseudo_masks" (coarse to fine), "prior" [B, h, w, 2],
     "est_val" [B]}."""
     b, k, hh, ww = check_episode(episode, self.shot)
-    sow = lambda n, v: self.sow("intermediates", n, v)  # noqa: E731
+    sow = lambda n, v: self.sow("intermediates", n, v)
 
     # 1. predictor
     prob = predictor_probability(
-        ssp_lib.SSPMatchingNet(out_size=(self.predictor_size,) * 2, name="ssp"), episode)
+      ssp_lib.SSPMatchingNet(out_size=(self.predictor_size,) * 2, name="ssp"), episode
+    )
     sow("pro_pred", prob)
 
     # 2. frozen PSPNet features (query + unmasked supports in one batch)
-    psp = pspnet_lib.PSPNet(num_classes=self.num_base_classes, depth=self.depth, frozen=True,
-                            name="pspnet")
-    fq, fs = frozen_features(psp, episode, sow,
-                             ("layer0", "layer1", "layer2", "layer3", "layer4", "feat5"))
+    psp = pspnet_lib.PSPNet(
+      num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
+    )
+    fq, fs = frozen_features(
+      psp, episode, sow, ("layer0", "layer1", "layer2", "layer3", "layer4", "feat5")
+    )
 
     # 3. mid-level features [B(*K), h, w, 256]
     q = hdmnet_lib.DownProject(dropout=self.feature_dropout, name="down_query")(
-        jnp.concatenate([fq["layer3"], fq["layer2"]], -1), train=train)
+      jnp.concatenate([fq["layer3"], fq["layer2"]], -1), train=train
+    )
     s = hdmnet_lib.DownProject(dropout=self.feature_dropout, name="down_supp")(
-        jnp.concatenate([fs["layer3"], fs["layer2"]], -1), train=train)
+      jnp.concatenate([fs["layer3"], fs["layer2"]], -1), train=train
+    )
     sow("down_query_out", q)
     sow("down_supp_out", s)
     _, h, w, _ = s.shape
@@ -101,7 +114,7 @@ class HDMNetPlus(nn.Module):
     # 4. prototypes (WGAP, bilinear ac=True mask) [B*K, 256]
     dtype = episode["query_image"].dtype
     mask = (episode["support_masks"] == 1).astype(dtype).reshape(b * k, hh, ww, 1)
-    m_bil = resize_bilinear(mask, (h, w), align_corners=True)           # [B*K, h, w, 1]
+    m_bil = resize_bilinear(mask, (h, w), align_corners=True)  # [B*K, h, w, 1]
     proto = masked_average_pool(s, m_bil, eps=0.0005)
 
     # 5. prototype prior [B, h, w, 2]
@@ -113,31 +126,50 @@ class HDMNetPlus(nn.Module):
     q_in, s_in = hdmnet_lib.merge_inputs(q, s, proto, prior, sow)
 
     # 7. transformer
-    meta, corr, pseudo = hdm.TransformerPlus(shot=k, dropout=self.transformer_dropout,
-                                             remat=self.remat, name="transformer")(
-        q_in, s_in, mask[..., 0], prior, prob[..., 1], train=train)
+    meta, corr, pseudo = hdm.TransformerPlus(
+      shot=k, dropout=self.transformer_dropout, remat=self.remat, name="transformer"
+    )(q_in, s_in, mask[..., 0], prior, prob[..., 1], train=train)
     sow("meta_logits_lowres", meta)
 
     # 8. base learner and ensemble
     base = psp.classify(fq["feat5"], train=train)
     sow("base_logits_lowres", base)
-    ens = hdmnet_lib.learner_ensemble(meta, base, fq["layer2"], fs["layer2"], episode, shot=k,
-                                      kshot_hidden=self.kshot_hidden, train=train)
+    ens = hdmnet_lib.learner_ensemble(
+      meta,
+      base,
+      fq["layer2"],
+      fs["layer2"],
+      episode,
+      shot=k,
+      kshot_hidden=self.kshot_hidden,
+      train=train,
+    )
 
     # 9. outputs at the input resolution
-    up = lambda t: resize_bilinear(t, (hh, ww), align_corners=True)  # noqa: E731
-    return {"logits": up(ens["final"]), "meta_logits": up(meta), "base_logits": up(base),
-            "prob": prob, "corr": corr, "pseudo_masks": tuple(pseudo), "prior": prior,
-            "est_val": ens["est_val"]}
+    up = lambda t: resize_bilinear(t, (hh, ww), align_corners=True)
+    return {
+      "logits": up(ens["final"]),
+      "meta_logits": up(meta),
+      "base_logits": up(base),
+      "prob": prob,
+      "corr": corr,
+      "pseudo_masks": tuple(pseudo),
+      "prior": prior,
+      "est_val": ens["est_val"],
+    }
 
 
-def make_model(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
-               **fields) -> HDMNetPlus:
+def make_model(shot: int = 1, num_base_classes: int = 16, depth: int = 50, **fields) -> HDMNetPlus:
   return HDMNetPlus(shot=shot, num_base_classes=num_base_classes, depth=depth, **fields)
 
 
-def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array], *,
-            aux_weight1: float = 1.0, aux_weight2: float = 1.0) -> tuple[jax.Array, dict]:
+def loss_fn(
+  outputs: Mapping[str, Any],
+  episode: Mapping[str, jax.Array],
+  *,
+  aux_weight1: float = 1.0,
+  aux_weight2: float = 1.0,
+) -> tuple[jax.Array, dict]:
   """HDMNetPlus training loss (pahnet.md §5.3).
 
   ``CE(final) + CE(meta) + aux_weight1 * distil + aux_weight2 * (CE(base) + mean CE(pi_i))``;
@@ -146,24 +178,31 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array], *,
   y = episode["query_mask"]
   pseudo = pseudo_mask_ce(outputs["pseudo_masks"], y)
   distil = hdm.correlation_distillation_terms(outputs["corr"], y)
-  terms = {"ce_final": losses.cross_entropy(outputs["logits"], y),
-           "ce_meta": losses.cross_entropy(outputs["meta_logits"], y),
-           "distil": sum(distil) / len(distil),
-           "ce_pseudo": sum(pseudo) / len(pseudo)}
+  terms = {
+    "ce_final": losses.cross_entropy(outputs["logits"], y),
+    "ce_meta": losses.cross_entropy(outputs["meta_logits"], y),
+    "distil": sum(distil) / len(distil),
+    "ce_pseudo": sum(pseudo) / len(pseudo),
+  }
   weights = {"distil": aux_weight1, "ce_pseudo": aux_weight2}
   if "query_base_label" in episode:
     terms["ce_base"] = jax.lax.stop_gradient(
-        losses.cross_entropy(outputs["base_logits"], episode["query_base_label"]))
+      losses.cross_entropy(outputs["base_logits"], episode["query_base_label"])
+    )
     weights["ce_base"] = aux_weight2
-  return losses.weighted_sum(terms, weights, reported={**losses.parts("pseudo", pseudo),
-                                                       **losses.parts("distil_stage", distil)})
+  return losses.weighted_sum(
+    terms,
+    weights,
+    reported={**losses.parts("pseudo", pseudo), **losses.parts("distil_stage", distil)},
+  )
 
 
 _MATCH_SRC = re.compile(r"^(transformer\.mix_transformer\.match_layers\.\d+)\.(\d+)\.")
 
 
-def keymap(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
-           kshot_hidden: int = 2, **unused) -> list:
+def keymap(
+  shot: int = 1, num_base_classes: int = 16, depth: int = 50, kshot_hidden: int = 2, **unused
+) -> list:
   """Official HDMNetPlus state dict (976 entries 1-shot, 980 K-shot) -> `HDMNetPlus`.
 
   HDMNet's key map (`fss_jax.models.hdmnet.hdmnet_keymap`) with the matching
@@ -176,14 +215,17 @@ def keymap(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
   for r in hdmnet_lib.hdmnet_keymap(shot=shot, depth=depth, kshot_hidden=kshot_hidden):
     mt = _MATCH_SRC.match(r.src)
     if mt:
-      r = dataclasses.replace(r, src=f"{mt.group(1)}.{int(mt.group(2)) + 1}.{r.src[mt.end():]}")
+      r = dataclasses.replace(r, src=f"{mt.group(1)}.{int(mt.group(2)) + 1}.{r.src[mt.end() :]}")
     rules.append(r)
   t = "transformer.mix_transformer"
   for i in range(3):
     rules += prototype_enhanced_keymap(f"{t}.match_layers.{i}.0", ("transformer", f"match_pe_{i}"))
     for p in ("proj_q", "proj_s"):
-      rules += keymaps.linear(f"{t}.match_layers.{i}.1.attn.attn.{p}",
-                              ("transformer", f"match_{i}", "attn", "attn", p), bias=False)
+      rules += keymaps.linear(
+        f"{t}.match_layers.{i}.1.attn.attn.{p}",
+        ("transformer", f"match_{i}", "attn", "attn", p),
+        bias=False,
+      )
       for j in (1, 2):
         rules.append(keymaps.Ignore(f"{t}.down_sample_layers.{i}.{j}.attn.attn.{p}.weight"))
   rules += ssp_lib.ssp_keymap(prefix="ssp.", dst=("ssp",))
@@ -204,7 +246,7 @@ def fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
   d["mid_query_merge"] = nchw(mid["query_merge_out"])
   d["mid_transformer_in_similarity"] = nchw(mid["prior"])
   d.update(hdmnet_lib.transformer_mids(mid))
-  for i in range(3):                                      # PFE inside each match layer
+  for i in range(3):  # PFE inside each match layer
     d[f"mid_match{i}_pe_x"] = np.asarray(mid[f"transformer/match{i}_pe_x"])
     d[f"mid_match{i}_pe_y__chmean"] = chmean(mid[f"transformer/match{i}_pe_y"])
     d[f"mid_match{i}_pe_pseudo"] = nchw(mid[f"transformer/match{i}_pe_pseudo"])

@@ -21,7 +21,8 @@ registered by `fss_jax.models.pahnet`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,8 +35,14 @@ from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models import sccan as sccan_lib
 from fss_jax.models import ssp as ssp_lib
 from fss_jax.models.hdmnet import chmean, nchw
-from fss_jax.models.pahnet_common import (check_episode, common_outputs, frozen_features,
-                                          level_priors, predictor_probability, pseudo_mask_ce)
+from fss_jax.models.pahnet_common import (
+  check_episode,
+  common_outputs,
+  frozen_features,
+  level_priors,
+  predictor_probability,
+  pseudo_mask_ce,
+)
 from fss_jax.nn.aspp import ASPPDecoder
 from fss_jax.nn.attention.sccan import SCCAPlusTransformer
 from fss_jax.nn.ensemble import ensemble_keymap
@@ -62,6 +69,7 @@ class SCCANPlus(nn.Module):
     feature_dropout, classifier_dropout: Dropout2d rates (0.5, 0.1).
     remat: recompute the transformer blocks in the backward (same parameters).
   """
+
   shot: int = 1
   num_base_classes: int = 16
   depth: int = 50
@@ -89,44 +97,46 @@ class SCCANPlus(nn.Module):
       "prior": [B, 64, 64, 2], "est_val": [B]}.
     """
     b, k, hh, ww = check_episode(episode, self.shot)
-    sow = lambda n, v: self.sow("intermediates", n, v)  # noqa: E731
+    sow = lambda n, v: self.sow("intermediates", n, v)
     size = (self.grid, self.grid)
-    up = lambda t, s=size: resize_bilinear(t, s, align_corners=True)  # noqa: E731
+    up = lambda t, s=size: resize_bilinear(t, s, align_corners=True)
 
     # 1. predictor
     prob = predictor_probability(ssp_lib.SSPMatchingNet(out_size=size, name="ssp"), episode)
     sow("pro_pred", prob)
-    p_fg = prob[..., 1]                                               # [B, 64, 64]
+    p_fg = prob[..., 1]  # [B, 64, 64]
 
     # 2. frozen PSPNet features (query + unmasked supports in one batch)
-    psp = pspnet_lib.PSPNet(num_classes=self.num_base_classes, depth=self.depth, frozen=True,
-                            name="pspnet")
+    psp = pspnet_lib.PSPNet(
+      num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
+    )
     fq, fs = frozen_features(psp, episode, sow, ("layer2", "layer3", "layer4", "feat5"))
 
     # 3. mid-level features [layer2, layer3] -> 1x1 -> ReLU -> Dropout2d -> 64x64
     drop = nn.Dropout(self.feature_dropout, broadcast_dims=(1, 2), deterministic=not train)
-    conv1x1 = lambda name: Conv2d(self.reduce_dim, 1, use_bias=False, name=name)  # noqa: E731
+    conv1x1 = lambda name: Conv2d(self.reduce_dim, 1, use_bias=False, name=name)
     q_mid = drop(nn.relu(conv1x1("down_query")(jnp.concatenate([fq["layer2"], fq["layer3"]], -1))))
     s_mid = drop(nn.relu(conv1x1("down_supp")(jnp.concatenate([fs["layer2"], fs["layer3"]], -1))))
     sow("down_query_out", q_mid)
     sow("down_supp_out", s_mid)
-    query_feat = up(q_mid)                                            # [B, 64, 64, 256]
-    supp_feat = up(s_mid).reshape(b, k, *size, self.reduce_dim)       # [B, K, 64, 64, 256]
+    query_feat = up(q_mid)  # [B, 64, 64, 256]
+    supp_feat = up(s_mid).reshape(b, k, *size, self.reduce_dim)  # [B, K, 64, 64, 256]
 
     # 4. support f4 / f5 at 64, masks, prototypes, shot means (supports NOT masked)
     fs_hi = {n: up(fs[n]).reshape(b, k, *size, -1) for n in ("layer4", "feat5")}
     dtype = episode["query_image"].dtype
     fg = (episode["support_masks"] == 1).astype(dtype).reshape(b * k, hh, ww, 1)
-    masks = up(fg).reshape(b, k, *size, 1)                            # [B, K, 64, 64, 1]
-    protos = masked_average_pool(supp_feat.reshape(b * k, *size, -1),
-                                 masks.reshape(b * k, *size, 1), eps=0.0005)
-    proto = jnp.mean(protos.reshape(b, k, -1), axis=1)                # [B, 256]
-    supp_mask = jnp.mean(masks, axis=1)                               # [B, 64, 64, 1]
+    masks = up(fg).reshape(b, k, *size, 1)  # [B, K, 64, 64, 1]
+    protos = masked_average_pool(
+      supp_feat.reshape(b * k, *size, -1), masks.reshape(b * k, *size, 1), eps=0.0005
+    )
+    proto = jnp.mean(protos.reshape(b, k, -1), axis=1)  # [B, 256]
+    supp_mask = jnp.mean(masks, axis=1)  # [B, 64, 64, 1]
     supp_mean = jnp.mean(supp_feat, axis=1)
     proto_map = jnp.broadcast_to(proto[:, None, None, :], query_feat.shape)
 
     # 5. prototype prior (query at backbone resolution, output 64)
-    prior = level_priors(fq, fs_hi, masks, size, sow)                 # [B, 64, 64, 2]
+    prior = level_priors(fq, fs_hi, masks, size, sow)  # [B, 64, 64, 2]
     sow("prior", prior)
 
     # 6. input projections
@@ -136,55 +146,92 @@ class SCCANPlus(nn.Module):
     sow("init_merge_supp_out", s0)
 
     # 7. transformer: tokens [B, 64, 64, 256], pseudo masks 8 x [B, 64, 64, 2]
-    t, pseudo = SCCAPlusTransformer(self.reduce_dim, self.blocks, self.num_heads, self.window,
-                                    self.mlp_ratio, remat=self.remat,
-                                    name="transformer")(q0, s0, supp_mask, p_fg)
+    t, pseudo = SCCAPlusTransformer(
+      self.reduce_dim,
+      self.blocks,
+      self.num_heads,
+      self.window,
+      self.mlp_ratio,
+      remat=self.remat,
+      name="transformer",
+    )(q0, s0, supp_mask, p_fg)
     sow("transformer_out", t)
 
     # 8. decoder (ReLU -> ASPP -> res1 -> res2 -> cls)
-    meta = ASPPDecoder(self.reduce_dim, 2, self.classifier_dropout, name="decoder")(
-        t, train=train)
+    meta = ASPPDecoder(self.reduce_dim, 2, self.classifier_dropout, name="decoder")(t, train=train)
     sow("meta_logits_lowres", meta)
 
     # 9. base learner on feature 5 at 64, ensemble
     base = psp.classify(up(fq["feat5"]), train=train)
-    ens = hdmnet_lib.learner_ensemble(meta, base, fq["layer2"], fs["layer2"], episode, shot=k,
-                                      kshot_hidden=self.kshot_hidden, train=train)
+    ens = hdmnet_lib.learner_ensemble(
+      meta,
+      base,
+      fq["layer2"],
+      fs["layer2"],
+      episode,
+      shot=k,
+      kshot_hidden=self.kshot_hidden,
+      train=train,
+    )
 
     # 10. output size
     out_size = (int((hh - 1) / 8 * self.zoom_factor + 1), int((ww - 1) / 8 * self.zoom_factor + 1))
     final, meta_up = ens["final"], meta
     if self.zoom_factor != 1:
       final, meta_up = up(final, out_size), up(meta, out_size)
-    return {"logits": final, "meta_logits": meta_up, "base_logits": base,
-            "pseudo_masks": pseudo, "prob": prob, "prior": prior, "est_val": ens["est_val"]}
+    return {
+      "logits": final,
+      "meta_logits": meta_up,
+      "base_logits": base,
+      "pseudo_masks": pseudo,
+      "prob": prob,
+      "prior": prior,
+      "est_val": ens["est_val"],
+    }
 
 
-def make_model(shot: int = 1, num_base_classes: int = 16, depth: int = 50,
-               **fields) -> SCCANPlus:
+def make_model(shot: int = 1, num_base_classes: int = 16, depth: int = 50, **fields) -> SCCANPlus:
   return SCCANPlus(shot=shot, num_base_classes=num_base_classes, depth=depth, **fields)
 
 
-def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array], *,
-            aux_weight1: float = 1.0, aux_weight2: float = 1.0) -> tuple[jax.Array, dict]:
+def loss_fn(
+  outputs: Mapping[str, Any],
+  episode: Mapping[str, jax.Array],
+  *,
+  aux_weight1: float = 1.0,
+  aux_weight2: float = 1.0,
+) -> tuple[jax.Array, dict]:
   """SCCANPlus training loss (pahnet.md §4).
 
   ``CE(final) + aux_weight1 * Dice(meta) + aux_weight2 * mean_n CE(pi_n, nearest(y, 64))``.
   """
   y = episode["query_mask"]
   if outputs["logits"].shape[1:3] != y.shape[1:3]:
-    raise ValueError(f"logits {tuple(outputs['logits'].shape)} and query_mask {tuple(y.shape)} "
-                     "differ in size; SCCANPlus trains with zoom_factor=8")
+    raise ValueError(
+      f"logits {tuple(outputs['logits'].shape)} and query_mask {tuple(y.shape)} "
+      "differ in size; SCCANPlus trains with zoom_factor=8"
+    )
   pseudo = pseudo_mask_ce(outputs["pseudo_masks"], y)
-  terms = {"ce_final": losses.cross_entropy(outputs["logits"], y),
-           "dice_meta": losses.weighted_dice_loss(outputs["meta_logits"], y),
-           "ce_pseudo": sum(pseudo) / len(pseudo)}
-  return losses.weighted_sum(terms, {"dice_meta": aux_weight1, "ce_pseudo": aux_weight2},
-                             reported=losses.parts("pseudo", pseudo))
+  terms = {
+    "ce_final": losses.cross_entropy(outputs["logits"], y),
+    "dice_meta": losses.weighted_dice_loss(outputs["meta_logits"], y),
+    "ce_pseudo": sum(pseudo) / len(pseudo),
+  }
+  return losses.weighted_sum(
+    terms,
+    {"dice_meta": aux_weight1, "ce_pseudo": aux_weight2},
+    reported=losses.parts("pseudo", pseudo),
+  )
 
 
-def keymap(shot: int = 1, num_base_classes: int = 16, depth: int = 50, blocks: int = 8,
-           kshot_hidden: int = 2, **unused) -> list:
+def keymap(
+  shot: int = 1,
+  num_base_classes: int = 16,
+  depth: int = 50,
+  blocks: int = 8,
+  kshot_hidden: int = 2,
+  **unused,
+) -> list:
   """Official SCCANPlus state dict (1080 entries for 1-shot ResNet-50) -> `SCCANPlus`.
 
   SCCAN's own names (down_*, init_merge_*, transformer blocks, norm0, decoder)

@@ -37,7 +37,8 @@ alone is ~10-20% slower there, so leave eval as is).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,14 +47,14 @@ import numpy as np
 
 from fss_jax.models.registry import ModelSpec, ParityAdapter
 from fss_jax.nn.backbones.vgg import PANetVGG16, imagenet_vgg_keymap, panet_vgg_keymap
+from fss_jax.ops import losses
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear
 from fss_jax.ops.similarity import cosine_similarity
-from fss_jax.ops import losses
 
-ALPHA = 20.0             # cosine scaler (fixed, not learned)
-PROTOTYPE_EPS = 1e-5     # masked average pooling area eps
-COSINE_EPS = 1e-8        # torch F.cosine_similarity default
+ALPHA = 20.0  # cosine scaler (fixed, not learned)
+PROTOTYPE_EPS = 1e-5  # masked average pooling area eps
+COSINE_EPS = 1e-8  # torch F.cosine_similarity default
 ALIGN_LOSS_WEIGHT = 1.0  # lambda of L_PAR (config.py: align_loss_scaler)
 IGNORE = 255
 
@@ -65,13 +66,15 @@ def _with_way_axis(images: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.
   if images.ndim == 6 and masks.ndim == 5:
     return images, masks
   raise ValueError(
-      "PANet expects support_images [B, K, H, W, 3] with support_masks [B, K, H, W] (1-way) or "
-      "[B, N, K, H, W, 3] with [B, N, K, H, W] (N-way); got "
-      f"{tuple(images.shape)} and {tuple(masks.shape)}")
+    "PANet expects support_images [B, K, H, W, 3] with support_masks [B, K, H, W] (1-way) or "
+    "[B, N, K, H, W, 3] with [B, N, K, H, W] (N-way); got "
+    f"{tuple(images.shape)} and {tuple(masks.shape)}"
+  )
 
 
-def prototype_scores(query_feat: jax.Array, prototypes: jax.Array, *,
-                     scaler: float = ALPHA) -> jax.Array:
+def prototype_scores(
+  query_feat: jax.Array, prototypes: jax.Array, *, scaler: float = ALPHA
+) -> jax.Array:
   """``scaler * cos(query_feat, prototype_j)`` per position (calDist).
 
   Args:
@@ -81,20 +84,35 @@ def prototype_scores(query_feat: jax.Array, prototypes: jax.Array, *,
   Returns:
     ``[B, h, w, J]``.
   """
-  return scaler * cosine_similarity(query_feat[:, :, :, None, :],
-                                    prototypes[:, None, None, :, :], axis=-1, eps=COSINE_EPS)
+  return scaler * cosine_similarity(
+    query_feat[:, :, :, None, :], prototypes[:, None, None, :, :], axis=-1, eps=COSINE_EPS
+  )
 
 
-def alignment_loss(query_feat: jax.Array, scores: jax.Array, supp_feat: jax.Array,
-                   fore: jax.Array, back: jax.Array, *, scaler: float = ALPHA) -> jax.Array:
+def alignment_loss(
+  query_feat: jax.Array,
+  scores: jax.Array,
+  supp_feat: jax.Array,
+  fore: jax.Array,
+  back: jax.Array,
+  *,
+  scaler: float = ALPHA,
+) -> jax.Array:
   """PANet's PAR loss: the mean over episodes of `alignment_loss_per_episode`."""
-  return jnp.mean(alignment_loss_per_episode(query_feat, scores, supp_feat, fore, back,
-                                             scaler=scaler))
+  return jnp.mean(
+    alignment_loss_per_episode(query_feat, scores, supp_feat, fore, back, scaler=scaler)
+  )
 
 
-def alignment_loss_per_episode(query_feat: jax.Array, scores: jax.Array, supp_feat: jax.Array,
-                               fore: jax.Array, back: jax.Array, *,
-                               scaler: float = ALPHA) -> jax.Array:
+def alignment_loss_per_episode(
+  query_feat: jax.Array,
+  scores: jax.Array,
+  supp_feat: jax.Array,
+  fore: jax.Array,
+  back: jax.Array,
+  *,
+  scaler: float = ALPHA,
+) -> jax.Array:
   """PANet's prototype alignment regularisation (`alignLoss`) of each episode.
 
   Args:
@@ -111,19 +129,21 @@ def alignment_loss_per_episode(query_feat: jax.Array, scores: jax.Array, supp_fe
   """
   b, n, k, h, w, c = supp_feat.shape
   hm, wm = fore.shape[-2:]
-  pred = jnp.argmax(scores, axis=-1)                                        # [B, h, w]
+  pred = jnp.argmax(scores, axis=-1)  # [B, h, w]
   onehot = jax.lax.stop_gradient(jax.nn.one_hot(pred, 1 + n, dtype=query_feat.dtype))
-  count = jnp.sum(onehot, axis=(1, 2))                                      # [B, 1+N]
-  qproto = jnp.einsum("bhwc,bhwj->bjc", query_feat, onehot,
-                      precision=jax.lax.Precision.HIGHEST) / (count[..., None] + PROTOTYPE_EPS)
+  count = jnp.sum(onehot, axis=(1, 2))  # [B, 1+N]
+  qproto = jnp.einsum("bhwc,bhwj->bjc", query_feat, onehot, precision=jax.lax.Precision.HIGHEST) / (
+    count[..., None] + PROTOTYPE_EPS
+  )
   pairs = jnp.stack([jnp.broadcast_to(qproto[:, :1], (b, n, c)), qproto[:, 1:]], axis=2)
   # [B, N, 2, C] -> support scores [B, N, K, h, w, 2]
-  t = scaler * cosine_similarity(supp_feat[:, :, :, :, :, None, :],
-                                 pairs[:, :, None, None, None, :, :], axis=-1, eps=COSINE_EPS)
+  t = scaler * cosine_similarity(
+    supp_feat[:, :, :, :, :, None, :], pairs[:, :, None, None, None, :, :], axis=-1, eps=COSINE_EPS
+  )
   t = resize_bilinear(t.reshape(b * n * k, h, w, 2), (hm, wm), align_corners=False)
   target = jnp.where(back == 1, 0, jnp.where(fore == 1, 1, IGNORE)).astype(jnp.int32)
   ce = jax.vmap(losses.cross_entropy)(t, target.reshape(b * n * k, hm, wm))
-  present = (count[:, 1:] > 0).astype(ce.dtype)                             # [B, N]
+  present = (count[:, 1:] > 0).astype(ce.dtype)  # [B, N]
   return jnp.sum(ce.reshape(b, n, k) * present[:, :, None], axis=(1, 2)) / (k * n)
 
 
@@ -140,6 +160,7 @@ class PANet(nn.Module):
       ``"reduce_window"``; identical numbers, the first has a much cheaper
       gradient on XLA:CPU (`fss_jax.ops.pooling.max_pool2d_taps`).
   """
+
   align: bool = True
   scaler: float = ALPHA
   ways: int | None = None
@@ -152,7 +173,7 @@ class PANet(nn.Module):
   def __call__(self, episode: Mapping[str, jax.Array], *, train: bool) -> dict:
     """Episode -> ``{"logits" [B, H, W, 1+N], "scores" [B, h', w', 1+N],
     "prototypes" [B, 1+N, C], "align_loss" scalar}``."""
-    query = episode["query_image"]                                          # [B, H, W, 3]
+    query = episode["query_image"]  # [B, H, W, 3]
     images, masks = _with_way_axis(episode["support_images"], episode["support_masks"])
     b, n, k, hm, wm, _ = images.shape
     if query.ndim != 4 or query.shape[0] != b:
@@ -172,31 +193,37 @@ class PANet(nn.Module):
     blocks = encoder(jnp.concatenate([images.reshape(b * n * k, hm, wm, -1), query], axis=0))
     feats = blocks["block5"]
     _, h, w, c = feats.shape
-    supp_feat = feats[:b * n * k].reshape(b, n, k, h, w, c)
-    query_feat = feats[b * n * k:]                                          # [B, h, w, C]
+    supp_feat = feats[: b * n * k].reshape(b, n, k, h, w, c)
+    query_feat = feats[b * n * k :]  # [B, h, w, C]
 
     # 2. masked average pooling at mask resolution.
     flat = supp_feat.reshape(b * n * k, h, w, c)
-    pool = lambda m: masked_average_pool(flat, m.reshape(b * n * k, hm, wm),  # noqa: E731
-                                         eps=PROTOTYPE_EPS, resize="features")
+    pool = lambda m: masked_average_pool(
+      flat, m.reshape(b * n * k, hm, wm), eps=PROTOTYPE_EPS, resize="features"
+    )
     fg = pool(fore).reshape(b, n, k, c)
     bg = pool(back).reshape(b, n, k, c)
 
     # 3. prototypes [bg, way_1..way_N].
-    fg_proto = jnp.sum(fg, axis=2) / k                                      # [B, N, C]
-    bg_proto = jnp.sum(jnp.sum(bg, axis=2) / k, axis=1) / n                 # [B, C]
-    prototypes = jnp.concatenate([bg_proto[:, None], fg_proto], axis=1)     # [B, 1+N, C]
+    fg_proto = jnp.sum(fg, axis=2) / k  # [B, N, C]
+    bg_proto = jnp.sum(jnp.sum(bg, axis=2) / k, axis=1) / n  # [B, C]
+    prototypes = jnp.concatenate([bg_proto[:, None], fg_proto], axis=1)  # [B, 1+N, C]
 
     # 4. cosine scores and up-sampling.
-    scores = prototype_scores(query_feat, prototypes, scaler=self.scaler)   # [B, h, w, 1+N]
+    scores = prototype_scores(query_feat, prototypes, scaler=self.scaler)  # [B, h, w, 1+N]
     logits = resize_bilinear(scores, (query.shape[1], query.shape[2]), align_corners=False)
 
-    out = {"logits": logits, "scores": scores, "prototypes": prototypes,
-           "align_loss": jnp.zeros((), jnp.float32)}
+    out = {
+      "logits": logits,
+      "scores": scores,
+      "prototypes": prototypes,
+      "align_loss": jnp.zeros((), jnp.float32),
+    }
     # 5. PAR (training only).
     if train and self.align:
-      per_episode = alignment_loss_per_episode(query_feat, scores, supp_feat, fore, back,
-                                               scaler=self.scaler)
+      per_episode = alignment_loss_per_episode(
+        query_feat, scores, supp_feat, fore, back, scaler=self.scaler
+      )
       out["align_loss"] = jnp.mean(per_episode)
       out["align_loss_per_episode"] = per_episode
     if self.return_intermediates:
@@ -204,8 +231,12 @@ class PANet(nn.Module):
     return out
 
 
-def loss_fn(outputs: Mapping[str, jax.Array], episode: Mapping[str, jax.Array],
-            *, align_weight: float = ALIGN_LOSS_WEIGHT):
+def loss_fn(
+  outputs: Mapping[str, jax.Array],
+  episode: Mapping[str, jax.Array],
+  *,
+  align_weight: float = ALIGN_LOSS_WEIGHT,
+):
   """``CE(logits, query_mask; ignore 255) + align_weight * PAR`` (panet.md §4).
 
   Returns:
@@ -214,10 +245,14 @@ def loss_fn(outputs: Mapping[str, jax.Array], episode: Mapping[str, jax.Array],
   seg = losses.cross_entropy(outputs["logits"], episode["query_mask"])
   align = outputs.get("align_loss", jnp.zeros((), jnp.float32))
   per_episode = outputs.get("align_loss_per_episode")
-  reported = {} if per_episode is None else losses.parts(
-      "align_epi", [per_episode[i] for i in range(per_episode.shape[0])])
-  return losses.weighted_sum({"seg_loss": seg, "align_loss": align},
-                             {"align_loss": align_weight}, reported=reported)
+  reported = (
+    {}
+    if per_episode is None
+    else losses.parts("align_epi", [per_episode[i] for i in range(per_episode.shape[0])])
+  )
+  return losses.weighted_sum(
+    {"seg_loss": seg, "align_loss": align}, {"align_loss": align_weight}, reported=reported
+  )
 
 
 def make_model(**fields) -> PANet:
@@ -267,30 +302,32 @@ def _fixture_dims(meta: Mapping[str, Any]) -> tuple[int, int, int, int]:
 def _fixture_fields(meta: Mapping[str, Any]) -> dict:
   ways, shots, queries, _ = _fixture_dims(meta)
   if queries != 1:
-    raise ValueError(f"PANet fixtures with {queries} queries per episode are not supported: "
-                     "fss-jax episodes carry one query image")
+    raise ValueError(
+      f"PANet fixtures with {queries} queries per episode are not supported: "
+      "fss-jax episodes carry one query image"
+    )
   align = bool(((meta.get("config") or {}).get("cfg") or {}).get("align", True))
   return {"ways": ways, "shots": shots, "align": align, "return_intermediates": True}
 
 
 def _fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
-  s = np.asarray(arrays["in_supp_imgs"], np.float32)                       # Wa,Sh,B,3,H,W
+  s = np.asarray(arrays["in_supp_imgs"], np.float32)  # Wa,Sh,B,3,H,W
   wa, sh, b = s.shape[:3]
   q = np.asarray(arrays["in_qry_imgs"], np.float32)
   if q.shape[0] != 1:
     raise ValueError(f"fixture has {q.shape[0]} queries per episode; only 1 is supported")
-  to_bnk = lambda m: np.ascontiguousarray(np.moveaxis(m, 2, 0))  # noqa: E731  B,Wa,Sh,...
+  to_bnk = lambda m: np.ascontiguousarray(np.moveaxis(m, 2, 0))
   label = arrays.get("in_supp_label")
   fore = np.asarray(arrays["in_fore_mask"], np.float32)
   back = np.asarray(arrays["in_back_mask"], np.float32)
   masks = label.astype(np.int32) if label is not None else fore.astype(np.int32)
   episode = {
-      "query_image": q[0].transpose(0, 2, 3, 1),
-      "support_images": to_bnk(s).transpose(0, 1, 2, 4, 5, 3),              # B,Wa,Sh,H,W,3
-      "support_masks": to_bnk(masks),
-      "support_fg_masks": to_bnk(fore),
-      "support_bg_masks": to_bnk(back),
-      "class_id": np.zeros((b,), np.int32),
+    "query_image": q[0].transpose(0, 2, 3, 1),
+    "support_images": to_bnk(s).transpose(0, 1, 2, 4, 5, 3),  # B,Wa,Sh,H,W,3
+    "support_masks": to_bnk(masks),
+    "support_fg_masks": to_bnk(fore),
+    "support_bg_masks": to_bnk(back),
+    "class_id": np.zeros((b,), np.int32),
   }
   if "in_qry_label" in arrays:
     episode["query_mask"] = arrays["in_qry_label"][0].astype(np.int32)
@@ -302,13 +339,19 @@ def _fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -
 
 def _fixture_outputs(out: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
   ways, shots, _, batch = _fixture_dims(meta)
-  res = {"out_pred": np.asarray(out["logits"]).transpose(0, 3, 1, 2),
-         "out_align_loss": np.asarray(out["align_loss"], np.float32)}
+  res = {
+    "out_pred": np.asarray(out["logits"]).transpose(0, 3, 1, 2),
+    "out_align_loss": np.asarray(out["align_loss"], np.float32),
+  }
   # Encoder blocks: ours are ordered (b, way, shot) then queries; the reference
   # (way, shot, b) then queries.
   n_supp = batch * ways * shots
-  order = [b * ways * shots + w * shots + s for w in range(ways) for s in range(shots)
-           for b in range(batch)] + list(range(n_supp, n_supp + batch))
+  order = [
+    b * ways * shots + w * shots + s
+    for w in range(ways)
+    for s in range(shots)
+    for b in range(batch)
+  ] + list(range(n_supp, n_supp + batch))
   for i, block in enumerate(["block1", "block2", "block3", "block4", "block5"], 1):
     f = np.asarray(out["blocks"][block])[order]
     res[f"mid_vgg_block{i}__chmean"] = f.astype(np.float64).mean(axis=(1, 2)).astype(np.float32)
@@ -325,23 +368,26 @@ def _fixture_outputs(out: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
 
 
 PARITY = ParityAdapter(
-    model_classes=MODEL_CLASSES,
-    model_fields=_fixture_fields,
-    inputs=_fixture_inputs,
-    outputs=_fixture_outputs,
-    logit_outputs=("out_pred",),
+  model_classes=MODEL_CLASSES,
+  model_fields=_fixture_fields,
+  inputs=_fixture_inputs,
+  outputs=_fixture_outputs,
+  logit_outputs=("out_pred",),
 )
 
 SPEC = ModelSpec(
-    name="panet",
-    make_model=make_model,
-    keymap=keymap,
-    loss_fn=loss_fn,
-    parity=PARITY,
-    frozen=(),  # PANet fine-tunes the whole VGG-16
-    # One full cell of the stride-8 features; a smaller input is mostly the pools' padding.
-    min_input_size=8,
-    # Prototypes are means over the K shots (foreground per way, background over ways and
-    # shots), N ways are N prototypes: any K and any N at test time.
-    any_shot=True, any_way=True, shot_field="shots", way_field="ways",
+  name="panet",
+  make_model=make_model,
+  keymap=keymap,
+  loss_fn=loss_fn,
+  parity=PARITY,
+  frozen=(),  # PANet fine-tunes the whole VGG-16
+  # One full cell of the stride-8 features; a smaller input is mostly the pools' padding.
+  min_input_size=8,
+  # Prototypes are means over the K shots (foreground per way, background over ways and
+  # shots), N ways are N prototypes: any K and any N at test time.
+  any_shot=True,
+  any_way=True,
+  shot_field="shots",
+  way_field="ways",
 )

@@ -23,7 +23,8 @@ Registry names:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,8 +36,8 @@ from fss_jax.models.registry import ModelSpec, ParityAdapter
 from fss_jax.nn.backbones import resnet
 from fss_jax.nn.layers import BatchNorm2d, Conv2d
 from fss_jax.nn.ppm import PPM, ppm_keymap
-from fss_jax.ops.resize import resize_bilinear
 from fss_jax.ops import losses
+from fss_jax.ops.resize import resize_bilinear
 
 # Classifier key names of the references: BAM's PSPNet keeps the whole `cls`
 # Sequential (cls.4 is the classifier conv); HDMNet / HDMNet-PAHNet / Sym-Net
@@ -71,6 +72,7 @@ class PSPNet(nn.Module):
     dropout: Dropout2d rate before the classifier (active when ``train``).
     zoom_factor: output up-sampling (8: back to the input size).
   """
+
   num_classes: int = 16
   depth: int = 50
   bins: Sequence[int] = (1, 2, 3, 6)
@@ -92,8 +94,9 @@ class PSPNet(nn.Module):
     "feat5": [B, H/8, W/8, 512] (cls conv + BN, before the ReLU)}."""
     out = dict(self.backbone(image, train=train))
     out["ppm"] = self.ppm(out["layer4"], train=train)
-    out["feat5"] = self.cls_bn(self.cls_conv(out["ppm"]),
-                               use_running_average=self.frozen or not train)
+    out["feat5"] = self.cls_bn(
+      self.cls_conv(out["ppm"]), use_running_average=self.frozen or not train
+    )
     return out
 
   def classify(self, feat5: jax.Array, *, train: bool = False) -> jax.Array:
@@ -131,13 +134,16 @@ def base_labels(batch: Mapping[str, jax.Array]) -> jax.Array:
   for key in ("label", "query_base_label"):
     if key in batch:
       return batch[key]
-  raise KeyError("the pspnet base learner trains on base labels: the batch needs 'label' "
-                 "(fss_jax.data.pipeline.make_base_train_loader) or 'query_base_label' [B, H, W] "
-                 "(base classes 1..N-1, novel and background 0, 255 ignore)")
+  raise KeyError(
+    "the pspnet base learner trains on base labels: the batch needs 'label' "
+    "(fss_jax.data.pipeline.make_base_train_loader) or 'query_base_label' [B, H, W] "
+    "(base classes 1..N-1, novel and background 0, 255 ignore)"
+  )
 
 
-def loss_fn(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
-            ) -> tuple[jax.Array, dict]:
+def loss_fn(
+  outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
+) -> tuple[jax.Array, dict]:
   """CE (ignore 255) of the up-sampled logits against the base labels (BAM train_base.py)."""
   ce = losses.cross_entropy(outputs["logits"], base_labels(batch))
   return losses.weighted_sum({"ce": ce})
@@ -147,8 +153,15 @@ def loss_fn(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
 # Key maps
 # ---------------------------------------------------------------------------
 
-def pspnet_keymap(*, naming: str = "bam", depth: int = 50, num_bins: int = 4, prefix: str = "",
-                  dst: tuple[str, ...] = ()) -> list:
+
+def pspnet_keymap(
+  *,
+  naming: str = "bam",
+  depth: int = 50,
+  num_bins: int = 4,
+  prefix: str = "",
+  dst: tuple[str, ...] = (),
+) -> list:
   """Official PSPNet keys -> `PSPNet` variables at ``dst``.
 
   Args:
@@ -163,13 +176,14 @@ def pspnet_keymap(*, naming: str = "bam", depth: int = 50, num_bins: int = 4, pr
   if naming not in CLASSIFIER_NAMES:
     raise ValueError(f"naming must be one of {sorted(CLASSIFIER_NAMES)}, got {naming!r}")
   dst = tuple(dst)
-  backbone = resnet.resnet_keymap(depth=depth, stem="deep", naming="pspnet", ignore_head=False,
-                                  dst=(*dst, "backbone"))
+  backbone = resnet.resnet_keymap(
+    depth=depth, stem="deep", naming="pspnet", ignore_head=False, dst=(*dst, "backbone")
+  )
   rules = list(backbone)
   if naming == "bam":  # nn.Sequential(layer0..layer4) registered a second time as `encoder`
     for r in backbone:
       layer, rest = r.src.split(".", 1)
-      rules.append(keymaps.Ignore(f"encoder.{int(layer[len('layer'):])}.{rest}"))
+      rules.append(keymaps.Ignore(f"encoder.{int(layer[len('layer') :])}.{rest}"))
   rules += ppm_keymap("ppm", (*dst, "ppm"), num_bins)
   rules += keymaps.conv("cls.0", (*dst, "cls_conv"), bias=False)
   rules += keymaps.bn("cls.1", (*dst, "cls_bn"))
@@ -177,15 +191,28 @@ def pspnet_keymap(*, naming: str = "bam", depth: int = 50, num_bins: int = 4, pr
   return keymaps.prefixed(prefix, rules)
 
 
-def make_model(num_classes: int = 16, depth: int = 50, frozen: bool = False,
-               naming: str = "bam", zoom_factor: int = 8, dropout: float = 0.1) -> PSPNet:
+def make_model(
+  num_classes: int = 16,
+  depth: int = 50,
+  frozen: bool = False,
+  naming: str = "bam",
+  zoom_factor: int = 8,
+  dropout: float = 0.1,
+) -> PSPNet:
   """Registry factory (``naming`` only matters to the key map)."""
-  return PSPNet(num_classes=num_classes, depth=depth, frozen=frozen, zoom_factor=zoom_factor,
-                dropout=dropout)
+  return PSPNet(
+    num_classes=num_classes, depth=depth, frozen=frozen, zoom_factor=zoom_factor, dropout=dropout
+  )
 
 
-def keymap(num_classes: int = 16, depth: int = 50, frozen: bool = False, naming: str = "bam",
-           zoom_factor: int = 8, dropout: float = 0.1) -> list:
+def keymap(
+  num_classes: int = 16,
+  depth: int = 50,
+  frozen: bool = False,
+  naming: str = "bam",
+  zoom_factor: int = 8,
+  dropout: float = 0.1,
+) -> list:
   return pspnet_keymap(naming=naming, depth=depth)
 
 
@@ -205,16 +232,21 @@ def classifier_naming(keys) -> str:
   for naming, name in CLASSIFIER_NAMES.items():
     if f"{name}.weight" in keys:
       return naming
-  raise ValueError("no PSPNet classifier (cls.4 / base_learnear.2 / base_learner.2) among the "
-                   "state-dict keys")
+  raise ValueError(
+    "no PSPNet classifier (cls.4 / base_learnear.2 / base_learner.2) among the state-dict keys"
+  )
 
 
 def _backbone_fields(meta: Mapping[str, Any]) -> dict:
   shapes = _state_shapes(meta)
   naming = classifier_naming(shapes)
   depth, _ = resnet.depth_from_keys(shapes)
-  return dict(num_classes=int(shapes[f"{CLASSIFIER_NAMES[naming]}.weight"][0]), depth=depth,
-              frozen=True, naming=naming)
+  return dict(
+    num_classes=int(shapes[f"{CLASSIFIER_NAMES[naming]}.weight"][0]),
+    depth=depth,
+    frozen=True,
+    naming=naming,
+  )
 
 
 def _nchw(x) -> np.ndarray:
@@ -237,13 +269,14 @@ def _backbone_outputs(out, meta) -> dict:
 
 
 BACKBONE_PARITY = ParityAdapter(
-    model_classes=(BACKBONE_FIXTURE_CLASS,),
-    model_fields=_backbone_fields,
-    inputs=lambda arrays, meta: jnp.asarray(
-        np.transpose(arrays["in_img"], (0, 2, 3, 1)).astype(np.float32)),
-    outputs=_backbone_outputs,
-    apply=_backbone_apply,
-    logit_outputs=("out_base_logits",),
+  model_classes=(BACKBONE_FIXTURE_CLASS,),
+  model_fields=_backbone_fields,
+  inputs=lambda arrays, meta: jnp.asarray(
+    np.transpose(arrays["in_img"], (0, 2, 3, 1)).astype(np.float32)
+  ),
+  outputs=_backbone_outputs,
+  apply=_backbone_apply,
+  logit_outputs=("out_base_logits",),
 )
 
 # The PPM's 6 x 6 bins need 6 cells of the stride-8 features: ceil(41 / 8) = 6. The few-shot
@@ -252,7 +285,13 @@ MIN_INPUT_SIZE = 41
 
 SPEC = ModelSpec("pspnet", make_model, keymap, loss_fn=loss_fn, min_input_size=MIN_INPUT_SIZE)
 SPECS = {
-    "pspnet": SPEC,
-    "pspnet_backbone": ModelSpec("pspnet_backbone", make_model, keymap, loss_fn=loss_fn,
-                                 parity=BACKBONE_PARITY, min_input_size=MIN_INPUT_SIZE),
+  "pspnet": SPEC,
+  "pspnet_backbone": ModelSpec(
+    "pspnet_backbone",
+    make_model,
+    keymap,
+    loss_fn=loss_fn,
+    parity=BACKBONE_PARITY,
+    min_input_size=MIN_INPUT_SIZE,
+  ),
 }

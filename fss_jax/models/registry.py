@@ -18,28 +18,29 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 # name -> module path. A name may be registered before its module exists; then
 # `get` says it is not supported yet.
 _MODULES: dict[str, str] = {
-    "panet": "fss_jax.models.panet",
-    "sccan": "fss_jax.models.sccan",
-    "pspnet": "fss_jax.models.pspnet",
-    "hdmnet": "fss_jax.models.hdmnet",
-    "ssp": "fss_jax.models.ssp",
-    "sccan_pahnet": "fss_jax.models.pahnet",
-    "hdmnet_pahnet": "fss_jax.models.pahnet",
-    "jc2a": "fss_jax.models.jc2a",
-    "symnet": "fss_jax.models.symnet",
-    # Backbones alone (their parity fixtures and ImageNet weight conversion).
-    "resnet_torchvision": "fss_jax.models.backbones",
-    "resnet_deep_stem": "fss_jax.models.backbones",
-    "resnet_sccan": "fss_jax.models.backbones",
-    "pspnet_backbone": "fss_jax.models.pspnet",
-    "vgg16_panet": "fss_jax.models.backbones",
+  "panet": "fss_jax.models.panet",
+  "sccan": "fss_jax.models.sccan",
+  "pspnet": "fss_jax.models.pspnet",
+  "hdmnet": "fss_jax.models.hdmnet",
+  "ssp": "fss_jax.models.ssp",
+  "sccan_pahnet": "fss_jax.models.pahnet",
+  "hdmnet_pahnet": "fss_jax.models.pahnet",
+  "jc2a": "fss_jax.models.jc2a",
+  "symnet": "fss_jax.models.symnet",
+  # Backbones alone (their parity fixtures and ImageNet weight conversion).
+  "resnet_torchvision": "fss_jax.models.backbones",
+  "resnet_deep_stem": "fss_jax.models.backbones",
+  "resnet_sccan": "fss_jax.models.backbones",
+  "pspnet_backbone": "fss_jax.models.pspnet",
+  "vgg16_panet": "fss_jax.models.backbones",
 }
 
 
@@ -63,6 +64,7 @@ class ParityAdapter:
     tolerances: ``out_`` name -> absolute tolerance overriding the default
       1e-4 * max(1, max|ref|) (the fixture's tolerance_suggestion).
   """
+
   model_classes: tuple[str, ...]
   model_fields: Callable[[Mapping[str, Any]], dict]
   inputs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], Any]
@@ -191,7 +193,7 @@ def for_fixture(meta: Mapping[str, Any]) -> ModelSpec:
       spec = get(name)
     except UnsupportedModelError:
       continue
-    except Exception as e:  # pylint: disable=broad-except  # reported below
+    except Exception as e:  # reported below
       broken.append(f"{name}: {type(e).__name__}: {e}")
       continue
     if spec.parity and model_class in spec.parity.model_classes:

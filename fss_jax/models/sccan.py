@@ -26,7 +26,8 @@ when it does not fit the model asked for.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,10 +40,10 @@ from fss_jax.nn.aspp import ASPPDecoder
 from fss_jax.nn.attention.sccan import SCCATransformer
 from fss_jax.nn.backbones import resnet
 from fss_jax.nn.layers import Conv2d
+from fss_jax.ops import losses
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear
 from fss_jax.ops.similarity import correlation_prior
-from fss_jax.ops import losses
 
 MODEL_CLASSES = ("model.SCCAN.OneModel",)
 BACKBONE_PREFIX = "backbone.body."
@@ -67,6 +68,7 @@ class SCCAN(nn.Module):
     classifier_dropout: Dropout2d in the classifier (0.1).
     remat: recompute the SCCA blocks in the backward (less memory, same parameters).
   """
+
   shot: int = 1
   layers: int = 50
   grid: int = 64
@@ -100,13 +102,17 @@ class SCCAN(nn.Module):
     b, hi, wi, _ = x.shape
     k = sx.shape[1]
     if k != self.shot:
-      raise ValueError(f"episode has {k} supports per query but the model was built with "
-                       f"shot={self.shot}; build it with shot={k} (config.shot) or fix the data")
+      raise ValueError(
+        f"episode has {k} supports per query but the model was built with "
+        f"shot={self.shot}; build it with shot={k} (config.shot) or fix the data"
+      )
     if sx.shape[2:4] != (hi, wi) or sy.shape[2:] != (hi, wi):
-      raise ValueError(f"support images {tuple(sx.shape)} / masks {tuple(sy.shape)} must share "
-                       f"the query size {hi}x{wi}")
+      raise ValueError(
+        f"support images {tuple(sx.shape)} / masks {tuple(sy.shape)} must share "
+        f"the query size {hi}x{wi}"
+      )
     size = (self.grid, self.grid)
-    resize = lambda t, s=size: resize_bilinear(t, s, align_corners=True)  # noqa: E731
+    resize = lambda t, s=size: resize_bilinear(t, s, align_corners=True)
 
     # 1. Frozen backbone (query and the B*K supports in one batch, b * K + k order).
     backbone = resnet.ResNetSCCAN(depth=self.layers, name="backbone")
@@ -120,54 +126,82 @@ class SCCAN(nn.Module):
 
     # 2. Mid-level features: [layer2, layer3] -> 1x1 conv -> ReLU -> Dropout2d -> 64x64.
     drop = nn.Dropout(self.feature_dropout, broadcast_dims=(1, 2), deterministic=not train)
-    q_mid = drop(nn.relu(_conv1x1(self.reduce_dim, "down_query")(
-        jnp.concatenate([fq["layer2"], fq["layer3"]], axis=-1))))
-    s_mid = drop(nn.relu(_conv1x1(self.reduce_dim, "down_supp")(
-        jnp.concatenate([fs["layer2"], fs["layer3"]], axis=-1))))
+    q_mid = drop(
+      nn.relu(
+        _conv1x1(self.reduce_dim, "down_query")(
+          jnp.concatenate([fq["layer2"], fq["layer3"]], axis=-1)
+        )
+      )
+    )
+    s_mid = drop(
+      nn.relu(
+        _conv1x1(self.reduce_dim, "down_supp")(
+          jnp.concatenate([fs["layer2"], fs["layer3"]], axis=-1)
+        )
+      )
+    )
     self.sow("intermediates", "down_query_out", q_mid)
     self.sow("intermediates", "down_supp_out", s_mid)
-    query_feat = resize(q_mid)                                              # [B, 64, 64, 256]
-    supp_feat = resize(s_mid).reshape(b, k, *size, self.reduce_dim)         # [B, K, 64, 64, 256]
-    supp_high = resize(fs["layer4"]).reshape(b, k, *size, -1)               # [B, K, 64, 64, 2048]
+    query_feat = resize(q_mid)  # [B, 64, 64, 256]
+    supp_feat = resize(s_mid).reshape(b, k, *size, self.reduce_dim)  # [B, K, 64, 64, 256]
+    supp_high = resize(fs["layer4"]).reshape(b, k, *size, -1)  # [B, K, 64, 64, 2048]
 
     # 3. Per-shot masks, masked features, prototypes and priors; shots averaged.
     fg = (sy == 1).astype(x.dtype).reshape(b * k, hi, wi, 1)
-    masks = resize(fg).reshape(b, k, *size, 1)                              # [B, K, 64, 64, 1]
+    masks = resize(fg).reshape(b, k, *size, 1)  # [B, K, 64, 64, 1]
     protos, priors = [], []
     for i in range(k):
       protos.append(masked_average_pool(supp_feat[:, i], masks[:, i], eps=0.0005))
       # Softmax-weighted support mask over the unmasked support layer4 (sccan.md §2 step 6).
-      priors.append(correlation_prior(fq["layer4"], supp_high[:, i], masks[:, i], eps=1e-7,
-                                      reduce="softmax_mask", mask_support=False,
-                                      output_size=size, align_corners=True))
-    supp_mask = jnp.mean(masks, axis=1)                                     # [B, 64, 64, 1]
-    supp_masked = jnp.mean(supp_feat * masks, axis=1)                       # [B, 64, 64, 256]
-    proto = jnp.mean(jnp.stack(protos, axis=1), axis=1)                     # [B, 256]
+      priors.append(
+        correlation_prior(
+          fq["layer4"],
+          supp_high[:, i],
+          masks[:, i],
+          eps=1e-7,
+          reduce="softmax_mask",
+          mask_support=False,
+          output_size=size,
+          align_corners=True,
+        )
+      )
+    supp_mask = jnp.mean(masks, axis=1)  # [B, 64, 64, 1]
+    supp_masked = jnp.mean(supp_feat * masks, axis=1)  # [B, 64, 64, 256]
+    proto = jnp.mean(jnp.stack(protos, axis=1), axis=1)  # [B, 256]
     proto = jnp.broadcast_to(proto[:, None, None, :], query_feat.shape)
     prior = jnp.mean(jnp.concatenate(priors, axis=-1), axis=-1, keepdims=True)
     self.sow("intermediates", "prior_mask", prior)
 
     # 4. Input projections (no activation).
     q0 = _conv1x1(self.reduce_dim, "init_merge_query")(
-        jnp.concatenate([query_feat, proto, prior], axis=-1))
+      jnp.concatenate([query_feat, proto, prior], axis=-1)
+    )
     s0 = _conv1x1(self.reduce_dim, "init_merge_supp")(
-        jnp.concatenate([supp_masked, proto, supp_mask], axis=-1))
+      jnp.concatenate([supp_masked, proto, supp_mask], axis=-1)
+    )
     self.sow("intermediates", "init_merge_query_out", q0)
     self.sow("intermediates", "init_merge_supp_out", s0)
 
     # 5. SCCA transformer.
-    t, _ = SCCATransformer(self.reduce_dim, self.depth, self.num_heads, self.window,
-                           self.mlp_ratio, remat=self.remat, name="transformer")(q0, s0, supp_mask)
+    t, _ = SCCATransformer(
+      self.reduce_dim,
+      self.depth,
+      self.num_heads,
+      self.window,
+      self.mlp_ratio,
+      remat=self.remat,
+      name="transformer",
+    )(q0, s0, supp_mask)
     self.sow("intermediates", "transformer_out", t)
 
     # 6. Decoder and output size.
-    logits_low = ASPPDecoder(self.reduce_dim, self.classes, self.classifier_dropout,
-                             name="decoder")(t, train=train)
+    logits_low = ASPPDecoder(
+      self.reduce_dim, self.classes, self.classifier_dropout, name="decoder"
+    )(t, train=train)
     h = int((hi - 1) / 8 * self.zoom_factor + 1)
     w = int((wi - 1) / 8 * self.zoom_factor + 1)
     logits = resize(logits_low, (h, w)) if self.zoom_factor != 1 else logits_low
-    return {"logits": logits, "logits_low": logits_low, "prior": prior,
-            "support_mask": supp_mask}
+    return {"logits": logits, "logits_low": logits_low, "prior": prior, "support_mask": supp_mask}
 
 
 def make_model(shot: int = 1, layers: int = 50, **fields) -> SCCAN:
@@ -185,8 +219,10 @@ def loss_fn(outputs: Mapping[str, jnp.ndarray], episode: Mapping[str, jnp.ndarra
   """
   logits, target = outputs["logits"], episode["query_mask"]
   if logits.shape[1:3] != target.shape[1:3]:
-    raise ValueError(f"logits {tuple(logits.shape)} and query_mask {tuple(target.shape)} differ "
-                     "in size; SCCAN trains with zoom_factor=8 (logits at the input size)")
+    raise ValueError(
+      f"logits {tuple(logits.shape)} and query_mask {tuple(target.shape)} differ "
+      "in size; SCCAN trains with zoom_factor=8 (logits at the input size)"
+    )
   dice = losses.weighted_dice_loss(logits, target)
   ce = jax.lax.stop_gradient(losses.cross_entropy(logits, target))
   return dice, {"dice": dice, "ce": ce, "loss": dice}
@@ -196,10 +232,12 @@ def loss_fn(outputs: Mapping[str, jnp.ndarray], episode: Mapping[str, jnp.ndarra
 # Key map (official state dict -> Flax variables)
 # ---------------------------------------------------------------------------
 
+
 def _block_rules(n: int) -> list:
   src, dst = f"transformer.layers.0.blocks.{n}", ("transformer", f"blocks_{n}")
-  rules = K.layer_norm(f"{src}.norm1", (*dst, "norm1")) + K.layer_norm(f"{src}.norm2",
-                                                                       (*dst, "norm2"))
+  rules = K.layer_norm(f"{src}.norm1", (*dst, "norm1")) + K.layer_norm(
+    f"{src}.norm2", (*dst, "norm2")
+  )
   for a in ("attn_q", "attn_s"):
     for lin in ("q", "kv", "proj"):
       rules += K.linear(f"{src}.{a}.{lin}", (*dst, a, lin))
@@ -215,8 +253,9 @@ def keymap(shot: int = 1, layers: int = 50, depth: int = 8, **unused) -> list:
   The shot count does not change the keys (SCCAN has no K-specific module).
   """
   del shot, unused
-  rules = resnet.resnet_keymap(depth=layers, stem="deep", naming="resnet_v2",
-                               prefix=BACKBONE_PREFIX, dst=("backbone",))
+  rules = resnet.resnet_keymap(
+    depth=layers, stem="deep", naming="resnet_v2", prefix=BACKBONE_PREFIX, dst=("backbone",)
+  )
   for name in ("down_query", "down_supp", "init_merge_query", "init_merge_supp"):
     rules += K.conv(f"{name}.0", (name,), bias=False)
   for n in range(depth):
@@ -246,8 +285,10 @@ def describe_checkpoint(keys: Sequence[str], source: str | None = None) -> dict:
   """
   keys = [k[7:] if k.startswith("module.") else k for k in keys]
   if not any(k.startswith(BACKBONE_PREFIX) for k in keys):
-    raise ValueError("not an SCCAN checkpoint: no 'backbone.body.*' keys (an ImageNet "
-                     "backbone alone converts with --model resnet_sccan)")
+    raise ValueError(
+      "not an SCCAN checkpoint: no 'backbone.body.*' keys (an ImageNet "
+      "backbone alone converts with --model resnet_sccan)"
+    )
   layers, _ = resnet.depth_from_keys(keys, BACKBONE_PREFIX)
   shot = None
   if source:
@@ -261,8 +302,9 @@ def describe_checkpoint(keys: Sequence[str], source: str | None = None) -> dict:
   return {"layers": layers, "shot": shot}
 
 
-def check_checkpoint(state_dict: Mapping[str, Any], *, shot: int = 1, layers: int = 50,
-                     source: str | None = None) -> None:
+def check_checkpoint(
+  state_dict: Mapping[str, Any], *, shot: int = 1, layers: int = 50, source: str | None = None
+) -> None:
   """Raises a ValueError naming what the checkpoint is when it is not for this model.
 
   Args:
@@ -273,11 +315,15 @@ def check_checkpoint(state_dict: Mapping[str, Any], *, shot: int = 1, layers: in
   what = describe_checkpoint(list(state_dict), source)
   problems = []
   if what["layers"] != layers:
-    problems.append(f"a ResNet-{what['layers']} backbone, but the model is built with "
-                    f"layers={layers} (ResNet-{layers}); pass layers={what['layers']}")
+    problems.append(
+      f"a ResNet-{what['layers']} backbone, but the model is built with "
+      f"layers={layers} (ResNet-{layers}); pass layers={what['layers']}"
+    )
   if what["shot"] is not None and what["shot"] != shot:
-    problems.append(f"a {what['shot']}-shot model (file name {source!r}), but shot={shot} was "
-                    f"asked; pass shot={what['shot']} (the keys are the same, the weights are not)")
+    problems.append(
+      f"a {what['shot']}-shot model (file name {source!r}), but shot={shot} was "
+      f"asked; pass shot={what['shot']} (the keys are the same, the weights are not)"
+    )
   if problems:
     raise ValueError("this SCCAN checkpoint is " + "; and ".join(problems))
 
@@ -286,18 +332,21 @@ def check_checkpoint(state_dict: Mapping[str, Any], *, shot: int = 1, layers: in
 # Parity with the official code's fixtures
 # ---------------------------------------------------------------------------
 
+
 def _fields_from_fixture(meta: Mapping[str, Any]) -> dict:
   values = (meta.get("config") or {}).get("values") or {}
   shapes = meta.get("input_shapes") or {}
   shot = int(values.get("shot", shapes.get("in_supp_img", [0, 1])[1]))
   if "in_supp_img" in shapes and shapes["in_supp_img"][1] != shot:
-    raise ValueError(f"fixture config says shot={shot} but in_supp_img has shape "
-                     f"{shapes['in_supp_img']}")
+    raise ValueError(
+      f"fixture config says shot={shot} but in_supp_img has shape {shapes['in_supp_img']}"
+    )
   keys = [e["key"] for e in meta["state_dict"]["keys"]]
   layers, _ = resnet.depth_from_keys(keys, BACKBONE_PREFIX)
   if "layers" in values and int(values["layers"]) != layers:
-    raise ValueError(f"fixture config says layers={values['layers']} but its keys are "
-                     f"ResNet-{layers}")
+    raise ValueError(
+      f"fixture config says layers={values['layers']} but its keys are ResNet-{layers}"
+    )
   fields = {"shot": shot, "layers": layers}
   if "zoom_factor" in values:
     fields["zoom_factor"] = int(values["zoom_factor"])
@@ -308,10 +357,10 @@ def _episode_from_fixture(arrays: Mapping[str, np.ndarray], meta: Mapping[str, A
   q = np.asarray(arrays["in_query_img"], np.float32)
   s = np.asarray(arrays["in_supp_img"], np.float32)
   ep = {
-      "query_image": jnp.asarray(q.transpose(0, 2, 3, 1)),
-      "support_images": jnp.asarray(s.transpose(0, 1, 3, 4, 2)),
-      "support_masks": jnp.asarray(np.asarray(arrays["in_supp_label"]).astype(np.int32)),
-      "class_id": jnp.zeros((q.shape[0],), jnp.int32),
+    "query_image": jnp.asarray(q.transpose(0, 2, 3, 1)),
+    "support_images": jnp.asarray(s.transpose(0, 1, 3, 4, 2)),
+    "support_masks": jnp.asarray(np.asarray(arrays["in_supp_label"]).astype(np.int32)),
+    "class_id": jnp.zeros((q.shape[0],), jnp.int32),
   }
   if "in_query_label" in arrays:
     ep["query_mask"] = jnp.asarray(np.asarray(arrays["in_query_label"]).astype(np.int32))
@@ -320,9 +369,11 @@ def _episode_from_fixture(arrays: Mapping[str, np.ndarray], meta: Mapping[str, A
 
 def _parity_apply(module, variables, episode):
   """Eval-mode forward that also returns the sown ``intermediates`` (jitted once)."""
+
   def fwd(v, e):
     out, state = module.apply(v, e, train=False, mutable=["intermediates"])
     return {**out, "intermediates": state["intermediates"]}
+
   return jax.jit(fwd)(variables, episode)
 
 
@@ -330,8 +381,15 @@ def _first(v):
   return v[0] if isinstance(v, tuple) else v
 
 
-_SWIN_MIDS = {"window_index": "window_index", "attn_q": "attn_q_out", "mlp_q": "mlp_q_out",
-              "attn_s": "attn_s_out", "mlp_s": "mlp_s_out", "q": "q_out", "s": "s_out"}
+_SWIN_MIDS = {
+  "window_index": "window_index",
+  "attn_q": "attn_q_out",
+  "mlp_q": "mlp_q_out",
+  "attn_s": "attn_s_out",
+  "mlp_s": "mlp_s_out",
+  "q": "q_out",
+  "s": "s_out",
+}
 
 
 def _mid_source(base: str, inter: Mapping[str, Any]):
@@ -365,7 +423,7 @@ def _outputs_to_fixture(out: Mapping[str, Any], meta: Mapping[str, Any]) -> dict
   res = {"out_logits": np.asarray(out["logits"]).transpose(0, 3, 1, 2)}
   inter = out.get("intermediates") or {}
   extra = {"meta_logits_64": out["logits_low"]}
-  for name in (meta.get("tensors") or {}):
+  for name in meta.get("tensors") or {}:
     if not name.startswith("mid_"):
       continue
     base, _, suffix = name[4:].partition("__")
@@ -382,13 +440,14 @@ def _outputs_to_fixture(out: Mapping[str, Any], meta: Mapping[str, Any]) -> dict
 
 
 PARITY = ParityAdapter(
-    model_classes=MODEL_CLASSES,
-    model_fields=_fields_from_fixture,
-    inputs=_episode_from_fixture,
-    outputs=_outputs_to_fixture,
-    apply=_parity_apply,
-    logit_outputs=("out_logits",),
+  model_classes=MODEL_CLASSES,
+  model_fields=_fields_from_fixture,
+  inputs=_episode_from_fixture,
+  outputs=_outputs_to_fixture,
+  apply=_parity_apply,
+  logit_outputs=("out_logits",),
 )
+
 
 def unused_params(depth: int = 8, **unused) -> tuple[str, ...]:
   """The last SCCA block's support stream: its output is never read (train_sccan.py's
@@ -398,17 +457,17 @@ def unused_params(depth: int = 8, **unused) -> tuple[str, ...]:
 
 
 SPEC = ModelSpec(
-    name="sccan",
-    make_model=make_model,
-    keymap=keymap,
-    loss_fn=loss_fn,
-    parity=PARITY,
-    frozen=(r"backbone/.*",),
-    unused=unused_params,
-    check_checkpoint=check_checkpoint,
-    # One full cell of the stride-8 features (they are then resized to the `grid`).
-    min_input_size=8,
-    # Per-shot prototypes, priors, masked features and masks are averaged over the K shots
-    # before the transformer (no K-sized parameter): any K at test time.
-    any_shot=True,
+  name="sccan",
+  make_model=make_model,
+  keymap=keymap,
+  loss_fn=loss_fn,
+  parity=PARITY,
+  frozen=(r"backbone/.*",),
+  unused=unused_params,
+  check_checkpoint=check_checkpoint,
+  # One full cell of the stride-8 features (they are then resized to the `grid`).
+  min_input_size=8,
+  # Per-shot prototypes, priors, masked features and masks are averaged over the K shots
+  # before the transformer (no K-sized parameter): any K at test time.
+  any_shot=True,
 )

@@ -27,7 +27,8 @@ Loss: ``CE(out_1) + CE(self_out) + 0.2 CE(supp_out)`` (+ ``CE(out_2)`` with refi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,14 +37,23 @@ import jax.numpy as jnp
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
 from fss_jax.nn.prototype import self_support_prototypes, ssp_masked_average, ssp_match
-from fss_jax.ops.resize import resize_bilinear
 from fss_jax.ops import losses
+from fss_jax.ops.resize import resize_bilinear
 
 
-def ssp_head(fq: jax.Array, fs: jax.Array, support_masks: jax.Array, *, refine: bool = False,
-             image_size: Sequence[int], out_size: Optional[Sequence[int]] = None,
-             fg_threshold: float = 0.7, bg_threshold: float = 0.6, topk: int = 12,
-             temperature: float = 2.0) -> dict[str, jax.Array]:
+def ssp_head(
+  fq: jax.Array,
+  fs: jax.Array,
+  support_masks: jax.Array,
+  *,
+  refine: bool = False,
+  image_size: Sequence[int],
+  out_size: Sequence[int] | None = None,
+  fg_threshold: float = 0.7,
+  bg_threshold: float = 0.6,
+  topk: int = 12,
+  temperature: float = 2.0,
+) -> dict[str, jax.Array]:
   """SSP's matching head on backbone features (ssp.md §2 steps 2-7).
 
   Args:
@@ -64,9 +74,14 @@ def ssp_head(fq: jax.Array, fs: jax.Array, support_masks: jax.Array, *, refine: 
   fg_k = ssp_masked_average(fs_flat, (sy == 1).astype(fs.dtype)).reshape(b, k, -1)
   bg_k = ssp_masked_average(fs_flat, (sy == 0).astype(fs.dtype)).reshape(b, k, -1)
   fp, bp = jnp.mean(fg_k, axis=1), jnp.mean(bg_k, axis=1)
-  ssp = lambda f, logits: self_support_prototypes(  # noqa: E731
-      f, logits, fg_threshold=fg_threshold, bg_threshold=bg_threshold, topk=topk,
-      temperature=temperature)
+  ssp = lambda f, logits: self_support_prototypes(
+    f,
+    logits,
+    fg_threshold=fg_threshold,
+    bg_threshold=bg_threshold,
+    topk=topk,
+    temperature=temperature,
+  )
 
   out0 = ssp_match(fq, fp, bp)
   s1 = ssp(fq, out0)
@@ -74,10 +89,18 @@ def ssp_head(fq: jax.Array, fs: jax.Array, support_masks: jax.Array, *, refine: 
   bp1 = s1["bg"][:, None, None, :] * 0.3 + s1["bg_local"] * 0.7
   out1 = ssp_match(fq, fp1, bp1)
   size = (hh, ww) if out_size is None else tuple(out_size)
-  out = {"out_0_low": out0, "out_1_low": out1, "ssp_fg": s1["fg"], "ssp_bg": s1["bg"],
-         "ssp_bg_local": s1["bg_local"], "fg_above": s1["fg_above"],
-         "bg_above": s1["bg_above"], "support_fg": fg_k, "support_bg": bg_k,
-         "out_1": resize_bilinear(out1, size, align_corners=True)}
+  out = {
+    "out_0_low": out0,
+    "out_1_low": out1,
+    "ssp_fg": s1["fg"],
+    "ssp_bg": s1["bg"],
+    "ssp_bg_local": s1["bg_local"],
+    "fg_above": s1["fg_above"],
+    "bg_above": s1["bg_above"],
+    "support_fg": fg_k,
+    "support_bg": bg_k,
+    "out_1": resize_bilinear(out1, size, align_corners=True),
+  }
   out["logits"] = out["out_1"]
   if refine:
     s2 = ssp(fq, out1)
@@ -101,8 +124,9 @@ class SSPMatchingNet(nn.Module):
     depth: ResNet depth.
     fg_threshold, bg_threshold, topk, temperature: `self_support_prototypes`.
   """
+
   refine: bool = False
-  out_size: Optional[Sequence[int]] = None
+  out_size: Sequence[int] | None = None
   depth: int = 50
   fg_threshold: float = 0.7
   bg_threshold: float = 0.6
@@ -110,9 +134,15 @@ class SSPMatchingNet(nn.Module):
   temperature: float = 2.0
 
   @nn.compact
-  def __call__(self, query_image: jax.Array, support_images: jax.Array,
-               support_masks: jax.Array, query_mask: jax.Array | None = None, *,
-               train: bool = False) -> dict[str, jax.Array]:
+  def __call__(
+    self,
+    query_image: jax.Array,
+    support_images: jax.Array,
+    support_masks: jax.Array,
+    query_mask: jax.Array | None = None,
+    *,
+    train: bool = False,
+  ) -> dict[str, jax.Array]:
     """Runs SSP.
 
     Args:
@@ -133,21 +163,40 @@ class SSPMatchingNet(nn.Module):
     b, hh, ww, _ = query_image.shape
     k = support_images.shape[1]
     if support_images.shape[2:4] != (hh, ww) or support_masks.shape[2:] != (hh, ww):
-      raise ValueError(f"support images {tuple(support_images.shape)} / masks "
-                       f"{tuple(support_masks.shape)} must share the query size {hh}x{ww}")
+      raise ValueError(
+        f"support images {tuple(support_images.shape)} / masks "
+        f"{tuple(support_masks.shape)} must share the query size {hh}x{ww}"
+      )
     backbone = resnet.ResNetSSP(depth=self.depth, frozen=True, name="backbone")
     imgs = jnp.concatenate([query_image, support_images.reshape(b * k, hh, ww, -1)], axis=0)
     feats = backbone(imgs, train=False)["layer3"]
     fq = feats[:b]
-    fs = feats[b:].reshape(b, k, *feats.shape[1:])                   # row b, shot k
+    fs = feats[b:].reshape(b, k, *feats.shape[1:])  # row b, shot k
     self.sow("intermediates", "layer3_query", fq)
     self.sow("intermediates", "layer3_support", fs)
 
-    out = ssp_head(fq, fs, support_masks, refine=self.refine, image_size=(hh, ww),
-                   out_size=self.out_size, fg_threshold=self.fg_threshold,
-                   bg_threshold=self.bg_threshold, topk=self.topk, temperature=self.temperature)
-    for name in ("out_0_low", "out_1_low", "out_1", "ssp_fg", "ssp_bg", "ssp_bg_local",
-                 "fg_above", "bg_above"):
+    out = ssp_head(
+      fq,
+      fs,
+      support_masks,
+      refine=self.refine,
+      image_size=(hh, ww),
+      out_size=self.out_size,
+      fg_threshold=self.fg_threshold,
+      bg_threshold=self.bg_threshold,
+      topk=self.topk,
+      temperature=self.temperature,
+    )
+    for name in (
+      "out_0_low",
+      "out_1_low",
+      "out_1",
+      "ssp_fg",
+      "ssp_bg",
+      "ssp_bg_local",
+      "fg_above",
+      "bg_above",
+    ):
       self.sow("intermediates", name, out[name])
 
     if train:
@@ -155,17 +204,19 @@ class SSPMatchingNet(nn.Module):
         raise ValueError("SSP training needs the query label (episode['query_mask'])")
       qfg = ssp_masked_average(fq, (query_mask == 1).astype(fq.dtype))
       qbg = ssp_masked_average(fq, (query_mask == 0).astype(fq.dtype))
-      up = lambda t: resize_bilinear(t, (hh, ww), align_corners=True)  # noqa: E731
+      up = lambda t: resize_bilinear(t, (hh, ww), align_corners=True)
       out["self_logits"] = up(ssp_match(fq, qfg, qbg))
       fs_flat = fs.reshape(b * k, *fs.shape[2:])
-      supp = ssp_match(fs_flat, out["support_fg"].reshape(b * k, -1),
-                       out["support_bg"].reshape(b * k, -1))
+      supp = ssp_match(
+        fs_flat, out["support_fg"].reshape(b * k, -1), out["support_bg"].reshape(b * k, -1)
+      )
       out["support_logits"] = up(supp).reshape(b, k, hh, ww, 2)
     return out
 
 
 class SSP(nn.Module):
   """Episode interface of `SSPMatchingNet` (registry name ``ssp``); the net is ``ssp``."""
+
   shot: int = 1
   refine: bool = False
   depth: int = 50
@@ -177,15 +228,21 @@ class SSP(nn.Module):
     (``logits`` [B, H, W, 2] at the image size)."""
     k = episode["support_images"].shape[1]
     if k != self.shot:
-      raise ValueError(f"the SSP model was built for {self.shot}-shot episodes, got {k} "
-                       f"supports; set config.shot={k}")
+      raise ValueError(
+        f"the SSP model was built for {self.shot}-shot episodes, got {k} "
+        f"supports; set config.shot={k}"
+      )
     net = SSPMatchingNet(refine=self.refine, depth=self.depth, name="ssp")
-    return net(episode["query_image"], episode["support_images"], episode["support_masks"],
-               episode.get("query_mask"), train=train)
+    return net(
+      episode["query_image"],
+      episode["support_images"],
+      episode["support_masks"],
+      episode.get("query_mask"),
+      train=train,
+    )
 
 
-def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]
-            ) -> tuple[jax.Array, dict]:
+def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
   """SSP's training loss (ssp.md §4): CE with ignore 255 at the image size.
 
   ``CE(out_1) + CE(self_out) + 0.2 CE(supp_out)`` (+ ``CE(out_2)`` with refine).
@@ -205,19 +262,33 @@ def ssp_keymap(*, depth: int = 50, prefix: str = "", dst: tuple[str, ...] = ("ss
 
   PAHNet checkpoints hold the same keys under ``prefix="ssp."``.
   """
-  return resnet.resnet_keymap(depth=depth, num_stages=3, stem="deep", naming="ssp",
-                              ignore_head=False, prefix=prefix, dst=(*dst, "backbone"))
+  return resnet.resnet_keymap(
+    depth=depth,
+    num_stages=3,
+    stem="deep",
+    naming="ssp",
+    ignore_head=False,
+    prefix=prefix,
+    dst=(*dst, "backbone"),
+  )
 
 
 # SSP's ImageNet file ``pretrained/resnet50.pth`` names the deep stem ``conv1.{0,1,3,4,6}``
 # + ``bn1`` (ssp.md §8.2); inside SSP_MatchingNet it becomes ``layer0.0.*`` + ``layer0.1``.
-_IMAGENET_STEM = {"layer0.0.0.": "conv1.0.", "layer0.0.1.": "conv1.1.", "layer0.0.3.": "conv1.3.",
-                  "layer0.0.4.": "conv1.4.", "layer0.0.6.": "conv1.6.", "layer0.1.": "bn1."}
+_IMAGENET_STEM = {
+  "layer0.0.0.": "conv1.0.",
+  "layer0.0.1.": "conv1.1.",
+  "layer0.0.3.": "conv1.3.",
+  "layer0.0.4.": "conv1.4.",
+  "layer0.0.6.": "conv1.6.",
+  "layer0.1.": "bn1.",
+}
 SOURCES = ("ssp", "imagenet", "resnet_v2")
 
 
-def initialisation_keymap(source: str = "imagenet", *, depth: int = 50,
-                          dst: tuple[str, ...] = ("ssp",)) -> list:
+def initialisation_keymap(
+  source: str = "imagenet", *, depth: int = 50, dst: tuple[str, ...] = ("ssp",)
+) -> list:
   """ImageNet ResNet files -> the SSP backbone (layers 0-3; layer4 and fc are dropped).
 
   Args:
@@ -225,18 +296,30 @@ def initialisation_keymap(source: str = "imagenet", *, depth: int = 50,
       or "resnet_v2" (PSPNet/BAM's ``resnet50_v2.pth``: ``conv1..3``, ``bn1..3``).
   """
   if source == "resnet_v2":
-    return resnet.resnet_keymap(depth=depth, num_stages=3, stem="deep", naming="resnet_v2",
-                                ignore_extra_stages=True, ignore_head=True,
-                                dst=(*dst, "backbone"))
+    return resnet.resnet_keymap(
+      depth=depth,
+      num_stages=3,
+      stem="deep",
+      naming="resnet_v2",
+      ignore_extra_stages=True,
+      ignore_head=True,
+      dst=(*dst, "backbone"),
+    )
   if source != "imagenet":
     raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
   rules = []
-  for r in resnet.resnet_keymap(depth=depth, num_stages=3, stem="deep", naming="ssp",
-                                ignore_extra_stages=True, ignore_head=True,
-                                dst=(*dst, "backbone")):
+  for r in resnet.resnet_keymap(
+    depth=depth,
+    num_stages=3,
+    stem="deep",
+    naming="ssp",
+    ignore_extra_stages=True,
+    ignore_head=True,
+    dst=(*dst, "backbone"),
+  ):
     for old, new in _IMAGENET_STEM.items():
       if r.src.startswith(old):
-        r = dataclasses.replace(r, src=new + r.src[len(old):])
+        r = dataclasses.replace(r, src=new + r.src[len(old) :])
         break
     rules.append(r)
   return rules
@@ -258,14 +341,23 @@ def keymap(shot: int = 1, refine: bool = False, depth: int = 50, source: str = "
 
 # ssp.md §5: only the conv weights of layer2 and layer3 train; layer0, layer1 and every
 # BN affine parameter stay frozen (BN statistics are never updated).
-FROZEN = (r"ssp/backbone/(conv|bn)\d/.*",
-          r"ssp/backbone/layer1_\d+/.*",
-          r"ssp/backbone/layer[23]_\d+/(bn\d|downsample_bn)/.*")
+FROZEN = (
+  r"ssp/backbone/(conv|bn)\d/.*",
+  r"ssp/backbone/layer1_\d+/.*",
+  r"ssp/backbone/layer[23]_\d+/(bn\d|downsample_bn)/.*",
+)
 
 # The self-support top-12 needs 12 query positions of the stride-8 features: ceil(25 / 8)^2 = 16
 # (24 px gives 9, and jax.lax.top_k fails).
 MIN_INPUT_SIZE = 25
 
 # Per-shot FG / BG prototypes are averaged over the K shots (no K-sized parameter): any K.
-SPEC = ModelSpec("ssp", make_model, keymap, loss_fn=loss_fn, frozen=FROZEN,
-                 min_input_size=MIN_INPUT_SIZE, any_shot=True)
+SPEC = ModelSpec(
+  "ssp",
+  make_model,
+  keymap,
+  loss_fn=loss_fn,
+  frozen=FROZEN,
+  min_input_size=MIN_INPUT_SIZE,
+  any_shot=True,
+)

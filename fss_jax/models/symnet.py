@@ -28,7 +28,8 @@ triplet`` (support + query hard triplet terms), all weights 1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -44,12 +45,18 @@ from fss_jax.nn.decoder import FEMDecoder, MergeConv, pfenet_decoder_keymap
 from fss_jax.nn.ensemble import ensemble_keymap
 from fss_jax.nn.layers import BatchNorm2d, Conv2d
 from fss_jax.nn.ppm import PPM
-from fss_jax.nn.symnet_blocks import (APA, TDC, ShotWeightedEnsemble, hard_triplet_loss,
-                                      multilayer_correlation, query_self_prototypes,
-                                      self_activation_prior)
+from fss_jax.nn.symnet_blocks import (
+  APA,
+  TDC,
+  ShotWeightedEnsemble,
+  hard_triplet_loss,
+  multilayer_correlation,
+  query_self_prototypes,
+  self_activation_prior,
+)
+from fss_jax.ops import losses
 from fss_jax.ops.pooling import adaptive_avg_pool, masked_average_pool
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
-from fss_jax.ops import losses
 
 FIXTURE_CLASS = "model.SymNet.SymNet"
 REDUCE_DIM = 256
@@ -61,14 +68,14 @@ def default_scales(feature_size: int, levels: int = 4) -> tuple[int, ...]:
   60 -> (60, 30, 15, 8) (PASCAL 473), 81 -> (81, 40, 20, 10) (COCO 641),
   31 -> (31, 16, 8, 4) (241, the parity fixture): the values of the released configs.
   """
-  return tuple(max(1, int(round(feature_size / 2 ** l))) for l in range(levels))
+  return tuple(max(1, int(round(feature_size / 2**l))) for l in range(levels))
 
 
 def feature_size(input_size: int) -> int:
   """Side of the stride-8 backbone maps for an input side (473 -> 60, 641 -> 81)."""
-  s = (input_size - 1) // 2 + 1    # stem conv s2
-  s = (s - 1) // 2 + 1             # max-pool s2
-  return (s - 1) // 2 + 1          # layer2 s2
+  s = (input_size - 1) // 2 + 1  # stem conv s2
+  s = (s - 1) // 2 + 1  # max-pool s2
+  return (s - 1) // 2 + 1  # layer2 s2
 
 
 class PSPNetBlocks(pspnet_lib.PSPNet):
@@ -119,6 +126,7 @@ class SymNet(nn.Module):
       embedding table (when the ids are concrete; under jit such an episode's outputs
       are NaN).
   """
+
   shot: int = 1
   dataset: str = "pascal5i"
   num_base_classes: int = 16
@@ -134,8 +142,10 @@ class SymNet(nn.Module):
     table = assets.load_class_embeddings(self.dataset, self.embedding_path or None)
     ids = jnp.asarray(episode["class_id"]).reshape(-1).astype(jnp.int32)
     if ids.shape[0] != b:
-      raise ValueError(f"Sym-Net is 1-way: expected one class id per episode ({b}), got "
-                       f"class_id of shape {tuple(jnp.shape(episode['class_id']))}")
+      raise ValueError(
+        f"Sym-Net is 1-way: expected one class id per episode ({b}), got "
+        f"class_id of shape {tuple(jnp.shape(episode['class_id']))}"
+      )
     rows = table.shape[0]
     if self.check_class_ids and not isinstance(ids, jax.core.Tracer):
       assets.check_class_ids(np.asarray(ids), self.dataset, rows)
@@ -163,35 +173,44 @@ class SymNet(nn.Module):
     b, hh, ww, _ = x.shape
     k = s_x.shape[1]
     if k != self.shot:
-      raise ValueError(f"the model was built for {self.shot}-shot episodes, got {k} supports; "
-                       f"set config.shot={k} (model field shot)")
+      raise ValueError(
+        f"the model was built for {self.shot}-shot episodes, got {k} supports; "
+        f"set config.shot={k} (model field shot)"
+      )
     dataset = assets.canonical_dataset(self.dataset)
     want_base = pspnet_lib.num_base_classes(dataset)
     if self.num_base_classes != want_base:
-      raise ValueError(f"num_base_classes={self.num_base_classes} does not fit {dataset} "
-                       f"({want_base} = background + base classes); the dataset and the base "
-                       f"learner must agree")
+      raise ValueError(
+        f"num_base_classes={self.num_base_classes} does not fit {dataset} "
+        f"({want_base} = background + base classes); the dataset and the base "
+        f"learner must agree"
+      )
     h = w = feature_size(hh)
     if hh != ww:
-      raise ValueError(f"Sym-Net's square pyramid bins need square inputs, got {hh}x{ww}; "
-                       f"use square crops (config data.train_size / test_size)")
+      raise ValueError(
+        f"Sym-Net's square pyramid bins need square inputs, got {hh}x{ww}; "
+        f"use square crops (config data.train_size / test_size)"
+      )
     scales = tuple(self.scales) or default_scales(h)
     if scales[0] != h:
-      raise ValueError(f"the first pyramid bin ({scales[0]}) must equal the feature size {h} "
-                       f"(input {hh}); set scales=() to follow the input size, or "
-                       f"{default_scales(h)}")
+      raise ValueError(
+        f"the first pyramid bin ({scales[0]}) must equal the feature size {h} "
+        f"(input {hh}); set scales=() to follow the input size, or "
+        f"{default_scales(h)}"
+      )
     sow = lambda n, v: self.sow("intermediates", n, v)
 
     # 1. class embedding
-    text = self._embeddings(episode, b)                                # [B, T]
+    text = self._embeddings(episode, b)  # [B, T]
 
     # 2. frozen backbone, block by block (query and supports in one pass; BN frozen)
-    psp = PSPNetBlocks(num_classes=self.num_base_classes, depth=self.depth, frozen=True,
-                       name="pspnet")
+    psp = PSPNetBlocks(
+      num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
+    )
     imgs = jnp.concatenate([x, s_x.reshape(b * k, hh, ww, s_x.shape[-1])], 0)
     feats = jax.lax.stop_gradient(psp.backbone(imgs, train=False))
     lq = {n: feats[f"layer{n}"][:b] for n in range(5)}
-    ls = {n: feats[f"layer{n}"][b:] for n in range(5)}                 # [B*K, ...]
+    ls = {n: feats[f"layer{n}"][b:] for n in range(5)}  # [B*K, ...]
     bq = [f[:b] for f in feats["blocks"]]
     bs = [f[b:] for f in feats["blocks"]]
     for n in range(5):
@@ -207,23 +226,23 @@ class SymNet(nn.Module):
       y = MergeConv(REDUCE_DIM, name=name)(jnp.concatenate([f3, f2], -1))
       return nn.Dropout(0.5, broadcast_dims=(1, 2))(y, deterministic=not train)
 
-    f_q = down("down_query", lq[2], lq[3])                            # [B, h, w, 256]
-    f_s = down("down_supp", ls[2], ls[3])                             # [B*K, h, w, 256]
+    f_q = down("down_query", lq[2], lq[3])  # [B, h, w, 256]
+    f_s = down("down_supp", ls[2], ls[3])  # [B*K, h, w, 256]
     sow("down_query_out", f_q)
     sow("down_supp_out", f_s)
-    masks = (episode["support_masks"] == 1).astype(x.dtype)           # [B, K, H, W]
+    masks = (episode["support_masks"] == 1).astype(x.dtype)  # [B, K, H, W]
     m_full = masks.reshape(b * k, hh, ww, 1)
-    m = resize_bilinear(m_full, (h, w), align_corners=True)           # binary (§0)
-    proto = masked_average_pool(f_s, m, eps=0.0005)                    # [B*K, 256]
+    m = resize_bilinear(m_full, (h, w), align_corners=True)  # binary (§0)
+    proto = masked_average_pool(f_s, m, eps=0.0005)  # [B*K, 256]
     sow("supp_proto", proto)
     apa = APA(REDUCE_DIM, name="apa")
-    ts_k = apa(f_s * m, jnp.repeat(text, k, axis=0), proto, train=train)   # [B*K, 256]
+    ts_k = apa(f_s * m, jnp.repeat(text, k, axis=0), proto, train=train)  # [B*K, 256]
     sow("apa_support", ts_k)
 
     sizes = resnet.stage_sizes(self.depth)
     corr = [[], [], []]
     for j in range(k):
-      pick = lambda f: f.reshape(b, k, *f.shape[1:])[:, j]
+      pick = lambda f, j=j: f.reshape(b, k, *f.shape[1:])[:, j]
       cs = multilayer_correlation(bq, [pick(f) for f in bs], pick(m_full), sizes)
       for lvl in range(3):
         corr[lvl].append(cs[lvl])
@@ -232,19 +251,20 @@ class SymNet(nn.Module):
     h4, h3, h2 = (sum(c) / k for c in corr)
 
     # 4. top-down hyper-correlation
-    hyper = TDC(name="tdc")(h2, h3, h4)                                # [B, h, w, 48]
+    hyper = TDC(name="tdc")(h2, h3, h4)  # [B, h, w, 48]
     sow("tdc_out", hyper)
 
     # 5. scene difference, shot weights
     ensemble = ShotWeightedEnsemble(shot=k, kshot_hidden=self.kshot_hidden, name="ensemble")
     weights, e_all = ensemble.shot_weights(lq[2], ls[2].reshape(b, k, *ls[2].shape[1:]))
-    est = jnp.sum(weights * e_all, axis=1)                             # [B]
+    est = jnp.sum(weights * e_all, axis=1)  # [B]
     sow("shot_weight", weights)
     sow("est_val", est)
 
     # 6. SPM prior pyramid
-    priors = self_activation_prior(lq[4], ls[4].reshape(b, k, h, w, -1),
-                                   m.reshape(b, k, h, w), weights, scales)
+    priors = self_activation_prior(
+      lq[4], ls[4].reshape(b, k, h, w, -1), m.reshape(b, k, h, w), weights, scales
+    )
     for i, r in enumerate(priors):
       sow(f"spm_bin{i}", r)
 
@@ -262,9 +282,12 @@ class SymNet(nn.Module):
     # 8. multi-scale merge + PFENet decoder
     merged = []
     for idx, s in enumerate(scales):
-      parts = [adaptive_avg_pool(f_q, (s, s)),
-               jnp.broadcast_to(g[:, None, None, :], (b, s, s, g.shape[-1])),
-               resize_bilinear(hyper, (s, s), align_corners=True), priors[idx]]
+      parts = [
+        adaptive_avg_pool(f_q, (s, s)),
+        jnp.broadcast_to(g[:, None, None, :], (b, s, s, g.shape[-1])),
+        resize_bilinear(hyper, (s, s), align_corners=True),
+        priors[idx],
+      ]
       merged.append(MergeConv(REDUCE_DIM, name=f"init_merge_{idx}")(jnp.concatenate(parts, -1)))
     meta, aux = FEMDecoder(REDUCE_DIM, 2, name="decoder")(merged, train=train)
     for i, a in enumerate(aux):
@@ -272,7 +295,7 @@ class SymNet(nn.Module):
     sow("meta_logits_lowres", meta)
 
     # 9. base learner + ensemble
-    base = psp.base_logits(lq[4], train=train)        # no gradient reaches pspnet (frozen)
+    base = psp.base_logits(lq[4], train=train)  # no gradient reaches pspnet (frozen)
     sow("base_logits_lowres", base)
     ens = ensemble(meta, base, est, exclude_channel=base_channel(episode) if train else None)
     for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
@@ -281,16 +304,26 @@ class SymNet(nn.Module):
     # 10. outputs at the input resolution
     size = (pspnet_lib.output_size(hh), pspnet_lib.output_size(ww))
     up = lambda t: resize_bilinear(t, size, align_corners=True)
-    out = {"logits": up(ens["final"]), "meta_logits": up(meta), "base_logits": up(base),
-           "aux_logits": aux, "est_val": est, "prior": priors[0]}
+    out = {
+      "logits": up(ens["final"]),
+      "meta_logits": up(meta),
+      "base_logits": up(base),
+      "aux_logits": aux,
+      "est_val": est,
+      "prior": priors[0],
+    }
     if train:
-      out.update(support_text=ts, support_features=f_s.reshape(b, k, h, w, -1), query_text=tq,
-                 query_ambiguous=q_amb, query_background=q_bg)
+      out.update(
+        support_text=ts,
+        support_features=f_s.reshape(b, k, h, w, -1),
+        query_text=tq,
+        query_ambiguous=q_amb,
+        query_background=q_bg,
+      )
     return out
 
 
-def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]
-            ) -> tuple[jax.Array, dict]:
+def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
   """Sym-Net's training loss (symnet.md §6), every weight 1.0.
 
   ``main = CE(final)``, ``aux1 = CE(meta)``, ``aux2 = CE(base, query_base_label)``
@@ -301,12 +334,13 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]
   y = episode["query_mask"]
   size = y.shape[1:3]
   terms = {
-      "main": losses.cross_entropy(outputs["logits"], y),
-      "aux1": losses.cross_entropy(outputs["meta_logits"], y),
+    "main": losses.cross_entropy(outputs["logits"], y),
+    "aux1": losses.cross_entropy(outputs["meta_logits"], y),
   }
   if "query_base_label" in episode:
     terms["aux2"] = jax.lax.stop_gradient(
-        losses.cross_entropy(outputs["base_logits"], episode["query_base_label"]))
+      losses.cross_entropy(outputs["base_logits"], episode["query_base_label"])
+    )
   aux = outputs["aux_logits"]
   inner = [losses.cross_entropy(resize_bilinear(a, size, align_corners=True), y) for a in aux]
   terms["aux_inner"] = sum(inner) / len(inner)
@@ -315,9 +349,14 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]
     b, k, h, w, _ = feats.shape
     masks = (episode["support_masks"] == 1).astype(jnp.float32)
     small = resize_nearest(masks.reshape(b * k, *masks.shape[2:], 1), (h, w)).reshape(b, k, h, w)
-    terms["triplet"] = hard_triplet_loss(outputs["support_text"], feats, small,
-                                         outputs["query_text"], outputs["query_ambiguous"],
-                                         outputs["query_background"])
+    terms["triplet"] = hard_triplet_loss(
+      outputs["support_text"],
+      feats,
+      small,
+      outputs["query_text"],
+      outputs["query_ambiguous"],
+      outputs["query_background"],
+    )
   return losses.weighted_sum(terms, reported=losses.parts("inner", inner))
 
 
@@ -325,8 +364,10 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]
 # Key map (official checkpoints: 420 keys 1-shot, 424 5-shot, `module.` stripped)
 # ---------------------------------------------------------------------------
 
-def symnet_keymap(*, shot: int = 1, depth: int = 50, levels: int = 4, kshot_hidden: int = 2,
-                  prefix: str = "") -> list:
+
+def symnet_keymap(
+  *, shot: int = 1, depth: int = 50, levels: int = 4, kshot_hidden: int = 2, prefix: str = ""
+) -> list:
   """Official Sym-Net state-dict keys -> `SymNet` variables."""
   # The PSPNet base learner under BAM's names, renamed to Sym-Net's: the backbone keeps
   # layer0..4, `learner_base = Sequential(ppm, cls)` (BAM's encoder.* copies do not exist).
@@ -337,19 +378,25 @@ def symnet_keymap(*, shot: int = 1, depth: int = 50, levels: int = 4, kshot_hidd
       continue
     for old, new in rename:
       if r.src.startswith(old):
-        r = dataclasses.replace(r, src=new + r.src[len(old):])
+        r = dataclasses.replace(r, src=new + r.src[len(old) :])
     rules.append(r)
   for name in ("down_query", "down_supp"):
     rules += keymaps.conv(f"{name}.0", (name, "conv"), bias=False)
   for i in range(levels):
     rules += keymaps.conv(f"init_merge.{i}.0", (f"init_merge_{i}", "conv"), bias=False)
   rules += pfenet_decoder_keymap("", ("decoder",), levels=levels)
-  tdc = {"conv1": "conv1", "conv2": "conv2", "conv3": "conv3", "merge1.0": "merge1_conv",
-         "merge2.0": "merge2_conv", "merge2.3": "merge2_out"}
+  tdc = {
+    "conv1": "conv1",
+    "conv2": "conv2",
+    "conv3": "conv3",
+    "merge1.0": "merge1_conv",
+    "merge2.0": "merge2_conv",
+    "merge2.3": "merge2_out",
+  }
   for src, dst in tdc.items():
     rules += keymaps.conv(f"hyper_final.{src}", ("tdc", dst))
   for src, dst in (("merge1.1", "merge1_norm"), ("merge2.1", "merge2_norm")):
-    rules += keymaps.layer_norm(f"hyper_final.{src}", ("tdc", dst))   # GroupNorm: scale/bias
+    rules += keymaps.layer_norm(f"hyper_final.{src}", ("tdc", dst))  # GroupNorm: scale/bias
   rules += ensemble_keymap("", ("ensemble",), shot=shot, kshot_hidden=kshot_hidden)
   rules += keymaps.copy("CrossAttention.weight", ("apa", "weight"))  # used as q @ W: no transpose
   rules += keymaps.linear("CrossAttention.w_q", ("apa", "w_q"), bias=False)
@@ -358,20 +405,40 @@ def symnet_keymap(*, shot: int = 1, depth: int = 50, levels: int = 4, kshot_hidd
   return keymaps.prefixed(prefix, rules)
 
 
-def make_model(shot: int = 1, dataset: str = "pascal5i", num_base_classes: int = 0,
-               depth: int = 50, scales: Sequence[int] = (), kshot_hidden: int = 2,
-               embedding_path: str = "", check_class_ids: bool = True) -> SymNet:
+def make_model(
+  shot: int = 1,
+  dataset: str = "pascal5i",
+  num_base_classes: int = 0,
+  depth: int = 50,
+  scales: Sequence[int] = (),
+  kshot_hidden: int = 2,
+  embedding_path: str = "",
+  check_class_ids: bool = True,
+) -> SymNet:
   """Registry factory; ``num_base_classes=0`` follows the dataset (16 / 61)."""
   dataset = assets.canonical_dataset(dataset)
-  return SymNet(shot=shot, dataset=dataset,
-                num_base_classes=num_base_classes or pspnet_lib.num_base_classes(dataset),
-                depth=depth, scales=tuple(scales), kshot_hidden=kshot_hidden,
-                embedding_path=embedding_path, check_class_ids=check_class_ids)
+  return SymNet(
+    shot=shot,
+    dataset=dataset,
+    num_base_classes=num_base_classes or pspnet_lib.num_base_classes(dataset),
+    depth=depth,
+    scales=tuple(scales),
+    kshot_hidden=kshot_hidden,
+    embedding_path=embedding_path,
+    check_class_ids=check_class_ids,
+  )
 
 
-def keymap(shot: int = 1, dataset: str = "pascal5i", num_base_classes: int = 0, depth: int = 50,
-           scales: Sequence[int] = (), kshot_hidden: int = 2, embedding_path: str = "",
-           check_class_ids: bool = True) -> list:
+def keymap(
+  shot: int = 1,
+  dataset: str = "pascal5i",
+  num_base_classes: int = 0,
+  depth: int = 50,
+  scales: Sequence[int] = (),
+  kshot_hidden: int = 2,
+  embedding_path: str = "",
+  check_class_ids: bool = True,
+) -> list:
   return symnet_keymap(shot=shot, depth=depth, levels=len(scales) or 4, kshot_hidden=kshot_hidden)
 
 
@@ -379,13 +446,17 @@ def keymap(shot: int = 1, dataset: str = "pascal5i", num_base_classes: int = 0, 
 # Parity adapter (model.SymNet.SymNet fixtures)
 # ---------------------------------------------------------------------------
 
+
 def _fixture_fields(meta: Mapping[str, Any]) -> dict:
   shapes = {e["key"].removeprefix("module."): tuple(e["shape"]) for e in meta["state_dict"]["keys"]}
   values = (meta.get("config") or {}).get("values") or {}
   shot = int(values.get("shot", meta["input_shapes"]["in_supp_img"][1]))
-  fields = dict(shot=shot, dataset=assets.canonical_dataset(values.get("data_set", "pascal")),
-                num_base_classes=int(shapes["learner_base.1.4.weight"][0]),
-                depth=resnet.depth_from_keys(shapes)[0])
+  fields = dict(
+    shot=shot,
+    dataset=assets.canonical_dataset(values.get("data_set", "pascal")),
+    num_base_classes=int(shapes["learner_base.1.4.weight"][0]),
+    depth=resnet.depth_from_keys(shapes)[0],
+  )
   if values.get("scales"):
     fields["scales"] = tuple(int(s) for s in values["scales"])
   if shot > 1:
@@ -397,11 +468,11 @@ def _fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -
   """NCHW fixture arrays -> an NHWC Episode (class_id = in_class_chosen)."""
   f32 = lambda a: np.asarray(a, np.float32)
   return {
-      "query_image": jnp.asarray(np.transpose(f32(arrays["in_query_img"]), (0, 2, 3, 1))),
-      "support_images": jnp.asarray(np.transpose(f32(arrays["in_supp_img"]), (0, 1, 3, 4, 2))),
-      "support_masks": jnp.asarray(arrays["in_supp_label"].astype(np.int32)),
-      "query_mask": jnp.asarray(arrays["in_query_label"].astype(np.int32)),
-      "class_id": jnp.asarray(np.asarray(arrays["in_class_chosen"]).astype(np.int32)),
+    "query_image": jnp.asarray(np.transpose(f32(arrays["in_query_img"]), (0, 2, 3, 1))),
+    "support_images": jnp.asarray(np.transpose(f32(arrays["in_supp_img"]), (0, 1, 3, 4, 2))),
+    "support_masks": jnp.asarray(arrays["in_supp_label"].astype(np.int32)),
+    "query_mask": jnp.asarray(arrays["in_query_label"].astype(np.int32)),
+    "class_id": jnp.asarray(np.asarray(arrays["in_class_chosen"]).astype(np.int32)),
   }
 
 
@@ -410,8 +481,11 @@ def _fixture_apply(model, variables, episode):
   # The decoder's res1 / res2 outputs are captured too: their sum is the cls input that the
   # fixture stores as mid_decoder_feat.
   capture = lambda mdl, method: method == "__call__" and mdl.name in ("res1", "res2")
-  fn = jax.jit(lambda v, e: model.apply(v, e, train=False, mutable=["intermediates"],
-                                        capture_intermediates=capture))
+  fn = jax.jit(
+    lambda v, e: model.apply(
+      v, e, train=False, mutable=["intermediates"], capture_intermediates=capture
+    )
+  )
   return fn(variables, episode)
 
 
@@ -430,9 +504,12 @@ def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
   decoder = inter.pop("decoder", {})
   mid = {n: v[0] for n, v in inter.items() if isinstance(v, tuple)}
   b = out["logits"].shape[0]
-  col = lambda v: np.asarray(v)[:, :, None, None]                      # [B, C] -> NCHW 1x1
-  d = {"out_final": _nchw(out["logits"]), "out_meta": _nchw(out["meta_logits"]),
-       "out_base": _nchw(out["base_logits"])}
+  col = lambda v: np.asarray(v)[:, :, None, None]  # [B, C] -> NCHW 1x1
+  d = {
+    "out_final": _nchw(out["logits"]),
+    "out_meta": _nchw(out["meta_logits"]),
+    "out_base": _nchw(out["base_logits"]),
+  }
   first_shot = lambda v: np.asarray(v).reshape(b, -1, *np.shape(v)[1:])[:, 0]
   for who, tag in (("query", "query"), ("support", "support0")):
     pick = (lambda v: v) if who == "query" else first_shot
@@ -443,7 +520,9 @@ def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
         d[f"mid_feat_{tag}_layer{n}__c4"] = _nchw(f)[:, :4]
     sizes = resnet.stage_sizes(int(_fixture_fields(meta)["depth"]))
     for i in range(sum(sizes) - (sizes[0] - 1)):
-      d[f"mid_hyperfeat_{tag}_{i:02d}__chmean"] = _chmean(pick(mid[f"block_{who}_{i + sizes[0] - 1}"]))
+      d[f"mid_hyperfeat_{tag}_{i:02d}__chmean"] = _chmean(
+        pick(mid[f"block_{who}_{i + sizes[0] - 1}"])
+      )
   d["mid_down_query__chmean"] = _chmean(mid["down_query_out"])
   d["mid_down_query__c8"] = _nchw(mid["down_query_out"])[:, :8]
   s0 = first_shot(mid["down_supp_out"])
@@ -476,15 +555,15 @@ def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
 
 
 PARITY = ParityAdapter(
-    model_classes=(FIXTURE_CLASS,),
-    model_fields=_fixture_fields,
-    inputs=_fixture_inputs,
-    outputs=_fixture_outputs,
-    apply=_fixture_apply,
-    logit_outputs=("out_final", "out_meta", "out_base"),
-    # out_final goes through est_val (difference of two nearly equal Gram matrices) and
-    # the saturated meta softmax: parity/README.md allows ~1e-3 absolute there.
-    tolerances={"out_final": 1e-3},
+  model_classes=(FIXTURE_CLASS,),
+  model_fields=_fixture_fields,
+  inputs=_fixture_inputs,
+  outputs=_fixture_outputs,
+  apply=_fixture_apply,
+  logit_outputs=("out_final", "out_meta", "out_base"),
+  # out_final goes through est_val (difference of two nearly equal Gram matrices) and
+  # the saturated meta softmax: parity/README.md allows ~1e-3 absolute there.
+  tolerances={"out_final": 1e-3},
 )
 
 # Frozen: the PSPNet base learner (backbone, PPM, cls, classifier). Everything else is in
@@ -493,7 +572,15 @@ FROZEN = ("pspnet/.*",)
 
 # min_input_size: its PSPNet base learner's PPM. any_shot False: a K-shot model has a learned
 # K -> hidden -> K shot weighting (kshot_rw) that a model of another K lacks, so only the training K.
-SPEC = ModelSpec("symnet", make_model, keymap, loss_fn=loss_fn, parity=PARITY, frozen=FROZEN,
-                 min_input_size=pspnet_lib.MIN_INPUT_SIZE, any_shot=False,
-                 output="probabilities",   # BAM's ensemble of meta and base softmaxes
-                 class_conditioned=True)   # the class's word embedding enters the forward
+SPEC = ModelSpec(
+  "symnet",
+  make_model,
+  keymap,
+  loss_fn=loss_fn,
+  parity=PARITY,
+  frozen=FROZEN,
+  min_input_size=pspnet_lib.MIN_INPUT_SIZE,
+  any_shot=False,
+  output="probabilities",  # BAM's ensemble of meta and base softmaxes
+  class_conditioned=True,
+)  # the class's word embedding enters the forward

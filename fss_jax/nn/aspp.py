@@ -18,7 +18,7 @@ sows ``aspp_out``, ``res1_out`` and ``res2_out`` (before the residual add) into
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -29,13 +29,27 @@ from fss_jax.nn.layers import Conv2d
 _KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-def _conv(features: int, kernel: int, *, dilation: int = 1, use_bias: bool = True,
-          kaiming_normal: bool = False, name: str | None = None) -> Conv2d:
+def _conv(
+  features: int,
+  kernel: int,
+  *,
+  dilation: int = 1,
+  use_bias: bool = True,
+  kaiming_normal: bool = False,
+  name: str | None = None,
+) -> Conv2d:
   """A torch Conv2d, symmetric padding dilation * (kernel // 2), torch init
   (or kaiming-normal fan-in weights, as ASPP's ``_init_weight``)."""
   kwargs = {"kernel_init": _KAIMING_NORMAL} if kaiming_normal else {}
-  return Conv2d(features, kernel, padding=dilation * (kernel // 2), dilation=dilation,
-                use_bias=use_bias, name=name, **kwargs)
+  return Conv2d(
+    features,
+    kernel,
+    padding=dilation * (kernel // 2),
+    dilation=dilation,
+    use_bias=use_bias,
+    name=name,
+    **kwargs,
+  )
 
 
 class ASPP(nn.Module):
@@ -45,18 +59,17 @@ class ASPP(nn.Module):
     features: channels of every branch (and of the input, as in SCCAN).
     rates: dilations of the three 3x3 branches.
   """
+
   features: int = 256
   rates: Sequence[int] = (6, 12, 18)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     b, h, w, c = x.shape
-    conv = lambda k, d, name: _conv(self.features, k, dilation=d,  # noqa: E731
-                                    kaiming_normal=True, name=name)
+    conv = lambda k, d, name: _conv(self.features, k, dilation=d, kaiming_normal=True, name=name)
     g = jnp.mean(x, axis=(1, 2), keepdims=True)
     g = nn.relu(conv(1, 1, "layer6_0")(g))
-    branches = [jnp.broadcast_to(g, (b, h, w, self.features)),
-                nn.relu(conv(1, 1, "layer6_1")(x))]
+    branches = [jnp.broadcast_to(g, (b, h, w, self.features)), nn.relu(conv(1, 1, "layer6_1")(x))]
     for i, r in enumerate(self.rates):
       branches.append(nn.relu(conv(3, r, f"layer6_{i + 2}")(x)))
     return jnp.concatenate(branches, axis=-1)
@@ -70,6 +83,7 @@ class ASPPDecoder(nn.Module):
     classes: output channels (2).
     dropout: Dropout2d rate before the classifier (0.1).
   """
+
   features: int = 256
   classes: int = 2
   dropout: float = 0.1

@@ -53,13 +53,19 @@ class ResNetBlocks(resnet.ResNet):
     y = nn.max_pool(y, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     out = {"layer0": y}
     blocks = []
-    plan = resnet.block_plan(resnet.stage_sizes(self.depth, self.num_stages),
-                             self.output_stride, self.dilation_style)
+    plan = resnet.block_plan(
+      resnet.stage_sizes(self.depth, self.num_stages), self.output_stride, self.dilation_style
+    )
     for i, stage in enumerate(plan):
       for j, (stride, dilation) in enumerate(stage):
-        pre = resnet.Bottleneck(resnet.STAGE_WIDTHS[i], stride, dilation, downsample=j == 0,
-                                last_relu=False, name=f"layer{i + 1}_{j}")(
-                                    y, use_running_average=ura)
+        pre = resnet.Bottleneck(
+          resnet.STAGE_WIDTHS[i],
+          stride,
+          dilation,
+          downsample=j == 0,
+          last_relu=False,
+          name=f"layer{i + 1}_{j}",
+        )(y, use_running_average=ura)
         blocks.append(pre)
         last = i == len(plan) - 1 and j == len(stage) - 1
         y = nn.relu(pre) if (self.last_relu or not last) else pre
@@ -68,7 +74,8 @@ class ResNetBlocks(resnet.ResNet):
     return out
 
 
-ResNetBlocksDeepStem = functools.partial(ResNetBlocks, stem="deep", output_stride=8,
-                                         dilation_style="pspnet")
+ResNetBlocksDeepStem = functools.partial(
+  ResNetBlocks, stem="deep", output_stride=8, dilation_style="pspnet"
+)
 
 __all__ = ["ResNetBlocks", "ResNetBlocksDeepStem"]

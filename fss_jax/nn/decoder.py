@@ -21,7 +21,7 @@ Flax names mirror PFENet's ``nn.Sequential`` indices (key map friendly):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -34,8 +34,9 @@ from fss_jax.ops.resize import resize_bilinear
 
 def conv(features: int, kernel: int, *, name: str, bias: bool = False, dilation: int = 1) -> Conv2d:
   """A torch ``nn.Conv2d(k, padding=k//2·dilation)`` with torch's default init, NHWC."""
-  return Conv2d(features, kernel, padding=(kernel // 2) * dilation, dilation=dilation,
-                use_bias=bias, name=name)
+  return Conv2d(
+    features, kernel, padding=(kernel // 2) * dilation, dilation=dilation, use_bias=bias, name=name
+  )
 
 
 class MergeConv(nn.Module):
@@ -44,6 +45,7 @@ class MergeConv(nn.Module):
   Attributes:
     features: output channels.
   """
+
   features: int = 256
 
   @nn.compact
@@ -54,6 +56,7 @@ class MergeConv(nn.Module):
 
 class DoubleConv(nn.Module):
   """``ReLU(Conv3x3(ReLU(Conv3x3(x))))`` without biases (PFENet ``beta_conv`` / ``res2``)."""
+
   features: int = 256
 
   @nn.compact
@@ -71,6 +74,7 @@ class ClassifierHead(nn.Module):
     dropout: Dropout2d rate (whole channels, active only when ``train``; needs the
       ``dropout`` rng).
   """
+
   features: int = 256
   num_classes: int = 2
   dropout: float = 0.1
@@ -91,13 +95,15 @@ class FEMDecoder(nn.Module):
     num_classes: logits channels (2).
     dropout: Dropout2d rate before each classifier (0.1).
   """
+
   features: int = 256
   num_classes: int = 2
   dropout: float = 0.1
 
   @nn.compact
-  def __call__(self, merged: Sequence[jax.Array], *, train: bool = False
-               ) -> tuple[jax.Array, list[jax.Array]]:
+  def __call__(
+    self, merged: Sequence[jax.Array], *, train: bool = False
+  ) -> tuple[jax.Array, list[jax.Array]]:
     """Decodes a feature pyramid.
 
     Args:
@@ -117,17 +123,23 @@ class FEMDecoder(nn.Module):
         prev = resize_bilinear(upsampled[-1], size, align_corners=True)
         x = MergeConv(self.features, name=f"alpha_conv_{l - 1}")(jnp.concatenate([x, prev], -1)) + x
       x = DoubleConv(self.features, name=f"beta_conv_{l}")(x) + x
-      aux.append(ClassifierHead(self.features, self.num_classes, self.dropout,
-                                name=f"inner_cls_{l}")(x, train=train))
+      aux.append(
+        ClassifierHead(self.features, self.num_classes, self.dropout, name=f"inner_cls_{l}")(
+          x, train=train
+        )
+      )
       upsampled.append(resize_bilinear(x, size0, align_corners=True))
     h = MergeConv(self.features, name="res1")(jnp.concatenate(upsampled, -1))
     h = DoubleConv(self.features, name="res2")(h) + h
-    logits = ClassifierHead(self.features, self.num_classes, self.dropout, name="cls")(h, train=train)
+    logits = ClassifierHead(self.features, self.num_classes, self.dropout, name="cls")(
+      h, train=train
+    )
     return logits, aux
 
 
-def pfenet_decoder_keymap(src: str = "", dst: tuple[str, ...] = ("decoder",), *, levels: int = 4,
-                          alpha: bool = True) -> list:
+def pfenet_decoder_keymap(
+  src: str = "", dst: tuple[str, ...] = ("decoder",), *, levels: int = 4, alpha: bool = True
+) -> list:
   """Key-map rules PFENet state dict -> `FEMDecoder` variables.
 
   Args:
@@ -139,7 +151,9 @@ def pfenet_decoder_keymap(src: str = "", dst: tuple[str, ...] = ("decoder",), *,
   rules = []
   for l in range(levels):
     if alpha and l >= 1:
-      rules += km.conv(f"{src}alpha_conv.{l - 1}.0", (*dst, f"alpha_conv_{l - 1}", "conv"), bias=False)
+      rules += km.conv(
+        f"{src}alpha_conv.{l - 1}.0", (*dst, f"alpha_conv_{l - 1}", "conv"), bias=False
+      )
     rules += km.conv(f"{src}beta_conv.{l}.0", (*dst, f"beta_conv_{l}", "conv0"), bias=False)
     rules += km.conv(f"{src}beta_conv.{l}.2", (*dst, f"beta_conv_{l}", "conv1"), bias=False)
     rules += km.conv(f"{src}inner_cls.{l}.0", (*dst, f"inner_cls_{l}", "conv0"), bias=False)
@@ -152,5 +166,11 @@ def pfenet_decoder_keymap(src: str = "", dst: tuple[str, ...] = ("decoder",), *,
   return rules
 
 
-__all__ = ["FEMDecoder", "MergeConv", "DoubleConv", "ClassifierHead", "conv",
-           "pfenet_decoder_keymap"]
+__all__ = [
+  "FEMDecoder",
+  "MergeConv",
+  "DoubleConv",
+  "ClassifierHead",
+  "conv",
+  "pfenet_decoder_keymap",
+]

@@ -37,7 +37,7 @@ def gram_matrix(feat: jax.Array, eps: float = 1e-7) -> jax.Array:
   n, h, w, c = feat.shape
   f = feat.reshape(n, h * w, c)
   dots = jnp.einsum("nlc,nld->ncd", f, f)
-  norms = jnp.sqrt(jnp.sum(f * f, axis=1))                          # [N, C]
+  norms = jnp.sqrt(jnp.sum(f * f, axis=1))  # [N, C]
   return dots / (norms[:, :, None] * norms[:, None, :] + eps)
 
 
@@ -53,7 +53,7 @@ def scene_difference(query_feat: jax.Array, support_feat: jax.Array) -> jax.Arra
   """
   b, k = support_feat.shape[:2]
   c = query_feat.shape[-1]
-  gq = gram_matrix(query_feat)                                       # [B, C, C]
+  gq = gram_matrix(query_feat)  # [B, C, C]
   gs = gram_matrix(support_feat.reshape(b * k, *support_feat.shape[2:])).reshape(b, k, c, c)
   diff = gq[:, None] - gs
   return jnp.sqrt(jnp.sum(diff * diff, axis=(2, 3))) / float(c)
@@ -74,7 +74,7 @@ def base_foreground(base_prob: jax.Array, exclude_channel: jax.Array | None = No
   n = base_prob.shape[-1]
   keep = jnp.arange(n) != 0
   if exclude_channel is not None:
-    keep = keep[None, :] & (jnp.arange(n)[None, :] != exclude_channel[:, None])   # [B, N]
+    keep = keep[None, :] & (jnp.arange(n)[None, :] != exclude_channel[:, None])  # [B, N]
     return jnp.sum(base_prob * keep[:, None, None, :].astype(base_prob.dtype), -1, keepdims=True)
   return jnp.sum(base_prob[..., 1:], axis=-1, keepdims=True)
 
@@ -86,6 +86,7 @@ class KShotReweight(nn.Module):
   (torch keys ``kshot_rw.0``, ``kshot_rw.2``); ``hidden == 0``: one conv1x1
   K->K without bias initialised to 1/K (``kshot_rw``).
   """
+
   shot: int
   hidden: int = 2
   unsort: bool = False
@@ -94,13 +95,18 @@ class KShotReweight(nn.Module):
   def __call__(self, e: jax.Array) -> jax.Array:
     """e ``[B, K]`` -> softmax weights ``[B, K]`` aligned with e as the reference does."""
     order = jnp.argsort(e, axis=1)
-    x = jnp.take_along_axis(e, order, axis=1)[:, None, None, :]      # sorted, [B, 1, 1, K]
+    x = jnp.take_along_axis(e, order, axis=1)[:, None, None, :]  # sorted, [B, 1, 1, K]
     if self.hidden > 0:
       x = nn.relu(Conv2d(self.hidden, 1, name="conv_0")(x))
       x = Conv2d(self.shot, 1, name="conv_1")(x)
     else:
-      x = Conv2d(self.shot, 1, use_bias=False, name="conv",
-                 kernel_init=nn.initializers.constant(1.0 / self.shot))(x)
+      x = Conv2d(
+        self.shot,
+        1,
+        use_bias=False,
+        name="conv",
+        kernel_init=nn.initializers.constant(1.0 / self.shot),
+      )(x)
     w = x[:, 0, 0, :]
     if self.unsort:
       w = jnp.take_along_axis(w, jnp.argsort(order, axis=1), axis=1)
@@ -120,14 +126,21 @@ class LearnerEnsemble(nn.Module):
     kshot_hidden: ``kshot_trans_dim`` (2 in every reference; 0 = single conv).
     kshot_unsort: see the module docstring (False for HDMNet/PAHNet, True for BAM/Sym-Net).
   """
+
   shot: int = 1
   kshot_hidden: int = 2
   kshot_unsort: bool = False
 
   @nn.compact
-  def __call__(self, meta_logits: jax.Array, base_logits: jax.Array, query_low: jax.Array,
-               support_low: jax.Array, *, exclude_channel: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
+  def __call__(
+    self,
+    meta_logits: jax.Array,
+    base_logits: jax.Array,
+    query_low: jax.Array,
+    support_low: jax.Array,
+    *,
+    exclude_channel: jax.Array | None = None,
+  ) -> dict[str, jax.Array]:
     """Ensembles at the feature resolution.
 
     Args:
@@ -143,13 +156,14 @@ class LearnerEnsemble(nn.Module):
     """
     meta_prob = jax.nn.softmax(meta_logits, axis=-1)
     base_prob = jax.nn.softmax(base_logits, axis=-1)
-    e_all = scene_difference(query_low, support_low)                  # [B, K]
+    e_all = scene_difference(query_low, support_low)  # [B, K]
     if self.shot > 1:
-      weights = KShotReweight(self.shot, self.kshot_hidden, self.kshot_unsort,
-                              name="kshot_rw")(e_all)
+      weights = KShotReweight(self.shot, self.kshot_hidden, self.kshot_unsort, name="kshot_rw")(
+        e_all
+      )
     else:
       weights = jnp.ones_like(e_all)
-    est = jnp.sum(weights * e_all, axis=1)                            # [B]
+    est = jnp.sum(weights * e_all, axis=1)  # [B]
     base_map = base_foreground(base_prob, exclude_channel)
     est_map = jnp.broadcast_to(est[:, None, None, None], base_map.shape).astype(meta_prob.dtype)
     gram_merge = Conv2d(1, 1, use_bias=False, kernel_init=_merge_init, name="gram_merge")
@@ -162,12 +176,18 @@ class LearnerEnsemble(nn.Module):
     merge_in = jnp.concatenate([bg, base_map], axis=-1)
     self.sow("intermediates", "cls_merge_in", merge_in)
     final = jnp.concatenate([cls_merge(merge_in), fg], axis=-1)
-    return {"final": final, "est_val": est, "scene_difference": e_all, "base_map": base_map,
-            "meta_prob": meta_prob}
+    return {
+      "final": final,
+      "est_val": est,
+      "scene_difference": e_all,
+      "base_map": base_map,
+      "meta_prob": meta_prob,
+    }
 
 
-def ensemble_keymap(src: str = "", dst: tuple[str, ...] = ("ensemble",), *, shot: int = 1,
-                    kshot_hidden: int = 2) -> list:
+def ensemble_keymap(
+  src: str = "", dst: tuple[str, ...] = ("ensemble",), *, shot: int = 1, kshot_hidden: int = 2
+) -> list:
   """Torch ``gram_merge``, ``cls_merge``, ``kshot_rw`` (K > 1) -> `LearnerEnsemble` at ``dst``."""
   rules = keymaps.conv(f"{src}gram_merge", (*dst, "gram_merge"), bias=False)
   rules += keymaps.conv(f"{src}cls_merge", (*dst, "cls_merge"), bias=False)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +48,10 @@ def _pair(v: IntOr2, name: str) -> tuple[int, int]:
 # torch.nn.Conv2d / nn.Linear default weight init: kaiming_uniform_(a=sqrt(5))
 # = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in/groups * kh * kw.
 torch_default_kernel_init: Initializer = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_in", "uniform")
+  1.0 / 3.0, "fan_in", "uniform"
+)
 # torchvision ResNet: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-kaiming_normal_fan_out: Initializer = nn.initializers.variance_scaling(
-    2.0, "fan_out", "normal")
+kaiming_normal_fan_out: Initializer = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def torch_default_bias_init(fan_in: int) -> Initializer:
@@ -59,6 +60,7 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -76,6 +78,7 @@ class Conv2d(nn.Module):
     precision: passed to `fss_jax.ops.conv.conv2d` (None follows
       `jax.default_matmul_precision`); 1 x 1 kernels run as matrix products.
   """
+
   features: int
   kernel_size: IntOr2 = 3
   stride: IntOr2 = 1
@@ -95,23 +98,34 @@ class Conv2d(nn.Module):
     ph, pw = _pair(self.padding, "padding")
     cin = x.shape[-1]
     if cin % self.groups or self.features % self.groups:
-      raise ValueError(f"Conv2d: in ({cin}) and out ({self.features}) channels must be "
-                       f"divisible by groups={self.groups}")
-    kernel = self.param("kernel", self.kernel_init,
-                        (kh, kw, cin // self.groups, self.features), jnp.float32)
-    y = conv_ops.conv2d(x, kernel.astype(x.dtype), stride=_pair(self.stride, "stride"),
-                        padding=(ph, pw), dilation=_pair(self.dilation, "dilation"),
-                        groups=self.groups, precision=self.precision)
+      raise ValueError(
+        f"Conv2d: in ({cin}) and out ({self.features}) channels must be "
+        f"divisible by groups={self.groups}"
+      )
+    kernel = self.param(
+      "kernel", self.kernel_init, (kh, kw, cin // self.groups, self.features), jnp.float32
+    )
+    y = conv_ops.conv2d(
+      x,
+      kernel.astype(x.dtype),
+      stride=_pair(self.stride, "stride"),
+      padding=(ph, pw),
+      dilation=_pair(self.dilation, "dilation"),
+      groups=self.groups,
+      precision=self.precision,
+    )
     if self.use_bias:
       fan_in = cin // self.groups * kh * kw
-      bias = self.param("bias", self.bias_init or torch_default_bias_init(fan_in),
-                        (self.features,), jnp.float32)
+      bias = self.param(
+        "bias", self.bias_init or torch_default_bias_init(fan_in), (self.features,), jnp.float32
+      )
       y = y + bias.astype(y.dtype)
     return y
 
 
 class Linear(nn.Module):
   """torch.nn.Linear: x [..., in] -> [..., features]; kernel [in, features]."""
+
   features: int
   use_bias: bool = True
   kernel_init: Initializer = torch_default_kernel_init
@@ -124,8 +138,9 @@ class Linear(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (fan_in, self.features), jnp.float32)
     y = jnp.matmul(x, kernel.astype(x.dtype), precision=self.precision)
     if self.use_bias:
-      bias = self.param("bias", self.bias_init or torch_default_bias_init(fan_in),
-                        (self.features,), jnp.float32)
+      bias = self.param(
+        "bias", self.bias_init or torch_default_bias_init(fan_in), (self.features,), jnp.float32
+      )
       y = y + bias.astype(y.dtype)
     return y
 
@@ -135,6 +150,7 @@ class Mlp(nn.Module):
 
   The transformer MLP of SCCAN's blocks and PAHNet's PFE (params ``fc1``, ``fc2``).
   """
+
   hidden: int
   out: int | None = None
 
@@ -156,6 +172,7 @@ class BatchNorm2d(nn.Module):
     momentum: torch convention, weight of the new batch statistic.
   Variables: params ``scale``, ``bias``; batch_stats ``mean``, ``var``.
   """
+
   use_running_average: bool | None = None
   eps: float = 1e-5
   momentum: float = 0.1
@@ -163,8 +180,7 @@ class BatchNorm2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     """x [..., C] -> same shape."""
-    ura = nn.merge_param("use_running_average", self.use_running_average,
-                         use_running_average)
+    ura = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -192,9 +208,9 @@ class BatchNorm2d(nn.Module):
 FrozenBatchNorm2d = functools.partial(BatchNorm2d, use_running_average=True)
 
 
-
-def _normalize(x: jax.Array, axes: tuple[int, ...], eps: float, scale: jax.Array,
-               bias: jax.Array) -> jax.Array:
+def _normalize(
+  x: jax.Array, axes: tuple[int, ...], eps: float, scale: jax.Array, bias: jax.Array
+) -> jax.Array:
   """(x - mean) / sqrt(var + eps) * scale + bias over ``axes``, two-pass variance in float32.
 
   The statistics and the affine map are computed in (at least) float32 and the
@@ -217,6 +233,7 @@ class LayerNorm(nn.Module):
   `fss_jax.keymaps.layer_norm` writes). Unlike flax's layer, the result keeps a
   bfloat16 input's dtype instead of being promoted by the float32 params.
   """
+
   epsilon: float = 1e-5
 
   @nn.compact
@@ -233,6 +250,7 @@ class GroupNorm(nn.Module):
   Statistics per sample and group over the spatial axes and the group's
   C / num_groups channels; per-channel ``scale`` / ``bias`` [C] (flax's tree).
   """
+
   num_groups: int
   epsilon: float = 1e-5
 

@@ -10,7 +10,7 @@ Key names follow the PyTorch module: ``ppm.features.{i}.1`` (conv) and
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,6 +24,7 @@ from fss_jax.ops.resize import resize_bilinear
 
 class PPMBranch(nn.Module):
   """One pyramid level: pool to ``bin x bin``, project, up-sample."""
+
   bin: int
   features: int
   frozen_bn: bool = False
@@ -47,6 +48,7 @@ class PPM(nn.Module):
     reduction: channels of every branch (PSPNet: 2048 / 4 = 512).
     frozen_bn: BN always uses its running statistics (frozen base learner).
   """
+
   bins: Sequence[int] = (1, 2, 3, 6)
   reduction: int = 512
   frozen_bn: bool = False

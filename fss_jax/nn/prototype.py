@@ -22,7 +22,7 @@ PAHNet (tianyu-zou/PAHNet, spec pahnet.md §1.3-§1.4, §3.1, §5.2):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -55,8 +55,7 @@ def ssp_masked_average(feat: jax.Array, mask: jax.Array, *, eps: float = 1e-5) -
   return masked_average_pool(feat, m, eps=eps)
 
 
-def ssp_match(feat: jax.Array, fg: jax.Array, bg: jax.Array, *, scale: float = 10.0
-              ) -> jax.Array:
+def ssp_match(feat: jax.Array, fg: jax.Array, bg: jax.Array, *, scale: float = 10.0) -> jax.Array:
   """SSP's matching function ``scale * [cos(F, bg), cos(F, fg)]``.
 
   Args:
@@ -66,7 +65,7 @@ def ssp_match(feat: jax.Array, fg: jax.Array, bg: jax.Array, *, scale: float = 1
   Returns:
     [B, h, w, 2] (channel 0 background).
   """
-  as_map = lambda p: p[:, None, None, :] if p.ndim == 2 else p  # noqa: E731
+  as_map = lambda p: p[:, None, None, :] if p.ndim == 2 else p
   sim_fg = cosine_similarity(feat, as_map(fg), axis=-1, eps=1e-8)
   sim_bg = cosine_similarity(feat, as_map(bg), axis=-1, eps=1e-8)
   return jnp.stack([sim_bg, sim_fg], axis=-1) * scale
@@ -78,14 +77,20 @@ def _selection(prob: jax.Array, threshold: float, topk: int) -> jax.Array:
   prob [B, N] -> float mask [B, N].
   """
   above = prob > threshold
-  _, idx = jax.lax.top_k(prob, topk)                                   # [B, k]
+  _, idx = jax.lax.top_k(prob, topk)  # [B, k]
   top = jnp.sum(jax.nn.one_hot(idx, prob.shape[1], dtype=prob.dtype), axis=1) > 0
   return jnp.where(jnp.any(above, axis=1, keepdims=True), above, top).astype(prob.dtype)
 
 
-def self_support_prototypes(feat: jax.Array, logits: jax.Array, *, fg_threshold: float = 0.7,
-                            bg_threshold: float = 0.6, topk: int = 12,
-                            temperature: float = 2.0) -> dict[str, jax.Array]:
+def self_support_prototypes(
+  feat: jax.Array,
+  logits: jax.Array,
+  *,
+  fg_threshold: float = 0.7,
+  bg_threshold: float = 0.6,
+  topk: int = 12,
+  temperature: float = 2.0,
+) -> dict[str, jax.Array]:
   """SSP's ``SSP_func``: self-support prototypes from a query prediction.
 
   Per episode: ``P = softmax(logits)``; S_fg = {n: P_fg[n] > fg_threshold}
@@ -115,13 +120,18 @@ def self_support_prototypes(feat: jax.Array, logits: jax.Array, *, fg_threshold:
   fg = jnp.einsum("bnc,bn->bc", f, sel_fg, precision=hp) / count_fg[:, None]
   bg = jnp.einsum("bnc,bn->bc", f, sel_bg, precision=hp) / count_bg[:, None]
   fn = f / jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True))
-  sim = jnp.einsum("bxc,bnc->bxn", fn, fn) * temperature              # [B, N, N]
+  sim = jnp.einsum("bxc,bnc->bxn", fn, fn) * temperature  # [B, N, N]
   sim = jnp.where(sel_bg[:, None, :] > 0, sim, -jnp.inf)
   local = jnp.einsum("bxn,bnc->bxc", jax.nn.softmax(sim, axis=-1), f)
-  return {"fg": fg, "bg": bg, "bg_local": local.reshape(b, h, w, c),
-          "fg_count": count_fg, "bg_count": count_bg,
-          "fg_above": jnp.sum(prob[..., 1] > fg_threshold, axis=1),
-          "bg_above": jnp.sum(prob[..., 0] > bg_threshold, axis=1)}
+  return {
+    "fg": fg,
+    "bg": bg,
+    "bg_local": local.reshape(b, h, w, c),
+    "fg_count": count_fg,
+    "bg_count": count_bg,
+    "fg_above": jnp.sum(prob[..., 1] > fg_threshold, axis=1),
+    "bg_above": jnp.sum(prob[..., 0] > bg_threshold, axis=1),
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -129,9 +139,15 @@ def self_support_prototypes(feat: jax.Array, logits: jax.Array, *, fg_threshold:
 # ---------------------------------------------------------------------------
 
 
-def prototype_prior(query_feat: jax.Array, support_feat: jax.Array, support_mask: jax.Array,
-                    output_size: Sequence[int], *, eps: float = 1e-7,
-                    area_eps: float = 5e-4) -> dict[str, jax.Array]:
+def prototype_prior(
+  query_feat: jax.Array,
+  support_feat: jax.Array,
+  support_mask: jax.Array,
+  output_size: Sequence[int],
+  *,
+  eps: float = 1e-7,
+  area_eps: float = 5e-4,
+) -> dict[str, jax.Array]:
   """PAHNet's ``generate_prior_proto`` for one feature level (pahnet.md §1.3).
 
   Per shot k: ``g = WGAP(S_k, M_k)``, ``h = WGAP(S_k, 1 - M_k)``;
@@ -155,24 +171,32 @@ def prototype_prior(query_feat: jax.Array, support_feat: jax.Array, support_mask
   sm = support_mask.reshape(b * k, *support_mask.shape[2:])
   g = masked_average_pool(sf, sm, eps=area_eps).reshape(b, k, c)
   bgp = masked_average_pool(sf, 1.0 - sm, eps=area_eps).reshape(b, k, c)
-  q = query_feat.reshape(b, -1, c)                                     # [B, N, C]
+  q = query_feat.reshape(b, -1, c)  # [B, N, C]
   sim_fg = cosine_similarity_matrix(q, g, eps=eps, eps_mode="product")  # [B, N, K]
   sim_bg = cosine_similarity_matrix(q, bgp, eps=eps, eps_mode="product")
-  fg_max = jnp.max(sim_fg, axis=1)                                     # [B, K]
+  fg_max = jnp.max(sim_fg, axis=1)  # [B, K]
   nh, nw = query_feat.shape[1:3]
 
   def to_map(s):
     s = minmax_normalize(s, axis=1, eps=eps).reshape(b, nh, nw, k)
-    return jnp.transpose(resize_bilinear(s, tuple(output_size), align_corners=True),
-                         (0, 3, 1, 2))                                 # [B, K, o, o']
+    return jnp.transpose(
+      resize_bilinear(s, tuple(output_size), align_corners=True), (0, 3, 1, 2)
+    )  # [B, K, o, o']
+
   fg, bg = to_map(sim_fg), to_map(sim_bg)
   corr = jnp.maximum(fg - bg, 0.0)
-  return {"fg": fg, "bg": bg, "corr": corr, "fg_max": fg_max,
-          "corr_max": jnp.max(corr.reshape(b, k, -1), axis=-1)}
+  return {
+    "fg": fg,
+    "bg": bg,
+    "corr": corr,
+    "fg_max": fg_max,
+    "corr_max": jnp.max(corr.reshape(b, k, -1), axis=-1),
+  }
 
 
-def select_prior(low: dict[str, jax.Array], high: dict[str, jax.Array]
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def select_prior(
+  low: dict[str, jax.Array], high: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per sample and shot, the level with the larger maximum (strict ``<``: ties keep `low`).
 
   Args:
@@ -215,13 +239,15 @@ class PrototypeEnhanced(nn.Module):
     mlp_ratio: FFN hidden / d (4).
     ln_eps: LayerNorm eps (1e-5).
   """
+
   dim: int
   mlp_ratio: int = 4
   ln_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x: jax.Array, y: jax.Array, mask: jax.Array, prob: jax.Array,
-               hw: tuple[int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(
+    self, x: jax.Array, y: jax.Array, mask: jax.Array, prob: jax.Array, hw: tuple[int, int]
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Runs the PFE.
 
     Args:
@@ -238,12 +264,12 @@ class PrototypeEnhanced(nn.Module):
     b, n, d = x.shape
     norm1 = LayerNorm(epsilon=self.ln_eps, name="norm1")
     norm2 = LayerNorm(epsilon=self.ln_eps, name="norm2")
-    lin = lambda name, f=d: Linear(f, use_bias=False, name=name)  # noqa: E731
+    lin = lambda name, f=d: Linear(f, use_bias=False, name=name)
     m = mask.reshape(b, -1).astype(x.dtype)
     p = prob.reshape(b, -1).astype(x.dtype)
     xn, yn = norm1(x), norm1(y)
-    sq = lin("q")(yn)                                                 # support
-    kq = lin("k")(xn)                                                 # query
+    sq = lin("q")(yn)  # support
+    kq = lin("k")(xn)  # query
     vq = lin("v")(xn)
     fg = _wgap_tokens(sq, m)
     bg = _wgap_tokens(sq, 1.0 - m)
@@ -254,15 +280,18 @@ class PrototypeEnhanced(nn.Module):
     def fuse(weights):
       u = _wgap_tokens(vq, weights)
       s = (cosine_similarity(u, fg, eps=1e-8)[:, None] + 1.0) / 2.0
-      return s * fg + (1.0 - s) * u                                   # [B, d]
+      return s * fg + (1.0 - s) * u  # [B, d]
+
     p1, p2 = fuse(pseudo[..., 1]), fuse(p)
 
     def inject(t, prefix):
-      cat = lambda a, proto: jnp.concatenate(  # noqa: E731
-          [a, jnp.broadcast_to(proto[:, None, :], a.shape)], axis=-1)
+      cat = lambda a, proto: jnp.concatenate(
+        [a, jnp.broadcast_to(proto[:, None, :], a.shape)], axis=-1
+      )
       t1 = lin(f"proj_{prefix}1")(cat(t, p1))
       t2 = lin(f"proj_{prefix}2")(cat(t, p2))
       return lin(f"final_proj_{prefix}")(jnp.concatenate([t1, t2], axis=-1)) + t
+
     xm, ym = inject(x, "x"), inject(y, "y")
     hidden = d * self.mlp_ratio
     x_out = xn + Mlp(hidden, name="ffn_x")(norm2(xm))
@@ -274,8 +303,17 @@ def prototype_enhanced_keymap(src: str, dst: tuple[str, ...]) -> list:
   """Torch ``PrototypeEnhanced`` keys under ``src`` -> `PrototypeEnhanced` at ``dst``."""
   rules = keymaps.layer_norm(f"{src}.norm1", (*dst, "norm1"))
   rules += keymaps.layer_norm(f"{src}.norm2", (*dst, "norm2"))
-  for name in ("q", "k", "v", "proj_x1", "proj_y1", "proj_x2", "proj_y2", "final_proj_x",
-               "final_proj_y"):
+  for name in (
+    "q",
+    "k",
+    "v",
+    "proj_x1",
+    "proj_y1",
+    "proj_x2",
+    "proj_y2",
+    "final_proj_x",
+    "final_proj_y",
+  ):
     rules += keymaps.linear(f"{src}.{name}", (*dst, name), bias=False)
   for ffn in ("ffn_x", "ffn_y"):
     for fc in ("fc1", "fc2"):
@@ -288,8 +326,9 @@ def prototype_enhanced_keymap(src: str, dst: tuple[str, ...]) -> list:
 # ---------------------------------------------------------------------------
 
 
-def asc_query_state(prob: jax.Array, *, low: float = 0.3, high: float = 0.7
-                    ) -> tuple[jax.Array, jax.Array]:
+def asc_query_state(
+  prob: jax.Array, *, low: float = 0.3, high: float = 0.7
+) -> tuple[jax.Array, jax.Array]:
   """ASC's query side: (r = min(p, 1), t = 0 if r < low, 1 if r > high, r otherwise)."""
   r = jnp.minimum(prob, 1.0)
   t = jnp.where(r < low, 0.0, jnp.where(r > high, 1.0, r)).astype(prob.dtype)

@@ -23,7 +23,7 @@ All maps NHWC, token sets [B, L, C] with L = h * w row-major.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -48,8 +48,10 @@ def _norm(x: jax.Array, axis: int = -1, keepdims: bool = True) -> jax.Array:
 # Multi-layer correlation (model/correlation.py + mask_feature)
 # ---------------------------------------------------------------------------
 
-def block_correlation(query: jax.Array, support: jax.Array, fg: jax.Array, *,
-                      eps: float = 1e-5) -> jax.Array:
+
+def block_correlation(
+  query: jax.Array, support: jax.Array, fg: jax.Array, *, eps: float = 1e-5
+) -> jax.Array:
   """Mean over support foreground positions of ``max(0, <q^, s^_j>)``.
 
   Args:
@@ -74,9 +76,12 @@ def block_correlation(query: jax.Array, support: jax.Array, fg: jax.Array, *,
   return out.reshape(b, h, w)
 
 
-def multilayer_correlation(query_blocks: Sequence[jax.Array], support_blocks: Sequence[jax.Array],
-                           support_mask: jax.Array, stage_sizes: Sequence[int]
-                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def multilayer_correlation(
+  query_blocks: Sequence[jax.Array],
+  support_blocks: Sequence[jax.Array],
+  support_mask: jax.Array,
+  stage_sizes: Sequence[int],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Correlation stacks of layer4, layer3, layer2 (Sym-Net drops the layer1 block).
 
   Args:
@@ -100,14 +105,15 @@ def multilayer_correlation(query_blocks: Sequence[jax.Array], support_blocks: Se
       m = resize_bilinear(support_mask.astype(qf.dtype), size, align_corners=True)
       cache[size] = m[..., 0] == 1.0
     maps.append(block_correlation(qf, sf, cache[size]))
-  n2, n3, n4 = stage_sizes[1], stage_sizes[2], stage_sizes[3]
+  n2, n3 = stage_sizes[1], stage_sizes[2]
   stack = lambda ms: jnp.stack(ms, axis=-1)
-  return stack(maps[n2 + n3:]), stack(maps[n2:n2 + n3]), stack(maps[:n2])
+  return stack(maps[n2 + n3 :]), stack(maps[n2 : n2 + n3]), stack(maps[:n2])
 
 
 # ---------------------------------------------------------------------------
 # TDC (hyper_final)
 # ---------------------------------------------------------------------------
+
 
 class TDC(nn.Module):
   """Top-down hyper-correlation: ``[B, h, w, n2|n3|n4]`` stacks -> ``[B, h, w, out]``.
@@ -115,6 +121,7 @@ class TDC(nn.Module):
   ``a = GN-ReLU(conv3x3(conv1(h4) + conv2(h3)))``; ``H = conv3x3(GN-ReLU(conv3x3(a +
   conv3(h2))))``. GroupNorm with one group, eps 1e-5 (torch), all convs with bias.
   """
+
   hidden: int = 16
   features: int = 48
 
@@ -132,6 +139,7 @@ class TDC(nn.Module):
 # APA (CrossAttention, score function "bi_linear")
 # ---------------------------------------------------------------------------
 
+
 class APA(nn.Module):
   """Visual-text alignment prototype aggregation.
 
@@ -142,22 +150,26 @@ class APA(nn.Module):
     hidden: attention width (= prototype channels, 256).
     dropout: element-wise dropout on the projected output (training only).
   """
+
   hidden: int = 256
   dropout: float = 0.1
 
   @nn.compact
-  def __call__(self, feat: jax.Array, text: jax.Array, proto: jax.Array, *,
-               train: bool = False) -> jax.Array:
+  def __call__(
+    self, feat: jax.Array, text: jax.Array, proto: jax.Array, *, train: bool = False
+  ) -> jax.Array:
     """feat ``[B, h, w, C]``, text ``[B, T]``, proto ``[B, C]`` -> ``[B, C]``."""
     b, h, w, c = feat.shape
     if c != self.hidden or proto.shape[-1] != self.hidden:
-      raise ValueError(f"APA expects {self.hidden}-channel features and prototypes, got "
-                       f"{c} and {proto.shape[-1]}")
+      raise ValueError(
+        f"APA expects {self.hidden}-channel features and prototypes, got {c} and {proto.shape[-1]}"
+      )
     q = Linear(self.hidden, use_bias=False, name="w_q")(jnp.concatenate([text, proto], -1))
     kx = Conv2d(self.hidden, 1, use_bias=False, name="w_k")(feat).reshape(b, h * w, self.hidden)
     bound = 1.0 / math.sqrt(self.hidden)
-    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
-                                                                   bound)
+    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound
+    )
     weight = self.param("weight", init, (self.hidden, self.hidden), jnp.float32)  # U(-1/16, 1/16)
     score = jnp.einsum("bd,bld->bl", q @ weight, kx)
     attn = jax.nn.softmax(score, axis=-1)
@@ -170,6 +182,7 @@ class APA(nn.Module):
 # SPM: self-activation prior mask
 # ---------------------------------------------------------------------------
 
+
 def _window_prior(q: jax.Array, s: jax.Array, window: tuple[int, int], eps: float) -> jax.Array:
   """One window of SPM for one shot: q, s ``[B, h, w, C]`` -> min-max normalised ``[B, L]``."""
   pad = (window[0] // 2, window[1] // 2)
@@ -178,20 +191,26 @@ def _window_prior(q: jax.Array, s: jax.Array, window: tuple[int, int], eps: floa
   b, h, w, c = tq.shape
   tq = tq.reshape(b, h * w, c)
   ts = ts.reshape(b, h * w, c)
-  qn = _norm(tq)                                              # [B, L, 1]
-  sn = _norm(ts)[..., 0]                                      # [B, L]
+  qn = _norm(tq)  # [B, L, 1]
+  sn = _norm(ts)[..., 0]  # [B, L]
   dots = jnp.einsum("blc,bmc->blm", tq, ts)
-  sim = dots / (qn * sn[:, None, :] + eps) * qn               # cosine x query norm
-  r = jnp.mean(sim, axis=-1)                                  # over all support positions
+  sim = dots / (qn * sn[:, None, :] + eps) * qn  # cosine x query norm
+  r = jnp.mean(sim, axis=-1)  # over all support positions
   lo = jnp.min(r, axis=1, keepdims=True)
   hi = jnp.max(r, axis=1, keepdims=True)
   return (r - lo) / (hi - lo + eps)
 
 
-def self_activation_prior(query: jax.Array, supports: jax.Array, masks: jax.Array,
-                          weights: jax.Array, scales: Sequence[int], *,
-                          windows: Sequence[tuple[int, int]] = SPM_WINDOWS,
-                          eps: float = 1e-7) -> list[jax.Array]:
+def self_activation_prior(
+  query: jax.Array,
+  supports: jax.Array,
+  masks: jax.Array,
+  weights: jax.Array,
+  scales: Sequence[int],
+  *,
+  windows: Sequence[tuple[int, int]] = SPM_WINDOWS,
+  eps: float = 1e-7,
+) -> list[jax.Array]:
   """SPM pseudo query masks.
 
   Args:
@@ -208,13 +227,15 @@ def self_activation_prior(query: jax.Array, supports: jax.Array, masks: jax.Arra
   """
   b, k, h, w, _ = supports.shape
   if h != scales[0] or w != scales[0]:
-    raise ValueError(f"SPM needs the first pyramid bin ({scales[0]}) to equal the feature "
-                     f"size {h}x{w}; derive scales from the input size (model field scales=())")
+    raise ValueError(
+      f"SPM needs the first pyramid bin ({scales[0]}) to equal the feature "
+      f"size {h}x{w}; derive scales from the input size (model field scales=())"
+    )
   total = jnp.zeros((b, h * w), query.dtype)
   for j in range(k):
     s = supports[:, j] * masks[:, j, :, :, None]
     r = sum(_window_prior(query, s, win, eps) for win in windows) / len(windows)
-    total = total + weights[:, j:j + 1] * r
+    total = total + weights[:, j : j + 1] * r
   r0 = total.reshape(b, h, w, 1)
   return [r0] + [resize_bilinear(r0, (sc, sc), align_corners=True) for sc in scales[1:]]
 
@@ -223,9 +244,16 @@ def self_activation_prior(query: jax.Array, supports: jax.Array, masks: jax.Arra
 # Query self-support prototypes (feat_aggregation)
 # ---------------------------------------------------------------------------
 
-def query_self_prototypes(feat: jax.Array, prior: jax.Array, *, fg_thresh: float = 0.7,
-                          bg_thresh: float = 0.4, ambiguous: tuple[float, float] = (0.4, 0.55),
-                          fallback: int = 12) -> tuple[jax.Array, jax.Array, jax.Array]:
+
+def query_self_prototypes(
+  feat: jax.Array,
+  prior: jax.Array,
+  *,
+  fg_thresh: float = 0.7,
+  bg_thresh: float = 0.4,
+  ambiguous: tuple[float, float] = (0.4, 0.55),
+  fallback: int = 12,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Foreground, ambiguous and background prototypes of the query.
 
   Args:
@@ -255,7 +283,7 @@ def query_self_prototypes(feat: jax.Array, prior: jax.Array, *, fg_thresh: float
   _, top_bg = jax.lax.top_k(1.0 - r, n)
   order = jnp.argsort(r, axis=1)
   lo = max(L // 2 - fallback // 2, 0)
-  mid = order[:, lo:lo + n]
+  mid = order[:, lo : lo + n]
   fg = set_mean(r > fg_thresh, top)
   amb = set_mean((r > ambiguous[0]) & (r < ambiguous[1]), mid)
   bg = set_mean(r < bg_thresh, top_bg)
@@ -265,6 +293,7 @@ def query_self_prototypes(feat: jax.Array, prior: jax.Array, *, fg_thresh: float
 # ---------------------------------------------------------------------------
 # Co-optimised hard triplet loss (get_triple_loss / hard_triplet_dig)
 # ---------------------------------------------------------------------------
+
 
 def _l2n(x: jax.Array) -> jax.Array:
   """torch ``F.normalize(x, dim=-1)``: x / max(||x||, 1e-12)."""
@@ -276,9 +305,16 @@ def _pdist(a: jax.Array, b: jax.Array) -> jax.Array:
   return _norm(a - b + 1e-6, keepdims=False)
 
 
-def hard_triplet_loss(support_text: jax.Array, support_feats: jax.Array, support_masks: jax.Array,
-                      query_text: jax.Array, query_ambiguous: jax.Array,
-                      query_background: jax.Array, *, margin: float = 0.5) -> jax.Array:
+def hard_triplet_loss(
+  support_text: jax.Array,
+  support_feats: jax.Array,
+  support_masks: jax.Array,
+  query_text: jax.Array,
+  query_ambiguous: jax.Array,
+  query_background: jax.Array,
+  *,
+  margin: float = 0.5,
+) -> jax.Array:
   """Sym-Net's triplet loss = support part + query part.
 
   Args:
@@ -298,29 +334,31 @@ def hard_triplet_loss(support_text: jax.Array, support_feats: jax.Array, support
     amb) - d(tq, bg))`` averaged over B.
   """
   b, k, h, w, c = support_feats.shape
-  anchor = _l2n(support_text)                                        # [B, C]
-  f = _l2n(support_feats.reshape(b, k, h * w, c))                    # [B, K, L, C]
+  anchor = _l2n(support_text)  # [B, C]
+  f = _l2n(support_feats.reshape(b, k, h * w, c))  # [B, K, L, C]
   m = support_masks.reshape(b, k, h * w)
   pos, neg = m == 1, m == 0
-  dpos = _pdist(anchor[:, None, None, :], f)                         # [B, K, L]
-  hardest = jnp.max(jnp.where(pos, dpos, -jnp.inf), axis=-1)         # [B, K]
+  dpos = _pdist(anchor[:, None, None, :], f)  # [B, K, L]
+  hardest = jnp.max(jnp.where(pos, dpos, -jnp.inf), axis=-1)  # [B, K]
   negw = neg.astype(f.dtype)
   npos, nneg = jnp.sum(pos, -1), jnp.sum(negw, -1)
   neg_mean = jnp.einsum("bkl,bklc->bkc", negw, f) / jnp.maximum(nneg, 1.0)[..., None]
-  dneg = _pdist(anchor[:, None, :], neg_mean)                        # [B, K]
+  dneg = _pdist(anchor[:, None, :], neg_mean)  # [B, K]
   valid = (npos > 0) & (nneg > 0)
   per = jnp.where(valid, jax.nn.relu(margin + jnp.where(valid, hardest, 0.0) - dneg), 0.0)
-  count = jnp.maximum(jnp.sum(valid, axis=0), 1).astype(per.dtype)   # [K]
+  count = jnp.maximum(jnp.sum(valid, axis=0), 1).astype(per.dtype)  # [K]
   support_part = jnp.mean(jnp.sum(per, axis=0) / count)
   tq = _l2n(query_text)
-  query_part = jnp.mean(jax.nn.relu(margin + _pdist(tq, _l2n(query_ambiguous))
-                                    - _pdist(tq, _l2n(query_background))))
+  query_part = jnp.mean(
+    jax.nn.relu(margin + _pdist(tq, _l2n(query_ambiguous)) - _pdist(tq, _l2n(query_background)))
+  )
   return support_part + query_part
 
 
 # ---------------------------------------------------------------------------
 # BAM ensemble with the shot weights computed first
 # ---------------------------------------------------------------------------
+
 
 def _merge_init(key, shape, dtype=jnp.float32):
   """gram_merge / cls_merge start as [1, 0] (identity on the first input)."""
@@ -335,6 +373,7 @@ class ShotWeightedEnsemble(nn.Module):
   ``shot_weights(query_low, support_low)`` -> (w [B, K], e [B, K]) with BAM / Sym-Net's
   inverse-permutation scatter (``unsort=True``); ``__call__(meta, base, est)`` merges.
   """
+
   shot: int = 1
   kshot_hidden: int = 2
 
@@ -344,16 +383,23 @@ class ShotWeightedEnsemble(nn.Module):
     self.gram_merge = Conv2d(1, 1, use_bias=False, kernel_init=_merge_init)
     self.cls_merge = Conv2d(1, 1, use_bias=False, kernel_init=_merge_init)
 
-  def shot_weights(self, query_low: jax.Array, support_low: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
+  def shot_weights(
+    self, query_low: jax.Array, support_low: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
     """query_low ``[B, h, w, C]``, support_low ``[B, K, h, w, C]`` (layer2) ->
     (softmax shot weights ``[B, K]``, scene differences e ``[B, K]``)."""
     e = scene_difference(query_low, support_low)
     w = self.kshot_rw(e) if self.shot > 1 else jnp.ones_like(e)
     return w, e
 
-  def __call__(self, meta_logits: jax.Array, base_logits: jax.Array, est: jax.Array, *,
-               exclude_channel: jax.Array | None = None) -> dict[str, jax.Array]:
+  def __call__(
+    self,
+    meta_logits: jax.Array,
+    base_logits: jax.Array,
+    est: jax.Array,
+    *,
+    exclude_channel: jax.Array | None = None,
+  ) -> dict[str, jax.Array]:
     """meta ``[B, h, w, 2]``, base ``[B, h, w, N]``, est ``[B]`` (= sum_k w_k e_k) ->
     {"final" [B, h, w, 2], "base_map" [B, h, w, 1], "gram_merge_in_bg|fg", "cls_merge_in"}."""
     meta_prob = jax.nn.softmax(meta_logits, axis=-1)
@@ -363,9 +409,23 @@ class ShotWeightedEnsemble(nn.Module):
     fg_in = jnp.concatenate([meta_prob[..., 1:2], est_map], axis=-1)
     merge_in = jnp.concatenate([self.gram_merge(bg_in), base_map], axis=-1)
     final = jnp.concatenate([self.cls_merge(merge_in), self.gram_merge(fg_in)], axis=-1)
-    return {"final": final, "base_map": base_map, "gram_merge_in_bg": bg_in,
-            "gram_merge_in_fg": fg_in, "cls_merge_in": merge_in}
+    return {
+      "final": final,
+      "base_map": base_map,
+      "gram_merge_in_bg": bg_in,
+      "gram_merge_in_fg": fg_in,
+      "cls_merge_in": merge_in,
+    }
 
 
-__all__ = ["TDC", "APA", "block_correlation", "multilayer_correlation", "self_activation_prior",
-           "query_self_prototypes", "hard_triplet_loss", "ShotWeightedEnsemble", "SPM_WINDOWS"]
+__all__ = [
+  "TDC",
+  "APA",
+  "block_correlation",
+  "multilayer_correlation",
+  "self_activation_prior",
+  "query_self_prototypes",
+  "hard_triplet_loss",
+  "ShotWeightedEnsemble",
+  "SPM_WINDOWS",
+]

@@ -25,8 +25,16 @@ def pointwise_conv(x: jax.Array, w: jax.Array, precision: Any = None) -> jax.Arr
   return jnp.einsum("bhwi,io->bhwo", x, w, precision=precision)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, *, stride: Pair = (1, 1), padding: Pair = (0, 0),
-           dilation: Pair = (1, 1), groups: int = 1, precision: Any = None) -> jax.Array:
+def conv2d(
+  x: jax.Array,
+  kernel: jax.Array,
+  *,
+  stride: Pair = (1, 1),
+  padding: Pair = (0, 0),
+  dilation: Pair = (1, 1),
+  groups: int = 1,
+  precision: Any = None,
+) -> jax.Array:
   """Cross-correlation as torch's ``conv2d`` (symmetric zero padding).
 
   Args:
@@ -43,9 +51,15 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: Pair = (1, 1), padding: P
   if (kh, kw) == (1, 1) and tuple(padding) == (0, 0) and groups == 1:
     sh, sw = stride
     if (sh, sw) != (1, 1):
-      x = x[:, ::sh, ::sw]                      # floor((H - 1) / s) + 1 rows, as torch
+      x = x[:, ::sh, ::sw]  # floor((H - 1) / s) + 1 rows, as torch
     return pointwise_conv(x, kernel[0, 0], precision)
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=tuple(stride), padding=tuple((p, p) for p in padding),
-      rhs_dilation=tuple(dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=groups, precision=precision)
+    x,
+    kernel,
+    window_strides=tuple(stride),
+    padding=tuple((p, p) for p in padding),
+    rhs_dilation=tuple(dilation),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=groups,
+    precision=precision,
+  )

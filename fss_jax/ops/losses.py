@@ -18,7 +18,7 @@ Shapes are NHWC: logits ``[B, H, W, C]``, targets ``[B, H, W]`` int (0..C-1, 255
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +26,13 @@ import jax.numpy as jnp
 IGNORE = 255
 
 
-def cross_entropy(logits: jax.Array, target: jax.Array, *, ignore_index: int = IGNORE,
-                  weight: jax.Array | None = None) -> jax.Array:
+def cross_entropy(
+  logits: jax.Array,
+  target: jax.Array,
+  *,
+  ignore_index: int = IGNORE,
+  weight: jax.Array | None = None,
+) -> jax.Array:
   """Mean softmax cross-entropy over non-ignored pixels (torch ``reduction="mean"``).
 
   Args:
@@ -52,8 +57,14 @@ def cross_entropy(logits: jax.Array, target: jax.Array, *, ignore_index: int = I
   return jnp.where(denom > 0, jnp.sum(nll * w) / jnp.maximum(denom, 1e-12), 0.0)
 
 
-def weighted_dice_loss(logits: jax.Array, target: jax.Array, *, weight: float = 1.0,
-                       eps: float = 1e-8, reduction: str = "sum") -> jax.Array:
+def weighted_dice_loss(
+  logits: jax.Array,
+  target: jax.Array,
+  *,
+  weight: float = 1.0,
+  eps: float = 1e-8,
+  reduction: str = "sum",
+) -> jax.Array:
   """SCCAN's weighted Dice loss on 2-channel logits.
 
   Args:
@@ -68,11 +79,11 @@ def weighted_dice_loss(logits: jax.Array, target: jax.Array, *, weight: float = 
     scalar (or [B, 2] for reduction="none").
   """
   b = logits.shape[0]
-  t = jnp.stack([target == 0, target == 1], axis=-1).astype(jnp.float32)   # [B, H, W, 2]
+  t = jnp.stack([target == 0, target == 1], axis=-1).astype(jnp.float32)  # [B, H, W, 2]
   p = jax.nn.sigmoid(logits.astype(jnp.float32))
   p = p.reshape(b, -1, p.shape[-1])
   t = t.reshape(b, -1, t.shape[-1])
-  denom = jnp.sum(p * p, axis=1) + jnp.sum(t * t, axis=1)                   # [B, 2]
+  denom = jnp.sum(p * p, axis=1) + jnp.sum(t * t, axis=1)  # [B, 2]
   loss = 1.0 - 2.0 * jnp.sum(t * p, axis=1) / jnp.maximum(denom, eps)
   loss = loss * weight
   if reduction == "sum":
@@ -84,9 +95,12 @@ def weighted_dice_loss(logits: jax.Array, target: jax.Array, *, weight: float = 
   raise ValueError(f"unknown reduction {reduction!r}; use 'sum', 'mean' or 'none'")
 
 
-def weighted_sum(terms: Mapping[str, jax.Array], weights: Mapping[str, float] | None = None,
-                 *, reported: Mapping[str, jax.Array] | None = None
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def weighted_sum(
+  terms: Mapping[str, jax.Array],
+  weights: Mapping[str, float] | None = None,
+  *,
+  reported: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """``Σ w_name · terms[name]`` (weights default to 1) and {name: term, "loss": total}.
 
   Terms whose weight is 0 are reported but do not enter the total; ``reported`` adds

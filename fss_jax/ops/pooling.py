@@ -17,7 +17,7 @@ All sizes are static, every function is jit-friendly.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,12 +46,12 @@ def _check_nhwc(x, name="x"):
 # Adaptive average pooling
 # ---------------------------------------------------------------------------
 
+
 def adaptive_bins(in_size: int, out_size: int) -> list[tuple[int, int]]:
   """torch adaptive pooling bins ``(start, end)`` along one axis."""
   if in_size < 1 or out_size < 1:
     raise ValueError(f"adaptive pooling sizes must be positive, got {in_size} -> {out_size}")
-  return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size))
-          for i in range(out_size)]
+  return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)) for i in range(out_size)]
 
 
 def adaptive_avg_matrix(in_size: int, out_size: int, dtype=np.float32) -> np.ndarray:
@@ -92,20 +92,26 @@ def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Arr
 # Max / average pooling
 # ---------------------------------------------------------------------------
 
-def pool_output_size(in_size: int, kernel: int, stride: int, padding: int,
-                     dilation: int = 1, ceil_mode: bool = False) -> int:
+
+def pool_output_size(
+  in_size: int, kernel: int, stride: int, padding: int, dilation: int = 1, ceil_mode: bool = False
+) -> int:
   """torch's pooling output length (``pooling_output_shape``)."""
   eff = dilation * (kernel - 1) + 1
   if padding > eff // 2:
-    raise ValueError(f"pad should be at most half of the effective kernel size, got "
-                     f"padding={padding}, kernel={kernel}, dilation={dilation}")
+    raise ValueError(
+      f"pad should be at most half of the effective kernel size, got "
+      f"padding={padding}, kernel={kernel}, dilation={dilation}"
+    )
   num = in_size + 2 * padding - eff + ((stride - 1) if ceil_mode else 0)
   out = num // stride + 1
   if ceil_mode and (out - 1) * stride >= in_size + padding:
     out -= 1  # the last window must start inside the input or the left padding
   if out < 1:
-    raise ValueError(f"pooling output would be empty: input {in_size}, kernel {kernel}, "
-                     f"stride {stride}, padding {padding}, dilation {dilation}")
+    raise ValueError(
+      f"pooling output would be empty: input {in_size}, kernel {kernel}, "
+      f"stride {stride}, padding {padding}, dilation {dilation}"
+    )
   return out
 
 
@@ -118,9 +124,14 @@ def _pads(in_size, kernel, stride, padding, dilation, ceil_mode):
   return out, (padding, max(right, 0))
 
 
-def max_pool2d(x: jax.Array, kernel: int | Sequence[int], stride: int | Sequence[int] | None = None,
-               padding: int | Sequence[int] = 0, ceil_mode: bool = False,
-               dilation: int | Sequence[int] = 1) -> jax.Array:
+def max_pool2d(
+  x: jax.Array,
+  kernel: int | Sequence[int],
+  stride: int | Sequence[int] | None = None,
+  padding: int | Sequence[int] = 0,
+  ceil_mode: bool = False,
+  dilation: int | Sequence[int] = 1,
+) -> jax.Array:
   """torch ``F.max_pool2d`` (padding behaves like -inf).
 
   Args:
@@ -145,9 +156,14 @@ def max_pool2d(x: jax.Array, kernel: int | Sequence[int], stride: int | Sequence
   else:
     init = np.array(np.iinfo(x.dtype).min, x.dtype)
   y = jax.lax.reduce_window(
-      x, init, jax.lax.max, window_dimensions=(1, kh, kw, 1),
-      window_strides=(1, sh, sw, 1), padding=((0, 0), pad_h, pad_w, (0, 0)),
-      window_dilation=(1, dh, dw, 1))
+    x,
+    init,
+    jax.lax.max,
+    window_dimensions=(1, kh, kw, 1),
+    window_strides=(1, sh, sw, 1),
+    padding=((0, 0), pad_h, pad_w, (0, 0)),
+    window_dilation=(1, dh, dw, 1),
+  )
   return y[:, :oh, :ow]
 
 
@@ -170,14 +186,22 @@ def max_pool2d_taps(x: jax.Array, kernel: int, stride: int, padding: int) -> jax
     ``[B, h, w, C]``.
   """
   _, h, w, _ = x.shape
-  oh, ow = pool_output_size(h, kernel, stride, padding), pool_output_size(w, kernel, stride, padding)
-  right = lambda n, o: max((o - 1) * stride + kernel - n - padding, 0)  # noqa: E731
-  xp = jnp.pad(x, ((0, 0), (padding, right(h, oh)), (padding, right(w, ow)), (0, 0)),
-               constant_values=np.array(-np.inf, x.dtype))
+  oh, ow = (
+    pool_output_size(h, kernel, stride, padding),
+    pool_output_size(w, kernel, stride, padding),
+  )
+  right = lambda n, o: max((o - 1) * stride + kernel - n - padding, 0)
+  xp = jnp.pad(
+    x,
+    ((0, 0), (padding, right(h, oh)), (padding, right(w, ow)), (0, 0)),
+    constant_values=np.array(-np.inf, x.dtype),
+  )
   y = None
   for di in range(kernel):
     for dj in range(kernel):
-      tap = xp[:, di:di + (oh - 1) * stride + 1:stride, dj:dj + (ow - 1) * stride + 1:stride]
+      tap = xp[
+        :, di : di + (oh - 1) * stride + 1 : stride, dj : dj + (ow - 1) * stride + 1 : stride
+      ]
       y = tap if y is None else jnp.where(tap > y, tap, y)
   return y
 
@@ -194,9 +218,14 @@ def _avg_divisor(in_size, out, kernel, stride, padding, count_include_pad):
   return d
 
 
-def avg_pool2d(x: jax.Array, kernel: int | Sequence[int], stride: int | Sequence[int] | None = None,
-               padding: int | Sequence[int] = 0, ceil_mode: bool = False,
-               count_include_pad: bool = True) -> jax.Array:
+def avg_pool2d(
+  x: jax.Array,
+  kernel: int | Sequence[int],
+  stride: int | Sequence[int] | None = None,
+  padding: int | Sequence[int] = 0,
+  ceil_mode: bool = False,
+  count_include_pad: bool = True,
+) -> jax.Array:
   """torch ``F.avg_pool2d`` (zero padding, torch divisors).
 
   Args:
@@ -218,8 +247,13 @@ def avg_pool2d(x: jax.Array, kernel: int | Sequence[int], stride: int | Sequence
   dtype = x.dtype
   cdt = jnp.promote_types(dtype, jnp.float32)
   s = jax.lax.reduce_window(
-      x.astype(cdt), np.array(0, cdt), jax.lax.add, window_dimensions=(1, kh, kw, 1),
-      window_strides=(1, sh, sw, 1), padding=((0, 0), pad_h, pad_w, (0, 0)))[:, :oh, :ow]
+    x.astype(cdt),
+    np.array(0, cdt),
+    jax.lax.add,
+    window_dimensions=(1, kh, kw, 1),
+    window_strides=(1, sh, sw, 1),
+    padding=((0, 0), pad_h, pad_w, (0, 0)),
+  )[:, :oh, :ow]
   dh = _avg_divisor(h, oh, kh, sh, ph, count_include_pad)
   dw = _avg_divisor(w, ow, kw, sw, pw, count_include_pad)
   div = jnp.asarray((dh[:, None] * dw[None, :])[None, :, :, None], cdt)
@@ -230,8 +264,10 @@ def avg_pool2d(x: jax.Array, kernel: int | Sequence[int], stride: int | Sequence
 # Masked average pooling (prototypes)
 # ---------------------------------------------------------------------------
 
-def masked_average_pool(feat: jax.Array, mask: jax.Array, *, eps: float = 0.0005,
-                        resize: str | None = None) -> jax.Array:
+
+def masked_average_pool(
+  feat: jax.Array, mask: jax.Array, *, eps: float = 0.0005, resize: str | None = None
+) -> jax.Array:
   """Weighted GAP: ``sum_xy f * m / (sum_xy m + eps)``.
 
   Args:
@@ -260,8 +296,10 @@ def masked_average_pool(feat: jax.Array, mask: jax.Array, *, eps: float = 0.0005
   area = jnp.sum(mask, axis=(1, 2))  # [B]
   if resize is None:
     if mask.shape[1:] != (h, w):
-      raise ValueError(f"mask size {tuple(mask.shape[1:])} differs from the feature size "
-                       f"{(h, w)}; resize the mask first or pass resize='features'")
+      raise ValueError(
+        f"mask size {tuple(mask.shape[1:])} differs from the feature size "
+        f"{(h, w)}; resize the mask first or pass resize='features'"
+      )
     m = mask
   elif resize == "features":
     hm, wm = mask.shape[1:]

@@ -20,7 +20,7 @@ All sizes are static Python ints, so every function is jit-friendly.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +45,15 @@ def _pair(size) -> tuple[int, int]:
 
 def _check_nhwc(x, name: str = "x") -> None:
   if x.ndim != 4:
-    raise ValueError(f"{name} must be NHWC [B, H, W, C], got shape {tuple(x.shape)}; "
-                     "add a batch / channel axis (x[None] / x[..., None]) first")
+    raise ValueError(
+      f"{name} must be NHWC [B, H, W, C], got shape {tuple(x.shape)}; "
+      "add a batch / channel axis (x[None] / x[..., None]) first"
+    )
 
 
-def linear_weights(in_size: int, out_size: int, *, align_corners: bool,
-                   scale: float | None = None, dtype=np.float32) -> np.ndarray:
+def linear_weights(
+  in_size: int, out_size: int, *, align_corners: bool, scale: float | None = None, dtype=np.float32
+) -> np.ndarray:
   """The torch bilinear interpolation matrix of one axis.
 
   Args:
@@ -114,8 +117,7 @@ def _apply_axis_matrices(x: jax.Array, wh: np.ndarray, ww: np.ndarray) -> jax.Ar
   return y.astype(dtype)
 
 
-def resize_bilinear(x: jax.Array, size: int | Sequence[int], *,
-                    align_corners: bool) -> jax.Array:
+def resize_bilinear(x: jax.Array, size: int | Sequence[int], *, align_corners: bool) -> jax.Array:
   """torch ``F.interpolate(x, size, mode="bilinear", align_corners=...)``.
 
   Up- and down-sampling, no antialiasing (torch's default).
@@ -146,8 +148,9 @@ def scale_output_size(in_size: int, scale_factor: float) -> int:
   return int(np.floor(float(in_size) * float(scale_factor)))
 
 
-def resize_bilinear_scale(x: jax.Array, scale_factor: float | Sequence[float], *,
-                          align_corners: bool) -> jax.Array:
+def resize_bilinear_scale(
+  x: jax.Array, scale_factor: float | Sequence[float], *, align_corners: bool
+) -> jax.Array:
   """torch ``F.interpolate(x, scale_factor=s, mode="bilinear", ...)``.
 
   With ``recompute_scale_factor=None`` torch uses ``out = floor(in * s)`` and,
@@ -208,8 +211,9 @@ def resize_nearest(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
   return jnp.take(x, jnp.asarray(nearest_indices(w, ow)), axis=2)
 
 
-def linear_weights_for(in_size: int, out_size: int, *, align_corners: bool,
-                       dtype=np.float32) -> np.ndarray:
+def linear_weights_for(
+  in_size: int, out_size: int, *, align_corners: bool, dtype=np.float32
+) -> np.ndarray:
   """Like `linear_weights` but exactly the identity when sizes match.
 
   Convenience for callers that fold a resize into a contraction (e.g. masked

@@ -15,7 +15,7 @@ without normalisation, and SCCAN's softmax-weighted support mask.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,9 @@ def _clamped_norm(x: jax.Array, axis: int, eps: float) -> jax.Array:
   return n + jax.lax.stop_gradient(jnp.maximum(n, eps) - n)
 
 
-def cosine_similarity(a: jax.Array, b: jax.Array, *, axis: int = -1,
-                      eps: float = 1e-8) -> jax.Array:
+def cosine_similarity(
+  a: jax.Array, b: jax.Array, *, axis: int = -1, eps: float = 1e-8
+) -> jax.Array:
   """torch ``F.cosine_similarity(a, b, dim=axis, eps=eps)`` (torch >= 1.12).
 
   ``sum((a / max(||a||, eps)) * (b / max(||b||, eps)))`` over `axis`, after
@@ -59,8 +60,9 @@ def cosine_similarity(a: jax.Array, b: jax.Array, *, axis: int = -1,
   return jnp.sum(a * b, axis=axis)
 
 
-def cosine_similarity_matrix(a: jax.Array, b: jax.Array, *, eps: float = 1e-8,
-                             eps_mode: str = "clamp") -> jax.Array:
+def cosine_similarity_matrix(
+  a: jax.Array, b: jax.Array, *, eps: float = 1e-8, eps_mode: str = "clamp"
+) -> jax.Array:
   """All-pairs cosine similarity of two sets of vectors.
 
   Args:
@@ -93,11 +95,19 @@ def minmax_normalize(x: jax.Array, axis: int | Sequence[int], *, eps: float = 1e
   return (x - lo) / (hi - lo + eps)
 
 
-def correlation_prior(query_feat: jax.Array, support_feat: jax.Array, support_mask: jax.Array, *,
-                      eps: float = 1e-7, reduce: str = "max", mask_support: bool = True,
-                      normalize: bool = True, norm_eps: float | None = None,
-                      output_size: Sequence[int] | None = None,
-                      align_corners: bool = True) -> jax.Array:
+def correlation_prior(
+  query_feat: jax.Array,
+  support_feat: jax.Array,
+  support_mask: jax.Array,
+  *,
+  eps: float = 1e-7,
+  reduce: str = "max",
+  mask_support: bool = True,
+  normalize: bool = True,
+  norm_eps: float | None = None,
+  output_size: Sequence[int] | None = None,
+  align_corners: bool = True,
+) -> jax.Array:
   """Training-free query prior from query-support feature correlation.
 
   For every query position j and support position i,
@@ -132,15 +142,19 @@ def correlation_prior(query_feat: jax.Array, support_feat: jax.Array, support_ma
     ``[B, h, w, 1]`` prior (``h, w = Hq, Wq`` without `output_size`).
   """
   if query_feat.ndim != 4 or support_feat.ndim != 4:
-    raise ValueError("query_feat and support_feat must be [B, H, W, C], got "
-                     f"{tuple(query_feat.shape)} and {tuple(support_feat.shape)}")
+    raise ValueError(
+      "query_feat and support_feat must be [B, H, W, C], got "
+      f"{tuple(query_feat.shape)} and {tuple(support_feat.shape)}"
+    )
   if support_mask.ndim == 4:
     support_mask = support_mask[..., 0]
   b, hq, wq, c = query_feat.shape
   _, hs, ws, _ = support_feat.shape
   if support_mask.shape != (b, hs, ws):
-    raise ValueError(f"support_mask must be [B, Hs, Ws] = {(b, hs, ws)} (at the support "
-                     f"feature size), got {tuple(support_mask.shape)}")
+    raise ValueError(
+      f"support_mask must be [B, Hs, Ws] = {(b, hs, ws)} (at the support "
+      f"feature size), got {tuple(support_mask.shape)}"
+    )
   mask = support_mask.astype(support_feat.dtype).reshape(b, hs * ws)
   s = support_feat.reshape(b, hs * ws, c)
   if mask_support:

@@ -36,9 +36,9 @@ def _softmax_fwd(x: jax.Array, axis: int):
 
 def _softmax_bwd(axis: int, y: jax.Array, g: jax.Array):
   ax = axis % y.ndim
-  letters = "abcdefghijklmnopqrstuvwxyz"[:y.ndim]
-  rest = letters[:ax] + letters[ax + 1:]
-  dot = jnp.einsum(f"{letters},{letters}->{rest}", g, y)             # sum over `axis`
+  letters = "abcdefghijklmnopqrstuvwxyz"[: y.ndim]
+  rest = letters[:ax] + letters[ax + 1 :]
+  dot = jnp.einsum(f"{letters},{letters}->{rest}", g, y)  # sum over `axis`
   return (y * (g - jnp.expand_dims(dot, ax)),)
 
 

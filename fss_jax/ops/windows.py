@@ -25,8 +25,10 @@ import jax.numpy as jnp
 
 def _check_divisible(height: int, width: int, window: int) -> None:
   if height % window or width % window:
-    raise ValueError(f"feature map {height}x{width} is not a multiple of the window size "
-                     f"{window}; resize or pad it first (e.g. with pad_half_window)")
+    raise ValueError(
+      f"feature map {height}x{width} is not a multiple of the window size "
+      f"{window}; resize or pad it first (e.g. with pad_half_window)"
+    )
 
 
 def window_partition(x: jnp.ndarray, window: int) -> jnp.ndarray:
@@ -59,7 +61,7 @@ def window_merge(windows: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
     [B, height, width, C].
   """
   b, n, t, c = windows.shape
-  window = int(round(t ** 0.5))
+  window = int(round(t**0.5))
   if window * window != t:
     raise ValueError(f"windows hold {t} tokens, not a square number")
   _check_divisible(height, width, window)
@@ -130,7 +132,7 @@ def pad_half_window(x: jnp.ndarray, window: int) -> jnp.ndarray:
 def crop_half_window(x: jnp.ndarray, window: int, height: int, width: int) -> jnp.ndarray:
   """Inverse of `pad_half_window`: [B, H + window, W + window, C] -> [B, H, W, C]."""
   before, _ = half_window_padding(window)
-  return x[:, before:before + height, before:before + width, :]
+  return x[:, before : before + height, before : before + width, :]
 
 
 def window_grid(height: int, width: int, window: int) -> tuple[int, int]:

@@ -33,7 +33,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,7 @@ PRIOR_MODULE = "fss_jax.train.jc2a_prior"
 # The FP_base file
 # ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FPBase:
   """Base-class feature prototypes of one fold, as stored in the file.
@@ -61,6 +63,7 @@ class FPBase:
     counts: int [|C_base|], instance pairs averaged per class.
     meta: provenance (dataset, fold, layers, image size, backbone weights).
   """
+
   value: np.ndarray
   classes: tuple[int, ...] = ()
   counts: np.ndarray | None = None
@@ -77,27 +80,39 @@ def fp_base_filename(fold: int, layers: int) -> str:
 
 def fp_base_path(data_dir: str | os.PathLike, dataset: str, fold: int, layers: int) -> os.PathLike:
   """Where the prior command writes FP_base: next to the built dataset."""
-  from fss_jax.data.source import dataset_dir  # pylint: disable=g-import-not-at-top
+  from fss_jax.data.source import dataset_dir
+
   return dataset_dir(data_dir, dataset) / fp_base_filename(fold, layers)
 
 
 def prior_command(data_dir, dataset: str, fold: int, layers: int) -> str:
-  return (f"python -m {PRIOR_MODULE} --data_dir {os.fspath(data_dir)} --dataset {dataset} "
-          f"--fold {fold} --layers {layers} --backbone_init <resnet{layers}_v2.pth converted with "
-          f"python -m checkpoints.convert --model jc2a>")
+  return (
+    f"python -m {PRIOR_MODULE} --data_dir {os.fspath(data_dir)} --dataset {dataset} "
+    f"--fold {fold} --layers {layers} --backbone_init <resnet{layers}_v2.pth converted with "
+    f"python -m checkpoints.convert --model jc2a>"
+  )
 
 
 def save_fp_base(path: str | os.PathLike, fp: FPBase, *, overwrite: bool = False) -> os.PathLike:
   """Writes `fp` atomically (`fss_jax.io.atomic_write`, local or gs://); never replaces a file
   unless ``overwrite``."""
   try:
-    return fss_io.atomic_write(path, lambda f: np.savez(
-        f, fp_base=np.asarray(fp.value, np.float32), classes=np.asarray(fp.classes, np.int64),
+    return fss_io.atomic_write(
+      path,
+      lambda f: np.savez(
+        f,
+        fp_base=np.asarray(fp.value, np.float32),
+        classes=np.asarray(fp.classes, np.int64),
         counts=np.asarray(fp.counts if fp.counts is not None else [], np.int64),
         meta=np.str_(json.dumps(dict(fp.meta), sort_keys=True)),
-        format=np.int64(FP_BASE_FORMAT)), overwrite=overwrite)
+        format=np.int64(FP_BASE_FORMAT),
+      ),
+      overwrite=overwrite,
+    )
   except FileExistsError:
-    raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it") from None
+    raise FileExistsError(
+      f"{path} exists; pass overwrite=True (--overwrite) to replace it"
+    ) from None
 
 
 def load_fp_base(path: str | os.PathLike, *, command: str | None = None) -> FPBase:
@@ -111,17 +126,24 @@ def load_fp_base(path: str | os.PathLike, *, command: str | None = None) -> FPBa
   if not path.is_file():
     how = command or f"python -m {PRIOR_MODULE} --help"
     raise FPBaseMissingError(
-        f"JC²A's CKMM needs the fold's base-class prototypes FP_base, but {path} does not exist.\n"
-        f"Compute it once per fold (frozen backbone, base-class training pairs) with:\n  {how}\n"
-        f"or disable CKMM (model.use_ckmm=False, the Table 3 ablations).")
+      f"JC²A's CKMM needs the fold's base-class prototypes FP_base, but {path} does not exist.\n"
+      f"Compute it once per fold (frozen backbone, base-class training pairs) with:\n  {how}\n"
+      f"or disable CKMM (model.use_ckmm=False, the Table 3 ablations)."
+    )
   try:
     with path.open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
       value = z["fp_base"].astype(np.float32)
-      fp = FPBase(value=value, classes=tuple(int(c) for c in z["classes"]),
-                  counts=z["counts"], meta=json.loads(str(z["meta"])))
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"{path} is not a readable JC²A FP_base file ({type(e).__name__}: {e}); "
-                     f"delete it and run the prior command again") from e
+      fp = FPBase(
+        value=value,
+        classes=tuple(int(c) for c in z["classes"]),
+        counts=z["counts"],
+        meta=json.loads(str(z["meta"])),
+      )
+  except Exception as e:
+    raise ValueError(
+      f"{path} is not a readable JC²A FP_base file ({type(e).__name__}: {e}); "
+      f"delete it and run the prior command again"
+    ) from e
   if value.ndim != 2 or not np.all(np.isfinite(value)):
     raise ValueError(f"{path}: FP_base must be a finite [n_base, D] array, got {value.shape}")
   return fp
@@ -139,7 +161,8 @@ def fp_base_params(config) -> dict[str, np.ndarray]:
     ValueError: the file belongs to another backbone depth, dataset, fold or split, or its
       row count differs from ``model_fields.num_base_classes``.
   """
-  from fss_jax.data import splits  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import splits
+
   fields = config.model_fields
   if not fields.get("use_ckmm", True):
     return {}
@@ -148,20 +171,26 @@ def fp_base_params(config) -> dict[str, np.ndarray]:
   path = fp_base_path(data_dir, dataset, fold, layers)
   fp = load_fp_base(path, command=prior_command(data_dir, dataset, fold, layers))
   if fp.meta.get("layers") not in (None, layers):
-    raise ValueError(f"{path} was computed with ResNet-{fp.meta.get('layers')} but the "
-                     f"model uses ResNet-{layers}; run the prior command for --layers {layers}")
+    raise ValueError(
+      f"{path} was computed with ResNet-{fp.meta.get('layers')} but the "
+      f"model uses ResNet-{layers}; run the prior command for --layers {layers}"
+    )
   if fp.meta.get("fold") not in (None, fold):
     raise ValueError(f"{path} belongs to fold {fp.meta.get('fold')}, not fold {fold}")
   coco_split = config.data.get("coco_split", "interleaved")
   base = splits.fold_classes(dataset, fold, coco_split=coco_split).base
   if fp.classes and tuple(fp.classes) != tuple(base):
-    raise ValueError(f"{path} holds the base classes {list(fp.classes)}, but {dataset} fold {fold} "
-                     f"trains on {list(base)} (another dataset or COCO split); run the prior "
-                     f"command again with --overwrite")
+    raise ValueError(
+      f"{path} holds the base classes {list(fp.classes)}, but {dataset} fold {fold} "
+      f"trains on {list(base)} (another dataset or COCO split); run the prior "
+      f"command again with --overwrite"
+    )
   n = int(fields.get("num_base_classes", len(base)))
   if fp.value.shape[0] != n:
-    raise ValueError(f"{path} holds {fp.value.shape[0]} base-class prototypes but "
-                     f"model_fields.num_base_classes={n}; set it to {fp.value.shape[0]}")
+    raise ValueError(
+      f"{path} holds {fp.value.shape[0]} base-class prototypes but "
+      f"model_fields.num_base_classes={n}; set it to {fp.value.shape[0]}"
+    )
   return {"fp_base": fp.value}
 
 
@@ -172,8 +201,10 @@ def _backbone_tree(variables: Mapping[str, Any]) -> dict:
   if "backbone" in params:
     params, stats = params["backbone"], stats.get("backbone", {})
   if "layer4_0" not in params:
-    raise ValueError("the weights hold no deep-stem ResNet (no layer4_0); give the ImageNet / "
-                     "PSPNet backbone or a converted JC²A checkpoint")
+    raise ValueError(
+      "the weights hold no deep-stem ResNet (no layer4_0); give the ImageNet / "
+      "PSPNet backbone or a converted JC²A checkpoint"
+    )
   return {"params": params, "batch_stats": stats}
 
 
@@ -192,12 +223,15 @@ def load_backbone(path: str | os.PathLike, layers: int) -> tuple[dict, str]:
     FileNotFoundError: nothing at ``path``. ValueError: a state-dict file (convert it first)
       or weights without the deep-stem ResNet.
   """
-  from fss_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import state as state_lib
+
   root = fss_io.user_path(path)
   if root.is_file():
-    raise ValueError(f"--backbone_init {path} is a state-dict file; convert it first: python -m "
-                     f"checkpoints.convert --model jc2a --model-arg layers={layers} --src {path} "
-                     f"--dst W0, then pass --backbone_init W0 (the --config.init of the JC²A run)")
+    raise ValueError(
+      f"--backbone_init {path} is a state-dict file; convert it first: python -m "
+      f"checkpoints.convert --model jc2a --model-arg layers={layers} --src {path} "
+      f"--dst W0, then pass --backbone_init W0 (the --config.init of the JC²A run)"
+    )
   if not root.is_dir():
     raise FileNotFoundError(f"backbone weights {path} not found")
   return _backbone_tree(state_lib.read_variables(root)), f"orbax:{path}"
@@ -206,7 +240,9 @@ def load_backbone(path: str | os.PathLike, layers: int) -> tuple[dict, str]:
 def random_backbone(layers: int, seed: int = 0) -> dict:
   """A randomly initialised backbone (smoke tests only: the prior is then meaningless)."""
   net = ResNetDeepStem(depth=layers)
-  return jax.jit(lambda k: net.init(k, jnp.zeros((1, 33, 33, 3), jnp.float32)))(jax.random.key(seed))
+  return jax.jit(lambda k: net.init(k, jnp.zeros((1, 33, 33, 3), jnp.float32)))(
+    jax.random.key(seed)
+  )
 
 
 def _make_pair_fn(layers: int, classes: tuple[int, ...], eps: float):
@@ -216,19 +252,30 @@ def _make_pair_fn(layers: int, classes: tuple[int, ...], eps: float):
   @jax.jit
   def fn(variables, images, labels):
     """images [n, S, S, 3] normalised, labels [n, S, S] -> wGAP [n, |C|, D]."""
-    f = net.apply(variables, images, train=False)["layer4"]                  # [n, h, w, D]
-    onehot = (labels[..., None] == cls).astype(jnp.float32)                   # [n, S, S, |C|]
-    m = resize_bilinear(onehot, f.shape[1:3], align_corners=True)             # [n, h, w, |C|]
+    f = net.apply(variables, images, train=False)["layer4"]  # [n, h, w, D]
+    onehot = (labels[..., None] == cls).astype(jnp.float32)  # [n, S, S, |C|]
+    m = resize_bilinear(onehot, f.shape[1:3], align_corners=True)  # [n, h, w, |C|]
     num = jnp.einsum("nhwc,nhwd->ncd", m, f)
     return num / (m.sum((1, 2))[..., None] + eps)
+
   return fn
 
 
-def compute_fp_base(source, dataset: str, fold: int, *, backbone: Mapping[str, Any],
-                    layers: int = 50, size: int = 473, batch_size: int = 4,
-                    coco_split: str = "interleaved", max_images: int = 0, eps: float = 5e-4,
-                    meta: Mapping[str, Any] | None = None,
-                    log: Callable[[str], None] = print) -> FPBase:
+def compute_fp_base(
+  source,
+  dataset: str,
+  fold: int,
+  *,
+  backbone: Mapping[str, Any],
+  layers: int = 50,
+  size: int = 473,
+  batch_size: int = 4,
+  coco_split: str = "interleaved",
+  max_images: int = 0,
+  eps: float = 5e-4,
+  meta: Mapping[str, Any] | None = None,
+  log: Callable[[str], None] = print,
+) -> FPBase:
   """FP_base of one fold (jc2a.md §5.1).
 
   Args:
@@ -247,11 +294,13 @@ def compute_fp_base(source, dataset: str, fold: int, *, backbone: Mapping[str, A
   Returns:
     `FPBase` with value [|C_base|, 2048].
   """
-  from fss_jax.data import splits, transforms  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import splits, transforms
+
   dataset = splits.canonical_dataset(dataset)
   fc = splits.fold_classes(dataset, fold, coco_split=coco_split)
-  lists = splits.fold_lists(source.index, dataset, fold, "train", protocol="pfenet",
-                            coco_split=coco_split)
+  lists = splits.fold_lists(
+    source.index, dataset, fold, "train", protocol="pfenet", coco_split=coco_split
+  )
   classes = fc.base
   pair = np.zeros((len(source), len(classes)), bool)
   for j, c in enumerate(classes):
@@ -260,15 +309,17 @@ def compute_fp_base(source, dataset: str, fold: int, *, backbone: Mapping[str, A
   if max_images:
     images = images[:max_images]
   if not len(images):
-    raise ValueError(f"{dataset} fold {fold}: no training image has ≥ {splits.MIN_PIXELS} pixels "
-                     "of a base class; is the dataset built completely?")
+    raise ValueError(
+      f"{dataset} fold {fold}: no training image has ≥ {splits.MIN_PIXELS} pixels "
+      "of a base class; is the dataset built completely?"
+    )
   fn = _make_pair_fn(layers, classes, eps)
   resize, normalize = transforms.AspectResizePad(size=size), transforms.Normalize()
   total = None
   counts = np.zeros(len(classes), np.int64)
   start = time.time()
   for i in range(0, len(images), batch_size):
-    pos = images[i:i + batch_size]
+    pos = images[i : i + batch_size]
     ims, lbs = [], []
     for p in pos:
       ex = source[int(p)]
@@ -276,8 +327,8 @@ def compute_fp_base(source, dataset: str, fold: int, *, backbone: Mapping[str, A
       im, _ = normalize.apply(im, [])
       ims.append(im)
       lbs.append(lb.astype(np.int32))
-    valid = pair[pos]                                                        # [n, |C|]
-    while len(ims) < batch_size:                                             # fixed shapes
+    valid = pair[pos]  # [n, |C|]
+    while len(ims) < batch_size:  # fixed shapes
       ims.append(ims[0])
       lbs.append(lbs[0])
       valid = np.concatenate([valid, np.zeros((1, len(classes)), bool)])
@@ -295,9 +346,17 @@ def compute_fp_base(source, dataset: str, fold: int, *, backbone: Mapping[str, A
   if empty:
     log(f"warning: base classes {empty} have no instance pair; their FP_base rows are 0")
   value = (total / np.maximum(counts, 1)[:, None]).astype(np.float32)
-  info = {"dataset": dataset, "fold": int(fold), "layers": int(layers), "size": int(size),
-          "coco_split": coco_split, "images": int(len(images)), "empty_classes": empty,
-          "eps": eps, **dict(meta or {})}
+  info = {
+    "dataset": dataset,
+    "fold": int(fold),
+    "layers": int(layers),
+    "size": int(size),
+    "coco_split": coco_split,
+    "images": int(len(images)),
+    "empty_classes": empty,
+    "eps": eps,
+    **dict(meta or {}),
+  }
   return FPBase(value=value, classes=tuple(classes), counts=counts, meta=info)
 
 
@@ -307,11 +366,17 @@ def main(argv=None) -> int:
   p.add_argument("--dataset", required=True, help="pascal5i | coco20i")
   p.add_argument("--fold", type=int, required=True)
   p.add_argument("--layers", type=int, default=50, choices=(50, 101))
-  p.add_argument("--backbone_init", default="",
-                 help="converted weights with the deep-stem ResNet (checkpoints.convert --model "
-                      "jc2a of resnet*_v2.pth or a PSPNet best.pth)")
-  p.add_argument("--random_init", action="store_true",
-                 help="random backbone (smoke tests only; the prior is then meaningless)")
+  p.add_argument(
+    "--backbone_init",
+    default="",
+    help="converted weights with the deep-stem ResNet (checkpoints.convert --model "
+    "jc2a of resnet*_v2.pth or a PSPNet best.pth)",
+  )
+  p.add_argument(
+    "--random_init",
+    action="store_true",
+    help="random backbone (smoke tests only; the prior is then meaningless)",
+  )
   p.add_argument("--size", type=int, default=473, help="test-time resize target (§9.1)")
   p.add_argument("--batch_size", type=int, default=4)
   p.add_argument("--coco_split", default="interleaved", choices=("interleaved", "contiguous"))
@@ -320,17 +385,24 @@ def main(argv=None) -> int:
   p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
 
-  from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.data.splits import canonical_dataset  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import source as source_lib
+  from fss_jax.data.splits import canonical_dataset
+
   dataset = canonical_dataset(args.dataset)
-  out = fss_io.user_path(args.output) if args.output else fp_base_path(
-      args.data_dir, dataset, args.fold, args.layers)
+  out = (
+    fss_io.user_path(args.output)
+    if args.output
+    else fp_base_path(args.data_dir, dataset, args.fold, args.layers)
+  )
   if out.exists() and not args.overwrite:
     print(f"{out} exists; pass --overwrite to recompute it", file=sys.stderr)
     return 1
   if bool(args.backbone_init) == bool(args.random_init):
-    print("give exactly one of --backbone_init PATH (the backbone JC²A is trained with) or "
-          "--random_init (smoke tests)", file=sys.stderr)
+    print(
+      "give exactly one of --backbone_init PATH (the backbone JC²A is trained with) or "
+      "--random_init (smoke tests)",
+      file=sys.stderr,
+    )
     return 2
   if args.random_init:
     backbone, desc = random_backbone(args.layers), "random"
@@ -338,12 +410,23 @@ def main(argv=None) -> int:
     backbone, desc = load_backbone(args.backbone_init, args.layers)
   src = source_lib.open_split(args.data_dir, dataset, "train")
   print(f"FP_base for {dataset} fold {args.fold}, ResNet-{args.layers} ({desc}) -> {out}")
-  fp = compute_fp_base(src, dataset, args.fold, backbone=backbone, layers=args.layers,
-                       size=args.size, batch_size=args.batch_size, coco_split=args.coco_split,
-                       max_images=args.max_images, meta={"backbone": desc})
+  fp = compute_fp_base(
+    src,
+    dataset,
+    args.fold,
+    backbone=backbone,
+    layers=args.layers,
+    size=args.size,
+    batch_size=args.batch_size,
+    coco_split=args.coco_split,
+    max_images=args.max_images,
+    meta={"backbone": desc},
+  )
   save_fp_base(out, fp, overwrite=args.overwrite)
-  print(f"wrote {out}: {fp.value.shape[0]} classes x {fp.value.shape[1]}, pairs per class "
-        f"{fp.counts.tolist()}")
+  print(
+    f"wrote {out}: {fp.value.shape[0]} classes x {fp.value.shape[1]}, pairs per class "
+    f"{fp.counts.tolist()}"
+  )
   return 0
 
 

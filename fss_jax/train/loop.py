@@ -45,7 +45,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -69,7 +70,7 @@ BEST_DIR = "best"
 # 1: model, model_fields, dataset, fold, shot, way. 2: adds "input", "labels" and "output"
 # (`describe`): what evaluating or predicting with the weights needs besides them.
 META_FORMAT = 2
-_HISTORY = 1000   # logged train metrics kept in the returned summary
+_HISTORY = 1000  # logged train metrics kept in the returned summary
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -99,11 +100,15 @@ class TrainingInterrupted(Exception):
   def __init__(self, signum: int, step: int, workdir: epath.Path, *, saved: bool = True):
     name = signal.Signals(signum).name
     if saved:
-      text = (f"training interrupted by {name} after step {step}; checkpoint {step} is saved in "
-              f"{workdir / CHECKPOINT_DIR} and a rerun resumes from it")
+      text = (
+        f"training interrupted by {name} after step {step}; checkpoint {step} is saved in "
+        f"{workdir / CHECKPOINT_DIR} and a rerun resumes from it"
+      )
     else:
-      text = (f"training interrupted by {name} before its first step (at step {step}); nothing "
-              f"new to save, a rerun starts there")
+      text = (
+        f"training interrupted by {name} before its first step (at step {step}); nothing "
+        f"new to save, a rerun starts there"
+      )
     super().__init__(text)
     self.signum, self.step, self.exit_code = signum, step, 128 + signum
 
@@ -157,12 +162,12 @@ class _QuietLibraries:
   record."""
 
   def filter(self, record) -> bool:
-    if record.name == "asyncio":   # "Task exception was never retrieved" for each write
+    if record.name == "asyncio":  # "Task exception was never retrieved" for each write
       return "/orbax/" not in record.getMessage()
     if record.name.startswith("jax._src.xla_bridge") and record.levelno <= 20:
-      return False                 # "Unable to initialize backend 'tpu'": jax probing platforms
+      return False  # "Unable to initialize backend 'tpu'": jax probing platforms
     if "/tensorflow_datasets/" in record.pathname and record.levelno <= 20:
-      return False                 # "Load dataset info from ...", each time a split is opened
+      return False  # "Load dataset info from ...", each time a split is opened
     if "/orbax/" not in record.pathname:
       return True
     if record.levelno <= 20 or record.exc_info:
@@ -178,14 +183,20 @@ def _without_closed_loop_noise(previous: Callable[[Any], None]) -> Callable[[Any
     value = unraisable.exc_value
     if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
       previous(unraisable)
+
   hook.quiet_closed_loop = True
   return hook
 
 
 # What TensorFlow's C++ start-up prints whatever TF_CPP_MIN_LOG_LEVEL says (TF 2.21 logs
 # through absl before absl's logging is initialised): notes about CPU features, not problems.
-_TF_STARTUP_NOTES = ("absl::InitializeLog", "oneDNN custom operations", "cpu_feature_guard",
-                     "To enable the following instructions", "rebuild TensorFlow with")
+_TF_STARTUP_NOTES = (
+  "absl::InitializeLog",
+  "oneDNN custom operations",
+  "cpu_feature_guard",
+  "To enable the following instructions",
+  "rebuild TensorFlow with",
+)
 
 
 def _import_tensorflow_quietly() -> None:
@@ -194,7 +205,7 @@ def _import_tensorflow_quietly() -> None:
   if "tensorflow" in sys.modules:
     return
   with fss_io.captured_stderr() as lines:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    pass
   rest = [line for line in lines if not any(n in line for n in _TF_STARTUP_NOTES)]
   if rest:
     print("\n".join(rest), file=sys.stderr)
@@ -215,6 +226,7 @@ def quiet_library_logs() -> None:
 # Data
 # ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Data:
   """What the loop reads.
@@ -229,6 +241,7 @@ class Data:
     classes: the fold's novel classes (global ids) scored by the mIoU.
     class_names: optional {id: name}.
   """
+
   train: Callable[[], Any]
   eval: Callable[[int, int], Iterable[Mapping[str, Any]]] | None
   classes: tuple[int, ...]
@@ -238,46 +251,77 @@ class Data:
 def episode_config(config):
   """``config.data`` + run fields -> `fss_jax.data.pipeline.EpisodeConfig` (``score_size``: the
   test size when the protocol scores at the input, so any image size fits)."""
-  from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import pipeline
+
   d = config.data
   scoring = protocol_lib.scoring(config)
   return pipeline.EpisodeConfig(
-      dataset=config.dataset, data_dir=os.fspath(fss_io.user_path(d.data_dir)), fold=config.fold,
-      shot=config.shot, way=config.way, seed=config.seed, train_size=d.train_size,
-      train_resize=d.train_resize, scale=tuple(d.scale), rotate=tuple(d.rotate),
-      blur=float(d.get("blur", pipeline.EpisodeConfig.blur)),
-      test_size=d.test_size, test_resize=d.test_resize, label_bucket=d.label_bucket or None,
-      score_size=int(scoring.size) if scoring.mode == "input" else None,
-      protocol=d.protocol, coco_split=d.coco_split, base_label=d.base_label,
-      worker_count=d.worker_count, read_threads=d.read_threads,
-      prefetch_batches=d.prefetch_batches)
+    dataset=config.dataset,
+    data_dir=os.fspath(fss_io.user_path(d.data_dir)),
+    fold=config.fold,
+    shot=config.shot,
+    way=config.way,
+    seed=config.seed,
+    train_size=d.train_size,
+    train_resize=d.train_resize,
+    scale=tuple(d.scale),
+    rotate=tuple(d.rotate),
+    blur=float(d.get("blur", pipeline.EpisodeConfig.blur)),
+    test_size=d.test_size,
+    test_resize=d.test_resize,
+    label_bucket=d.label_bucket or None,
+    score_size=int(scoring.size) if scoring.mode == "input" else None,
+    protocol=d.protocol,
+    coco_split=d.coco_split,
+    base_label=d.base_label,
+    worker_count=d.worker_count,
+    read_threads=d.read_threads,
+    prefetch_batches=d.prefetch_batches,
+  )
 
 
 def episodes_path(config, workdir: epath.Path, seed: int, num: int) -> epath.Path:
   """Where the stored test episodes of (dataset, fold, way, shot, seed, num) live (no fold for
   a fold-less cross-domain test set)."""
-  from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  root = fss_io.user_path(config.eval.episodes_dir) if config.eval.episodes_dir \
-      else workdir / "episodes"
+  from fss_jax.data import pipeline
+
+  root = (
+    fss_io.user_path(config.eval.episodes_dir) if config.eval.episodes_dir else workdir / "episodes"
+  )
   way = f"{config.way}way" if config.way > 1 else ""
   fold = "" if pipeline.is_cross_domain(config.dataset) else f"_f{config.fold}"
-  name = (f"{config.dataset}{fold}_{way}{config.shot}shot_s{seed}_n{num}"
-          f"{protocol_lib.episodes_tag(config)}.jsonl")
+  name = (
+    f"{config.dataset}{fold}_{way}{config.shot}shot_s{seed}_n{num}"
+    f"{protocol_lib.episodes_tag(config)}.jsonl"
+  )
   return root / name
 
 
 def ensure_episodes(config, workdir: epath.Path, seed: int, num: int) -> epath.Path:
   """The stored test episode list, generated (deterministically) when absent."""
-  from fss_jax.data import episodes as episodes_lib  # pylint: disable=g-import-not-at-top
-  from fss_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import episodes as episodes_lib
+  from fss_jax.data import source as source_lib
+
   path = episodes_path(config, workdir, seed, num)
   if not path.is_file():
-    src = source_lib.open_split(fss_io.user_path(config.data.data_dir), config.dataset,
-                                episodes_lib.test_split(config.dataset))
-    records = episodes_lib.generate(src.index, config.dataset, config.fold, "test", shot=config.shot,
-                                    num_episodes=num, seed=seed, way=config.way,
-                                    protocol=config.data.protocol, coco_split=config.data.coco_split,
-                                    **protocol_lib.episode_kwargs(config))
+    src = source_lib.open_split(
+      fss_io.user_path(config.data.data_dir),
+      config.dataset,
+      episodes_lib.test_split(config.dataset),
+    )
+    records = episodes_lib.generate(
+      src.index,
+      config.dataset,
+      config.fold,
+      "test",
+      shot=config.shot,
+      num_episodes=num,
+      seed=seed,
+      way=config.way,
+      protocol=config.data.protocol,
+      coco_split=config.data.coco_split,
+      **protocol_lib.episode_kwargs(config),
+    )
     episodes_lib.write_episodes(path, records)
     logging.info("wrote %d test episodes (seed %d) to %s", len(records), seed, path)
   return path
@@ -285,7 +329,8 @@ def ensure_episodes(config, workdir: epath.Path, seed: int, num: int) -> epath.P
 
 def make_data(config, workdir: epath.Path, *, eval_batch_size: int) -> Data:
   """The real data: grain loaders over the built TFDS dataset."""
-  from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import pipeline
+
   ecfg = episode_config(config)
   p, n = jax.process_index(), jax.process_count()
 
@@ -300,16 +345,22 @@ def make_data(config, workdir: epath.Path, *, eval_batch_size: int) -> Data:
 
   def evaluate(seed: int, num: int):
     path = ensure_episodes(config, workdir, seed, num)
-    return pipeline.make_eval_loader(ecfg, path, global_batch_size=eval_batch_size, shard_index=p,
-                                     shard_count=n)
+    return pipeline.make_eval_loader(
+      ecfg, path, global_batch_size=eval_batch_size, shard_index=p, shard_count=n
+    )
 
-  return Data(train=train, eval=evaluate, classes=ecfg.test_classes(),
-              class_names=metrics_lib.class_names(ecfg.dataset))
+  return Data(
+    train=train,
+    eval=evaluate,
+    classes=ecfg.test_classes(),
+    class_names=metrics_lib.class_names(ecfg.dataset),
+  )
 
 
 # ---------------------------------------------------------------------------
 # Set-up helpers
 # ---------------------------------------------------------------------------
+
 
 def model_fields(config) -> dict:
   f = config.model_fields
@@ -326,9 +377,11 @@ def check_input_sizes(config, spec, keys: tuple[str, ...]) -> None:
   for key in keys:
     size = int(config.data[key])
     if minimum is not None and size < minimum:
-      raise ValueError(f"config.data.{key}={size} is below the smallest input model "
-                       f"{config.model!r} takes ({minimum} px); set --config.data.{key}={minimum} "
-                       f"or larger")
+      raise ValueError(
+        f"config.data.{key}={size} is below the smallest input model "
+        f"{config.model!r} takes ({minimum} px); set --config.data.{key}={minimum} "
+        f"or larger"
+      )
 
 
 def build_model(config, sizes: tuple[str, ...] = ()):
@@ -358,21 +411,41 @@ def describe(config) -> dict:
   * ``output``: what the model's ``logits`` hold (`ModelSpec.output`: "logits" or
     "probabilities").
   """
-  from fss_jax.data import transforms  # pylint: disable=g-import-not-at-top
-  return _jsonable({
-      "input": {"size": int(config.data.test_size), "resize": str(config.data.test_resize),
-                "mean": list(transforms.MEAN), "std": list(transforms.STD)},
-      "labels": {"background": 0, "ignore": int(transforms.IGNORE),
-                 "classes": {str(k): v for k, v in metrics_lib.class_names(config.dataset).items()}},
-      "output": registry.get(config.model).output})
+  from fss_jax.data import transforms
+
+  return _jsonable(
+    {
+      "input": {
+        "size": int(config.data.test_size),
+        "resize": str(config.data.test_resize),
+        "mean": list(transforms.MEAN),
+        "std": list(transforms.STD),
+      },
+      "labels": {
+        "background": 0,
+        "ignore": int(transforms.IGNORE),
+        "classes": {str(k): v for k, v in metrics_lib.class_names(config.dataset).items()},
+      },
+      "output": registry.get(config.model).output,
+    }
+  )
 
 
 def checkpoint_meta(config) -> dict:
   """What a checkpoint records: what it must agree on to be resumed (model, fields, episode
   setting; `_meta_differences`) and what evaluating or predicting with it needs (`describe`)."""
-  return _jsonable({"format": META_FORMAT, "model": config.model, "model_fields": model_fields(config),
-                    "dataset": config.dataset, "fold": config.fold, "shot": config.shot,
-                    "way": config.way, **describe(config)})
+  return _jsonable(
+    {
+      "format": META_FORMAT,
+      "model": config.model,
+      "model_fields": model_fields(config),
+      "dataset": config.dataset,
+      "fold": config.fold,
+      "shot": config.shot,
+      "way": config.way,
+      **describe(config),
+    }
+  )
 
 
 # Model fields that change how a step is computed but not the variables or the function
@@ -388,8 +461,9 @@ def _meta_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
   sf, cf = saved.get("model_fields", {}) or {}, current.get("model_fields", {}) or {}
   for k in sorted((set(sf) | set(cf)) - COMPUTE_ONLY_FIELDS):
     if sf.get(k, "<unset>") != cf.get(k, "<unset>"):
-      diffs.append(f"model_fields.{k}: checkpoint {sf.get(k, '<unset>')!r}, this run "
-                   f"{cf.get(k, '<unset>')!r}")
+      diffs.append(
+        f"model_fields.{k}: checkpoint {sf.get(k, '<unset>')!r}, this run {cf.get(k, '<unset>')!r}"
+      )
   return diffs
 
 
@@ -406,10 +480,13 @@ def _shape_differences(saved_tree: Any, target: Any) -> list[str]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       out["/".join(name(k) for k in path)] = tuple(getattr(leaf, "shape", ()) or ())
     return out
+
   a, b = flat(saved_tree), flat(target)
   diffs = [f"{k}: only in the checkpoint {a[k]}" for k in sorted(set(a) - set(b))]
   diffs += [f"{k}: only in this model {b[k]}" for k in sorted(set(b) - set(a))]
-  diffs += [f"{k}: checkpoint {a[k]}, this model {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+  diffs += [
+    f"{k}: checkpoint {a[k]}, this model {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]
+  ]
   return diffs
 
 
@@ -445,20 +522,29 @@ def _set_iter_state(it: Any, raw: bytes) -> None:
 
 def _get_iter_state(it: Any) -> Any:
   if not hasattr(it, "get_state"):
-    raise TypeError(f"the training iterator {type(it).__name__} has no get_state(); it cannot be "
-                    f"checkpointed")
+    raise TypeError(
+      f"the training iterator {type(it).__name__} has no get_state(); it cannot be checkpointed"
+    )
   return it.get_state()
 
 
-def checkpoint_manager(directory: epath.Path, *, keep: int, async_save: bool,
-                       read_only: bool = False):
-  import grain  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-              "data": grain.checkpoint.CheckpointHandler()}
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         enable_async_checkpointing=async_save,
-                                         read_only=read_only)
+def checkpoint_manager(
+  directory: epath.Path, *, keep: int, async_save: bool, read_only: bool = False
+):
+  import grain
+  import orbax.checkpoint as ocp
+
+  handlers = {
+    "state": ocp.StandardCheckpointHandler(),
+    "meta": ocp.JsonCheckpointHandler(),
+    "data": grain.checkpoint.CheckpointHandler(),
+  }
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep,
+    create=not read_only,
+    enable_async_checkpointing=async_save,
+    read_only=read_only,
+  )
   return ocp.CheckpointManager(os.fspath(directory), item_handlers=handlers, options=options)
 
 
@@ -467,16 +553,27 @@ def _checkpoint_root(path: epath.Path) -> epath.Path:
   return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
 
 
-def restore_checkpoint(mngr, step: int, abstract_state: Any, meta: Mapping[str, Any], *,
-                       where: str, data_iter: Any = None, with_data: bool = True):
+def restore_checkpoint(
+  mngr,
+  step: int,
+  abstract_state: Any,
+  meta: Mapping[str, Any],
+  *,
+  where: str,
+  data_iter: Any = None,
+  with_data: bool = True,
+):
   """Restores (state, data state) of ``step`` after checking meta and shapes.
 
   Raises:
     WorkdirMismatchError: other model / fields / setting / shapes.
   """
-  import grain  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+  import grain
+  import orbax.checkpoint as ocp
+
+  saved_meta = (
+    mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+  )
   diffs = _meta_differences(saved_meta, meta)
   if not diffs:
     md = mngr.item_metadata(step)
@@ -485,9 +582,11 @@ def restore_checkpoint(mngr, step: int, abstract_state: Any, meta: Mapping[str, 
       diffs = _shape_differences(tree, abstract_state)
   if diffs:
     raise WorkdirMismatchError(
-        f"refusing to resume from {where} (step {step}): it holds a checkpoint of model "
-        f"{saved_meta.get('model')!r} that does not match this run:\n  " + "\n  ".join(diffs[:30])
-        + "\nUse another --workdir for this configuration (or delete that checkpoint folder).")
+      f"refusing to resume from {where} (step {step}): it holds a checkpoint of model "
+      f"{saved_meta.get('model')!r} that does not match this run:\n  "
+      + "\n  ".join(diffs[:30])
+      + "\nUse another --workdir for this configuration (or delete that checkpoint folder)."
+    )
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   catcher = _StateCatcher()
   if with_data and data_iter is not None:
@@ -497,8 +596,9 @@ def restore_checkpoint(mngr, step: int, abstract_state: Any, meta: Mapping[str, 
   except ValueError as e:
     if "process_" in str(e):
       raise WorkdirMismatchError(
-          f"{where} step {step} has no data-iterator state for process {jax.process_index()} of "
-          f"{jax.process_count()} (saved with another process count?): {e}") from None
+        f"{where} step {step} has no data-iterator state for process {jax.process_index()} of "
+        f"{jax.process_count()} (saved with another process count?): {e}"
+      ) from None
     raise
   if catcher.state is not None:
     _set_iter_state(data_iter, catcher.state)
@@ -508,6 +608,7 @@ def restore_checkpoint(mngr, step: int, abstract_state: Any, meta: Mapping[str, 
 # ---------------------------------------------------------------------------
 # Metric bookkeeping
 # ---------------------------------------------------------------------------
+
 
 class _Pending:
   """Device metrics since the last flush; checked for NaN/Inf and averaged on the host."""
@@ -520,8 +621,9 @@ class _Pending:
   def add(self, step: int, metrics: Any) -> None:
     self.items.append((step, metrics))
 
-  def flush(self, *, last_good: int | None = None, workdir: epath.Path | None = None
-            ) -> dict[str, float] | None:
+  def flush(
+    self, *, last_good: int | None = None, workdir: epath.Path | None = None
+  ) -> dict[str, float] | None:
     """Averages the pending metrics; raises `NonFiniteLossError` at the first bad step."""
     del last_good, workdir  # the loop names the checkpoint that is kept
     if not self.items:
@@ -534,12 +636,15 @@ class _Pending:
       if not np.isfinite(m["loss"]) or bad_params:
         others = ", ".join(f"{k}={float(v):.4g}" for k, v in m.items() if k != "params_finite")
         if np.isfinite(m["loss"]):
-          what, first_ruined = (f"update {s} made parameters non-finite (loss {float(m['loss']):.4g} "
-                                f"before it)"), s
+          what, first_ruined = (
+            (f"update {s} made parameters non-finite (loss {float(m['loss']):.4g} before it)"),
+            s,
+          )
         else:
           what, first_ruined = f"the loss is {float(m['loss'])}", s - 1
-        raise NonFiniteLossError(f"training stopped: {what} at step {s} ({others})", step=s,
-                                 first_ruined=first_ruined)
+        raise NonFiniteLossError(
+          f"training stopped: {what} at step {s} ({others})", step=s, first_ruined=first_ruined
+        )
     keys = [k for k in host[-1].keys() if k != "params_finite"]
     self.last = {k: float(np.mean([float(m[k]) for m in host])) for k in keys}
     self.history.append({"step": steps[-1], **self.last})
@@ -550,6 +655,7 @@ class _Pending:
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
+
 
 def _eval_batch_size(config, mesh) -> int:
   bs = int(config.eval.batch_size)
@@ -578,9 +684,16 @@ def _host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def _log_devices(mesh) -> None:
   """The run's first line about hardware: processes, devices and the mesh over them."""
   d = jax.devices()
-  logging.info("%d process(es), %d %s device(s) (%s; %d on this process); mesh %s (%d device(s))",
-               jax.process_count(), len(d), d[0].platform, d[0].device_kind, jax.local_device_count(),
-               dict(mesh.shape), mesh.size)
+  logging.info(
+    "%d process(es), %d %s device(s) (%s; %d on this process); mesh %s (%d device(s))",
+    jax.process_count(),
+    len(d),
+    d[0].platform,
+    d[0].device_kind,
+    jax.local_device_count(),
+    dict(mesh.shape),
+    mesh.size,
+  )
 
 
 def _writer(config, workdir: epath.Path):
@@ -588,14 +701,15 @@ def _writer(config, workdir: epath.Path):
   return workdir_lib.metric_writer(workdir, just_logging=just_logging)
 
 
-def _write_episode_images(config, writer, step: int, state, predict_step, batches, mesh,
-                          local_batch_size: int) -> None:
+def _write_episode_images(
+  config, writer, step: int, state, predict_step, batches, mesh, local_batch_size: int
+) -> None:
   """Query/support/prediction panels of the first stored test episodes -> TensorBoard.
 
   Always the first batch of the same stored list, so panels line up across steps.
   Collective (every process calls it); only process 0's writer records images.
   """
-  from fss_jax.eval import visualize  # pylint: disable=g-import-not-at-top
+  from fss_jax.eval import visualize
 
   num = int(config.eval.get("num_images", 0))
   if num <= 0 or predict_step is None:
@@ -603,8 +717,9 @@ def _write_episode_images(config, writer, step: int, state, predict_step, batche
   batch = evaluate_lib.pad_batch(evaluate_lib.model_inputs(next(iter(batches))), local_batch_size)
   inputs = {k: v for k, v in batch.items() if k != "valid"}
   pred = parallel.to_host(predict_step(state, parallel.to_global(inputs, mesh)))
-  panels = visualize.panels_from_batch(batch, np.asarray(pred)[:local_batch_size], max_panels=num,
-                                       valid=batch.get("valid"))
+  panels = visualize.panels_from_batch(
+    batch, np.asarray(pred)[:local_batch_size], max_panels=num, valid=batch.get("valid")
+  )
   visualize.write_image_summaries(writer, step, panels, prefix="val/episode")
 
 
@@ -612,7 +727,8 @@ def _set_derived_params(config, state):
   """``state`` with the parameters its model computes from the training data set
   (`ModelSpec.derived_params`, e.g. JC²A's FP_base): only when a run starts from scratch or
   config.init; a checkpoint already holds them."""
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util
+
   derive = registry.get(config.model).derived_params_fn()
   values = dict(derive(config)) if derive is not None else {}
   if not values:
@@ -622,11 +738,14 @@ def _set_derived_params(config, state):
     value = np.asarray(value)
     if path not in flat or tuple(flat[path].shape) != value.shape:
       have = f"shape {tuple(flat[path].shape)}" if path in flat else "no such parameter"
-      raise ValueError(f"{config.model}: the data-derived parameter {path} {value.shape} does not "
-                       f"fit the model ({have})")
+      raise ValueError(
+        f"{config.model}: the data-derived parameter {path} {value.shape} does not "
+        f"fit the model ({have})"
+      )
     value = value.astype(flat[path].dtype)
-    flat[path] = jax.make_array_from_callback(value.shape, flat[path].sharding,
-                                              lambda idx, v=value: v[idx])
+    flat[path] = jax.make_array_from_callback(
+      value.shape, flat[path].sharding, lambda idx, v=value: v[idx]
+    )
     logging.info("parameter %s %s set from the training data", path, list(value.shape))
   return state.replace(params=traverse_util.unflatten_dict(flat, sep="/"))
 
@@ -641,31 +760,42 @@ def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, rep
   damaged = []
   for step in steps:  # the latest readable checkpoint; a damaged one falls back to the previous
     try:
-      state = restore_checkpoint(mngr, step, abstract, meta, where=f"workdir {workdir}",
-                                 data_iter=it)
+      state = restore_checkpoint(
+        mngr, step, abstract, meta, where=f"workdir {workdir}", data_iter=it
+      )
     except WorkdirMismatchError:
       raise
-    except Exception as e:  # pylint: disable=broad-except  # orbax / tensorstore read errors
+    except Exception as e:  # orbax / tensorstore read errors
       damaged.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-      logging.warning("checkpoint %d in %s cannot be read (%s); trying the previous one", step,
-                      workdir / CHECKPOINT_DIR, damaged[-1])
+      logging.warning(
+        "checkpoint %d in %s cannot be read (%s); trying the previous one",
+        step,
+        workdir / CHECKPOINT_DIR,
+        damaged[-1],
+      )
       continue
     if damaged:
-      logging.warning("resumed from step %d: the later checkpoint(s) were damaged: %s", step,
-                      "; ".join(damaged))
+      logging.warning(
+        "resumed from step %d: the later checkpoint(s) were damaged: %s", step, "; ".join(damaged)
+      )
     return state, "workdir", None
   if damaged:
     raise CheckpointDamagedError(
-        f"no checkpoint in {workdir / CHECKPOINT_DIR} can be read ({'; '.join(damaged)}). Move "
-        f"that folder away to start again, or use another --workdir.")
+      f"no checkpoint in {workdir / CHECKPOINT_DIR} can be read ({'; '.join(damaged)}). Move "
+      f"that folder away to start again, or use another --workdir."
+    )
   if config.resume:
     src = _checkpoint_root(fss_io.user_path(config.resume))
     other = checkpoint_manager(src, keep=1, async_save=False, read_only=True)
     try:
       step = other.latest_step()
       if step is None:
-        raise FileNotFoundError(f"config.resume={config.resume!r} holds no checkpoint (looked in {src})")
-      state = restore_checkpoint(other, step, abstract, meta, where=f"config.resume {src}", data_iter=it)
+        raise FileNotFoundError(
+          f"config.resume={config.resume!r} holds no checkpoint (looked in {src})"
+        )
+      state = restore_checkpoint(
+        other, step, abstract, meta, where=f"config.resume {src}", data_iter=it
+      )
     finally:
       other.close()
     return state, "resume", None
@@ -680,11 +810,13 @@ def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, rep
       problem = f"config.init={config.init!r} does not exist"
     else:
       problem = f"config.init={config.init!r}: {', '.join(absent)} not found"
-    raise FileNotFoundError(f"{config.model} needs converted or trained weights for its frozen parts: "
-                            f"{problem}.\n{config.get('init_help', '')}".rstrip())
+    raise FileNotFoundError(
+      f"{config.model} needs converted or trained weights for its frozen parts: "
+      f"{problem}.\n{config.get('init_help', '')}".rstrip()
+    )
   check_init_folds(config, inits, mode="train")
   state = state_lib.create(model, opt.tx, first, rng=rng, sharding=repl)
-  state = _set_derived_params(config, state)   # data-derived parameters (JC²A's FP_base)
+  state = _set_derived_params(config, state)  # data-derived parameters (JC²A's FP_base)
   if inits:
     state = load_init(config, state, inits, opt.tx, sharding=repl)
     return state, "init", first
@@ -693,9 +825,15 @@ def _initial_state(config, mngr, abstract, meta, it, first, model, opt, rng, rep
 
 def load_init(config, state, inits: list[tuple[str, str]], tx, *, sharding):
   """`state_lib.load_init` of config.init's weights; a mismatch names this run's model."""
-  return state_lib.load_init(state, inits, tx, sharding=sharding, model=config.model,
-                             fields=model_fields(config),
-                             entries=not config.init_prefix and any(p for p, _ in inits))
+  return state_lib.load_init(
+    state,
+    inits,
+    tx,
+    sharding=sharding,
+    model=config.model,
+    fields=model_fields(config),
+    entries=not config.init_prefix and any(p for p, _ in inits),
+  )
 
 
 class OtherFoldError(ValueError):
@@ -720,22 +858,30 @@ def check_init_folds(config, inits: list[tuple[str, str]], *, mode: str) -> None
       continue
     trained = f"{info['dataset']} fold {info['fold']}"
     if info["dataset"] != config.dataset:
-      logging.warning("checkpoint %s was trained on %s; this run %s %s fold %d (another dataset)",
-                      path, trained, "evaluates" if mode == "eval" else "trains on",
-                      config.dataset, config.fold)
+      logging.warning(
+        "checkpoint %s was trained on %s; this run %s %s fold %d (another dataset)",
+        path,
+        trained,
+        "evaluates" if mode == "eval" else "trains on",
+        config.dataset,
+        config.fold,
+      )
       continue
     if int(info["fold"]) == int(config.fold):
       continue
     doing = "evaluating" if mode == "eval" else "training"
-    message = (f"checkpoint {path} was trained on {trained}; {doing} fold {config.fold} with it "
-               f"scores classes it was trained on")
+    message = (
+      f"checkpoint {path} was trained on {trained}; {doing} fold {config.fold} with it "
+      f"scores classes it was trained on"
+    )
     if config.eval.get("allow_other_fold", False):
       logging.warning("%s (config.eval.allow_other_fold=true)", message)
       continue
     raise OtherFoldError(
-        f"{message}. Use fold {config.fold}'s own checkpoint, run this config with "
-        f"fold={info['fold']}, or pass --config.eval.allow_other_fold=true to run it anyway "
-        f"(the scores are then not a fold-{config.fold} result)")
+      f"{message}. Use fold {config.fold}'s own checkpoint, run this config with "
+      f"fold={info['fold']}, or pass --config.eval.allow_other_fold=true to run it anyway "
+      f"(the scores are then not a fold-{config.fold} result)"
+    )
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) -> dict:
@@ -755,8 +901,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, data: Data | None 
 
 
 def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[int]) -> dict:
-  import grain  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import grain
+  import orbax.checkpoint as ocp
 
   config = protocol_lib.apply(config)  # the protocol's training lists and validation episodes
   workdir = fss_io.user_path(workdir)
@@ -781,8 +927,10 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
   first = _host_batch(next(it))
   got = len(next(iter(first.values())))
   if got != local_bs:
-    raise ValueError(f"the training loader yields {got} episodes per process, expected {local_bs} "
-                     f"(config.batch_size={config.batch_size} over {jax.process_count()} processes)")
+    raise ValueError(
+      f"the training loader yields {got} episodes per process, expected {local_bs} "
+      f"(config.batch_size={config.batch_size} over {jax.process_count()} processes)"
+    )
   steps_per_epoch = int(getattr(loader, "steps_per_epoch", 0) or 0)
   if config.epochs > 0:
     if not steps_per_epoch:
@@ -801,16 +949,23 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
     try:
       data.eval(int(config.eval.val_seed), int(config.eval.val_episodes))
     except ValueError as e:
-      raise ValueError(f"the validation episodes (test split, seed {config.eval.val_seed}, "
-                       f"K={config.shot}) cannot be made, nothing was trained: {e}") from None
+      raise ValueError(
+        f"the validation episodes (test split, seed {config.eval.val_seed}, "
+        f"K={config.shot}) cannot be made, nothing was trained: {e}"
+      ) from None
 
   # -- optimiser and state ---------------------------------------------------------------
   repl = parallel.replicated(mesh)
   rng = jax.random.PRNGKey(int(config.seed))
   params_shape = jax.eval_shape(
-      lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(first), k)["params"], rng)
-  opt = optim_lib.build(config.optim, params_shape, total_steps=total_steps,
-                        frozen=spec.frozen_patterns(model_fields(config)))
+    lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(first), k)["params"], rng
+  )
+  opt = optim_lib.build(
+    config.optim,
+    params_shape,
+    total_steps=total_steps,
+    frozen=spec.frozen_patterns(model_fields(config)),
+  )
   logging.info("optimiser labels (tensors per label): %s", opt.summary)
   abstract = state_lib.abstract(model, opt.tx, first, sharding=repl)
   meta = checkpoint_meta(config)
@@ -819,35 +974,58 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
       workdir_lib.remove_unfinished_saves([workdir / CHECKPOINT_DIR, workdir / BEST_DIR])
     workdir_lib.check_room(workdir, workdir_lib.tree_nbytes(abstract))
 
-  mngr = checkpoint_manager(workdir / CHECKPOINT_DIR, keep=int(config.checkpoint.keep),
-                            async_save=bool(config.checkpoint.async_save))
+  mngr = checkpoint_manager(
+    workdir / CHECKPOINT_DIR,
+    keep=int(config.checkpoint.keep),
+    async_save=bool(config.checkpoint.async_save),
+  )
   best_mngr = checkpoint_manager(workdir / BEST_DIR, keep=1, async_save=False)
   try:
-    state, resumed_from, first = _initial_state(config, mngr, abstract, meta, it, first, model, opt,
-                                                rng, repl, workdir)
+    state, resumed_from, first = _initial_state(
+      config, mngr, abstract, meta, it, first, model, opt, rng, repl, workdir
+    )
   except BaseException:
     mngr.close()
     best_mngr.close()
     raise
   start = int(jax.device_get(parallel.to_host(state.step)))
   best_miou = _best_so_far(best_mngr)
-  logging.info("state from %s at step %d of %d (best val mIoU so far: %s)", resumed_from, start,
-               total_steps, best_miou)
+  logging.info(
+    "state from %s at step %d of %d (best val mIoU so far: %s)",
+    resumed_from,
+    start,
+    total_steps,
+    best_miou,
+  )
 
   # -- steps -------------------------------------------------------------------------------
   dtype = _compute_dtype(config)
-  train_step = step_lib.make_train_step(model=model, loss_fn=spec.loss_fn, tx=opt.tx, mesh=mesh,
-                                        trainable=opt.trainable, compute_dtype=dtype)
-  eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config),
-                                      compute_dtype=dtype) if data.eval is not None else None
-  predict_step = step_lib.make_predict_step(model=model, mesh=mesh, compute_dtype=dtype) \
-      if eval_step is not None and int(config.eval.get("num_images", 0)) > 0 else None
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  train_step = step_lib.make_train_step(
+    model=model,
+    loss_fn=spec.loss_fn,
+    tx=opt.tx,
+    mesh=mesh,
+    trainable=opt.trainable,
+    compute_dtype=dtype,
+  )
+  eval_step = (
+    step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config), compute_dtype=dtype)
+    if data.eval is not None
+    else None
+  )
+  predict_step = (
+    step_lib.make_predict_step(model=model, mesh=mesh, compute_dtype=dtype)
+    if eval_step is not None and int(config.eval.get("num_images", 0)) > 0
+    else None
+  )
+  from clu import periodic_actions  # imports TensorFlow
+
   writer = _writer(config, workdir)
   # Reports only at logging steps (no time trigger), each after that step's metrics reached
   # the host: the rate and ETA are of completed steps, not of the asynchronous dispatch.
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=log_every, every_secs=None)
+  report = periodic_actions.ReportProgress(
+    num_train_steps=total_steps, writer=writer, every_steps=log_every, every_secs=None
+  )
   pending = _Pending()
   last_good = mngr.latest_step()
   saver = _Saver(mngr, workdir / CHECKPOINT_DIR)
@@ -859,9 +1037,14 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
     if mngr.latest_step() == step_done:
       return
     data_state = _FrozenState(_get_iter_state(it))
-    saver.save(step_done, ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "step": step_done}),
-        data=grain.checkpoint.CheckpointSave(data_state)))
+    saver.save(
+      step_done,
+      ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({**meta, "step": step_done}),
+        data=grain.checkpoint.CheckpointSave(data_state),
+      ),
+    )
     last_good = step_done
 
   try:
@@ -875,12 +1058,13 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
       done = step + 1
       if step == start:
         jax.block_until_ready(metrics)
-        logging.info("first step done (step %d) in %.1f s, compilation included", done,
-                     time.time() - t_first)
+        logging.info(
+          "first step done (step %d) in %.1f s, compilation included", done, time.time() - t_first
+        )
       pending.add(done, metrics)
       logging_step = done % log_every == 0 or done == total_steps
       if not logging_step:
-        report(done)   # clu's bookkeeping (called once per step); it reports at logging steps
+        report(done)  # clu's bookkeeping (called once per step); it reports at logging steps
       saver.check()
       if not stop_signals and jax.process_count() > 1 and mngr.reached_preemption(done):
         stop_signals.append(signal.SIGTERM)  # every host stops at this same step
@@ -901,17 +1085,36 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
         pending.flush(last_good=last_good, workdir=workdir)
         with report.timed("eval"):
           acc = evaluate_lib.evaluate_episodes(
-              eval_step, state, data.eval(int(config.eval.val_seed), int(config.eval.val_episodes)),
-              classes=data.classes, mesh=mesh, local_batch_size=local_eval_bs,
-              class_names=data.class_names,
-              progress=evaluate_lib.ProgressLog(f"step {done} validation"))
+            eval_step,
+            state,
+            data.eval(int(config.eval.val_seed), int(config.eval.val_episodes)),
+            classes=data.classes,
+            mesh=mesh,
+            local_batch_size=local_eval_bs,
+            class_names=data.class_names,
+            progress=evaluate_lib.ProgressLog(f"step {done} validation"),
+          )
         val_result = acc.result()
-        writer.write_scalars(done, {"val/miou": val_result["miou"], "val/fb_iou": val_result["fb_iou"]})
-        _write_episode_images(config, writer, done, state, predict_step,
-                              data.eval(int(config.eval.val_seed), int(config.eval.val_episodes)),
-                              mesh, local_eval_bs)
-        logging.info("step %d validation: mIoU %.2f FB-IoU %.2f\n%s", done, val_result["miou"],
-                     val_result["fb_iou"], acc.table())
+        writer.write_scalars(
+          done, {"val/miou": val_result["miou"], "val/fb_iou": val_result["fb_iou"]}
+        )
+        _write_episode_images(
+          config,
+          writer,
+          done,
+          state,
+          predict_step,
+          data.eval(int(config.eval.val_seed), int(config.eval.val_episodes)),
+          mesh,
+          local_eval_bs,
+        )
+        logging.info(
+          "step %d validation: mIoU %.2f FB-IoU %.2f\n%s",
+          done,
+          val_result["miou"],
+          val_result["fb_iou"],
+          acc.table(),
+        )
         if best_miou is None or val_result["miou"] > best_miou:
           best_miou = val_result["miou"]
           _save_best(best_mngr, done, state, meta, val_result, resume_step=saver.committed)
@@ -926,13 +1129,20 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
     mngr.close()
     best_mngr.close()
     writer.close()
-  return {"step": int(jax.device_get(parallel.to_host(state.step))), "train": dict(pending.last),
-          "history": list(pending.history), "val": val_result, "best_miou": best_miou, "resumed_from": resumed_from,
-          "total_steps": total_steps}
+  return {
+    "step": int(jax.device_get(parallel.to_host(state.step))),
+    "train": dict(pending.last),
+    "history": list(pending.history),
+    "val": val_result,
+    "best_miou": best_miou,
+    "resumed_from": resumed_from,
+    "total_steps": total_steps,
+  }
 
 
-def _drop_ruined_checkpoints(mngr, error: NonFiniteLossError, workdir: epath.Path
-                             ) -> NonFiniteLossError:
+def _drop_ruined_checkpoints(
+  mngr, error: NonFiniteLossError, workdir: epath.Path
+) -> NonFiniteLossError:
   """Deletes the checkpoints of steps >= ``error.first_ruined`` (their weights produced the
   non-finite loss) and returns the error naming the checkpoint that is kept."""
   mngr.wait_until_finished()
@@ -941,21 +1151,30 @@ def _drop_ruined_checkpoints(mngr, error: NonFiniteLossError, workdir: epath.Pat
     for s in ruined:
       mngr.delete(s)
   good = mngr.latest_step()
-  dropped = (f" (checkpoint{'s' if len(ruined) > 1 else ''} {', '.join(map(str, ruined))} "
-             f"removed: {'their' if len(ruined) > 1 else 'its'} weights give the non-finite loss)"
-             if ruined else "")
+  dropped = (
+    f" (checkpoint{'s' if len(ruined) > 1 else ''} {', '.join(map(str, ruined))} "
+    f"removed: {'their' if len(ruined) > 1 else 'its'} weights give the non-finite loss)"
+    if ruined
+    else ""
+  )
   if good is not None:
-    kept = (f"the last good checkpoint (step {good}) in {workdir / CHECKPOINT_DIR} is kept"
-            f"{dropped} and a rerun resumes from it")
+    kept = (
+      f"the last good checkpoint (step {good}) in {workdir / CHECKPOINT_DIR} is kept"
+      f"{dropped} and a rerun resumes from it"
+    )
   else:
     kept = f"no good checkpoint exists{dropped}, so a rerun starts again from the beginning"
-  return NonFiniteLossError(f"{error}; {kept}. Lower config.optim.lr, enable "
-                            f"config.optim.grad_clip_norm, or check the data.", step=error.step,
-                            first_ruined=error.first_ruined)
+  return NonFiniteLossError(
+    f"{error}; {kept}. Lower config.optim.lr, enable "
+    f"config.optim.grad_clip_norm, or check the data.",
+    step=error.step,
+    first_ruined=error.first_ruined,
+  )
 
 
 def _best_so_far(best_mngr) -> float | None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+
   step = best_mngr.latest_step()
   if step is None:
     return None
@@ -963,19 +1182,32 @@ def _best_so_far(best_mngr) -> float | None:
   return meta.get("val", {}).get("miou")
 
 
-def _save_best(best_mngr, step: int, state, meta: Mapping[str, Any], val: Mapping[str, Any], *,
-               resume_step: int | None = None) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def _save_best(
+  best_mngr,
+  step: int,
+  state,
+  meta: Mapping[str, Any],
+  val: Mapping[str, Any],
+  *,
+  resume_step: int | None = None,
+) -> None:
+  import orbax.checkpoint as ocp
+
   try:
-    best_mngr.save(step, args=ocp.args.Composite(
+    best_mngr.save(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({**meta, "step": step, "val": _jsonable(dict(val))})), force=True)
+        meta=ocp.args.JsonSave({**meta, "step": step, "val": _jsonable(dict(val))}),
+      ),
+      force=True,
+    )
     best_mngr.wait_until_finished()
-  except Exception as e:  # pylint: disable=broad-except  # OSError, orbax, tensorstore
+  except Exception as e:  # OSError, orbax, tensorstore
     raise _save_error(step, fss_io.user_path(best_mngr.directory), e, resume_step) from e
 
 
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")   # in tensorstore's messages
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # in tensorstore's messages
 
 
 def _reason(error: BaseException) -> str:
@@ -984,19 +1216,25 @@ def _reason(error: BaseException) -> str:
     return error.strerror + (f": {error.filename}" if error.filename else "")
   text = str(error).strip()
   code = _OS_ERROR_CODE.search(text)
-  if code:   # 'RESOURCE_EXHAUSTED: Error writing "<array>" in OCDBT ...: No space left on device'
+  if code:  # 'RESOURCE_EXHAUSTED: Error writing "<array>" in OCDBT ...: No space left on device'
     return os.strerror(int(code.group(1)))
   lines = text.splitlines()
   return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
 
 
-def _save_error(step: int, directory: epath.Path, error: BaseException,
-                resume_step: int | None) -> CheckpointSaveError:
-  then = (f"a rerun resumes from checkpoint {resume_step}" if resume_step is not None else
-          "no checkpoint is complete yet, a rerun starts again")
-  return CheckpointSaveError(f"saving checkpoint of step {step} to {directory} failed: "
-                             f"{_reason(error)}; free disk space (or fix {directory}) and rerun: "
-                             f"{then}")
+def _save_error(
+  step: int, directory: epath.Path, error: BaseException, resume_step: int | None
+) -> CheckpointSaveError:
+  then = (
+    f"a rerun resumes from checkpoint {resume_step}"
+    if resume_step is not None
+    else "no checkpoint is complete yet, a rerun starts again"
+  )
+  return CheckpointSaveError(
+    f"saving checkpoint of step {step} to {directory} failed: "
+    f"{_reason(error)}; free disk space (or fix {directory}) and rerun: "
+    f"{then}"
+  )
 
 
 class _Saver:
@@ -1009,14 +1247,14 @@ class _Saver:
 
   def __init__(self, mngr, directory: epath.Path):
     self._mngr, self._directory = mngr, directory
-    self._in_flight: int | None = None   # an async save not yet known to be complete
+    self._in_flight: int | None = None  # an async save not yet known to be complete
     self.committed: int | None = mngr.latest_step()
 
   def save(self, step: int, args) -> None:
     self.wait()  # a failure of the previous save is reported as that step's
     try:
       saved = self._mngr.save(step, args=args)
-    except Exception as e:  # pylint: disable=broad-except  # OSError, orbax, tensorstore
+    except Exception as e:  # OSError, orbax, tensorstore
       raise _save_error(step, self._directory, e, self.committed) from e
     if not saved:
       return
@@ -1036,7 +1274,7 @@ class _Saver:
     step, self._in_flight = self._in_flight, None
     try:
       self._mngr.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except  # the background save's error
+    except Exception as e:  # the background save's error
       raise _save_error(step, self._directory, e, self.committed) from e
     self.committed = step
 
@@ -1045,12 +1283,17 @@ class _Saver:
 # Evaluation mode
 # ---------------------------------------------------------------------------
 
+
 def results_path(config, workdir: epath.Path) -> epath.Path:
-  from fss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import pipeline
+
   way = f"{config.way}way" if config.way > 1 else ""
-  fold = "" if pipeline.is_cross_domain(config.dataset) else f"_f{config.fold}"   # fold-less test sets
-  return workdir / (f"results_{config.dataset}{fold}_{way}{config.shot}shot"
-                    f"{protocol_lib.results_tag(config)}.json")
+  fold = (
+    "" if pipeline.is_cross_domain(config.dataset) else f"_f{config.fold}"
+  )  # fold-less test sets
+  return workdir / (
+    f"results_{config.dataset}{fold}_{way}{config.shot}shot{protocol_lib.results_tag(config)}.json"
+  )
 
 
 def load_for_eval(config, workdir: epath.Path, model, tx, example, mesh):
@@ -1059,11 +1302,14 @@ def load_for_eval(config, workdir: epath.Path, model, tx, example, mesh):
   repl = parallel.replicated(mesh)
   abstract = state_lib.abstract(model, tx, example, sharding=repl)
   meta = checkpoint_meta(config)
-  order = [BEST_DIR, CHECKPOINT_DIR] if config.eval.checkpoint == "best" else [CHECKPOINT_DIR, BEST_DIR]
+  order = (
+    [BEST_DIR, CHECKPOINT_DIR] if config.eval.checkpoint == "best" else [CHECKPOINT_DIR, BEST_DIR]
+  )
   candidates = [(workdir / d, f"workdir {workdir / d}") for d in order]
   if config.resume:
-    candidates.append((_checkpoint_root(fss_io.user_path(config.resume)),
-                       f"config.resume {config.resume}"))
+    candidates.append(
+      (_checkpoint_root(fss_io.user_path(config.resume)), f"config.resume {config.resume}")
+    )
   for path, where in candidates:
     if not path.is_dir():
       continue
@@ -1077,11 +1323,14 @@ def load_for_eval(config, workdir: epath.Path, model, tx, example, mesh):
   if config.init:
     inits = state_lib.parse_inits(config.init, config.init_prefix)
     check_init_folds(config, inits, mode="eval")
-    state = state_lib.create(model, tx, example, rng=jax.random.PRNGKey(int(config.seed)), sharding=repl)
+    state = state_lib.create(
+      model, tx, example, rng=jax.random.PRNGKey(int(config.seed)), sharding=repl
+    )
     return load_init(config, state, inits, tx, sharding=repl), f"config.init {config.init}"
   raise FileNotFoundError(
-      f"nothing to evaluate: {workdir} has no checkpoint (train first with --mode train) and "
-      f"config.init / config.resume are not set (--config.init=<converted weights dir>)")
+    f"nothing to evaluate: {workdir} has no checkpoint (train first with --mode train) and "
+    f"config.init / config.resume are not set (--config.init=<converted weights dir>)"
+  )
 
 
 def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) -> dict:
@@ -1105,46 +1354,93 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
   example = evaluate_lib.model_inputs(next(iter(first_loader)))
   example = {k: v for k, v in example.items() if k != "valid"}
   params_shape = jax.eval_shape(
-      lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(example), k)["params"],
-      jax.random.PRNGKey(0))
-  opt = optim_lib.build(config.optim, params_shape, total_steps=max(1, int(config.total_steps)),
-                        frozen=spec.frozen_patterns(model_fields(config)))
+    lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(example), k)["params"],
+    jax.random.PRNGKey(0),
+  )
+  opt = optim_lib.build(
+    config.optim,
+    params_shape,
+    total_steps=max(1, int(config.total_steps)),
+    frozen=spec.frozen_patterns(model_fields(config)),
+  )
   state, source = load_for_eval(train_config, workdir, model, opt.tx, example, mesh)
   logging.info("evaluating %s on %d seed(s) x %d episodes", source, len(seeds), num)
   dtype = _compute_dtype(config)
-  eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config),
-                                      compute_dtype=dtype)
+  eval_step = step_lib.make_eval_step(
+    model=model, mesh=mesh, score=_score_mode(config), compute_dtype=dtype
+  )
   t0 = time.time()
   summary, tables = evaluate_lib.evaluate_seeds(
-      eval_step, state, lambda s: first_loader if s == seeds[0] else data.eval(s, num), seeds=seeds,
-      classes=data.classes, mesh=mesh, local_batch_size=local_eval_bs, class_names=data.class_names)
-  summary.update({"model": config.model, "dataset": config.dataset, "fold": config.fold,
-                  "shot": config.shot, "way": config.way, "episodes_per_seed": num,
-                  "checkpoint": source, "score": _score_mode(config).mode,
-                  **protocol_lib.results_fields(train_config, config),
-                  "seconds": round(time.time() - t0, 3),
-                  "tables": {str(k): v for k, v in tables.items()}})
+    eval_step,
+    state,
+    lambda s: first_loader if s == seeds[0] else data.eval(s, num),
+    seeds=seeds,
+    classes=data.classes,
+    mesh=mesh,
+    local_batch_size=local_eval_bs,
+    class_names=data.class_names,
+  )
+  summary.update(
+    {
+      "model": config.model,
+      "dataset": config.dataset,
+      "fold": config.fold,
+      "shot": config.shot,
+      "way": config.way,
+      "episodes_per_seed": num,
+      "checkpoint": source,
+      "score": _score_mode(config).mode,
+      **protocol_lib.results_fields(train_config, config),
+      "seconds": round(time.time() - t0, 3),
+      "tables": {str(k): v for k, v in tables.items()},
+    }
+  )
   path = evaluate_lib.write_json(results_path(config, workdir), summary)
   workdir_lib.write_run_record(config, workdir, mode="eval")
   if path is not None:  # process 0
-    from fss_jax.eval import visualize  # pylint: disable=g-import-not-at-top
+    from fss_jax.eval import visualize
+
     visualize.summary_bar_chart(summary, visualize.chart_path(path), class_names=data.class_names)
   step = int(jax.device_get(parallel.to_host(state.step)))
-  writer = _writer(config, workdir)  # TensorBoard: eval/miou, eval/fb_iou (+ _std), eval/iou/<id>_<name>
+  writer = _writer(
+    config, workdir
+  )  # TensorBoard: eval/miou, eval/fb_iou (+ _std), eval/iou/<id>_<name>
   try:
     writer.write_scalars(step, evaluate_lib.summary_scalars(summary))
     if int(config.eval.get("num_images", 0)) > 0:
-      _write_episode_images(config, writer, step, state,
-                            step_lib.make_predict_step(model=model, mesh=mesh, compute_dtype=dtype),
-                            data.eval(seeds[0], num), mesh, local_eval_bs)
+      _write_episode_images(
+        config,
+        writer,
+        step,
+        state,
+        step_lib.make_predict_step(model=model, mesh=mesh, compute_dtype=dtype),
+        data.eval(seeds[0], num),
+        mesh,
+        local_eval_bs,
+      )
   finally:
     writer.close()
   logging.info("%s -> %s", evaluate_lib.format_summary(summary), path)
   return summary
 
 
-__all__ = ["train_and_evaluate", "evaluate", "Data", "make_data", "episode_config", "ensure_episodes",
-           "episodes_path", "NonFiniteLossError", "TrainingInterrupted", "WorkdirMismatchError",
-           "CheckpointDamagedError", "CheckpointSaveError", "check_input_sizes",
-           "checkpoint_meta", "check_init_folds", "OtherFoldError", "load_init",
-           "results_path"]
+__all__ = [
+  "train_and_evaluate",
+  "evaluate",
+  "Data",
+  "make_data",
+  "episode_config",
+  "ensure_episodes",
+  "episodes_path",
+  "NonFiniteLossError",
+  "TrainingInterrupted",
+  "WorkdirMismatchError",
+  "CheckpointDamagedError",
+  "CheckpointSaveError",
+  "check_input_sizes",
+  "checkpoint_meta",
+  "check_init_folds",
+  "OtherFoldError",
+  "load_init",
+  "results_path",
+]

@@ -42,7 +42,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +91,18 @@ def _as_dict(cfg: Any) -> dict:
 # Schedules
 # ---------------------------------------------------------------------------
 
-def make_schedule(*, lr: float, schedule: str = "constant", total_steps: int | None = None,
-                  power: float = 0.9, milestones: Sequence[int] = (), gamma: float = 0.1,
-                  warmup_steps: int = 0, **unused) -> Schedule:
+
+def make_schedule(
+  *,
+  lr: float,
+  schedule: str = "constant",
+  total_steps: int | None = None,
+  power: float = 0.9,
+  milestones: Sequence[int] = (),
+  gamma: float = 0.1,
+  warmup_steps: int = 0,
+  **unused,
+) -> Schedule:
   """Learning rate as a function of the optax step count (0 for the first update).
 
   Args:
@@ -124,7 +134,7 @@ def make_schedule(*, lr: float, schedule: str = "constant", total_steps: int | N
       # iterations keep float32 precision (1 - t/T loses ~3 digits near t = T).
       remaining = jnp.maximum(total_steps - (count + 1), 0).astype(jnp.float32)
       frac = jnp.clip(remaining / float(total_steps), 0.0, 1.0)
-      value = lr * frac ** power
+      value = lr * frac**power
     elif schedule == "multistep":
       n = jnp.sum(count >= milestones)
       value = lr * jnp.asarray(gamma, jnp.float32) ** n
@@ -143,9 +153,19 @@ def make_schedule(*, lr: float, schedule: str = "constant", total_steps: int | N
 # Single optimisers
 # ---------------------------------------------------------------------------
 
-def make_single(*, optimizer: str, schedule_fn: Schedule, weight_decay: float = 0.0,
-                momentum: float = 0.0, nesterov: bool = False, b1: float = 0.9,
-                b2: float = 0.999, eps: float = 1e-8, **unused) -> optax.GradientTransformation:
+
+def make_single(
+  *,
+  optimizer: str,
+  schedule_fn: Schedule,
+  weight_decay: float = 0.0,
+  momentum: float = 0.0,
+  nesterov: bool = False,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  **unused,
+) -> optax.GradientTransformation:
   """One optimiser with PyTorch semantics (see the module docstring)."""
   del unused
   if optimizer == "sgd":
@@ -169,6 +189,7 @@ def make_single(*, optimizer: str, schedule_fn: Schedule, weight_decay: float = 
 # The config-driven builder
 # ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Optimizer:
   """What `build` returns.
@@ -184,6 +205,7 @@ class Optimizer:
       (``optimizer, lr`` (base x multiplier), ``weight_decay, momentum, nesterov, b1, b2,
       eps``), as built (frozen excluded).
   """
+
   tx: optax.GradientTransformation
   labels: Any
   trainable: Any
@@ -207,17 +229,19 @@ def _unmatched_error(kind: str, pattern: str, paths: Sequence[str]) -> ValueErro
   tops = sorted({p.split("/")[0] for p in paths})
   example = ", ".join(paths[:5])
   return ValueError(
-      f"{kind} pattern {pattern!r} matches no parameter (patterns are re.fullmatch-ed against "
-      f"'/'-joined paths, e.g. {example}; top-level modules: {', '.join(tops)}). "
-      f"Fix the pattern or remove it.")
+    f"{kind} pattern {pattern!r} matches no parameter (patterns are re.fullmatch-ed against "
+    f"'/'-joined paths, e.g. {example}; top-level modules: {', '.join(tops)}). "
+    f"Fix the pattern or remove it."
+  )
 
 
 def _format_mult(m: float) -> str:
   return f"{m:g}"
 
 
-def build(optim_cfg: Any, params: Any, *, total_steps: int | None = None,
-          frozen: Sequence[str] = ()) -> Optimizer:
+def build(
+  optim_cfg: Any, params: Any, *, total_steps: int | None = None, frozen: Sequence[str] = ()
+) -> Optimizer:
   """Builds the optimiser for ``params`` from ``config.optim``.
 
   Args:
@@ -293,7 +317,7 @@ def build(optim_cfg: Any, params: Any, *, total_steps: int | None = None,
   schedules: dict[str, Schedule] = {}
   summary: dict[str, int] = {}
   hparams: dict[str, dict] = {}
-  for path, label in label_of.items():
+  for label in label_of.values():
     summary[label] = summary.get(label, 0) + 1
     if label in transforms:
       continue
@@ -304,14 +328,26 @@ def build(optim_cfg: Any, params: Any, *, total_steps: int | None = None,
     cfg = dict(group_cfgs[group])
     where = "config.optim.lr" if group == DEFAULT else f"config.optim.groups.{group}.lr"
     if not (math.isfinite(float(cfg["lr"])) and float(cfg["lr"]) > 0):
-      raise ValueError(f"{where} must be a positive finite number, got {cfg['lr']!r} (a negative "
-                       f"lr trains by gradient ascent; freeze parameters with config.optim.frozen)")
+      raise ValueError(
+        f"{where} must be a positive finite number, got {cfg['lr']!r} (a negative "
+        f"lr trains by gradient ascent; freeze parameters with config.optim.frozen)"
+      )
     cfg["lr"] = float(cfg["lr"]) * (float(mult) if mult else 1.0)
     fn = make_schedule(**cfg)
     schedules[label] = fn
-    hparams[label] = {k: cfg.get(k, d) for k, d in (
-        ("optimizer", "sgd"), ("lr", 0.0), ("weight_decay", 0.0), ("momentum", 0.0),
-        ("nesterov", False), ("b1", 0.9), ("b2", 0.999), ("eps", 1e-8))}
+    hparams[label] = {
+      k: cfg.get(k, d)
+      for k, d in (
+        ("optimizer", "sgd"),
+        ("lr", 0.0),
+        ("weight_decay", 0.0),
+        ("momentum", 0.0),
+        ("nesterov", False),
+        ("b1", 0.9),
+        ("b2", 0.999),
+        ("eps", 1e-8),
+      )
+    }
     transforms[label] = make_single(schedule_fn=fn, **cfg)
 
   labels = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in label_of.items()})
@@ -319,8 +355,9 @@ def build(optim_cfg: Any, params: Any, *, total_steps: int | None = None,
   tx = optax.multi_transform(transforms, labels)
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-  return Optimizer(tx=tx, labels=labels, trainable=trainable, schedules=schedules,
-                   summary=summary, hparams=hparams)
+  return Optimizer(
+    tx=tx, labels=labels, trainable=trainable, schedules=schedules, summary=summary, hparams=hparams
+  )
 
 
 __all__ = ["Optimizer", "build", "make_schedule", "make_single", "param_paths", "FROZEN", "DEFAULT"]

@@ -20,7 +20,8 @@ correct, only less of a speed-up.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,10 @@ def compute_dtype(name: str | Any) -> jnp.dtype:
   """
   key = jnp.dtype(name).name if not isinstance(name, str) else name
   if key not in COMPUTE_DTYPES:
-    raise ValueError(f"compute_dtype={name!r} is not supported; use one of "
-                     f"{', '.join(sorted(COMPUTE_DTYPES))} (--config.compute_dtype=bfloat16)")
+    raise ValueError(
+      f"compute_dtype={name!r} is not supported; use one of "
+      f"{', '.join(sorted(COMPUTE_DTYPES))} (--config.compute_dtype=bfloat16)"
+    )
   return jnp.dtype(COMPUTE_DTYPES[key])
 
 
@@ -60,8 +63,14 @@ def to_float32(tree: Any) -> Any:
   return cast_floating(tree, jnp.float32)
 
 
-def apply(model, variables: Mapping[str, Any], episode: Mapping[str, Any], *,
-          dtype: Any = "float32", **kwargs) -> Any:
+def apply(
+  model,
+  variables: Mapping[str, Any],
+  episode: Mapping[str, Any],
+  *,
+  dtype: Any = "float32",
+  **kwargs,
+) -> Any:
   """``model.apply(variables, episode, **kwargs)`` computing in ``dtype``.
 
   Args:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -40,6 +41,7 @@ class TrainState:
     opt_state: the optax state.
     rng: uint32 [2] raw PRNG key; step ``s`` uses ``fold_in(rng, s)``.
   """
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -88,9 +90,13 @@ def create(model, tx, example: Mapping[str, Any], *, rng: jax.Array, sharding=No
     # Zeros built inside the graph: no large constants, identical on every process.
     zeros = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
     v = init_variables(model, zeros, key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                      batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
-                      rng=train_rng)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=v["params"],
+      batch_stats=v["batch_stats"],
+      opt_state=tx.init(v["params"]),
+      rng=train_rng,
+    )
 
   return jax.jit(_init, out_shardings=sharding)(init_rng)
 
@@ -102,9 +108,13 @@ def abstract(model, tx, example: Mapping[str, Any], *, sharding=None) -> TrainSt
   def _init(key):
     init_rng, train_rng = jax.random.split(key)
     v = init_variables(model, zeros, init_rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                      batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
-                      rng=train_rng)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=v["params"],
+      batch_stats=v["batch_stats"],
+      opt_state=tx.init(v["params"]),
+      rng=train_rng,
+    )
 
   shapes = jax.eval_shape(_init, jax.random.PRNGKey(0))
   if sharding is None:
@@ -115,6 +125,7 @@ def abstract(model, tx, example: Mapping[str, Any], *, sharding=None) -> TrainSt
 # ---------------------------------------------------------------------------
 # Converted weights
 # ---------------------------------------------------------------------------
+
 
 class InitMismatchError(ValueError):
   """Converted weights do not fit the model; lists keys missing on each side.
@@ -131,10 +142,16 @@ class InitMismatchError(ValueError):
     self.details = details
 
   def counts(self) -> str:
-    """"275 missing, 489 unexpected keys" (the kinds that occur)."""
-    parts = [f"{len(items)} {name}" for name, items in (
-        ("missing", self.missing), ("unexpected", self.unexpected),
-        ("shape mismatches", self.shapes)) if items]
+    """ "275 missing, 489 unexpected keys" (the kinds that occur)."""
+    parts = [
+      f"{len(items)} {name}"
+      for name, items in (
+        ("missing", self.missing),
+        ("unexpected", self.unexpected),
+        ("shape mismatches", self.shapes),
+      )
+      if items
+    ]
     return ", ".join(parts) + (" keys" if not self.shapes else "")
 
 
@@ -142,12 +159,20 @@ def _resolve_pytree_dir(path: epath.Path) -> epath.Path:
   """An orbax pytree directory: ``path`` itself, its latest step, or its only item."""
   if (path / "_METADATA").is_file():
     return path
-  steps = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()),
-                 key=lambda p: int(p.name)) if path.is_dir() else []
+  steps = (
+    sorted(
+      (p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    if path.is_dir()
+    else []
+  )
   if steps:
     return _resolve_pytree_dir(steps[-1])
-  items = [p for p in path.iterdir() if p.is_dir() and (p / "_METADATA").is_file()] \
-      if path.is_dir() else []
+  items = (
+    [p for p in path.iterdir() if p.is_dir() and (p / "_METADATA").is_file()]
+    if path.is_dir()
+    else []
+  )
   for name in ("params", "variables", "default", "state"):
     for p in items:
       if p.name == name:
@@ -155,19 +180,21 @@ def _resolve_pytree_dir(path: epath.Path) -> epath.Path:
   if len(items) == 1:
     return items[0]
   raise FileNotFoundError(
-      f"{path} is not an orbax checkpoint of converted weights (no _METADATA found). Write one with "
-      f"`python -m checkpoints.convert --model <name> --src <file.pth> --dst {path}`.")
+    f"{path} is not an orbax checkpoint of converted weights (no _METADATA found). Write one with "
+    f"`python -m checkpoints.convert --model <name> --src <file.pth> --dst {path}`."
+  )
 
 
 def read_variables(path: str | os.PathLike) -> dict:
   """Reads converted weights (orbax pytree) as numpy: {"params": ..., "batch_stats": ...}."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
 
   root = fss_io.user_path(path)
   if not root.exists():
     raise FileNotFoundError(
-        f"config.init={os.fspath(path)!r} does not exist. Convert the PyTorch weights first: "
-        f"`python -m checkpoints.convert --model <name> --src <file.pth> --dst {os.fspath(path)}`.")
+      f"config.init={os.fspath(path)!r} does not exist. Convert the PyTorch weights first: "
+      f"`python -m checkpoints.convert --model <name> --src <file.pth> --dst {os.fspath(path)}`."
+    )
   d = _resolve_pytree_dir(root)
   ckptr = ocp.PyTreeCheckpointer()
   # The handler's tree metadata: the checkpointer's would also read the step's
@@ -188,7 +215,7 @@ def read_variables(path: str | os.PathLike) -> dict:
 CONVERTED_VARIABLES_DIR = "variables"
 CONVERTED_METADATA_FILE = "metadata.json"
 _CONVERTED_METADATA = CONVERTED_METADATA_FILE
-_STEP_METADATA = ("meta", "metadata")       # a training step's meta item (fss_jax.train.loop)
+_STEP_METADATA = ("meta", "metadata")  # a training step's meta item (fss_jax.train.loop)
 
 
 def weights_info(path: str | os.PathLike) -> dict:
@@ -202,7 +229,8 @@ def weights_info(path: str | os.PathLike) -> dict:
     {"kind": "converted" | "trained", "file": the metadata file, "model", "fields",
     "dataset", "fold", "source" (the converted file)}, keys absent when not recorded.
   """
-  import json  # pylint: disable=g-import-not-at-top
+  import json
+
   file, kind = _metadata_file(fss_io.user_path(path))
   if file is None:
     return {}
@@ -212,9 +240,15 @@ def weights_info(path: str | os.PathLike) -> dict:
     return {}
   if not isinstance(meta, dict):
     return {}
-  info = {"kind": kind, "file": str(file), "model": meta.get("model"),
-          "fields": meta.get("fields" if kind == "converted" else "model_fields"),
-          "dataset": meta.get("dataset"), "fold": meta.get("fold"), "source": meta.get("source")}
+  info = {
+    "kind": kind,
+    "file": str(file),
+    "model": meta.get("model"),
+    "fields": meta.get("fields" if kind == "converted" else "model_fields"),
+    "dataset": meta.get("dataset"),
+    "fold": meta.get("fold"),
+    "source": meta.get("source"),
+  }
   return {k: v for k, v in info.items() if v is not None}
 
 
@@ -235,13 +269,18 @@ def _metadata_file(root: epath.Path) -> tuple[epath.Path | None, str]:
 
 
 def describe_weights(info: Mapping[str, Any]) -> str:
-  """"a converted sccan checkpoint (layers=101; pascal5i fold 0)" from `weights_info`."""
+  """ "a converted sccan checkpoint (layers=101; pascal5i fold 0)" from `weights_info`."""
   fields = ", ".join(f"{k}={v}" for k, v in sorted((info.get("fields") or {}).items()))
-  trained = (f"{info['dataset']} fold {info['fold']}" if info.get("fold") is not None
-             and info.get("dataset") else "")
+  trained = (
+    f"{info['dataset']} fold {info['fold']}"
+    if info.get("fold") is not None and info.get("dataset")
+    else ""
+  )
   inside = "; ".join(x for x in (fields, trained) if x)
   kind = "converted" if info.get("kind") == "converted" else "trained"
-  return f"a {kind} {info.get('model') or 'unknown-model'} checkpoint" + (f" ({inside})" if inside else "")
+  return f"a {kind} {info.get('model') or 'unknown-model'} checkpoint" + (
+    f" ({inside})" if inside else ""
+  )
 
 
 def _flat(tree: Any) -> dict[tuple, Any]:
@@ -250,8 +289,13 @@ def _flat(tree: Any) -> dict[tuple, Any]:
   return traverse_util.flatten_dict(flax.core.unfreeze(tree) if hasattr(tree, "unfreeze") else tree)
 
 
-def merge_variables(target: Mapping[str, Any], loaded: Mapping[str, Any], *,
-                    prefix: str = "", source: str = "converted weights") -> dict:
+def merge_variables(
+  target: Mapping[str, Any],
+  loaded: Mapping[str, Any],
+  *,
+  prefix: str = "",
+  source: str = "converted weights",
+) -> dict:
   """Puts ``loaded`` params/batch_stats into ``target``'s tree, strictly.
 
   Args:
@@ -271,16 +315,20 @@ def merge_variables(target: Mapping[str, Any], loaded: Mapping[str, Any], *,
   missing, unexpected, shapes = compare_variables(target, loaded, prefix=prefix, source=source)
   if missing or unexpected or shapes:
     lines = [f"{source} do not match the model" + (f" under {prefix!r}" if prefix else "") + ":"]
-    for title, items in (("missing in the checkpoint (the model has them)", missing),
-                         ("unexpected in the checkpoint (the model lacks them)", unexpected),
-                         ("shape mismatches", shapes)):
+    for title, items in (
+      ("missing in the checkpoint (the model has them)", missing),
+      ("unexpected in the checkpoint (the model lacks them)", unexpected),
+      ("shape mismatches", shapes),
+    ):
       if items:
         lines.append(f"  {title} ({len(items)}):")
         lines += [f"    {x}" for x in items[:40]]
         if len(items) > 40:
           lines.append(f"    ... and {len(items) - 40} more")
-    lines.append("  Convert weights for this model/config (checkpoints.convert) or set "
-                 "config.init_prefix to the sub-module they belong to.")
+    lines.append(
+      "  Convert weights for this model/config (checkpoints.convert) or set "
+      "config.init_prefix to the sub-module they belong to."
+    )
     raise InitMismatchError("\n".join(lines), missing=missing, unexpected=unexpected, shapes=shapes)
   pre = tuple(p for p in prefix.split("/") if p)
   out = {}
@@ -292,8 +340,13 @@ def merge_variables(target: Mapping[str, Any], loaded: Mapping[str, Any], *,
   return out
 
 
-def compare_variables(target: Mapping[str, Any], loaded: Mapping[str, Any], *, prefix: str = "",
-                      source: str = "converted weights") -> tuple[list[str], list[str], list[str]]:
+def compare_variables(
+  target: Mapping[str, Any],
+  loaded: Mapping[str, Any],
+  *,
+  prefix: str = "",
+  source: str = "converted weights",
+) -> tuple[list[str], list[str], list[str]]:
   """(missing, unexpected, shape mismatches) of ``loaded`` put under ``prefix`` of ``target``.
 
   Keys and shapes only (nothing is copied); empty lists mean `merge_variables` succeeds.
@@ -303,15 +356,16 @@ def compare_variables(target: Mapping[str, Any], loaded: Mapping[str, Any], *, p
   for coll in ("params", "batch_stats"):
     tgt = _flat(target.get(coll))
     src = {pre + k: v for k, v in _flat(loaded.get(coll)).items()}
-    under = {k for k in tgt if k[:len(pre)] == pre}
+    under = {k for k in tgt if k[: len(pre)] == pre}
     for k in sorted(under - set(src)):
       missing.append(f"{coll}/{'/'.join(k)} {tuple(tgt[k].shape)}")
     for k in sorted(set(src) - set(tgt)):
       unexpected.append(f"{coll}/{'/'.join(k)} {tuple(np.shape(src[k]))}")
     for k in sorted(set(src) & set(tgt)):
       if tuple(np.shape(src[k])) != tuple(tgt[k].shape):
-        shapes.append(f"{coll}/{'/'.join(k)}: {source} {tuple(np.shape(src[k]))}, "
-                      f"model {tuple(tgt[k].shape)}")
+        shapes.append(
+          f"{coll}/{'/'.join(k)}: {source} {tuple(np.shape(src[k]))}, model {tuple(tgt[k].shape)}"
+        )
   return missing, unexpected, shapes
 
 
@@ -341,11 +395,15 @@ def parse_inits(init: str, init_prefix: str = "") -> list[tuple[str, str]]:
     return [(init_prefix or "", os.fspath(fss_io.user_path(init)))]
   bad = [p for p, m in zip(parts, matches) if m is None]
   if bad:
-    raise ValueError(f"config.init={init!r} mixes prefix=path entries with {bad}; write every entry as "
-                     f"prefix=path (e.g. pspnet=DIR,ssp=DIR) or give one path")
+    raise ValueError(
+      f"config.init={init!r} mixes prefix=path entries with {bad}; write every entry as "
+      f"prefix=path (e.g. pspnet=DIR,ssp=DIR) or give one path"
+    )
   if init_prefix:
-    raise ValueError(f"config.init_prefix={init_prefix!r} applies to a single config.init path; with "
-                     f"prefix=path entries ({init!r}) leave config.init_prefix empty")
+    raise ValueError(
+      f"config.init_prefix={init_prefix!r} applies to a single config.init path; with "
+      f"prefix=path entries ({init!r}) leave config.init_prefix empty"
+    )
   return [(m.group(1).strip("/"), os.fspath(fss_io.user_path(m.group(2).strip()))) for m in matches]
 
 
@@ -363,16 +421,20 @@ def _unwrap(loaded: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
 
 
 def _candidate_prefixes(target: Mapping[str, Any], depth: int = 2) -> list[str]:
-  """"" (the whole model) and the model's sub-modules down to ``depth`` levels."""
-  paths = {"/".join(k[:d]) for k in _flat(target.get("params")) for d in range(1, depth + 1)
-           if len(k) > d}
+  """ "" (the whole model) and the model's sub-modules down to ``depth`` levels."""
+  paths = {
+    "/".join(k[:d]) for k in _flat(target.get("params")) for d in range(1, depth + 1) if len(k) > d
+  }
   return [""] + sorted(paths)
 
 
 def fitting_prefixes(target: Mapping[str, Any], loaded: Mapping[str, Any]) -> list[str]:
   """The prefixes (`_candidate_prefixes`) under which ``loaded`` fits ``target`` exactly."""
-  return [p for p in _candidate_prefixes(target)
-          if not any(compare_variables(target, _unwrap(loaded, p), prefix=p))]
+  return [
+    p
+    for p in _candidate_prefixes(target)
+    if not any(compare_variables(target, _unwrap(loaded, p), prefix=p))
+  ]
 
 
 def _prefix_flag(prefix: str, path: str, entries: bool) -> str:
@@ -382,14 +444,25 @@ def _prefix_flag(prefix: str, path: str, entries: bool) -> str:
 
 
 def _field_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
-  diffs = [f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}"
-           for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+  diffs = [
+    f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}"
+    for k in sorted(set(saved) & set(current))
+    if saved[k] != current[k]
+  ]
   return "; ".join(diffs)
 
 
-def explain_mismatch(error: InitMismatchError, target: Mapping[str, Any], loaded: Mapping[str, Any],
-                     prefix: str, path: str, *, model: str = "", fields: Mapping[str, Any] | None = None,
-                     entries: bool = False) -> InitMismatchError:
+def explain_mismatch(
+  error: InitMismatchError,
+  target: Mapping[str, Any],
+  loaded: Mapping[str, Any],
+  prefix: str,
+  path: str,
+  *,
+  model: str = "",
+  fields: Mapping[str, Any] | None = None,
+  entries: bool = False,
+) -> InitMismatchError:
   """A one-line diagnosis of weights that do not fit under ``prefix``: what the checkpoint is
   (its `weights_info`) and what to pass instead (the prefix where it fits), with the key
   counts; the full listing moves to ``details``. ``error`` itself when nothing is known.
@@ -413,25 +486,45 @@ def explain_mismatch(error: InitMismatchError, target: Mapping[str, Any], loaded
   counts = f"{error.counts()} {under}"
   if fits:
     where = "the whole model" if fits[0] == "" else f"the model's {fits[0]!r} sub-module"
-    message = (f"{what}: they fit {where}, not {under} ({counts}); pass "
-               f"{_prefix_flag(fits[0], path, entries)}")
+    message = (
+      f"{what}: they fit {where}, not {under} ({counts}); pass "
+      f"{_prefix_flag(fits[0], path, entries)}"
+    )
   elif info.get("model") and model and info["model"] != model:
     part = f"{prefix!r} sub-module" if prefix else "model"
-    message = (f"{what}: a {info['model']} model, not weights for this {model} config's {part} "
-               f"({counts}); convert the weights this config needs (see its docstring) or use a "
-               f"{info['model']} config")
+    message = (
+      f"{what}: a {info['model']} model, not weights for this {model} config's {part} "
+      f"({counts}); convert the weights this config needs (see its docstring) or use a "
+      f"{info['model']} config"
+    )
   else:
     differ = _field_differences(info.get("fields") or {}, fields or {})
-    message = (f"{what}: its keys do not fit this {model or 'model'} {under} ({counts})"
-               + (f"; the fields differ ({differ}): convert again with --model-arg to match, "
-                  f"or set them in the config" if differ else ""))
-  return InitMismatchError(message, missing=error.missing, unexpected=error.unexpected,
-                           shapes=error.shapes, details=str(error))
+    message = f"{what}: its keys do not fit this {model or 'model'} {under} ({counts})" + (
+      f"; the fields differ ({differ}): convert again with --model-arg to match, "
+      f"or set them in the config"
+      if differ
+      else ""
+    )
+  return InitMismatchError(
+    message,
+    missing=error.missing,
+    unexpected=error.unexpected,
+    shapes=error.shapes,
+    details=str(error),
+  )
 
 
-def load_init(state: TrainState, path: str | os.PathLike | Sequence[tuple[str, str]], tx, *,
-              prefix: str = "", sharding=None, model: str = "",
-              fields: Mapping[str, Any] | None = None, entries: bool | None = None) -> TrainState:
+def load_init(
+  state: TrainState,
+  path: str | os.PathLike | Sequence[tuple[str, str]],
+  tx,
+  *,
+  prefix: str = "",
+  sharding=None,
+  model: str = "",
+  fields: Mapping[str, Any] | None = None,
+  entries: bool | None = None,
+) -> TrainState:
   """``state`` with params/batch_stats from converted weights and a fresh opt_state.
 
   Args:
@@ -453,20 +546,43 @@ def load_init(state: TrainState, path: str | os.PathLike | Sequence[tuple[str, s
   for pre, src in sources:
     loaded = read_variables(src)
     try:
-      merged = merge_variables(merged, _unwrap(loaded, pre), prefix=pre,
-                               source=f"weights in {os.fspath(src)}")
+      merged = merge_variables(
+        merged, _unwrap(loaded, pre), prefix=pre, source=f"weights in {os.fspath(src)}"
+      )
     except InitMismatchError as e:
-      raise explain_mismatch(e, merged, loaded, pre, os.fspath(src), model=model, fields=fields,
-                             entries=len(sources) > 1 if entries is None else entries) from None
+      raise explain_mismatch(
+        e,
+        merged,
+        loaded,
+        pre,
+        os.fspath(src),
+        model=model,
+        fields=fields,
+        entries=len(sources) > 1 if entries is None else entries,
+      ) from None
 
   def _place(p, b, step, rng):
     return TrainState(step=step, params=p, batch_stats=b, opt_state=tx.init(p), rng=rng)
 
-  return jax.jit(_place, out_shardings=sharding)(merged["params"], merged["batch_stats"],
-                                                 state.step, state.rng)
+  return jax.jit(_place, out_shardings=sharding)(
+    merged["params"], merged["batch_stats"], state.step, state.rng
+  )
 
 
-__all__ = ["TrainState", "create", "abstract", "init_variables", "zeros_like_episode",
-           "read_variables", "merge_variables", "compare_variables", "load_init", "parse_inits",
-           "InitMismatchError", "weights_info", "describe_weights", "explain_mismatch",
-           "fitting_prefixes"]
+__all__ = [
+  "TrainState",
+  "create",
+  "abstract",
+  "init_variables",
+  "zeros_like_episode",
+  "read_variables",
+  "merge_variables",
+  "compare_variables",
+  "load_init",
+  "parse_inits",
+  "InitMismatchError",
+  "weights_info",
+  "describe_weights",
+  "explain_mismatch",
+  "fitting_prefixes",
+]

@@ -24,7 +24,8 @@ align_corners=True bilinear operator built from that size
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +45,17 @@ def _stop_frozen(params: Any, trainable: Any | None) -> Any:
   return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
 
-def loss_and_grads(params: Any, batch_stats: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
-                   *, model, loss_fn: LossFn, trainable: Any | None = None,
-                   compute_dtype: str = "float32"):
+def loss_and_grads(
+  params: Any,
+  batch_stats: Any,
+  batch: Mapping[str, jax.Array],
+  rng: jax.Array,
+  *,
+  model,
+  loss_fn: LossFn,
+  trainable: Any | None = None,
+  compute_dtype: str = "float32",
+):
   """Forward (train=True) + backward, the forward in ``compute_dtype``.
 
   Returns:
@@ -58,12 +67,20 @@ def loss_and_grads(params: Any, batch_stats: Any, batch: Mapping[str, jax.Array]
     variables = {"params": _stop_frozen(p, trainable)}
     if has_bs:
       variables["batch_stats"] = batch_stats
-      outputs, mutated = precision.apply(model, variables, batch, dtype=compute_dtype, train=True,
-                                         rngs={"dropout": rng}, mutable=["batch_stats"])
+      outputs, mutated = precision.apply(
+        model,
+        variables,
+        batch,
+        dtype=compute_dtype,
+        train=True,
+        rngs={"dropout": rng},
+        mutable=["batch_stats"],
+      )
       new_bs = mutated.get("batch_stats", batch_stats)
     else:
-      outputs = precision.apply(model, variables, batch, dtype=compute_dtype, train=True,
-                                rngs={"dropout": rng})
+      outputs = precision.apply(
+        model, variables, batch, dtype=compute_dtype, train=True, rngs={"dropout": rng}
+      )
       new_bs = batch_stats
     loss, aux = loss_fn(outputs, batch)
     return loss, (aux, new_bs)
@@ -71,9 +88,16 @@ def loss_and_grads(params: Any, batch_stats: Any, batch: Mapping[str, jax.Array]
   return jax.value_and_grad(fn, has_aux=True)(params)
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, loss_fn: LossFn,
-               tx: optax.GradientTransformation, trainable: Any | None = None,
-               compute_dtype: str = "float32") -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  *,
+  model,
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  trainable: Any | None = None,
+  compute_dtype: str = "float32",
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step.
 
   Args:
@@ -89,9 +113,16 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, loss
     (new state, {"loss", "grad_norm", "params_finite", <loss_fn metrics>}) — scalars.
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  (loss, (aux, new_bs)), grads = loss_and_grads(state.params, state.batch_stats, batch, rng,
-                                                 model=model, loss_fn=loss_fn, trainable=trainable,
-                                                 compute_dtype=compute_dtype)
+  (loss, (aux, new_bs)), grads = loss_and_grads(
+    state.params,
+    state.batch_stats,
+    batch,
+    rng,
+    model=model,
+    loss_fn=loss_fn,
+    trainable=trainable,
+    compute_dtype=compute_dtype,
+  )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   out = {k: jnp.asarray(v, jnp.float32) for k, v in dict(aux).items()}
@@ -101,15 +132,22 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, loss
   # does not make the state after it good (lr too large, a huge gradient); the loop stops
   # before saving such a state.
   out["params_finite"] = jnp.asarray(
-      jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])),
-      jnp.float32)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
-                            opt_state=opt_state)
+    jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])), jnp.float32
+  )
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=new_bs, opt_state=opt_state
+  )
   return new_state, out
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
-              score: str = "pad_square", compute_dtype: str = "float32") -> dict[str, jax.Array]:
+def eval_step(
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  *,
+  model,
+  score: str = "pad_square",
+  compute_dtype: str = "float32",
+) -> dict[str, jax.Array]:
   """Per-episode intersection / union at the original label resolution.
 
   Args:
@@ -126,16 +164,18 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
   """
   episode = {k: v for k, v in batch.items() if k != "valid"}
   outputs = precision.apply(model, state.variables(), episode, dtype=compute_dtype, train=False)
-  out = metrics_lib.episode_counts(outputs["logits"], batch["label_original"],
-                                   batch["label_size"], score=score)
+  out = metrics_lib.episode_counts(
+    outputs["logits"], batch["label_original"], batch["label_size"], score=score
+  )
   b = batch["label_original"].shape[0]
   out["class_id"] = batch["class_id"]
   out["valid"] = batch["valid"] if "valid" in batch else jnp.ones((b,), jnp.int32)
   return out
 
 
-def predict_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
-                 compute_dtype: str = "float32") -> jax.Array:
+def predict_step(
+  state: TrainState, batch: Mapping[str, jax.Array], *, model, compute_dtype: str = "float32"
+) -> jax.Array:
   """Prediction at the model's output resolution: int32 [B, h, w] (argmax of the logits)."""
   outputs = precision.apply(model, state.variables(), batch, dtype=compute_dtype, train=False)
   return jnp.argmax(outputs["logits"], axis=-1).astype(jnp.int32)
@@ -144,6 +184,7 @@ def predict_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
 # ---------------------------------------------------------------------------
 # jit wrappers
 # ---------------------------------------------------------------------------
+
 
 def jit_train_step(fn: Callable, mesh) -> Callable:
   """jit ``fn(state, batch) -> (state, metrics)``: state replicated + donated, batch on 'data'."""
@@ -157,23 +198,47 @@ def jit_eval_step(fn: Callable, mesh) -> Callable:
   return jax.jit(fn, in_shardings=(repl, data), out_shardings=data)
 
 
-def make_train_step(*, model, loss_fn: LossFn, tx, mesh, trainable: Any | None = None,
-                    compute_dtype: str = "float32") -> Callable:
+def make_train_step(
+  *, model, loss_fn: LossFn, tx, mesh, trainable: Any | None = None, compute_dtype: str = "float32"
+) -> Callable:
   precision.compute_dtype(compute_dtype)  # an unsupported dtype fails here, not inside jit
-  return jit_train_step(functools.partial(train_step, model=model, loss_fn=loss_fn, tx=tx,
-                                          trainable=trainable, compute_dtype=compute_dtype), mesh)
+  return jit_train_step(
+    functools.partial(
+      train_step,
+      model=model,
+      loss_fn=loss_fn,
+      tx=tx,
+      trainable=trainable,
+      compute_dtype=compute_dtype,
+    ),
+    mesh,
+  )
 
 
-def make_eval_step(*, model, mesh, score: str = "pad_square", compute_dtype: str = "float32") -> Callable:
+def make_eval_step(
+  *, model, mesh, score: str = "pad_square", compute_dtype: str = "float32"
+) -> Callable:
   precision.compute_dtype(compute_dtype)
-  return jit_eval_step(functools.partial(eval_step, model=model, score=score,
-                                         compute_dtype=compute_dtype), mesh)
+  return jit_eval_step(
+    functools.partial(eval_step, model=model, score=score, compute_dtype=compute_dtype), mesh
+  )
 
 
 def make_predict_step(*, model, mesh, compute_dtype: str = "float32") -> Callable:
   precision.compute_dtype(compute_dtype)
-  return jit_eval_step(functools.partial(predict_step, model=model, compute_dtype=compute_dtype), mesh)
+  return jit_eval_step(
+    functools.partial(predict_step, model=model, compute_dtype=compute_dtype), mesh
+  )
 
 
-__all__ = ["train_step", "eval_step", "predict_step", "loss_and_grads", "make_train_step",
-           "make_eval_step", "make_predict_step", "jit_train_step", "jit_eval_step"]
+__all__ = [
+  "train_step",
+  "eval_step",
+  "predict_step",
+  "loss_and_grads",
+  "make_train_step",
+  "make_eval_step",
+  "make_predict_step",
+  "jit_train_step",
+  "jit_eval_step",
+]

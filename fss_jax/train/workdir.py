@@ -34,7 +34,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from etils import epath
 
@@ -49,8 +50,17 @@ LOCK_FILE = ".lock"
 UNFINISHED_SAVE_MARK = ".orbax-checkpoint-tmp"
 # On GCS (no rename) orbax writes a step in place and marks it finished with this file last.
 FINISHED_SAVE_MARK_GCS = "commit_success.txt"
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grain",
-             "tensorflow-datasets", "ml-collections")
+_PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "numpy",
+  "grain",
+  "tensorflow-datasets",
+  "ml-collections",
+)
 
 
 def _jsonable(x: Any) -> Any:
@@ -58,7 +68,8 @@ def _jsonable(x: Any) -> Any:
 
 
 def _versions() -> dict[str, str]:
-  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  from importlib import metadata
+
   out = {"python": platform.python_version()}
   for name in _PACKAGES:
     try:
@@ -72,8 +83,13 @@ def git_commit(path: str | None = None) -> str | None:
   """HEAD of the checkout holding this package (None outside a git checkout)."""
   root = path or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:
-    out = subprocess.run(["git", "-C", os.fspath(root), "rev-parse", "HEAD"], capture_output=True,
-                         text=True, timeout=10, check=False)
+    out = subprocess.run(
+      ["git", "-C", os.fspath(root), "rev-parse", "HEAD"],
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=False,
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   return (out.stdout.strip() or None) if out.returncode == 0 else None
@@ -81,20 +97,30 @@ def git_commit(path: str | None = None) -> str | None:
 
 def run_record(config: Any, *, mode: str) -> dict[str, Any]:
   """The document written to ``config.json``: {"mode", "config", "versions", ...}."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
   cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   devices = jax.devices()
-  return _jsonable({
-      "mode": mode, "config": cfg, "versions": _versions(), "host": socket.gethostname(),
+  return _jsonable(
+    {
+      "mode": mode,
+      "config": cfg,
+      "versions": _versions(),
+      "host": socket.gethostname(),
       "platform": devices[0].platform if devices else None,
-      "devices": [str(d) for d in devices], "process_count": jax.process_count(),
-      "argv": sys.argv, "git_commit": git_commit(),
-      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+      "devices": [str(d) for d in devices],
+      "process_count": jax.process_count(),
+      "argv": sys.argv,
+      "git_commit": git_commit(),
+      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+  )
 
 
 def write_run_record(config: Any, workdir: epath.Path, *, mode: str) -> epath.Path | None:
   """Writes ``config.json`` (train) / ``config_eval.json`` (eval) on process 0."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
   if jax.process_index() != 0:
     return None
   name = CONFIG_FILE if mode == "train" else EVAL_CONFIG_FILE
@@ -119,8 +145,7 @@ class TextLog:
     self._mirror = mirror
 
   def write_exception(self, message: str) -> None:
-    record = logging.LogRecord("fss_jax", logging.ERROR, __file__, 0, message, None,
-                               sys.exc_info())
+    record = logging.LogRecord("fss_jax", logging.ERROR, __file__, 0, message, None, sys.exc_info())
     self._handler.handle(record)
     self._handler.flush()
     self._mirror.sync()
@@ -153,12 +178,13 @@ def text_log(workdir: epath.Path, level: int = logging.INFO) -> Iterator[TextLog
 # One run per workdir, and start-up checks
 # ---------------------------------------------------------------------------
 
+
 class WorkdirError(Exception):
   """The workdir cannot take this run: another run holds it, it is not writable, or its disk
   has no room for a checkpoint. The message says what to do."""
 
 
-_HELD: dict[str, int] = {}   # realpath of a workdir -> the fd of its lock, held by this process
+_HELD: dict[str, int] = {}  # realpath of a workdir -> the fd of its lock, held by this process
 
 
 def _close_locks_in_child() -> None:
@@ -205,7 +231,7 @@ def check_writable(workdir: epath.Path) -> None:
 
 def _holder(path: epath.Path) -> tuple[str, str]:
   """(pid, host) written into a lock file by its holder ("?" while unreadable)."""
-  for _ in range(20):   # the holder writes right after taking the lock
+  for _ in range(20):  # the holder writes right after taking the lock
     try:
       info = json.loads(path.read_text())
       return str(info["pid"]), str(info["host"])
@@ -242,11 +268,15 @@ def lock(workdir: epath.Path) -> Iterator[None]:
   except OSError as e:
     os.close(fd)
     if not isinstance(e, BlockingIOError):
-      raise WorkdirError(f"cannot lock workdir {workdir}: {e.strerror or e}; use a workdir on a "
-                         f"file system with file locks") from e
+      raise WorkdirError(
+        f"cannot lock workdir {workdir}: {e.strerror or e}; use a workdir on a "
+        f"file system with file locks"
+      ) from e
     pid, host = _holder(path)
-    raise WorkdirError(f"workdir {workdir} is in use by pid {pid} on host {host} (another fss_jax "
-                       f"run); wait for it or choose another --workdir") from None
+    raise WorkdirError(
+      f"workdir {workdir} is in use by pid {pid} on host {host} (another fss_jax "
+      f"run); wait for it or choose another --workdir"
+    ) from None
   key = os.path.realpath(workdir)
   _HELD[key] = fd
   try:
@@ -273,10 +303,12 @@ def metric_writer(workdir: epath.Path, *, just_logging: bool):
   every ``flush`` uploads (`fss_jax.io.LocalMirror`), so all our object-store traffic goes
   through one client. ``close`` uploads the last events.
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers
+
   if just_logging or not fss_io.is_remote(workdir):
-    return metric_writers.create_default_writer(os.fspath(workdir), just_logging=just_logging,
-                                                asynchronous=True)
+    return metric_writers.create_default_writer(
+      os.fspath(workdir), just_logging=just_logging, asynchronous=True
+    )
   mirror = fss_io.LocalMirror(workdir)
   inner = metric_writers.create_default_writer(mirror.local, asynchronous=True)
 
@@ -320,10 +352,14 @@ def metric_writer(workdir: epath.Path, *, just_logging: bool):
 
 def tree_nbytes(tree: Any) -> int:
   """Bytes of every array (or ShapeDtypeStruct) leaf of ``tree``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-             if hasattr(x, "shape") and hasattr(x, "dtype"))
+  import jax
+  import numpy as np
+
+  return sum(
+    int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
+    if hasattr(x, "shape") and hasattr(x, "dtype")
+  )
 
 
 def _bytes(n: int) -> str:
@@ -346,9 +382,10 @@ def check_room(workdir: epath.Path, needed: int) -> None:
   free = shutil.disk_usage(workdir).free
   if free < needed:
     raise WorkdirError(
-        f"not enough disk space in {workdir} for one checkpoint: the train state (parameters, "
-        f"optimiser state, batch statistics) needs about {_bytes(needed)}, {_bytes(free)} are "
-        f"free; free some space or choose another --workdir")
+      f"not enough disk space in {workdir} for one checkpoint: the train state (parameters, "
+      f"optimiser state, batch statistics) needs about {_bytes(needed)}, {_bytes(free)} are "
+      f"free; free some space or choose another --workdir"
+    )
 
 
 def remove_unfinished_saves(folders: Iterable[epath.Path]) -> list[epath.Path]:
@@ -374,7 +411,23 @@ def remove_unfinished_saves(folders: Iterable[epath.Path]) -> list[epath.Path]:
   return removed
 
 
-__all__ = ["write_run_record", "read_run_config", "run_record", "text_log", "TextLog", "git_commit",
-           "CONFIG_FILE", "EVAL_CONFIG_FILE", "LOG_FILE", "LOCK_FILE", "WorkdirError",
-           "check_writable", "lock", "holds_lock", "metric_writer", "tree_nbytes", "check_room",
-           "remove_unfinished_saves"]
+__all__ = [
+  "write_run_record",
+  "read_run_config",
+  "run_record",
+  "text_log",
+  "TextLog",
+  "git_commit",
+  "CONFIG_FILE",
+  "EVAL_CONFIG_FILE",
+  "LOG_FILE",
+  "LOCK_FILE",
+  "WorkdirError",
+  "check_writable",
+  "lock",
+  "holds_lock",
+  "metric_writer",
+  "tree_nbytes",
+  "check_room",
+  "remove_unfinished_saves",
+]

@@ -50,7 +50,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 if os.fspath(REPO) not in sys.path:
   sys.path.insert(0, os.fspath(REPO))
 
-from checkpoints import fixtures  # noqa: E402  pylint: disable=wrong-import-position
+from checkpoints import fixtures  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "parity"
 if not SHARED.is_dir():
@@ -74,13 +74,13 @@ FUNCTIONAL_DROPOUTS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_
 # ---------------------------------------------------------------------------
 
 def _args_hdmnet(root: pathlib.Path, k: int):
-  from bench.torch_refs import hdmnet  # pylint: disable=g-import-not-at-top
+  from bench.torch_refs import hdmnet
   yaml = hdmnet.config_yaml(root / "config" / "pascal", hdmnet.YAML_STEM, k)
   return hdmnet.load_args(root, yaml, k), yaml
 
 
 def _args_sccan_pahnet(root: pathlib.Path, k: int):
-  from bench.torch_refs import common  # pylint: disable=g-import-not-at-top
+  from bench.torch_refs import common
   yaml = root / "config" / "pascal" / ("5-shot" if k == 5 else "") / "pascal_split0_resnet50.yaml"
   args = common.load_yaml_cfg(root, yaml)
   args.shot = k
@@ -88,7 +88,7 @@ def _args_sccan_pahnet(root: pathlib.Path, k: int):
 
 
 def _args_sccan(root: pathlib.Path, k: int):
-  from bench.torch_refs import common  # pylint: disable=g-import-not-at-top
+  from bench.torch_refs import common
   yaml = root / "config" / "pascal" / f"pascal_split0_resnet50{'_5s' if k == 5 else ''}.yaml"
   args = common.load_yaml_cfg(root, yaml)
   args.shot = k
@@ -105,7 +105,7 @@ def symnet_scales(size: int) -> list[int]:
 
 
 def _args_symnet(root: pathlib.Path, k: int, size: int):
-  from bench.torch_refs import common  # pylint: disable=g-import-not-at-top
+  from bench.torch_refs import common
   yaml = root / "config" / "pascal" / "pascal_split0_resnet50.yaml"
   args = common.load_yaml_cfg(root, yaml)
   args.shot = k
@@ -162,7 +162,7 @@ def _fwd_panet(model, t):
 
 
 def _total_panet(out, args, t):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   query_pred, align_loss = out
   label = torch.cat([t["in_qry_label"][q] for q in range(t["in_qry_label"].shape[0])], dim=0).long()
   query_loss = torch.nn.CrossEntropyLoss(ignore_index=255)(query_pred, label)
@@ -183,7 +183,7 @@ def _fwd_ssp(model, t):
 
 
 def _total_ssp(out, args, t):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   k = t["in_supp_img"].shape[1]
   crit = torch.nn.CrossEntropyLoss(ignore_index=255)
   mask_q = t["in_query_label"].long()
@@ -194,7 +194,7 @@ def _total_ssp(out, args, t):
 
 def _fix_bn_ssp(model):
   """main.py: ``model.train()``, then every ``torch.nn.BatchNorm2d`` module ``.eval()``."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   for module in model.modules():
     if isinstance(module, torch.nn.BatchNorm2d):
       module.eval()
@@ -205,7 +205,7 @@ BAM_REPO = "/tmp/ref/BAM"      # chunbolang/BAM checkout: the base-learner recip
 
 def _args_pspnet(root: pathlib.Path, k: int, size: int):
   """BAM's ``config/pascal/pascal_split0_resnet50_base.yaml`` read by the HDMNet checkout's loader."""
-  from bench.torch_refs import common  # pylint: disable=g-import-not-at-top
+  from bench.torch_refs import common
   yaml = pathlib.Path(BAM_REPO) / "config" / "pascal" / "pascal_split0_resnet50_base.yaml"
   return common.load_yaml_cfg(root, yaml), yaml
 
@@ -213,8 +213,8 @@ def _args_pspnet(root: pathlib.Path, k: int, size: int):
 def _build_pspnet(root: pathlib.Path, args, shims: list[str]):
   """BAM train_base.py get_model(): ``model = PSPNet.OneModel(args); optimizer =
   model.get_optim(model, args, LR=args.base_lr)`` with HDMNet's model/PSPNet.py (no freezing)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  from bench.torch_refs import common  # pylint: disable=g-import-not-at-top
+  import importlib
+  from bench.torch_refs import common
   common.use_repo(root, ("model", "util"), "model/PSPNet.py")
   requested: list[str] = []
   pspnet = importlib.import_module("model.PSPNet")
@@ -324,7 +324,7 @@ def reference_functions(path: pathlib.Path, names: tuple[str, ...]) -> dict[str,
   ns: dict[str, Any] = {}
   for node in tree.body:
     if isinstance(node, ast.FunctionDef) and node.name in names:
-      exec(compile(ast.Module([node], []), os.fspath(path), "exec"), ns)  # pylint: disable=exec-used
+      exec(compile(ast.Module([node], []), os.fspath(path), "exec"), ns)
   missing = [n for n in names if n not in ns]
   if missing:
     raise LookupError(f"{path} defines no {missing}")
@@ -488,7 +488,7 @@ def _owner(model, key: str):
 
 
 def weight_rule(model, key: str, tensor) -> str:
-  from torch import nn  # pylint: disable=g-import-not-at-top
+  from torch import nn
   owner = _owner(model, key)
   is_norm = any(n in type(owner).__name__ for n in _NORM_NAMES)
   leaf = key.rpartition(".")[2]
@@ -553,7 +553,7 @@ def state_dict_table(model, global_seed: int, template: dict) -> tuple[dict, dic
       v = np.asarray(o["value"], dtype=o["dtype"]).reshape(shape)
     else:
       n = np.random.default_rng(zlib.crc32(key.encode("utf-8")) ^ global_seed).standard_normal(shape)
-      v = fixtures._rule_value(rule, n.astype(np.float32), shape)  # pylint: disable=protected-access
+      v = fixtures._rule_value(rule, n.astype(np.float32), shape)
     values[key] = v
     e["check"] = [float(v.astype(np.float64).sum()), float(v.reshape(-1)[0]) if v.size else 0.0]
   meta = {"GLOBAL_SEED": global_seed, "state_dict": {"keys": entries}, "overrides": overrides}
@@ -577,11 +577,11 @@ def state_dict_table(model, global_seed: int, template: dict) -> tuple[dict, dic
 # ---------------------------------------------------------------------------
 
 def disable_dropout(model) -> dict[str, Any]:
-  from torch import nn  # pylint: disable=g-import-not-at-top
+  from torch import nn
   changed, already = [], 0
   for name, m in model.named_modules():
     cls = f"{type(m).__module__}.{type(m).__qualname__}"
-    if isinstance(m, nn.modules.dropout._DropoutNd):  # pylint: disable=protected-access
+    if isinstance(m, nn.modules.dropout._DropoutNd):
       if m.p:
         changed.append({"module": name, "class": cls, "attribute": "p", "original": float(m.p)})
         m.p = 0.0
@@ -596,7 +596,7 @@ def disable_dropout(model) -> dict[str, Any]:
     for attr, val in list(vars(m).items()):
       if attr.startswith("_") or isinstance(val, bool) or not isinstance(val, (int, float)):
         continue
-      if "drop" in attr.lower() and not isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)):  # pylint: disable=protected-access
+      if "drop" in attr.lower() and not isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)):
         if val:
           changed.append({"module": name, "class": cls, "attribute": attr, "original": float(val)})
           setattr(m, attr, 0.0)
@@ -608,7 +608,7 @@ def disable_dropout(model) -> dict[str, Any]:
 @contextlib.contextmanager
 def dropout_guard(counts: dict[str, int]):
   """Counts the functional dropout calls and raises on any with p > 0 in training."""
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F
   saved = {}
 
   def wrap(name, fn):
@@ -737,9 +737,9 @@ def run_step(model_name: str, root: pathlib.Path, arrays: dict[str, np.ndarray],
              global_seed: int, template: dict, full: bool = False) -> dict[str, Any]:
   """Builds the official model and runs one step; returns losses / grads / deltas (numpy) and,
   with ``full``, everything the json describes."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from bench import torch_refs  # pylint: disable=g-import-not-at-top
-  from bench.torch_refs import symnet as symnet_ref  # pylint: disable=g-import-not-at-top
+  import torch
+  from bench import torch_refs
+  from bench.torch_refs import symnet as symnet_ref
 
   spec = MODELS[model_name]
   torch.set_num_threads(threads)
@@ -791,8 +791,8 @@ def run_step(model_name: str, root: pathlib.Path, arrays: dict[str, np.ndarray],
     if model_name == "symnet":
       mod = sys.modules["model.SymNet"]
       if not hasattr(mod, "_fixture_load_obj"):
-        mod._fixture_load_obj = mod.load_obj  # pylint: disable=protected-access
-      orig_load = mod._fixture_load_obj  # pylint: disable=protected-access
+        mod._fixture_load_obj = mod.load_obj
+      orig_load = mod._fixture_load_obj
       mod.load_obj = lambda name: orig_load(name).to(torch.get_default_dtype())
 
     # weights
@@ -1027,7 +1027,7 @@ def short(name: str) -> str:
 
 def optimizer_only_f64(rec: dict, opt_json: list[dict]) -> dict[str, np.ndarray]:
   """The official optimizers applied in float64 to the float32 parameters and gradients."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   out = {}
   for o in opt_json:
     mod, _, cls = o["type"].rpartition(".")
@@ -1076,8 +1076,8 @@ def build_json(model_name: str, template: dict, rec: dict, arrays: dict, npz: di
   meta["variant"] = "parity_extra"
   meta["GLOBAL_SEED"] = a.global_seed
   meta["input_seed"] = a.input_seed
-  import torch  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
+  import torch
+  import torchvision
   meta["generated_with"] = {"torch": torch.__version__.split("+")[0],
                             "torchvision": torchvision.__version__.split("+")[0],
                             "numpy": np.__version__, "device": "cpu", "dtype": "float32",

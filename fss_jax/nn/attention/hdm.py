@@ -31,7 +31,8 @@ dropout only when ``train``.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,8 +40,7 @@ import jax.numpy as jnp
 
 from fss_jax import keymaps
 from fss_jax.nn.layers import BatchNorm2d, Conv2d, LayerNorm, Linear, kaiming_normal_fan_out
-from fss_jax.nn.prototype import (PrototypeEnhanced, asc_mismatch, asc_query_state,
-                                  asc_support_state)
+from fss_jax.nn.prototype import PrototypeEnhanced, asc_mismatch, asc_query_state, asc_support_state
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
 from fss_jax.ops.softmax import softmax_dot_backward
 
@@ -70,6 +70,7 @@ def map_to_tokens(x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
 # Attention score rules (per head: q [B, Lq, H, d], k / v [B, Lk, H, d]).
 # ---------------------------------------------------------------------------
 
+
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
   """``[B, L, H*d]`` -> ``[B, L, H, d]`` (head h = channels h*d .. (h+1)*d - 1)."""
   b, l, c = x.shape
@@ -88,8 +89,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(norm, eps)
 
 
-def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                   bias: jax.Array | None = None) -> jax.Array:
+def self_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None
+) -> jax.Array:
   """Scaled dot-product attention, softmax over keys.
 
   Args:
@@ -112,8 +114,9 @@ def cosine_scores(q: jax.Array, k: jax.Array, temperature: float = 0.1) -> jax.A
   return jnp.einsum("bqhd,bkhd->bhqk", l2_normalize(q), l2_normalize(k)) / temperature
 
 
-def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, *,
-                    temperature: float = 0.1) -> tuple[jax.Array, jax.Array]:
+def cross_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, *, temperature: float = 0.1
+) -> tuple[jax.Array, jax.Array]:
   """HDMNet's masked cosine cross-attention.
 
   The softmax runs over the QUERY axis (each support token distributes its mass
@@ -137,10 +140,16 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
   return y, jnp.mean(corr, axis=1)
 
 
-def calibrated_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                               query_state: jax.Array, key_state: jax.Array,
-                               reweight: jax.Array, *, temperature: float = 0.1
-                               ) -> tuple[jax.Array, jax.Array]:
+def calibrated_cross_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  query_state: jax.Array,
+  key_state: jax.Array,
+  reweight: jax.Array,
+  *,
+  temperature: float = 0.1,
+) -> tuple[jax.Array, jax.Array]:
   """PAHNet's ASC cross-attention (HDMNetPlus, pahnet.md §5.2 (d)).
 
   ``l = cos(q, k) / temperature`` per head, scores ``R * l``, softmax over the
@@ -160,12 +169,12 @@ def calibrated_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     (``[B, Lq, H, d]``, correlation map ``[B, Lq]``).
   """
   t, s = query_state, key_state
-  ell = cosine_scores(q, k, temperature)                          # [B, H, Lq, Lk]
+  ell = cosine_scores(q, k, temperature)  # [B, H, Lq, Lk]
   attn = softmax_dot_backward(reweight[:, None] * ell, -2)
   attn = jnp.where(asc_mismatch(t, s)[:, None], 0.0, attn)
   y = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
   hy = t[:, :, None] + s[:, None, :]
-  wts = jnp.where(hy == 0, 2.0, jnp.where(hy == 1, 0.0, hy))      # [B, Lq, Lk]
+  wts = jnp.where(hy == 0, 2.0, jnp.where(hy == 1, 0.0, hy))  # [B, Lq, Lk]
   corr = jnp.einsum("bhqk,bqk->bhq", ell, wts) / (jnp.sum(wts, -1)[:, None] + 1e-9)
   return y, jnp.mean(corr, axis=1)
 
@@ -179,14 +188,21 @@ class MaskedMultiHeadAttention(nn.Module):
   `calibrated_cross_attention` with ``R_ij = <r_i w_q, s_j w_s>`` (``proj_q``,
   ``proj_s``: Linear 1 -> dim, no bias, created only then).
   """
+
   dim: int = 64
   heads: int = 2
   temperature: float = 0.1
 
   @nn.compact
-  def __call__(self, x: jax.Array, source: jax.Array, *, key_mask: jax.Array | None = None,
-               query_prob: jax.Array | None = None, bias: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(
+    self,
+    x: jax.Array,
+    source: jax.Array,
+    *,
+    key_mask: jax.Array | None = None,
+    query_prob: jax.Array | None = None,
+    bias: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array | None]:
     """x ``[B, Lq, C]``, source ``[B, Lk, C]``; key_mask ``[B, Lk]`` (support mask),
     query_prob ``[B, Lq]`` (predictor FG probability), bias (self-attention scores)
     -> (``[B, Lq, C]``, map ``[B, Lq]`` | None)."""
@@ -201,10 +217,9 @@ class MaskedMultiHeadAttention(nn.Module):
     else:
       r, t = asc_query_state(query_prob.astype(x.dtype))
       s = asc_support_state(key_mask.astype(x.dtype))
-      proj = lambda n, a: dense(n)(a[..., None])  # noqa: E731
+      proj = lambda n, a: dense(n)(a[..., None])
       reweight = jnp.einsum("bqc,bkc->bqk", proj("proj_q", r), proj("proj_s", s))
-      y, corr = calibrated_cross_attention(q, k, v, t, s, reweight,
-                                           temperature=self.temperature)
+      y, corr = calibrated_cross_attention(q, k, v, t, s, reweight, temperature=self.temperature)
     return dense("linear_o")(merge_heads(y)), corr
 
 
@@ -215,6 +230,7 @@ class EfficientAttention(nn.Module):
   sr x sr / stride sr (+bias) and LayerNorm, giving the key/value tokens.
   Output ``identity + dropout(attn_out)``.
   """
+
   dim: int = 64
   heads: int = 2
   sr: int = 1
@@ -223,9 +239,16 @@ class EfficientAttention(nn.Module):
   attention_cls: Any = MaskedMultiHeadAttention
 
   @nn.compact
-  def __call__(self, x: jax.Array, hw: tuple[int, int], *, identity: jax.Array,
-               source: jax.Array | None = None, train: bool = False,
-               attn_kwargs: dict | None = None) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(
+    self,
+    x: jax.Array,
+    hw: tuple[int, int],
+    *,
+    identity: jax.Array,
+    source: jax.Array | None = None,
+    train: bool = False,
+    attn_kwargs: dict | None = None,
+  ) -> tuple[jax.Array, jax.Array | None]:
     kv = x if source is None else source
     if self.sr > 1:
       kv = tokens_to_map(kv, hw)
@@ -233,13 +256,15 @@ class EfficientAttention(nn.Module):
       kv, _ = map_to_tokens(kv)
       kv = layer_norm(self.ln_eps, "norm")(kv)
     out, corr = self.attention_cls(dim=self.dim, heads=self.heads, name="attn")(
-        x, kv, **(attn_kwargs or {}))
+      x, kv, **(attn_kwargs or {})
+    )
     out = nn.Dropout(self.dropout)(out, deterministic=not train)
     return identity + out, corr
 
 
 class MixFFN(nn.Module):
   """SegFormer Mix-FFN without its residual: ``[B, L, C]`` -> ``[B, L, C]``."""
+
   dim: int = 64
   hidden: int = 256
   dropout: float = 0.1
@@ -262,6 +287,7 @@ class EncoderLayer(nn.Module):
   Self mode: ``x + attn(LN1(x))``; cross mode (``source`` given): ``x +
   attn(LN1(x), LN1(source))`` with the same LN1. Then ``x + ffn(LN2(x))``.
   """
+
   dim: int = 64
   heads: int = 2
   sr: int = 1
@@ -271,21 +297,27 @@ class EncoderLayer(nn.Module):
   attention_cls: Any = MaskedMultiHeadAttention
 
   @nn.compact
-  def __call__(self, x: jax.Array, hw: tuple[int, int], source: jax.Array | None = None,
-               train: bool = False, attn_kwargs: dict | None = None
-               ) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(
+    self,
+    x: jax.Array,
+    hw: tuple[int, int],
+    source: jax.Array | None = None,
+    train: bool = False,
+    attn_kwargs: dict | None = None,
+  ) -> tuple[jax.Array, jax.Array | None]:
     """x ``[B, L, C]`` (grid hw), source ``[B, Ls, C]`` -> (``[B, L, C]``, corr | None).
 
     Positional arguments as listed (`encoder_layer_cls` with remat needs them so).
     """
     norm1 = layer_norm(self.ln_eps, "norm1")
     src = None if source is None else norm1(source)
-    x, corr = EfficientAttention(self.dim, self.heads, self.sr, self.dropout, self.ln_eps,
-                                 self.attention_cls, name="attn")(
-        norm1(x), hw, identity=x, source=src, train=train, attn_kwargs=attn_kwargs)
+    x, corr = EfficientAttention(
+      self.dim, self.heads, self.sr, self.dropout, self.ln_eps, self.attention_cls, name="attn"
+    )(norm1(x), hw, identity=x, source=src, train=train, attn_kwargs=attn_kwargs)
     y = layer_norm(self.ln_eps, "norm2")(x)
     x = x + MixFFN(self.dim, self.dim * self.mlp_ratio, self.dropout, name="ffn")(
-        y, hw, train=train)
+      y, hw, train=train
+    )
     return x, corr
 
 
@@ -300,6 +332,7 @@ def encoder_layer_cls(remat: bool = False) -> Any:
 
 class PatchEmbed(nn.Module):
   """mmseg PatchEmbed: conv k x k (stride, padding, bias) -> tokens -> LayerNorm."""
+
   dim: int = 64
   kernel: int = 1
   stride: int = 1
@@ -316,6 +349,7 @@ class PatchEmbed(nn.Module):
 
 class DownStage(nn.Module):
   """One down-sampling stage: PatchEmbed, ``depth`` self-attention layers, LayerNorm."""
+
   dim: int = 64
   heads: int = 2
   sr: int = 1
@@ -329,14 +363,22 @@ class DownStage(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False, attn_kwargs: dict | None = None,
-               tag: str = "", split: int | None = None) -> tuple[jax.Array, tuple[int, int]]:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    train: bool = False,
+    attn_kwargs: dict | None = None,
+    tag: str = "",
+    split: int | None = None,
+  ) -> tuple[jax.Array, tuple[int, int]]:
     """``[N, H, W, C]`` -> (tokens ``[N, h*w, dim]``, (h, w)).
 
     ``tag`` suffixes the names of the sown intermediates; with ``split = B`` the
     batch holds B queries followed by supports and both halves are sown
     (``_query``, ``_support``).
     """
+
     def sow(name, value):
       if split is None:
         self.sow("intermediates", f"{name}{tag}", value)
@@ -344,31 +386,42 @@ class DownStage(nn.Module):
         self.sow("intermediates", f"{name}_query", value[:split])
         self.sow("intermediates", f"{name}_support", value[split:])
 
-    x, hw = PatchEmbed(self.dim, self.kernel, self.stride, self.stride // 2, self.ln_eps,
-                       name="patch_embed")(x)
+    x, hw = PatchEmbed(
+      self.dim, self.kernel, self.stride, self.stride // 2, self.ln_eps, name="patch_embed"
+    )(x)
     sow("patch_embed", x)
     layer = encoder_layer_cls(self.remat)
     for j in range(self.depth):
       x, _ = layer(
-          self.dim, self.heads, self.sr, self.mlp_ratio, self.dropout, self.ln_eps,
-          self.attention_cls, name=f"layer_{j}")(x, hw, None, train, attn_kwargs)
+        self.dim,
+        self.heads,
+        self.sr,
+        self.mlp_ratio,
+        self.dropout,
+        self.ln_eps,
+        self.attention_cls,
+        name=f"layer_{j}",
+      )(x, hw, None, train, attn_kwargs)
       sow(f"self{j + 1}", x)
     return layer_norm(self.ln_eps, "norm")(x), hw
 
 
 class ConvModule(nn.Module):
   """mmcv ConvModule(conv3x3 without bias, BN, ReLU); BN in inference mode."""
+
   features: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv2d(self.features, 3, padding=1, use_bias=False,
-               kernel_init=kaiming_normal_fan_out, name="conv")(x)
+    x = Conv2d(
+      self.features, 3, padding=1, use_bias=False, kernel_init=kaiming_normal_fan_out, name="conv"
+    )(x)
     return nn.relu(frozen_bn("bn")(x))
 
 
 class ParseBlock(nn.Module):
   """``parse_layers[i]``: conv1x1, BN, conv3x3, BN, conv1x1, BN, ReLU (no inner ReLUs)."""
+
   dim: int = 64
   hidden: int = 256
 
@@ -382,6 +435,7 @@ class ParseBlock(nn.Module):
 
 class MetaClassifier(nn.Module):
   """Transformer ``cls``: conv1x1 -> BN -> conv3x3 -> BN -> conv1x1 (no ReLU anywhere)."""
+
   dim: int = 64
   hidden: int = 256
   num_classes: int = 2
@@ -401,6 +455,7 @@ class HierarchicalTransformer(nn.Module):
   reduction (4, 2, 1), 2 matching heads, MLP ratio 4, dropout 0.1);
   ``remat`` recomputes every transformer layer in the backward (`encoder_layer_cls`).
   """
+
   shot: int = 1
   dim: int = 64
   heads: Sequence[int] = (2, 4, 8)
@@ -417,26 +472,44 @@ class HierarchicalTransformer(nn.Module):
 
   def _down_stage(self, i: int) -> DownStage:
     """Stage i of the down-sampling path (query and supports share it)."""
-    return DownStage(self.dim, self.heads[i], self.sr_ratios[i], self.kernels[i],
-                     self.strides[i], self.depth, self.mlp_ratio, self.dropout, self.ln_eps,
-                     remat=self.remat, name=f"down_{i}")
+    return DownStage(
+      self.dim,
+      self.heads[i],
+      self.sr_ratios[i],
+      self.kernels[i],
+      self.strides[i],
+      self.depth,
+      self.mlp_ratio,
+      self.dropout,
+      self.ln_eps,
+      remat=self.remat,
+      name=f"down_{i}",
+    )
 
   def _match_layer(self, i: int) -> Any:
     """The cross-attention layer of matching level i (call it positionally)."""
     return encoder_layer_cls(self.remat)(
-        self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout, self.ln_eps,
-        name=f"match_{i}")
+      self.dim, self.match_heads, 1, self.mlp_ratio, self.dropout, self.ln_eps, name=f"match_{i}"
+    )
 
-  def _fuse(self, i: int, x: jax.Array, corr: jax.Array, hw: tuple[int, int],
-            prior: jax.Array, fused: jax.Array | None) -> jax.Array:
+  def _fuse(
+    self,
+    i: int,
+    x: jax.Array,
+    corr: jax.Array,
+    hw: tuple[int, int],
+    prior: jax.Array,
+    fused: jax.Array | None,
+  ) -> jax.Array:
     """Matching level i after its cross-attention (x ``[B, h*w, dim]``, corr ``[B, h*w]``):
     ``ConvModule([x ; prior])`` -> parse block, added to the coarser levels' fusion
     (resized bilinearly, align_corners=False). Returns the fusion ``[B, h, w, dim]``."""
-    sow = lambda n, v: self.sow("intermediates", n, v)  # noqa: E731
+    sow = lambda n, v: self.sow("intermediates", n, v)
     sow(f"match{i}_cross_x", x)
     sow(f"match{i}_cross_weight", corr)
     x = ConvModule(self.dim, name=f"match_conv_{i}")(
-        jnp.concatenate([tokens_to_map(x, hw), prior], axis=-1))
+      jnp.concatenate([tokens_to_map(x, hw), prior], axis=-1)
+    )
     sow(f"match{i}_conv", x)
     parse = ParseBlock(self.dim, self.dim * 4, name=f"parse_{i}")
     if fused is None:
@@ -450,9 +523,15 @@ class HierarchicalTransformer(nn.Module):
     return fused
 
   @nn.compact
-  def __call__(self, query: jax.Array, support: jax.Array, support_mask: jax.Array,
-               similarity: jax.Array, *, train: bool = False
-               ) -> tuple[jax.Array, list[jax.Array]]:
+  def __call__(
+    self,
+    query: jax.Array,
+    support: jax.Array,
+    support_mask: jax.Array,
+    similarity: jax.Array,
+    *,
+    train: bool = False,
+  ) -> tuple[jax.Array, list[jax.Array]]:
     """Runs the down-sampling and matching paths.
 
     Args:
@@ -482,7 +561,7 @@ class HierarchicalTransformer(nn.Module):
       self.sow("intermediates", f"down{i}_norm_query", qt)
       self.sow("intermediates", f"down{i}_norm_support", st)
       m = resize_nearest(support_mask[..., None].astype(query.dtype), shw)
-      masks.append(m.reshape(b, k * shw[0] * shw[1]))                 # shot-major keys
+      masks.append(m.reshape(b, k * shw[0] * shw[1]))  # shot-major keys
       priors.append(resize_bilinear(similarity, hw, align_corners=True))
       q_tokens.append(qt)
       s_tokens.append(st.reshape(b, k * st.shape[1], self.dim))
@@ -492,8 +571,7 @@ class HierarchicalTransformer(nn.Module):
     fused, corr_maps = None, []
     for i in reversed(range(n)):
       hw = grids[i]
-      x, corr = self._match_layer(i)(q_tokens[i], hw, s_tokens[i], train,
-                                     {"key_mask": masks[i]})
+      x, corr = self._match_layer(i)(q_tokens[i], hw, s_tokens[i], train, {"key_mask": masks[i]})
       corr_maps.append(corr.reshape(b, hw[0], hw[1]))
       fused = self._fuse(i, x, corr, hw, priors[i], fused)
     logits = MetaClassifier(self.dim, self.dim * 4, self.num_classes, name="cls")(fused)
@@ -519,14 +597,13 @@ class TransformerPlus(HierarchicalTransformer):
   """
 
   @nn.compact
-  def __call__(self, query, support, support_mask, similarity, prob, *,  # pylint: disable=arguments-differ
-               train: bool = False):
+  def __call__(self, query, support, support_mask, similarity, prob, *, train: bool = False):
     """query [B, H, W, dim], support [B*K, H, W, dim] (row b*K + k), support_mask
     [B*K, Hm, Wm] binary at input size, similarity [B, H, W, 2], prob [B, s, s]
     -> (meta logits [B, H, W, 2], corr maps coarse to fine, pseudo masks coarse to fine
     [B, h_i, w_i, 2])."""
     b, k = query.shape[0], self.shot
-    sow = lambda n, v: self.sow("intermediates", n, v)  # noqa: E731
+    sow = lambda n, v: self.sow("intermediates", n, v)
     levels = []
     q, s = query, support
     for i in range(len(self.heads)):
@@ -534,14 +611,14 @@ class TransformerPlus(HierarchicalTransformer):
       shw = tuple(_patch_grid(n, self.kernels[i], self.strides[i]) for n in s.shape[1:3])
       m = resize_nearest(support_mask[..., None].astype(query.dtype), shw)  # [B*K, h, w, 1]
       kwargs = None
-      if self.sr_ratios[i] > 1:                 # FG/BG bias on the reduced K/V grid
+      if self.sr_ratios[i] > 1:  # FG/BG bias on the reduced K/V grid
         sr = self.sr_ratios[i]
         kv = tuple((n - sr) // sr + 1 for n in shw)
         u_q = asc_support_state(m.reshape(b * k, -1))
-        u_kv = asc_support_state(
-            resize_bilinear(m, kv, align_corners=True).reshape(b * k, -1))
-        kwargs = {"bias": jnp.where((u_q[:, :, None] + u_kv[:, None, :]) == 1.0, -100.0,
-                                    0.0)[:, None]}
+        u_kv = asc_support_state(resize_bilinear(m, kv, align_corners=True).reshape(b * k, -1))
+        kwargs = {
+          "bias": jnp.where((u_q[:, :, None] + u_kv[:, None, :]) == 1.0, -100.0, 0.0)[:, None]
+        }
       qt, hw = stage(q, train=train, tag="_query")
       st, shw2 = stage(s, train=train, attn_kwargs=kwargs, tag="_support")
       assert shw2 == shw, (shw2, shw)
@@ -549,9 +626,17 @@ class TransformerPlus(HierarchicalTransformer):
       sow(f"down{i}_norm_support", st)
       p_near = resize_nearest(prob[..., None], hw).reshape(b, -1)
       p_bil = resize_bilinear(prob[..., None], hw, align_corners=True)[..., 0]
-      levels.append(dict(q=qt, s=st.reshape(b, k * st.shape[1], self.dim), hw=hw,
-                         mask=m.reshape(b, -1), p_near=p_near, p_bil=p_bil,
-                         prior=resize_bilinear(similarity, hw, align_corners=True)))
+      levels.append(
+        dict(
+          q=qt,
+          s=st.reshape(b, k * st.shape[1], self.dim),
+          hw=hw,
+          mask=m.reshape(b, -1),
+          p_near=p_near,
+          p_bil=p_bil,
+          prior=resize_bilinear(similarity, hw, align_corners=True),
+        )
+      )
       q, s = tokens_to_map(qt, hw), tokens_to_map(st, shw)
 
     fused, corr_maps, pseudo_masks = None, [], []
@@ -559,13 +644,15 @@ class TransformerPlus(HierarchicalTransformer):
       lv = levels[i]
       hw = lv["hw"]
       xq, xs, pseudo = PrototypeEnhanced(self.dim, self.mlp_ratio, name=f"match_pe_{i}")(
-          lv["q"], lv["s"], lv["mask"], lv["p_bil"], hw)
+        lv["q"], lv["s"], lv["mask"], lv["p_bil"], hw
+      )
       sow(f"match{i}_pe_x", xq)
       sow(f"match{i}_pe_y", xs)
       sow(f"match{i}_pe_pseudo", pseudo)
       pseudo_masks.append(pseudo)
-      x, corr = self._match_layer(i)(xq, hw, xs, train,
-                                     {"key_mask": lv["mask"], "query_prob": lv["p_near"]})
+      x, corr = self._match_layer(i)(
+        xq, hw, xs, train, {"key_mask": lv["mask"], "query_prob": lv["p_near"]}
+      )
       corr_maps.append(corr.reshape(b, *hw))
       fused = self._fuse(i, x, corr, hw, lv["prior"], fused)
     logits = MetaClassifier(self.dim, self.dim * 4, self.num_classes, name="cls")(fused)
@@ -576,8 +663,10 @@ class TransformerPlus(HierarchicalTransformer):
 # Loss
 # ---------------------------------------------------------------------------
 
-def correlation_distillation_terms(corr_maps: Sequence[jax.Array], query_mask: jax.Array,
-                                   *, eps: float = 1e-12) -> list[jax.Array]:
+
+def correlation_distillation_terms(
+  corr_maps: Sequence[jax.Array], query_mask: jax.Array, *, eps: float = 1e-12
+) -> list[jax.Array]:
   """Coarse-to-fine KL(teacher || student) of each correlation map (hdmnet.md §5.2).
 
   The ground truth teaches the coarsest map (foreground 1, everything else,
@@ -606,8 +695,9 @@ def correlation_distillation_terms(corr_maps: Sequence[jax.Array], query_mask: j
   return terms
 
 
-def correlation_distillation_loss(corr_maps: Sequence[jax.Array], query_mask: jax.Array,
-                                  *, eps: float = 1e-12) -> jax.Array:
+def correlation_distillation_loss(
+  corr_maps: Sequence[jax.Array], query_mask: jax.Array, *, eps: float = 1e-12
+) -> jax.Array:
   """Mean over the maps of `correlation_distillation_terms` (HDMNet's ``aux_loss1``)."""
   terms = correlation_distillation_terms(corr_maps, query_mask, eps=eps)
   return sum(terms) / len(terms)
@@ -617,12 +707,14 @@ def correlation_distillation_loss(corr_maps: Sequence[jax.Array], query_mask: ja
 # Key maps (official PyTorch names -> Flax paths)
 # ---------------------------------------------------------------------------
 
+
 def encoder_layer_keymap(src: str, dst: tuple[str, ...], sr: int = 1) -> list:
   """``TransformerEncoderLayer`` keys under ``src`` -> `EncoderLayer` at ``dst``."""
   rules = keymaps.layer_norm(f"{src}.norm1", (*dst, "norm1"))
   for p in ("q", "k", "v", "o"):
-    rules += keymaps.linear(f"{src}.attn.attn.linear_{p}", (*dst, "attn", "attn", f"linear_{p}"),
-                            bias=False)
+    rules += keymaps.linear(
+      f"{src}.attn.attn.linear_{p}", (*dst, "attn", "attn", f"linear_{p}"), bias=False
+    )
   if sr > 1:
     rules += keymaps.conv(f"{src}.attn.sr", (*dst, "attn", "sr"))
     rules += keymaps.layer_norm(f"{src}.attn.norm", (*dst, "attn", "norm"))
@@ -645,9 +737,9 @@ def _sequential_keymap(src: str, dst: tuple[str, ...], layout: Sequence[str]) ->
   return rules
 
 
-def hierarchical_transformer_keymap(src: str, dst: tuple[str, ...],
-                                    sr_ratios: Sequence[int] = (4, 2, 1),
-                                    depth: int = 2) -> list:
+def hierarchical_transformer_keymap(
+  src: str, dst: tuple[str, ...], sr_ratios: Sequence[int] = (4, 2, 1), depth: int = 2
+) -> list:
   """``MixVisionTransformer`` keys (prefix ``src``) -> `HierarchicalTransformer` at ``dst``."""
   rules = []
   for i, sr in enumerate(sr_ratios):
@@ -661,7 +753,10 @@ def hierarchical_transformer_keymap(src: str, dst: tuple[str, ...],
     rules += encoder_layer_keymap(f"{m}.0", (*dst, f"match_{i}"), 1)
     rules += keymaps.conv(f"{m}.1.conv", (*dst, f"match_conv_{i}", "conv"), bias=False)
     rules += keymaps.bn(f"{m}.1.bn", (*dst, f"match_conv_{i}", "bn"))
-    rules += _sequential_keymap(f"{src}.parse_layers.{i}", (*dst, f"parse_{i}"),
-                                ("conv", "bn", "conv", "bn", "conv", "bn", "-"))
+    rules += _sequential_keymap(
+      f"{src}.parse_layers.{i}",
+      (*dst, f"parse_{i}"),
+      ("conv", "bn", "conv", "bn", "conv", "bn", "-"),
+    )
   rules += _sequential_keymap(f"{src}.cls", (*dst, "cls"), ("conv", "bn", "conv", "bn", "conv"))
   return rules

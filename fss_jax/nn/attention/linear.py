@@ -36,7 +36,7 @@ support windows, `fss_jax.ops.windows`), with position embeddings (Eq. 3-10).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -55,8 +55,10 @@ def _grouped(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
   if k.ndim == 3:
     k, v = k[:, None], v[:, None]
   if k.ndim != 4 or k.shape != v.shape:
-    raise ValueError(f"keys / values must be [B, Nk, C] or [B, G, Nk, C] of equal shape, got "
-                     f"{tuple(k.shape)} and {tuple(v.shape)}")
+    raise ValueError(
+      f"keys / values must be [B, Nk, C] or [B, G, Nk, C] of equal shape, got "
+      f"{tuple(k.shape)} and {tuple(v.shape)}"
+    )
   return k, v
 
 
@@ -72,8 +74,8 @@ def factorized_attention(phi_q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Ar
     [B, Nq, D].
   """
   k, v = _grouped(k, v)
-  a = jax.nn.softmax(k, axis=2)                                   # [B, G, Nk, C]
-  context = jnp.einsum("bgnc,bgnd->bcd", a, v) / k.shape[1]       # [B, C, D]
+  a = jax.nn.softmax(k, axis=2)  # [B, G, Nk, C]
+  context = jnp.einsum("bgnc,bgnd->bcd", a, v) / k.shape[1]  # [B, C, D]
   return jnp.einsum("bqc,bcd->bqd", phi_q, context)
 
 
@@ -82,8 +84,9 @@ def relu_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
   return factorized_attention(jax.nn.relu(q), k, v)
 
 
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                      scale: float | None = None) -> jax.Array:
+def softmax_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None
+) -> jax.Array:
   """Normal attention ``mean_g softmax(Q K_gᵀ · scale) V_g``; softmax over the Nk support tokens.
 
   Args:
@@ -100,8 +103,9 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return jnp.einsum("bgqn,bgnd->bqd", attn, v) / k.shape[1]
 
 
-def elu_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                         eps: float = 1e-6) -> jax.Array:
+def elu_linear_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-6
+) -> jax.Array:
   """Katharopoulos et al. linear attention with ``φ = elu + 1``, per group, averaged over groups.
 
   ``out_i = φ(q_i)ᵀ (Σ_n φ(k_n) v_nᵀ) / (φ(q_i)ᵀ Σ_n φ(k_n) + eps)``; shapes as `softmax_attention`.
@@ -121,8 +125,7 @@ def l2_normalize(x: jax.Array, *, axis: int = -1, eps: float = 1e-8) -> jax.Arra
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
-def cosine_interaction(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                       eps: float = 1e-8) -> jax.Array:
+def cosine_interaction(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-8) -> jax.Array:
   """Cosine interaction ``mean_g Q̂ (K̂_gᵀ V_g) / Nk`` (tokens L2-normalised over channels).
 
   Equals, per query token, the mean over support tokens of cos(q, k_n) · v_n. Zero
@@ -150,6 +153,7 @@ class AlignmentAttention(nn.Module):
       tokens; needs a mutable ``batch_stats`` collection when ``train``) or "elu".
     kernel_init: projection initialiser (PyTorch's default).
   """
+
   dim: int = 256
   operator: str = "ours"
   use_bias: bool = False
@@ -161,10 +165,13 @@ class AlignmentAttention(nn.Module):
     if self.operator not in OPERATORS:
       raise ValueError(f"unknown alignment operator {self.operator!r}; choose one of {OPERATORS}")
     if self.operator == "linear" and self.linear_feature_map not in LINEAR_FEATURE_MAPS:
-      raise ValueError(f"unknown linear_feature_map {self.linear_feature_map!r}; choose one of "
-                       f"{LINEAR_FEATURE_MAPS}")
-    dense = lambda name: Linear(self.dim, use_bias=self.use_bias, kernel_init=self.kernel_init,
-                                name=name)
+      raise ValueError(
+        f"unknown linear_feature_map {self.linear_feature_map!r}; choose one of "
+        f"{LINEAR_FEATURE_MAPS}"
+      )
+    dense = lambda name: Linear(
+      self.dim, use_bias=self.use_bias, kernel_init=self.kernel_init, name=name
+    )
     self.w_q, self.w_k, self.w_v = dense("w_q"), dense("w_k"), dense("w_v")
     if self.operator == "linear" and self.linear_feature_map == "batchnorm":
       self.phi_bn = BatchNorm2d(name="phi_bn")
@@ -221,6 +228,7 @@ class HPAM(nn.Module):
     pos_embed_std: truncated-normal init std.
     share_projections: one W_Q/W_K/W_V for P2P and P2B (else two sets).
   """
+
   dim: int = 256
   top_k: Sequence[int] = (60, 20, 5, 3)
   block_size: int = 3
@@ -235,8 +243,14 @@ class HPAM(nn.Module):
   share_projections: bool = True
 
   @nn.compact
-  def __call__(self, queries: Sequence[jax.Array], supports: Sequence[jax.Array],
-               masks: Sequence[jax.Array], *, train: bool = False) -> list[jax.Array]:
+  def __call__(
+    self,
+    queries: Sequence[jax.Array],
+    supports: Sequence[jax.Array],
+    masks: Sequence[jax.Array],
+    *,
+    train: bool = False,
+  ) -> list[jax.Array]:
     """Aligned prototypes per level.
 
     Args:
@@ -253,15 +267,23 @@ class HPAM(nn.Module):
     if self.pos_embed not in POS_EMBEDS:
       raise ValueError(f"unknown pos_embed {self.pos_embed!r}; choose one of {POS_EMBEDS}")
     if len(self.top_k) < len(queries):
-      raise ValueError(f"top_k {tuple(self.top_k)} has fewer entries than the {len(queries)} "
-                       "levels")
-    attn = functools.partial(AlignmentAttention, self.dim, self.operator,
-                             softmax_scale=self.softmax_scale,
-                             linear_feature_map=self.linear_feature_map)
+      raise ValueError(
+        f"top_k {tuple(self.top_k)} has fewer entries than the {len(queries)} levels"
+      )
+    attn = functools.partial(
+      AlignmentAttention,
+      self.dim,
+      self.operator,
+      softmax_scale=self.softmax_scale,
+      linear_feature_map=self.linear_feature_map,
+    )
     p2p = attn(name="attn") if self.use_p2p else None
     if self.use_p2b:
-      p2b = p2p if (p2p is not None and self.share_projections) else attn(
-          name="attn" if p2p is None else "attn_p2b")
+      p2b = (
+        p2p
+        if (p2p is not None and self.share_projections)
+        else attn(name="attn" if p2p is None else "attn_p2b")
+      )
     init = nn.initializers.truncated_normal(self.pos_embed_std)
     blk = self.block_size
     outs = []
@@ -270,9 +292,9 @@ class HPAM(nn.Module):
       xq = q.reshape(b, h * w, c)
       parts = []
       if self.use_p2p:
-        parts.append(p2p(xq, sp.reshape(b, h * w, c), train=train))             # P^d (Eq. 3)
+        parts.append(p2p(xq, sp.reshape(b, h * w, c), train=train))  # P^d (Eq. 3)
       if self.use_p2b:
-        if self.pos_embed != "none":                                            # Eq. 4
+        if self.pos_embed != "none":  # Eq. 4
           shape = (h, w) if self.pos_embed == "spatial" else (h, w, c)
           pq = self.param(f"pos_q_{l}", init, shape)
           ps = self.param(f"pos_s_{l}", init, shape)
@@ -290,6 +312,18 @@ class HPAM(nn.Module):
     return outs
 
 
-__all__ = ["OPERATORS", "LINEAR_FEATURE_MAPS", "FUSIONS", "POS_EMBEDS", "AlignmentAttention",
-           "HPAM", "fuse", "factorized_attention", "relu_softmax_attention", "softmax_attention",
-           "elu_linear_attention", "cosine_interaction", "l2_normalize"]
+__all__ = [
+  "OPERATORS",
+  "LINEAR_FEATURE_MAPS",
+  "FUSIONS",
+  "POS_EMBEDS",
+  "AlignmentAttention",
+  "HPAM",
+  "fuse",
+  "factorized_attention",
+  "relu_softmax_attention",
+  "softmax_attention",
+  "elu_linear_attention",
+  "cosine_interaction",
+  "l2_normalize",
+]

@@ -33,15 +33,14 @@ and ``pseudo`` (its pseudo mask).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from fss_jax.nn.layers import LayerNorm, Linear, Mlp
-from fss_jax.nn.prototype import (PrototypeEnhanced, asc_mismatch, asc_query_state,
-                                  asc_support_state)
+from fss_jax.nn.prototype import PrototypeEnhanced, asc_mismatch, asc_query_state, asc_support_state
 from fss_jax.ops import windows as W
 
 
@@ -49,9 +48,16 @@ def _l2norm(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
   return jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
 
 
-def align_support_windows(q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray, window: int, *,
-                          area_eps: float = 5e-4, cos_eps: float = 1e-7,
-                          return_scores: bool = False):
+def align_support_windows(
+  q: jnp.ndarray,
+  s: jnp.ndarray,
+  s_mask: jnp.ndarray,
+  window: int,
+  *,
+  area_eps: float = 5e-4,
+  cos_eps: float = 1e-7,
+  return_scores: bool = False,
+):
   """Patch alignment (SCCAN ``generate_indices``): one support window per query window.
 
   For query window j and support window i:
@@ -73,9 +79,9 @@ def align_support_windows(q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray, w
     when asked.
   """
   area = window * window
-  q_proto = W.window_mean(q, window)                                # [B, Nq, C]
-  m_area = W.window_mean(s_mask, window) * area + area_eps          # [B, Ns, 1]
-  s_proto = W.window_mean(s * s_mask, window) * area / m_area       # [B, Ns, C]
+  q_proto = W.window_mean(q, window)  # [B, Nq, C]
+  m_area = W.window_mean(s_mask, window) * area + area_eps  # [B, Ns, 1]
+  s_proto = W.window_mean(s * s_mask, window) * area / m_area  # [B, Ns, C]
   valid = (m_area != jnp.asarray(area_eps, m_area.dtype)).astype(q.dtype)
   dots = jnp.einsum("bic,bjc->bij", s_proto, q_proto)
   norms = _l2norm(s_proto) * jnp.swapaxes(_l2norm(q_proto), 1, 2)  # [B, Ns, Nq]
@@ -100,16 +106,22 @@ class ScaledCosineAttention(nn.Module):
     qkv_bias: biases on q and kv.
     cos_eps: added to the product of norms in the cosine half.
   """
+
   dim: int
   num_heads: int
   qkv_bias: bool = True
   cos_eps: float = 1e-7
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, support: Optional[jnp.ndarray] = None, *,
-               self_bias: Optional[jnp.ndarray] = None,
-               cross_weight: Optional[jnp.ndarray] = None,
-               cross_bias: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  def __call__(
+    self,
+    x: jnp.ndarray,
+    support: jnp.ndarray | None = None,
+    *,
+    self_bias: jnp.ndarray | None = None,
+    cross_weight: jnp.ndarray | None = None,
+    cross_bias: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
     """Attends from `x` to ``[x ; support]``.
 
     Args:
@@ -127,23 +139,22 @@ class ScaledCosineAttention(nn.Module):
     n, lq, c = x.shape
     h = self.num_heads
     if c != self.dim or c % h:
-      raise ValueError(f"tokens have {c} channels; expected dim={self.dim} divisible by "
-                       f"{h} heads")
+      raise ValueError(f"tokens have {c} channels; expected dim={self.dim} divisible by {h} heads")
     d = c // h
     y = x if support is None else jnp.concatenate([x, support], axis=1)
     lk = y.shape[1]
     q = Linear(c, use_bias=self.qkv_bias, name="q")(x).reshape(n, lq, h, d)
     kv = Linear(2 * c, use_bias=self.qkv_bias, name="kv")(y).reshape(n, lk, 2, h, d)
     k, v = kv[:, :, 0], kv[:, :, 1]
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k)                 # [N, h, Lq, Lk]
-    self_logits = logits[..., :lq] * (d ** -0.5)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k)  # [N, h, Lq, Lk]
+    self_logits = logits[..., :lq] * (d**-0.5)
     if self_bias is not None:
       self_logits = self_logits + self_bias
     if support is None:
       logits = self_logits
     else:
-      q_norm = jnp.transpose(_l2norm(q), (0, 2, 1, 3))           # [N, h, Lq, 1]
-      k_norm = jnp.transpose(_l2norm(k[:, lq:]), (0, 2, 3, 1))   # [N, h, 1, Ls]
+      q_norm = jnp.transpose(_l2norm(q), (0, 2, 1, 3))  # [N, h, Lq, 1]
+      k_norm = jnp.transpose(_l2norm(k[:, lq:]), (0, 2, 3, 1))  # [N, h, 1, Ls]
       cross = logits[..., lq:] / (q_norm * k_norm + self.cos_eps)
       if cross_weight is not None:
         cross = cross_weight * cross
@@ -195,7 +206,7 @@ class ShiftedWindowStreams:
       stream: "q" or "s" (the intermediates' names).
     """
     b, h, w, c = x.shape
-    o = o.reshape(b, -1, o.shape[1], c)                           # [B, N, T, C]
+    o = o.reshape(b, -1, o.shape[1], c)  # [B, N, T, C]
     self.sow("intermediates", f"attn_{stream}_out", o.reshape(b, -1, c))
     x = x + self._unwindow(o, *padded_hw, h, w)
     m = mlp(norm(x))
@@ -216,6 +227,7 @@ class SCCABlock(ShiftedWindowStreams, nn.Module):
     shifted: pad by half a window (SCCAN's odd blocks).
     mlp_ratio: MLP hidden width / dim.
   """
+
   dim: int = 256
   num_heads: int = 8
   window: int = 8
@@ -247,7 +259,7 @@ class SCCABlock(ShiftedWindowStreams, nn.Module):
     sn = self._pad(self.norm1(s))
     mp = self._pad(s_mask.astype(q.dtype))
     hp, wp = qn.shape[1:3]
-    index, q_win, s_win, s_aligned = self._aligned_windows(qn, sn, mp)   # [B, N, T, C]
+    index, q_win, s_win, s_aligned = self._aligned_windows(qn, sn, mp)  # [B, N, T, C]
     nw, t = q_win.shape[1:3]
     o = self.attn_q(q_win.reshape(b * nw, t, c), s_aligned.reshape(b * nw, t, c))
     q = self._residual_mlp(q, o, self.mlp_q, self.norm2, (hp, wp), "q")
@@ -270,6 +282,7 @@ class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
 
   Attributes as `SCCABlock`.
   """
+
   dim: int = 256
   num_heads: int = 8
   window: int = 8
@@ -284,7 +297,8 @@ class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
     heads, d = self.num_heads, c // self.num_heads
     # PFE: prototype-enhanced tokens and the pseudo mask.
     qt, st, pseudo = PrototypeEnhanced(c, name="pe")(
-        q.reshape(b, h * w, c), s.reshape(b, h * w, c), s_mask.reshape(b, h * w), prob, (h, w))
+      q.reshape(b, h * w, c), s.reshape(b, h * w, c), s_mask.reshape(b, h * w), prob, (h, w)
+    )
     self.sow("intermediates", "pe_q", qt)
     self.sow("intermediates", "pseudo", pseudo)
     q, s = qt.reshape(b, h, w, c), st.reshape(b, h, w, c)
@@ -293,22 +307,23 @@ class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
     mp = self._pad(s_mask.astype(q.dtype))
     pp = self._pad(prob[..., None].astype(q.dtype))
     hp, wp = qn.shape[1:3]
-    index, q_win, s_win, s_al = self._aligned_windows(qn, sn, mp)    # [B, N, T, C]
-    m_win = W.window_partition(mp, self.window)[..., 0]             # [B, N, T]
+    index, q_win, s_win, s_al = self._aligned_windows(qn, sn, mp)  # [B, N, T, C]
+    m_win = W.window_partition(mp, self.window)[..., 0]  # [B, N, T]
     p_win = W.window_partition(pp, self.window)[..., 0]
     m_al = jnp.take_along_axis(m_win, index[:, :, None], axis=1)
     nw, t = q_win.shape[1:3]
-    flat = lambda a: a.reshape(b * nw, *a.shape[2:])  # noqa: E731
+    flat = lambda a: a.reshape(b * nw, *a.shape[2:])
 
     # ASC: calibrated cosine logits of the support half.
-    r, state = asc_query_state(flat(p_win))                        # [BN, T]
+    r, state = asc_query_state(flat(p_win))  # [BN, T]
     sj = asc_support_state(flat(m_al))
-    mismatch = jnp.where(asc_mismatch(state, sj), -jnp.inf, 0.0)[:, None]   # [BN, 1, T, T]
+    mismatch = jnp.where(asc_mismatch(state, sj), -jnp.inf, 0.0)[:, None]  # [BN, 1, T, T]
     e = Linear(c, name="asc_proj_q")(r[..., None]).reshape(b * nw, t, heads, d)
     f = Linear(c, name="asc_proj_s")(sj[..., None]).reshape(b * nw, t, heads, d)
     reweight = jnp.einsum("nqhd,nkhd->nhqk", e, f)
     o = ScaledCosineAttention(c, heads, name="attn_q")(
-        flat(q_win), flat(s_al), cross_weight=reweight, cross_bias=mismatch)
+      flat(q_win), flat(s_al), cross_weight=reweight, cross_bias=mismatch
+    )
     hidden = int(c * self.mlp_ratio)
     q = self._residual_mlp(q, o, Mlp(hidden, name="mlp_q"), norm2, (hp, wp), "q")
 
@@ -341,6 +356,7 @@ class SCCATransformer(nn.Module):
       called ``(q, s, s_mask, *block_args) -> (q, s, aux)``. `SCCABlock` (SCCAN) or
       `SCCAPlusBlock` (PAHNet).
   """
+
   dim: int = 256
   depth: int = 8
   num_heads: int = 8
@@ -368,8 +384,14 @@ class SCCATransformer(nn.Module):
     block = nn.remat(self.block) if self.remat else self.block
     aux = []
     for i in range(self.depth):
-      q, s, a = block(self.dim, self.num_heads, self.window, shifted=bool(i % 2),
-                      mlp_ratio=self.mlp_ratio, name=f"blocks_{i}")(q, s, s_mask, *block_args)
+      q, s, a = block(
+        self.dim,
+        self.num_heads,
+        self.window,
+        shifted=bool(i % 2),
+        mlp_ratio=self.mlp_ratio,
+        name=f"blocks_{i}",
+      )(q, s, s_mask, *block_args)
       aux.append(a)
     return layer_norm("norm0")(q), tuple(aux)
 

@@ -4,8 +4,20 @@ Registry entries for the backbones alone (weight conversion, parity) are models-
 code: fss_jax/models/backbones.py.
 """
 
-from fss_jax.nn.backbones.resnet import (ResNet, ResNetDeepStem, ResNetSCCAN, ResNetSSP,
-                                         ResNetTorchvision, resnet_keymap)
+from fss_jax.nn.backbones.resnet import (
+  ResNet,
+  ResNetDeepStem,
+  ResNetSCCAN,
+  ResNetSSP,
+  ResNetTorchvision,
+  resnet_keymap,
+)
 
-__all__ = ["ResNet", "ResNetDeepStem", "ResNetSCCAN", "ResNetSSP", "ResNetTorchvision",
-           "resnet_keymap"]
+__all__ = [
+  "ResNet",
+  "ResNetDeepStem",
+  "ResNetSCCAN",
+  "ResNetSSP",
+  "ResNetTorchvision",
+  "resnet_keymap",
+]

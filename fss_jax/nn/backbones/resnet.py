@@ -30,7 +30,7 @@ Flax variables of `ResNet`, under any source prefix and destination path.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,9 @@ from fss_jax.nn.layers import BatchNorm2d, Conv2d, Linear, kaiming_normal_fan_ou
 from fss_jax.ops.pooling import max_pool2d
 
 STAGE_SIZES: dict[int, tuple[int, ...]] = {
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
+  50: (3, 4, 6, 3),
+  101: (3, 4, 23, 3),
+  152: (3, 8, 36, 3),
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
 EXPANSION = 4
@@ -51,10 +51,10 @@ STEMS = ("torchvision", "deep")
 DILATION_STYLES = ("torchvision", "pspnet")
 # Stem key names of each reference, in Flax-module order conv1, bn1, conv2, ...
 STEM_NAMINGS: dict[str, tuple[str, ...]] = {
-    "torchvision": ("conv1", "bn1"),
-    "resnet_v2": ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"),  # semseg/SCCAN
-    "pspnet": ("layer0.0", "layer0.1", "layer0.3", "layer0.4", "layer0.6", "layer0.7"),
-    "ssp": ("layer0.0.0", "layer0.0.1", "layer0.0.3", "layer0.0.4", "layer0.0.6", "layer0.1"),
+  "torchvision": ("conv1", "bn1"),
+  "resnet_v2": ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"),  # semseg/SCCAN
+  "pspnet": ("layer0.0", "layer0.1", "layer0.3", "layer0.4", "layer0.6", "layer0.7"),
+  "ssp": ("layer0.0.0", "layer0.0.1", "layer0.0.3", "layer0.0.4", "layer0.0.6", "layer0.1"),
 }
 
 
@@ -67,8 +67,9 @@ def stage_sizes(depth: int, num_stages: int = 4) -> tuple[int, ...]:
   return STAGE_SIZES[depth][:num_stages]
 
 
-def block_plan(sizes: Sequence[int], output_stride: int = 32,
-               dilation_style: str = "torchvision") -> list[list[tuple[int, int]]]:
+def block_plan(
+  sizes: Sequence[int], output_stride: int = 32, dilation_style: str = "torchvision"
+) -> list[list[tuple[int, int]]]:
   """(stride, dilation) of the 3x3 conv of every block, per stage.
 
   The first block's stride is also its downsample's stride. Stages whose
@@ -96,6 +97,7 @@ def block_plan(sizes: Sequence[int], output_stride: int = 32,
 class Bottleneck(nn.Module):
   """conv1x1 -> BN -> ReLU -> conv3x3 (stride, dilation) -> BN -> ReLU ->
   conv1x1 -> BN, + identity (or 1x1 conv + BN downsample), ReLU."""
+
   planes: int
   stride: int = 1
   dilation: int = 1
@@ -108,8 +110,9 @@ class Bottleneck(nn.Module):
     conv = functools.partial(Conv2d, use_bias=False, kernel_init=kaiming_normal_fan_out)
     norm = functools.partial(BatchNorm2d, use_running_average=use_running_average)
     y = nn.relu(norm(name="bn1")(conv(self.planes, 1, name="conv1")(x)))
-    y = conv(self.planes, 3, self.stride, padding=self.dilation, dilation=self.dilation,
-             name="conv2")(y)
+    y = conv(
+      self.planes, 3, self.stride, padding=self.dilation, dilation=self.dilation, name="conv2"
+    )(y)
     y = nn.relu(norm(name="bn2")(y))
     y = norm(name="bn3")(conv(self.planes * EXPANSION, 1, name="conv3")(y))
     identity = x
@@ -135,6 +138,7 @@ class ResNet(nn.Module):
     include_head: global average pool + fc -> "pooled", "logits".
     num_classes: fc outputs.
   """
+
   depth: int = 50
   num_stages: int = 4
   stem: str = "torchvision"
@@ -165,14 +169,20 @@ class ResNet(nn.Module):
       y = nn.relu(norm(name="bn3")(conv(128, 3, 1, padding=1, name="conv3")(y)))
     y = max_pool2d(y, 3, 2, padding=1)
     out["layer0"] = y
-    plan = block_plan(stage_sizes(self.depth, self.num_stages), self.output_stride,
-                      self.dilation_style)
+    plan = block_plan(
+      stage_sizes(self.depth, self.num_stages), self.output_stride, self.dilation_style
+    )
     for i, blocks in enumerate(plan):
       for j, (stride, dilation) in enumerate(blocks):
         last = i == len(plan) - 1 and j == len(blocks) - 1
-        y = Bottleneck(STAGE_WIDTHS[i], stride, dilation, downsample=j == 0,
-                       last_relu=self.last_relu or not last,
-                       name=f"layer{i + 1}_{j}")(y, use_running_average=ura)
+        y = Bottleneck(
+          STAGE_WIDTHS[i],
+          stride,
+          dilation,
+          downsample=j == 0,
+          last_relu=self.last_relu or not last,
+          name=f"layer{i + 1}_{j}",
+        )(y, use_running_average=ura)
       out[f"layer{i + 1}"] = y
     if self.include_head:
       pooled = jnp.mean(y, axis=(1, 2))
@@ -182,12 +192,11 @@ class ResNet(nn.Module):
 
 
 ResNetTorchvision = functools.partial(ResNet, stem="torchvision")
-ResNetDeepStem = functools.partial(ResNet, stem="deep", output_stride=8,
-                                   dilation_style="pspnet")
-ResNetSCCAN = functools.partial(ResNet, stem="deep", output_stride=8,
-                                dilation_style="torchvision")
-ResNetSSP = functools.partial(ResNet, stem="deep", num_stages=3, output_stride=8,
-                              dilation_style="torchvision", last_relu=False)
+ResNetDeepStem = functools.partial(ResNet, stem="deep", output_stride=8, dilation_style="pspnet")
+ResNetSCCAN = functools.partial(ResNet, stem="deep", output_stride=8, dilation_style="torchvision")
+ResNetSSP = functools.partial(
+  ResNet, stem="deep", num_stages=3, output_stride=8, dilation_style="torchvision", last_relu=False
+)
 
 
 def _stage_rules(depth: int, stage: int, dst: keymaps.Path) -> list:
@@ -203,10 +212,18 @@ def _stage_rules(depth: int, stage: int, dst: keymaps.Path) -> list:
   return rules
 
 
-def resnet_keymap(*, depth: int = 50, num_stages: int = 4, stem: str = "torchvision",
-                  naming: str | None = None, include_head: bool = False,
-                  ignore_head: bool = True, ignore_extra_stages: bool = False,
-                  prefix: str = "", dst: keymaps.Path = ()) -> list:
+def resnet_keymap(
+  *,
+  depth: int = 50,
+  num_stages: int = 4,
+  stem: str = "torchvision",
+  naming: str | None = None,
+  include_head: bool = False,
+  ignore_head: bool = True,
+  ignore_extra_stages: bool = False,
+  prefix: str = "",
+  dst: keymaps.Path = (),
+) -> list:
   """Key map of a reference ResNet state dict -> variables of `ResNet`.
 
   Args:
@@ -250,8 +267,11 @@ def num_blocks_from_keys(keys, prefix: str = "") -> tuple[int, ...]:
   counts = []
   for stage in range(1, 5):
     head = f"{prefix}layer{stage}."
-    blocks = {k[len(head):].split(".")[0] for k in keys
-              if k.startswith(head) and k.endswith(".conv1.weight")}
+    blocks = {
+      k[len(head) :].split(".")[0]
+      for k in keys
+      if k.startswith(head) and k.endswith(".conv1.weight")
+    }
     if not blocks:
       break
     counts.append(len(blocks))
@@ -262,7 +282,9 @@ def depth_from_keys(keys, prefix: str = "") -> tuple[int, int]:
   """(depth, num_stages) of the bottleneck ResNet whose state-dict keys are given."""
   counts = num_blocks_from_keys(keys, prefix)
   for depth, sizes in STAGE_SIZES.items():
-    if counts and sizes[:len(counts)] == counts:
+    if counts and sizes[: len(counts)] == counts:
       return depth, len(counts)
-  raise ValueError(f"state dict is not a bottleneck ResNet-50/101/152 (blocks per stage "
-                   f"{counts}, prefix {prefix!r})")
+  raise ValueError(
+    f"state dict is not a bottleneck ResNet-50/101/152 (blocks per stage "
+    f"{counts}, prefix {prefix!r})"
+  )

@@ -41,11 +41,11 @@ from fss_jax.ops.pooling import max_pool2d, max_pool2d_taps
 
 # (number of convs, output channels, dilation, stride of the pool that follows or None)
 VGG16_PANET_BLOCKS: tuple[tuple[int, int, int, int | None], ...] = (
-    (2, 64, 1, 2),
-    (2, 128, 1, 2),
-    (3, 256, 1, 2),
-    (3, 512, 1, 1),
-    (3, 512, 2, None),
+  (2, 64, 1, 2),
+  (2, 128, 1, 2),
+  (3, 256, 1, 2),
+  (3, 512, 1, 1),
+  (3, 512, 2, None),
 )
 
 # torchvision vgg16 `features` indices of the 13 convolutions, in order.
@@ -58,8 +58,9 @@ kaiming_normal_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal"
 
 def conv_names() -> list[str]:
   """``["conv1_1", "conv1_2", "conv2_1", ..., "conv5_3"]``."""
-  return [f"conv{b + 1}_{i + 1}" for b, (n, _, _, _) in enumerate(VGG16_PANET_BLOCKS)
-          for i in range(n)]
+  return [
+    f"conv{b + 1}_{i + 1}" for b, (n, _, _, _) in enumerate(VGG16_PANET_BLOCKS) for i in range(n)
+  ]
 
 
 class PANetVGG16(nn.Module):
@@ -73,6 +74,7 @@ class PANetVGG16(nn.Module):
     pool: ``"taps"`` (`fss_jax.ops.pooling.max_pool2d_taps`, fast gradient on CPU) or
       ``"reduce_window"`` (`fss_jax.ops.pooling.max_pool2d`); same numbers.
   """
+
   last_relu: bool = False
   precision: Any = None
   pool: str = "taps"
@@ -97,8 +99,15 @@ class PANetVGG16(nn.Module):
     num_blocks = len(VGG16_PANET_BLOCKS)
     for b, (n_convs, ch, dil, pool_stride) in enumerate(VGG16_PANET_BLOCKS):
       for i in range(n_convs):
-        x = Conv2d(ch, 3, padding=dil, dilation=dil, kernel_init=kaiming_normal_fan_in,
-                   precision=self.precision, name=f"conv{b + 1}_{i + 1}")(x)
+        x = Conv2d(
+          ch,
+          3,
+          padding=dil,
+          dilation=dil,
+          kernel_init=kaiming_normal_fan_in,
+          precision=self.precision,
+          name=f"conv{b + 1}_{i + 1}",
+        )(x)
         last = b == num_blocks - 1 and i == n_convs - 1
         if not last or self.last_relu:
           x = nn.relu(x)
@@ -115,16 +124,21 @@ def _keymap(src_names: list[str], dst: tuple[str, ...]) -> list:
   return rules
 
 
-def panet_vgg_keymap(prefix: str = "encoder.backbone.", dst: tuple[str, ...] = ("encoder",)
-                     ) -> list:
+def panet_vgg_keymap(
+  prefix: str = "encoder.backbone.", dst: tuple[str, ...] = ("encoder",)
+) -> list:
   """Key map of PANet's encoder: ``{prefix}features.{2(b-1)}.{2(i-1)}.{weight,bias}``."""
-  src = [f"{prefix}features.{2 * b}.{2 * i}" for b, (n, _, _, _) in enumerate(VGG16_PANET_BLOCKS)
-         for i in range(n)]
+  src = [
+    f"{prefix}features.{2 * b}.{2 * i}"
+    for b, (n, _, _, _) in enumerate(VGG16_PANET_BLOCKS)
+    for i in range(n)
+  ]
   return _keymap(src, dst)
 
 
-def imagenet_vgg_keymap(dst: tuple[str, ...] = ("encoder",), *, with_classifier: bool = True
-                        ) -> list:
+def imagenet_vgg_keymap(
+  dst: tuple[str, ...] = ("encoder",), *, with_classifier: bool = True
+) -> list:
   """Key map of torchvision's ``vgg16`` state dict (``vgg16-397923af.pth``).
 
   The 13 ``features.*`` convolutions become ``conv{b}_{i}``; the fully
@@ -144,8 +158,8 @@ def feature_size(size: int) -> int:
   return size
 
 
-
 # -- the encoder on its own (registry name "vgg16_panet", wired in specs.py) -------------------
+
 
 def make_encoder(last_relu: bool = False, **_unused) -> PANetVGG16:
   """The encoder as a top-level module (variables ``params/conv{b}_{i}``)."""
