@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 
 from fss_jax import io as fss_io
-from fss_jax.train import state as state_lib
 
-VARIABLES_DIR = state_lib.CONVERTED_VARIABLES_DIR  # the library reads what we write
-METADATA_FILE = state_lib.CONVERTED_METADATA_FILE
+# No jax at import time: checkpoints.verify sets XLA_FLAGS before jax starts.
+VARIABLES_DIR = fss_io.CONVERTED_VARIABLES_DIR  # the library reads what we write
+METADATA_FILE = fss_io.CONVERTED_METADATA_FILE
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".npz", ".safetensors")
 # Temporary / replaced directories of `write_orbax`, named after the writing process.
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)@(?P<host>[^/]*)-[a-z0-9_]+$")

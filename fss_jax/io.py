@@ -38,6 +38,12 @@ from typing import BinaryIO
 
 from etils import epath
 
+# A converted checkpoint (``python -m checkpoints.convert``): DIR/variables (orbax pytree) +
+# DIR/metadata.json. Here, in a module without jax, so that the converter and verify CLIs can
+# name them before jax starts (verify sets XLA_FLAGS first).
+CONVERTED_VARIABLES_DIR = "variables"
+CONVERTED_METADATA_FILE = "metadata.json"
+
 # URI schemes served by an object store (no rename, no append, no file locks, no disk usage).
 REMOTE_SCHEMES = ("gs://", "s3://", "az://")
 

@@ -10,6 +10,8 @@ functions included), so a lazy import cannot hide an upward arrow. ``fss_jax.io`
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 from conftest import REPO
 
@@ -86,3 +88,17 @@ def test_the_check_sees_an_upward_import(tmp_path):
   f.write_text("def f():\n  from fss_jax.train import loop\n  import configs.panet\n")
   assert (2, "fss_jax.train.loop") in _imports(f) and (3, "configs.panet") in _imports(f)
   assert _part("fss_jax.train.loop") == "train" and LAYERS["train"] > LAYERS["ops"]
+
+
+def test_verify_and_convert_start_without_jax():
+  """checkpoints.verify picks XLA:CPU kernels through XLA_FLAGS before jax starts; importing
+  it (or the converter) must not start jax, or the train-step checks run on other kernels."""
+  code = (
+    "import sys\n"
+    "import checkpoints.verify, checkpoints.train_adapters, checkpoints.io\n"
+    "print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules))\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+  )
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr

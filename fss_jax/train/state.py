@@ -210,10 +210,9 @@ def read_variables(path: str | os.PathLike) -> dict:
   return values
 
 
-# A converted checkpoint (``python -m checkpoints.convert``): DIR/variables (orbax pytree)
-# + DIR/metadata.json.
-CONVERTED_VARIABLES_DIR = "variables"
-CONVERTED_METADATA_FILE = "metadata.json"
+# A converted checkpoint (``python -m checkpoints.convert``): DIR/variables + DIR/metadata.json.
+CONVERTED_VARIABLES_DIR = fss_io.CONVERTED_VARIABLES_DIR
+CONVERTED_METADATA_FILE = fss_io.CONVERTED_METADATA_FILE
 _CONVERTED_METADATA = CONVERTED_METADATA_FILE
 _STEP_METADATA = ("meta", "metadata")  # a training step's meta item (fss_jax.train.loop)
 
@@ -404,20 +403,24 @@ def parse_inits(init: str, init_prefix: str = "") -> list[tuple[str, str]]:
       f"config.init_prefix={init_prefix!r} applies to a single config.init path; with "
       f"prefix=path entries ({init!r}) leave config.init_prefix empty"
     )
-  return [(m.group(1).strip("/"), os.fspath(fss_io.user_path(m.group(2).strip()))) for m in matches]
+  return [
+    (m.group(1).strip("/"), os.fspath(fss_io.user_path(m.group(2).strip())))
+    for m in matches
+    if m is not None  # every entry matched: `bad` is empty
+  ]
 
 
 def _unwrap(loaded: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
   """Weights saved by a model that wraps the prefix's sub-module, e.g. the ``ssp`` model
   (params ``ssp/...``) loaded under prefix ``ssp``: drops that one top-level name."""
-  name = [p for p in prefix.split("/") if p][-1:] or [None]
+  name = next((p for p in reversed(prefix.split("/")) if p), None)  # the last part
   params = loaded.get("params") or {}
-  if name[0] is None or set(params) != {name[0]}:
+  if name is None or set(params) != {name}:
     return loaded
   stats = loaded.get("batch_stats") or {}
-  if stats and set(stats) != {name[0]}:
+  if stats and set(stats) != {name}:
     return loaded
-  return {"params": params[name[0]], "batch_stats": stats.get(name[0], {}) if stats else {}}
+  return {"params": params[name], "batch_stats": stats.get(name, {}) if stats else {}}
 
 
 def _candidate_prefixes(target: Mapping[str, Any], depth: int = 2) -> list[str]:
