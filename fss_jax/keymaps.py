@@ -193,7 +193,7 @@ def linear(src: str, dst: Path, bias: bool = True) -> list:
 
 def bn(src: str, dst: Path, num_batches_tracked: bool = True) -> list:
   """BatchNorm2d -> flax BatchNorm (scale/bias params, mean/var batch_stats)."""
-  rules = [
+  rules: list[Rule | Ignore] = [
     Rule(f"{src}.weight", ("params", *dst, "scale")),
     Rule(f"{src}.bias", ("params", *dst, "bias")),
     Rule(f"{src}.running_mean", ("batch_stats", *dst, "mean")),

@@ -27,6 +27,7 @@ import os
 import pathlib
 import re
 import sys
+from typing import NoReturn
 
 # Before TensorFlow (TFDS, clu's writers) and jaxlib load: their C++ INFO lines (oneDNN and
 # CPU-feature notes) say nothing to a user of this command; warnings and errors still print.
@@ -54,7 +55,7 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes) o
 _OVERRIDE = re.compile(r"^--?config\.([A-Za-z0-9_.]+)(=.*)?$")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
 
@@ -126,7 +127,7 @@ def _load_config_file(argv: list[str]):
     return None
   path, _, arg = spec.partition(":")
   mod_spec = importlib.util.spec_from_file_location("_fss_config", path)
-  if mod_spec is None or not pathlib.Path(path).is_file():
+  if mod_spec is None or mod_spec.loader is None or not pathlib.Path(path).is_file():
     return None
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)

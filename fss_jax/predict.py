@@ -733,7 +733,9 @@ class Predictor:
         f"{model!r}. Pass --model {saved}, or convert weights of {model} with `python -m "
         f"checkpoints.convert --model {model} --src <file.pth> --dst <dir>`."
       )
-    self.model_name = model or saved
+    model_name = model or saved
+    assert model_name is not None  # both None raised above
+    self.model_name = model_name
     self.spec = registry.get(self.model_name)
     self.fields = {**self.ckpt.fields, **dict(fields or {})}
     rsize, rresize = recorded_transform(self.ckpt)
@@ -748,7 +750,9 @@ class Predictor:
         f"the model was trained for (converted without --dataset, or by an older version). Pass "
         f"--size and --resize, or convert it again with --dataset"
       )
-    self.size = int(size or rsize)
+    size = size or rsize
+    assert size is not None  # both None is in `missing` above
+    self.size = int(size)
     resize = resize or rresize
     check_normalisation(self.ckpt)
     self.output = self.spec.output
@@ -764,7 +768,7 @@ class Predictor:
     self.max_megapixels = max_megapixels
     self.warn = warn
     self.traces = 0
-    self._loaded = None
+    self._loaded: dict | None = None
     self._models: dict[int, tuple[Any, dict, Any]] = {}  # shots -> (module, variables, jitted fn)
 
   def class_names(self) -> dict[int, str]:
@@ -1247,7 +1251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       output_files(supports, [fss_io.user_path(q).stem for q in args.query]),
       overwrite=args.overwrite,
     )
-    preds = predictor.segment(supports, None, args.query)
+    preds = predictor.segment(supports, (), args.query)  # masks are in `supports`
     path = write_outputs(predictor, supports, preds, args.out, overwrite=args.overwrite)
   except (PredictInputError, registry.UnsupportedModelError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -20,11 +20,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import os
 import pathlib
 from collections.abc import Iterable
 
 import numpy as np
+
+from fss_jax import io as fss_io
 
 ASSET_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -83,7 +86,7 @@ def num_class_rows(dataset: str) -> int:
 
 def sha256_file(path: str | os.PathLike) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fss_io.user_path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -100,7 +103,7 @@ def _dataset_of_sha(sha: str) -> str | None:
 def _load(dataset: str, path: str | None) -> np.ndarray:
   want = WORD2VEC[dataset]
   packaged = path is None
-  file = ASSET_DIR / want.file if packaged else pathlib.Path(path).expanduser()
+  file = ASSET_DIR / want.file if path is None else fss_io.user_path(path)
   if not file.is_file():
     if packaged:
       raise AssetError(
@@ -125,7 +128,8 @@ def _load(dataset: str, path: str | None) -> np.ndarray:
       f"repository"
     )
   try:
-    table = np.load(file, allow_pickle=False)
+    with file.open("rb") as f:
+      table = np.load(io.BytesIO(f.read()), allow_pickle=False)
   except (ValueError, OSError) as e:
     raise AssetError(
       f"cannot read class embeddings {file}: {e} (expected a .npy float array "

@@ -71,6 +71,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from fss_jax import io as fss_io
 from fss_jax.data import splits
@@ -186,7 +187,7 @@ class EpisodeSampler:
         "%d of %d queries of the %s have no class with %d support image(s) besides themselves "
         "and are left out (a reference run would fail on them)",
         int((~keep).sum()),
-        len(keep),
+        keep.size,
         where,
         self.shot,
       )
@@ -328,7 +329,7 @@ def hsnet_lists(
   """
   kind = HSNET_KINDS.get(dataset, "class_cycle")
   if lists != "build":
-    return _hsnet_file_lists(index, dataset, fold, pathlib.Path(os.path.expanduser(lists)), kind)
+    return _hsnet_file_lists(index, dataset, fold, fss_io.user_path(lists), kind)
   if _cross_domain(dataset):
     # PATNet keeps every image of a class folder (no pixel threshold) and sorts the file paths
     # (deepglobe.py:109, isic.py:107, lung.py:108, fss.py:110): here the image ids, in which
@@ -347,8 +348,8 @@ def hsnet_lists(
     return HSNetLists(kind, classes, entries, numeric)
   fl = splits.fold_lists(index, dataset, fold, "test", coco_split=coco_split, min_pixels=min_pixels)
   classwise = {int(c): np.asarray(fl.support_positions[c], np.int64) for c in fl.classes}
-  entries = sorted((int(p), int(c)) for c, pos in classwise.items() for p in pos)
-  return HSNetLists(kind, tuple(int(c) for c in fl.classes), tuple(entries), classwise)
+  entries = tuple(sorted((int(p), int(c)) for c, pos in classwise.items() for p in pos))
+  return HSNetLists(kind, tuple(int(c) for c in fl.classes), entries, classwise)
 
 
 def _cross_domain(dataset: str) -> bool:
@@ -383,7 +384,7 @@ def _numeric_name(image_id: str) -> tuple:
   return (0, int(last), image_id) if last.isdigit() else (1, 0, image_id)
 
 
-def _hsnet_file_lists(index, dataset: str, fold: int, root: pathlib.Path, kind: str) -> HSNetLists:
+def _hsnet_file_lists(index, dataset: str, fold: int, root: epath.Path, kind: str) -> HSNetLists:
   if (root / "data" / "splits").is_dir():
     root = root / "data" / "splits"
   pos = {str(i): p for p, i in enumerate(index.image_ids)}
@@ -417,7 +418,7 @@ def _hsnet_file_lists(index, dataset: str, fold: int, root: pathlib.Path, kind: 
       raise FileNotFoundError(
         f"HSNet list {path} not found; pass the hsnet repository's data/splits folder"
       )
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
       raw = pickle.load(f)  # HSNet's own file: {class - 1: [val2014/COCO_val2014_....jpg, ...]}
     classes = tuple(fold + 4 * v + 1 for v in range(20))  # coco.py:60-66
     classwise = {}
@@ -488,7 +489,7 @@ class HSNetSampler:
       pool = l.classwise[cls]
       query = int(pool[_randint(rng, len(pool))])
     pool = l.classwise[cls]
-    supports = []
+    supports: list[int] = []
     while len(supports) < self.shot:
       s = int(pool[_randint(rng, len(pool))])
       if s != query:
@@ -546,14 +547,14 @@ def write_episodes(
 
 def read_episodes(path: str | os.PathLike) -> list[dict]:
   """Reads a JSON-lines episode file; errors name the file and line."""
-  path = fss_io.user_path(path)
-  if not path.is_file():
+  file = fss_io.user_path(path)
+  if not file.is_file():
     raise FileNotFoundError(
-      f"episode file {path} not found; generate it with "
-      f"`python -m fss_jax.data.episodes ... --split test --out {path}`"
+      f"episode file {file} not found; generate it with "
+      f"`python -m fss_jax.data.episodes ... --split test --out {file}`"
     )
   records = []
-  with path.open("r", encoding="utf-8") as f:
+  with file.open("r", encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -564,12 +565,12 @@ def read_episodes(path: str | os.PathLike) -> list[dict]:
         ok = False
       if not ok:
         raise ValueError(
-          f"{path}:{n}: not an episode record "
+          f"{file}:{n}: not an episode record "
           f'(expected {{"query", "supports", "class_id"}}): {line.strip()[:200]}'
         )
       records.append(r)
   if not records:
-    raise ValueError(f"episode file {path} is empty")
+    raise ValueError(f"episode file {file} is empty")
   return records
 
 
@@ -629,7 +630,7 @@ def generate(
       raise ValueError(
         f"the HSNet episode rule is for 1-way test episodes (got mode={mode!r}, way={way})"
       )
-    sampler = HSNetSampler(
+    sampler: HSNetSampler | EpisodeSampler = HSNetSampler(
       hsnet_lists(index, dataset, fold, lists=lists, coco_split=coco_split, min_pixels=min_pixels),
       shot=shot,
       seed=seed,

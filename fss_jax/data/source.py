@@ -371,10 +371,11 @@ class SplitSource(Sequence):
     self.split = split
     self.path = dataset_dir(data_dir, dataset)
     self._lock = threading.Lock()
-    self._records = None
-    self._index = None
-    self._positions = None
-    self._shards = None  # (record file names, cumulative record counts)
+    self._records: Any = None
+    self._index: DatasetIndex | None = None
+    self._positions: dict[str, int] | None = None
+    # (record file names, cumulative record counts)
+    self._shards: tuple[list[str], list[int]] | None = None
     if _verify:
       self._open(verify=True)
 
@@ -452,6 +453,7 @@ class SplitSource(Sequence):
 
   def _file_of(self, i: int) -> epath.Path:
     """The record file holding record ``i`` of the split."""
+    assert self._shards is not None, "split is not open"
     names, ends = self._shards
     return self.path / names[min(bisect.bisect_right(ends, i), len(names) - 1)]
 
@@ -530,8 +532,9 @@ class SplitSource(Sequence):
   # -- access ------------------------------------------------------------------
 
   @property
-  def index(self) -> DatasetIndex:
+  def index(self) -> DatasetIndex:  # type: ignore[override]  # shadows Sequence.index on purpose
     self._ensure_open()
+    assert self._index is not None
     return self._index
 
   @property
@@ -561,7 +564,9 @@ class SplitSource(Sequence):
         f"not decode: {e}.",
         RecordFileError,
       ) from e
-    h, w = int(self._index.heights[i]), int(self._index.widths[i])
+    index = self._index
+    assert index is not None, "split is not open"
+    h, w = int(index.heights[i]), int(index.widths[i])
     if image.shape[:2] != (h, w) or label.shape != (h, w):
       raise ValueError(
         f"{self.dataset}/{self.split} record {i} ({image_id}): decoded image {image.shape[:2]} / "

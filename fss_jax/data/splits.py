@@ -339,7 +339,9 @@ def build_lists(
   present = counts > 0
   in_s = np.zeros(num_classes, bool)
   in_s[np.asarray(classes, np.int64) - 1] = True
-  keep_image = ~(present & ~in_s).any(axis=1) if filter_intersection else np.ones(len(cp), bool)
+  keep_image = (
+    np.asarray(~(present & ~in_s).any(axis=1)) if filter_intersection else np.ones(len(cp), bool)
+  )
   cols = np.asarray(classes, np.int64) - 1
   kept = (counts[:, cols] >= min_pixels) & keep_image[:, None]  # [N, |S|]
   query = np.flatnonzero(kept.any(axis=1)).astype(np.int64)
@@ -509,7 +511,8 @@ def cross_domain(dataset: str) -> CrossDomain:
   """The `CrossDomain` classes of a dataset or alias."""
   name = canonical_cross_domain(dataset)
   if name == "fss1000":
-    names, splits_ = (), {}
+    names: tuple[str, ...] = ()
+    splits_: dict[str, tuple[int, ...]] = {}
     for split in FSS1000_SPLITS:
       part = fss1000_split_classes(split)
       splits_[split] = tuple(range(len(names) + 1, len(names) + len(part) + 1))

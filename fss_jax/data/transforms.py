@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import cv2
 import grain
@@ -75,8 +76,8 @@ from PIL import Image
 
 IGNORE = 255
 # ImageNet statistics x 255, computed as the reference does (Python doubles, RGB).
-MEAN = tuple(v * 255 for v in (0.485, 0.456, 0.406))
-STD = tuple(v * 255 for v in (0.229, 0.224, 0.225))
+MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 _LABELS = ("query_mask", "query_base_label")
 
 
@@ -541,9 +542,9 @@ def train_ops(
     raise ValueError(f"blur is a probability in [0, 1], got {blur}")
   ops = []
   if tuple(float(v) for v in scale) != (1.0, 1.0):
-    ops.append(RandScale(scale=tuple(scale)))
+    ops.append(RandScale(scale=cast(tuple[float, float], tuple(scale))))
   if tuple(float(v) for v in rotate) != (0.0, 0.0):
-    ops.append(RandRotate(angle=tuple(rotate)))
+    ops.append(RandRotate(angle=cast(tuple[float, float], tuple(rotate))))
   if blur > 0:
     ops.append(RandomGaussianBlur(p=float(blur)))
   return ops + last + [Normalize(), ToArrays()]

@@ -42,6 +42,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from fss_jax import io as fss_io
 from fss_jax.data import episodes as episodes_lib
 from fss_jax.eval import metrics as metrics_lib
 
@@ -305,7 +306,7 @@ def scoring(config) -> metrics_lib.Scoring:
   return metrics_lib.Scoring(mode, ignore_255=r["ignore_255"])
 
 
-def episode_kwargs(config) -> dict[str, str]:
+def episode_kwargs(config) -> dict[str, Any]:
   """``rule`` / ``seed_rule`` / ``lists`` for `fss_jax.data.episodes.generate`."""
   r = resolve(config)
   return {"rule": r["episode_rule"], "seed_rule": r["seed_rule"], "lists": r["lists"]}
@@ -323,7 +324,10 @@ def episodes_tag(config) -> str:
   if k["seed_rule"] == "sequential":
     parts.append("seq")
   if k["lists"] != "build":
-    parts.append("lists" + _short_hash(os.path.abspath(os.path.expanduser(k["lists"]))))
+    lists = os.fspath(fss_io.user_path(k["lists"]))
+    parts.append(
+      "lists" + _short_hash(lists if fss_io.is_remote(lists) else os.path.abspath(lists))
+    )
   return "_" + "-".join(parts) if parts else ""
 
 

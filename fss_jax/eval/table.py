@@ -128,7 +128,7 @@ def load(path: str | os.PathLike) -> Result | None:
       protocol=protocol_of(s),
       train_shot=int(s.get("train_shot", shot)),
       train_dataset=str(s.get("train_dataset", s["dataset"])),
-      train_fold=int(s.get("train_fold", s["fold"])),
+      train_fold=int(s.get("train_fold", int(s["fold"]))),
       model_fields=dict(s.get("model_fields") or {}),
       samples=samples,
     )
@@ -388,6 +388,7 @@ def _table(col: Column, kind: str, *, best: bool) -> list[str]:
         f"{st.best:.2f} (of {st.n})" if best else f"{_pm(st.miou, st.miou_std)} {_behind(st)}"
       )
     m = fold_mean(cells, col.folds, kind)
+    assert m is not None, f"row {label!r} has no fold of {col.folds}"
     note = f" [{m.note}]" if m.note else ""
     if best:
       out.append(f"{m.best:.2f}{note}")
@@ -427,6 +428,7 @@ def csv_text(cols: list[Column], *, kind: str = "population", best_of: bool = Fa
     for label, cells in col.rows.items():
       stats = [(str(f), cell_stat(cells[f], kind)) for f in col.folds if f in cells]
       m = fold_mean(cells, col.folds, kind)
+      assert m is not None, f"row {label!r} has no fold of {col.folds}"
       stats.append(("mean", m))
       for fold, st in stats:
         row = {

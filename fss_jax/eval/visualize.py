@@ -324,7 +324,7 @@ def panels_from_batch(
   sm = sm.reshape(b, -1, *sm.shape[-2:])
   target = batch.get("query_mask")
   ok = np.asarray(valid if valid is not None else batch.get("valid", np.ones(b))).reshape(-1) > 0
-  panels = []
+  panels: list[np.ndarray] = []
   for i in range(b):
     if len(panels) >= max_panels:
       break
@@ -433,13 +433,13 @@ def bar_chart_figure(
   err = None if errors is None else np.asarray([float(errors.get(k, 0.0)) for k in per_class_iou])
   m = float(np.mean(values)) if mean is None else float(mean)
   fig = Figure(figsize=(max(4.0, 0.45 * len(names) + 1.5), 3.6), dpi=dpi)
-  FigureCanvasAgg(fig)
+  canvas = FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
   x = np.arange(len(names))
   ax.bar(x, values, yerr=err, color="#4c72b0", capsize=3 if err is not None else 0)
   above = values + (err if err is not None else 0.0)
   for xi, v, y in zip(x, values, above):
-    ax.text(xi, y + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.text(float(xi), y + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
   if not math.isnan(m):
     ax.axhline(m, color="#c44e52", linestyle="--", linewidth=1, label=f"mean {m:.2f}")
     ax.legend(loc="upper right", fontsize=8)
@@ -452,7 +452,7 @@ def bar_chart_figure(
   )
   ax.set_ylim(0, top)
   ax.set_ylabel("IoU (%)" if top > 1.0 else "IoU")
-  renderer = fig.canvas.get_renderer()
+  renderer = canvas.get_renderer()
   if _labels_overlap(ax.get_xticklabels(), renderer):
     ax.set_xticklabels(names, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
   _fit_title(fig, title or "per-class IoU", renderer)

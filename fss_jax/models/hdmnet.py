@@ -276,7 +276,7 @@ def loss_fn(
   terms = {
     "ce_final": losses.cross_entropy(outputs["logits"], y),
     "ce_meta": losses.cross_entropy(outputs["meta_logits"], y),
-    "distil": sum(distil) / len(distil),
+    "distil": losses.mean_of(distil),
   }
   weights = {"distil": aux_weight1}
   if "query_base_label" in episode:

@@ -47,7 +47,7 @@ from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.attention.linear import FUSIONS, HPAM, OPERATORS, POS_EMBEDS, fuse
 from fss_jax.nn.backbones.resnet import ResNetDeepStem, resnet_keymap
 from fss_jax.nn.decoder import FEMDecoder, MergeConv, pfenet_decoder_keymap
-from fss_jax.ops.losses import cross_entropy
+from fss_jax.ops.losses import cross_entropy, mean_of
 from fss_jax.ops.pooling import adaptive_avg_pool, masked_average_pool
 from fss_jax.ops.resize import resize_bilinear
 
@@ -229,7 +229,7 @@ class JC2A(nn.Module):
     m = resize_bilinear((smask == 1).astype(f_s.dtype)[..., None], (h, w), align_corners=True)
     proto = masked_average_pool(f_s, m, eps=self.prototype_eps)  # [BK, C]
     f_s_masked = f_s * m
-    out = {}
+    out: dict[str, Any] = {}
 
     # Step 3: CKMM (does not depend on the support: once per query).
     prior = None
@@ -320,8 +320,10 @@ def make_loss(aux_weight: float = 1.0):
     if logits.shape[1:3] != size:
       logits = resize_bilinear(logits, size, align_corners=True)
     main = cross_entropy(logits, y)
-    aux = [cross_entropy(resize_bilinear(a, size, align_corners=True), y) for a in outputs["aux"]]
-    aux = sum(aux) / len(aux) if aux else jnp.zeros((), jnp.float32)
+    aux_terms = [
+      cross_entropy(resize_bilinear(a, size, align_corners=True), y) for a in outputs["aux"]
+    ]
+    aux = mean_of(aux_terms) if aux_terms else jnp.zeros((), jnp.float32)
     loss = main + aux_weight * aux
     return loss, {"loss": loss, "main_loss": main, "aux_loss": aux}
 

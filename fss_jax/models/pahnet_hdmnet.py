@@ -181,8 +181,8 @@ def loss_fn(
   terms = {
     "ce_final": losses.cross_entropy(outputs["logits"], y),
     "ce_meta": losses.cross_entropy(outputs["meta_logits"], y),
-    "distil": sum(distil) / len(distil),
-    "ce_pseudo": sum(pseudo) / len(pseudo),
+    "distil": losses.mean_of(distil),
+    "ce_pseudo": losses.mean_of(pseudo),
   }
   weights = {"distil": aux_weight1, "ce_pseudo": aux_weight2}
   if "query_base_label" in episode:

@@ -215,7 +215,7 @@ def loss_fn(
   terms = {
     "ce_final": losses.cross_entropy(outputs["logits"], y),
     "dice_meta": losses.weighted_dice_loss(outputs["meta_logits"], y),
-    "ce_pseudo": sum(pseudo) / len(pseudo),
+    "ce_pseudo": losses.mean_of(pseudo),
   }
   return losses.weighted_sum(
     terms,

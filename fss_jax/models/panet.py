@@ -213,7 +213,7 @@ class PANet(nn.Module):
     scores = prototype_scores(query_feat, prototypes, scaler=self.scaler)  # [B, h, w, 1+N]
     logits = resize_bilinear(scores, (query.shape[1], query.shape[2]), align_corners=False)
 
-    out = {
+    out: dict[str, Any] = {
       "logits": logits,
       "scores": scores,
       "prototypes": prototypes,

@@ -240,7 +240,7 @@ class SymNet(nn.Module):
     sow("apa_support", ts_k)
 
     sizes = resnet.stage_sizes(self.depth)
-    corr = [[], [], []]
+    corr: list[list[jax.Array]] = [[], [], []]
     for j in range(k):
       pick = lambda f, j=j: f.reshape(b, k, *f.shape[1:])[:, j]
       cs = multilayer_correlation(bq, [pick(f) for f in bs], pick(m_full), sizes)
@@ -248,7 +248,7 @@ class SymNet(nn.Module):
         corr[lvl].append(cs[lvl])
     for lvl, name in enumerate(("l4", "l3", "l2")):
       sow(f"corr_shot0_{name}", corr[lvl][0])
-    h4, h3, h2 = (sum(c) / k for c in corr)
+    h4, h3, h2 = (losses.mean_of(c) for c in corr)  # mean over the K shots
 
     # 4. top-down hyper-correlation
     hyper = TDC(name="tdc")(h2, h3, h4)  # [B, h, w, 48]
@@ -343,7 +343,7 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]) -> tup
     )
   aux = outputs["aux_logits"]
   inner = [losses.cross_entropy(resize_bilinear(a, size, align_corners=True), y) for a in aux]
-  terms["aux_inner"] = sum(inner) / len(inner)
+  terms["aux_inner"] = losses.mean_of(inner)
   if "support_features" in outputs:
     feats = outputs["support_features"]
     b, k, h, w, _ = feats.shape

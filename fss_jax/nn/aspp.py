@@ -19,6 +19,7 @@ sows ``aspp_out``, ``res1_out`` and ``res2_out`` (before the residual add) into
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ def _conv(
 ) -> Conv2d:
   """A torch Conv2d, symmetric padding dilation * (kernel // 2), torch init
   (or kaiming-normal fan-in weights, as ASPP's ``_init_weight``)."""
-  kwargs = {"kernel_init": _KAIMING_NORMAL} if kaiming_normal else {}
+  kwargs: dict[str, Any] = {"kernel_init": _KAIMING_NORMAL} if kaiming_normal else {}
   return Conv2d(
     features,
     kernel,

@@ -115,7 +115,8 @@ class FEMDecoder(nn.Module):
       (logits [B, s_0, s_0, num_classes], aux: per level logits [B, s_l, s_l, num_classes]).
     """
     size0 = merged[0].shape[1:3]
-    upsampled, aux = [], []
+    upsampled: list[jax.Array] = []
+    aux: list[jax.Array] = []
     for l, x in enumerate(merged):
       size = x.shape[1:3]
       if l >= 1:

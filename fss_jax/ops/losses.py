@@ -18,6 +18,8 @@ Shapes are NHWC: logits ``[B, H, W, C]``, targets ``[B, H, W]`` int (0..C-1, 255
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -93,6 +95,14 @@ def weighted_dice_loss(
   if reduction == "none":
     return loss
   raise ValueError(f"unknown reduction {reduction!r}; use 'sum', 'mean' or 'none'")
+
+
+def mean_of(terms: Sequence[jax.Array]) -> jax.Array:
+  """``(t_0 + t_1 + ...) / n`` added left to right, as Python's ``sum(terms) / len(terms)``
+  the official losses use (bit for bit); ``terms`` is not empty."""
+  if not terms:
+    raise ValueError("mean_of needs at least one term")
+  return functools.reduce(operator.add, terms) / len(terms)
 
 
 def weighted_sum(

@@ -203,6 +203,7 @@ def max_pool2d_taps(x: jax.Array, kernel: int, stride: int, padding: int) -> jax
         :, di : di + (oh - 1) * stride + 1 : stride, dj : dj + (ow - 1) * stride + 1 : stride
       ]
       y = tap if y is None else jnp.where(tap > y, tap, y)
+  assert y is not None, "kernel must be >= 1"
   return y
 
 

@@ -1,9 +1,13 @@
 """The shared training engine: every method trains through these modules.
 
-* `state`   TrainState (params, batch_stats, opt_state, step, rng), init, strict weight loading;
-* `optim`   optax recipes of the references (SGD + coupled L2, AdamW, poly / multistep,
-            warm-up, lr multipliers, parameter groups, frozen subtrees) from ``config.optim``;
-* `losses`  CE with ignore 255, SCCAN's Dice, weighted sums;
-* `step`    the pure train / eval steps and their jit + NamedSharding wrappers;
-* `loop`    checkpoints, resume, logging, periodic validation, ``--mode eval``.
+* `state`       TrainState (params, batch_stats, opt_state, step, rng), init, strict weight
+                loading, the converted-checkpoint format;
+* `optim`       optax recipes of the references (SGD + coupled L2, AdamW, poly / multistep,
+                warm-up, lr multipliers, parameter groups, frozen subtrees) from ``config.optim``;
+* `precision`   compute dtypes (float32 / bfloat16) and what stays float32;
+* `step`        the pure train / eval / predict steps and their jit + NamedSharding wrappers
+                (losses come from the model's spec, built on `fss_jax.ops.losses`);
+* `loop`        checkpoints, resume, logging, periodic validation, ``--mode eval``;
+* `workdir`     the workdir lock, run records and clean-up of unfinished saves;
+* `jc2a_prior`  JC²A's FP_base prototypes (the prior command and the `derived_params` hook).
 """

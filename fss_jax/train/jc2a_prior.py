@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from fss_jax import io as fss_io
 from fss_jax.nn.backbones.resnet import ResNetDeepStem
@@ -78,7 +79,7 @@ def fp_base_filename(fold: int, layers: int) -> str:
   return f"jc2a_fp_base_fold{int(fold)}_resnet{int(layers)}.npz"
 
 
-def fp_base_path(data_dir: str | os.PathLike, dataset: str, fold: int, layers: int) -> os.PathLike:
+def fp_base_path(data_dir: str | os.PathLike, dataset: str, fold: int, layers: int) -> epath.Path:
   """Where the prior command writes FP_base: next to the built dataset."""
   from fss_jax.data.source import dataset_dir
 
@@ -122,16 +123,16 @@ def load_fp_base(path: str | os.PathLike, *, command: str | None = None) -> FPBa
     FPBaseMissingError: the file does not exist (the message names the command).
     ValueError: the file is not an FP_base file or is damaged.
   """
-  path = fss_io.user_path(path)
-  if not path.is_file():
+  file = fss_io.user_path(path)
+  if not file.is_file():
     how = command or f"python -m {PRIOR_MODULE} --help"
     raise FPBaseMissingError(
-      f"JC²A's CKMM needs the fold's base-class prototypes FP_base, but {path} does not exist.\n"
+      f"JC²A's CKMM needs the fold's base-class prototypes FP_base, but {file} does not exist.\n"
       f"Compute it once per fold (frozen backbone, base-class training pairs) with:\n  {how}\n"
       f"or disable CKMM (model.use_ckmm=False, the Table 3 ablations)."
     )
   try:
-    with path.open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+    with file.open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
       value = z["fp_base"].astype(np.float32)
       fp = FPBase(
         value=value,
@@ -395,11 +396,11 @@ def main(argv=None) -> int:
     else fp_base_path(args.data_dir, dataset, args.fold, args.layers)
   )
   if out.exists() and not args.overwrite:
-    print(f"{out} exists; pass --overwrite to recompute it", file=sys.stderr)
+    print(f"error: {out} exists; pass --overwrite to recompute it", file=sys.stderr)
     return 1
   if bool(args.backbone_init) == bool(args.random_init):
     print(
-      "give exactly one of --backbone_init PATH (the backbone JC²A is trained with) or "
+      "error: give exactly one of --backbone_init PATH (the backbone JC²A is trained with) or "
       "--random_init (smoke tests)",
       file=sys.stderr,
     )
@@ -425,7 +426,7 @@ def main(argv=None) -> int:
   save_fp_base(out, fp, overwrite=args.overwrite)
   print(
     f"wrote {out}: {fp.value.shape[0]} classes x {fp.value.shape[1]}, pairs per class "
-    f"{fp.counts.tolist()}"
+    f"{fp.counts.tolist() if fp.counts is not None else []}"
   )
   return 0
 

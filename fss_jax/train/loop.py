@@ -27,7 +27,8 @@
 
 ``evaluate(config, workdir)`` scores the best (or latest) checkpoint — or the
 converted weights of ``config.init`` — on ``config.eval.seeds`` and writes
-``<workdir>/results_<dataset>_f<fold>_<shot>shot.json``.
+``<workdir>/results_<dataset>_f<fold>_[<way>way]<shot>shot<protocol tag>.json`` (`results_path`;
+no ``_f<fold>`` for the cross-domain sets).
 
 A checkpoint's step ``s`` means: ``s`` optimiser steps done, the data iterator
 positioned at batch ``s``, and step ``s`` draws ``fold_in(rng, s)`` — so a
@@ -184,7 +185,7 @@ def _without_closed_loop_noise(previous: Callable[[Any], None]) -> Callable[[Any
     if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
       previous(unraisable)
 
-  hook.quiet_closed_loop = True
+  hook.quiet_closed_loop = True  # type: ignore[attr-defined]  # marks it as installed
   return hook
 
 
@@ -981,7 +982,7 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
   )
   best_mngr = checkpoint_manager(workdir / BEST_DIR, keep=1, async_save=False)
   try:
-    state, resumed_from, first = _initial_state(
+    state, resumed_from, unused_first = _initial_state(
       config, mngr, abstract, meta, it, first, model, opt, rng, repl, workdir
     )
   except BaseException:
@@ -1008,9 +1009,10 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
     trainable=opt.trainable,
     compute_dtype=dtype,
   )
+  eval_data = data.eval
   eval_step = (
     step_lib.make_eval_step(model=model, mesh=mesh, score=_score_mode(config), compute_dtype=dtype)
-    if data.eval is not None
+    if eval_data is not None
     else None
   )
   predict_step = (
@@ -1052,8 +1054,8 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
       raise TrainingInterrupted(stop_signals[0], start, workdir, saved=False)
     t_first = time.time()
     for step in range(start, total_steps):
-      batch = first if first is not None else _host_batch(next(it))
-      first = None
+      batch = unused_first if unused_first is not None else _host_batch(next(it))
+      unused_first = None
       state, metrics = train_step(state, parallel.to_global(batch, mesh))
       done = step + 1
       if step == start:
@@ -1081,13 +1083,18 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
         if means:
           lrs = {f"lr/{k}": v for k, v in opt.learning_rates(done - 1).items()}
           writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()} | lrs)
-      if eval_step is not None and eval_every and (done % eval_every == 0 or done == total_steps):
+      if (
+        eval_step is not None
+        and eval_data is not None
+        and eval_every
+        and (done % eval_every == 0 or done == total_steps)
+      ):
         pending.flush(last_good=last_good, workdir=workdir)
         with report.timed("eval"):
           acc = evaluate_lib.evaluate_episodes(
             eval_step,
             state,
-            data.eval(int(config.eval.val_seed), int(config.eval.val_episodes)),
+            eval_data(int(config.eval.val_seed), int(config.eval.val_episodes)),
             classes=data.classes,
             mesh=mesh,
             local_batch_size=local_eval_bs,
@@ -1104,7 +1111,7 @@ def _train_and_evaluate(config, workdir, data: Data | None, stop_signals: list[i
           done,
           state,
           predict_step,
-          data.eval(int(config.eval.val_seed), int(config.eval.val_episodes)),
+          eval_data(int(config.eval.val_seed), int(config.eval.val_episodes)),
           mesh,
           local_eval_bs,
         )
@@ -1348,9 +1355,12 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
   spec, model = build_model(config, sizes=("test_size",))
   if data is None:
     data = make_data(config, workdir, eval_batch_size=eval_bs)
+  eval_data = data.eval
+  if eval_data is None:
+    raise ValueError("evaluation needs the test episodes: this Data has no eval loader")
   seeds = [int(s) for s in config.eval.seeds]
   num = int(config.eval.episodes)
-  first_loader = data.eval(seeds[0], num)
+  first_loader = eval_data(seeds[0], num)
   example = evaluate_lib.model_inputs(next(iter(first_loader)))
   example = {k: v for k, v in example.items() if k != "valid"}
   params_shape = jax.eval_shape(
@@ -1373,7 +1383,7 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
   summary, tables = evaluate_lib.evaluate_seeds(
     eval_step,
     state,
-    lambda s: first_loader if s == seeds[0] else data.eval(s, num),
+    lambda s: first_loader if s == seeds[0] else eval_data(s, num),
     seeds=seeds,
     classes=data.classes,
     mesh=mesh,
@@ -1414,7 +1424,7 @@ def evaluate(config, workdir: str | os.PathLike, *, data: Data | None = None) ->
         step,
         state,
         step_lib.make_predict_step(model=model, mesh=mesh, compute_dtype=dtype),
-        data.eval(seeds[0], num),
+        eval_data(seeds[0], num),
         mesh,
         local_eval_bs,
       )

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-Schedule = Callable[[jax.Array], jax.Array]
+Schedule = Callable[[jax.Array | int], jax.Array]
 
 FROZEN = "frozen"
 DEFAULT = "default"
@@ -122,7 +122,7 @@ def make_schedule(
   if schedule in ("poly", "cosine") and not total_steps:
     raise ValueError(f"schedule {schedule!r} needs total_steps > 0 (config.total_steps)")
   lr = float(lr)
-  milestones = jnp.asarray(sorted(int(m) for m in milestones) or [2**31 - 1], jnp.int32)
+  bounds = jnp.asarray(sorted(int(m) for m in milestones) or [2**31 - 1], jnp.int32)
 
   def fn(count):
     count = jnp.asarray(count, jnp.int32)
@@ -136,7 +136,7 @@ def make_schedule(
       frac = jnp.clip(remaining / float(total_steps), 0.0, 1.0)
       value = lr * frac**power
     elif schedule == "multistep":
-      n = jnp.sum(count >= milestones)
+      n = jnp.sum(count >= bounds)
       value = lr * jnp.asarray(gamma, jnp.float32) ** n
     else:  # cosine
       frac = jnp.clip(count.astype(jnp.float32) / float(total_steps), 0.0, 1.0)
@@ -279,7 +279,9 @@ def build(
 
   flat = traverse_util.flatten_dict(_to_dict(params), sep="/")
   paths = list(flat)
-  used_frozen, used_groups, used_mults = set(), set(), {}
+  used_frozen: set[int] = set()
+  used_groups: set[int] = set()
+  used_mults: dict[str, set[int]] = {}
   label_of: dict[str, str] = {}
   for path in paths:
     hit = _match_first(path, [(p, None) for p in frozen_patterns])

@@ -134,7 +134,7 @@ def train_step(
   out["params_finite"] = jnp.asarray(
     jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])), jnp.float32
   )
-  new_state = state.replace(
+  new_state = state.replace(  # type: ignore[attr-defined]  # flax.struct stub lacks .replace
     step=state.step + 1, params=params, batch_stats=new_bs, opt_state=opt_state
   )
   return new_state, out
@@ -145,7 +145,7 @@ def eval_step(
   batch: Mapping[str, jax.Array],
   *,
   model,
-  score: str = "pad_square",
+  score: str | metrics_lib.Scoring = "pad_square",
   compute_dtype: str = "float32",
 ) -> dict[str, jax.Array]:
   """Per-episode intersection / union at the original label resolution.
@@ -216,7 +216,7 @@ def make_train_step(
 
 
 def make_eval_step(
-  *, model, mesh, score: str = "pad_square", compute_dtype: str = "float32"
+  *, model, mesh, score: str | metrics_lib.Scoring = "pad_square", compute_dtype: str = "float32"
 ) -> Callable:
   precision.compute_dtype(compute_dtype)
   return jit_eval_step(

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from fss_jax import keymaps
 from fss_jax.nn.layers import BatchNorm2d, Conv2d, LayerNorm, Linear, kaiming_normal_fan_out
 from fss_jax.nn.prototype import PrototypeEnhanced, asc_mismatch, asc_query_state, asc_support_state
+from fss_jax.ops.losses import mean_of
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
 from fss_jax.ops.softmax import softmax_dot_backward
 
@@ -574,6 +575,7 @@ class HierarchicalTransformer(nn.Module):
       x, corr = self._match_layer(i)(q_tokens[i], hw, s_tokens[i], train, {"key_mask": masks[i]})
       corr_maps.append(corr.reshape(b, hw[0], hw[1]))
       fused = self._fuse(i, x, corr, hw, priors[i], fused)
+    assert fused is not None  # at least one level
     logits = MetaClassifier(self.dim, self.dim * 4, self.num_classes, name="cls")(fused)
     return logits, corr_maps
 
@@ -597,14 +599,16 @@ class TransformerPlus(HierarchicalTransformer):
   """
 
   @nn.compact
-  def __call__(self, query, support, support_mask, similarity, prob, *, train: bool = False):
+  def __call__(  # type: ignore[override]  # PAHNet's variant also takes the predictor's map
+    self, query, support, support_mask, similarity, prob, *, train: bool = False
+  ):
     """query [B, H, W, dim], support [B*K, H, W, dim] (row b*K + k), support_mask
     [B*K, Hm, Wm] binary at input size, similarity [B, H, W, 2], prob [B, s, s]
     -> (meta logits [B, H, W, 2], corr maps coarse to fine, pseudo masks coarse to fine
     [B, h_i, w_i, 2])."""
     b, k = query.shape[0], self.shot
     sow = lambda n, v: self.sow("intermediates", n, v)
-    levels = []
+    levels: list[dict[str, Any]] = []
     q, s = query, support
     for i in range(len(self.heads)):
       stage = self._down_stage(i)
@@ -655,6 +659,7 @@ class TransformerPlus(HierarchicalTransformer):
       )
       corr_maps.append(corr.reshape(b, *hw))
       fused = self._fuse(i, x, corr, hw, lv["prior"], fused)
+    assert fused is not None  # at least one level
     logits = MetaClassifier(self.dim, self.dim * 4, self.num_classes, name="cls")(fused)
     return logits, corr_maps, pseudo_masks
 
@@ -700,7 +705,7 @@ def correlation_distillation_loss(
 ) -> jax.Array:
   """Mean over the maps of `correlation_distillation_terms` (HDMNet's ``aux_loss1``)."""
   terms = correlation_distillation_terms(corr_maps, query_mask, eps=eps)
-  return sum(terms) / len(terms)
+  return mean_of(terms)
 
 
 # ---------------------------------------------------------------------------

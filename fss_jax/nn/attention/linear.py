@@ -291,7 +291,7 @@ class HPAM(nn.Module):
       b, h, w, c = q.shape
       xq = q.reshape(b, h * w, c)
       parts = []
-      if self.use_p2p:
+      if p2p is not None:  # use_p2p
         parts.append(p2p(xq, sp.reshape(b, h * w, c), train=train))  # P^d (Eq. 3)
       if self.use_p2b:
         if self.pos_embed != "none":  # Eq. 4

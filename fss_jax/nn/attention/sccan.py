@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -176,6 +177,11 @@ class ShiftedWindowStreams:
   alignment, window merging, and each stream's residual + MLP tail. For modules with
   `window` and `shifted` fields."""
 
+  if TYPE_CHECKING:  # provided by the flax module this is mixed into
+    window: int
+    shifted: bool
+    sow: Callable[..., Any]
+
   def _pad(self, x):
     return W.pad_half_window(x, self.window) if self.shifted else x
 
@@ -208,7 +214,8 @@ class ShiftedWindowStreams:
     b, h, w, c = x.shape
     o = o.reshape(b, -1, o.shape[1], c)  # [B, N, T, C]
     self.sow("intermediates", f"attn_{stream}_out", o.reshape(b, -1, c))
-    x = x + self._unwindow(o, *padded_hw, h, w)
+    hp, wp = padded_hw
+    x = x + self._unwindow(o, hp, wp, h, w)
     m = mlp(norm(x))
     self.sow("intermediates", f"mlp_{stream}_out", m.reshape(b, h * w, c))
     return x + m
