@@ -10,6 +10,11 @@ A method config is a short program::
     ...
     return common.finalize(c)
 
+A method config sets only what differs from `base_config` (Flax's ``configs/v100_x8.py``
+style): a value equal to the default is not restated, so the default is the one place to read
+it (``configs/sccan.py`` sets its lr, lr multipliers and the transformer's AdamW group and
+inherits SGD momentum 0.9, weight decay 1e-4 and the poly schedule).
+
 ``arg`` is the string after ``:`` in ``--config configs/panet.py:dataset=coco20i,fold=2,shot=5``
 (big_vision's ``parse_arg``); bare words are booleans (``...:smoke``). Everything a
 run needs lives here (paths, sizes, shot, fold, optimiser, mesh, checkpoints) and

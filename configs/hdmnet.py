@@ -56,11 +56,9 @@ def get_config(arg: str | None = None):
   c.model_fields.remat = False  # nn.remat the attention blocks (same params)
 
   # Data (§7): BAM training lists, squash resize, base annotations.
-  c.data.protocol = "bam"
   c.data.train_size = size
   c.data.train_resize = "squash"
   c.data.scale = (0.8, 1.25) if coco else (0.9, 1.1)
-  c.data.rotate = (-10.0, 10.0)
   c.data.test_size = size
   c.data.test_resize = "squash"
   c.data.base_label = True
@@ -70,13 +68,7 @@ def get_config(arg: str | None = None):
 
   c.optim.optimizer = "adamw"
   c.optim.lr = 1e-4
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
   c.optim.weight_decay = 0.01
-  c.optim.schedule = "poly"
-  c.optim.power = 0.9
-  c.optim.warmup_steps = 0
   c.optim.lr_mults = (
     (r"(down_supp|down_query|supp_merge|query_merge)/.*", 10.0),
     (r"ensemble/(gram_merge|cls_merge)/.*", 10.0),
@@ -86,11 +78,8 @@ def get_config(arg: str | None = None):
   c.eval.episodes = 10000 if coco else 1000
   c.eval.seeds = common.HDMNET_SEEDS
   c.eval.val_seed = common.VAL_SEED
-  c.eval.val_episodes = 1000
-  c.eval.every_steps = -1
 
   # The frozen base learner: without it HDMNet would train on a random PSPNet.
-  c.init = ""
   c.init_prefix = "pspnet"
   c.init_required = not c.smoke
   c.init_help = pspnet_config.base_learner_help(c.dataset, c.fold)

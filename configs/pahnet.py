@@ -74,33 +74,22 @@ def get_config(arg: str | None = None):
   c.model_fields.shot = c.get_ref("shot")
   c.model_fields.num_base_classes = 61 if coco else 16
   c.model_fields.remat = False  # nn.remat the attention blocks (same params)
-  c.data.protocol = "bam"
-  c.data.rotate = (-10.0, 10.0)
   c.data.scale = (0.8, 1.25) if coco else (0.9, 1.1)
   episodes = 4000 if coco else 1000
   c.eval.episodes = episodes
   c.eval.val_episodes = episodes
   c.eval.seeds = (common.VAL_SEED,)
   c.eval.val_seed = common.VAL_SEED
-  c.eval.every_steps = -1
 
   if arg.variant == "sccan":
-    c.data.train_size = 473
-    c.data.train_resize = "crop"
-    c.data.test_size = 473
     c.data.test_resize = "squash"
     if coco:
       c.batch_size = (6 if c.fold == 3 else 8) if c.shot == 1 else _SCCAN_COCO_5SHOT_BATCH[c.fold]
     else:
       c.batch_size = 8 if c.shot == 1 else 6
     c.epochs = 50 if coco else 200
-    c.optim.optimizer = "sgd"
     c.optim.lr = 0.005
     c.optim.lr_mults = ((".*", 10.0),)
-    c.optim.momentum = 0.9
-    c.optim.weight_decay = 1e-4
-    c.optim.schedule = "poly"
-    c.optim.power = 0.9
     c.optim.groups.transformer = dict(
       pattern=r"transformer/.*",
       optimizer="adamw",
@@ -122,18 +111,11 @@ def get_config(arg: str | None = None):
     c.epochs = 75 if coco else 300
     c.optim.optimizer = "adamw"
     c.optim.lr = 1e-4
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
     c.optim.weight_decay = 0.01
-    c.optim.schedule = "poly"
-    c.optim.power = 0.9
     c.optim.lr_mults = (
       (r"(down_supp|down_query|supp_merge|query_merge)/.*", 10.0),
       (r"ensemble/(gram_merge|cls_merge|kshot_rw)/.*", 10.0),
     )
-  c.optim.warmup_steps = 0
-  c.init_prefix = ""
   c.init_required = not c.smoke
   c.init_help = frozen_parts_help(c.model, c.dataset, c.fold)
 

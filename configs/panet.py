@@ -61,17 +61,12 @@ def get_config(arg: str | None = None):
   c.total_steps = 30_000
   c.log_every_steps = 100
 
-  c.optim.optimizer = "sgd"
   c.optim.lr = 1e-3
-  c.optim.momentum = 0.9
   c.optim.weight_decay = 5e-4
   c.optim.schedule = "multistep"
   c.optim.milestones = (10_000, 20_000)
-  c.optim.gamma = 0.1
 
-  c.eval.episodes = 1000
   c.eval.seeds = common.BAM_SEEDS
-  c.eval.val_episodes = 1000
   c.eval.every_steps = 10_000  # PANet has no validation; this only tracks progress
   c.eval.checkpoint = "latest"  # PANet tests its last snapshot
   c.checkpoint.every_steps = 10_000

@@ -74,22 +74,13 @@ def get_config(arg: str | None = None):
   c.data.task = "base"  # fss_jax.data.pipeline.make_base_train_loader
   c.data.base_label = True  # episodic fallback: query_base_label is the target
   c.data.train_size = 417
-  c.data.train_resize = "crop"
   c.data.scale = (0.5, 2.0)
-  c.data.rotate = (-10.0, 10.0)
   c.data.test_size = 417
-  c.data.test_resize = "aspect"
 
   c.batch_size = 12
   c.epochs = 20 if coco else 100
 
-  c.optim.optimizer = "sgd"
   c.optim.lr = 2.5e-4
-  c.optim.momentum = 0.9
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = "poly"
-  c.optim.power = 0.9
-  c.optim.warmup_steps = 0
   c.optim.lr_mults = ((".*", 10.0),) if coco else ((r"(ppm|cls_conv|cls_bn|classifier)/.*", 10.0),)
 
   c.init_prefix = "backbone"  # converted ImageNet resnet50_v2 weights

@@ -53,26 +53,15 @@ def get_config(arg: str | None = None):
   c.model_fields.layers = c.get_ref("layers")
   c.model_fields.remat = False  # nn.remat the attention blocks (same params)
 
-  # Data: BAM lists, random crop 473 for both datasets (SCCAN's COCO also uses 473).
-  c.data.protocol = "bam"
-  c.data.train_size = 473
-  c.data.train_resize = "crop"
-  c.data.test_size = 473
-  c.data.test_resize = "aspect"
+  # Data: the common defaults (BAM lists, random crop 473 / aspect + pad 473 for both datasets;
+  # SCCAN's COCO also uses 473).
 
-  # Schedule.
-  c.batch_size = 8
+  # Schedule (batch 8: the default).
   c.epochs = 50 if coco else 200
 
-  # Optimisers (module docstring).
-  c.optim.optimizer = "sgd"
+  # Optimisers (module docstring); momentum 0.9, weight decay 1e-4, poly 0.9: the defaults.
   c.optim.lr = 0.005
   c.optim.lr_mults = ((".*", 10.0),)
-  c.optim.momentum = 0.9
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = "poly"
-  c.optim.power = 0.9
-  c.optim.warmup_steps = 0
   c.optim.groups.transformer = dict(
     pattern=r"transformer/.*",
     optimizer="adamw",
@@ -90,7 +79,6 @@ def get_config(arg: str | None = None):
   c.eval.val_episodes = episodes
   c.eval.seeds = (common.VAL_SEED,)
   c.eval.val_seed = common.VAL_SEED
-  c.eval.every_steps = -1
 
   c.init_prefix = "backbone"
   # The backbone is frozen: without ImageNet weights SCCAN would train on a random ResNet.

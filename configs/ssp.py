@@ -60,28 +60,20 @@ def get_config(arg: str | None = None):
   # Data (§5, §6).
   c.data.protocol = "pfenet"
   c.data.coco_split = "contiguous" if arg.split == "ssp" else "interleaved"
-  c.data.train_size = 473
   # SSP's dataset/transform.py: pad bottom/right (image 0, label 255), one random crop, then
   # flip (transforms.train_ops resize="ssp"; tests/test_augment_official.py).
   c.data.train_resize = "ssp"
   c.data.scale = (1.0, 1.0)  # crop + flip only: no RandScale, rotation or blur
   c.data.rotate = (0.0, 0.0)
   c.data.blur = 0.0
-  c.data.test_size = 473
-  c.data.test_resize = "aspect"
 
   # Schedule and optimiser (§5).
   c.batch_size = 4
   c.total_steps = 6000
-  c.epochs = 0
-  c.optim.optimizer = "sgd"
   c.optim.lr = 1e-3
-  c.optim.momentum = 0.9
   c.optim.weight_decay = 5e-4
   c.optim.schedule = "multistep"
   c.optim.milestones = (c.total_steps // 3, 2 * c.total_steps // 3)
-  c.optim.gamma = 0.1
-  c.optim.warmup_steps = 0
 
   # Test protocol (§7.1).
   episodes = 4000 if coco else 1000
@@ -91,7 +83,6 @@ def get_config(arg: str | None = None):
   c.eval.val_seed = 0
   c.eval.every_steps = 300
 
-  c.init_prefix = ""
   # layer0 / layer1 and every BatchNorm are frozen: they must be ImageNet weights.
   c.init_required = not c.smoke
   c.init_help = (

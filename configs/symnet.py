@@ -67,38 +67,22 @@ def get_config(arg: str | None = None):
   c.model_fields.embedding_path = ""  # "": the packaged word2vec table
 
   # Data (§7): BAM training lists and augmentation, crop, base annotations.
-  c.data.protocol = "bam"
   c.data.train_size = size
-  c.data.train_resize = "crop"
   c.data.scale = (0.8, 1.25) if coco else (0.9, 1.1)
-  c.data.rotate = (-10.0, 10.0)
   c.data.test_size = size
-  c.data.test_resize = "aspect"
   c.data.base_label = True
 
-  c.seed = 321
-  c.batch_size = 8
   c.epochs = 50 if coco else 200
 
-  c.optim.optimizer = "sgd"
   c.optim.lr = 0.05  # 0.005 x 10 (index_split = -1), see above
-  c.optim.momentum = 0.9
-  c.optim.nesterov = False
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = "poly"
-  c.optim.power = 0.9
-  c.optim.warmup_steps = 0
-  c.optim.lr_mults = ()
 
   # Test protocol (§9) and validation (§7).
   c.eval.episodes = 5000 if coco else 1000
   c.eval.seeds = common.BAM_SEEDS
   c.eval.val_seed = common.VAL_SEED
   c.eval.val_episodes = 5000 if coco else 1000
-  c.eval.every_steps = -1
 
   # The frozen base learner: without it Sym-Net would train on a random PSPNet.
-  c.init = ""
   c.init_prefix = "pspnet"
   c.init_required = not c.smoke
   c.init_help = pspnet_config.base_learner_help(c.dataset, c.fold).replace(
