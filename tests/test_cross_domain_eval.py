@@ -32,7 +32,8 @@ def _config(arg: str = "smoke"):
 @pytest.fixture(scope="module")
 def isic(tmp_path_factory):
   """(data_dir, manual_dir) of a synthetic ISIC-2018 build, images in PATNet's class folders."""
-  synthetic = pytest.importorskip("data_prep.synthetic")
+  from data_prep import synthetic
+
   tmp = tmp_path_factory.mktemp("isic")
   data_dir = synthetic.make_built_cross_domain(
     tmp, "isic2018", seed=0, class_folders=True, images_per_class=IMAGES_PER_CLASS

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from data_prep import synthetic
 from fss_jax.data import episodes, pipeline, source, splits
-
-synthetic = pytest.importorskip("data_prep.synthetic")
 
 CROP = 65
 

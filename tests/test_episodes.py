@@ -189,7 +189,8 @@ def test_records_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def voc_dir(tmp_path_factory):
-  synthetic = pytest.importorskip("data_prep.synthetic")
+  from data_prep import synthetic
+
   return synthetic.make_built_dataset(tmp_path_factory.mktemp("episodes_voc"), "voc", 48, 0)
 
 

@@ -400,7 +400,8 @@ def test_spec_and_configs():
 @pytest.fixture(scope="module")
 def voc_with_prior(tmp_path_factory):
   """A synthetic PASCAL build plus the fold-0 FP_base written by the prior command."""
-  synthetic = pytest.importorskip("data_prep.synthetic")
+  from data_prep import synthetic
+
   data_dir = synthetic.make_built_dataset(tmp_path_factory.mktemp("jc2a_voc"), "voc", 24, 0)
   argv = [
     "--data_dir",

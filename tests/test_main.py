@@ -29,7 +29,8 @@ def _main(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def voc_data(tmp_path_factory):
-  synthetic = pytest.importorskip("data_prep.synthetic")
+  from data_prep import synthetic
+
   return synthetic.make_built_dataset(tmp_path_factory.mktemp("data"), "voc", num_images=32, seed=0)
 
 
@@ -131,7 +132,6 @@ def test_panet_smoke_train_via_main(tmp_path, voc_data):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_tiny_settings(tmp_path):
   """`make demo`'s path (build, train, novel-class eval + baseline, overlays) with tiny settings."""
-  pytest.importorskip("data_prep.synthetic")
   from examples import demo
 
   opts = demo.Options(num_images=32, steps=2, size=33, episodes=6, overlays=2)

@@ -170,7 +170,7 @@ def test_data_list_is_union_of_class_lists():
 
 def test_lists_on_built_synthetic_dataset(tmp_path_factory):
   """§5.1 from the build's pixel counts equals §5.1 on the decoded label PNGs."""
-  synthetic = pytest.importorskip("data_prep.synthetic")
+  from data_prep import synthetic
   from fss_jax.data import source
 
   data_dir = synthetic.make_built_dataset(tmp_path_factory.mktemp("splits_voc"), "voc", 32, 0)

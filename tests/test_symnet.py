@@ -452,7 +452,8 @@ def test_smoke_training_via_main_reports_every_loss_term(tmp_path):
   import subprocess
   import sys
 
-  synthetic = pytest.importorskip("data_prep.synthetic")
+  from data_prep import synthetic
+
   data = synthetic.make_built_dataset(tmp_path / "data", "voc", num_images=32, seed=0)
   repo = pathlib.Path(__file__).resolve().parents[1]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")

@@ -26,7 +26,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def voc_data(tmp_path_factory):
-  synthetic = pytest.importorskip("data_prep.synthetic")
+  from data_prep import synthetic
+
   return synthetic.make_built_dataset(tmp_path_factory.mktemp("data"), "voc", num_images=32, seed=0)
 
 
