@@ -230,7 +230,7 @@ PAPER_CONFIGS = {
 
 
 def paper_description(model: str, dataset: str | None, fold: int | None) -> dict:
-  """What predicting / evaluating with converted weights needs (`fss_jax.train.loop.describe`:
+  """What predicting / evaluating with converted weights needs (`fss_jax.train.checkpointing.describe`:
   test size and resize, normalisation, label values and class names, output kind), from the
   model's paper config for the dataset it was trained on; {} for a model without a config.
 
@@ -240,7 +240,7 @@ def paper_description(model: str, dataset: str | None, fold: int | None) -> dict
   """
   import importlib
 
-  from fss_jax.train import loop
+  from fss_jax.train import checkpointing
 
   module, arg = PAPER_CONFIGS.get(model, (model, ""))
   try:
@@ -250,7 +250,7 @@ def paper_description(model: str, dataset: str | None, fold: int | None) -> dict
 
   def described(ds: str) -> dict:
     parts = [p for p in (arg, f"dataset={ds}", f"fold={fold}" if fold is not None else "") if p]
-    return loop.describe(get_config(",".join(parts)))
+    return checkpointing.describe(get_config(",".join(parts)))
 
   if dataset is not None:
     return described(dataset)

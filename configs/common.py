@@ -252,10 +252,11 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.val_episodes = 4
   c.eval.seeds = (321, 322)
   c.eval.every_steps = 3
-  # Under every preset (hsnet's 400 px / 1000 episodes would not be a smoke run).
-  c.protocol_fields.test_size = c.data.test_size
-  c.protocol_fields.episodes = c.eval.episodes
-  c.protocol_fields.seeds = tuple(c.eval.seeds)
+  # Under every preset (hsnet's 400 px / 1000 episodes would not be a smoke run); references,
+  # so that --config.data.test_size / eval.episodes / eval.seeds still apply to a smoke run.
+  c.protocol_fields.test_size = c.data.get_ref("test_size")
+  c.protocol_fields.episodes = c.eval.get_ref("episodes")
+  c.protocol_fields.seeds = c.eval.get_ref("seeds")
   c.checkpoint.every_steps = 2
   c.checkpoint.async_save = False
   # c.tensorboard stays on: a smoke run leaves the event files a real run does.

@@ -151,6 +151,9 @@ def run(workdir: pathlib.Path, opts: Options = Options()) -> dict:
   from fss_jax import parallel
   from fss_jax.eval import evaluate as evaluate_lib
   from fss_jax.eval import metrics as metrics_lib
+  from fss_jax.eval import protocol as protocol_lib
+  from fss_jax.eval import run as eval_run
+  from fss_jax.train import data as data_lib
   from fss_jax.train import loop
   from fss_jax.train import optim as optim_lib
   from fss_jax.train import state as state_lib
@@ -176,7 +179,7 @@ def run(workdir: pathlib.Path, opts: Options = Options()) -> dict:
   # 2. Novel classes on stored episodes, with the all-foreground baseline.
   mesh = parallel.make_mesh(config.mesh)
   eval_bs = 4
-  data = loop.make_data(config, run_dir, eval_batch_size=eval_bs)
+  data = data_lib.make_data(config, run_dir, eval_batch_size=eval_bs)
   seed = int(config.eval.seeds[0])
   batches = list(data.eval(seed, int(config.eval.episodes)))
   _, model = loop.build_model(config)
@@ -186,8 +189,8 @@ def run(workdir: pathlib.Path, opts: Options = Options()) -> dict:
     jax.random.PRNGKey(0),
   )
   opt = optim_lib.build(config.optim, params, total_steps=config.total_steps)
-  state, source = loop.load_for_eval(config, run_dir, model, opt.tx, example, mesh)
-  eval_fn = step_lib.make_eval_step(model=model, mesh=mesh, score=loop._score_mode(config))
+  state, source = eval_run.load_for_eval(config, run_dir, model, opt.tx, example, mesh)
+  eval_fn = step_lib.make_eval_step(model=model, mesh=mesh, score=protocol_lib.scoring(config))
   baseline = metrics_lib.ClassIoU(data.classes, data.class_names)
   acc = evaluate_lib.evaluate_episodes(
     eval_fn,

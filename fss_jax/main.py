@@ -229,8 +229,9 @@ def _claim_workdir(config, workdir: epath.Path, stack: contextlib.ExitStack) -> 
 def _run(config, workdir: epath.Path) -> dict:
   """``--mode train`` / ``eval`` with the text log; errors become one line and an exit status."""
   from fss_jax.data import source
+  from fss_jax.eval import run as eval_run
   from fss_jax.models import registry
-  from fss_jax.train import loop
+  from fss_jax.train import checkpointing, loop
   from fss_jax.train import state as state_lib
   from fss_jax.train import workdir as workdir_lib
 
@@ -240,14 +241,14 @@ def _run(config, workdir: epath.Path) -> dict:
     )
     try:
       if _MODE.value == "train":
-        summary = loop.train_and_evaluate(config, workdir)
+        summary = loop.train_and_evaluate(config, workdir, on_checkpoint=log.sync)
       else:
-        summary = loop.evaluate(config, workdir)
+        summary = eval_run.evaluate(config, workdir)
         summary.pop("tables", None)
     except loop.NonFiniteLossError as e:
       log.write_exception("run stopped")
       _fail(str(e), code=1)
-    except loop.CheckpointSaveError as e:
+    except checkpointing.CheckpointSaveError as e:
       log.write_exception("run stopped")
       _fail(str(e), code=3)
     except loop.TrainingInterrupted as e:
@@ -264,8 +265,8 @@ def _run(config, workdir: epath.Path) -> dict:
       _fail(f"{e}" + (f"\n  every key is listed in {log.path}" if e.details else ""))
     except (
       source.DatasetNotReadyError,
-      loop.WorkdirMismatchError,
-      loop.CheckpointDamagedError,
+      checkpointing.WorkdirMismatchError,
+      checkpointing.CheckpointDamagedError,
       workdir_lib.WorkdirError,
       registry.UnsupportedModelError,
       FileNotFoundError,

@@ -88,9 +88,9 @@ def _eval_config(data_dir, **eval_fields):
 
 
 def test_patnet_cd_episodes_are_patnets_isic_draws(isic, tmp_path):
-  """The stored episodes of --mode eval (`loop.ensure_episodes`) = PATNet's own ISIC draws: class
+  """The stored episodes of --mode eval (`train.data.ensure_episodes`) = PATNet's own ISIC draws: class
   idx mod 3, a query uniform over the class, 5 supports drawn independently (repeats allowed)."""
-  from fss_jax.train import loop
+  from fss_jax.train import data as data_lib
 
   data_dir, manual = isic
   c = _eval_config(data_dir, shot=5)
@@ -108,7 +108,7 @@ def test_patnet_cd_episodes_are_patnets_isic_draws(isic, tmp_path):
     "input",
     400,
   )
-  path = loop.ensure_episodes(ec, tmp_path, 0, 600)
+  path = data_lib.ensure_episodes(ec, tmp_path, 0, 600)
   assert path.name == "isic2018_5shot_s0_n600_hsnet-seq.jsonl"
   got = episodes.read_episodes(path)
   want = _patnet_isic_episodes(manual, 5, 600)

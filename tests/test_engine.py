@@ -23,9 +23,11 @@ import pytest
 
 from configs import common
 from fss_jax import parallel
+from fss_jax.eval import run as eval_run
 from fss_jax.models import registry
 from fss_jax.ops import losses
-from fss_jax.train import loop, optim
+from fss_jax.train import checkpointing, loop, optim
+from fss_jax.train import data as data_lib
 from fss_jax.train import state as state_lib
 from fss_jax.train import step as step_lib
 
@@ -153,7 +155,7 @@ class FakeLoader:
     return FakeIter(**self.kw)
 
 
-def fake_data(config, **kw) -> loop.Data:
+def fake_data(config, **kw) -> data_lib.Data:
   p, n = jax.process_index(), jax.process_count()
   eval_bs = config.eval.batch_size if config.eval.batch_size > 0 else jax.device_count()
 
@@ -168,7 +170,7 @@ def fake_data(config, **kw) -> loop.Data:
       out.append({k: v[p * b : (p + 1) * b] for k, v in full.items()})
     return out
 
-  return loop.Data(
+  return data_lib.Data(
     train=lambda: FakeLoader(
       seed=config.seed, global_bs=config.batch_size, shard_index=p, shard_count=n, **kw
     ),
@@ -323,8 +325,8 @@ def test_eval_step_traces_once_over_original_sizes():
 def _final_params(workdir):
   import orbax.checkpoint as ocp
 
-  mngr = loop.checkpoint_manager(
-    pathlib.Path(workdir) / loop.CHECKPOINT_DIR, keep=1, async_save=False, read_only=True
+  mngr = checkpointing.checkpoint_manager(
+    pathlib.Path(workdir) / checkpointing.CHECKPOINT_DIR, keep=1, async_save=False, read_only=True
   )
   step = mngr.latest_step()
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -355,10 +357,10 @@ def test_interrupt_and_resume_reproduces_uninterrupted_run(tmp_path):
   # A finished run resumes to the end immediately; --mode eval scores the best checkpoint.
   again = loop.train_and_evaluate(cfg, tmp_path / "a", data=fake_data(cfg))
   assert again["step"] == 6 and again["resumed_from"] == "workdir"
-  summary = loop.evaluate(cfg, tmp_path / "a", data=fake_data(cfg))
+  summary = eval_run.evaluate(cfg, tmp_path / "a", data=fake_data(cfg))
   assert summary["num_seeds"] == 2 and set(summary["seeds"]) == {"1", "2"}
   assert "best" in summary["checkpoint"]
-  results = loop.results_path(cfg, tmp_path / "a")
+  results = eval_run.results_path(cfg, tmp_path / "a")
   assert results.is_file()
   from fss_jax.eval import visualize
 
@@ -383,11 +385,11 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_other_models_are_refused(
   # The workdir now holds a tiny_test(features=4) 1-shot checkpoint: other runs are refused.
   other = tiny_config(**{"eval.every_steps": 0, "model_fields.features": 8})
   with pytest.raises(
-    loop.WorkdirMismatchError, match=r"model_fields.features: checkpoint 4, this run 8"
+    checkpointing.WorkdirMismatchError, match=r"model_fields.features: checkpoint 4, this run 8"
   ):
     loop.train_and_evaluate(other, tmp_path, data=fake_data(other))
   five = tiny_config(shot=5, **{"eval.every_steps": 0})
-  with pytest.raises(loop.WorkdirMismatchError, match=r"shot: checkpoint 1, this run 5"):
+  with pytest.raises(checkpointing.WorkdirMismatchError, match=r"shot: checkpoint 1, this run 5"):
     loop.train_and_evaluate(five, tmp_path, data=fake_data(five))
   assert _final_params(tmp_path)[0] == 2  # nothing was overwritten
 
@@ -511,7 +513,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   for p in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
     if p.is_file() and p.stat().st_size > 64:
       p.write_bytes(b"")
-  with pytest.raises(loop.CheckpointDamagedError, match=r"no checkpoint in .* can be read"):
+  with pytest.raises(
+    checkpointing.CheckpointDamagedError, match=r"no checkpoint in .* can be read"
+  ):
     loop.train_and_evaluate(more, tmp_path, data=fake_data(more))
 
 
@@ -539,8 +543,10 @@ def test_validation_data_is_checked_before_the_first_step(tmp_path):
 def test_resume_ignores_compute_only_fields():
   saved = {"model": "hdmnet", "model_fields": {"shot": 1}}
   assert (
-    loop._meta_differences(saved, {"model": "hdmnet", "model_fields": {"shot": 1, "remat": True}})
+    checkpointing._meta_differences(
+      saved, {"model": "hdmnet", "model_fields": {"shot": 1, "remat": True}}
+    )
     == []
   )
-  diffs = loop._meta_differences(saved, {"model": "hdmnet", "model_fields": {"shot": 5}})
+  diffs = checkpointing._meta_differences(saved, {"model": "hdmnet", "model_fields": {"shot": 5}})
   assert diffs == ["model_fields.shot: checkpoint 1, this run 5"]

@@ -39,7 +39,7 @@ HSNET = dict(
 
 
 def _write(workdir, *, fold, seeds, model="sccan", shot=1, protocol=PFENET, train_shot=1):
-  """A results JSON as `fss_jax.train.loop.evaluate` writes it: {seed: (miou, fb_iou)}."""
+  """A results JSON as `fss_jax.eval.run.evaluate` writes it: {seed: (miou, fb_iou)}."""
   per_seed = {
     s: {"miou": m, "fb_iou": f, "per_class": {"1": m}, "episodes": 1000}
     for s, (m, f) in seeds.items()

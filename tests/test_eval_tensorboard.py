@@ -1,10 +1,8 @@
 """TensorBoard from ``--mode eval`` and smoke runs; devices and mesh in the first log lines.
 
-The tests marked ``needs_loop_patch`` check fss_jax/train/loop.py changes that are
-applied separately (issue 21 point 8, item 6: `loop.make_data` passes the dataset's
-class names, `loop.evaluate` writes its scores to TensorBoard, both entry points log
-the devices and the mesh first). They are skipped while ``loop._log_devices`` (added
-by that patch) is missing.
+`fss_jax.train.data.make_data` passes the dataset's class names, `fss_jax.eval.run.evaluate`
+writes its scores to TensorBoard, and both entry points log the devices and the mesh first
+(`fss_jax.train.loop.log_devices`).
 """
 
 from __future__ import annotations
@@ -21,13 +19,12 @@ import pytest
 import test_engine as te
 
 from fss_jax.eval import metrics
+from fss_jax.eval import run as eval_run
 from fss_jax.models import registry
+from fss_jax.train import data as data_lib
 from fss_jax.train import loop
 
 CONFIGS = ("panet", "sccan", "pspnet", "hdmnet", "ssp", "pahnet", "jc2a", "symnet")
-needs_loop_patch = pytest.mark.skipif(
-  not hasattr(loop, "_log_devices"), reason="needs the loop.py patch of issue 21 point 8, item 6"
-)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -50,7 +47,6 @@ def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
   return out
 
 
-@needs_loop_patch
 def test_eval_mode_writes_scores_to_tensorboard_and_logs_the_mesh(tmp_path, monkeypatch, caplog):
   monkeypatch.setitem(registry._MODULES, "tiny_test", te.__name__)
   cfg = te.tiny_config(
@@ -61,7 +57,7 @@ def test_eval_mode_writes_scores_to_tensorboard_and_logs_the_mesh(tmp_path, monk
   data = dataclasses.replace(te.fake_data(cfg), class_names=metrics.class_names("pascal5i"))
   loop.train_and_evaluate(cfg, tmp_path, data=data)
   with caplog.at_level(logging.INFO):
-    summary = loop.evaluate(cfg, tmp_path, data=data)
+    summary = eval_run.evaluate(cfg, tmp_path, data=data)
   lines = [r.getMessage() for r in caplog.records]
   devices = re.compile(r"\d+ process\(es\), \d+ \w+ device\(s\) .* mesh \{'data': 1, 'model': 1\}")
   first = next(i for i, m in enumerate(lines) if devices.search(m))
@@ -91,9 +87,8 @@ def test_eval_mode_writes_scores_to_tensorboard_and_logs_the_mesh(tmp_path, monk
   assert all("aeroplane" in t for t in summary["tables"].values())
 
 
-@needs_loop_patch
 def test_real_data_carries_the_dataset_class_names(tmp_path):
   cfg = importlib.import_module("configs.panet").get_config("dataset=coco,fold=1,smoke")
-  data = loop.make_data(cfg, tmp_path, eval_batch_size=2)
+  data = data_lib.make_data(cfg, tmp_path, eval_batch_size=2)
   assert data.class_names == metrics.class_names("coco20i") and data.class_names[2] == "bicycle"
   assert np.isin(data.classes, list(data.class_names)).all()

@@ -107,12 +107,16 @@ def test_build_train_kill_resume_eval_predict_convert_on_gs(server, tmp_path):
   )
   deadline, saved = time.time() + 400, []
   while time.time() < deadline and proc.poll() is None:
+    listed = server.list(BUCKET, "run/")
     saved = sorted(
       int(n.split("/")[2])
-      for n in server.list(BUCKET, "run/checkpoints/")
-      if n.split("/")[2].isdigit() and n.endswith("/commit_success.txt") and n.count("/") == 3
+      for n in listed
+      if n.startswith("run/checkpoints/")
+      and n.split("/")[2].isdigit()
+      and n.endswith("/commit_success.txt")
+      and n.count("/") == 3
     )  # a finished save (orbax's mark on GCS)
-    if saved:
+    if saved and "run/log.txt" in listed:  # the log is uploaded at each completed checkpoint
       break
     time.sleep(0.5)
   assert proc.poll() is None, proc.communicate()[1][-4000:]

@@ -182,7 +182,7 @@ def test_weights_of_another_method_say_so(tmp_path):
 def test_weights_info_of_converted_and_trained_checkpoints(tmp_path):
   import orbax.checkpoint as ocp
 
-  from fss_jax.train import loop
+  from fss_jax.train import checkpointing
 
   v = {"params": {"w": np.ones((2,), np.float32)}}
   ckpt_io.write_orbax(
@@ -202,7 +202,9 @@ def test_weights_info_of_converted_and_trained_checkpoints(tmp_path):
   st = state_lib.TrainState(
     step=np.int32(4), params=v["params"], batch_stats={}, opt_state={}, rng=np.zeros(2, np.uint32)
   )
-  mngr = loop.checkpoint_manager(tmp_path / "wd" / loop.CHECKPOINT_DIR, keep=1, async_save=False)
+  mngr = checkpointing.checkpoint_manager(
+    tmp_path / "wd" / checkpointing.CHECKPOINT_DIR, keep=1, async_save=False
+  )
   mngr.save(
     4,
     args=ocp.args.Composite(
@@ -214,7 +216,7 @@ def test_weights_info_of_converted_and_trained_checkpoints(tmp_path):
   )
   mngr.wait_until_finished()
   mngr.close()
-  info = state_lib.weights_info(tmp_path / "wd" / loop.CHECKPOINT_DIR)
+  info = state_lib.weights_info(tmp_path / "wd" / checkpointing.CHECKPOINT_DIR)
   assert (info["kind"], info["dataset"], info["fold"], info["fields"]) == (
     "trained",
     "pascal5i",
@@ -233,7 +235,7 @@ def _fold_config(fold=0, allow=False):
 
 
 def test_init_of_another_fold_is_refused_unless_allowed(tmp_path):
-  from fss_jax.train import loop
+  from fss_jax.train import checkpointing
 
   v = {"params": {"w": np.ones((2,), np.float32)}}
   path = str(
@@ -245,17 +247,19 @@ def test_init_of_another_fold_is_refused_unless_allowed(tmp_path):
   )
   inits = [("pspnet", path)]
   with pytest.raises(
-    loop.OtherFoldError,
+    checkpointing.OtherFoldError,
     match=rf"^checkpoint {path} was trained on pascal5i fold 2; evaluating fold 0 "
     rf"with it scores classes it was trained on\. .*allow_other_fold=true",
   ):
-    loop.check_init_folds(_fold_config(0), inits, mode="eval")
-  with pytest.raises(loop.OtherFoldError, match="training fold 1 with it"):
-    loop.check_init_folds(_fold_config(1), inits, mode="train")
-  loop.check_init_folds(_fold_config(2), inits, mode="eval")  # its own fold
-  loop.check_init_folds(_fold_config(0, allow=True), inits, mode="eval")  # a warning
+    checkpointing.check_init_folds(_fold_config(0), inits, mode="eval")
+  with pytest.raises(checkpointing.OtherFoldError, match="training fold 1 with it"):
+    checkpointing.check_init_folds(_fold_config(1), inits, mode="train")
+  checkpointing.check_init_folds(_fold_config(2), inits, mode="eval")  # its own fold
+  checkpointing.check_init_folds(_fold_config(0, allow=True), inits, mode="eval")  # a warning
   coco = _fold_config(0)
   coco.dataset = "coco20i"
-  loop.check_init_folds(coco, inits, mode="eval")  # another dataset: a warning
+  checkpointing.check_init_folds(coco, inits, mode="eval")  # another dataset: a warning
   ckpt_io.write_orbax(v, tmp_path / "r50", metadata={"model": "resnet_sccan", "fields": {}})
-  loop.check_init_folds(_fold_config(0), [("backbone", str(tmp_path / "r50"))], mode="train")
+  checkpointing.check_init_folds(
+    _fold_config(0), [("backbone", str(tmp_path / "r50"))], mode="train"
+  )

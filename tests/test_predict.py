@@ -2,7 +2,7 @@
 
 The checkpoint is random weights (fan-in scaled normals in the shapes of
 ``PANet.init``) written as a converted checkpoint (``checkpoints.io.write_orbax``
-+ metadata) and as a training workdir (``fss_jax.train.loop`` checkpoint
++ metadata) and as a training workdir (``fss_jax.train.checkpointing``
 manager); the model input is 64 x 64.
 """
 
@@ -280,13 +280,15 @@ def test_training_workdir_checkpoint(setup, tmp_path):
   """A `fss_jax.main` workdir (best/<step>/{state,meta}) gives the same predictions."""
   import orbax.checkpoint as ocp
 
-  from fss_jax.train import loop
+  from fss_jax.train import checkpointing
 
   v = setup["variables"]
   state = state_lib.TrainState(
     step=np.int32(7), params=v["params"], batch_stats={}, opt_state={}, rng=np.zeros(2, np.uint32)
   )
-  mngr = loop.checkpoint_manager(tmp_path / "wd" / loop.BEST_DIR, keep=1, async_save=False)
+  mngr = checkpointing.checkpoint_manager(
+    tmp_path / "wd" / checkpointing.BEST_DIR, keep=1, async_save=False
+  )
   mngr.save(
     7,
     args=ocp.args.Composite(
@@ -441,7 +443,7 @@ def test_predict_names_the_fold_and_prints_no_library_noise(setup, tmp_path):
   TensorFlow note."""
   import orbax.checkpoint as ocp
 
-  from fss_jax.train import loop
+  from fss_jax.train import checkpointing
 
   conv = tmp_path / "conv"
   shutil.copytree(setup["ckpt"], conv)
@@ -452,7 +454,9 @@ def test_predict_names_the_fold_and_prints_no_library_noise(setup, tmp_path):
   state = state_lib.TrainState(
     step=np.int32(7), params=v["params"], batch_stats={}, opt_state={}, rng=np.zeros(2, np.uint32)
   )
-  mngr = loop.checkpoint_manager(tmp_path / "wd" / loop.BEST_DIR, keep=1, async_save=False)
+  mngr = checkpointing.checkpoint_manager(
+    tmp_path / "wd" / checkpointing.BEST_DIR, keep=1, async_save=False
+  )
   mngr.save(
     7,
     args=ocp.args.Composite(

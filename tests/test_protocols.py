@@ -395,6 +395,7 @@ SPEC = registry.ModelSpec(
 
 def test_one_shot_model_evaluates_at_five_shots_under_hsnet(tmp_path, monkeypatch):
   from data_prep import synthetic
+  from fss_jax.eval import run as eval_run
   from fss_jax.train import loop
 
   monkeypatch.setitem(registry._MODULES, "tiny_kshot", __name__)
@@ -417,11 +418,11 @@ def test_one_shot_model_evaluates_at_five_shots_under_hsnet(tmp_path, monkeypatc
 
   c.protocol, c.eval.shot = "hsnet", 5
   c.protocol_fields.test_size, c.protocol_fields.episodes = 33, 6  # small, as a smoke run
-  summary = loop.evaluate(c, tmp_path / "w")
+  summary = eval_run.evaluate(c, tmp_path / "w")
   assert (summary["shot"], summary["train_shot"], summary["episodes_per_seed"]) == (5, 1, 6)
   assert summary["protocol"] == {**HSNET_PASCAL, "test_size": 33, "episodes": 6}
   assert set(summary["seeds"]) == {"0"} and np.isfinite(summary["miou_mean"])
-  written = json.loads(loop.results_path(protocol.eval_config(c), tmp_path / "w").read_text())
+  written = json.loads(eval_run.results_path(protocol.eval_config(c), tmp_path / "w").read_text())
   assert set(written["protocol"]) == {"name", *protocol.FIELDS}
   stored = episodes.read_episodes(
     next((tmp_path / "w" / "episodes").glob("*5shot_s0_n6_hsnet-seq.jsonl"))

@@ -19,7 +19,7 @@ import pytest
 import test_engine as te
 
 from fss_jax.models import registry
-from fss_jax.train import loop
+from fss_jax.train import checkpointing, loop
 from fss_jax.train import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_no_room_for_one_checkpoint_stops_before_anything_is_saved(tmp_path, mon
     rf"{needed}, 1000 bytes are free; free some space",
   ):
     loop.train_and_evaluate(cfg, tmp_path, data=te.fake_data(cfg))
-  assert not (tmp_path / loop.CHECKPOINT_DIR).exists()
+  assert not (tmp_path / checkpointing.CHECKPOINT_DIR).exists()
 
 
 def test_check_room_names_both_sizes(tmp_path, monkeypatch):
@@ -172,8 +172,8 @@ def test_unfinished_saves_are_removed_at_the_next_start_under_the_lock(tmp_path,
   cfg = te.tiny_config(**{"eval.every_steps": 0, "total_steps": 4})
   loop.train_and_evaluate(cfg, tmp_path, data=te.fake_data(cfg))
   leftovers = [
-    tmp_path / loop.CHECKPOINT_DIR / "5.orbax-checkpoint-tmp",
-    tmp_path / loop.BEST_DIR / "3.orbax-checkpoint-tmp-1733560000",
+    tmp_path / checkpointing.CHECKPOINT_DIR / "5.orbax-checkpoint-tmp",
+    tmp_path / checkpointing.BEST_DIR / "3.orbax-checkpoint-tmp-1733560000",
   ]
   for d in leftovers:
     (d / "state").mkdir(parents=True)
@@ -215,8 +215,8 @@ def test_a_failed_save_stops_the_run_with_one_error(tmp_path, monkeypatch, async
   cfg = te.tiny_config(
     **{"eval.every_steps": 0, "total_steps": 8, "checkpoint.async_save": async_save}
   )
-  folder = tmp_path / loop.CHECKPOINT_DIR
-  with pytest.raises(loop.CheckpointSaveError) as e:
+  folder = tmp_path / checkpointing.CHECKPOINT_DIR
+  with pytest.raises(checkpointing.CheckpointSaveError) as e:
     loop.train_and_evaluate(cfg, tmp_path, data=te.fake_data(cfg))
   assert str(e.value) == (
     f"saving checkpoint of step 4 to {folder} failed: No space left on "
@@ -255,13 +255,13 @@ class _FakeManager:
 
 def test_an_async_save_failure_surfaces_at_the_next_step_boundary(tmp_path):
   mngr = _FakeManager()
-  saver = loop._Saver(mngr, tmp_path)
+  saver = checkpointing.Saver(mngr, tmp_path)
   saver.save(2, args=None)
   saver.check()  # still writing: the step goes on, nothing waits
   assert mngr.waits == 0
   mngr.writing = False  # the background save failed
   with pytest.raises(
-    loop.CheckpointSaveError,
+    checkpointing.CheckpointSaveError,
     match=rf"^saving checkpoint of step 2 to {tmp_path} failed: No space left "
     rf"on device; .*no checkpoint is complete yet",
   ):
@@ -273,9 +273,10 @@ def test_a_failed_save_exits_3_with_one_line_through_main(tmp_path):
   work = tmp_path / "w"
   code = (
     "import sys\n"
-    "from fss_jax.train import loop\n"
+    "from fss_jax.train import checkpointing, loop\n"
     "def train(config, workdir):\n"
-    "  raise loop.CheckpointSaveError('saving checkpoint of step 1 to X failed: disk full')\n"
+    "  raise checkpointing.CheckpointSaveError('saving checkpoint of step 1 to X failed: disk "
+    "full')\n"
     "loop.train_and_evaluate = train\n"
     "from fss_jax import main\n"
     "sys.argv[0] = 'fss_jax.main'\n"

@@ -5,5 +5,7 @@
 * `evaluate`  stored test episodes x several seeds -> mean ± std and a results JSON;
 * `protocol`  test-protocol presets (pfenet_bam, hsnet, patnet_cd) resolved into fields,
               evaluation shot / way / dataset independent of training;
+* `run`       ``--mode eval``: a trained or converted model's state -> results JSON +
+              TensorBoard (`evaluate`, `load_for_eval`, `results_path`);
 * `table`     results JSONs of many runs -> one Markdown / CSV table (mean ± std over seeds).
 """

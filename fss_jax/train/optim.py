@@ -116,6 +116,14 @@ def make_schedule(
     warmup_steps: PFENet/SCCAN warm-up: for t = count + 1 < warmup_steps the lr is
       ``lr * (0.1 + 0.9 * t / warmup_steps)`` (replacing the schedule's value).
   """
+  # Hand-written, not optax.polynomial / piecewise_constant / cosine_decay / linear + join
+  # schedules, which differ in float32 (optax value first; jitted, counts 0..T+5; the train-step
+  # fixtures check the lr).
+  # poly: 1 - t/T instead of (T - t)/T, lr 0.0025, T 30000: 0.0024991748 vs 0.002499175 at
+  # count 10, NaN vs 0.0 at count T - 1; multistep, PANet's 1e-3 x 0.1 at 10k / 20k:
+  # 1.0000001e-05 vs 1.0000002e-05 from count 20000; cosine, lr 0.1, T 30000: 4950 counts
+  # differ, up to 6553 ulp (count 29865); warm-up, lr 0.01, 7 steps: 0.0022857143 vs
+  # 0.0022857145 at count 0.
   del unused
   if schedule not in _SCHEDULES:
     raise ValueError(f"unknown lr schedule {schedule!r}; use one of {', '.join(_SCHEDULES)}")

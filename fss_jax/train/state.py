@@ -214,7 +214,7 @@ def read_variables(path: str | os.PathLike) -> dict:
 CONVERTED_VARIABLES_DIR = fss_io.CONVERTED_VARIABLES_DIR
 CONVERTED_METADATA_FILE = fss_io.CONVERTED_METADATA_FILE
 _CONVERTED_METADATA = CONVERTED_METADATA_FILE
-_STEP_METADATA = ("meta", "metadata")  # a training step's meta item (fss_jax.train.loop)
+_STEP_METADATA = ("meta", "metadata")  # a training step's meta item (fss_jax.train.checkpointing)
 
 
 def weights_info(path: str | os.PathLike) -> dict:

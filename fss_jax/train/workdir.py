@@ -144,6 +144,15 @@ class TextLog:
     self._handler = handler
     self._mirror = mirror
 
+  def sync(self, *unused) -> None:
+    """Uploads the log now (a gs:// workdir; nothing to do for a local one). A failed upload is
+    logged, never raised: the background upload and the one at exit try again."""
+    self._handler.flush()
+    try:
+      self._mirror.sync()
+    except Exception:  # the store's errors (gcsfs, network)
+      logging.warning("could not upload %s; trying again later", self.path, exc_info=True)
+
   def write_exception(self, message: str) -> None:
     record = logging.LogRecord("fss_jax", logging.ERROR, __file__, 0, message, None, sys.exc_info())
     self._handler.handle(record)
