@@ -25,7 +25,8 @@ class TrainAdapter:
     appended (``shot=K``).
   losses: {``out_loss_`` name: metric names of ``loss_fn`` summed} (``()`` = exactly 0:
     a term the official script adds as zeros), or a callable (metrics, meta) -> dict.
-  model_fields: json -> fields; default: the registry parity adapter's.
+  model_fields: json -> fields; default: the model's parity adapter's
+    (`checkpoints.parity.get`).
   keymap_fields: (json, fields) -> keymap keywords; default: the fields.
   inputs: (arrays, json) -> the training episode; default: the parity adapter's inputs
     plus the training labels (`training_episode`).
@@ -285,6 +286,7 @@ def for_fixture(meta: Mapping[str, Any]) -> BoundAdapter:
   Raises:
     registry.UnsupportedModelError: no adapter for the json's ``model_class``.
   """
+  from checkpoints import parity as parity_lib  # the adapter module loads on lookup
   from fss_jax.models import registry
 
   model_class = meta.get("model_class", "")
@@ -293,8 +295,8 @@ def for_fixture(meta: Mapping[str, Any]) -> BoundAdapter:
       f"no train-step adapter for {model_class!r} (known: {', '.join(sorted(ADAPTERS))})"
     )
   a = ADAPTERS[model_class]
-  spec = registry.get(a.model)
-  parity = spec.parity
+  registry.get(a.model)  # a clear error for an unknown / unbuilt model
+  parity = parity_lib.get(a.model)
   fields = a.model_fields or (parity.model_fields if parity else None)
   if fields is None:
     raise registry.UnsupportedModelError(f"model {a.model} has no fixture fields")

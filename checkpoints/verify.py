@@ -4,9 +4,10 @@
 
 1. reads ``X.npz`` + ``X.json``; 2. rebuilds the reference weights from the
 json (`checkpoints.fixtures.regenerate`, every key's check verified);
-3. finds the model whose parity adapter handles the json's ``model_class``
-(`registry.for_fixture`); 4. fields = ``adapter.model_fields(meta)`` (shots,
-sizes... from the json); 5. converts the weights with the model's key map;
+3. finds the parity adapter that handles the json's ``model_class``
+(`checkpoints.parity.for_fixture`) and its registered model; 4. fields =
+``adapter.model_fields(meta)`` (shots, sizes... from the json); 5. converts the
+weights with the model's key map;
 6. runs the model in float32 under ``jax.default_matmul_precision("highest")``;
 7. prints ``name max_abs scale`` per ``out_`` array (and the ``mid_`` arrays
 the adapter returns, marked informational) and optionally writes OUT as::
@@ -89,11 +90,12 @@ def verify_fixture(
 
   Raises:
     FileNotFoundError / fixtures.FixtureError: unreadable fixture.
-    registry.UnsupportedModelError: no registered model handles the fixture.
+    registry.UnsupportedModelError: no parity adapter handles the fixture.
     keymaps.ConversionError: the regenerated weights do not fit the key map.
   """
   import jax
 
+  from checkpoints import parity  # the adapter modules (they import jax) load on lookup
   from fss_jax import keymaps
   from fss_jax.models import registry
   from fss_jax.train import precision
@@ -109,8 +111,8 @@ def verify_fixture(
     from checkpoints import train_step
 
     return train_step.verify_train_fixture(path, arrays, meta, verbose=verbose, dtype=train_dtype)
-  spec = registry.for_fixture(meta)
-  adapter = spec.parity
+  adapter = parity.for_fixture(meta)
+  spec = registry.get(adapter.model)
   state_dict = keymaps.strip_prefixes(fixtures.regenerate(meta))
   fields = adapter.model_fields(meta)
   variables = keymaps.convert(state_dict, spec.keymap(**fields), model=spec.name)

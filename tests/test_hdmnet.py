@@ -13,10 +13,10 @@ import pytest
 from conftest import extra_fixture_paths, load_fixture
 from flax import traverse_util
 
-from checkpoints import fixtures
+from checkpoints import fixtures, parity
 from checkpoints.verify import verify_fixture
 from fss_jax import keymaps
-from fss_jax.models import hdmnet, registry
+from fss_jax.models import hdmnet
 from fss_jax.nn import ensemble
 from fss_jax.nn.attention import hdm
 from fss_jax.ops.softmax import softmax_dot_backward
@@ -35,7 +35,7 @@ def fixture():
 
 def test_verify_hdmnet_fixture(fixture):
   arrays, meta, path, _ = fixture
-  assert registry.for_fixture(meta).name == "hdmnet"
+  assert parity.for_fixture(meta).model == "hdmnet"
   report = verify_fixture(path)
   print("\n".join(report["lines"]))
   out = report["outputs"]

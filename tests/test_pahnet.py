@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 from conftest import leaf, load_fixture, run_train_steps
 
+from checkpoints.parity import pahnet as pahnet_parity
+from checkpoints.parity.common import flatten
 from fss_jax import keymaps
 from fss_jax.models import pahnet, registry
 from fss_jax.nn import prototype
 
 FIXTURES = {
-  "sccan_pahnet": ("sccan_pahnet", "sccan_pahnet_1shot_241_b2", "_sccan_outputs"),
-  "hdmnet_pahnet": ("hdmnet_pahnet", "hdmnet_pahnet_1shot_241_b1", "_hdmnet_outputs"),
+  "sccan_pahnet": ("sccan_pahnet", "sccan_pahnet_1shot_241_b2", "sccan_outputs"),
+  "hdmnet_pahnet": ("hdmnet_pahnet", "hdmnet_pahnet_1shot_241_b1", "hdmnet_outputs"),
 }
 
 
@@ -64,13 +66,13 @@ def test_verify_fixture_and_branch_decisions(name, folder, fixture, monkeypatch)
     path = pathlib.Path(fixture)
     meta = json.loads(path.with_suffix(".json").read_text())
   captured = {}
-  original = getattr(pahnet, outputs_fn)
+  original = getattr(pahnet_parity, outputs_fn)
 
   def capture(result, m):
-    captured.update(pahnet._flatten(result[1]["intermediates"]))
+    captured.update(flatten(result[1]["intermediates"]))
     return original(result, m)
 
-  monkeypatch.setattr(pahnet, outputs_fn, capture)
+  monkeypatch.setattr(pahnet_parity, outputs_fn, capture)
 
   report = verify_fixture(path)
   assert report["model"] == name

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import parity_fixture
 
-from checkpoints import fixtures, verify
+from checkpoints import fixtures, parity, verify
 from fss_jax import keymaps
 from fss_jax.models import panet, registry
 from fss_jax.nn.backbones import vgg
@@ -53,9 +53,9 @@ def test_parity_fixture():
 
 def test_registry_finds_panet_for_fixture():
   _, meta = fixtures.load_fixture(parity_fixture(*FIXTURE))
-  spec = registry.for_fixture(meta)
-  assert spec is registry.get("panet")
-  assert spec.parity.model_fields(meta)["shots"] == 1
+  adapter = parity.for_fixture(meta)
+  assert registry.get(adapter.model) is registry.get("panet")
+  assert adapter.model_fields(meta)["shots"] == 1
 
 
 def test_keymap_uses_every_fixture_key_once():

@@ -10,7 +10,8 @@ import pytest
 from conftest import load_fixture, parity_fixture
 from flax import traverse_util
 
-from checkpoints import fixtures
+from checkpoints import fixtures, parity
+from checkpoints.parity import pspnet as pspnet_parity
 from checkpoints.verify import verify_fixture
 from fss_jax import keymaps
 from fss_jax.models import pspnet, registry
@@ -29,9 +30,9 @@ def backbone_fixture():
 
 def test_registry_names():
   assert registry.get("pspnet") is pspnet.SPECS["pspnet"]
-  assert registry.get("pspnet_backbone").parity is pspnet.BACKBONE_PARITY
+  assert parity.get("pspnet_backbone") is pspnet_parity.BACKBONE_PARITY
   _, meta, _ = load_fixture("backbone_pspnet_resnet50")
-  assert registry.for_fixture(meta).name == "pspnet_backbone"
+  assert parity.for_fixture(meta).model == "pspnet_backbone"
 
 
 def test_verify_backbone_fixture():

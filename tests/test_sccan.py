@@ -28,6 +28,7 @@ from conftest import (
   run_train_steps,
 )
 
+from checkpoints import parity
 from checkpoints.verify import verify_fixture
 from fss_jax import keymaps
 from fss_jax.models import registry, sccan
@@ -59,7 +60,7 @@ def _check_report(report, meta):
 def test_parity_official_fixture():
   path = parity_fixture("sccan", OFFICIAL)
   _, meta, _ = load_fixture("sccan", OFFICIAL)
-  assert registry.for_fixture(meta).name == "sccan"
+  assert parity.for_fixture(meta).model == "sccan"
   _check_report(verify_fixture(path), meta)
 
 

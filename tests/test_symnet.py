@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checkpoints import fixtures, verify
+from checkpoints import fixtures, parity, verify
 from fss_jax import assets, keymaps
 from fss_jax.models import registry, symnet
 from tests.conftest import PARITY_DIR, extra_fixture_paths, parity_fixture
@@ -117,9 +117,9 @@ def test_parity_other_fixtures(path):
 
 
 def test_registry_finds_the_fixture():
-  spec = registry.for_fixture(_fixture_meta())
-  assert spec.name == "symnet"
-  fields = spec.parity.model_fields(_fixture_meta())
+  adapter = parity.for_fixture(_fixture_meta())
+  assert adapter.model == "symnet"
+  fields = adapter.model_fields(_fixture_meta())
   assert fields == dict(
     shot=1, dataset="pascal5i", num_base_classes=16, depth=50, scales=(31, 16, 8, 4)
   )

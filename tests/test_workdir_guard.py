@@ -274,7 +274,7 @@ def test_a_failed_save_exits_3_with_one_line_through_main(tmp_path):
   code = (
     "import sys\n"
     "from fss_jax.train import checkpointing, loop\n"
-    "def train(config, workdir):\n"
+    "def train(config, workdir, **kwargs):\n"
     "  raise checkpointing.CheckpointSaveError('saving checkpoint of step 1 to X failed: disk "
     "full')\n"
     "loop.train_and_evaluate = train\n"

@@ -32,11 +32,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fss_jax import keymaps
 from fss_jax.models import pspnet as pspnet_lib
-from fss_jax.models.registry import ModelSpec, ParityAdapter
+from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.attention.hdm import (
   HierarchicalTransformer,
   correlation_distillation_terms,
@@ -48,8 +47,6 @@ from fss_jax.ops import losses
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
 from fss_jax.ops.similarity import correlation_prior
-
-FIXTURE_CLASS = "model.HDMNet.OneModel"
 
 
 class DownProject(nn.Module):
@@ -333,144 +330,11 @@ def keymap(
   return hdmnet_keymap(shot=shot, depth=depth, kshot_hidden=kshot_hidden)
 
 
-# ---------------------------------------------------------------------------
-# Parity adapter (model.HDMNet.OneModel fixtures)
-# ---------------------------------------------------------------------------
-# fixture_inputs, fixture_apply, nchw, chmean and transformer_mids serve PAHNet's too.
-
-
-def _fixture_fields(meta: Mapping[str, Any]) -> dict:
-  shapes = {e["key"]: tuple(e["shape"]) for e in meta["state_dict"]["keys"]}
-  values = (meta.get("config") or {}).get("values") or {}
-  shot = int(values.get("shot", meta["input_shapes"]["in_supp_img"][1]))
-  fields = dict(
-    shot=shot,
-    num_base_classes=int(shapes["base_learnear.2.weight"][0]),
-    depth=pspnet_lib.resnet.depth_from_keys(shapes)[0],
-  )
-  if shot > 1:
-    fields["kshot_hidden"] = (
-      int(shapes["kshot_rw.0.weight"][0]) if "kshot_rw.0.weight" in shapes else 0
-    )
-  else:
-    fields["kshot_hidden"] = int(values.get("kshot_trans_dim", 2))
-  return fields
-
-
-def fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
-  """NCHW fixture arrays -> an NHWC Episode."""
-  f32 = lambda a: np.asarray(a, np.float32)
-  return {
-    "query_image": jnp.asarray(np.transpose(f32(arrays["in_query_img"]), (0, 2, 3, 1))),
-    "support_images": jnp.asarray(np.transpose(f32(arrays["in_supp_img"]), (0, 1, 3, 4, 2))),
-    "support_masks": jnp.asarray(arrays["in_supp_label"].astype(np.int32)),
-    "query_mask": jnp.asarray(arrays["in_query_label"].astype(np.int32)),
-  }
-
-
-def fixture_apply(model, variables, episode):
-  fn = jax.jit(lambda v, e: model.apply(v, e, train=False, mutable=["intermediates"]))
-  return fn(variables, episode)
-
-
-def nchw(x) -> np.ndarray:
-  x = np.asarray(x)
-  return np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
-
-
-def chmean(x) -> np.ndarray:
-  """NHWC map or NLC tokens -> mean over space / tokens in float64 -> [N, C] float32."""
-  x = np.asarray(x, np.float64)
-  axes = (1, 2) if x.ndim == 4 else (1,)
-  return x.mean(axis=axes).astype(np.float32)
-
-
-def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
-  out, state = result
-  mid = {
-    k: v[0] if isinstance(v, tuple) and len(v) == 1 else v
-    for k, v in _flatten(state.get("intermediates", {})).items()
-  }
-  d = {
-    "out_final": nchw(out["logits"]),
-    "out_meta": nchw(out["meta_logits"]),
-    "out_base": nchw(out["base_logits"]),
-  }
-  for who in ("query", "support"):
-    for name in ("layer0", "layer1", "layer2", "layer3", "layer4"):
-      d[f"mid_feat_{who}_{name}__chmean"] = chmean(mid[f"feat_{who}_{name}"])
-    d[f"mid_feat_{who}_ppm_cls__chmean"] = chmean(mid[f"feat_{who}_feat5"])
-  d["mid_feat_query_layer4__c16"] = nchw(mid["feat_query_layer4"])[:, :16]
-  d["mid_feat_query_ppm_cls__c16"] = nchw(mid["feat_query_feat5"])[:, :16]
-  for name in ("down_query", "down_supp", "supp_merge"):
-    d[f"mid_{name}__chmean"] = chmean(mid[f"{name}_out"])
-    d[f"mid_{name}__c16"] = nchw(mid[f"{name}_out"])[:, :16]
-  d["mid_query_merge"] = nchw(mid["query_merge_out"])
-  d["mid_similarity_layer4"] = nchw(mid["similarity_layer4"])
-  d["mid_similarity_ppm_cls"] = nchw(mid["similarity_ppm_cls"])
-  d["mid_transformer_in_similarity"] = np.concatenate(
-    [d["mid_similarity_ppm_cls"], d["mid_similarity_layer4"]], axis=1
-  )
-  d.update(transformer_mids(mid))
-  for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
-    d[f"mid_{name}"] = nchw(mid[f"ensemble/{name}"])
-  return d
-
-
-def transformer_mids(mid: Mapping[str, Any]) -> dict:
-  """The fixture's ``mid_`` arrays of the hierarchical transformer and the low-res logits
-  (shared with PAHNet's HDMNetPlus), from `_flatten`'d intermediates."""
-  d = {
-    "mid_meta_logits_lowres": nchw(mid["meta_logits_lowres"]),
-    "mid_base_logits_lowres": nchw(mid["base_logits_lowres"]),
-  }
-  for i in range(3):
-    t = f"transformer/down_{i}/"
-    for who in ("query", "support"):
-      d[f"mid_down{i}_patch_embed_{who}__chmean"] = chmean(mid[f"{t}patch_embed_{who}"])
-      for j in (1, 2):
-        d[f"mid_down{i}_self{j}_{who}__chmean"] = chmean(mid[f"{t}self{j}_{who}"])
-    d[f"mid_down{i}_norm_query"] = np.asarray(mid[f"transformer/down{i}_norm_query"])
-    s_norm = np.asarray(mid[f"transformer/down{i}_norm_support"])
-    d[f"mid_down{i}_norm_support__chmean"] = chmean(s_norm)
-    d[f"mid_down{i}_norm_support__c8"] = s_norm[..., :8]
-    d[f"mid_match{i}_cross_x"] = np.asarray(mid[f"transformer/match{i}_cross_x"])
-    d[f"mid_match{i}_cross_weight"] = np.asarray(mid[f"transformer/match{i}_cross_weight"])
-    d[f"mid_match{i}_conv"] = nchw(mid[f"transformer/match{i}_conv"])
-    d[f"mid_parse{i}"] = nchw(mid[f"transformer/parse{i}"])
-  return d
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-  """Sown intermediates -> {"path/name": value}; the transformer's own names keep their
-  module path (``transformer/down_0/self1_query``)."""
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-      flat[f"{prefix}{k}"] = v
-  return flat
-
-
-PARITY = ParityAdapter(
-  model_classes=(FIXTURE_CLASS,),
-  model_fields=_fixture_fields,
-  inputs=fixture_inputs,
-  outputs=_fixture_outputs,
-  apply=fixture_apply,
-  logit_outputs=("out_final", "out_meta", "out_base"),
-  # out_final goes through est_val (a difference of two nearly equal Gram matrices):
-  # parity/README.md allows ~1e-3 absolute there; meta/base keep the default.
-  tolerances={"out_final": 1e-3},
-)
-
 SPEC = ModelSpec(
   "hdmnet",
   make_model,
   keymap,
   loss_fn=loss_fn,
-  parity=PARITY,
   output="probabilities",  # BAM's ensemble mixes the meta and base softmaxes (hdmnet.md §3 step 8)
   # The PSPNet base learner (backbone, PPM, cls, classifier) is frozen; kshot_rw is in
   # no optimiser group of the reference (hdmnet.md §6), so it keeps its initial values.

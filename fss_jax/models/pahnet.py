@@ -13,8 +13,8 @@ shared/reference/pahnet.md.
   is `fss_jax.nn.attention.hdm.TransformerPlus`).
 * what both share: `fss_jax.models.pahnet_common`.
 
-This module holds the two `ModelSpec`s (``SPECS``) with their parity adapters,
-and the names earlier code imported from here.
+This module holds the two `ModelSpec`s (``SPECS``) and the names earlier code
+imported from here.
 """
 
 from __future__ import annotations
@@ -22,14 +22,9 @@ from __future__ import annotations
 from fss_jax.models import pahnet_hdmnet, pahnet_sccan
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models import sccan as sccan_lib
-from fss_jax.models.hdmnet import fixture_apply, fixture_inputs
-from fss_jax.models.pahnet_common import fixture_fields
-from fss_jax.models.pahnet_common import flatten as _flatten  # noqa: F401  (tests read it)
 from fss_jax.models.pahnet_hdmnet import HDMNetPlus  # noqa: F401
-from fss_jax.models.pahnet_hdmnet import fixture_outputs as _hdmnet_outputs
 from fss_jax.models.pahnet_sccan import SCCANPlus  # noqa: F401
-from fss_jax.models.pahnet_sccan import fixture_outputs as _sccan_outputs
-from fss_jax.models.registry import ModelSpec, ParityAdapter
+from fss_jax.models.registry import ModelSpec
 
 # HDMNetPlus's ``MaskMultiHeadAttention`` is HDMNet's called with ``query_prob`` (ASC).
 from fss_jax.nn.attention.hdm import MaskedMultiHeadAttention as ASCMaskedAttention  # noqa: F401
@@ -37,32 +32,6 @@ from fss_jax.nn.attention.hdm import TransformerPlus  # noqa: F401
 from fss_jax.nn.attention.sccan import SCCAPlusBlock, SCCAPlusTransformer  # noqa: F401
 
 make_sccan_plus, make_hdmnet_plus = pahnet_sccan.make_model, pahnet_hdmnet.make_model
-
-# ``out_final`` goes through est_val (a difference of two nearly equal Gram matrices):
-# parity/README.md allows ~1e-3 absolute there; the other outputs keep the default.
-_TOLERANCES = {"out_final": 1e-3}
-
-# `outputs` is late-bound to this module's `_sccan_outputs` / `_hdmnet_outputs`, so that
-# tests can wrap them (e.g. to read the branch decisions).
-SCCAN_PARITY = ParityAdapter(
-  model_classes=(pahnet_sccan.FIXTURE_CLASS,),
-  model_fields=lambda meta: fixture_fields(meta, "base_learner.2.weight"),
-  inputs=fixture_inputs,
-  outputs=lambda r, m: _sccan_outputs(r, m),
-  apply=fixture_apply,
-  logit_outputs=("out_final", "out_meta", "out_base"),
-  tolerances=_TOLERANCES,
-)
-
-HDMNET_PARITY = ParityAdapter(
-  model_classes=(pahnet_hdmnet.FIXTURE_CLASS,),
-  model_fields=lambda meta: fixture_fields(meta, "base_learnear.2.weight"),
-  inputs=fixture_inputs,
-  outputs=lambda r, m: _hdmnet_outputs(r, m),
-  apply=fixture_apply,
-  logit_outputs=("out_final", "out_meta", "out_base", "out_pro_pred"),
-  tolerances=_TOLERANCES,
-)
 
 # Frozen (pahnet.md §6): the SSP predictor and the whole PSPNet base learner; the attn_s
 # ASC projections of SCCANPlus and the down-path ones of HDMNetPlus are not built at all.
@@ -77,7 +46,6 @@ SPECS = {
     pahnet_sccan.make_model,
     pahnet_sccan.keymap,
     loss_fn=pahnet_sccan.loss_fn,
-    parity=SCCAN_PARITY,
     frozen=FROZEN,
     unused=lambda blocks=8, **_: sccan_lib.unused_params(depth=blocks),
     min_input_size=pspnet_lib.MIN_INPUT_SIZE,
@@ -88,7 +56,6 @@ SPECS = {
     pahnet_hdmnet.make_model,
     pahnet_hdmnet.keymap,
     loss_fn=pahnet_hdmnet.loss_fn,
-    parity=HDMNET_PARITY,
     frozen=FROZEN,
     min_input_size=pspnet_lib.MIN_INPUT_SIZE,
     output="probabilities",

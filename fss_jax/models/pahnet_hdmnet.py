@@ -30,16 +30,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fss_jax import keymaps
 from fss_jax.models import hdmnet as hdmnet_lib
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models import ssp as ssp_lib
-from fss_jax.models.hdmnet import chmean, nchw
 from fss_jax.models.pahnet_common import (
   check_episode,
-  common_outputs,
   frozen_features,
   level_priors,
   predictor_probability,
@@ -50,8 +47,6 @@ from fss_jax.nn.prototype import prototype_enhanced_keymap
 from fss_jax.ops import losses
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear
-
-FIXTURE_CLASS = "HDMNet_PAHNet.model.HDMNetPlus.OneModel"
 
 
 class HDMNetPlus(nn.Module):
@@ -230,24 +225,3 @@ def keymap(
         rules.append(keymaps.Ignore(f"{t}.down_sample_layers.{i}.{j}.attn.attn.{p}.weight"))
   rules += ssp_lib.ssp_keymap(prefix="ssp.", dst=("ssp",))
   return rules
-
-
-def fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
-  """(outputs, {"intermediates": ...}) of a fixture run -> the fixture's ``out_`` /
-  ``mid_`` arrays (NCHW)."""
-  del meta
-  mid, d = common_outputs(result)
-  d["out_pro_pred"] = nchw(result[0]["prob"])
-  for who in ("query", "support"):
-    for name in ("layer0", "layer1"):
-      d[f"mid_feat_{who}_{name}__chmean"] = chmean(mid[f"feat_{who}_{name}"])
-  d["mid_supp_merge__chmean"] = chmean(mid["supp_merge_out"])
-  d["mid_supp_merge__c16"] = nchw(mid["supp_merge_out"])[:, :16]
-  d["mid_query_merge"] = nchw(mid["query_merge_out"])
-  d["mid_transformer_in_similarity"] = nchw(mid["prior"])
-  d.update(hdmnet_lib.transformer_mids(mid))
-  for i in range(3):  # PFE inside each match layer
-    d[f"mid_match{i}_pe_x"] = np.asarray(mid[f"transformer/match{i}_pe_x"])
-    d[f"mid_match{i}_pe_y__chmean"] = chmean(mid[f"transformer/match{i}_pe_y"])
-    d[f"mid_match{i}_pe_pseudo"] = nchw(mid[f"transformer/match{i}_pe_pseudo"])
-  return d

@@ -27,17 +27,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fss_jax import keymaps
 from fss_jax.models import hdmnet as hdmnet_lib
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models import sccan as sccan_lib
 from fss_jax.models import ssp as ssp_lib
-from fss_jax.models.hdmnet import chmean, nchw
 from fss_jax.models.pahnet_common import (
   check_episode,
-  common_outputs,
   frozen_features,
   level_priors,
   predictor_probability,
@@ -51,8 +48,6 @@ from fss_jax.nn.prototype import prototype_enhanced_keymap
 from fss_jax.ops import losses
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear
-
-FIXTURE_CLASS = "SCCAN_PAHNet.model.SCCANPlus.OneModel"
 
 
 class SCCANPlus(nn.Module):
@@ -252,27 +247,3 @@ def keymap(
       rules += [keymaps.Ignore(f"{src}.attn_s.{p}.{t}") for t in ("weight", "bias")]
   rules += ensemble_keymap("", ("ensemble",), shot=shot, kshot_hidden=kshot_hidden)
   return rules
-
-
-def fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
-  """(outputs, {"intermediates": ...}) of a fixture run -> the fixture's ``out_`` /
-  ``mid_`` arrays (NCHW)."""
-  del meta
-  mid, d = common_outputs(result)
-  for name in ("init_merge_query", "init_merge_supp"):
-    d[f"mid_{name}__chmean"] = chmean(mid[f"{name}_out"])
-    d[f"mid_{name}__c8"] = nchw(mid[f"{name}_out"])[:, :8]
-  for n in range(len([k for k in mid if k.endswith("/window_index")])):
-    blk = f"transformer/blocks_{n}/"
-    d[f"mid_swin_block{n}_window_index"] = np.asarray(mid[f"{blk}window_index"])
-    d[f"mid_swin_block{n}_pe_q__chmean"] = chmean(mid[f"{blk}pe_q"])
-    for a in ("attn_q", "mlp_q", "attn_s", "mlp_s"):
-      d[f"mid_swin_block{n}_{a}__chmean"] = chmean(mid[f"{blk}{a}_out"])
-    d[f"mid_swin_block{n}_q__chmean"] = chmean(mid[f"{blk}q_out"])
-    d[f"mid_swin_block{n}_q__c4"] = np.asarray(mid[f"{blk}q_out"])[..., :4]
-    d[f"mid_swin_block{n}_s__chmean"] = chmean(mid[f"{blk}s_out"])
-    d[f"mid_swin_block{n}_pseudo"] = nchw(mid[f"{blk}pseudo"])
-  d["mid_transformer_out__chmean"] = chmean(mid["transformer_out"])
-  d["mid_transformer_out__c8"] = nchw(mid["transformer_out"])[:, :8]
-  d["mid_meta_logits_64"] = nchw(mid["meta_logits_lowres"])
-  return d

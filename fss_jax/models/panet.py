@@ -25,7 +25,7 @@ W]``; N-way adds a way axis after B (``[B, N, K, ...]``). Support masks hold
 ``mask != 1`` (PANet counts ignore pixels as background). PANet's N-way
 background excludes *every* episode class; an episode can pass that exact
 mask as optional ``support_bg_masks`` (and ``support_fg_masks``), float, same
-shape as ``support_masks`` — the parity adapter does.
+shape as ``support_masks`` (the official code's fixtures do).
 
 CPU training speed (bench/profile_step.py, jax 0.10.2): XLA:CPU hands every
 convolution to YNNPACK, whose kernel-gradient convolutions (an image-sized
@@ -43,9 +43,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fss_jax.models.registry import ModelSpec, ParityAdapter
+from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones.vgg import PANetVGG16, imagenet_vgg_keymap, panet_vgg_keymap
 from fss_jax.ops import losses
 from fss_jax.ops.pooling import masked_average_pool
@@ -154,7 +153,7 @@ class PANet(nn.Module):
     align: compute the PAR loss in training (PANet's ``cfg["align"]``).
     scaler: cosine scaler alpha.
     ways, shots: optional; when set, episodes of another shape are rejected.
-    return_intermediates: also return the encoder's block outputs (parity).
+    return_intermediates: also return the encoder's block outputs (``blocks``).
     precision: convolution precision (None follows the global default).
     encoder_pool: the encoder's max-pool formulation, ``"taps"`` (default) or
       ``"reduce_window"``; identical numbers, the first has a much cheaper
@@ -280,107 +279,11 @@ def imagenet_keymap(**_unused) -> list:
   return keymap(source="imagenet")
 
 
-# ---------------------------------------------------------------------------
-# Parity with kaixin96/PANet fixtures (shared/parity/panet).
-# Fixture layouts: supports Wa x Sh x B x 3 x H x W, masks Wa x Sh x B x H x W,
-# queries Nq x B x 3 x H x W; outputs Nq*B x (1+Wa) x H x W.
-# ---------------------------------------------------------------------------
-
-MODEL_CLASSES = ("models.fewshot.FewShotSeg",)
-
-
-def _fixture_dims(meta: Mapping[str, Any]) -> tuple[int, int, int, int]:
-  cfg = meta.get("config") or {}
-  shape = (meta.get("input_shapes") or {}).get("in_supp_imgs")
-  ways = int(cfg.get("n_ways", shape[0] if shape else 1))
-  shots = int(cfg.get("n_shots", shape[1] if shape else 1))
-  queries = int(cfg.get("n_queries", 1))
-  batch = int(cfg.get("batch_size", shape[2] if shape else 1))
-  return ways, shots, queries, batch
-
-
-def _fixture_fields(meta: Mapping[str, Any]) -> dict:
-  ways, shots, queries, _ = _fixture_dims(meta)
-  if queries != 1:
-    raise ValueError(
-      f"PANet fixtures with {queries} queries per episode are not supported: "
-      "fss-jax episodes carry one query image"
-    )
-  align = bool(((meta.get("config") or {}).get("cfg") or {}).get("align", True))
-  return {"ways": ways, "shots": shots, "align": align, "return_intermediates": True}
-
-
-def _fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
-  s = np.asarray(arrays["in_supp_imgs"], np.float32)  # Wa,Sh,B,3,H,W
-  wa, sh, b = s.shape[:3]
-  q = np.asarray(arrays["in_qry_imgs"], np.float32)
-  if q.shape[0] != 1:
-    raise ValueError(f"fixture has {q.shape[0]} queries per episode; only 1 is supported")
-  to_bnk = lambda m: np.ascontiguousarray(np.moveaxis(m, 2, 0))
-  label = arrays.get("in_supp_label")
-  fore = np.asarray(arrays["in_fore_mask"], np.float32)
-  back = np.asarray(arrays["in_back_mask"], np.float32)
-  masks = label.astype(np.int32) if label is not None else fore.astype(np.int32)
-  episode = {
-    "query_image": q[0].transpose(0, 2, 3, 1),
-    "support_images": to_bnk(s).transpose(0, 1, 2, 4, 5, 3),  # B,Wa,Sh,H,W,3
-    "support_masks": to_bnk(masks),
-    "support_fg_masks": to_bnk(fore),
-    "support_bg_masks": to_bnk(back),
-    "class_id": np.zeros((b,), np.int32),
-  }
-  if "in_qry_label" in arrays:
-    episode["query_mask"] = arrays["in_qry_label"][0].astype(np.int32)
-  if wa == 1:  # exercise the 1-way episode layout
-    for key in ("support_images", "support_masks", "support_fg_masks", "support_bg_masks"):
-      episode[key] = episode[key][:, 0]
-  return {k: jnp.asarray(v) for k, v in episode.items()}
-
-
-def _fixture_outputs(out: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
-  ways, shots, _, batch = _fixture_dims(meta)
-  res = {
-    "out_pred": np.asarray(out["logits"]).transpose(0, 3, 1, 2),
-    "out_align_loss": np.asarray(out["align_loss"], np.float32),
-  }
-  # Encoder blocks: ours are ordered (b, way, shot) then queries; the reference
-  # (way, shot, b) then queries.
-  n_supp = batch * ways * shots
-  order = [
-    b * ways * shots + w * shots + s
-    for w in range(ways)
-    for s in range(shots)
-    for b in range(batch)
-  ] + list(range(n_supp, n_supp + batch))
-  for i, block in enumerate(["block1", "block2", "block3", "block4", "block5"], 1):
-    f = np.asarray(out["blocks"][block])[order]
-    res[f"mid_vgg_block{i}__chmean"] = f.astype(np.float64).mean(axis=(1, 2)).astype(np.float32)
-    if i == 5:
-      res["mid_vgg_block5__c32"] = f[..., :32].transpose(0, 3, 1, 2)
-  protos = np.asarray(out["prototypes"])
-  scores = np.asarray(out["scores"])
-  for b in range(batch):
-    res[f"mid_prototype_epi{b}_fg"] = protos[b, 1:]
-    res[f"mid_prototype_epi{b}_bg"] = protos[b, :1]
-    for j in range(scores.shape[-1]):
-      res[f"mid_dist_epi{b}_proto{j}"] = scores[b, :, :, j][None]
-  return res
-
-
-PARITY = ParityAdapter(
-  model_classes=MODEL_CLASSES,
-  model_fields=_fixture_fields,
-  inputs=_fixture_inputs,
-  outputs=_fixture_outputs,
-  logit_outputs=("out_pred",),
-)
-
 SPEC = ModelSpec(
   name="panet",
   make_model=make_model,
   keymap=keymap,
   loss_fn=loss_fn,
-  parity=PARITY,
   frozen=(),  # PANet fine-tunes the whole VGG-16
   # One full cell of the stride-8 features; a smaller input is mostly the pools' padding.
   min_input_size=8,

@@ -17,22 +17,19 @@ Registry names:
 * ``pspnet``: base-class training (``logits`` [B, H, W, N], CE against
   ``query_base_label``) and conversion of BAM ``best.pth`` checkpoints
   (``layerN.*``, duplicated ``encoder.N.*``, ``ppm.*``, ``cls.{0,1,4}``).
-* ``pspnet_backbone``: the ``backbone_pspnet_resnet50`` parity fixtures
-  (HDMNet's key names ``layer0..4``, ``ppm``, ``cls``, ``base_learnear``).
+* ``pspnet_backbone``: the same network under HDMNet's key names (``layer0..4``, ``ppm``,
+  ``cls``, ``base_learnear``), as the ``backbone_pspnet_resnet50`` fixtures hold it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from fss_jax import keymaps
-from fss_jax.models.registry import ModelSpec, ParityAdapter
+from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
 from fss_jax.nn.layers import BatchNorm2d, Conv2d
 from fss_jax.nn.ppm import PPM, ppm_keymap
@@ -102,12 +99,6 @@ class PSPNet(nn.Module):
   def classify(self, feat5: jax.Array, *, train: bool = False) -> jax.Array:
     """Classifier tail: ReLU -> Dropout2d -> conv1x1. ``[B, h, w, 512]`` -> ``[B, h, w, N]``."""
     return self.classifier(self.drop(nn.relu(feat5), deterministic=not train))
-
-  def backbone_outputs(self, image: jax.Array) -> dict[str, jax.Array]:
-    """Every stage plus the base logits at feature resolution (parity fixtures)."""
-    out = self.features(image, train=False)
-    out["base_logits"] = self.classify(out["feat5"], train=False)
-    return out
 
   def __call__(self, episode: Mapping[str, jax.Array], *, train: bool = False) -> dict:
     """Base-class segmentation of ``batch["image"]`` [B, H, W, 3] (the base-learner loader,
@@ -216,19 +207,8 @@ def keymap(
   return pspnet_keymap(naming=naming, depth=depth)
 
 
-# ---------------------------------------------------------------------------
-# Parity: backbone_pspnet_resnet50 fixtures
-# ---------------------------------------------------------------------------
-
-BACKBONE_FIXTURE_CLASS = "model.PSPNet.OneModel sub-modules (layer0..layer4, ppm, cls)"
-
-
-def _state_shapes(meta: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-  return {e["key"]: tuple(e["shape"]) for e in meta["state_dict"]["keys"]}
-
-
 def classifier_naming(keys) -> str:
-  """Which reference's classifier key names a state dict uses."""
+  """Which reference's classifier key names a state dict uses ("bam", "hdmnet", "pahnet")."""
   for naming, name in CLASSIFIER_NAMES.items():
     if f"{name}.weight" in keys:
       return naming
@@ -236,48 +216,6 @@ def classifier_naming(keys) -> str:
     "no PSPNet classifier (cls.4 / base_learnear.2 / base_learner.2) among the state-dict keys"
   )
 
-
-def _backbone_fields(meta: Mapping[str, Any]) -> dict:
-  shapes = _state_shapes(meta)
-  naming = classifier_naming(shapes)
-  depth, _ = resnet.depth_from_keys(shapes)
-  return dict(
-    num_classes=int(shapes[f"{CLASSIFIER_NAMES[naming]}.weight"][0]),
-    depth=depth,
-    frozen=True,
-    naming=naming,
-  )
-
-
-def _nchw(x) -> np.ndarray:
-  return np.transpose(np.asarray(x), (0, 3, 1, 2))
-
-
-def _backbone_apply(model, variables, image):
-  fn = jax.jit(lambda v, x: model.apply(v, x, method=PSPNet.backbone_outputs))
-  return fn(variables, image)
-
-
-def _backbone_outputs(out, meta) -> dict:
-  d = {f"out_layer{i}": _nchw(out[f"layer{i}"]) for i in range(5)}
-  # The fixture ran base_learnear (in-place ReLU first) before storing f5, so its
-  # out_ppm_cls holds ReLU(f5); HDMNet's own fixture keeps the pre-ReLU values.
-  d["out_ppm_cls"] = _nchw(np.maximum(out["feat5"], 0))
-  d["out_base_logits"] = _nchw(out["base_logits"])
-  d["mid_ppm__chmean"] = np.asarray(out["ppm"], np.float64).mean(axis=(1, 2)).astype(np.float32)
-  return d
-
-
-BACKBONE_PARITY = ParityAdapter(
-  model_classes=(BACKBONE_FIXTURE_CLASS,),
-  model_fields=_backbone_fields,
-  inputs=lambda arrays, meta: jnp.asarray(
-    np.transpose(arrays["in_img"], (0, 2, 3, 1)).astype(np.float32)
-  ),
-  outputs=_backbone_outputs,
-  apply=_backbone_apply,
-  logit_outputs=("out_base_logits",),
-)
 
 # The PPM's 6 x 6 bins need 6 cells of the stride-8 features: ceil(41 / 8) = 6. The few-shot
 # models built on this base learner (HDMNet, PAHNet, Sym-Net) share the minimum.
@@ -291,7 +229,6 @@ SPECS = {
     make_model,
     keymap,
     loss_fn=loss_fn,
-    parity=BACKBONE_PARITY,
     min_input_size=MIN_INPUT_SIZE,
   ),
 }

@@ -1,4 +1,4 @@
-"""Model registry: name -> (module factory, loss, key map, parity adapter).
+"""Model registry: name -> (module factory, loss, key map, training and evaluation facts).
 
 Every method module (``fss_jax/models/<name>.py``) defines a module-level
 ``SPEC = ModelSpec(...)``. The registry imports it lazily, so importing the
@@ -10,7 +10,9 @@ Contracts (see docs/DESIGN.md):
 * ``loss_fn(outputs, episode) -> (scalar loss, dict of scalar metrics)``.
 * ``keymap(**fields) -> list[Rule | Ignore]`` (fss_jax.keymaps) mapping the
   official PyTorch state dict to the Flax variables of ``make_model(**fields)``.
-* ``parity`` (optional) tells ``checkpoints.verify`` how to run a fixture.
+
+How a model meets the official code's parity fixtures is no concern of the library: the
+adapters live in ``checkpoints/parity`` (looked up by registry name).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _MODULES: dict[str, str] = {
   "hdmnet_pahnet": "fss_jax.models.pahnet",
   "jc2a": "fss_jax.models.jc2a",
   "symnet": "fss_jax.models.symnet",
-  # Backbones alone (their parity fixtures and ImageNet weight conversion).
+  # Backbones alone (ImageNet weight conversion; checkpoints/parity runs their fixtures).
   "resnet_torchvision": "fss_jax.models.backbones",
   "resnet_deep_stem": "fss_jax.models.backbones",
   "resnet_sccan": "fss_jax.models.backbones",
@@ -45,42 +47,11 @@ _MODULES: dict[str, str] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ParityAdapter:
-  """How `checkpoints.verify` runs a fixture of the official code.
-
-  Attributes:
-    model_classes: values of the fixture json's ``model_class`` handled here.
-    model_fields: fixture json -> keyword fields for ``make_model``/``keymap``
-      (shots, ways, sizes... read from the json, nothing hard-coded).
-    inputs: (npz arrays, fixture json) -> the model's input (an Episode dict,
-      or whatever ``apply`` expects), NHWC.
-    outputs: (model outputs, fixture json) -> {"out_...": array, "mid_...":
-      array} in the fixture's (PyTorch) layout. ``out_`` names are compared for
-      pass/fail; ``mid_`` names are reported to locate a mismatch.
-    apply: optional (module, variables, inputs) -> outputs; defaults to
-      ``module.apply(variables, inputs, train=False)``.
-    logit_outputs: ``out_`` names whose class axis (axis 1, NCHW) is compared
-      by argmax agreement.
-    tolerances: ``out_`` name -> absolute tolerance overriding the default
-      1e-4 * max(1, max|ref|) (the fixture's tolerance_suggestion).
-  """
-
-  model_classes: tuple[str, ...]
-  model_fields: Callable[[Mapping[str, Any]], dict]
-  inputs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], Any]
-  outputs: Callable[[Any, Mapping[str, Any]], dict]
-  apply: Callable | None = None
-  logit_outputs: tuple[str, ...] = ()
-  tolerances: Mapping[str, float] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
 class ModelSpec:
   name: str
   make_model: Callable[..., Any]
   keymap: Callable[..., list]
   loss_fn: Callable | None = None
-  parity: ParityAdapter | None = None
   # Parameter-path regexes frozen during training (optax-masked).
   frozen: tuple[str, ...] = ()
   # Optional (**fields) -> parameter-path regexes of tensors that exist (official
@@ -177,27 +148,3 @@ def get(name: str) -> ModelSpec:
   if name not in specs:
     raise UnsupportedModelError(f"model {name} is not supported yet")
   return specs[name]
-
-
-def for_fixture(meta: Mapping[str, Any]) -> ModelSpec:
-  """Finds the registered model whose parity adapter handles this fixture json.
-
-  A model module that fails to import (a missing optional dependency, work in
-  progress) does not prevent finding the others; it is named in the error when
-  no model handles the fixture.
-  """
-  model_class = meta.get("model_class", "")
-  broken = []
-  for name in _MODULES:
-    try:
-      spec = get(name)
-    except UnsupportedModelError:
-      continue
-    except Exception as e:  # reported below
-      broken.append(f"{name}: {type(e).__name__}: {e}")
-      continue
-    if spec.parity and model_class in spec.parity.model_classes:
-      return spec
-  label = meta.get("fixture") or model_class
-  hint = f" (modules that failed to import: {'; '.join(broken)})" if broken else ""
-  raise UnsupportedModelError(f"model {label} ({model_class}) is not supported yet{hint}")

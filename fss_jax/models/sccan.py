@@ -1,4 +1,4 @@
-"""SCCAN (ICCV'23): self-calibrated cross attention network, with PyTorch parity.
+"""SCCAN (ICCV'23): self-calibrated cross attention network.
 
 The forward follows ``model/SCCAN.py`` of Sam1224/SCCAN (spec:
 shared/reference/sccan.md), NHWC:
@@ -32,10 +32,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fss_jax import keymaps as K
-from fss_jax.models.registry import ModelSpec, ParityAdapter
+from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.aspp import ASPPDecoder
 from fss_jax.nn.attention.sccan import SCCATransformer
 from fss_jax.nn.backbones import resnet
@@ -45,7 +44,6 @@ from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear
 from fss_jax.ops.similarity import correlation_prior
 
-MODEL_CLASSES = ("model.SCCAN.OneModel",)
 BACKBONE_PREFIX = "backbone.body."
 
 
@@ -328,127 +326,6 @@ def check_checkpoint(
     raise ValueError("this SCCAN checkpoint is " + "; and ".join(problems))
 
 
-# ---------------------------------------------------------------------------
-# Parity with the official code's fixtures
-# ---------------------------------------------------------------------------
-
-
-def _fields_from_fixture(meta: Mapping[str, Any]) -> dict:
-  values = (meta.get("config") or {}).get("values") or {}
-  shapes = meta.get("input_shapes") or {}
-  shot = int(values.get("shot", shapes.get("in_supp_img", [0, 1])[1]))
-  if "in_supp_img" in shapes and shapes["in_supp_img"][1] != shot:
-    raise ValueError(
-      f"fixture config says shot={shot} but in_supp_img has shape {shapes['in_supp_img']}"
-    )
-  keys = [e["key"] for e in meta["state_dict"]["keys"]]
-  layers, _ = resnet.depth_from_keys(keys, BACKBONE_PREFIX)
-  if "layers" in values and int(values["layers"]) != layers:
-    raise ValueError(
-      f"fixture config says layers={values['layers']} but its keys are ResNet-{layers}"
-    )
-  fields = {"shot": shot, "layers": layers}
-  if "zoom_factor" in values:
-    fields["zoom_factor"] = int(values["zoom_factor"])
-  return fields
-
-
-def _episode_from_fixture(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
-  q = np.asarray(arrays["in_query_img"], np.float32)
-  s = np.asarray(arrays["in_supp_img"], np.float32)
-  ep = {
-    "query_image": jnp.asarray(q.transpose(0, 2, 3, 1)),
-    "support_images": jnp.asarray(s.transpose(0, 1, 3, 4, 2)),
-    "support_masks": jnp.asarray(np.asarray(arrays["in_supp_label"]).astype(np.int32)),
-    "class_id": jnp.zeros((q.shape[0],), jnp.int32),
-  }
-  if "in_query_label" in arrays:
-    ep["query_mask"] = jnp.asarray(np.asarray(arrays["in_query_label"]).astype(np.int32))
-  return ep
-
-
-def _parity_apply(module, variables, episode):
-  """Eval-mode forward that also returns the sown ``intermediates`` (jitted once)."""
-
-  def fwd(v, e):
-    out, state = module.apply(v, e, train=False, mutable=["intermediates"])
-    return {**out, "intermediates": state["intermediates"]}
-
-  return jax.jit(fwd)(variables, episode)
-
-
-def _first(v):
-  return v[0] if isinstance(v, tuple) else v
-
-
-_SWIN_MIDS = {
-  "window_index": "window_index",
-  "attn_q": "attn_q_out",
-  "mlp_q": "mlp_q_out",
-  "attn_s": "attn_s_out",
-  "mlp_s": "mlp_s_out",
-  "q": "q_out",
-  "s": "s_out",
-}
-
-
-def _mid_source(base: str, inter: Mapping[str, Any]):
-  """The Flax intermediate behind a fixture ``mid_`` base name (NHWC maps / NLC tokens)."""
-  m = re.fullmatch(r"swin_block(\d+)_(\w+)", base)
-  if m and m.group(2) in _SWIN_MIDS:
-    return _first(inter["transformer"][f"blocks_{m.group(1)}"][_SWIN_MIDS[m.group(2)]])
-  dec = {"aspp": "aspp_out", "res1": "res1_out", "res2": "res2_out"}
-  if base in dec:
-    return _first(inter["decoder"][dec[base]])
-  for name in (f"{base}_out", base):
-    if name in inter:
-      return _first(inter[name])
-  return None
-
-
-def _to_torch_layout(x: np.ndarray, suffix: str) -> np.ndarray:
-  x = np.asarray(x)
-  if suffix == "chmean":
-    axes = (1, 2) if x.ndim == 4 else (1,)
-    return x.astype(np.float64).mean(axis=axes).astype(np.float32)
-  if x.ndim == 4:
-    x = x.transpose(0, 3, 1, 2)
-  if suffix.startswith("c") and suffix[1:].isdigit():
-    n = int(suffix[1:])
-    x = x[:, :n] if x.ndim == 4 else x[..., :n]
-  return x
-
-
-def _outputs_to_fixture(out: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
-  res = {"out_logits": np.asarray(out["logits"]).transpose(0, 3, 1, 2)}
-  inter = out.get("intermediates") or {}
-  extra = {"meta_logits_64": out["logits_low"]}
-  for name in meta.get("tensors") or {}:
-    if not name.startswith("mid_"):
-      continue
-    base, _, suffix = name[4:].partition("__")
-    src = extra.get(base)
-    if src is None:
-      src = _mid_source(base, inter)
-    if src is None:
-      continue
-    v = _to_torch_layout(src, suffix)
-    if base.endswith("window_index"):
-      v = v.astype(np.int64)
-    res[name] = v
-  return res
-
-
-PARITY = ParityAdapter(
-  model_classes=MODEL_CLASSES,
-  model_fields=_fields_from_fixture,
-  inputs=_episode_from_fixture,
-  outputs=_outputs_to_fixture,
-  apply=_parity_apply,
-  logit_outputs=("out_logits",),
-)
-
-
 def unused_params(depth: int = 8, **unused) -> tuple[str, ...]:
   """The last SCCA block's support stream: its output is never read (train_sccan.py's
   AdamW holds it, but its .grad stays None, so torch never moves it)."""
@@ -461,7 +338,6 @@ SPEC = ModelSpec(
   make_model=make_model,
   keymap=keymap,
   loss_fn=loss_fn,
-  parity=PARITY,
   frozen=(r"backbone/.*",),
   unused=unused_params,
   check_checkpoint=check_checkpoint,

@@ -38,7 +38,7 @@ import numpy as np
 
 from fss_jax import assets, keymaps
 from fss_jax.models import pspnet as pspnet_lib
-from fss_jax.models.registry import ModelSpec, ParityAdapter
+from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
 from fss_jax.nn.block_features import ResNetBlocksDeepStem
 from fss_jax.nn.decoder import FEMDecoder, MergeConv, pfenet_decoder_keymap
@@ -58,7 +58,6 @@ from fss_jax.ops import losses
 from fss_jax.ops.pooling import adaptive_avg_pool, masked_average_pool
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
 
-FIXTURE_CLASS = "model.SymNet.SymNet"
 REDUCE_DIM = 256
 
 
@@ -442,130 +441,6 @@ def keymap(
   return symnet_keymap(shot=shot, depth=depth, levels=len(scales) or 4, kshot_hidden=kshot_hidden)
 
 
-# ---------------------------------------------------------------------------
-# Parity adapter (model.SymNet.SymNet fixtures)
-# ---------------------------------------------------------------------------
-
-
-def _fixture_fields(meta: Mapping[str, Any]) -> dict:
-  shapes = {e["key"].removeprefix("module."): tuple(e["shape"]) for e in meta["state_dict"]["keys"]}
-  values = (meta.get("config") or {}).get("values") or {}
-  shot = int(values.get("shot", meta["input_shapes"]["in_supp_img"][1]))
-  fields = dict(
-    shot=shot,
-    dataset=assets.canonical_dataset(values.get("data_set", "pascal")),
-    num_base_classes=int(shapes["learner_base.1.4.weight"][0]),
-    depth=resnet.depth_from_keys(shapes)[0],
-  )
-  if values.get("scales"):
-    fields["scales"] = tuple(int(s) for s in values["scales"])
-  if shot > 1:
-    fields["kshot_hidden"] = int(shapes["kshot_rw.0.weight"][0])
-  return fields
-
-
-def _fixture_inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
-  """NCHW fixture arrays -> an NHWC Episode (class_id = in_class_chosen)."""
-  f32 = lambda a: np.asarray(a, np.float32)
-  return {
-    "query_image": jnp.asarray(np.transpose(f32(arrays["in_query_img"]), (0, 2, 3, 1))),
-    "support_images": jnp.asarray(np.transpose(f32(arrays["in_supp_img"]), (0, 1, 3, 4, 2))),
-    "support_masks": jnp.asarray(arrays["in_supp_label"].astype(np.int32)),
-    "query_mask": jnp.asarray(arrays["in_query_label"].astype(np.int32)),
-    "class_id": jnp.asarray(np.asarray(arrays["in_class_chosen"]).astype(np.int32)),
-  }
-
-
-def _fixture_apply(model, variables, episode):
-  assets.check_class_ids(np.asarray(episode["class_id"]), model.dataset)
-  # The decoder's res1 / res2 outputs are captured too: their sum is the cls input that the
-  # fixture stores as mid_decoder_feat.
-  capture = lambda mdl, method: method == "__call__" and mdl.name in ("res1", "res2")
-  fn = jax.jit(
-    lambda v, e: model.apply(
-      v, e, train=False, mutable=["intermediates"], capture_intermediates=capture
-    )
-  )
-  return fn(variables, episode)
-
-
-def _nchw(x) -> np.ndarray:
-  x = np.asarray(x)
-  return np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
-
-
-def _chmean(x) -> np.ndarray:
-  return np.asarray(x, np.float64).mean(axis=(1, 2)).astype(np.float32)
-
-
-def _fixture_outputs(result, meta: Mapping[str, Any]) -> dict:
-  out, state = result
-  inter = dict(state.get("intermediates", {}))
-  decoder = inter.pop("decoder", {})
-  mid = {n: v[0] for n, v in inter.items() if isinstance(v, tuple)}
-  b = out["logits"].shape[0]
-  col = lambda v: np.asarray(v)[:, :, None, None]  # [B, C] -> NCHW 1x1
-  d = {
-    "out_final": _nchw(out["logits"]),
-    "out_meta": _nchw(out["meta_logits"]),
-    "out_base": _nchw(out["base_logits"]),
-  }
-  first_shot = lambda v: np.asarray(v).reshape(b, -1, *np.shape(v)[1:])[:, 0]
-  for who, tag in (("query", "query"), ("support", "support0")):
-    pick = (lambda v: v) if who == "query" else first_shot
-    for n in range(5):
-      f = pick(mid[f"feat_{who}_layer{n}"])
-      d[f"mid_feat_{tag}_layer{n}__chmean"] = _chmean(f)
-      if n >= 2:
-        d[f"mid_feat_{tag}_layer{n}__c4"] = _nchw(f)[:, :4]
-    sizes = resnet.stage_sizes(int(_fixture_fields(meta)["depth"]))
-    for i in range(sum(sizes) - (sizes[0] - 1)):
-      d[f"mid_hyperfeat_{tag}_{i:02d}__chmean"] = _chmean(
-        pick(mid[f"block_{who}_{i + sizes[0] - 1}"])
-      )
-  d["mid_down_query__chmean"] = _chmean(mid["down_query_out"])
-  d["mid_down_query__c8"] = _nchw(mid["down_query_out"])[:, :8]
-  s0 = first_shot(mid["down_supp_out"])
-  d["mid_down_supp_shot0__chmean"] = _chmean(s0)
-  d["mid_down_supp_shot0__c8"] = _nchw(s0)[:, :8]
-  d["mid_supp_pro_shot0"] = col(first_shot(mid["supp_proto"]))
-  d["mid_apa_support0"] = first_shot(mid["apa_support"])[:, None, :]
-  d["mid_apa_query"] = np.asarray(mid["apa_query"])[:, None, :]
-  for name in ("l4", "l3", "l2"):
-    d[f"mid_corr_shot0_{name}"] = _nchw(mid[f"corr_shot0_{name}"])
-  d["mid_tdc"] = _nchw(mid["tdc_out"])
-  for i in range(4):
-    d[f"mid_spm_bin{i}"] = _nchw(mid[f"spm_bin{i}"])
-    d[f"mid_inner_cls{i}"] = _nchw(mid[f"inner_cls{i}"])
-  d["mid_shot_weight"] = col(mid["shot_weight"])
-  d["mid_est_val"] = np.asarray(mid["est_val"]).reshape(b, 1, 1, 1)
-  d["mid_query_pro_fg"] = col(mid["query_pro_fg"])
-  d["mid_query_pro_hard"] = col(mid["query_pro_hard"])
-  d["mid_query_pro_bg"] = col(mid["query_pro_bg"])
-  d["mid_hybrid_proto"] = col(mid["hybrid_proto"])
-  if "res1" in decoder and "res2" in decoder:
-    feat = np.asarray(decoder["res1"]["__call__"][0]) + np.asarray(decoder["res2"]["__call__"][0])
-    d["mid_decoder_feat__chmean"] = _chmean(feat)
-    d["mid_decoder_feat__c4"] = _nchw(feat)[:, :4]
-  d["mid_meta_logits_lowres"] = _nchw(mid["meta_logits_lowres"])
-  d["mid_base_logits_lowres"] = _nchw(mid["base_logits_lowres"])
-  for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
-    d[f"mid_{name}"] = _nchw(mid[name])
-  return d
-
-
-PARITY = ParityAdapter(
-  model_classes=(FIXTURE_CLASS,),
-  model_fields=_fixture_fields,
-  inputs=_fixture_inputs,
-  outputs=_fixture_outputs,
-  apply=_fixture_apply,
-  logit_outputs=("out_final", "out_meta", "out_base"),
-  # out_final goes through est_val (difference of two nearly equal Gram matrices) and
-  # the saturated meta softmax: parity/README.md allows ~1e-3 absolute there.
-  tolerances={"out_final": 1e-3},
-)
-
 # Frozen: the PSPNet base learner (backbone, PPM, cls, classifier). Everything else is in
 # the reference's optimiser groups (incl. kshot_rw for K > 1 and the [1, 0] merges).
 FROZEN = ("pspnet/.*",)
@@ -577,7 +452,6 @@ SPEC = ModelSpec(
   make_model,
   keymap,
   loss_fn=loss_fn,
-  parity=PARITY,
   frozen=FROZEN,
   min_input_size=pspnet_lib.MIN_INPUT_SIZE,
   any_shot=False,
