@@ -43,7 +43,7 @@ parity/{sccan,hdmnet}_pahnet/train: the base model's terms + mean CE of the pseu
 
 from __future__ import annotations
 
-from configs import common
+from configs import common, sccan
 
 _SCCAN_COCO_5SHOT_BATCH = (2, 2, 8, 8)
 
@@ -88,18 +88,7 @@ def get_config(arg: str | None = None):
     else:
       c.batch_size = 8 if c.shot == 1 else 6
     c.epochs = 50 if coco else 200
-    c.optim.lr = 0.005
-    c.optim.lr_mults = ((".*", 10.0),)
-    c.optim.groups.transformer = dict(
-      pattern=r"transformer/.*",
-      optimizer="adamw",
-      lr=6e-5,
-      schedule="constant",
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.01,
-    )
+    sccan.set_optimizers(c)  # SCCAN's SGD + the transformer's AdamW
   else:
     size = 633 if coco else 473
     c.data.train_size = size

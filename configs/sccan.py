@@ -41,6 +41,24 @@ from __future__ import annotations
 from configs import common
 
 
+def set_optimizers(c) -> None:
+  """SCCAN's two optimisers (module docstring): SGD at 0.005 x 10 for everything trainable
+  (momentum 0.9, weight decay 1e-4, poly 0.9: the defaults) and AdamW at a constant 6e-5 for
+  the transformer. PAHNet's SCCAN variant trains with the same (configs/pahnet.py)."""
+  c.optim.lr = 0.005
+  c.optim.lr_mults = ((".*", 10.0),)
+  c.optim.groups.transformer = dict(
+    pattern=r"transformer/.*",
+    optimizer="adamw",
+    lr=6e-5,
+    schedule="constant",
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.01,
+  )
+
+
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, dataset="pascal", fold=0, shot=1, layers=50, smoke=False)
   c = common.base_config(arg, model="sccan")
@@ -59,19 +77,7 @@ def get_config(arg: str | None = None):
   # Schedule (batch 8: the default).
   c.epochs = 50 if coco else 200
 
-  # Optimisers (module docstring); momentum 0.9, weight decay 1e-4, poly 0.9: the defaults.
-  c.optim.lr = 0.005
-  c.optim.lr_mults = ((".*", 10.0),)
-  c.optim.groups.transformer = dict(
-    pattern=r"transformer/.*",
-    optimizer="adamw",
-    lr=6e-5,
-    schedule="constant",
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    weight_decay=0.01,
-  )
+  set_optimizers(c)
 
   # Test protocol (§8): one seed, 1000 / 4000 episodes, validated every epoch.
   episodes = 4000 if coco else 1000
