@@ -57,8 +57,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
   "hdmnet": ("hdmnet", ""),
   "pspnet": ("pspnet", ""),
   "ssp": ("ssp", ""),
-  "sccan_pahnet": ("pahnet", "variant=sccan"),
-  "hdmnet_pahnet": ("pahnet", "variant=hdmnet"),
+  "sccan_pahnet": ("sccan_pahnet", ""),
+  "hdmnet_pahnet": ("hdmnet_pahnet", ""),
   "jc2a": ("jc2a", ""),
   "symnet": ("symnet", ""),
 }

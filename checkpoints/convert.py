@@ -221,14 +221,6 @@ def _raise_if_other_model(error: Exception, state_dict, keymap, src, model: str)
     raise WrongModelError(src, model, names, other_matched, other_total, error) from None
 
 
-# The config file (configs/<module>.py) and argument of each model's paper recipe; a model
-# whose name is not listed uses configs/<model>.py. Backbone key maps have none.
-PAPER_CONFIGS = {
-  "sccan_pahnet": ("pahnet", "variant=sccan"),
-  "hdmnet_pahnet": ("pahnet", "variant=hdmnet"),
-}
-
-
 def paper_description(model: str, dataset: str | None, fold: int | None) -> dict:
   """What predicting / evaluating with converted weights needs (`fss_jax.train.checkpointing.describe`:
   test size and resize, normalisation, label values and class names, output kind), from the
@@ -242,14 +234,13 @@ def paper_description(model: str, dataset: str | None, fold: int | None) -> dict
 
   from fss_jax.train import checkpointing
 
-  module, arg = PAPER_CONFIGS.get(model, (model, ""))
-  try:
-    get_config = importlib.import_module(f"configs.{module}").get_config
+  try:  # a model's paper recipe is configs/<model>.py; backbone key maps have none
+    get_config = importlib.import_module(f"configs.{model}").get_config
   except ModuleNotFoundError:
     return {}
 
   def described(ds: str) -> dict:
-    parts = [p for p in (arg, f"dataset={ds}", f"fold={fold}" if fold is not None else "") if p]
+    parts = [f"dataset={ds}"] + ([f"fold={fold}"] if fold is not None else [])
     return checkpointing.describe(get_config(",".join(parts)))
 
   if dataset is not None:

@@ -193,7 +193,7 @@ ADAPTERS: dict[str, TrainAdapter] = {
   ),
   "SCCAN_PAHNet.model.SCCANPlus.OneModel": TrainAdapter(
     model="sccan_pahnet",
-    config="pahnet.py:variant=sccan",
+    config="sccan_pahnet.py",
     losses={
       "out_loss_main": ("ce_final",),
       "out_loss_aux1": ("dice_meta",),
@@ -206,7 +206,7 @@ ADAPTERS: dict[str, TrainAdapter] = {
   ),
   "HDMNet_PAHNet.model.HDMNetPlus.OneModel": TrainAdapter(
     model="hdmnet_pahnet",
-    config="pahnet.py:variant=hdmnet",
+    config="hdmnet_pahnet.py",
     losses={
       "out_loss_main": ("ce_final", "ce_meta"),
       "out_loss_aux1": ("distil",),

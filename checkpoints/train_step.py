@@ -148,7 +148,7 @@ def _missing(name: str, ref, why: str) -> dict[str, Any]:
 
 
 def paper_config(config_arg: str):
-  """``"pahnet.py:variant=sccan,shot=1"`` -> the ConfigDict of ``configs/pahnet.py``."""
+  """``"sccan_pahnet.py:shot=1"`` -> the ConfigDict of ``configs/sccan_pahnet.py``."""
   module, _, arg = config_arg.partition(":")
   mod = importlib.import_module(f"configs.{pathlib.Path(module).stem}")
   return mod.get_config(arg or None)

@@ -44,7 +44,7 @@ from configs import common
 def set_optimizers(c) -> None:
   """SCCAN's two optimisers (module docstring): SGD at 0.005 x 10 for everything trainable
   (momentum 0.9, weight decay 1e-4, poly 0.9: the defaults) and AdamW at a constant 6e-5 for
-  the transformer. PAHNet's SCCAN variant trains with the same (configs/pahnet.py)."""
+  the transformer. PAHNet on SCCAN trains with the same (configs/sccan_pahnet.py)."""
   c.optim.lr = 0.005
   c.optim.lr_mults = ((".*", 10.0),)
   c.optim.groups.transformer = dict(

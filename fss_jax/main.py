@@ -85,7 +85,8 @@ def _config_spec(argv: list[str]) -> str | None:
 
 
 def missing_config_message(argv: list[str]) -> str | None:
-  """'config file X not found; close matches: ...' when ``--config`` names no file.
+  """'config file X not found; close matches: ...' when ``--config`` names no file (or a file
+  without ``get_config``).
 
   ml_collections defers that error to the first use of the config (a double traceback);
   this checks before the flags are parsed. Close matches are the config files (those that
@@ -95,7 +96,7 @@ def missing_config_message(argv: list[str]) -> str | None:
   if spec is None:
     return None
   path = pathlib.Path(os.path.expanduser(spec.partition(":")[0]))
-  if path.is_file():
+  if path.is_file() and _defines_get_config(path):
     return None
   if path.is_dir():
     folder, shown = path, str(path)
@@ -109,8 +110,14 @@ def missing_config_message(argv: list[str]) -> str | None:
       f"--config {path} is a folder; pass a config file, e.g. "
       f"{', '.join(f'{shown}/{s}.py' for s in stems[:4]) or 'configs/panet.py'}"
     )
-  close = difflib.get_close_matches(path.stem, stems, n=3, cutoff=0.6)
+  within = [s for s in stems if path.stem in s and s != path.stem]  # pahnet -> sccan_pahnet
+  close = (
+    within
+    + [s for s in difflib.get_close_matches(path.stem, stems, n=3, cutoff=0.6) if s not in within]
+  )[:3]
   hint = f"; close matches: {', '.join(f'{shown}/{s}.py' for s in close)}" if close else ""
+  if path.is_file():  # e.g. configs/pahnet.py: what two configs share
+    return f"{path} is not a run configuration (it defines no get_config){hint}"
   return f"config file {path} not found{hint}"
 
 

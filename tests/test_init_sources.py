@@ -7,7 +7,8 @@ import pytest
 
 from bench import run as bench_run
 from checkpoints import io as ckpt_io
-from configs import pahnet as pahnet_config
+from configs import hdmnet_pahnet as hdmnet_pahnet_config
+from configs import sccan_pahnet as sccan_pahnet_config
 from fss_jax.models import registry
 from fss_jax.train import state as state_lib
 
@@ -88,10 +89,10 @@ def test_pahnet_from_a_pspnet_and_an_ssp_file(tmp_path):
 
 
 def test_pahnet_config_requires_its_frozen_parts():
-  c = pahnet_config.get_config("variant=sccan")
+  c = sccan_pahnet_config.get_config()
   assert c.init_required and "--config.init=pspnet=<psp_dir>,ssp=<ssp_dir>" in c.init_help
   assert "checkpoints.convert --model sccan_pahnet" in c.init_help
-  assert not pahnet_config.get_config("variant=hdmnet,smoke").init_required
+  assert not hdmnet_pahnet_config.get_config("smoke").init_required
 
 
 def _sccan_setup():

@@ -240,8 +240,15 @@ def test_mistyped_config_path_is_one_line(tmp_path):
   r = _main("--config=configs/pahnett.py:smoke", "--workdir", str(tmp_path / "w"))
   assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
   assert r.stderr.startswith(
-    "error: config file configs/pahnett.py not found; close matches: configs/pahnet.py"
-  )
+    "error: config file configs/pahnett.py not found; close matches: configs/panet.py, "
+    "configs/sccan_pahnet.py"
+  ), r.stderr
+  r = _main("--config=configs/pahnet.py:smoke", "--workdir", str(tmp_path / "w"))
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert r.stderr.strip() == (
+    "error: configs/pahnet.py is not a run configuration (it defines no get_config); "
+    "close matches: configs/hdmnet_pahnet.py, configs/sccan_pahnet.py, configs/panet.py"
+  ), r.stderr
   assert not (tmp_path / "w").exists()
 
 
