@@ -19,7 +19,7 @@ import pytest
 
 from fss_jax.models import jc2a
 from fss_jax.nn.attention import linear
-from fss_jax.ops import windows
+from fss_jax.ops import similarity, windows
 from fss_jax.train import jc2a_prior
 
 N_BASE = 15
@@ -174,7 +174,7 @@ def test_ckmm_prior_equals_formula():
   rng = np.random.default_rng(2)
   feat = np.maximum(rng.standard_normal((2, 5, 6, 16)), 0).astype(np.float32)
   fp = rng.standard_normal((3, 16)).astype(np.float32)
-  got = np.asarray(jc2a.ckmm_prior(jnp.asarray(feat), jnp.asarray(fp)))
+  got = np.asarray(similarity.ckmm_prior(jnp.asarray(feat), jnp.asarray(fp)))
   cos = np.einsum("bhwd,nd->bhwn", feat, fp) / (
     np.linalg.norm(feat, axis=-1, keepdims=True) * np.linalg.norm(fp, axis=-1) + 1e-7
   )
@@ -183,7 +183,7 @@ def test_ckmm_prior_equals_formula():
   np.testing.assert_allclose(got, (raw - lo) / (hi - lo + 1e-7), rtol=1e-5, atol=1e-6)
   assert got.shape == (2, 5, 6, 1) and got.min() >= 0 and got.max() <= 1
   dot = np.asarray(
-    jc2a.ckmm_prior(jnp.asarray(feat), jnp.asarray(fp), similarity="dot", minmax=False)
+    similarity.ckmm_prior(jnp.asarray(feat), jnp.asarray(fp), similarity="dot", minmax=False)
   )
   np.testing.assert_allclose(
     dot, np.einsum("bhwd,nd->bhwn", feat, fp).mean(-1, keepdims=True), rtol=1e-5, atol=1e-4

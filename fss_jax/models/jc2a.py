@@ -50,47 +50,10 @@ from fss_jax.nn.decoder import FEMDecoder, MergeConv, pfenet_decoder_keymap
 from fss_jax.ops.losses import cross_entropy, mean_of
 from fss_jax.ops.pooling import adaptive_avg_pool, masked_average_pool
 from fss_jax.ops.resize import resize_bilinear
+from fss_jax.ops.similarity import CKMM_SIMILARITIES, ckmm_prior
 
 SHOT_FUSIONS = ("prob", "logit")
-CKMM_SIMILARITIES = ("cosine", "dot")
 BACKBONE_SOURCES = ("imagenet", "pspnet")
-
-
-def ckmm_prior(
-  feat: jax.Array,
-  fp_base: jax.Array,
-  *,
-  similarity: str = "cosine",
-  minmax: bool = True,
-  eps: float = 1e-7,
-) -> jax.Array:
-  """CKMM class-agnostic probability map (Eq. 13, jc2a.md §5.2).
-
-  Args:
-    feat: [B, H, W, D] query features (frozen layer4).
-    fp_base: [n, D] base-class prototypes.
-    similarity: "cosine" (``<f, P_c> / (|f| |P_c| + eps)``) or "dot" (the paper's raw
-      dot product).
-    minmax: per-image min-max normalisation to [0, 1] (eps in the denominator).
-    eps: see above.
-
-  Returns:
-    [B, H, W, 1]: mean over the n classes of the similarity, optionally min-max normalised.
-  """
-  dots = jnp.einsum("bhwd,nd->bhwn", feat, fp_base)
-  if similarity == "cosine":
-    # Safe square roots: finite gradients at all-zero features.
-    fn = jnp.sqrt(jnp.maximum(jnp.sum(feat * feat, -1, keepdims=True), 1e-30))
-    pn = jnp.sqrt(jnp.maximum(jnp.sum(fp_base * fp_base, -1), 1e-30))
-    dots = dots / (fn * pn + eps)
-  elif similarity != "dot":
-    raise ValueError(f"unknown CKMM similarity {similarity!r}; choose one of {CKMM_SIMILARITIES}")
-  raw = dots.mean(-1, keepdims=True)
-  if minmax:
-    lo = raw.min(axis=(1, 2), keepdims=True)
-    hi = raw.max(axis=(1, 2), keepdims=True)
-    raw = (raw - lo) / (hi - lo + eps)
-  return raw
 
 
 # ---------------------------------------------------------------------------
@@ -456,6 +419,5 @@ __all__ = [
   "loss_fn",
   "keymap",
   "pfenet_keymap",
-  "ckmm_prior",
   "min_input_size",
 ]

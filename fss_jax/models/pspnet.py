@@ -31,6 +31,7 @@ import jax
 from fss_jax import keymaps
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
+from fss_jax.nn.block_features import ResNetBlocksDeepStem
 from fss_jax.nn.layers import BatchNorm2d, Conv2d
 from fss_jax.nn.ppm import PPM, ppm_keymap
 from fss_jax.ops import losses
@@ -118,6 +119,30 @@ class PSPNet(nn.Module):
       logits = resize_bilinear(logits, size, align_corners=True)
     out["logits"] = logits
     return out
+
+
+class PSPNetBlocks(PSPNet):
+  """The PSPNet base learner whose backbone also returns every block's pre-ReLU output
+  (Sym-Net's base learner).
+
+  Same fields and variables as `pspnet.PSPNet` (``backbone``, ``ppm``, ``cls_conv``,
+  ``cls_bn``, ``classifier``), so BAM's converted base learner loads under
+  ``init_prefix="pspnet"``; only the backbone is `ResNetBlocks` instead of `ResNet`.
+  """
+
+  def setup(self):
+    self.backbone = ResNetBlocksDeepStem(depth=self.depth, frozen=self.frozen)
+    self.ppm = PPM(tuple(self.bins), 2048 // len(self.bins), frozen_bn=self.frozen)
+    self.cls_conv = Conv2d(512, 3, padding=1, use_bias=False)
+    self.cls_bn = BatchNorm2d()
+    self.classifier = Conv2d(self.num_classes, 1)
+    self.drop = nn.Dropout(self.dropout, broadcast_dims=(1, 2))
+
+  def base_logits(self, layer4: jax.Array, *, train: bool = False) -> jax.Array:
+    """``learner_base`` = PPM -> cls conv + BN -> classifier: ``[B, h, w, 2048]`` ->
+    ``[B, h, w, N]`` (Dropout2d active when ``train``; BN frozen)."""
+    feat5 = self.cls_bn(self.cls_conv(self.ppm(layer4, train=False)), use_running_average=True)
+    return self.classify(feat5, train=train)
 
 
 def base_labels(batch: Mapping[str, jax.Array]) -> jax.Array:

@@ -40,11 +40,8 @@ from fss_jax import assets, keymaps
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
-from fss_jax.nn.block_features import ResNetBlocksDeepStem
 from fss_jax.nn.decoder import FEMDecoder, MergeConv, pfenet_decoder_keymap
 from fss_jax.nn.ensemble import ensemble_keymap
-from fss_jax.nn.layers import BatchNorm2d, Conv2d
-from fss_jax.nn.ppm import PPM
 from fss_jax.nn.symnet_blocks import (
   APA,
   TDC,
@@ -75,29 +72,6 @@ def feature_size(input_size: int) -> int:
   s = (input_size - 1) // 2 + 1  # stem conv s2
   s = (s - 1) // 2 + 1  # max-pool s2
   return (s - 1) // 2 + 1  # layer2 s2
-
-
-class PSPNetBlocks(pspnet_lib.PSPNet):
-  """The PSPNet base learner whose backbone also returns every block's pre-ReLU output.
-
-  Same fields and variables as `pspnet.PSPNet` (``backbone``, ``ppm``, ``cls_conv``,
-  ``cls_bn``, ``classifier``), so BAM's converted base learner loads under
-  ``init_prefix="pspnet"``; only the backbone is `ResNetBlocks` instead of `ResNet`.
-  """
-
-  def setup(self):
-    self.backbone = ResNetBlocksDeepStem(depth=self.depth, frozen=self.frozen)
-    self.ppm = PPM(tuple(self.bins), 2048 // len(self.bins), frozen_bn=self.frozen)
-    self.cls_conv = Conv2d(512, 3, padding=1, use_bias=False)
-    self.cls_bn = BatchNorm2d()
-    self.classifier = Conv2d(self.num_classes, 1)
-    self.drop = nn.Dropout(self.dropout, broadcast_dims=(1, 2))
-
-  def base_logits(self, layer4: jax.Array, *, train: bool = False) -> jax.Array:
-    """``learner_base`` = PPM -> cls conv + BN -> classifier: ``[B, h, w, 2048]`` ->
-    ``[B, h, w, N]`` (Dropout2d active when ``train``; BN frozen)."""
-    feat5 = self.cls_bn(self.cls_conv(self.ppm(layer4, train=False)), use_running_average=True)
-    return self.classify(feat5, train=train)
 
 
 def base_channel(episode: Mapping[str, jax.Array]) -> jax.Array | None:
@@ -203,7 +177,7 @@ class SymNet(nn.Module):
     text = self._embeddings(episode, b)  # [B, T]
 
     # 2. frozen backbone, block by block (query and supports in one pass; BN frozen)
-    psp = PSPNetBlocks(
+    psp = pspnet_lib.PSPNetBlocks(
       num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
     )
     imgs = jnp.concatenate([x, s_x.reshape(b * k, hh, ww, s_x.shape[-1])], 0)

@@ -10,7 +10,8 @@ Two cosine conventions occur in the references and differ for small vectors:
 
 `correlation_prior` implements the query-support priors built on these:
 PFENet/BAM's max-cosine prior with min-max normalisation, HDMNet's variant
-without normalisation, and SCCAN's softmax-weighted support mask.
+without normalisation, and SCCAN's softmax-weighted support mask. `ckmm_prior` is JC²A's
+class-agnostic map from base-class prototypes (CKMM).
 """
 
 from __future__ import annotations
@@ -173,3 +174,43 @@ def correlation_prior(
   if output_size is not None:
     r = _resize.resize_bilinear(r, output_size, align_corners=align_corners)
   return r
+
+
+CKMM_SIMILARITIES = ("cosine", "dot")
+
+
+def ckmm_prior(
+  feat: jax.Array,
+  fp_base: jax.Array,
+  *,
+  similarity: str = "cosine",
+  minmax: bool = True,
+  eps: float = 1e-7,
+) -> jax.Array:
+  """CKMM class-agnostic probability map (Eq. 13, jc2a.md §5.2).
+
+  Args:
+    feat: [B, H, W, D] query features (frozen layer4).
+    fp_base: [n, D] base-class prototypes.
+    similarity: "cosine" (``<f, P_c> / (|f| |P_c| + eps)``) or "dot" (the paper's raw
+      dot product).
+    minmax: per-image min-max normalisation to [0, 1] (eps in the denominator).
+    eps: see above.
+
+  Returns:
+    [B, H, W, 1]: mean over the n classes of the similarity, optionally min-max normalised.
+  """
+  dots = jnp.einsum("bhwd,nd->bhwn", feat, fp_base)
+  if similarity == "cosine":
+    # Safe square roots: finite gradients at all-zero features.
+    fn = jnp.sqrt(jnp.maximum(jnp.sum(feat * feat, -1, keepdims=True), 1e-30))
+    pn = jnp.sqrt(jnp.maximum(jnp.sum(fp_base * fp_base, -1), 1e-30))
+    dots = dots / (fn * pn + eps)
+  elif similarity != "dot":
+    raise ValueError(f"unknown CKMM similarity {similarity!r}; choose one of {CKMM_SIMILARITIES}")
+  raw = dots.mean(-1, keepdims=True)
+  if minmax:
+    lo = raw.min(axis=(1, 2), keepdims=True)
+    hi = raw.max(axis=(1, 2), keepdims=True)
+    raw = (raw - lo) / (hi - lo + eps)
+  return raw
