@@ -235,7 +235,8 @@ def test_mistyped_config_path_is_one_line(tmp_path):
   assert r.returncode == 2, r.stderr
   assert (
     r.stderr.strip()
-    == "error: config file configs/sccan_typo.py not found; close matches: configs/sccan.py"
+    == "error: config file configs/sccan_typo.py not found; close matches: configs/sccan.py, "
+    "configs/sccan_pahnet.py"
   )
   r = _main("--config=configs/pahnett.py:smoke", "--workdir", str(tmp_path / "w"))
   assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
