@@ -24,7 +24,17 @@ from fss_jax.models import registry
 from fss_jax.train import data as data_lib
 from fss_jax.train import loop
 
-CONFIGS = ("panet", "sccan", "pspnet", "hdmnet", "ssp", "pahnet", "jc2a", "symnet")
+CONFIGS = (
+  "panet",
+  "sccan",
+  "pspnet",
+  "hdmnet",
+  "ssp",
+  "sccan_pahnet",
+  "hdmnet_pahnet",
+  "jc2a",
+  "symnet",
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
