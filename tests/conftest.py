@@ -21,6 +21,11 @@ except ImportError:
   pass
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The run configurations: configs/*.py that define get_config (configs/common.py and
+# configs/pahnet.py are shared code).
+RUN_CONFIGS = tuple(
+  sorted(p.stem for p in (REPO / "configs").glob("*.py") if "\ndef get_config(" in p.read_text())
+)
 PARITY_DIR = pathlib.Path(os.environ.get("FSS_PARITY_DIR", REPO.parent / "shared" / "parity"))
 SHARED_DIR = PARITY_DIR.parent
 

@@ -10,13 +10,10 @@ from __future__ import annotations
 import ast
 
 import pytest
-from conftest import REPO
+from conftest import REPO, RUN_CONFIGS
 
 from configs import common
 
-CONFIGS = sorted(  # the run configurations (configs/pahnet.py is shared code)
-  p.stem for p in (REPO / "configs").glob("*.py") if "\ndef get_config(" in p.read_text()
-)
 _MISSING = object()
 
 
@@ -62,7 +59,7 @@ def _restated(source: str, bases) -> list[str]:
   return found
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", RUN_CONFIGS)
 def test_config_sets_only_what_differs(name):
   bases = [_base("pascal"), _base("coco")]
   found = _restated((REPO / "configs" / f"{name}.py").read_text(), bases)

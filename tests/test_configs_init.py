@@ -8,20 +8,14 @@ meaningless model without any error; `config.init_required` makes `fss_jax.main`
 from __future__ import annotations
 
 import importlib
-import pathlib
 
 import pytest
+from conftest import RUN_CONFIGS
 
 from fss_jax.models import registry
 
-CONFIGS = sorted(
-  p.stem
-  for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
-  if p.stem not in ("__init__", "common") and "\ndef get_config(" in p.read_text()
-)
 
-
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", RUN_CONFIGS)
 def test_frozen_parts_require_init(name):
   mod = importlib.import_module(f"configs.{name}")
   c = mod.get_config()

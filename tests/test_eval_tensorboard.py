@@ -17,6 +17,7 @@ import re
 import numpy as np
 import pytest
 import test_engine as te
+from conftest import RUN_CONFIGS
 
 from fss_jax.eval import metrics
 from fss_jax.eval import run as eval_run
@@ -24,20 +25,8 @@ from fss_jax.models import registry
 from fss_jax.train import data as data_lib
 from fss_jax.train import loop
 
-CONFIGS = (
-  "panet",
-  "sccan",
-  "pspnet",
-  "hdmnet",
-  "ssp",
-  "sccan_pahnet",
-  "hdmnet_pahnet",
-  "jc2a",
-  "symnet",
-)
 
-
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", RUN_CONFIGS)
 def test_smoke_configs_write_tensorboard(name):
   """A smoke run takes the real run's code path, event files included."""
   c = importlib.import_module(f"configs.{name}").get_config("smoke")
