@@ -83,3 +83,28 @@ def state_shapes(meta: Mapping[str, Any], *, strip: str = "") -> dict[str, tuple
 def config_values(meta: Mapping[str, Any]) -> dict:
   """The official config values the fixture was made with (``config.values``)."""
   return (meta.get("config") or {}).get("values") or {}
+
+
+# The BAM learner ensemble's fixture arrays (HDMNet, both PAHNets, Sym-Net): final / meta /
+# base logits and the inputs of its merges.
+ENSEMBLE_LOGITS = ("out_final", "out_meta", "out_base")
+# out_final goes through est_val (a difference of two nearly equal Gram matrices):
+# parity/README.md allows ~1e-3 absolute there; meta / base keep the default.
+ENSEMBLE_TOLERANCES = {"out_final": 1e-3}
+_ENSEMBLE_MERGES = ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in")
+
+
+def ensemble_logits(out: Mapping[str, Any]) -> dict:
+  """``out_final`` / ``out_meta`` [B, 2, H, W] and ``out_base`` [B, N, H, W] (NCHW) of a model
+  ending in the BAM ensemble (``logits``, ``meta_logits``, ``base_logits`` NHWC)."""
+  return {
+    "out_final": nchw(out["logits"]),
+    "out_meta": nchw(out["meta_logits"]),
+    "out_base": nchw(out["base_logits"]),
+  }
+
+
+def ensemble_merges(mid: Mapping[str, Any], prefix: str = "") -> dict:
+  """``mid_gram_merge_in_bg`` / ``_fg`` and ``mid_cls_merge_in`` (NCHW) from the sown
+  intermediates ``mid[prefix + name]``."""
+  return {f"mid_{name}": nchw(mid[prefix + name]) for name in _ENSEMBLE_MERGES}

@@ -18,9 +18,13 @@ import numpy as np
 
 from checkpoints.parity import ParityAdapter
 from checkpoints.parity.common import (
+  ENSEMBLE_LOGITS,
+  ENSEMBLE_TOLERANCES,
   apply_with_intermediates,
   chmean,
   config_values,
+  ensemble_logits,
+  ensemble_merges,
   episode,
   flatten,
   nchw,
@@ -87,11 +91,7 @@ def transformer_mids(mid: Mapping[str, Any]) -> dict:
 def outputs(result, meta: Mapping[str, Any]) -> dict:
   out, state = result
   mid = flatten(state.get("intermediates", {}))
-  d = {
-    "out_final": nchw(out["logits"]),
-    "out_meta": nchw(out["meta_logits"]),
-    "out_base": nchw(out["base_logits"]),
-  }
+  d = ensemble_logits(out)
   for who in ("query", "support"):
     for name in ("layer0", "layer1", "layer2", "layer3", "layer4"):
       d[f"mid_feat_{who}_{name}__chmean"] = chmean(mid[f"feat_{who}_{name}"])
@@ -108,8 +108,7 @@ def outputs(result, meta: Mapping[str, Any]) -> dict:
     [d["mid_similarity_ppm_cls"], d["mid_similarity_layer4"]], axis=1
   )
   d.update(transformer_mids(mid))
-  for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
-    d[f"mid_{name}"] = nchw(mid[f"ensemble/{name}"])
+  d.update(ensemble_merges(mid, "ensemble/"))
   return d
 
 
@@ -120,10 +119,8 @@ PARITY = ParityAdapter(
   inputs=inputs,
   outputs=outputs,
   apply=apply,
-  logit_outputs=("out_final", "out_meta", "out_base"),
-  # out_final goes through est_val (a difference of two nearly equal Gram matrices):
-  # parity/README.md allows ~1e-3 absolute there; meta/base keep the default.
-  tolerances={"out_final": 1e-3},
+  logit_outputs=ENSEMBLE_LOGITS,
+  tolerances=ENSEMBLE_TOLERANCES,
 )
 
 ADAPTERS = {"hdmnet": PARITY}

@@ -18,7 +18,17 @@ import numpy as np
 
 from checkpoints.parity import ParityAdapter
 from checkpoints.parity import hdmnet as hdmnet_parity
-from checkpoints.parity.common import chmean, config_values, flatten, nchw, state_shapes
+from checkpoints.parity.common import (
+  ENSEMBLE_LOGITS,
+  ENSEMBLE_TOLERANCES,
+  chmean,
+  config_values,
+  ensemble_logits,
+  ensemble_merges,
+  flatten,
+  nchw,
+  state_shapes,
+)
 from fss_jax.nn.backbones import resnet
 
 SCCAN_FIXTURE_CLASS = "SCCAN_PAHNet.model.SCCANPlus.OneModel"
@@ -49,11 +59,7 @@ def common_outputs(result) -> tuple[dict, dict]:
   predictor, backbone, prior and ensemble ``mid_`` arrays; NCHW)."""
   out, state = result
   mid = flatten(state.get("intermediates", {}))
-  d = {
-    "out_final": nchw(out["logits"]),
-    "out_meta": nchw(out["meta_logits"]),
-    "out_base": nchw(out["base_logits"]),
-  }
+  d = ensemble_logits(out)
   d.update(
     {
       "mid_ssp_out": nchw(mid["ssp/out_1"]),
@@ -81,8 +87,7 @@ def common_outputs(result) -> tuple[dict, dict]:
       d[f"mid_prior_{tag}_{key}"] = np.asarray(mid[f"prior_{tag}_{n}"])
     d[f"mid_prior_{tag}_fg_sim_max"] = np.asarray(mid[f"prior_{tag}_fg_max"])
     d[f"mid_prior_{tag}_corr_max"] = np.asarray(mid[f"prior_{tag}_corr_max"])
-  for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
-    d[f"mid_{name}"] = nchw(mid[f"ensemble/{name}"])
+  d.update(ensemble_merges(mid, "ensemble/"))
   return mid, d
 
 
@@ -131,10 +136,6 @@ def hdmnet_outputs(result, meta: Mapping[str, Any]) -> dict:
   return d
 
 
-# ``out_final`` goes through est_val (a difference of two nearly equal Gram matrices):
-# parity/README.md allows ~1e-3 absolute there; the other outputs keep the default.
-_TOLERANCES = {"out_final": 1e-3}
-
 # `outputs` is late-bound to this module's `sccan_outputs` / `hdmnet_outputs`, so that
 # tests can wrap them (e.g. to read the branch decisions).
 SCCAN_PARITY = ParityAdapter(
@@ -144,8 +145,8 @@ SCCAN_PARITY = ParityAdapter(
   inputs=hdmnet_parity.inputs,
   outputs=lambda r, m: sccan_outputs(r, m),
   apply=hdmnet_parity.apply,
-  logit_outputs=("out_final", "out_meta", "out_base"),
-  tolerances=_TOLERANCES,
+  logit_outputs=ENSEMBLE_LOGITS,
+  tolerances=ENSEMBLE_TOLERANCES,
 )
 
 HDMNET_PARITY = ParityAdapter(
@@ -155,8 +156,8 @@ HDMNET_PARITY = ParityAdapter(
   inputs=hdmnet_parity.inputs,
   outputs=lambda r, m: hdmnet_outputs(r, m),
   apply=hdmnet_parity.apply,
-  logit_outputs=("out_final", "out_meta", "out_base", "out_pro_pred"),
-  tolerances=_TOLERANCES,
+  logit_outputs=(*ENSEMBLE_LOGITS, "out_pro_pred"),
+  tolerances=ENSEMBLE_TOLERANCES,
 )
 
 ADAPTERS = {"sccan_pahnet": SCCAN_PARITY, "hdmnet_pahnet": HDMNET_PARITY}

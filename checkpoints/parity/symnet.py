@@ -18,7 +18,17 @@ import jax
 import numpy as np
 
 from checkpoints.parity import ParityAdapter
-from checkpoints.parity.common import chmean, config_values, episode, nchw, state_shapes
+from checkpoints.parity.common import (
+  ENSEMBLE_LOGITS,
+  ENSEMBLE_TOLERANCES,
+  chmean,
+  config_values,
+  ensemble_logits,
+  ensemble_merges,
+  episode,
+  nchw,
+  state_shapes,
+)
 from fss_jax import assets
 from fss_jax.nn.backbones import resnet
 
@@ -69,11 +79,7 @@ def outputs(result, meta: Mapping[str, Any]) -> dict:
   mid = {n: v[0] for n, v in inter.items() if isinstance(v, tuple)}
   b = out["logits"].shape[0]
   col = lambda v: np.asarray(v)[:, :, None, None]  # [B, C] -> NCHW 1x1
-  d = {
-    "out_final": nchw(out["logits"]),
-    "out_meta": nchw(out["meta_logits"]),
-    "out_base": nchw(out["base_logits"]),
-  }
+  d = ensemble_logits(out)
   first_shot = lambda v: np.asarray(v).reshape(b, -1, *np.shape(v)[1:])[:, 0]
   for who, tag in (("query", "query"), ("support", "support0")):
     pick = (lambda v: v) if who == "query" else first_shot
@@ -113,8 +119,7 @@ def outputs(result, meta: Mapping[str, Any]) -> dict:
     d["mid_decoder_feat__c4"] = nchw(feat)[:, :4]
   d["mid_meta_logits_lowres"] = nchw(mid["meta_logits_lowres"])
   d["mid_base_logits_lowres"] = nchw(mid["base_logits_lowres"])
-  for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
-    d[f"mid_{name}"] = nchw(mid[name])
+  d.update(ensemble_merges(mid))
   return d
 
 
@@ -125,10 +130,9 @@ PARITY = ParityAdapter(
   inputs=inputs,
   outputs=outputs,
   apply=apply,
-  logit_outputs=("out_final", "out_meta", "out_base"),
-  # out_final goes through est_val (difference of two nearly equal Gram matrices) and
-  # the saturated meta softmax: parity/README.md allows ~1e-3 absolute there.
-  tolerances={"out_final": 1e-3},
+  logit_outputs=ENSEMBLE_LOGITS,
+  # the ensemble's est_val and, here, the saturated meta softmax: ~1e-3 absolute on out_final
+  tolerances=ENSEMBLE_TOLERANCES,
 )
 
 ADAPTERS = {"symnet": PARITY}
