@@ -10,8 +10,17 @@ count::
   python bench/data_pipeline.py --shots 1 --workers 0,1,2 --read_threads 2 --steps 40
   python bench/data_pipeline.py --image_size 375,500    # VOC-sized images (default: synthetic 112..208)
 
-Output: one JSON object; ``results[i].episodes_per_s`` is episodes (not batches) per
-second after ``--warmup`` batches. Goal: >= 60 episodes/s 1-shot on 2 CPU cores.
+Output: one JSON object; per shot and worker count ``results[i]`` has
+
+* ``cpu_ms_per_episode``: CPU time (user + system) of this process and of its live child
+  processes (grain workers, read from ``/proc``) per episode: what the pipeline costs,
+  whatever else runs on the host;
+* ``episodes_per_s``: episodes (not batches) per second of wall time;
+
+each the median of ``--repeats`` consecutive windows of ``--steps`` batches after
+``--warmup`` batches (``*_all``: every window). Goals on 2 CPU cores at VOC sizes
+(``--image_size 333,500``), in-process: <= 10 CPU-ms per 1-shot and <= 35 per 5-shot
+training episode.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +44,45 @@ def _ints(s: str) -> list[int]:
   return [int(v) for v in s.split(",") if v]
 
 
+def _children(pid: int) -> list[int]:
+  """Every live descendant of ``pid`` (Linux ``/proc``; [] elsewhere)."""
+  parent = {}
+  for d in pathlib.Path("/proc").glob("[0-9]*"):
+    try:
+      fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    parent[int(d.name)] = int(fields[1])
+  out, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    kids = [c for c, pp in parent.items() if pp == p]
+    out += kids
+    todo += kids
+  return out
+
+
+def _proc_cpu_s(pid: int) -> float:
+  """utime + stime of a live process from ``/proc/<pid>/stat`` (0 once it is gone)."""
+  try:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except OSError:
+    return 0.0
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> dict[int, float]:
+  """CPU seconds so far of this process (all threads) and of each live child process."""
+  out = {pid: _proc_cpu_s(pid) for pid in _children(os.getpid())}
+  out[os.getpid()] = time.process_time()
+  return out
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+  """CPU seconds spent between two `cpu_seconds` readings (children started since: all of it)."""
+  return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
 def run_one(
   data_dir: str,
   *,
@@ -44,6 +93,7 @@ def run_one(
   batch: int,
   steps: int,
   warmup: int,
+  repeats: int,
   fold: int,
 ) -> dict:
   cfg = pipeline.EpisodeConfig(
@@ -63,11 +113,15 @@ def run_one(
   t0 = time.perf_counter()
   for _ in range(warmup):
     next(it)
-  t1 = time.perf_counter()
-  for _ in range(steps):
-    b = next(it)
-  t2 = time.perf_counter()
-  shape = list(b["support_images"].shape)
+  startup_s = time.perf_counter() - t0
+  rates, cpu_ms = [], []
+  for _ in range(repeats):
+    c1, t1 = cpu_seconds(), time.perf_counter()
+    for _ in range(steps):
+      b = next(it)
+    t2, c2 = time.perf_counter(), cpu_seconds()
+    rates.append(round(steps * batch / (t2 - t1), 1))
+    cpu_ms.append(round(1000 * cpu_delta(c1, c2) / (steps * batch), 2))
   if hasattr(it, "close"):
     it.close()
   return {
@@ -77,9 +131,14 @@ def run_one(
     "batch": batch,
     "crop": size,
     "steps": steps,
-    "episodes_per_s": round(steps * batch / (t2 - t1), 1),
-    "startup_and_warmup_s": round(t1 - t0, 2),
-    "support_images_shape": shape,
+    "repeats": repeats,
+    "cpu_ms_per_episode": statistics.median(cpu_ms),
+    "episodes_per_s": statistics.median(rates),
+    "cpu_ms_per_episode_all": cpu_ms,
+    "episodes_per_s_all": rates,
+    "startup_and_warmup_s": round(startup_s, 2),
+    "support_images_shape": list(b["support_images"].shape),
+    "dtypes": {k: str(v.dtype) for k, v in b.items()},
   }
 
 
@@ -92,6 +151,7 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--steps", type=int, default=25)
   p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3, help="timed windows of --steps (median)")
   p.add_argument("--num_images", type=int, default=300)
   p.add_argument("--fold", type=int, default=0)
   p.add_argument(
@@ -121,6 +181,7 @@ def main(argv=None) -> int:
         batch=a.batch,
         steps=a.steps,
         warmup=a.warmup,
+        repeats=a.repeats,
         fold=a.fold,
       )
       for k in a.shots

@@ -133,7 +133,10 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
   c.data.test_resize = "aspect"  # §9.1 aspect + pad | "squash" (§9.2)
   c.data.label_bucket = 0  # 0: 512 PASCAL / 640 COCO
   c.data.base_label = False
-  c.data.worker_count = 0
+  # Training loader processes: -1 = auto (usable cores - 1, at most 8: pipeline.
+  # resolve_worker_count; resume on the same host or set a number), 0 = in-process.
+  # Evaluation always runs in-process.
+  c.data.worker_count = -1
   c.data.read_threads = 2
   c.data.prefetch_batches = 2
 
@@ -175,6 +178,11 @@ def base_config(arg: ml_collections.ConfigDict, *, model: str) -> ml_collections
   c.eval.checkpoint = "best"  # --mode eval uses: best | latest
   c.eval.num_images = 4  # query/support/prediction panels written to TensorBoard
   c.eval.allow_other_fold = False  # config.init trained on another fold: error unless True
+  # Frozen-encoder features computed once per unique test image and reused by every episode
+  # and seed (fss_jax/eval/cached.py; exact). False: the whole forward per episode.
+  c.eval.cache = True
+  c.eval.cache_bytes = 0  # host memory the cache may use; 0: a quarter of the host's
+  c.eval.cache_placement = "auto"  # auto (device when it fits 3x over) | host | device
   # Evaluation shape independent of training (docs/protocols.md): K supports, N ways, the test
   # dataset / fold (0, 0, "", -1: the training values). A model refuses a K it cannot fuse.
   # eval.dataset may name a cross-domain test set (fss1000 | deepglobe | isic2018 | chest_xray,

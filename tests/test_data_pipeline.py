@@ -1,16 +1,27 @@
-"""Grain loaders on synthetic TFDS builds: batches, sharding, resume, stored eval episodes."""
+"""Grain loaders on synthetic TFDS builds: batches, sharding, resume, stored eval episodes;
+the fused batch writes against the unfused chain (bit for bit); the worker count."""
 
 from __future__ import annotations
 
 import json
 
+import grain
 import numpy as np
 import pytest
 
 from data_prep import synthetic
 from fss_jax.data import episodes, pipeline, source, splits
+from fss_jax.data import transforms as T
 
 CROP = 65
+# Label keys: uint8 in the batches (int32 after ToArrays, the per-episode chain).
+LABELS = {
+  "query_mask",
+  "support_masks",
+  "query_base_label",
+  "label_original",
+  "query_base_label_original",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +38,7 @@ def _cfg(data_dir, **kw):
   kw.setdefault("train_size", CROP)
   kw.setdefault("test_size", CROP)
   kw.setdefault("read_threads", 1)
+  kw.setdefault("worker_count", 0)  # in-process unless a test asks for workers
   return pipeline.EpisodeConfig(dataset=kw.pop("dataset", "pascal5i"), data_dir=data_dir, **kw)
 
 
@@ -47,7 +59,7 @@ def test_train_batches(voc_dir):
   loader = pipeline.make_train_loader(cfg, global_batch_size=4)
   (b,), _ = _take(loader, 1)
   assert b["query_image"].shape == (4, CROP, CROP, 3) and b["query_image"].dtype == np.float32
-  assert b["query_mask"].shape == (4, CROP, CROP) and b["query_mask"].dtype == np.int32
+  assert b["query_mask"].shape == (4, CROP, CROP) and b["query_mask"].dtype == np.uint8
   assert b["support_images"].shape == (4, 1, CROP, CROP, 3) and b["support_masks"].shape == (
     4,
     1,
@@ -239,3 +251,103 @@ def test_worker_processes_give_the_same_batches(voc_dir):
   for a, b in zip(want, got):
     for k in a:
       assert np.array_equal(a[k], np.asarray(b[k])), k
+
+
+# -- bit-exact with the unfused chain ----------------------------------------------------------
+
+
+def _unfused_batches(ds, ops, *, steps: int, batch: int) -> list[dict]:
+  """The loaders before the fused tail, as the reference: every op of ``ops`` on its own
+  (the padded canvas, `Normalize`, `ToArrays`), then ``np.stack`` per key."""
+  for op in ops:
+    ds = ds.random_map(op) if isinstance(op, grain.transforms.RandomMap) else ds.map(op)
+  eps = [ds[i] for i in range(steps * batch)]
+  out = []
+  for s in range(0, len(eps), batch):
+    group = eps[s : s + batch]
+    out.append(
+      {
+        k: np.stack([np.stack(e[k]) if isinstance(e[k], list) else e[k] for e in group])
+        for k in group[0]
+      }
+    )
+  return out
+
+
+def _assert_bit_identical(got: dict, want: dict) -> None:
+  """Images bit for bit (float32 patterns), labels as values (now uint8), the rest as is."""
+  assert set(got) == set(want)
+  for k, w in want.items():
+    g = np.asarray(got[k])
+    if w.dtype == np.float32:
+      assert g.dtype == np.float32, k
+      np.testing.assert_array_equal(g.view(np.uint32), w.view(np.uint32), err_msg=k)
+    else:
+      assert g.dtype == (np.uint8 if k in LABELS else w.dtype), (k, g.dtype)
+      np.testing.assert_array_equal(g, w, err_msg=k)
+
+
+def _tiny_source(n: int = 12) -> pipeline.ArraySource:
+  """n images of 40..90 px (a 65 crop both pads and cuts them) showing base classes 1 and 2
+  of fold 1 and an ignore strip."""
+  rng = np.random.default_rng(0)
+  images, labels = [], []
+  for _ in range(n):
+    h, w = (int(v) for v in rng.integers(40, 91, 2))
+    label = np.zeros((h, w), np.uint8)
+    label[: h // 2, : w // 2], label[h // 2 :, w // 3 :], label[:, -3:] = 1, 2, 255
+    images.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    labels.append(label)
+  return pipeline.ArraySource(images, labels, num_classes=20)
+
+
+@pytest.mark.parametrize("shot, resize", [(1, "crop"), (5, "crop"), (1, "squash")])
+def test_train_batches_are_bit_identical_to_the_unfused_chain(shot, resize):
+  src = _tiny_source()
+  cfg = _cfg("unused", fold=1, shot=shot, base_label=True, train_resize=resize, min_pixels=1)
+  sampler = episodes.make_sampler(
+    src.index, "pascal5i", 1, "train", shot=shot, seed=cfg.seed, min_pixels=1
+  )
+  ds = pipeline._Range(4).map(pipeline.SampleEpisode(sampler))
+  ds = ds.map(pipeline.LoadEpisode(src, base_lut=cfg.fold_classes().base_label_lut()))
+  ops = T.train_ops(CROP, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur, resize=resize)
+  want = _unfused_batches(ds.seed(cfg.seed), ops, steps=2, batch=2)
+  got, _ = _take(pipeline.make_train_loader(cfg, global_batch_size=2, source=src), 2)
+  assert got[0]["support_images"].shape == (2, shot, CROP, CROP, 3)
+  for g, w in zip(got, want):
+    _assert_bit_identical(g, w)
+
+
+def test_eval_batches_are_bit_identical_to_the_unfused_chain(voc_dir, tmp_path):
+  path = tmp_path / "f0.jsonl"
+  val, _ = _test_file(voc_dir, path, n=4)
+  cfg = _cfg(voc_dir, fold=0, base_label=True, test_size=161)
+  specs = pipeline.load_episode_specs(path, val, cfg.test_classes())
+  ds = pipeline._Range(4).map(pipeline.StoredEpisode(specs))
+  lut = cfg.fold_classes().base_label_lut()
+  ds = ds.map(pipeline.LoadEpisode(val, base_lut=lut, with_valid=True))
+  want = _unfused_batches(ds, T.test_ops(161, bucket=cfg.bucket), steps=2, batch=2)
+  got = list(pipeline.make_eval_loader(cfg, path, global_batch_size=2))
+  for g, w in zip(got, want, strict=True):
+    _assert_bit_identical(g, w)
+
+
+def test_worker_count_auto_and_eval_in_process(voc_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(pipeline, "usable_cores", lambda: 2)
+  assert pipeline.resolve_worker_count(-1) == 1 and pipeline.resolve_worker_count(3) == 3
+  monkeypatch.setattr(pipeline, "usable_cores", lambda: 64)
+  assert pipeline.resolve_worker_count(-1) == pipeline.MAX_AUTO_WORKERS
+  monkeypatch.setattr(pipeline, "usable_cores", lambda: 1)
+  assert pipeline.resolve_worker_count(-1) == 0
+  with pytest.raises(ValueError, match="worker_count must be >= 0"):
+    _cfg(voc_dir, worker_count=-2)
+  path = tmp_path / "f0.jsonl"
+  _test_file(voc_dir, path, n=2)
+  cfg = _cfg(voc_dir, fold=0, worker_count=2)
+  assert pipeline.make_eval_loader(cfg, path, global_batch_size=2).worker_count == 0
+  # the loader records the number it resolved to (the workers start only on iter())
+  assert pipeline.make_train_loader(cfg, global_batch_size=2).worker_count == 2
+  from configs import panet  # the run configs: auto, smoke runs in-process
+
+  assert panet.get_config("").data.worker_count == -1
+  assert panet.get_config("smoke").data.worker_count == 0

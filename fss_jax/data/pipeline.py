@@ -22,18 +22,26 @@ class) give 1-way episodes only.
 
 Batches (dict of numpy arrays, docs/DESIGN.md §2 "The episode"), b = per-process batch::
 
-  query_image [b, H, W, 3] f32 (ImageNet-normalised)    query_mask [b, H, W] i32 (0/1/255)
-  support_images [b, K, H, W, 3] f32                       support_masks [b, K, H, W] i32
+  query_image [b, H, W, 3] f32 (ImageNet-normalised)    query_mask [b, H, W] u8 (0/1/255)
+  support_images [b, K, H, W, 3] f32                       support_masks [b, K, H, W] u8
   class_id [b] i32 (original class id)                      class_index [b] i32 (subcls)
-  episode_index [b] i32                                     query_base_label [b, H, W] i32 (optional)
-  eval only: label_original [b, Hb, Wb] i32 (255-padded), label_size [b, 2] i32, valid [b] i32
+  episode_index [b] i32                                     query_base_label [b, H, W] u8 (optional)
+  eval only: label_original [b, Hb, Wb] u8 (255-padded), label_size [b, 2] i32, valid [b] i32
   N-way: support_* get a way axis [b, N, K, ...]; class_id / class_index are [b, N].
+
+Labels stay uint8 (a quarter of the bytes to copy and transfer); the jitted steps
+(`fss_jax.train.step`) widen them to int32 on the device. Each episode's last op
+(`transforms.fused_ops`) hands its images over unmaterialised and `transforms.batch_episodes`
+normalises them straight into their batch rows (for a crop, from the unpadded image), in
+worker processes into shared memory, which reaches this process without another copy.
 
 The loader's iterator is a grain ``DatasetIterator``: ``it.get_state()`` /
 ``it.set_state(state)`` (JSON-able dicts; orbax: ``grain.checkpoint.CheckpointSave``)
-resume to the same next batches; restore with the same ``worker_count``.
-With ``worker_count > 0`` the data is produced in spawned processes: scripts must run
-under ``if __name__ == "__main__":``.
+resume to the same next batches; restore with the same worker count (``worker_count=-1``
+resolves the same way on the same host: `resolve_worker_count`; `Loader.worker_count`
+is the number used). With workers the training data is produced in spawned processes:
+scripts must run under ``if __name__ == "__main__":``. Evaluation loaders always run in
+this process (no worker start-up on the evaluation path).
 
 Usage::
 
@@ -61,6 +69,24 @@ from fss_jax.data import splits
 from fss_jax.data import transforms as T
 
 DEFAULT_LABEL_BUCKET = {"pascal5i": 512, "coco20i": 640}
+AUTO_WORKERS = -1  # EpisodeConfig.worker_count: from the host's cores (resolve_worker_count)
+MAX_AUTO_WORKERS = 8
+
+
+def usable_cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def resolve_worker_count(worker_count: int) -> int:
+  """``EpisodeConfig.worker_count`` -> grain worker processes: itself when >= 0; for
+  `AUTO_WORKERS` (-1) one per usable core but one (left to the training step), at most
+  `MAX_AUTO_WORKERS` (0 on a single core). The same on every run on one host."""
+  if worker_count != AUTO_WORKERS:
+    return worker_count
+  return min(MAX_AUTO_WORKERS, usable_cores() - 1)
 
 
 def canonical_dataset(name: str) -> str:
@@ -114,7 +140,10 @@ class EpisodeConfig:
     coco_split: "interleaved" (default) or "contiguous".
     base_label: also yield ``query_base_label`` (BAM/HDMNet base learner ensemble).
     min_pixels: the §5.1 list threshold (2·32·32 = 2048; change only for toy data).
-    worker_count: grain worker processes (0: produce in this process).
+    worker_count: grain worker processes of the training loaders: 0 produces in this
+      process, -1 ("auto") one per usable core but one, at most `MAX_AUTO_WORKERS`
+      (`resolve_worker_count`; 0 on a single core). Evaluation loaders ignore it (always
+      in this process).
     worker_buffer_size: batches each worker keeps ready.
     read_threads: threads per producing process (OpenCV releases the GIL).
     prefetch_batches: batches buffered per producing process.
@@ -162,10 +191,10 @@ class EpisodeConfig:
       )
     if self.test_resize not in ("aspect", "squash"):
       raise ValueError(f"test_resize must be 'aspect' or 'squash', got {self.test_resize!r}")
-    if self.worker_count < 0 or self.read_threads < 1:
+    if self.worker_count < AUTO_WORKERS or self.read_threads < 1:
       raise ValueError(
-        f"worker_count must be >= 0 and read_threads >= 1, got {self.worker_count}, "
-        f"{self.read_threads}"
+        f"worker_count must be >= 0 (or {AUTO_WORKERS}: auto) and read_threads >= 1, got "
+        f"{self.worker_count}, {self.read_threads}"
       )
 
   @property
@@ -496,6 +525,11 @@ class Loader:
       drop-last epoch length); eval: ⌈episodes / G⌉ batches (the last one padded).
     classes: the class list (base for training, novel for eval); ``class_index`` indexes it.
     num_steps: batches the iterator yields (None: endless).
+    specs: eval: the stored episodes (record positions), in order; training: empty.
+    source: eval: the record source the episodes index.
+    episode_config: the `EpisodeConfig` the loader was made with.
+    worker_count: the worker processes producing the batches (`resolve_worker_count` of
+      the config's; 0: this process, always for evaluation).
   """
 
   dataset: Any
@@ -505,6 +539,10 @@ class Loader:
   steps_per_epoch: int
   classes: tuple[int, ...]
   num_steps: int | None
+  specs: tuple[EpisodeSpec, ...] = ()
+  source: Any = None
+  episode_config: EpisodeConfig | None = None
+  worker_count: int = 0
 
   def __iter__(self):
     return iter(self.dataset)
@@ -560,28 +598,40 @@ def _finish(
   global_batch_size: int,
   shard_index: int,
   shard_count: int,
+  workers: int,
 ) -> grain.IterDataset:
+  """Shard, batch (`transforms.BatchEpisodes`; in shared memory when ``workers`` > 0) and
+  prefetch with ``cfg.read_threads`` threads in this process or in ``workers`` processes."""
   b = per_process_batch(global_batch_size, shard_count)
   ds = _ProcessShard(
     ds, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count
   )
-  ds = ds.batch(b, drop_remainder=True, batch_fn=T.batch_episodes)
+  ds = ds.batch(b, drop_remainder=True, batch_fn=T.BatchEpisodes(shared_memory=workers > 0))
   it = ds.to_iter_dataset(
     grain.ReadOptions(
       num_threads=cfg.read_threads, prefetch_buffer_size=max(1, cfg.prefetch_batches)
     )
   )
-  if cfg.worker_count > 0:
+  if workers > 0:
     _mark_flags_parsed()
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(
-        num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
+        num_workers=workers, per_worker_buffer_size=cfg.worker_buffer_size
       ),
       worker_init_fn=_WorkerInit(cfg.cv2_threads, cfg.tune_malloc),
     )
   elif cfg.tune_malloc:
     tune_malloc()
   return it
+
+
+def _train_ops(cfg: EpisodeConfig) -> list:
+  """The §8 chain of ``cfg``, its tail fused into the batch writes (`transforms.fused_ops`)."""
+  return T.fused_ops(
+    T.train_ops(
+      cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur, resize=cfg.train_resize
+    )
+  )
 
 
 def _apply_ops(ds: grain.MapDataset, ops: Sequence) -> grain.MapDataset:
@@ -640,15 +690,15 @@ def make_train_loader(
   fc = cfg.fold_classes()
   ds = _Range(n).map(SampleEpisode(sampler))
   ds = ds.map(LoadEpisode(src, base_lut=fc.base_label_lut() if cfg.base_label else None))
-  ds = ds.seed(cfg.seed)
-  ds = _apply_ops(
-    ds,
-    T.train_ops(
-      cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur, resize=cfg.train_resize
-    ),
-  )
+  ds = _apply_ops(ds.seed(cfg.seed), _train_ops(cfg))
+  workers = resolve_worker_count(cfg.worker_count)
   it = _finish(
-    ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count
+    ds,
+    cfg,
+    global_batch_size=global_batch_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    workers=workers,
   )
   return Loader(
     dataset=it,
@@ -658,6 +708,7 @@ def make_train_loader(
     steps_per_epoch=max(1, q // global_batch_size),
     classes=sampler.lists.classes,
     num_steps=None if num_epochs is None else n // global_batch_size,
+    worker_count=workers,
   )
 
 
@@ -728,7 +779,8 @@ def make_eval_loader(
   the file. Besides the module docstring's arrays, batches hold ``label_original``
   [b, Hb, Wb] (original-size binary query label, 255-padded into ``cfg.bucket``; S×S with
   ``cfg.score_size``) and ``label_size`` [b, 2]. ``source`` defaults to the dataset's test
-  split (``cfg.test_split``: "val", or "test" for the cross-domain sets).
+  split (``cfg.test_split``: "val", or "test" for the cross-domain sets). Produced in this
+  process whatever ``cfg.worker_count`` says (no worker start-up before an evaluation).
   """
   src = _open(cfg, cfg.test_split, source)
   classes = cfg.test_classes()
@@ -763,10 +815,15 @@ def make_eval_loader(
   steps = math.ceil(len(specs) / global_batch_size)
   ds = _Range(steps * global_batch_size).map(StoredEpisode(specs))
   ds = ds.map(LoadEpisode(src, base_lut=base_lut, with_valid=True, binary=cfg.cross_domain))
-  ops = T.test_ops(cfg.test_size, resize=cfg.test_resize, bucket=bucket)
+  ops = T.fused_ops(T.test_ops(cfg.test_size, resize=cfg.test_resize, bucket=bucket))
   ds = _apply_ops(ds, ([LabelAtInput(int(cfg.score_size))] if cfg.score_size else []) + ops)
   it = _finish(
-    ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count
+    ds,
+    cfg,
+    global_batch_size=global_batch_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    workers=0,
   )
   return Loader(
     dataset=it,
@@ -776,6 +833,9 @@ def make_eval_loader(
     steps_per_epoch=steps,
     classes=classes,
     num_steps=steps,
+    specs=tuple(specs),
+    source=src,
+    episode_config=cfg,
   )
 
 
@@ -826,7 +886,7 @@ def make_base_train_loader(
   source=None,
 ) -> Loader:
   """Base-learner (PSPNet) training batches over the **whole** train pool (§6 BaseData):
-  ``image`` [b, H, W, 3] f32 and ``label`` [b, H, W] i32 (base classes 1..|base|, novel
+  ``image`` [b, H, W, 3] f32 and ``label`` [b, H, W] u8 (base classes 1..|base|, novel
   and background 0, 255 kept), §8 augmentation with ``cfg.train_size`` / ``cfg.scale``
   (BAM: 417, (0.5, 2.0)); the crop's 85 % rule counts label 1, as the reference does."""
   src = _open(cfg, "train", source)
@@ -836,12 +896,15 @@ def make_base_train_loader(
   n = sys.maxsize if num_epochs is None else num_epochs * n_img
   lut = fc.base_label_lut()
   ds = _Range(n).map(_BaseImage(src, lut, cfg.seed, "shuffle")).seed(cfg.seed)
-  ops = T.train_ops(
-    cfg.train_size, scale=cfg.scale, rotate=cfg.rotate, blur=cfg.blur, resize=cfg.train_resize
-  )
-  ds = _apply_ops(ds, ops).map(_RenameBase())
+  ds = _apply_ops(ds, _train_ops(cfg)).map(_RenameBase())
+  workers = resolve_worker_count(cfg.worker_count)
   it = _finish(
-    ds, cfg, global_batch_size=global_batch_size, shard_index=shard_index, shard_count=shard_count
+    ds,
+    cfg,
+    global_batch_size=global_batch_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    workers=workers,
   )
   return Loader(
     dataset=it,
@@ -851,6 +914,7 @@ def make_base_train_loader(
     steps_per_epoch=max(1, n_img // global_batch_size),
     classes=fc.base,
     num_steps=None if num_epochs is None else n // global_batch_size,
+    worker_count=workers,
   )
 
 
@@ -870,6 +934,10 @@ __all__ = [
   "per_process_batch",
   "global_indices",
   "DEFAULT_LABEL_BUCKET",
+  "AUTO_WORKERS",
+  "MAX_AUTO_WORKERS",
+  "usable_cores",
+  "resolve_worker_count",
   "canonical_dataset",
   "is_cross_domain",
   "nearest_indices",

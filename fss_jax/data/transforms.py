@@ -30,7 +30,9 @@ PANet's PIL resize on uint8):
   -> `Normalize` -> `ToArrays`.
 
 Use `train_ops` / `test_ops` to get these chains and `batch_episodes` to stack
-episodes into a batch.
+episodes into a batch. The loaders run the chains through `fused_ops`: its last op
+leaves each image as a `Paste` that `batch_episodes` normalises straight into the batch
+(a crop reads the unpadded image), with the same numbers and uint8 labels.
 
 Official behaviour reproduced (tests/test_augment_official.py replays the official
 code's draws: SCCAN's ``util/transform*.py`` = BAM's, PAHNet's, Sym-Net's; HDMNet's;
@@ -72,6 +74,7 @@ from typing import cast
 import cv2
 import grain
 import numpy as np
+from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 
 IGNORE = 255
@@ -303,6 +306,16 @@ class RandomCrop(_GroupRandomMap):
     top, left = self.offsets(label0, rng)
     return {"top": top, "left": left}
 
+  def window(self, shape: tuple[int, ...], params: dict) -> tuple[slice, slice, int, int]:
+    """Where the crop of an [h, w] input comes from, without padding it: (rows, cols) of the
+    input and their (top, left) in the crop; the rest of the crop is padding."""
+    ch, cw = _size_hw(self.size)
+    pt, _, pl, _ = _pads(shape, (ch, cw), self.pad)
+    top, left = params["top"], params["left"]  # in padded coordinates
+    r0, c0 = max(top, pt), max(left, pl)
+    r1, c1 = min(top + ch, pt + shape[0]), min(left + cw, pl + shape[1])
+    return slice(r0 - pt, r1 - pt), slice(c0 - pl, c1 - pl), r0 - top, c0 - left
+
   def apply(self, image, labels, params):
     ch, cw = _size_hw(self.size)
     image, labels = pad_to(
@@ -371,15 +384,23 @@ class AspectResizePad(grain.transforms.Map):
   size: int = 473
   ignore_label: int = IGNORE
 
+  def resize(self, image, labels):
+    """The content pasted top-left: [H, W, 3] -> [nh, nw, 3] (`aspect_size`), labels too."""
+    nh, nw = aspect_size(*labels[0].shape, int(self.size))
+    image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    labels = [cv2.resize(l, (nw, nh), interpolation=cv2.INTER_NEAREST) for l in labels]
+    return image, labels
+
   def apply(self, image, labels):
     s = int(self.size)
-    nh, nw = aspect_size(*labels[0].shape, s)
+    image, labels = self.resize(image, labels)
+    nh, nw = labels[0].shape
     canvas = np.zeros((s, s, 3), np.float32)
-    canvas[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    canvas[:nh, :nw] = image
     out = []
     for l in labels:
       c = np.full((s, s), self.ignore_label, l.dtype)
-      c[:nh, :nw] = cv2.resize(l, (nw, nh), interpolation=cv2.INTER_NEAREST)
+      c[:nh, :nw] = l
       out.append(c)
     return canvas, out
 
@@ -436,16 +457,28 @@ class Normalize(grain.transforms.Map):
   mean: tuple[float, float, float] = MEAN
   std: tuple[float, float, float] = STD
 
-  def apply(self, image, labels):
+  def write(self, image: np.ndarray, out: np.ndarray) -> None:
+    """Normalises ``image`` [h, w, 3] into ``out``: float32 [h, w, 3], e.g. a window of a
+    batch row (its rows may be strided, each row's w·3 values must be contiguous)."""
     h, w, c = image.shape
     # Rows of W·C values against a tiled mean/std row: contiguous inner loops (a
     # broadcast over a trailing axis of 3 is ~10x slower), the same float32 ops.
     mean = np.tile(np.asarray(self.mean, np.float32), w)
     std = np.tile(np.asarray(self.std, np.float32), w)
-    out = np.empty((h, w * c), np.float32)
-    np.subtract(image.reshape(h, w * c), mean, out=out)
-    np.divide(out, std, out=out)
-    return out.reshape(h, w, c), labels
+    rows = out.reshape(h, w * c, copy=False)
+    np.subtract(image.reshape(h, w * c), mean, out=rows)
+    np.divide(rows, std, out=rows)
+
+  def apply(self, image, labels):
+    out = np.empty(image.shape, np.float32)
+    self.write(image, out)
+    return out, labels
+
+  def pixel(self, value: Sequence[float]) -> np.ndarray:
+    """f32 [3]: what a float32 pixel of ``value`` (RGB) normalises to (e.g. the mean -> 0)."""
+    out = np.empty((1, 1, 3), np.float32)
+    self.write(np.asarray(value, np.float32).reshape(1, 1, 3), out)
+    return out[0, 0]
 
   def map(self, ep):
     return _apply(ep, self.apply)
@@ -455,7 +488,8 @@ class Normalize(grain.transforms.Map):
 class ToArrays(grain.transforms.Map):
   """Final per-episode op: images float32 contiguous, labels int32, scalars as numpy
   arrays; drops bookkeeping (``query_id``). Supports stay lists: `batch_episodes`
-  stacks them straight into the batch (one copy)."""
+  stacks them straight into the batch (one copy). The loaders end their chains with
+  `fused_ops` instead (no per-episode image, uint8 labels)."""
 
   def map(self, ep):
     out = {k: v for k, v in ep.items() if k != "query_id"}
@@ -469,33 +503,204 @@ class ToArrays(grain.transforms.Map):
     return out
 
 
-def batch_episodes(elements: Sequence[dict]) -> dict[str, np.ndarray]:
-  """Stacks episode elements (after `ToArrays`) into a batch (docs/DESIGN.md §2).
+# -- fused tails: rows written straight into the batch ---------------------------------------
 
-  Supports become [B, K, H, W, 3] / [B, K, H, W], or [B, N, K, ...] when ``class_id``
-  is [N] (N-way; the lists are way-major). Every other entry is stacked along a new
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Paste:
+  """One batch row, not materialised until `batch_episodes` writes it into the batch.
+
+  The row is a ``shape`` canvas of ``fill`` with ``src`` [h, w(, 3)] pasted at (top, left);
+  with ``normalize`` (images) ``src`` is normalised on the way into float32 and ``fill``
+  is already in normalised units (f32 [3]); without (labels) ``src`` is copied as is.
+  """
+
+  src: np.ndarray
+  shape: tuple[int, ...]
+  top: int = 0
+  left: int = 0
+  fill: float | np.ndarray = 0
+  normalize: Normalize | None = None
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(np.float32) if self.normalize is not None else self.src.dtype
+
+  def write(self, out: np.ndarray) -> None:
+    """Fills ``out`` (``shape``, ``dtype``: one row of the batch)."""
+    h, w = self.src.shape[:2]
+    t, l = self.top, self.left
+    if (t, l, h, w) != (0, 0, *out.shape[:2]):
+      # One canvas line [W(, 3)], copied line by line (a broadcast over a trailing axis
+      # of 3 is ~30x slower).
+      line = np.empty(out.shape[1:], out.dtype)
+      line[...] = self.fill
+      out[:t] = line
+      out[t + h :] = line
+      out[t : t + h, :l] = line[:l]
+      out[t : t + h, l + w :] = line[l + w :]
+    if self.normalize is not None:
+      self.normalize.write(self.src, out[t : t + h, l : l + w])
+    else:
+      out[t : t + h, l : l + w] = self.src
+
+
+def _to_rows(ep: dict, fn) -> dict:
+  """`_apply` for the last op of a `fused_ops` chain: also drops bookkeeping (``query_id``)."""
+  out = _apply(ep, fn)
+  out.pop("query_id", None)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizeRow(grain.transforms.Map):
+  """`Normalize` + `ToArrays` as one last op: images become `Paste` rows that
+  `batch_episodes` normalises straight into the batch; labels stay uint8 arrays."""
+
+  normalize: Normalize
+
+  def apply(self, image, labels):
+    return Paste(image, image.shape, normalize=self.normalize), labels
+
+  def map(self, ep):
+    return _to_rows(ep, self.apply)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCropRow(_GroupRandomMap):
+  """`RandomCrop` + `Normalize` + `ToArrays` as one last op, with the crop's draws: the
+  crop window of the unpadded image goes straight into the batch row, normalised, and the
+  padding is filled in place (the mean colour normalises to 0), so the padded canvas and
+  the cropped image are never made. Labels: `Paste` rows (uint8, ``ignore_label`` fill)."""
+
+  crop: RandomCrop
+  normalize: Normalize
+
+  def draw(self, rng, labels):
+    return self.crop.draw(rng, labels)
+
+  def apply(self, image, labels, params):
+    ch, cw = _size_hw(self.crop.size)
+    rows, cols, top, left = self.crop.window(labels[0].shape, params)
+    fill = self.normalize.pixel(self.crop.pad_value)
+    out = Paste(image[rows, cols], (ch, cw, 3), top, left, fill, self.normalize)
+    return out, [Paste(l[rows, cols], (ch, cw), top, left, self.crop.ignore_label) for l in labels]
+
+  def random_map(self, ep, rng):
+    return _to_rows(ep, lambda i, l: self.apply(i, l, self.draw(rng, l)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AspectResizePadRow(grain.transforms.Map):
+  """`AspectResizePad` + `Normalize` + `ToArrays` as one last op: the resized content goes
+  straight into the batch row, normalised, and the rest of the row is the normalised zero
+  canvas (labels: 255)."""
+
+  resize: AspectResizePad
+  normalize: Normalize
+
+  def apply(self, image, labels):
+    s = int(self.resize.size)
+    image, labels = self.resize.resize(image, labels)
+    zero = self.normalize.pixel((0.0, 0.0, 0.0))
+    out = Paste(image, (s, s, 3), fill=zero, normalize=self.normalize)
+    return out, [Paste(l, (s, s), fill=self.resize.ignore_label) for l in labels]
+
+  def map(self, ep):
+    return _to_rows(ep, self.apply)
+
+
+def fused_ops(ops: Sequence) -> list:
+  """The loaders' form of a chain that ends in `Normalize`, `ToArrays` (`train_ops`,
+  `test_ops`): that tail, together with a `RandomCrop` or `AspectResizePad` right before
+  it, becomes one op (`RandomCropRow`, `AspectResizePadRow`, else `NormalizeRow`) whose
+  `Paste` rows `batch_episodes` writes straight into the batch. Bit-identical images and
+  label values; labels stay uint8 (0/1/255, N-way 0..N/255)."""
+  *head, normalize, last = ops
+  # Exact types: a subclass may change what the fused op would leave out.
+  if type(normalize) is not Normalize or type(last) is not ToArrays:
+    raise ValueError(
+      f"fused_ops needs a chain ending in Normalize, ToArrays, got "
+      f"{[type(o).__name__ for o in ops[-2:]]}"
+    )
+  prev = head[-1] if head else None
+  if type(prev) is RandomCrop:
+    return head[:-1] + [RandomCropRow(prev, normalize)]
+  if type(prev) is AspectResizePad:
+    return head[:-1] + [AspectResizePadRow(prev, normalize)]
+  return head + [NormalizeRow(normalize)]
+
+
+def _stack(rows: Sequence, empty: Callable, lead: tuple[int, ...]) -> np.ndarray:
+  """[*lead, ...] (prod(lead) = len(rows)) from ``rows`` (arrays or `Paste`), allocated
+  by ``empty(shape, dtype)`` and returned as allocated (no view of it)."""
+  x0 = rows[0] if isinstance(rows[0], Paste) else np.asarray(rows[0])
+  shape = tuple(x0.shape)
+  out = empty((*lead, *shape), x0.dtype)
+  flat = out.reshape(len(rows), *shape, copy=False)
+  for i, x in enumerate(rows):
+    if isinstance(x, Paste):
+      x.write(flat[i])
+    elif np.shape(x) != shape:
+      raise ValueError(f"episodes of one batch have shapes {shape} and {np.shape(x)}")
+    else:
+      flat[i] = x
+  return out
+
+
+def batch_episodes(elements: Sequence[dict], empty: Callable = np.empty) -> dict[str, np.ndarray]:
+  """Batches episode elements (after `ToArrays`, or a `fused_ops` chain) (docs/DESIGN.md §2).
+
+  Each entry goes straight into its row of an array from ``empty(shape, dtype)``
+  (`np.empty`; `BatchEpisodes` allocates shared memory): arrays are copied, `Paste`
+  rows written. Supports become [B, K, H, W, 3] / [B, K, H, W], or [B, N, K, ...] when
+  ``class_id`` is [N] (N-way; the lists are way-major); every other entry gets a new
   leading axis. All supports of the batch must share one size (true after a crop or
   resize op).
   """
-  first = elements[0]
-  out = {}
-  for k in first:
-    if k in ("support_images", "support_masks"):
-      continue
-    out[k] = np.stack([e[k] for e in elements])
+  first, b = elements[0], len(elements)
+  supports = ("support_images", "support_masks")
+  out = {k: _stack([e[k] for e in elements], empty, (b,)) for k in first if k not in supports}
   if "support_images" in first:
     n = len(first["support_images"])
     way = int(np.size(first["class_id"])) if np.ndim(first["class_id"]) else 1
-    for key in ("support_images", "support_masks"):
-      x0 = first[key][0]
-      arr = np.empty((len(elements), n, *x0.shape), x0.dtype)
-      for b, e in enumerate(elements):
+    for key in supports:
+      for e in elements:
         if len(e[key]) != n:
           raise ValueError(f"episodes of one batch have {n} and {len(e[key])} supports")
-        for k, x in enumerate(e[key]):
-          arr[b, k] = x
-      out[key] = arr.reshape(len(elements), way, n // way, *x0.shape) if way > 1 else arr
+      lead = (b, way, n // way) if way > 1 else (b, n)
+      out[key] = _stack([x for e in elements for x in e[key]], empty, lead)
   return out
+
+
+class _BatchArray(SharedMemoryArray):
+  """A batch array in shared memory that unlinks its segment when it is deleted, unless it
+  was handed to another process: grain reads its ``metadata`` to pass it on (and the
+  receiving process unlinks it). So batches a worker made but never handed over (its
+  prefetch buffer when the loader stops) leave no segment behind."""
+
+  @classmethod
+  def empty(cls, shape: tuple[int, ...], dtype) -> _BatchArray:
+    out = cls(shape, dtype)
+    out.unlink_on_del()
+    return out
+
+  @property
+  def metadata(self):
+    self._unlink_on_del = False
+    return super().metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchEpisodes:
+  """`batch_episodes` as a grain ``batch_fn``. ``shared_memory``: allocate the batch as
+  grain ``SharedMemoryArray`` arrays, which a worker process hands to the main process
+  as they are (grain copies any other array into shared memory first)."""
+
+  shared_memory: bool = False
+
+  def __call__(self, elements: Sequence[dict]) -> dict[str, np.ndarray]:
+    return batch_episodes(elements, _BatchArray.empty if self.shared_memory else np.empty)
 
 
 # -- chains ---------------------------------------------------------------------------------
@@ -592,6 +797,12 @@ __all__ = [
   "KeepOriginalLabel",
   "Normalize",
   "ToArrays",
+  "Paste",
+  "NormalizeRow",
+  "RandomCropRow",
+  "AspectResizePadRow",
+  "fused_ops",
+  "BatchEpisodes",
   "aspect_size",
   "pad_to",
   "pad_label",

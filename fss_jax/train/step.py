@@ -39,6 +39,15 @@ from fss_jax.train.state import TrainState
 LossFn = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array]], tuple[jax.Array, dict]]
 
 
+def widen_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The batch with its uint8 entries (the loaders' labels: 0/1/255, N-way 0..N/255) as
+  int32, cast on the device at the start of every step; every other entry as it is."""
+  return {
+    k: v.astype(jnp.int32) if getattr(v, "dtype", None) == jnp.uint8 else v
+    for k, v in batch.items()
+  }
+
+
 def _stop_frozen(params: Any, trainable: Any | None) -> Any:
   if trainable is None:
     return params
@@ -116,7 +125,7 @@ def train_step(
   (loss, (aux, new_bs)), grads = loss_and_grads(
     state.params,
     state.batch_stats,
-    batch,
+    widen_labels(batch),
     rng,
     model=model,
     loss_fn=loss_fn,
@@ -162,6 +171,7 @@ def eval_step(
     channels), ignore pixels and padding excluded; plus "class_id" and "valid"
     ([B], ones when the batch has none) passed through for the host accumulator.
   """
+  batch = widen_labels(batch)
   episode = {k: v for k, v in batch.items() if k != "valid"}
   outputs = precision.apply(model, state.variables(), episode, dtype=compute_dtype, train=False)
   out = metrics_lib.episode_counts(
@@ -177,6 +187,7 @@ def predict_step(
   state: TrainState, batch: Mapping[str, jax.Array], *, model, compute_dtype: str = "float32"
 ) -> jax.Array:
   """Prediction at the model's output resolution: int32 [B, h, w] (argmax of the logits)."""
+  batch = widen_labels(batch)
   outputs = precision.apply(model, state.variables(), batch, dtype=compute_dtype, train=False)
   return jnp.argmax(outputs["logits"], axis=-1).astype(jnp.int32)
 
@@ -232,6 +243,7 @@ def make_predict_step(*, model, mesh, compute_dtype: str = "float32") -> Callabl
 
 
 __all__ = [
+  "widen_labels",
   "train_step",
   "eval_step",
   "predict_step",
