@@ -17,8 +17,8 @@ OUT=${1:-bench/results}
 PEAK=${2:-989}
 PY=${PY:-.venv/bin/python}
 REFS=${REFS:-}
-S=473; B8=8; B4=4; N=20; E=50
-if [[ "${SMOKE:-0}" == 1 ]]; then S=65; B8=2; B4=2; N=1; E=2; fi
+S=473; B8=8; B4=4; N=20; E=50; EP=1000; NS=5; IMG=600
+if [[ "${SMOKE:-0}" == 1 ]]; then S=65; B8=2; B4=2; N=1; E=2; EP=2; NS=1; IMG=120; fi
 mkdir -p "$OUT"
 
 run() {  # file, then bench/run.py arguments; a failure is reported and the suite goes on
@@ -32,6 +32,16 @@ run sccan_gpu.jsonl --model sccan --mode eval --size $S --batch $E --steps $N --
 run sccan_gpu.jsonl --model sccan --mode eval --size $S --batch $E --steps $N --warmup 2 --eval-fn score --dtype bfloat16
 run hdmnet_gpu.jsonl --model hdmnet --mode eval --size $S --batch $E --steps $N --warmup 2 --eval-fn score --score original
 run panet_gpu.jsonl --model panet --mode eval --size $S --batch $E --steps $N --warmup 2 --eval-fn score
+# 1b. The test protocol end to end (stored lists -> decode -> transform -> model -> scoring),
+#     1000 episodes x 5 seeds, frozen-encoder cache on and off (bench/eval_protocol.py).
+for model in sccan hdmnet; do
+  for shot in 1 5; do
+    run ${model}_gpu.jsonl --mode eval_protocol --model $model --size $S --shot $shot \
+      --episodes $EP --seeds $NS --batch $B8 --num-images $IMG
+  done
+  run ${model}_gpu.jsonl --mode eval_protocol --model $model --size $S --shot 1 \
+    --episodes $EP --seeds 1 --batch $B8 --num-images $IMG --no-cache
+done
 # 2. Backbone forward MFU (frozen dilated ResNet-50 + PPM of the base learner).
 run pspnet_gpu.jsonl --model pspnet --mode eval --size $S --batch $E --steps $N --warmup 2
 run pspnet_gpu.jsonl --model pspnet --mode eval --size $S --batch $E --steps $N --warmup 2 --dtype bfloat16

@@ -236,10 +236,64 @@ def _summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
   return rows
 
 
+PROTOCOL_FILE = "eval_protocol"  # bench/results/eval_protocol_*.jsonl: the protocol table
+
+
+def _protocol_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
+  """`--mode eval_protocol` runs (cached, plain) and the official test forward (torch_ref eval
+  records of the same file), one row each, grouped by (model, K, size); speed-up vs plain."""
+  groups: dict[tuple, dict[str, dict]] = {}
+  for r in records:
+    if not str(r.get("_file", "")).startswith(PROTOCOL_FILE):
+      continue
+    if r.get("mode") == "eval_protocol":
+      kind = "cached" if r.get("cache") else "plain"
+    elif r.get("impl") == "torch" and r.get("mode") == "eval":
+      kind = "official (forward only)"
+    else:
+      continue
+    groups.setdefault((r.get("model"), r.get("shot"), r.get("size")), {})[kind] = r
+  rows = []
+  for (model, shot, size), kinds in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    plain = kinds.get("plain", {}).get("episodes_per_s")
+    for kind in ("cached", "plain", "official (forward only)"):
+      r = kinds.get(kind)
+      if r is None:
+        continue
+      rate = r.get("episodes_per_s")
+      host = r.get("host") or {}
+      episodes = (
+        f"{r['episodes_per_seed']} × {len(r['seeds'])}"
+        if "episodes_per_seed" in r
+        else f"{r.get('steps')} steps"
+      )
+      rows.append(
+        [
+          model,
+          shot,
+          size,
+          kind,
+          episodes,
+          rate,
+          None if not (plain and rate) else f"{rate / plain:.2f}×",
+          r.get("unique_images"),
+          r.get("backbone_passes"),
+          None if r.get("cache_bytes") is None else _mib(r["cache_bytes"]),
+          r.get("peak_mib"),
+          r.get("miou"),
+          _load(r),
+          host.get("time_utc"),
+        ]
+      )
+  return rows
+
+
 def render(records: list[dict[str, Any]]) -> str:
   """The Markdown page."""
   by_model: dict[str, dict[str, list]] = {}
   for rec in records:
+    if rec.get("mode") == "eval_protocol":  # the protocol table only
+      continue
     model = rec.get("model") or "?"
     slot = by_model.setdefault(
       model,
@@ -306,6 +360,43 @@ def render(records: list[dict[str, Any]]) -> str:
         "time (UTC)",
       ),
       summary,
+    )
+    out.append("")
+  protocol = _protocol_rows(records)
+  if protocol:
+    out += [
+      "## The test protocol end to end: frozen-encoder cache vs the plain path",
+      "",
+      "`bench/run.py --mode eval_protocol` (bench/eval_protocol.py): stored episode lists of a",
+      "synthetic PASCAL-5i fold 0 → decode → §9 transform → model (random weights) → scoring at",
+      "the original label size, batch 1, compile excluded. `cached`: the frozen encoder once per",
+      "unique image (fss_jax/eval/cached.py); `plain`: the whole forward per episode (its cost per",
+      "episode does not depend on the list length, so it may run fewer episodes); `official`:",
+      "`bench/torch_ref.py --mode eval` of the reference checkout, its forward alone on",
+      "device-resident inputs (no decoding, no scoring: an upper bound on the official loop).",
+      "Speed-up is episodes/s ÷ the plain path's. The cache's gain grows with the reuse",
+      "(episodes × (1 + K) ÷ unique images); the synthetic fold has 48 test images, a real",
+      "PASCAL-5i fold ~350 for 5 × 1000 episodes.",
+      "",
+    ]
+    out += _table(
+      (
+        "model",
+        "K",
+        "size",
+        "path",
+        "episodes × seeds",
+        "episodes/s",
+        "vs plain",
+        "unique images",
+        "backbone passes",
+        "cache MiB",
+        "peak MiB",
+        "mIoU",
+        "load",
+        "time (UTC)",
+      ),
+      protocol,
     )
     out.append("")
   for model in sorted(by_model):

@@ -305,7 +305,7 @@ def _pipeline_loader(args, config, tmp: str):
   from data_prep import synthetic
   from fss_jax.data import pipeline
 
-  data_dir = args.data_dir or synthetic.make_built_dataset(tmp, "voc", args.num_images, 0)
+  data_dir = args.data_dir or synthetic.make_built_dataset(tmp, "voc", args.num_images or 120, 0)
   d = config.data if config is not None else None
   cfg = pipeline.EpisodeConfig(
     dataset="pascal5i",
@@ -522,7 +522,12 @@ def parser() -> argparse.ArgumentParser:
     description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--model", required=True, help="registry name (panet, sccan, hdmnet, ...)")
-  p.add_argument("--mode", choices=("train", "eval"), default="train")
+  p.add_argument(
+    "--mode",
+    choices=("train", "eval", "eval_protocol"),
+    default="train",
+    help="eval_protocol: the test protocol end to end (bench/eval_protocol.py)",
+  )
   p.add_argument("--size", type=int, default=473, help="square input side H = W")
   p.add_argument("--batch", type=int, default=1, help="global episodes per step")
   p.add_argument("--shot", type=int, default=1)
@@ -560,14 +565,23 @@ def parser() -> argparse.ArgumentParser:
     help="feed the grain training loader over a synthetic TFDS build (measures data + model)",
   )
   p.add_argument(
-    "--data-dir", default="", help="--with-pipeline: an existing TFDS data_dir to read"
+    "--data-dir",
+    "--data_dir",
+    default="",
+    help="--with-pipeline / eval_protocol: an existing TFDS data_dir to read",
   )
   p.add_argument(
-    "--num-images", type=int, default=120, help="--with-pipeline: synthetic images to build"
+    "--num-images",
+    type=int,
+    default=0,
+    help="synthetic images to build (0: 120 for --with-pipeline, 600 for eval_protocol)",
   )
   p.add_argument("--workers", type=int, default=0, help="--with-pipeline: grain worker processes")
   p.add_argument("--read-threads", type=int, default=2)
   p.add_argument("--out", default="", help="also append the JSON line to this .jsonl file")
+  p.add_argument("--episodes", type=int, default=200, help="eval_protocol: episodes per seed")
+  p.add_argument("--seeds", type=int, default=2, help="eval_protocol: seeds 321, 322, ...")
+  p.add_argument("--no-cache", action="store_true", help="eval_protocol: whole forward per episode")
   return p
 
 
@@ -586,7 +600,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
     ).strip()
-  rec = run(args)
+  if args.mode == "eval_protocol":
+    from bench import eval_protocol
+
+    rec = {
+      **eval_protocol.run(args, build, _peak_memory),
+      "host": host_info(),
+      "command": " ".join(["python bench/run.py", *argv]),
+    }
+  else:
+    rec = run(args)
   emit(rec, args.out or None)
   return rec
 

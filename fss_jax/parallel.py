@@ -169,6 +169,17 @@ def to_global(local: Any, mesh: Mesh) -> Any:
   )
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Host numpy pytree (the same on every process) -> fully replicated global arrays."""
+  sharding = replicated(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
 def to_host(x: Any) -> Any:
   """Fully-replicated or addressable global arrays -> numpy (every process gets all of it)."""
 
@@ -191,6 +202,7 @@ __all__ = [
   "batch_sharding",
   "local_batch_size",
   "to_global",
+  "replicate",
   "to_host",
   "data_size",
   "DATA",

@@ -136,6 +136,33 @@ def test_panet_train_and_eval_json(capsys, tmp_path):
   assert "python bench/run.py --model panet --mode train --size 33" in page
 
 
+def test_eval_protocol_record(capsys):
+  """--mode eval_protocol: stored lists -> loader -> cached SCCAN (smoke fields) -> scores."""
+  rec = bench_run.main(
+    [
+      "--model",
+      "sccan",
+      "--mode",
+      "eval_protocol",
+      "--size",
+      "41",
+      "--episodes",
+      "3",
+      "--seeds",
+      "2",
+      "--config-arg",
+      "smoke",
+      "--num-images",
+      "48",
+    ]
+  )
+  printed = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][0])
+  assert printed["episodes_per_s"] == rec["episodes_per_s"] > 0 and rec["cache"] is True
+  assert set(rec["per_seed_miou"]) == {"321", "322"} and np.isfinite(rec["miou"])
+  assert 0 < rec["unique_images"] <= rec["backbone_passes"] < 2 * 3 * 2  # fewer than 1 + K each
+  assert rec["cache_bytes"] > 0 and rec["cache_placement"] == "host" and rec["compile_s"] > 0
+
+
 def test_bfloat16_train_record(capsys):
   rec = _record(
     capsys,

@@ -138,6 +138,7 @@ def evaluate_episodes(
   baseline: metrics_lib.ClassIoU | None = None,
   total: int | None = None,
   progress: Callable[[int, int | None], None] | None = None,
+  to_global: Callable[[dict[str, np.ndarray]], Any] | None = None,
 ) -> metrics_lib.ClassIoU:
   """Accumulates the eval step's counts over ``batches`` (this process's shards).
 
@@ -157,6 +158,9 @@ def evaluate_episodes(
     progress: called as ``progress(done, total)`` after every batch once its results
       are on the host (``done``: valid episodes scored so far, all processes); default
       a `ProgressLog` line every 10 s.
+    to_global: this process's padded host batch -> the global batch the step reads
+      (default `parallel.to_global`; cached evaluation adds the encoder features,
+      `fss_jax.eval.cached.FeatureCache.attach`).
 
   Returns:
     The filled `metrics.ClassIoU` (identical on every process).
@@ -169,7 +173,8 @@ def evaluate_episodes(
     if max_batches is not None and i >= max_batches:
       break
     host = pad_batch(model_inputs(batch), local_batch_size)
-    out = parallel.to_host(eval_fn(state, parallel.to_global(host, mesh)))
+    batch_in = to_global(host) if to_global is not None else parallel.to_global(host, mesh)
+    out = parallel.to_host(eval_fn(state, batch_in))
     acc.add(out["intersection"], out["union"], out["class_id"], out["valid"] > 0)
     if baseline is not None:
       baseline.add(*all_foreground_counts(out["target"]), out["class_id"], out["valid"] > 0)
@@ -220,12 +225,14 @@ def evaluate_seeds(
   mesh,
   local_batch_size: int,
   class_names: Mapping[int, str] | None = None,
+  to_global: Callable[[int], Callable[[dict[str, np.ndarray]], Any]] | None = None,
 ) -> tuple[dict, dict[int, str]]:
   """Runs `evaluate_episodes` for every seed.
 
   Args:
     make_loader: seed -> this process's batches of that seed's stored episodes.
     class_names: {id: name} shown in the tables and kept in the summary.
+    to_global: seed -> that seed's `evaluate_episodes` ``to_global`` (cached evaluation).
 
   Returns:
     (the `summarize` dict, plus ``"class_names"`` {str(id): name} of ``classes`` when
@@ -243,6 +250,7 @@ def evaluate_seeds(
       local_batch_size=local_batch_size,
       class_names=class_names,
       progress=ProgressLog(f"seed {int(seed)}"),
+      to_global=to_global(int(seed)) if to_global is not None else None,
     )
     r = acc.result()
     r["seconds"] = round(time.time() - t0, 3)

@@ -29,6 +29,7 @@ from etils import epath
 
 from fss_jax import io as fss_io
 from fss_jax import parallel
+from fss_jax.eval import cached as cached_lib
 from fss_jax.eval import evaluate as evaluate_lib
 from fss_jax.eval import protocol as protocol_lib
 from fss_jax.train import checkpointing as ckpt_lib
@@ -132,16 +133,24 @@ def evaluate(config, workdir: str | os.PathLike, *, data: data_lib.Data | None =
   score = protocol_lib.scoring(config)
   eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=score, compute_dtype=dtype)
   t0 = time.time()
+  loaders = {s: first_loader if s == seeds[0] else eval_data(s, num) for s in seeds}
+  cache = cached_lib.for_evaluation(
+    config, spec, state.variables(), loaders, mesh=mesh, dtype=dtype
+  )
   summary, tables = evaluate_lib.evaluate_seeds(
     eval_step,
     state,
-    lambda s: first_loader if s == seeds[0] else eval_data(s, num),
+    loaders.__getitem__,
     seeds=seeds,
     classes=data.classes,
     mesh=mesh,
     local_batch_size=local_eval_bs,
     class_names=data.class_names,
+    to_global=cached_lib.attach_for(cache),
   )
+  if cache is not None:
+    summary["feature_cache"] = cache.stats()
+    logging.info("feature cache: %s", cache.stats())
   summary.update(
     {
       "model": config.model,

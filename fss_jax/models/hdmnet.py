@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fss_jax import keymaps
+from fss_jax.models import frozen
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.attention.hdm import (
@@ -47,6 +48,9 @@ from fss_jax.ops import losses
 from fss_jax.ops.pooling import masked_average_pool
 from fss_jax.ops.resize import resize_bilinear, resize_nearest
 from fss_jax.ops.similarity import correlation_prior
+
+# The PSPNet features the parity fixtures record (intermediates ``feat_{query,support}_<n>``).
+FEATURE_NAMES = ("layer0", "layer1", "layer2", "layer3", "layer4", "feat5")
 
 
 class DownProject(nn.Module):
@@ -177,16 +181,19 @@ class HDMNet(nn.Module):
       num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
     )
 
-    # 1. frozen features (query; supports from the masked images)
+    # 1. frozen features (query; supports from the masked images), or the features
+    #    `fss_jax.eval.cached` computed once per test image (supports: per image and class)
     mask = (episode["support_masks"] == 1).astype(x.dtype).reshape(b * k, hh, ww, 1)
-    s_img = s_x.reshape(b * k, hh, ww, s_x.shape[-1])
-    if self.mask_support_images:
-      s_img = s_img * mask
-    # One backbone pass over [queries; supports] (per-image ops only: BN is frozen).
-    feats = jax.lax.stop_gradient(psp.features(jnp.concatenate([x, s_img], 0), train=False))
-    fq = {n: f[:b] for n, f in feats.items()}
-    fs = {n: f[b:] for n, f in feats.items()}
-    for name in ("layer0", "layer1", "layer2", "layer3", "layer4", "feat5"):
+    cached = frozen.cached_features(episode)
+    if cached is None:
+      s_img = s_x.reshape(b * k, hh, ww, s_x.shape[-1])
+      if self.mask_support_images:
+        s_img = frozen.mask_foreground(s_img, episode["support_masks"].reshape(b * k, hh, ww))
+      # One backbone pass over [queries; supports] (per-image ops only: BN is frozen).
+      feats = psp.features(jnp.concatenate([x, s_img], 0), train=False)
+      cached = frozen.split_rows(jax.lax.stop_gradient(feats), b)
+    fq, fs = cached
+    for name in frozen.feature_names(fq, FEATURE_NAMES):
       sow(f"feat_query_{name}", fq[name])
       sow(f"feat_support_{name}", fs[name])
 
@@ -330,6 +337,19 @@ def keymap(
   return hdmnet_keymap(shot=shot, depth=depth, kshot_hidden=kshot_hidden)
 
 
+def encoder(
+  *, num_base_classes: int = 16, depth: int = 50, mask_support_images: bool = True, **_
+) -> frozen.FrozenEncoder:
+  """The frozen PSPNet features alone (cached evaluation); supports masked as in the forward."""
+  return frozen.FrozenEncoder(
+    pspnet_lib.PSPNet(num_classes=num_base_classes, depth=depth, frozen=True),
+    scope="pspnet",
+    method="features",
+    keep=("layer2", "layer3", "layer4", "feat5"),
+    masked_supports=frozen.mask_foreground if mask_support_images else None,
+  )
+
+
 SPEC = ModelSpec(
   "hdmnet",
   make_model,
@@ -340,6 +360,7 @@ SPEC = ModelSpec(
   # no optimiser group of the reference (hdmnet.md §6), so it keeps its initial values.
   # One pattern, so that it matches in 1-shot models (no kshot_rw) as well.
   frozen=(r"(pspnet|ensemble/kshot_rw)/.*",),
+  encoder=encoder,
   # The PSPNet base learner's PPM (41 px); the transformer's 4 x 4 reduction needs 25.
   min_input_size=pspnet_lib.MIN_INPUT_SIZE,
   # Only the training K: a K-shot model's ensemble has a learned K -> hidden -> K shot

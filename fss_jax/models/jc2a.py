@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from fss_jax import keymaps as km
+from fss_jax.models import frozen
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.attention.linear import FUSIONS, HPAM, OPERATORS, POS_EMBEDS, fuse
 from fss_jax.nn.backbones.resnet import ResNetDeepStem, resnet_keymap
@@ -171,12 +172,17 @@ class JC2A(nn.Module):
     simg = simg.reshape(b * k, *simg.shape[2:])
     smask = smask.reshape(b * k, *smask.shape[2:])
 
-    # Step 1-2: frozen backbone (shared instance; XLA drops the unused support layer4).
-    backbone = ResNetDeepStem(
-      depth=self.layers, frozen=not self.backbone_bn_batch_stats, name="backbone"
-    )
-    fq = jax.tree.map(jax.lax.stop_gradient, backbone(qimg, train=train))
-    fs = jax.tree.map(jax.lax.stop_gradient, backbone(simg, train=train))
+    # Step 1-2: frozen backbone (shared instance; XLA drops the unused support layer4), or
+    # the features `fss_jax.eval.cached` computed once per test image.
+    cached = frozen.cached_features(episode)
+    if cached is None:
+      backbone = ResNetDeepStem(
+        depth=self.layers, frozen=not self.backbone_bn_batch_stats, name="backbone"
+      )
+      fq = jax.tree.map(jax.lax.stop_gradient, backbone(qimg, train=train))
+      fs = jax.tree.map(jax.lax.stop_gradient, backbone(simg, train=train))
+    else:
+      fq, fs = cached
     drop = nn.Dropout(self.feat_dropout, broadcast_dims=(1, 2), deterministic=not train)
     f_q = drop(
       MergeConv(self.reduce_dim, name="down_query")(
@@ -305,40 +311,18 @@ def make_model(**fields) -> JC2A:
   return JC2A(**fields)
 
 
-def _pspnet_extra_ignores(layers: int, num_base_classes: int | None) -> list:
+def _pspnet_extra_ignores(layers: int) -> list:
   """Keys of a BAM/PSPNet checkpoint that JC²A does not use (encoder copies, PPM, cls, aux)."""
-  del num_base_classes
   rules = []
   for r in resnet_keymap(depth=layers, stem="deep", naming="pspnet"):
-    src = r.src
-    if src.startswith("layer"):
-      stage, rest = src.split(".", 1)
+    if r.src.startswith("layer"):
+      stage, rest = r.src.split(".", 1)
       rules.append(km.Ignore(f"encoder.{stage[5:]}.{rest}"))
-  for i in range(4):
-    rules += [km.Ignore(f"ppm.features.{i}.1.weight")]
-    rules += [
-      km.Ignore(f"ppm.features.{i}.2.{p}")
-      for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    ]
-  rules += [km.Ignore("cls.0.weight"), km.Ignore("cls.4.weight"), km.Ignore("cls.4.bias")]
-  rules += [
-    km.Ignore(f"cls.1.{p}")
-    for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-  ]
-  rules += [
-    km.Ignore(f"aux.{n}")
-    for n in (
-      "0.weight",
-      "1.weight",
-      "1.bias",
-      "1.running_mean",
-      "1.running_var",
-      "1.num_batches_tracked",
-      "4.weight",
-      "4.bias",
-    )
-  ]
-  return rules
+  bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+  names = [f"ppm.features.{i}.{n}" for i in range(4) for n in ["1.weight", *(f"2.{p}" for p in bn)]]
+  names += ["cls.0.weight", "cls.4.weight", "cls.4.bias", *(f"cls.1.{p}" for p in bn)]
+  names += ["aux.0.weight", *(f"aux.1.{p}" for p in bn), "aux.4.weight", "aux.4.bias"]
+  return rules + [km.Ignore(n) for n in names]
 
 
 def keymap(
@@ -368,7 +352,7 @@ def keymap(
   if source == "pspnet":
     return resnet_keymap(
       depth=layers, stem="deep", naming="pspnet", ignore_head=False, dst=dst
-    ) + _pspnet_extra_ignores(layers, None)
+    ) + _pspnet_extra_ignores(layers)
   raise ValueError(f"unknown backbone source {source!r}; choose one of {BACKBONE_SOURCES}")
 
 
@@ -397,6 +381,21 @@ def min_input_size(pyramid_bins: Sequence[float] = JC2A.pyramid_bins, **_) -> in
   return max(8, 8 * (side - 1) + 1)
 
 
+def encoder(
+  *,
+  layers: int = 50,
+  use_ckmm: bool = True,
+  ckmm_feature: str = "layer4",
+  backbone_bn_batch_stats: bool = False,
+  **_,
+) -> frozen.FrozenEncoder:
+  """The frozen backbone alone (cached evaluation): layer2 and layer3 (down_query /
+  down_supp) and CKMM's stage (BN uses its running statistics at evaluation either way)."""
+  keep = tuple(dict.fromkeys(("layer2", "layer3", *([ckmm_feature] if use_ckmm else []))))
+  module = ResNetDeepStem(depth=layers, frozen=not backbone_bn_batch_stats)
+  return frozen.FrozenEncoder(module, "backbone", keep)
+
+
 SPEC = ModelSpec(
   name="jc2a",
   make_model=make_model,
@@ -408,6 +407,7 @@ SPEC = ModelSpec(
   any_shot=True,  # decision-level fusion (mean softmax over shots): any K
   # FP_base from the fold's prior file when a run starts from scratch ({} without CKMM).
   derived_params="fss_jax.train.jc2a_prior:fp_base_params",
+  encoder=encoder,
 )
 
 __all__ = [

@@ -19,7 +19,7 @@ imported from here.
 
 from __future__ import annotations
 
-from fss_jax.models import pahnet_hdmnet, pahnet_sccan
+from fss_jax.models import pahnet_common, pahnet_hdmnet, pahnet_sccan
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models import sccan as sccan_lib
 from fss_jax.models.pahnet_hdmnet import HDMNetPlus  # noqa: F401
@@ -47,6 +47,7 @@ SPECS = {
     pahnet_sccan.keymap,
     loss_fn=pahnet_sccan.loss_fn,
     frozen=FROZEN,
+    encoder=pahnet_common.encoder,  # the PSPNet features and the predictor's backbone
     unused=lambda blocks=8, **_: sccan_lib.unused_params(depth=blocks),
     min_input_size=pspnet_lib.MIN_INPUT_SIZE,
     output="probabilities",
@@ -57,6 +58,7 @@ SPECS = {
     pahnet_hdmnet.keymap,
     loss_fn=pahnet_hdmnet.loss_fn,
     frozen=FROZEN,
+    encoder=pahnet_common.encoder,  # the PSPNet features and the predictor's backbone
     min_input_size=pspnet_lib.MIN_INPUT_SIZE,
     output="probabilities",
   ),

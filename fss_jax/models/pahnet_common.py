@@ -11,7 +11,8 @@
 
 end in BAM's learner ensemble (`fss_jax.models.hdmnet.learner_ensemble`), and add
 the mean CE of the PFE pseudo masks to their losses (`pseudo_mask_ce`). NHWC
-throughout.
+throughout. `encoder` runs their two frozen image encoders (the PSPNet, the predictor's
+backbone) alone for cached evaluation (`fss_jax.models.frozen`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fss_jax.models import frozen
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models import ssp as ssp_lib
+from fss_jax.nn.backbones import resnet
 from fss_jax.nn.prototype import prototype_prior, select_prior
 from fss_jax.ops import losses
 from fss_jax.ops.resize import resize_nearest
@@ -49,12 +53,22 @@ def check_episode(episode: Mapping[str, jax.Array], shot: int) -> tuple[int, int
   return b, k, hh, ww
 
 
+# The SSP predictor's backbone output among the cached features (`Encoders`).
+SSP_LAYER3 = "ssp_layer3"
+
+
 def predictor_probability(
   ssp: ssp_lib.SSPMatchingNet, episode: Mapping[str, jax.Array]
 ) -> jax.Array:
   """The frozen predictor's softmax ``[B, s, s, 2]`` (no gradient), pahnet.md §1.2."""
+  cached = frozen.cached_features(episode)
+  layer3 = lambda f: {"layer3": f[SSP_LAYER3]}
   out = ssp(
-    episode["query_image"], episode["support_images"], episode["support_masks"], train=False
+    episode["query_image"],
+    episode["support_images"],
+    episode["support_masks"],
+    train=False,
+    features=None if cached is None else (layer3(cached[0]), layer3(cached[1])),
   )
   return jax.lax.stop_gradient(jax.nn.softmax(out["out_1"], axis=-1))
 
@@ -62,23 +76,53 @@ def predictor_probability(
 def frozen_features(
   psp: pspnet_lib.PSPNet, episode: Mapping[str, jax.Array], sow: Sow, names: Sequence[str]
 ) -> tuple[dict, dict]:
-  """PSPNet features of the query and the unmasked supports, one batch, no gradient.
+  """PSPNet features of the query and the unmasked supports, one batch, no gradient, or
+  those `fss_jax.eval.cached` computed once per test image.
 
   Returns (query features ``{name: [B, h, w, C]}``, support features
   ``{name: [B*K, h, w, C]}``, row b*K + k); sows ``feat_query_<n>`` /
-  ``feat_support_<n>`` for the given names.
+  ``feat_support_<n>`` for the given names (the cached ones among them).
   """
-  x, sx = episode["query_image"], episode["support_images"]
-  b, k, hh, ww = sx.shape[:4]
-  feats = jax.lax.stop_gradient(
-    psp.features(jnp.concatenate([x, sx.reshape(b * k, hh, ww, -1)], 0), train=False)
-  )
-  fq = {n: f[:b] for n, f in feats.items()}
-  fs = {n: f[b:] for n, f in feats.items()}
-  for n in names:
+  cached = frozen.cached_features(episode)
+  if cached is None:
+    x, sx = episode["query_image"], episode["support_images"]
+    b, k, hh, ww = sx.shape[:4]
+    feats = psp.features(jnp.concatenate([x, sx.reshape(b * k, hh, ww, -1)], 0), train=False)
+    cached = frozen.split_rows(jax.lax.stop_gradient(feats), b)
+  fq, fs = cached
+  for n in frozen.feature_names(fq, names):
     sow(f"feat_query_{n}", fq[n])
     sow(f"feat_support_{n}", fs[n])
   return fq, fs
+
+
+class Encoders(nn.Module):
+  """PAHNet's two frozen image encoders side by side (cached evaluation): the PSPNet base
+  learner's features (`pspnet_lib.PSPNet.features`) and the SSP predictor backbone's layer3
+  (as `SSP_LAYER3`); the model's children ``pspnet`` and ``ssp/backbone``."""
+
+  num_base_classes: int = 16
+  depth: int = 50
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    psp = pspnet_lib.PSPNet(
+      num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
+    )
+    out = psp.features(images, train=False)
+    ssp = resnet.ResNetSSP(depth=ssp_lib.SSPMatchingNet.depth, frozen=True, name="ssp_backbone")
+    return {**out, SSP_LAYER3: ssp(images, train=False)["layer3"]}
+
+
+def encoder(*, num_base_classes: int = 16, depth: int = 50, **_) -> frozen.FrozenEncoder:
+  """`Encoders` as a `frozen.FrozenEncoder` (both variants): the PSPNet features the rest of
+  the model reads (layer2, layer3 for the mid-level features and the ensemble; layer4 and
+  feature 5 for the priors and the base learner) and the predictor's layer3."""
+  return frozen.FrozenEncoder(
+    Encoders(num_base_classes=num_base_classes, depth=depth),
+    scope=("pspnet", "ssp/backbone"),
+    keep=("layer2", "layer3", "layer4", "feat5", SSP_LAYER3),
+  )
 
 
 def level_priors(

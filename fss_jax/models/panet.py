@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fss_jax.models import frozen
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones.vgg import PANetVGG16, imagenet_vgg_keymap, panet_vgg_keymap
 from fss_jax.ops import losses
@@ -153,7 +154,8 @@ class PANet(nn.Module):
     align: compute the PAR loss in training (PANet's ``cfg["align"]``).
     scaler: cosine scaler alpha.
     ways, shots: optional; when set, episodes of another shape are rejected.
-    return_intermediates: also return the encoder's block outputs (``blocks``).
+    return_intermediates: also return the encoder's block outputs (``blocks``; not when
+      the episode carries cached features).
     precision: convolution precision (None follows the global default).
     encoder_pool: the encoder's max-pool formulation, ``"taps"`` (default) or
       ``"reduce_window"``; identical numbers, the first has a much cheaper
@@ -187,13 +189,19 @@ class PANet(nn.Module):
     back = (masks != 1) if back is None else back.reshape(masks.shape)
     fore, back = fore.astype(jnp.float32), back.astype(jnp.float32)
 
-    # 1. one encoder pass over supports (b, n, k order) and queries.
-    encoder = PANetVGG16(precision=self.precision, pool=self.encoder_pool, name="encoder")
-    blocks = encoder(jnp.concatenate([images.reshape(b * n * k, hm, wm, -1), query], axis=0))
-    feats = blocks["block5"]
-    _, h, w, c = feats.shape
-    supp_feat = feats[: b * n * k].reshape(b, n, k, h, w, c)
-    query_feat = feats[b * n * k :]  # [B, h, w, C]
+    # 1. one encoder pass over supports (b, n, k order) and queries, or the embeddings
+    #    `fss_jax.eval.cached` computed once per test image.
+    cached = frozen.cached_features(episode)
+    blocks = None
+    if cached is None:
+      encoder = PANetVGG16(precision=self.precision, pool=self.encoder_pool, name="encoder")
+      blocks = encoder(jnp.concatenate([images.reshape(b * n * k, hm, wm, -1), query], axis=0))
+      feats = blocks["block5"]
+      supp_flat, query_feat = feats[: b * n * k], feats[b * n * k :]  # query [B, h, w, C]
+    else:
+      query_feat, supp_flat = cached[0]["block5"], cached[1]["block5"]
+    _, h, w, c = query_feat.shape
+    supp_feat = supp_flat.reshape(b, n, k, h, w, c)
 
     # 2. masked average pooling at mask resolution.
     flat = supp_feat.reshape(b * n * k, h, w, c)
@@ -225,7 +233,7 @@ class PANet(nn.Module):
       )
       out["align_loss"] = jnp.mean(per_episode)
       out["align_loss_per_episode"] = per_episode
-    if self.return_intermediates:
+    if self.return_intermediates and blocks is not None:
       out["blocks"] = blocks
     return out
 
@@ -279,6 +287,17 @@ def imagenet_keymap(**_unused) -> list:
   return keymap(source="imagenet")
 
 
+def encoder(*, precision: Any = None, encoder_pool: str = "taps", **_) -> frozen.FrozenEncoder:
+  """The VGG-16 encoder alone (cached evaluation; it trains, but is fixed at evaluation): the
+  embedding ``block5``."""
+  return frozen.FrozenEncoder(
+    PANetVGG16(precision=precision, pool=encoder_pool),
+    scope="encoder",
+    method=lambda vgg, images, train: vgg(images),  # no BN or dropout: no train flag
+    keep=("block5",),
+  )
+
+
 SPEC = ModelSpec(
   name="panet",
   make_model=make_model,
@@ -293,4 +312,5 @@ SPEC = ModelSpec(
   any_way=True,
   shot_field="shots",
   way_field="ways",
+  encoder=encoder,
 )

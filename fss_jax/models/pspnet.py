@@ -246,7 +246,14 @@ def classifier_naming(keys) -> str:
 # models built on this base learner (HDMNet, PAHNet, Sym-Net) share the minimum.
 MIN_INPUT_SIZE = 41
 
-SPEC = ModelSpec("pspnet", make_model, keymap, loss_fn=loss_fn, min_input_size=MIN_INPUT_SIZE)
+SPEC = ModelSpec(
+  "pspnet",
+  make_model,
+  keymap,
+  loss_fn=loss_fn,
+  min_input_size=MIN_INPUT_SIZE,
+  encoder_missing="the base learner segments each query alone: no episode reuses its features",
+)
 SPECS = {
   "pspnet": SPEC,
   "pspnet_backbone": ModelSpec(

@@ -96,6 +96,13 @@ class ModelSpec:
   # Named "module:function" (resolved by the loop, `derived_params_fn`): computing them reads
   # the dataset, which is train-layer work the model layer must not import.
   derived_params: str | None = None
+  # Optional (**fields) -> `fss_jax.models.frozen.FrozenEncoder`: the part of the model that
+  # sees one image at a time, run alone so that evaluation encodes each test image once
+  # (`fss_jax.eval.cached`); the model's forward then reads ``episode["query_features"]`` /
+  # ``["support_features"]`` in its place. None: evaluation runs the whole forward per
+  # episode (`encoder_missing` says why).
+  encoder: Callable[..., Any] | None = None
+  encoder_missing: str = "the model declares no frozen encoder"
 
   def derived_params_fn(self) -> Callable[[Any], Mapping[str, np.ndarray]] | None:
     """The function `derived_params` names, imported now (None when the model has none)."""

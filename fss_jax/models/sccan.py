@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fss_jax import keymaps as K
+from fss_jax.models import frozen
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.aspp import ASPPDecoder
 from fss_jax.nn.attention.sccan import SCCATransformer
@@ -112,13 +113,16 @@ class SCCAN(nn.Module):
     size = (self.grid, self.grid)
     resize = lambda t, s=size: resize_bilinear(t, s, align_corners=True)
 
-    # 1. Frozen backbone (query and the B*K supports in one batch, b * K + k order).
-    backbone = resnet.ResNetSCCAN(depth=self.layers, name="backbone")
-    feats = backbone(jnp.concatenate([x, sx.reshape(b * k, hi, wi, 3)], axis=0))
-    feats = {n: jax.lax.stop_gradient(v) for n, v in feats.items() if n != "layer0"}
-    fq = {n: v[:b] for n, v in feats.items()}
-    fs = {n: v[b:] for n, v in feats.items()}
-    for n in ("layer1", "layer2", "layer3", "layer4"):
+    # 1. Frozen backbone (query and the B*K supports in one batch, b * K + k order), or
+    #    the features `fss_jax.eval.cached` computed once per test image.
+    cached = frozen.cached_features(episode)
+    if cached is None:
+      backbone = resnet.ResNetSCCAN(depth=self.layers, name="backbone")
+      feats = backbone(jnp.concatenate([x, sx.reshape(b * k, hi, wi, 3)], axis=0))
+      feats = {n: jax.lax.stop_gradient(v) for n, v in feats.items() if n != "layer0"}
+      cached = frozen.split_rows(feats, b)
+    fq, fs = cached
+    for n in frozen.feature_names(fq, ("layer1", "layer2", "layer3", "layer4")):
       self.sow("intermediates", f"backbone_query_{n}", fq[n])
       self.sow("intermediates", f"backbone_support_{n}", fs[n])
 
@@ -333,6 +337,13 @@ def unused_params(depth: int = 8, **unused) -> tuple[str, ...]:
   return (rf"transformer/blocks_{depth - 1}/(attn_s|mlp_s)/.*",)
 
 
+def encoder(*, layers: int = 50, **_) -> frozen.FrozenEncoder:
+  """The frozen backbone alone (cached evaluation): the three stages the model reads."""
+  return frozen.FrozenEncoder(
+    resnet.ResNetSCCAN(depth=layers), scope="backbone", keep=("layer2", "layer3", "layer4")
+  )
+
+
 SPEC = ModelSpec(
   name="sccan",
   make_model=make_model,
@@ -341,6 +352,7 @@ SPEC = ModelSpec(
   frozen=(r"backbone/.*",),
   unused=unused_params,
   check_checkpoint=check_checkpoint,
+  encoder=encoder,
   # One full cell of the stride-8 features (they are then resized to the `grid`).
   min_input_size=8,
   # Per-shot prototypes, priors, masked features and masks are averaged over the K shots

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fss_jax.models import frozen
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
 from fss_jax.nn.prototype import self_support_prototypes, ssp_masked_average, ssp_match
@@ -142,6 +143,7 @@ class SSPMatchingNet(nn.Module):
     query_mask: jax.Array | None = None,
     *,
     train: bool = False,
+    features: tuple[Mapping[str, jax.Array], Mapping[str, jax.Array]] | None = None,
   ) -> dict[str, jax.Array]:
     """Runs SSP.
 
@@ -152,6 +154,9 @@ class SSPMatchingNet(nn.Module):
       query_mask: [B, H, W] labels; needed for the training outputs.
       train: also return ``self_logits`` / ``support_logits`` (BN stays in
         inference mode either way).
+      features: the backbone's ``layer3`` of the query ``{"layer3": [B, h, w, C]}`` and the
+        supports (``[B*K, h, w, C]``, row b*K + k) computed already (cached evaluation,
+        `fss_jax.models.frozen`); None: run the backbone.
 
     Returns:
       {"out_1": [B, h_o, w_o, 2] (`out_size` or H x W), "out_2": [B, H, W, 2]
@@ -167,11 +172,12 @@ class SSPMatchingNet(nn.Module):
         f"support images {tuple(support_images.shape)} / masks "
         f"{tuple(support_masks.shape)} must share the query size {hh}x{ww}"
       )
-    backbone = resnet.ResNetSSP(depth=self.depth, frozen=True, name="backbone")
-    imgs = jnp.concatenate([query_image, support_images.reshape(b * k, hh, ww, -1)], axis=0)
-    feats = backbone(imgs, train=False)["layer3"]
-    fq = feats[:b]
-    fs = feats[b:].reshape(b, k, *feats.shape[1:])  # row b, shot k
+    if features is None:
+      backbone = resnet.ResNetSSP(depth=self.depth, frozen=True, name="backbone")
+      imgs = jnp.concatenate([query_image, support_images.reshape(b * k, hh, ww, -1)], axis=0)
+      features = frozen.split_rows({"layer3": backbone(imgs, train=False)["layer3"]}, b)
+    fq, fs = features[0]["layer3"], features[1]["layer3"]
+    fs = fs.reshape(b, k, *fs.shape[1:])  # row b, shot k
     self.sow("intermediates", "layer3_query", fq)
     self.sow("intermediates", "layer3_support", fs)
 
@@ -239,6 +245,7 @@ class SSP(nn.Module):
       episode["support_masks"],
       episode.get("query_mask"),
       train=train,
+      features=frozen.cached_features(episode),  # the backbone's layer3 when cached
     )
 
 
@@ -339,6 +346,13 @@ def keymap(shot: int = 1, refine: bool = False, depth: int = 50, source: str = "
   return initialisation_keymap(source, depth=depth)
 
 
+def encoder(*, depth: int = 50, **_) -> frozen.FrozenEncoder:
+  """The backbone alone (cached evaluation; it trains, but is fixed at evaluation): layer3."""
+  return frozen.FrozenEncoder(
+    resnet.ResNetSSP(depth=depth, frozen=True), scope="ssp/backbone", keep=("layer3",)
+  )
+
+
 # ssp.md §5: only the conv weights of layer2 and layer3 train; layer0, layer1 and every
 # BN affine parameter stay frozen (BN statistics are never updated).
 FROZEN = (
@@ -360,4 +374,5 @@ SPEC = ModelSpec(
   frozen=FROZEN,
   min_input_size=MIN_INPUT_SIZE,
   any_shot=True,
+  encoder=encoder,
 )

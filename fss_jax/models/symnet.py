@@ -37,9 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fss_jax import assets, keymaps
+from fss_jax.models import frozen
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
+from fss_jax.nn.block_features import ResNetBlocksDeepStem, stage_outputs
 from fss_jax.nn.decoder import FEMDecoder, MergeConv, pfenet_decoder_keymap
 from fss_jax.nn.ensemble import ensemble_keymap
 from fss_jax.nn.symnet_blocks import (
@@ -176,22 +178,22 @@ class SymNet(nn.Module):
     # 1. class embedding
     text = self._embeddings(episode, b)  # [B, T]
 
-    # 2. frozen backbone, block by block (query and supports in one pass; BN frozen)
+    # 2. frozen backbone, block by block (query and supports in one pass; BN frozen), or the
+    #    features `fss_jax.eval.cached` computed once per test image
     psp = pspnet_lib.PSPNetBlocks(
       num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
     )
-    imgs = jnp.concatenate([x, s_x.reshape(b * k, hh, ww, s_x.shape[-1])], 0)
-    feats = jax.lax.stop_gradient(psp.backbone(imgs, train=False))
-    lq = {n: feats[f"layer{n}"][:b] for n in range(5)}
-    ls = {n: feats[f"layer{n}"][b:] for n in range(5)}  # [B*K, ...]
-    bq = [f[:b] for f in feats["blocks"]]
-    bs = [f[b:] for f in feats["blocks"]]
-    for n in range(5):
-      sow(f"feat_query_layer{n}", lq[n])
-      sow(f"feat_support_layer{n}", ls[n])
-    for i, (fq_i, fs_i) in enumerate(zip(bq, bs)):
-      sow(f"block_query_{i}", fq_i)
-      sow(f"block_support_{i}", fs_i)
+    cached = frozen.cached_features(episode)
+    if cached is None:
+      imgs = jnp.concatenate([x, s_x.reshape(b * k, hh, ww, s_x.shape[-1])], 0)
+      feats = jax.lax.stop_gradient(psp.backbone(imgs, train=False))
+      cached = frozen.split_rows(frozen.flatten(feats), b)  # layer<n>, blocks_<i>: [B(*K), ...]
+    for n, v in cached[0].items():
+      tag = f"block_%s_{n[7:]}" if n.startswith("blocks_") else f"feat_%s_{n}"
+      sow(tag % "query", v)
+      sow(tag % "support", cached[1][n])
+    sizes = resnet.stage_sizes(self.depth)
+    (lq, bq), (ls, bs) = (stage_outputs(f, sizes) for f in cached)  # cached: blocks only
     assert lq[4].shape[1:3] == (h, w), (lq[4].shape, h, w)
 
     # 3. mid-level features, prototypes, support text prototypes, correlations
@@ -212,11 +214,10 @@ class SymNet(nn.Module):
     ts_k = apa(f_s * m, jnp.repeat(text, k, axis=0), proto, train=train)  # [B*K, 256]
     sow("apa_support", ts_k)
 
-    sizes = resnet.stage_sizes(self.depth)
     corr: list[list[jax.Array]] = [[], [], []]
     for j in range(k):
       pick = lambda f, j=j: f.reshape(b, k, *f.shape[1:])[:, j]
-      cs = multilayer_correlation(bq, [pick(f) for f in bs], pick(m_full), sizes)
+      cs = multilayer_correlation(bq, jax.tree.map(pick, bs), pick(m_full), sizes)  # None stays
       for lvl in range(3):
         corr[lvl].append(cs[lvl])
     for lvl, name in enumerate(("l4", "l3", "l2")):
@@ -322,14 +323,8 @@ def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]) -> tup
     b, k, h, w, _ = feats.shape
     masks = (episode["support_masks"] == 1).astype(jnp.float32)
     small = resize_nearest(masks.reshape(b * k, *masks.shape[2:], 1), (h, w)).reshape(b, k, h, w)
-    terms["triplet"] = hard_triplet_loss(
-      outputs["support_text"],
-      feats,
-      small,
-      outputs["query_text"],
-      outputs["query_ambiguous"],
-      outputs["query_background"],
-    )
+    query = [outputs[n] for n in ("query_text", "query_ambiguous", "query_background")]
+    terms["triplet"] = hard_triplet_loss(outputs["support_text"], feats, small, *query)
   return losses.weighted_sum(terms, reported=losses.parts("inner", inner))
 
 
@@ -358,15 +353,8 @@ def symnet_keymap(
   for i in range(levels):
     rules += keymaps.conv(f"init_merge.{i}.0", (f"init_merge_{i}", "conv"), bias=False)
   rules += pfenet_decoder_keymap("", ("decoder",), levels=levels)
-  tdc = {
-    "conv1": "conv1",
-    "conv2": "conv2",
-    "conv3": "conv3",
-    "merge1.0": "merge1_conv",
-    "merge2.0": "merge2_conv",
-    "merge2.3": "merge2_out",
-  }
-  for src, dst in tdc.items():
+  tdc = {"merge1.0": "merge1_conv", "merge2.0": "merge2_conv", "merge2.3": "merge2_out"}
+  for src, dst in {"conv1": "conv1", "conv2": "conv2", "conv3": "conv3", **tdc}.items():
     rules += keymaps.conv(f"hyper_final.{src}", ("tdc", dst))
   for src, dst in (("merge1.1", "merge1_norm"), ("merge2.1", "merge2_norm")):
     rules += keymaps.layer_norm(f"hyper_final.{src}", ("tdc", dst))  # GroupNorm: scale/bias
@@ -415,6 +403,16 @@ def keymap(
   return symnet_keymap(shot=shot, depth=depth, levels=len(scales) or 4, kshot_hidden=kshot_hidden)
 
 
+def encoder(*, depth: int = 50, **_) -> frozen.FrozenEncoder:
+  """The base learner's backbone alone (cached evaluation): the pre-ReLU outputs of the blocks
+  of layers 2-4, which the correlations read (layers 2-4 are the ReLUs of their last blocks)."""
+  sizes = resnet.stage_sizes(depth)
+  keep = tuple(f"blocks_{i}" for i in range(sizes[0], sum(sizes)))
+  return frozen.FrozenEncoder(
+    ResNetBlocksDeepStem(depth=depth, frozen=True), "pspnet/backbone", keep
+  )
+
+
 # Frozen: the PSPNet base learner (backbone, PPM, cls, classifier). Everything else is in
 # the reference's optimiser groups (incl. kshot_rw for K > 1 and the [1, 0] merges).
 FROZEN = ("pspnet/.*",)
@@ -431,4 +429,5 @@ SPEC = ModelSpec(
   any_shot=False,
   output="probabilities",  # BAM's ensemble of meta and base softmaxes
   class_conditioned=True,
+  encoder=encoder,
 )  # the class's word embedding enters the forward

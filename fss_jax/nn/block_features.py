@@ -18,8 +18,11 @@ parameter counts are identical. Only the forward differs:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
+import numpy as np
 from flax import linen as nn
 
 from fss_jax.nn.backbones import resnet
@@ -74,8 +77,23 @@ class ResNetBlocks(resnet.ResNet):
     return out
 
 
+def stage_outputs(
+  feats: Mapping[str, jax.Array], sizes: Sequence[int]
+) -> tuple[dict[int, jax.Array], list[Any]]:
+  """`ResNetBlocks` outputs stored flat (``layer<n>``, ``blocks_<i>``, as
+  `fss_jax.models.frozen.flatten` writes them), some possibly left out -> ({n: layer n} for
+  n = 2..4, [block i, None where left out]). ``sizes``: blocks per stage. A stage output
+  left out is the ReLU of its last block, as `ResNetBlocks` computes it (bit for bit)."""
+  last = np.cumsum(sizes) - 1
+  layers = {}
+  for n in (2, 3, 4):
+    name = f"layer{n}"
+    layers[n] = feats[name] if name in feats else nn.relu(feats[f"blocks_{last[n - 1]}"])
+  return layers, [feats.get(f"blocks_{i}") for i in range(int(last[-1]) + 1)]
+
+
 ResNetBlocksDeepStem = functools.partial(
   ResNetBlocks, stem="deep", output_stride=8, dilation_style="pspnet"
 )
 
-__all__ = ["ResNetBlocks", "ResNetBlocksDeepStem"]
+__all__ = ["ResNetBlocks", "ResNetBlocksDeepStem", "stage_outputs"]

@@ -36,6 +36,7 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -51,6 +52,7 @@ from etils import epath
 
 from fss_jax import io as fss_io
 from fss_jax import parallel
+from fss_jax.eval import cached as cached_lib
 from fss_jax.eval import evaluate as evaluate_lib
 from fss_jax.eval import protocol as protocol_lib
 from fss_jax.models import registry
@@ -623,15 +625,22 @@ def _train_and_evaluate(
       ):
         pending.flush(last_good=last_good, workdir=workdir)
         with report.timed("eval"):
+          val_seed = int(config.eval.val_seed)
+          val_loader = eval_data(val_seed, int(config.eval.val_episodes))
+          # The parameters changed since the last validation: a fresh cache each time.
+          cache = cached_lib.for_evaluation(
+            config, spec, state.variables(), {val_seed: val_loader}, mesh=mesh, dtype=dtype
+          )
           acc = evaluate_lib.evaluate_episodes(
             eval_step,
             state,
-            eval_data(int(config.eval.val_seed), int(config.eval.val_episodes)),
+            val_loader,
             classes=data.classes,
             mesh=mesh,
             local_batch_size=local_eval_bs,
             class_names=data.class_names,
             progress=evaluate_lib.ProgressLog(f"step {done} validation"),
+            to_global=None if cache is None else functools.partial(cache.attach, val_seed),
           )
         val_result = acc.result()
         writer.write_scalars(
