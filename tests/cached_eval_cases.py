@@ -13,6 +13,7 @@ import optax
 from data_prep import synthetic
 from fss_jax import parallel
 from fss_jax.data import episodes, pipeline, source
+from fss_jax.eval import cached as cached_lib
 from fss_jax.eval import evaluate as evaluate_lib
 from fss_jax.models import frozen, registry
 from fss_jax.train import state as state_lib
@@ -105,3 +106,13 @@ def assert_logits_equal(want, got, moved):
   assert want.shape == got.shape and np.isfinite(want).all()
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
   assert np.abs(moved - want).max() > 1e-3 * np.abs(want).max(), "cached features unread"
+
+
+def check_logits(data_dir: str, name: str, shot: int) -> None:
+  """The logits check of `name` at `shot` on one device, a batch of 2 episodes."""
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  spec, model, fields = small_model(name, shot)
+  loaders = make_loaders(data_dir, shot, 2)
+  st = random_state(model, loaders[SEEDS[0]], mesh)
+  cache = cached_lib.FeatureCache(spec.encoder(**fields), st.variables(), loaders, mesh=mesh)
+  assert_logits_equal(*logits_both_ways(model, st, cache, loaders[SEEDS[0]], SEEDS[0], 2))

@@ -21,6 +21,7 @@ from cached_eval_cases import (
   SEEDS,
   assert_logits_equal,
   build_voc,
+  check_logits,
   evaluate_all_seeds,
   logits_both_ways,
   make_loaders,
@@ -81,9 +82,4 @@ def test_cached_logits_equal_plain(voc_dir, name, shot=5):
   """Every model with an encoder, 5-shot: the logits from cached features are the plain ones
   (tests/test_cached_eval_heavy.py: the slowest models, in a file of their own so that the
   suite's two workers share them)."""
-  mesh = parallel.make_mesh(devices=jax.devices()[:1])
-  spec, model, fields = small_model(name, shot)
-  loaders = make_loaders(voc_dir, shot, 2)
-  st = random_state(model, loaders[SEEDS[0]], mesh)
-  cache = cached_lib.FeatureCache(spec.encoder(**fields), st.variables(), loaders, mesh=mesh)
-  assert_logits_equal(*logits_both_ways(model, st, cache, loaders[SEEDS[0]], SEEDS[0], 2))
+  check_logits(voc_dir, name, shot)
