@@ -39,7 +39,7 @@ voc_dir = pytest.fixture(scope="module")(build_voc)
 def test_cached_evaluation_equals_plain(voc_dir):
   """SCCAN end to end, 1-shot over 8 fake devices: per-seed mIoU / FB-IoU, logits, one encoder
   pass per unique image; with a budget of 3 images the episodes run in windows and every
-  number stays."""
+  number stays, and so it does with the cache on the devices (gathered inside a jit)."""
   shot, devices = 1, 8
   mesh = parallel.make_mesh(devices=jax.devices()[:devices])
   spec, model, fields = small_model("sccan", shot)
@@ -50,14 +50,23 @@ def test_cached_evaluation_equals_plain(voc_dir):
 
   enc = spec.encoder(**fields)
   runs, item_bytes = {}, 0
-  for budget in (0, 3):  # 3: room for 3 images' features
+  for budget, place in ((0, "host"), (3, "host"), (0, "device")):  # 3: room for 3 images
     loaders = make_loaders(voc_dir, shot, devices)
     cache = cached_lib.FeatureCache(
-      enc, st.variables(), loaders, mesh=mesh, encode_batch=8, budget_bytes=budget * item_bytes
+      enc,
+      st.variables(),
+      loaders,
+      mesh=mesh,
+      encode_batch=8,
+      budget_bytes=budget * item_bytes,
+      placement=place,
     )
     item_bytes = cache.item_bytes
-    runs[budget] = (evaluate_all_seeds(eval_fn, st, loaders, mesh, devices, cache), cache.stats())
-  for budget, (fast, stats) in runs.items():
+    summary = evaluate_all_seeds(eval_fn, st, loaders, mesh, devices, cache)
+    runs[budget, place] = (summary, cache.stats())
+    assert cache.stats()["placement"] == place
+  whole = runs[0, "host"][1]
+  for (budget, _), (fast, stats) in runs.items():
     for s in SEEDS:
       a, b = plain["seeds"][str(s)], fast["seeds"][str(s)]
       assert a["episodes"] == b["episodes"] == EPISODES
@@ -66,8 +75,8 @@ def test_cached_evaluation_equals_plain(voc_dir):
     assert stats["uncached_passes"] == len(SEEDS) * EPISODES * (1 + shot)
     if budget:
       # One window per global batch of 8 episodes (each needs more than 3 images).
-      assert stats["windows"] == len(SEEDS) and stats["cache_bytes"] < runs[0][1]["cache_bytes"]
-      assert stats["backbone_passes"] >= runs[0][1]["backbone_passes"]
+      assert stats["windows"] == len(SEEDS) and stats["cache_bytes"] < whole["cache_bytes"]
+      assert stats["backbone_passes"] >= whole["backbone_passes"]
     else:
       assert stats["windows"] == 1 and stats["backbone_passes"] == stats["unique_inputs"]
       assert stats["backbone_passes"] < stats["uncached_passes"]

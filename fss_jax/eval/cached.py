@@ -149,7 +149,9 @@ class FeatureCache:
     compute_dtype: the forward's dtype (the cache holds features in it).
     encode_batch: images per encoder call (global; rounded up to the data axis).
     budget_bytes: the most host memory the cache may hold (0: a quarter of the host's).
-    placement: "auto" (device when it fits, else host), "host" or "device".
+    placement: "auto" (device when the accelerator reports free memory for 3 copies, else
+      host), "host" or "device" (whole cache on the devices, as asked; on CPU that is host
+      memory again, gathered inside a jit).
   """
 
   def __init__(
@@ -210,8 +212,6 @@ class FeatureCache:
     fits_device = free is not None and 3 * total <= free
     if placement not in ("auto", "host", "device"):
       raise ValueError(f"cache placement must be auto, host or device, got {placement!r}")
-    if placement == "device" and free is None:
-      raise ValueError("this backend reports no device memory: use the host cache")
     place = "device" if placement == "device" or (placement == "auto" and fits_device) else "host"
     if place == "device":
       self.budget = max(total, self.item_bytes)
