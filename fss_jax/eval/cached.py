@@ -42,6 +42,7 @@ from fss_jax import parallel
 from fss_jax.data import pipeline
 from fss_jax.data import transforms as T
 from fss_jax.models import frozen
+from fss_jax.train import checkpointing as ckpt_lib
 from fss_jax.train import precision
 
 # (record position, class id): the class whose mask a masked-support encoder reads; -1 for
@@ -266,17 +267,17 @@ class FeatureCache:
     kept = [k for k in order if k in self._rows]
     new = [k for k in order if k not in self._rows]
     fresh = self._encode_keys(new) if new else {}
-    host = self._host_store()
+    host = self._host_store() if kept else {}  # a device cache comes back only to keep rows
+    rows = {k: i for i, k in enumerate(order)}
     store = {}
     for name, (shape, dt) in self.shapes.items():
       a = np.empty((len(order), *shape), dt)
-      pos = {k: i for i, k in enumerate(order)}
       if kept:
-        a[[pos[k] for k in kept]] = host[name][[self._rows[k] for k in kept]]
+        a[[rows[k] for k in kept]] = host[name][[self._rows[k] for k in kept]]
       if new:
-        a[[pos[k] for k in new]] = fresh[name]
+        a[[rows[k] for k in new]] = fresh[name]
       store[name] = a
-    self._rows = {k: i for i, k in enumerate(order)}
+    self._rows = rows
     self._window = w
     if self.placement == "device":
       store = parallel.replicate(store, self.mesh)
@@ -359,11 +360,10 @@ def for_evaluation(
   if not all(supports_cache(ld) for ld in loaders.values()):
     logging.info("feature cache not used: the eval data are not stored episode lists")
     return None
-  fields = config.model_fields.to_dict() if hasattr(config.model_fields, "to_dict") else {}
   first = next(iter(loaders.values()))
   per_episode = 1 + first.episode_config.shot * first.episode_config.way
   return FeatureCache(
-    spec.encoder(**fields),
+    spec.encoder(**ckpt_lib.model_fields(config)),
     variables,
     loaders,
     mesh=mesh,

@@ -150,7 +150,7 @@ def evaluate(config, workdir: str | os.PathLike, *, data: data_lib.Data | None =
   )
   if cache is not None:
     summary["feature_cache"] = cache.stats()
-    logging.info("feature cache: %s", cache.stats())
+    logging.info("feature cache: %s", summary["feature_cache"])
   summary.update(
     {
       "model": config.model,
