@@ -214,7 +214,11 @@ def checkpoint_manager(
   directory: epath.Path, *, keep: int, async_save: bool, read_only: bool = False
 ):
   """An orbax ``CheckpointManager`` over ``directory`` with the items ``state``, ``meta`` and
-  ``data`` (a best-model folder has no ``data``)."""
+  ``data`` (a best-model folder has no ``data``).
+
+  Its multi-host barriers are named after the folder: orbax reuses the same barrier keys in
+  every manager, so the best-model manager saving while the latest one's async save
+  finalises would otherwise enter a barrier the other still holds ("already ongoing")."""
   import grain
   import orbax.checkpoint as ocp
 
@@ -228,6 +232,9 @@ def checkpoint_manager(
     create=not read_only,
     enable_async_checkpointing=async_save,
     read_only=read_only,
+    multiprocessing_options=ocp.options.MultiprocessingOptions(
+      barrier_sync_key_prefix=f"fss_jax_{epath.Path(directory).name}"
+    ),
   )
   return ocp.CheckpointManager(os.fspath(directory), item_handlers=handlers, options=options)
 
