@@ -9,6 +9,7 @@ import functools
 import jax
 import numpy as np
 import optax
+import random_weights
 
 from data_prep import synthetic
 from fss_jax import parallel
@@ -67,11 +68,18 @@ def small_model(name: str, shot: int):
 
 
 def random_state(model, loader, mesh):
+  """A state with host-drawn random weights (`random_weights.draw`), replicated."""
   example = evaluate_lib.model_inputs(next(iter(loader)))
   example = {k: v for k, v in example.items() if k != "valid"}
-  return state_lib.create(
-    model, optax.identity(), example, rng=jax.random.PRNGKey(0), sharding=parallel.replicated(mesh)
+  shapes = state_lib.abstract(model, optax.identity(), example)
+  st = state_lib.TrainState(
+    step=np.zeros((), np.int32),
+    params=random_weights.draw(shapes.params),
+    batch_stats=random_weights.draw(shapes.batch_stats),
+    opt_state=shapes.opt_state,  # optax.identity: no leaves
+    rng=np.zeros(shapes.rng.shape, shapes.rng.dtype),
   )
+  return jax.device_put(st, parallel.replicated(mesh))
 
 
 def evaluate_all_seeds(eval_fn, st, loaders, mesh, batch, cache=None):

@@ -7,6 +7,19 @@ import pathlib
 # 8 fake CPU devices for sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for the whole run: the xdist workers and every subprocess
+# the tests start (fss_jax.main, predict, verify) inherit it, so a program compiled by one of
+# them (the smoke configs' steps, mostly) is read back by the others. Fresh per run; the
+# process that made it removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  _jit_cache = tempfile.mkdtemp(prefix="fss_jax_tests_jit_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _jit_cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+  atexit.register(shutil.rmtree, _jit_cache, ignore_errors=True)
 
 import numpy as np
 import pytest

@@ -324,33 +324,25 @@ def test_configs_follow_the_recipes():
   assert (c.batch_size, c.epochs, c.eval.episodes, tuple(c.eval.seeds)) == (4, 300, 1000, (321,))
 
 
-@pytest.mark.parametrize("variant", ["sccan", "hdmnet"])
-def test_smoke_config_training_lowers_the_loss(variant):
-  """Engine train_step with the smoke config, 2-shot: the loss goes down; the predictor
-  and the base learner stay frozen; the transformer (PFE / ASC) and kshot_rw train."""
-  import importlib
+def test_smoke_config_training_lowers_the_loss():
+  """Engine train_step with SCCAN-PAHNet's smoke config, 2-shot: the loss goes down; the
+  predictor and the base learner stay frozen; the transformer (PFE) and kshot_rw train.
+  (HDMNet-PAHNet's trainable set and step are checked against the official step by
+  tests/test_train_step_hdmnet.py; its multi-step run here cost ~100 s.)"""
+  from configs import sccan_pahnet
 
-  c = importlib.import_module(f"configs.{variant}_pahnet").get_config("smoke,shot=2")
+  c = sccan_pahnet.get_config("smoke,shot=2")
   name = c.model
   spec = registry.get(name)
-  fields = dict(c.model_fields)
-  optim_cfg = c.optim.to_dict()
-  if variant == "sccan":
-    fields.update(feature_dropout=0.0, classifier_dropout=0.0)  # deterministic steps
-    drop = r"transformer\.layers\.0\.blocks\.[2-7]\."
-  else:
-    fields.update(feature_dropout=0.0, transformer_dropout=0.0)
-    drop = None
-    # AdamW's first steps move every weight by ~lr: with the fixture's un-normalised
-    # features (~1e2) the recipe's 1e-3 overshoots; a smaller lr shows the descent.
-    optim_cfg["lr"] = 1e-6
+  fields = dict(c.model_fields, feature_dropout=0.0, classifier_dropout=0.0)  # deterministic
+  drop = r"transformer\.layers\.0\.blocks\.[2-7]\."
   model = spec.make_model(**fields)
   variables = jax.tree.map(
     jnp.asarray, keymaps.convert(_state_dict(name, 2, drop), spec.keymap(**fields), model=name)
   )
   batch = _episode(np.random.default_rng(0), 2, 2, 33)
   before, after, losses, metrics = run_train_steps(
-    spec, model, variables, optim_cfg, batch, total_steps=c.total_steps
+    spec, model, variables, c.optim.to_dict(), batch, total_steps=c.total_steps
   )
   assert losses[-1] < losses[0], (losses, jax.tree.map(float, metrics))
   assert "ce_pseudo" in metrics
@@ -361,10 +353,8 @@ def test_smoke_config_training_lowers_the_loss(variant):
   np.testing.assert_array_equal(
     after["pspnet"]["classifier"]["kernel"], before["pspnet"]["classifier"]["kernel"]
   )
-  pe = (
-    ("transformer", "blocks_0", "pe", "q", "kernel")
-    if variant == "sccan"
-    else ("transformer", "match_pe_0", "q", "kernel")
-  )
-  for path in (pe, ("ensemble", "kshot_rw", "conv_0", "kernel")):
+  for path in (
+    ("transformer", "blocks_0", "pe", "q", "kernel"),
+    ("ensemble", "kshot_rw", "conv_0", "kernel"),
+  ):
     assert not np.array_equal(leaf(after, path), leaf(before, path)), path
