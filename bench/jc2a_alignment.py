@@ -2,7 +2,7 @@
 
   python bench/jc2a_alignment.py [--side 60] [--dim 256] [--iters 20] [--all_levels]
 
-Times the jitted `fss_jax.models.jc2a.HPAM` (P2P + P2B, shared projections) on
+Times the jitted `fss_jax.nn.attention.linear.HPAM` (P2P + P2B, shared projections) on
 random features at ``side × side`` tokens (60 = a 473 input) for the alignment
 operators of Table 4 — normal softmax attention ("softmax", NA), normal linear
 attention ("linear", BatchNorm Φ), cosine interaction, ours without position
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from fss_jax.models import jc2a
+from fss_jax.nn.attention.linear import HPAM
 from fss_jax.ops.pooling import adaptive_avg_pool
 
 SETTINGS = (
@@ -49,7 +49,7 @@ def _inputs(batch, side, dim, levels, seed=0):
 
 def time_hpam(fields, *, batch, side, dim, levels, iters):
   top_k = (60, 20, 5, 3)[:levels]
-  hpam = jc2a.HPAM(dim=dim, top_k=top_k, **fields)
+  hpam = HPAM(dim=dim, top_k=top_k, **fields)
   qs, sps, ms = _inputs(batch, side, dim, levels)
   variables = hpam.init(jax.random.key(0), qs, sps, ms)
   fn = jax.jit(lambda v, q, s, m: hpam.apply(v, q, s, m))

@@ -184,16 +184,11 @@ class JC2A(nn.Module):
     else:
       fq, fs = cached
     drop = nn.Dropout(self.feat_dropout, broadcast_dims=(1, 2), deterministic=not train)
-    f_q = drop(
-      MergeConv(self.reduce_dim, name="down_query")(
-        jnp.concatenate([fq["layer3"], fq["layer2"]], -1)
-      )
-    )  # [B, h, w, C]
-    f_s = drop(
-      MergeConv(self.reduce_dim, name="down_supp")(
-        jnp.concatenate([fs["layer3"], fs["layer2"]], -1)
-      )
-    )  # [BK, h, w, C]
+    down = lambda name, f: drop(
+      MergeConv(self.reduce_dim, name=name)(jnp.concatenate([f["layer3"], f["layer2"]], -1))
+    )
+    f_q = down("down_query", fq)  # [B, h, w, C]
+    f_s = down("down_supp", fs)  # [BK, h, w, C]
     h, w = f_q.shape[1:3]
     m = resize_bilinear((smask == 1).astype(f_s.dtype)[..., None], (h, w), align_corners=True)
     proto = masked_average_pool(f_s, m, eps=self.prototype_eps)  # [BK, C]
@@ -409,15 +404,3 @@ SPEC = ModelSpec(
   derived_params="fss_jax.train.jc2a_prior:fp_base_params",
   encoder=encoder,
 )
-
-__all__ = [
-  "JC2A",
-  "HPAM",
-  "SPEC",
-  "make_model",
-  "make_loss",
-  "loss_fn",
-  "keymap",
-  "pfenet_keymap",
-  "min_input_size",
-]

@@ -34,7 +34,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fss_jax import assets, keymaps
 from fss_jax.models import frozen
@@ -48,6 +47,7 @@ from fss_jax.nn.symnet_blocks import (
   APA,
   TDC,
   ShotWeightedEnsemble,
+  class_embeddings,
   hard_triplet_loss,
   multilayer_correlation,
   query_self_prototypes,
@@ -111,25 +111,6 @@ class SymNet(nn.Module):
   embedding_path: str = ""
   check_class_ids: bool = True
 
-  def _embeddings(self, episode: Mapping[str, jax.Array], b: int) -> jax.Array:
-    if "class_embedding" in episode:
-      return jnp.asarray(episode["class_embedding"], jnp.float32).reshape(b, -1)
-    table = assets.load_class_embeddings(self.dataset, self.embedding_path or None)
-    ids = jnp.asarray(episode["class_id"]).reshape(-1).astype(jnp.int32)
-    if ids.shape[0] != b:
-      raise ValueError(
-        f"Sym-Net is 1-way: expected one class id per episode ({b}), got "
-        f"class_id of shape {tuple(jnp.shape(episode['class_id']))}"
-      )
-    rows = table.shape[0]
-    if self.check_class_ids and not isinstance(ids, jax.core.Tracer):
-      assets.check_class_ids(np.asarray(ids), self.dataset, rows)
-    # Under jit the ids are not known: an id outside the table gives a NaN embedding, so
-    # every output of that episode is NaN (the engine stops on a NaN loss) rather than
-    # silently reading another class's row.
-    emb = jnp.asarray(table)[jnp.clip(ids, 0, rows - 1)]
-    return jnp.where(((ids >= 0) & (ids < rows))[:, None], emb, jnp.nan)
-
   @nn.compact
   def __call__(self, episode: Mapping[str, jax.Array], *, train: bool = False) -> dict:
     """episode: query_image [B, H, W, 3], support_images [B, K, H, W, 3],
@@ -176,7 +157,9 @@ class SymNet(nn.Module):
     sow = lambda n, v: self.sow("intermediates", n, v)
 
     # 1. class embedding
-    text = self._embeddings(episode, b)  # [B, T]
+    text = class_embeddings(
+      episode, b, self.dataset, self.embedding_path or None, check=self.check_class_ids
+    )  # [B, T]
 
     # 2. frozen backbone, block by block (query and supports in one pass; BN frozen), or the
     #    features `fss_jax.eval.cached` computed once per test image
@@ -391,14 +374,7 @@ def make_model(
 
 
 def keymap(
-  shot: int = 1,
-  dataset: str = "pascal5i",
-  num_base_classes: int = 0,
-  depth: int = 50,
-  scales: Sequence[int] = (),
-  kshot_hidden: int = 2,
-  embedding_path: str = "",
-  check_class_ids: bool = True,
+  shot: int = 1, depth: int = 50, scales: Sequence[int] = (), kshot_hidden: int = 2, **_
 ) -> list:
   return symnet_keymap(shot=shot, depth=depth, levels=len(scales) or 4, kshot_hidden=kshot_hidden)
 

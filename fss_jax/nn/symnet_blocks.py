@@ -23,12 +23,14 @@ All maps NHWC, token sets [B, L, C] with L = h * w row-major.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fss_jax import assets
 from fss_jax.nn.ensemble import KShotReweight, base_foreground, scene_difference
 from fss_jax.nn.layers import Conv2d, GroupNorm, Linear
 from fss_jax.ops.pooling import avg_pool2d
@@ -429,3 +431,28 @@ __all__ = [
   "ShotWeightedEnsemble",
   "SPM_WINDOWS",
 ]
+
+
+def class_embeddings(
+  episode: Mapping[str, jax.Array], b: int, dataset: str, path: str | None, *, check: bool
+) -> jax.Array:
+  """``[B, T]`` the episodes' class embeddings: ``episode["class_embedding"]`` when given,
+  else the rows ``class_id [B]`` of the dataset's table (`assets.load_class_embeddings`;
+  ``path`` = a custom .npy table). With ``check``, concrete ids outside the table raise
+  `assets.AssetError`; under jit such an episode's embedding is NaN, so every output of that
+  episode is NaN (the engine stops on a NaN loss) rather than silently reading another
+  class's row."""
+  if "class_embedding" in episode:
+    return jnp.asarray(episode["class_embedding"], jnp.float32).reshape(b, -1)
+  table = assets.load_class_embeddings(dataset, path)
+  ids = jnp.asarray(episode["class_id"]).reshape(-1).astype(jnp.int32)
+  if ids.shape[0] != b:
+    raise ValueError(
+      f"Sym-Net is 1-way: expected one class id per episode ({b}), got "
+      f"class_id of shape {tuple(jnp.shape(episode['class_id']))}"
+    )
+  rows = table.shape[0]
+  if check and not isinstance(ids, jax.core.Tracer):
+    assets.check_class_ids(np.asarray(ids), dataset, rows)
+  emb = jnp.asarray(table)[jnp.clip(ids, 0, rows - 1)]
+  return jnp.where(((ids >= 0) & (ids < rows))[:, None], emb, jnp.nan)
