@@ -420,19 +420,6 @@ class ShotWeightedEnsemble(nn.Module):
     }
 
 
-__all__ = [
-  "TDC",
-  "APA",
-  "block_correlation",
-  "multilayer_correlation",
-  "self_activation_prior",
-  "query_self_prototypes",
-  "hard_triplet_loss",
-  "ShotWeightedEnsemble",
-  "SPM_WINDOWS",
-]
-
-
 def class_embeddings(
   episode: Mapping[str, jax.Array], b: int, dataset: str, path: str | None, *, check: bool
 ) -> jax.Array:
@@ -456,3 +443,17 @@ def class_embeddings(
     assets.check_class_ids(np.asarray(ids), dataset, rows)
   emb = jnp.asarray(table)[jnp.clip(ids, 0, rows - 1)]
   return jnp.where(((ids >= 0) & (ids < rows))[:, None], emb, jnp.nan)
+
+
+__all__ = [
+  "TDC",
+  "APA",
+  "block_correlation",
+  "multilayer_correlation",
+  "self_activation_prior",
+  "query_self_prototypes",
+  "hard_triplet_loss",
+  "ShotWeightedEnsemble",
+  "SPM_WINDOWS",
+  "class_embeddings",
+]
