@@ -6,8 +6,6 @@ of the official ``generate_indices`` and ``CrossWindowAttention`` arithmetic.
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,9 +209,9 @@ def test_shifted_block_shapes_and_window_counts():
   for shifted, n in ((False, 4), (True, 9)):
     blk = scca.SCCABlock(dim=16, num_heads=2, window=8, shifted=shifted)
     params = jax.jit(blk.init)(jax.random.PRNGKey(0), q, s, m)
-    (q2, s2, idx), st = jax.jit(partial(blk.apply, mutable=["intermediates"]))(params, q, s, m)
-    assert q2.shape == q.shape and s2.shape == s.shape and idx.shape == (1, n)
-    inter = st["intermediates"]
-    assert inter["attn_q_out"][0].shape == (1, n * 64, 16)
-    assert inter["q_out"][0].shape == (1, 256, 16)
+    q2, s2, inter = jax.jit(blk.apply)(params, q, s, m)
+    assert q2.shape == q.shape and s2.shape == s.shape
+    assert inter["window_index"].shape == (1, n)
+    assert inter["attn_q_out"].shape == (1, n * 64, 16)
+    assert inter["q_out"].shape == (1, 256, 16)
     assert sorted(params["params"]) == ["attn_q", "attn_s", "mlp_q", "mlp_s", "norm1", "norm2"]

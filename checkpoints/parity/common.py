@@ -54,18 +54,17 @@ def episode(arrays: Mapping[str, np.ndarray], *, class_id=None) -> dict:
   return ep
 
 
-def apply_with_intermediates(module, variables, inputs, **apply_kwargs):
-  """Jitted eval-mode forward that also returns the sown intermediates:
+def apply_with_intermediates(module, variables, inputs):
+  """Jitted eval-mode forward, the intermediates the model returns split from its outputs:
   ``(outputs, {"intermediates": ...})``."""
-  fn = jax.jit(
-    lambda v, x: module.apply(v, x, train=False, mutable=["intermediates"], **apply_kwargs)
-  )
-  return fn(variables, inputs)
+  out = dict(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, inputs))
+  return out, {"intermediates": out.pop("intermediates", {})}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict:
-  """Sown intermediates -> ``{"path/name": value}`` (one-element tuples unwrapped); nested
-  modules keep their path (``transformer/down_0/self1_query``)."""
+  """Nested intermediates -> ``{"path/name": value}`` (the one-element tuples of Flax's
+  ``capture_intermediates`` unwrapped); nested blocks keep their path
+  (``transformer/down_0/self1_query``)."""
   flat = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
@@ -105,6 +104,6 @@ def ensemble_logits(out: Mapping[str, Any]) -> dict:
 
 
 def ensemble_merges(mid: Mapping[str, Any], prefix: str = "") -> dict:
-  """``mid_gram_merge_in_bg`` / ``_fg`` and ``mid_cls_merge_in`` (NCHW) from the sown
+  """``mid_gram_merge_in_bg`` / ``_fg`` and ``mid_cls_merge_in`` (NCHW) from the
   intermediates ``mid[prefix + name]``."""
   return {f"mid_{name}": nchw(mid[prefix + name]) for name in _ENSEMBLE_MERGES}

@@ -2,7 +2,7 @@
 
 Inputs: ``in_query_img`` [B, 3, H, W], ``in_supp_img`` [B, K, 3, H, W], ``in_supp_label`` /
 ``in_query_label`` -> an NHWC episode (`common.episode`). Outputs ``out_final`` /
-``out_meta`` [B, 2, H, W] and ``out_base`` [B, N, H, W], NCHW. Intermediates (sown by
+``out_meta`` [B, 2, H, W] and ``out_base`` [B, N, H, W], NCHW. Intermediates (returned by
 `hdmnet.HDMNet` and its transformer, `common.flatten`ed): maps NCHW, ``__chmean`` = mean over
 space / tokens [B, C], ``__c<n>`` = first n channels; the transformer's token arrays
 (``mid_down<i>_norm_*``, ``mid_match<i>_cross_*``) stay ``[B, L, C]``.

@@ -3,7 +3,7 @@
 Inputs: ``in_query_img`` [B, 3, H, W], ``in_supp_img`` [B, K, 3, H, W], ``in_supp_label`` [B,
 K, H, W] -> an NHWC episode (`common.episode`, ``class_id`` zeros: SCCAN does not read it).
 Outputs: ``out_logits`` [B, 2, H, W]. The ``mid_`` names the json lists are looked up among
-the sown intermediates (`sccan.SCCAN`): maps NHWC -> NCHW, SCCA block tokens stay NLC
+the intermediates `sccan.SCCAN` returns: maps NHWC -> NCHW, SCCA block tokens stay NLC
 ``[B, L, C]`` (``__c<n>`` keeps the first n channels, ``__chmean`` the mean over space /
 tokens), ``*_window_index`` as int64.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from checkpoints.parity import ParityAdapter
-from checkpoints.parity.common import apply_with_intermediates, chmean, config_values, episode
+from checkpoints.parity.common import chmean, config_values, episode
 from fss_jax.models.sccan import BACKBONE_PREFIX
 from fss_jax.nn.backbones import resnet
 
@@ -50,16 +50,6 @@ def inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
   return episode(arrays, class_id=np.zeros((b,), np.int32))
 
 
-def apply(module, variables, ep):
-  """Eval-mode forward; the sown intermediates ride along under ``"intermediates"``."""
-  out, state = apply_with_intermediates(module, variables, ep)
-  return {**out, "intermediates": state["intermediates"]}
-
-
-def _first(v):
-  return v[0] if isinstance(v, tuple) else v
-
-
 _SWIN_MIDS = {
   "window_index": "window_index",
   "attn_q": "attn_q_out",
@@ -75,13 +65,13 @@ def _mid_source(base: str, inter: Mapping[str, Any]):
   """The Flax intermediate behind a fixture ``mid_`` base name (NHWC maps / NLC tokens)."""
   m = re.fullmatch(r"swin_block(\d+)_(\w+)", base)
   if m and m.group(2) in _SWIN_MIDS:
-    return _first(inter["transformer"][f"blocks_{m.group(1)}"][_SWIN_MIDS[m.group(2)]])
+    return inter["transformer"][f"blocks_{m.group(1)}"][_SWIN_MIDS[m.group(2)]]
   dec = {"aspp": "aspp_out", "res1": "res1_out", "res2": "res2_out"}
   if base in dec:
-    return _first(inter["decoder"][dec[base]])
+    return inter["decoder"][dec[base]]
   for name in (f"{base}_out", base):
     if name in inter:
-      return _first(inter[name])
+      return inter[name]
   return None
 
 
@@ -124,7 +114,6 @@ PARITY = ParityAdapter(
   model_fields=model_fields,
   inputs=inputs,
   outputs=outputs,
-  apply=apply,
   logit_outputs=("out_logits",),
 )
 

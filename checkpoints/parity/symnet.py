@@ -59,8 +59,9 @@ def inputs(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict:
 
 
 def apply(module, variables, ep):
-  """Eval-mode forward -> ``(outputs, {"intermediates": ...})``, with the decoder's res1 /
-  res2 outputs captured too: their sum is the cls input the fixture stores as
+  """Eval-mode forward -> ``(outputs, {"intermediates": ...})``: the model's outputs
+  (``intermediates`` among them) and the outputs of the decoder's res1 / res2 that Flax's
+  ``capture_intermediates`` records: their sum is the cls input the fixture stores as
   ``mid_decoder_feat``."""
   assets.check_class_ids(np.asarray(ep["class_id"]), module.dataset)
   capture = lambda mdl, method: method == "__call__" and mdl.name in ("res1", "res2")
@@ -74,9 +75,8 @@ def apply(module, variables, ep):
 
 def outputs(result, meta: Mapping[str, Any]) -> dict:
   out, state = result
-  inter = dict(state.get("intermediates", {}))
-  decoder = inter.pop("decoder", {})
-  mid = {n: v[0] for n, v in inter.items() if isinstance(v, tuple)}
+  decoder = state.get("intermediates", {}).get("decoder", {})
+  mid = out["intermediates"]
   b = out["logits"].shape[0]
   col = lambda v: np.asarray(v)[:, :, None, None]  # [B, C] -> NCHW 1x1
   d = ensemble_logits(out)

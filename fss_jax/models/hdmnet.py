@@ -83,13 +83,14 @@ def episode_base_channel(episode: Mapping[str, jax.Array]) -> jax.Array | None:
 
 
 def merge_inputs(
-  q: jax.Array, s: jax.Array, proto: jax.Array, prior: jax.Array, sow
+  q: jax.Array, s: jax.Array, proto: jax.Array, prior: jax.Array, mid: dict
 ) -> tuple[jax.Array, jax.Array]:
   """Step 5 (also PAHNet's HDMNetPlus): to the transformer width (64), ReLU.
 
   ``S_in = conv1x1([s, p_k])`` (``supp_merge``), ``Q_in = conv1x1([q, mean_k p_k,
   10 * prior])`` (``query_merge``) for q [B, h, w, C], s [B*K, h, w, C], prototypes
-  p [B*K, C] and the prior [B, h, w, 2]; sows ``supp_merge_out`` / ``query_merge_out``.
+  p [B*K, C] and the prior [B, h, w, 2]; records ``supp_merge_out`` / ``query_merge_out``
+  in the intermediates ``mid``.
   """
   b, h, w, c = q.shape
   k = s.shape[0] // b
@@ -105,8 +106,8 @@ def merge_inputs(
       )
     )
   )
-  sow("supp_merge_out", s_in)
-  sow("query_merge_out", q_in)
+  mid["supp_merge_out"] = s_in
+  mid["query_merge_out"] = q_in
   return q_in, s_in
 
 
@@ -165,7 +166,7 @@ class HDMNet(nn.Module):
     Returns:
       {"logits": final [B, H, W, 2], "meta_logits": [B, H, W, 2],
       "base_logits": [B, H, W, N], "corr": [B, h_i, w_i] x 3 (coarse to fine),
-      "est_val": [B]}.
+      "est_val": [B], "intermediates": {name: array}}.
     """
     x = episode["query_image"]
     s_x = episode["support_images"]
@@ -176,7 +177,7 @@ class HDMNet(nn.Module):
         f"the model was built for {self.shot}-shot episodes, got {k} supports; "
         f"set config.shot={k} (model field shot)"
       )
-    sow = lambda n, v: self.sow("intermediates", n, v)
+    mid: dict[str, Any] = {}  # the intermediates the parity fixtures record
     psp = pspnet_lib.PSPNet(
       num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
     )
@@ -194,8 +195,8 @@ class HDMNet(nn.Module):
       cached = frozen.split_rows(jax.lax.stop_gradient(feats), b)
     fq, fs = cached
     for name in frozen.feature_names(fq, FEATURE_NAMES):
-      sow(f"feat_query_{name}", fq[name])
-      sow(f"feat_support_{name}", fs[name])
+      mid[f"feat_query_{name}"] = fq[name]
+      mid[f"feat_support_{name}"] = fs[name]
 
     # 2. mid-level features
     q = DownProject(name="down_query")(
@@ -204,8 +205,8 @@ class HDMNet(nn.Module):
     s = DownProject(name="down_supp")(
       jnp.concatenate([fs["layer3"], fs["layer2"]], -1), train=train
     )
-    sow("down_query_out", q)
-    sow("down_supp_out", s)
+    mid["down_query_out"] = q
+    mid["down_supp_out"] = s
     _, h, w, _ = s.shape
 
     # 3. prototypes (Weighted GAP, bilinear ac=True mask)
@@ -221,23 +222,23 @@ class HDMNet(nn.Module):
       return jnp.mean(p.reshape(b, k, h, w, 1), axis=1)
 
     sim1, sim2 = prior("feat5"), prior("layer4")
-    sow("similarity_ppm_cls", sim1)
-    sow("similarity_layer4", sim2)
+    mid["similarity_ppm_cls"] = sim1
+    mid["similarity_layer4"] = sim2
     similarity = jnp.concatenate([sim1, sim2], axis=-1)  # [B, h, w, 2]
 
     # 5. merge to the transformer width
-    q_in, s_in = merge_inputs(q, s, proto, similarity, sow)
+    q_in, s_in = merge_inputs(q, s, proto, similarity, mid)
 
     # 6. hierarchical transformer
-    meta, corr = HierarchicalTransformer(shot=k, remat=self.remat, name="transformer")(
-      q_in, s_in, mask[..., 0], similarity, train=train
-    )
-    sow("meta_logits_lowres", meta)
+    meta, corr, mid["transformer"] = HierarchicalTransformer(
+      shot=k, remat=self.remat, name="transformer"
+    )(q_in, s_in, mask[..., 0], similarity, train=train)
+    mid["meta_logits_lowres"] = meta
 
     # 7. base learner and ensemble
     # The frozen classifier's logits carry no gradient (reference: requires_grad=False).
     base = jax.lax.stop_gradient(psp.classify(fq["feat5"], train=train))
-    sow("base_logits_lowres", base)
+    mid["base_logits_lowres"] = base
     ens = learner_ensemble(
       meta,
       base,
@@ -257,6 +258,7 @@ class HDMNet(nn.Module):
       "base_logits": up(base),
       "corr": corr,
       "est_val": ens["est_val"],
+      "intermediates": {**mid, "ensemble": ens["intermediates"]},
     }
 
 

@@ -17,8 +17,7 @@ backbone) alone for cached evaluation (`fss_jax.models.frozen`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,8 +30,6 @@ from fss_jax.nn.backbones import resnet
 from fss_jax.nn.prototype import prototype_prior, select_prior
 from fss_jax.ops import losses
 from fss_jax.ops.resize import resize_nearest
-
-Sow = Callable[[str, Any], Any]
 
 
 def check_episode(episode: Mapping[str, jax.Array], shot: int) -> tuple[int, int, int, int]:
@@ -59,8 +56,9 @@ SSP_LAYER3 = "ssp_layer3"
 
 def predictor_probability(
   ssp: ssp_lib.SSPMatchingNet, episode: Mapping[str, jax.Array]
-) -> jax.Array:
-  """The frozen predictor's softmax ``[B, s, s, 2]`` (no gradient), pahnet.md §1.2."""
+) -> tuple[jax.Array, dict]:
+  """The frozen predictor's softmax ``[B, s, s, 2]`` (no gradient), pahnet.md §1.2, and
+  its intermediates."""
   cached = frozen.cached_features(episode)
   layer3 = lambda f: {"layer3": f[SSP_LAYER3]}
   out = ssp(
@@ -70,17 +68,17 @@ def predictor_probability(
     train=False,
     features=None if cached is None else (layer3(cached[0]), layer3(cached[1])),
   )
-  return jax.lax.stop_gradient(jax.nn.softmax(out["out_1"], axis=-1))
+  return jax.lax.stop_gradient(jax.nn.softmax(out["out_1"], axis=-1)), out["intermediates"]
 
 
 def frozen_features(
-  psp: pspnet_lib.PSPNet, episode: Mapping[str, jax.Array], sow: Sow, names: Sequence[str]
+  psp: pspnet_lib.PSPNet, episode: Mapping[str, jax.Array], mid: dict, names: Sequence[str]
 ) -> tuple[dict, dict]:
   """PSPNet features of the query and the unmasked supports, one batch, no gradient, or
   those `fss_jax.eval.cached` computed once per test image.
 
   Returns (query features ``{name: [B, h, w, C]}``, support features
-  ``{name: [B*K, h, w, C]}``, row b*K + k); sows ``feat_query_<n>`` /
+  ``{name: [B*K, h, w, C]}``, row b*K + k); records ``feat_query_<n>`` /
   ``feat_support_<n>`` for the given names (the cached ones among them).
   """
   cached = frozen.cached_features(episode)
@@ -91,8 +89,8 @@ def frozen_features(
     cached = frozen.split_rows(jax.lax.stop_gradient(feats), b)
   fq, fs = cached
   for n in frozen.feature_names(fq, names):
-    sow(f"feat_query_{n}", fq[n])
-    sow(f"feat_support_{n}", fs[n])
+    mid[f"feat_query_{n}"] = fq[n]
+    mid[f"feat_support_{n}"] = fs[n]
   return fq, fs
 
 
@@ -130,7 +128,7 @@ def level_priors(
   fs: Mapping[str, jax.Array],
   masks: jax.Array,
   out_size: Sequence[int],
-  sow: Sow,
+  mid: dict,
 ) -> jax.Array:
   """Prototype priors of layer4 and feature 5 and the per-sample choice (§1.3).
 
@@ -142,9 +140,9 @@ def level_priors(
   prior, choice = select_prior(p4, p5)
   for tag, p in (("layer4", p4), ("ppm_cls", p5)):
     for n, v in p.items():
-      sow(f"prior_{tag}_{n}", v)
-  sow("prior_choice_fg", choice["fg"])
-  sow("prior_choice_corr", choice["corr"])
+      mid[f"prior_{tag}_{n}"] = v
+  mid["prior_choice_fg"] = choice["fg"]
+  mid["prior_choice_corr"] = choice["corr"]
   return prior
 
 

@@ -77,22 +77,22 @@ class HDMNetPlus(nn.Module):
     """episode as `fss_jax.models.pahnet_sccan.SCCANPlus`. Returns {"logits": final
     [B, H, W, 2], "meta_logits", "base_logits" [B, H, W, N], "prob" [B, 64, 64, 2],
     "corr" (coarse to fine), "pseudo_masks" (coarse to fine), "prior" [B, h, w, 2],
-    "est_val" [B]}."""
+    "est_val" [B], "intermediates"}."""
     b, k, hh, ww = check_episode(episode, self.shot)
-    sow = lambda n, v: self.sow("intermediates", n, v)
+    mid: dict[str, Any] = {}  # the intermediates the parity fixtures record
 
     # 1. predictor
-    prob = predictor_probability(
+    prob, mid["ssp"] = predictor_probability(
       ssp_lib.SSPMatchingNet(out_size=(self.predictor_size,) * 2, name="ssp"), episode
     )
-    sow("pro_pred", prob)
+    mid["pro_pred"] = prob
 
     # 2. frozen PSPNet features (query + unmasked supports in one batch)
     psp = pspnet_lib.PSPNet(
       num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
     )
     fq, fs = frozen_features(
-      psp, episode, sow, ("layer0", "layer1", "layer2", "layer3", "layer4", "feat5")
+      psp, episode, mid, ("layer0", "layer1", "layer2", "layer3", "layer4", "feat5")
     )
 
     # 3. mid-level features [B(*K), h, w, 256]
@@ -102,8 +102,8 @@ class HDMNetPlus(nn.Module):
     s = hdmnet_lib.DownProject(dropout=self.feature_dropout, name="down_supp")(
       jnp.concatenate([fs["layer3"], fs["layer2"]], -1), train=train
     )
-    sow("down_query_out", q)
-    sow("down_supp_out", s)
+    mid["down_query_out"] = q
+    mid["down_supp_out"] = s
     _, h, w, _ = s.shape
 
     # 4. prototypes (WGAP, bilinear ac=True mask) [B*K, 256]
@@ -114,21 +114,21 @@ class HDMNetPlus(nn.Module):
 
     # 5. prototype prior [B, h, w, 2]
     fs_k = {n: fs[n].reshape(b, k, *fs[n].shape[1:]) for n in ("layer4", "feat5")}
-    prior = level_priors(fq, fs_k, m_bil.reshape(b, k, h, w, 1), (h, w), sow)
-    sow("prior", prior)
+    prior = level_priors(fq, fs_k, m_bil.reshape(b, k, h, w, 1), (h, w), mid)
+    mid["prior"] = prior
 
     # 6. merge to the transformer width (64)
-    q_in, s_in = hdmnet_lib.merge_inputs(q, s, proto, prior, sow)
+    q_in, s_in = hdmnet_lib.merge_inputs(q, s, proto, prior, mid)
 
     # 7. transformer
-    meta, corr, pseudo = hdm.TransformerPlus(
+    meta, corr, pseudo, mid["transformer"] = hdm.TransformerPlus(
       shot=k, dropout=self.transformer_dropout, remat=self.remat, name="transformer"
     )(q_in, s_in, mask[..., 0], prior, prob[..., 1], train=train)
-    sow("meta_logits_lowres", meta)
+    mid["meta_logits_lowres"] = meta
 
     # 8. base learner and ensemble
     base = psp.classify(fq["feat5"], train=train)
-    sow("base_logits_lowres", base)
+    mid["base_logits_lowres"] = base
     ens = hdmnet_lib.learner_ensemble(
       meta,
       base,
@@ -151,6 +151,7 @@ class HDMNetPlus(nn.Module):
       "pseudo_masks": tuple(pseudo),
       "prior": prior,
       "est_val": ens["est_val"],
+      "intermediates": {**mid, "ensemble": ens["intermediates"]},
     }
 
 

@@ -89,31 +89,33 @@ class SCCANPlus(nn.Module):
       {"logits": final [B, H', W', 2] (probability-like, as the reference),
       "meta_logits": [B, H', W', 2], "base_logits": [B, 64, 64, N],
       "pseudo_masks": 8 x [B, 64, 64, 2], "prob": predictor softmax [B, 64, 64, 2],
-      "prior": [B, 64, 64, 2], "est_val": [B]}.
+      "prior": [B, 64, 64, 2], "est_val": [B], "intermediates": {name: array}}.
     """
     b, k, hh, ww = check_episode(episode, self.shot)
-    sow = lambda n, v: self.sow("intermediates", n, v)
+    mid: dict[str, Any] = {}  # the intermediates the parity fixtures record
     size = (self.grid, self.grid)
     up = lambda t, s=size: resize_bilinear(t, s, align_corners=True)
 
     # 1. predictor
-    prob = predictor_probability(ssp_lib.SSPMatchingNet(out_size=size, name="ssp"), episode)
-    sow("pro_pred", prob)
+    prob, mid["ssp"] = predictor_probability(
+      ssp_lib.SSPMatchingNet(out_size=size, name="ssp"), episode
+    )
+    mid["pro_pred"] = prob
     p_fg = prob[..., 1]  # [B, 64, 64]
 
     # 2. frozen PSPNet features (query + unmasked supports in one batch)
     psp = pspnet_lib.PSPNet(
       num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"
     )
-    fq, fs = frozen_features(psp, episode, sow, ("layer2", "layer3", "layer4", "feat5"))
+    fq, fs = frozen_features(psp, episode, mid, ("layer2", "layer3", "layer4", "feat5"))
 
     # 3. mid-level features [layer2, layer3] -> 1x1 -> ReLU -> Dropout2d -> 64x64
     drop = nn.Dropout(self.feature_dropout, broadcast_dims=(1, 2), deterministic=not train)
     conv1x1 = lambda name: Conv2d(self.reduce_dim, 1, use_bias=False, name=name)
     q_mid = drop(nn.relu(conv1x1("down_query")(jnp.concatenate([fq["layer2"], fq["layer3"]], -1))))
     s_mid = drop(nn.relu(conv1x1("down_supp")(jnp.concatenate([fs["layer2"], fs["layer3"]], -1))))
-    sow("down_query_out", q_mid)
-    sow("down_supp_out", s_mid)
+    mid["down_query_out"] = q_mid
+    mid["down_supp_out"] = s_mid
     query_feat = up(q_mid)  # [B, 64, 64, 256]
     supp_feat = up(s_mid).reshape(b, k, *size, self.reduce_dim)  # [B, K, 64, 64, 256]
 
@@ -131,17 +133,17 @@ class SCCANPlus(nn.Module):
     proto_map = jnp.broadcast_to(proto[:, None, None, :], query_feat.shape)
 
     # 5. prototype prior (query at backbone resolution, output 64)
-    prior = level_priors(fq, fs_hi, masks, size, sow)  # [B, 64, 64, 2]
-    sow("prior", prior)
+    prior = level_priors(fq, fs_hi, masks, size, mid)  # [B, 64, 64, 2]
+    mid["prior"] = prior
 
     # 6. input projections
     q0 = conv1x1("init_merge_query")(jnp.concatenate([query_feat, proto_map, prior], -1))
     s0 = conv1x1("init_merge_supp")(jnp.concatenate([supp_mean, proto_map, supp_mask], -1))
-    sow("init_merge_query_out", q0)
-    sow("init_merge_supp_out", s0)
+    mid["init_merge_query_out"] = q0
+    mid["init_merge_supp_out"] = s0
 
     # 7. transformer: tokens [B, 64, 64, 256], pseudo masks 8 x [B, 64, 64, 2]
-    t, pseudo = SCCAPlusTransformer(
+    t, mid["transformer"] = SCCAPlusTransformer(
       self.reduce_dim,
       self.blocks,
       self.num_heads,
@@ -150,11 +152,14 @@ class SCCANPlus(nn.Module):
       remat=self.remat,
       name="transformer",
     )(q0, s0, supp_mask, p_fg)
-    sow("transformer_out", t)
+    mid["transformer_out"] = t
+    pseudo = tuple(mid["transformer"][f"blocks_{i}"]["pseudo"] for i in range(self.blocks))
 
     # 8. decoder (ReLU -> ASPP -> res1 -> res2 -> cls)
-    meta = ASPPDecoder(self.reduce_dim, 2, self.classifier_dropout, name="decoder")(t, train=train)
-    sow("meta_logits_lowres", meta)
+    meta, mid["decoder"] = ASPPDecoder(self.reduce_dim, 2, self.classifier_dropout, name="decoder")(
+      t, train=train
+    )
+    mid["meta_logits_lowres"] = meta
 
     # 9. base learner on feature 5 at 64, ensemble
     base = psp.classify(up(fq["feat5"]), train=train)
@@ -182,6 +187,7 @@ class SCCANPlus(nn.Module):
       "prob": prob,
       "prior": prior,
       "est_val": ens["est_val"],
+      "intermediates": {**mid, "ensemble": ens["intermediates"]},
     }
 
 

@@ -93,7 +93,8 @@ class SCCAN(nn.Module):
 
     Returns:
       ``logits`` [B, h, w, 2] (h = w = input size for zoom 8), ``logits_low``
-      [B, 64, 64, 2], ``prior`` [B, 64, 64, 1], ``support_mask`` [B, 64, 64, 1].
+      [B, 64, 64, 2], ``prior`` [B, 64, 64, 1], ``support_mask`` [B, 64, 64, 1], and
+      ``intermediates`` {name: array} (nested by block: ``transformer/blocks_0/q_out``).
     """
     x = episode["query_image"]
     sx = episode["support_images"]
@@ -122,9 +123,9 @@ class SCCAN(nn.Module):
       feats = {n: jax.lax.stop_gradient(v) for n, v in feats.items() if n != "layer0"}
       cached = frozen.split_rows(feats, b)
     fq, fs = cached
+    mid: dict[str, Any] = {}  # the intermediates the parity fixtures record
     for n in frozen.feature_names(fq, ("layer1", "layer2", "layer3", "layer4")):
-      self.sow("intermediates", f"backbone_query_{n}", fq[n])
-      self.sow("intermediates", f"backbone_support_{n}", fs[n])
+      mid[f"backbone_query_{n}"], mid[f"backbone_support_{n}"] = fq[n], fs[n]
 
     # 2. Mid-level features: [layer2, layer3] -> 1x1 conv -> ReLU -> Dropout2d -> 64x64.
     drop = nn.Dropout(self.feature_dropout, broadcast_dims=(1, 2), deterministic=not train)
@@ -142,8 +143,7 @@ class SCCAN(nn.Module):
         )
       )
     )
-    self.sow("intermediates", "down_query_out", q_mid)
-    self.sow("intermediates", "down_supp_out", s_mid)
+    mid["down_query_out"], mid["down_supp_out"] = q_mid, s_mid
     query_feat = resize(q_mid)  # [B, 64, 64, 256]
     supp_feat = resize(s_mid).reshape(b, k, *size, self.reduce_dim)  # [B, K, 64, 64, 256]
     supp_high = resize(fs["layer4"]).reshape(b, k, *size, -1)  # [B, K, 64, 64, 2048]
@@ -172,7 +172,7 @@ class SCCAN(nn.Module):
     proto = jnp.mean(jnp.stack(protos, axis=1), axis=1)  # [B, 256]
     proto = jnp.broadcast_to(proto[:, None, None, :], query_feat.shape)
     prior = jnp.mean(jnp.concatenate(priors, axis=-1), axis=-1, keepdims=True)
-    self.sow("intermediates", "prior_mask", prior)
+    mid["prior_mask"] = prior
 
     # 4. Input projections (no activation).
     q0 = _conv1x1(self.reduce_dim, "init_merge_query")(
@@ -181,11 +181,10 @@ class SCCAN(nn.Module):
     s0 = _conv1x1(self.reduce_dim, "init_merge_supp")(
       jnp.concatenate([supp_masked, proto, supp_mask], axis=-1)
     )
-    self.sow("intermediates", "init_merge_query_out", q0)
-    self.sow("intermediates", "init_merge_supp_out", s0)
+    mid["init_merge_query_out"], mid["init_merge_supp_out"] = q0, s0
 
     # 5. SCCA transformer.
-    t, _ = SCCATransformer(
+    t, mid["transformer"] = SCCATransformer(
       self.reduce_dim,
       self.depth,
       self.num_heads,
@@ -194,16 +193,22 @@ class SCCAN(nn.Module):
       remat=self.remat,
       name="transformer",
     )(q0, s0, supp_mask)
-    self.sow("intermediates", "transformer_out", t)
+    mid["transformer_out"] = t
 
     # 6. Decoder and output size.
-    logits_low = ASPPDecoder(
+    logits_low, mid["decoder"] = ASPPDecoder(
       self.reduce_dim, self.classes, self.classifier_dropout, name="decoder"
     )(t, train=train)
     h = int((hi - 1) / 8 * self.zoom_factor + 1)
     w = int((wi - 1) / 8 * self.zoom_factor + 1)
     logits = resize(logits_low, (h, w)) if self.zoom_factor != 1 else logits_low
-    return {"logits": logits, "logits_low": logits_low, "prior": prior, "support_mask": supp_mask}
+    return {
+      "logits": logits,
+      "logits_low": logits_low,
+      "prior": prior,
+      "support_mask": supp_mask,
+      "intermediates": mid,
+    }
 
 
 def make_model(shot: int = 1, layers: int = 50, **fields) -> SCCAN:

@@ -144,7 +144,7 @@ class SSPMatchingNet(nn.Module):
     *,
     train: bool = False,
     features: tuple[Mapping[str, jax.Array], Mapping[str, jax.Array]] | None = None,
-  ) -> dict[str, jax.Array]:
+  ) -> dict[str, Any]:
     """Runs SSP.
 
     Args:
@@ -163,7 +163,9 @@ class SSPMatchingNet(nn.Module):
       (refine), "logits": out_2 if refine else out_1, "out_0_low", "out_1_low"
       [B, h8, w8, 2], "ssp_fg", "ssp_bg" [B, C], "ssp_bg_local" [B, h8, w8, C],
       "fg_above", "bg_above" [B] (threshold counts of the first round),
-      training: "self_logits" [B, H, W, 2], "support_logits" [B, K, H, W, 2]}.
+      training: "self_logits" [B, H, W, 2], "support_logits" [B, K, H, W, 2];
+      "intermediates": the backbone's ``layer3_query`` / ``layer3_support`` and the maps
+      above the parity fixtures record}.
     """
     b, hh, ww, _ = query_image.shape
     k = support_images.shape[1]
@@ -178,10 +180,8 @@ class SSPMatchingNet(nn.Module):
       features = frozen.split_rows({"layer3": backbone(imgs, train=False)["layer3"]}, b)
     fq, fs = features[0]["layer3"], features[1]["layer3"]
     fs = fs.reshape(b, k, *fs.shape[1:])  # row b, shot k
-    self.sow("intermediates", "layer3_query", fq)
-    self.sow("intermediates", "layer3_support", fs)
 
-    out = ssp_head(
+    out: dict[str, Any] = ssp_head(
       fq,
       fs,
       support_masks,
@@ -193,17 +193,9 @@ class SSPMatchingNet(nn.Module):
       topk=self.topk,
       temperature=self.temperature,
     )
-    for name in (
-      "out_0_low",
-      "out_1_low",
-      "out_1",
-      "ssp_fg",
-      "ssp_bg",
-      "ssp_bg_local",
-      "fg_above",
-      "bg_above",
-    ):
-      self.sow("intermediates", name, out[name])
+    recorded = ("out_0_low", "out_1_low", "out_1", "ssp_fg", "ssp_bg", "ssp_bg_local")
+    mid = {n: out[n] for n in (*recorded, "fg_above", "bg_above")}
+    out["intermediates"] = {"layer3_query": fq, "layer3_support": fs, **mid}
 
     if train:
       if query_mask is None:
@@ -239,7 +231,7 @@ class SSP(nn.Module):
         f"supports; set config.shot={k}"
       )
     net = SSPMatchingNet(refine=self.refine, depth=self.depth, name="ssp")
-    return net(
+    out = net(
       episode["query_image"],
       episode["support_images"],
       episode["support_masks"],
@@ -247,6 +239,7 @@ class SSP(nn.Module):
       train=train,
       features=frozen.cached_features(episode),  # the backbone's layer3 when cached
     )
+    return {**out, "intermediates": {"ssp": out["intermediates"]}}
 
 
 def loss_fn(outputs: Mapping[str, Any], episode: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:

@@ -121,7 +121,8 @@ class SymNet(nn.Module):
       {"logits": final [B, H', W', 2], "meta_logits": [B, H', W', 2], "base_logits":
       [B, H', W', N], "aux_logits": 4 x [B, s_l, s_l, 2], "est_val": [B], "prior":
       [B, h, w, 1], and (training) the triplet-loss inputs "support_text",
-      "support_features", "query_text", "query_ambiguous", "query_background"}.
+      "support_features", "query_text", "query_ambiguous", "query_background"; and
+      "intermediates" {name: array} (what the parity fixtures record)}.
       H' = (H - 1) / 8 * 8 + 1 = H.
     """
     x = episode["query_image"]
@@ -154,7 +155,7 @@ class SymNet(nn.Module):
         f"(input {hh}); set scales=() to follow the input size, or "
         f"{default_scales(h)}"
       )
-    sow = lambda n, v: self.sow("intermediates", n, v)
+    mid: dict[str, Any] = {}  # the intermediates the parity fixtures record
 
     # 1. class embedding
     text = class_embeddings(
@@ -173,8 +174,8 @@ class SymNet(nn.Module):
       cached = frozen.split_rows(frozen.flatten(feats), b)  # layer<n>, blocks_<i>: [B(*K), ...]
     for n, v in cached[0].items():
       tag = f"block_%s_{n[7:]}" if n.startswith("blocks_") else f"feat_%s_{n}"
-      sow(tag % "query", v)
-      sow(tag % "support", cached[1][n])
+      mid[tag % "query"] = v
+      mid[tag % "support"] = cached[1][n]
     sizes = resnet.stage_sizes(self.depth)
     (lq, bq), (ls, bs) = (stage_outputs(f, sizes) for f in cached)  # cached: blocks only
     assert lq[4].shape[1:3] == (h, w), (lq[4].shape, h, w)
@@ -186,16 +187,16 @@ class SymNet(nn.Module):
 
     f_q = down("down_query", lq[2], lq[3])  # [B, h, w, 256]
     f_s = down("down_supp", ls[2], ls[3])  # [B*K, h, w, 256]
-    sow("down_query_out", f_q)
-    sow("down_supp_out", f_s)
+    mid["down_query_out"] = f_q
+    mid["down_supp_out"] = f_s
     masks = (episode["support_masks"] == 1).astype(x.dtype)  # [B, K, H, W]
     m_full = masks.reshape(b * k, hh, ww, 1)
     m = resize_bilinear(m_full, (h, w), align_corners=True)  # binary (§0)
     proto = masked_average_pool(f_s, m, eps=0.0005)  # [B*K, 256]
-    sow("supp_proto", proto)
+    mid["supp_proto"] = proto
     apa = APA(REDUCE_DIM, name="apa")
     ts_k = apa(f_s * m, jnp.repeat(text, k, axis=0), proto, train=train)  # [B*K, 256]
-    sow("apa_support", ts_k)
+    mid["apa_support"] = ts_k
 
     corr: list[list[jax.Array]] = [[], [], []]
     for j in range(k):
@@ -204,37 +205,37 @@ class SymNet(nn.Module):
       for lvl in range(3):
         corr[lvl].append(cs[lvl])
     for lvl, name in enumerate(("l4", "l3", "l2")):
-      sow(f"corr_shot0_{name}", corr[lvl][0])
+      mid[f"corr_shot0_{name}"] = corr[lvl][0]
     h4, h3, h2 = (losses.mean_of(c) for c in corr)  # mean over the K shots
 
     # 4. top-down hyper-correlation
     hyper = TDC(name="tdc")(h2, h3, h4)  # [B, h, w, 48]
-    sow("tdc_out", hyper)
+    mid["tdc_out"] = hyper
 
     # 5. scene difference, shot weights
     ensemble = ShotWeightedEnsemble(shot=k, kshot_hidden=self.kshot_hidden, name="ensemble")
     weights, e_all = ensemble.shot_weights(lq[2], ls[2].reshape(b, k, *ls[2].shape[1:]))
     est = jnp.sum(weights * e_all, axis=1)  # [B]
-    sow("shot_weight", weights)
-    sow("est_val", est)
+    mid["shot_weight"] = weights
+    mid["est_val"] = est
 
     # 6. SPM prior pyramid
     priors = self_activation_prior(
       lq[4], ls[4].reshape(b, k, h, w, -1), m.reshape(b, k, h, w), weights, scales
     )
     for i, r in enumerate(priors):
-      sow(f"spm_bin{i}", r)
+      mid[f"spm_bin{i}"] = r
 
     # 7. prototypes
     ts = jnp.sum(weights[..., None] * ts_k.reshape(b, k, -1), axis=1)  # [B, 256]
     q_fg, q_amb, q_bg = query_self_prototypes(f_q, priors[0])
-    sow("query_pro_fg", q_fg)
-    sow("query_pro_hard", q_amb)
-    sow("query_pro_bg", q_bg)
+    mid["query_pro_fg"] = q_fg
+    mid["query_pro_hard"] = q_amb
+    mid["query_pro_bg"] = q_bg
     tq = apa(f_q * priors[0], text, q_fg, train=train)
-    sow("apa_query", tq)
+    mid["apa_query"] = tq
     g = 0.5 * tq + 0.5 * ts
-    sow("hybrid_proto", g)
+    mid["hybrid_proto"] = g
 
     # 8. multi-scale merge + PFENet decoder
     merged = []
@@ -248,15 +249,15 @@ class SymNet(nn.Module):
       merged.append(MergeConv(REDUCE_DIM, name=f"init_merge_{idx}")(jnp.concatenate(parts, -1)))
     meta, aux = FEMDecoder(REDUCE_DIM, 2, name="decoder")(merged, train=train)
     for i, a in enumerate(aux):
-      sow(f"inner_cls{i}", a)
-    sow("meta_logits_lowres", meta)
+      mid[f"inner_cls{i}"] = a
+    mid["meta_logits_lowres"] = meta
 
     # 9. base learner + ensemble
     base = psp.base_logits(lq[4], train=train)  # no gradient reaches pspnet (frozen)
-    sow("base_logits_lowres", base)
+    mid["base_logits_lowres"] = base
     ens = ensemble(meta, base, est, exclude_channel=base_channel(episode) if train else None)
     for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
-      sow(name, ens[name])
+      mid[name] = ens[name]
 
     # 10. outputs at the input resolution
     size = (pspnet_lib.output_size(hh), pspnet_lib.output_size(ww))
@@ -268,6 +269,7 @@ class SymNet(nn.Module):
       "aux_logits": aux,
       "est_val": est,
       "prior": priors[0],
+      "intermediates": mid,
     }
     if train:
       out.update(

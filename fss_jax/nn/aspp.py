@@ -12,8 +12,8 @@ submodules are ``aspp``, ``res1``, ``res2_0``, ``res2_1``, ``cls_0``, ``cls_1``
 
 Initialisation mirrors PyTorch: ASPP conv weights kaiming-normal (std
 sqrt(2 / fan_in)); other convs and all biases U(+-1/sqrt(fan_in)). The decoder
-sows ``aspp_out``, ``res1_out`` and ``res2_out`` (before the residual add) into
-``intermediates``.
+returns its intermediates ``aspp_out``, ``res1_out`` and ``res2_out`` (before the
+residual add) beside the logits.
 """
 
 from __future__ import annotations
@@ -90,17 +90,16 @@ class ASPPDecoder(nn.Module):
   dropout: float = 0.1
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> tuple[jnp.ndarray, dict]:
+    """x [B, H, W, C] -> (logits [B, H, W, classes], intermediates {name: array})."""
     f = self.features
     x = nn.relu(x)
     a = ASPP(f, name="aspp")(x)
     r1 = nn.relu(_conv(f, 1, use_bias=False, name="res1")(a))
     r2 = nn.relu(_conv(f, 3, use_bias=False, name="res2_0")(r1))
     r2 = nn.relu(_conv(f, 3, use_bias=False, name="res2_1")(r2))
-    self.sow("intermediates", "aspp_out", a)
-    self.sow("intermediates", "res1_out", r1)
-    self.sow("intermediates", "res2_out", r2)
+    mid = {"aspp_out": a, "res1_out": r1, "res2_out": r2}
     y = r2 + r1
     y = nn.relu(_conv(f, 3, use_bias=False, name="cls_0")(y))
     y = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(y)
-    return _conv(self.classes, 1, name="cls_1")(y)
+    return _conv(self.classes, 1, name="cls_1")(y), mid

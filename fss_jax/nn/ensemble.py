@@ -24,6 +24,8 @@ All maps NHWC.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -140,7 +142,7 @@ class LearnerEnsemble(nn.Module):
     support_low: jax.Array,
     *,
     exclude_channel: jax.Array | None = None,
-  ) -> dict[str, jax.Array]:
+  ) -> dict[str, Any]:
     """Ensembles at the feature resolution.
 
     Args:
@@ -152,7 +154,8 @@ class LearnerEnsemble(nn.Module):
 
     Returns:
       dict: ``final`` [B, h, w, 2], ``est_val`` [B], ``scene_difference`` [B, K],
-      ``base_map`` [B, h, w, 1], ``meta_prob`` [B, h, w, 2].
+      ``base_map`` [B, h, w, 1], ``meta_prob`` [B, h, w, 2], and ``intermediates``: the
+      merges' inputs ``gram_merge_in_bg`` / ``_fg`` [B, h, w, 2], ``cls_merge_in``.
     """
     meta_prob = jax.nn.softmax(meta_logits, axis=-1)
     base_prob = jax.nn.softmax(base_logits, axis=-1)
@@ -170,11 +173,8 @@ class LearnerEnsemble(nn.Module):
     cls_merge = Conv2d(1, 1, use_bias=False, kernel_init=_merge_init, name="cls_merge")
     bg_in = jnp.concatenate([meta_prob[..., 0:1], est_map], axis=-1)
     fg_in = jnp.concatenate([meta_prob[..., 1:2], est_map], axis=-1)
-    self.sow("intermediates", "gram_merge_in_bg", bg_in)
-    self.sow("intermediates", "gram_merge_in_fg", fg_in)
     bg, fg = gram_merge(bg_in), gram_merge(fg_in)
     merge_in = jnp.concatenate([bg, base_map], axis=-1)
-    self.sow("intermediates", "cls_merge_in", merge_in)
     final = jnp.concatenate([cls_merge(merge_in), fg], axis=-1)
     return {
       "final": final,
@@ -182,6 +182,11 @@ class LearnerEnsemble(nn.Module):
       "scene_difference": e_all,
       "base_map": base_map,
       "meta_prob": meta_prob,
+      "intermediates": {
+        "gram_merge_in_bg": bg_in,
+        "gram_merge_in_fg": fg_in,
+        "cls_merge_in": merge_in,
+      },
     }
 
 

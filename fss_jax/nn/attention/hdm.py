@@ -25,7 +25,8 @@ Tokens are ``[B, L, C]`` with L row-major over the grid (token = y * W + x),
 maps NHWC. The numerics follow the mmcv/mmseg blocks of the reference:
 LayerNorm eps 1e-6 with two-pass variance, exact-erf GELU, BN always in
 inference mode (the reference freezes every BN, see hdmnet.md §4.5),
-dropout only when ``train``.
+dropout only when ``train``. Blocks with intermediates return them last as a dict
+(``mid``; the transformers' is nested by stage: ``down_0/self1_query``).
 """
 
 from __future__ import annotations
@@ -370,27 +371,13 @@ class DownStage(nn.Module):
     *,
     train: bool = False,
     attn_kwargs: dict | None = None,
-    tag: str = "",
-    split: int | None = None,
-  ) -> tuple[jax.Array, tuple[int, int]]:
-    """``[N, H, W, C]`` -> (tokens ``[N, h*w, dim]``, (h, w)).
-
-    ``tag`` suffixes the names of the sown intermediates; with ``split = B`` the
-    batch holds B queries followed by supports and both halves are sown
-    (``_query``, ``_support``).
-    """
-
-    def sow(name, value):
-      if split is None:
-        self.sow("intermediates", f"{name}{tag}", value)
-      else:
-        self.sow("intermediates", f"{name}_query", value[:split])
-        self.sow("intermediates", f"{name}_support", value[split:])
-
+  ) -> tuple[jax.Array, tuple[int, int], dict[str, jax.Array]]:
+    """``[N, H, W, C]`` -> (tokens ``[N, h*w, dim]``, (h, w), intermediates: the tokens
+    after ``patch_embed`` and after each layer, ``self1``, ``self2``, ...)."""
     x, hw = PatchEmbed(
       self.dim, self.kernel, self.stride, self.stride // 2, self.ln_eps, name="patch_embed"
     )(x)
-    sow("patch_embed", x)
+    mid = {"patch_embed": x}
     layer = encoder_layer_cls(self.remat)
     for j in range(self.depth):
       x, _ = layer(
@@ -403,8 +390,14 @@ class DownStage(nn.Module):
         self.attention_cls,
         name=f"layer_{j}",
       )(x, hw, None, train, attn_kwargs)
-      sow(f"self{j + 1}", x)
-    return layer_norm(self.ln_eps, "norm")(x), hw
+      mid[f"self{j + 1}"] = x
+    return layer_norm(self.ln_eps, "norm")(x), hw, mid
+
+
+def tagged(mid: dict[str, jax.Array], tag: str) -> dict[str, jax.Array]:
+  """``{name + tag: value}``: a stage's intermediates for the query (``_query``) or the
+  supports (``_support``)."""
+  return {f"{name}{tag}": v for name, v in mid.items()}
 
 
 class ConvModule(nn.Module):
@@ -501,25 +494,24 @@ class HierarchicalTransformer(nn.Module):
     hw: tuple[int, int],
     prior: jax.Array,
     fused: jax.Array | None,
+    mid: dict[str, Any],
   ) -> jax.Array:
     """Matching level i after its cross-attention (x ``[B, h*w, dim]``, corr ``[B, h*w]``):
     ``ConvModule([x ; prior])`` -> parse block, added to the coarser levels' fusion
-    (resized bilinearly, align_corners=False). Returns the fusion ``[B, h, w, dim]``."""
-    sow = lambda n, v: self.sow("intermediates", n, v)
-    sow(f"match{i}_cross_x", x)
-    sow(f"match{i}_cross_weight", corr)
+    (resized bilinearly, align_corners=False). Returns the fusion ``[B, h, w, dim]``;
+    records ``match<i>_cross_x`` / ``_cross_weight`` / ``_conv`` and ``parse<i>`` in
+    ``mid``."""
+    mid[f"match{i}_cross_x"], mid[f"match{i}_cross_weight"] = x, corr
     x = ConvModule(self.dim, name=f"match_conv_{i}")(
       jnp.concatenate([tokens_to_map(x, hw), prior], axis=-1)
     )
-    sow(f"match{i}_conv", x)
+    mid[f"match{i}_conv"] = x
     parse = ParseBlock(self.dim, self.dim * 4, name=f"parse_{i}")
     if fused is None:
-      fused = parse(x)
-      sow(f"parse{i}", fused)
+      fused = mid[f"parse{i}"] = parse(x)
     else:
       fused = resize_bilinear(fused, hw, align_corners=False)
-      p = parse(x + fused)
-      sow(f"parse{i}", p)
+      p = mid[f"parse{i}"] = parse(x + fused)
       fused = fused + p
     return fused
 
@@ -532,7 +524,7 @@ class HierarchicalTransformer(nn.Module):
     similarity: jax.Array,
     *,
     train: bool = False,
-  ) -> tuple[jax.Array, list[jax.Array]]:
+  ) -> tuple[jax.Array, list[jax.Array], dict[str, Any]]:
     """Runs the down-sampling and matching paths.
 
     Args:
@@ -544,23 +536,28 @@ class HierarchicalTransformer(nn.Module):
 
     Returns:
       (meta logits ``[B, H, W, num_classes]``, correlation maps coarse to fine
-      ``[[B, h2, w2], [B, h1, w1], [B, h0, w0]]``).
+      ``[[B, h2, w2], [B, h1, w1], [B, h0, w0]]``, intermediates: per stage
+      ``down_<i>`` {patch_embed, self<j>}_{query,support}, ``down<i>_norm_query`` /
+      ``_support``, and per matching level those of `_fuse`).
     """
     b, k = query.shape[0], self.shot
     n = len(self.heads)
+    mid: dict[str, Any] = {}
     q_tokens, s_tokens, grids, masks, priors = [], [], [], [], []
     q, s = query, support
     for i in range(n):
       stage = self._down_stage(i)
       if q.shape[1:] == s.shape[1:]:
         # Query and supports share the stage and never interact in it: one batched call.
-        ts, hw = stage(jnp.concatenate([q, s], axis=0), train=train, tag="", split=b)
+        ts, hw, both = stage(jnp.concatenate([q, s], axis=0), train=train)
         qt, st, shw = ts[:b], ts[b:], hw
+        q_mid = {n: v[:b] for n, v in both.items()}
+        s_mid = {n: v[b:] for n, v in both.items()}
       else:
-        qt, hw = stage(q, train=train, tag="_query")
-        st, shw = stage(s, train=train, tag="_support")
-      self.sow("intermediates", f"down{i}_norm_query", qt)
-      self.sow("intermediates", f"down{i}_norm_support", st)
+        qt, hw, q_mid = stage(q, train=train)
+        st, shw, s_mid = stage(s, train=train)
+      mid[f"down_{i}"] = {**tagged(q_mid, "_query"), **tagged(s_mid, "_support")}
+      mid[f"down{i}_norm_query"], mid[f"down{i}_norm_support"] = qt, st
       m = resize_nearest(support_mask[..., None].astype(query.dtype), shw)
       masks.append(m.reshape(b, k * shw[0] * shw[1]))  # shot-major keys
       priors.append(resize_bilinear(similarity, hw, align_corners=True))
@@ -574,10 +571,10 @@ class HierarchicalTransformer(nn.Module):
       hw = grids[i]
       x, corr = self._match_layer(i)(q_tokens[i], hw, s_tokens[i], train, {"key_mask": masks[i]})
       corr_maps.append(corr.reshape(b, hw[0], hw[1]))
-      fused = self._fuse(i, x, corr, hw, priors[i], fused)
+      fused = self._fuse(i, x, corr, hw, priors[i], fused, mid)
     assert fused is not None  # at least one level
     logits = MetaClassifier(self.dim, self.dim * 4, self.num_classes, name="cls")(fused)
-    return logits, corr_maps
+    return logits, corr_maps, mid
 
 
 def _patch_grid(n: int, kernel: int, stride: int) -> int:
@@ -605,9 +602,10 @@ class TransformerPlus(HierarchicalTransformer):
     """query [B, H, W, dim], support [B*K, H, W, dim] (row b*K + k), support_mask
     [B*K, Hm, Wm] binary at input size, similarity [B, H, W, 2], prob [B, s, s]
     -> (meta logits [B, H, W, 2], corr maps coarse to fine, pseudo masks coarse to fine
-    [B, h_i, w_i, 2])."""
+    [B, h_i, w_i, 2], intermediates as `HierarchicalTransformer`'s plus ``match<i>_pe_x``
+    / ``_pe_y`` / ``_pe_pseudo``)."""
     b, k = query.shape[0], self.shot
-    sow = lambda n, v: self.sow("intermediates", n, v)
+    mid: dict[str, Any] = {}
     levels: list[dict[str, Any]] = []
     q, s = query, support
     for i in range(len(self.heads)):
@@ -623,11 +621,11 @@ class TransformerPlus(HierarchicalTransformer):
         kwargs = {
           "bias": jnp.where((u_q[:, :, None] + u_kv[:, None, :]) == 1.0, -100.0, 0.0)[:, None]
         }
-      qt, hw = stage(q, train=train, tag="_query")
-      st, shw2 = stage(s, train=train, attn_kwargs=kwargs, tag="_support")
+      qt, hw, q_mid = stage(q, train=train)
+      st, shw2, s_mid = stage(s, train=train, attn_kwargs=kwargs)
       assert shw2 == shw, (shw2, shw)
-      sow(f"down{i}_norm_query", qt)
-      sow(f"down{i}_norm_support", st)
+      mid[f"down_{i}"] = {**tagged(q_mid, "_query"), **tagged(s_mid, "_support")}
+      mid[f"down{i}_norm_query"], mid[f"down{i}_norm_support"] = qt, st
       p_near = resize_nearest(prob[..., None], hw).reshape(b, -1)
       p_bil = resize_bilinear(prob[..., None], hw, align_corners=True)[..., 0]
       levels.append(
@@ -650,18 +648,16 @@ class TransformerPlus(HierarchicalTransformer):
       xq, xs, pseudo = PrototypeEnhanced(self.dim, self.mlp_ratio, name=f"match_pe_{i}")(
         lv["q"], lv["s"], lv["mask"], lv["p_bil"], hw
       )
-      sow(f"match{i}_pe_x", xq)
-      sow(f"match{i}_pe_y", xs)
-      sow(f"match{i}_pe_pseudo", pseudo)
+      mid[f"match{i}_pe_x"], mid[f"match{i}_pe_y"], mid[f"match{i}_pe_pseudo"] = xq, xs, pseudo
       pseudo_masks.append(pseudo)
       x, corr = self._match_layer(i)(
         xq, hw, xs, train, {"key_mask": lv["mask"], "query_prob": lv["p_near"]}
       )
       corr_maps.append(corr.reshape(b, *hw))
-      fused = self._fuse(i, x, corr, hw, lv["prior"], fused)
+      fused = self._fuse(i, x, corr, hw, lv["prior"], fused, mid)
     assert fused is not None  # at least one level
     logits = MetaClassifier(self.dim, self.dim * 4, self.num_classes, name="cls")(fused)
-    return logits, corr_maps, pseudo_masks
+    return logits, corr_maps, pseudo_masks, mid
 
 
 # ---------------------------------------------------------------------------

@@ -23,18 +23,19 @@ The pieces compose, so that SCCAN and PAHNet's SCCANPlus share them:
 
 Parameter names follow the official module names (``norm1``, ``attn_q.q``,
 ``attn_q.kv``, ``attn_q.proj``, ``mlp_q.fc1``, ...), blocks are ``blocks_{n}``.
-Blocks sow ``window_index`` [B, n_windows] and the residual branches
-(``attn_q_out`` / ``attn_s_out`` windows [B, n_windows * T, C], ``mlp_q_out``,
-``mlp_s_out``, and the block outputs ``q_out``, ``s_out``, tokens [B, H * W, C])
-into the ``intermediates`` collection; `SCCAPlusBlock` also ``pe_q`` (PFE query tokens)
-and ``pseudo`` (its pseudo mask).
+Each block returns its intermediates as its last output (big_vision's ``out``; ``mid`` here):
+``window_index`` [B, n_windows], the residual branches (``attn_q_out`` / ``attn_s_out``
+windows [B, n_windows * T, C], ``mlp_q_out``, ``mlp_s_out``) and the block outputs
+``q_out``, ``s_out`` (tokens [B, H * W, C]); `SCCAPlusBlock` also ``pe_q`` (PFE query
+tokens) and ``pseudo`` (its pseudo mask). The transformer returns them as
+``{"blocks_<n>": ...}``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -180,20 +181,18 @@ class ShiftedWindowStreams:
   if TYPE_CHECKING:  # provided by the flax module this is mixed into
     window: int
     shifted: bool
-    sow: Callable[..., Any]
 
   def _pad(self, x):
     return W.pad_half_window(x, self.window) if self.shifted else x
 
   def _aligned_windows(self, qn, sn, mp):
     """Windows of the normed, padded maps qn, sn [B, H', W', C] and the support window
-    aligned to each query window (mask mp [B, H', W', 1]); sows ``window_index``.
+    aligned to each query window (mask mp [B, H', W', 1]).
 
     Returns (index [B, N], query windows, support windows, aligned support windows,
     each [B, N, T, C]).
     """
     index = align_support_windows(qn, sn, mp, self.window)
-    self.sow("intermediates", "window_index", index)
     s_win = W.window_partition(sn, self.window)
     return index, W.window_partition(qn, self.window), s_win, W.gather_windows(s_win, index)
 
@@ -201,23 +200,25 @@ class ShiftedWindowStreams:
     x = W.window_merge(windows, hp, wp)
     return W.crop_half_window(x, self.window, h, w) if self.shifted else x
 
-  def _residual_mlp(self, x, o, mlp, norm, padded_hw, stream: str):
-    """``x + crop(merge(o))``, then ``+ mlp(norm(.))``; sows ``attn_/mlp_<stream>_out``.
+  def _residual_mlp(self, x, o, mlp, norm, padded_hw, mid: dict, stream: str):
+    """``x + crop(merge(o))``, then ``+ mlp(norm(.))``; records ``attn_/mlp_<stream>_out``
+    in ``mid``.
 
     Args:
       x: [B, H, W, C] the stream before the attention.
       o: [B * N, T, C] attention output per window (N windows of T tokens).
       mlp, norm: the stream's MLP and the block's second LayerNorm.
       padded_hw: (H', W') of the padded token grid the windows came from.
+      mid: the block's intermediates (written into).
       stream: "q" or "s" (the intermediates' names).
     """
     b, h, w, c = x.shape
     o = o.reshape(b, -1, o.shape[1], c)  # [B, N, T, C]
-    self.sow("intermediates", f"attn_{stream}_out", o.reshape(b, -1, c))
+    mid[f"attn_{stream}_out"] = o.reshape(b, -1, c)
     hp, wp = padded_hw
     x = x + self._unwindow(o, hp, wp, h, w)
     m = mlp(norm(x))
-    self.sow("intermediates", f"mlp_{stream}_out", m.reshape(b, h * w, c))
+    mid[f"mlp_{stream}_out"] = m.reshape(b, h * w, c)
     return x + m
 
 
@@ -259,7 +260,8 @@ class SCCABlock(ShiftedWindowStreams, nn.Module):
       s_mask: [B, H, W, 1] soft support mask (the same for every block).
 
     Returns:
-      (q [B, H, W, C], s [B, H, W, C], window_index [B, n_windows] int32).
+      (q [B, H, W, C], s [B, H, W, C], intermediates: ``window_index`` [B, n_windows]
+      int32 and the streams' tokens, see the module docstring).
     """
     b, h, w, c = q.shape
     qn = self._pad(self.norm1(q))
@@ -267,14 +269,14 @@ class SCCABlock(ShiftedWindowStreams, nn.Module):
     mp = self._pad(s_mask.astype(q.dtype))
     hp, wp = qn.shape[1:3]
     index, q_win, s_win, s_aligned = self._aligned_windows(qn, sn, mp)  # [B, N, T, C]
+    mid: dict[str, jnp.ndarray] = {"window_index": index}
     nw, t = q_win.shape[1:3]
     o = self.attn_q(q_win.reshape(b * nw, t, c), s_aligned.reshape(b * nw, t, c))
-    q = self._residual_mlp(q, o, self.mlp_q, self.norm2, (hp, wp), "q")
+    q = self._residual_mlp(q, o, self.mlp_q, self.norm2, (hp, wp), mid, "q")
     u = self.attn_s(s_win.reshape(b * nw, t, c))
-    s = self._residual_mlp(s, u, self.mlp_s, self.norm2, (hp, wp), "s")
-    self.sow("intermediates", "q_out", q.reshape(b, h * w, c))
-    self.sow("intermediates", "s_out", s.reshape(b, h * w, c))
-    return q, s, index
+    s = self._residual_mlp(s, u, self.mlp_s, self.norm2, (hp, wp), mid, "s")
+    mid["q_out"], mid["s_out"] = q.reshape(b, h * w, c), s.reshape(b, h * w, c)
+    return q, s, mid
 
 
 class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
@@ -299,15 +301,14 @@ class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
   @nn.compact
   def __call__(self, q: jnp.ndarray, s: jnp.ndarray, s_mask: jnp.ndarray, prob: jnp.ndarray):
     """q, s [B, H, W, C]; s_mask [B, H, W, 1] soft support mask; prob [B, H, W]
-    predictor FG probability -> (q, s [B, H, W, C], pseudo mask [B, H, W, 2])."""
+    predictor FG probability -> (q, s [B, H, W, C], intermediates: those of `SCCABlock`
+    plus ``pe_q`` [B, H * W, C] and the pseudo mask ``pseudo`` [B, H, W, 2])."""
     b, h, w, c = q.shape
     heads, d = self.num_heads, c // self.num_heads
     # PFE: prototype-enhanced tokens and the pseudo mask.
     qt, st, pseudo = PrototypeEnhanced(c, name="pe")(
       q.reshape(b, h * w, c), s.reshape(b, h * w, c), s_mask.reshape(b, h * w), prob, (h, w)
     )
-    self.sow("intermediates", "pe_q", qt)
-    self.sow("intermediates", "pseudo", pseudo)
     q, s = qt.reshape(b, h, w, c), st.reshape(b, h, w, c)
     norm1, norm2 = layer_norm("norm1"), layer_norm("norm2")
     qn, sn = self._pad(norm1(q)), self._pad(norm1(s))
@@ -315,6 +316,7 @@ class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
     pp = self._pad(prob[..., None].astype(q.dtype))
     hp, wp = qn.shape[1:3]
     index, q_win, s_win, s_al = self._aligned_windows(qn, sn, mp)  # [B, N, T, C]
+    mid: dict[str, jnp.ndarray] = {"pe_q": qt, "pseudo": pseudo, "window_index": index}
     m_win = W.window_partition(mp, self.window)[..., 0]  # [B, N, T]
     p_win = W.window_partition(pp, self.window)[..., 0]
     m_al = jnp.take_along_axis(m_win, index[:, :, None], axis=1)
@@ -332,16 +334,15 @@ class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
       flat(q_win), flat(s_al), cross_weight=reweight, cross_bias=mismatch
     )
     hidden = int(c * self.mlp_ratio)
-    q = self._residual_mlp(q, o, Mlp(hidden, name="mlp_q"), norm2, (hp, wp), "q")
+    q = self._residual_mlp(q, o, Mlp(hidden, name="mlp_q"), norm2, (hp, wp), mid, "q")
 
     # Support self-attention, FG-FG / BG-BG only (un-aligned windows).
     u = asc_support_state(flat(m_win))
     self_bias = jnp.where(asc_mismatch(u, u), -jnp.inf, 0.0)[:, None]
     o = ScaledCosineAttention(c, heads, name="attn_s")(flat(s_win), self_bias=self_bias)
-    s = self._residual_mlp(s, o, Mlp(hidden, name="mlp_s"), norm2, (hp, wp), "s")
-    self.sow("intermediates", "q_out", q.reshape(b, h * w, c))
-    self.sow("intermediates", "s_out", s.reshape(b, h * w, c))
-    return q, s, pseudo
+    s = self._residual_mlp(s, o, Mlp(hidden, name="mlp_s"), norm2, (hp, wp), mid, "s")
+    mid["q_out"], mid["s_out"] = q.reshape(b, h * w, c), s.reshape(b, h * w, c)
+    return q, s, mid
 
 
 class SCCATransformer(nn.Module):
@@ -349,7 +350,7 @@ class SCCATransformer(nn.Module):
 
   Even blocks use unshifted windows, odd blocks the half-window zero-pad shift.
   The support stream is updated block to block and discarded; the query stream
-  is returned after ``norm0``, with each block's third output.
+  is returned after ``norm0``, with the blocks' intermediates.
 
   Attributes:
     dim: token width (256).
@@ -360,7 +361,7 @@ class SCCATransformer(nn.Module):
     remat: recompute each block in the backward (``nn.remat``; same parameters).
     block: the block class (a Module class, `nn.remat` wraps it): built as
       ``block(dim, num_heads, window, shifted=, mlp_ratio=, name="blocks_<n>")`` and
-      called ``(q, s, s_mask, *block_args) -> (q, s, aux)``. `SCCABlock` (SCCAN) or
+      called ``(q, s, s_mask, *block_args) -> (q, s, intermediates)``. `SCCABlock` (SCCAN) or
       `SCCAPlusBlock` (PAHNet).
   """
 
@@ -383,15 +384,15 @@ class SCCATransformer(nn.Module):
         probability [B, H, W]).
 
     Returns:
-      (query tokens [B, H, W, C], tuple of the blocks' aux outputs: window indices
-      [B, n_windows] for `SCCABlock`, pseudo masks [B, H, W, 2] for `SCCAPlusBlock`).
+      (query tokens [B, H, W, C], intermediates ``{"blocks_<n>": the block's}``: window
+      indices [B, n_windows], for `SCCAPlusBlock` also the pseudo masks [B, H, W, 2]).
     """
     h, w = q.shape[1:3]
     W.window_grid(h, w, self.window)  # checks the size
     block = nn.remat(self.block) if self.remat else self.block
-    aux = []
+    mid = {}
     for i in range(self.depth):
-      q, s, a = block(
+      q, s, mid[f"blocks_{i}"] = block(
         self.dim,
         self.num_heads,
         self.window,
@@ -399,8 +400,7 @@ class SCCATransformer(nn.Module):
         mlp_ratio=self.mlp_ratio,
         name=f"blocks_{i}",
       )(q, s, s_mask, *block_args)
-      aux.append(a)
-    return layer_norm("norm0")(q), tuple(aux)
+    return layer_norm("norm0")(q), mid
 
 
 # PAHNet's SCCANPlus transformer: the same stack of `SCCAPlusBlock`s.
