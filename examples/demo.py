@@ -154,7 +154,7 @@ def run(workdir: pathlib.Path, opts: Options = Options()) -> dict:
   from fss_jax.eval import protocol as protocol_lib
   from fss_jax.eval import run as eval_run
   from fss_jax.train import data as data_lib
-  from fss_jax.train import loop
+  from fss_jax.train import loop, runtime
   from fss_jax.train import optim as optim_lib
   from fss_jax.train import state as state_lib
   from fss_jax.train import step as step_lib
@@ -182,7 +182,7 @@ def run(workdir: pathlib.Path, opts: Options = Options()) -> dict:
   data = data_lib.make_data(config, run_dir, eval_batch_size=eval_bs)
   seed = int(config.eval.seeds[0])
   batches = list(data.eval(seed, int(config.eval.episodes)))
-  _, model = loop.build_model(config)
+  _, model = runtime.build_model(config)
   example = {k: v for k, v in evaluate_lib.model_inputs(batches[0]).items() if k != "valid"}
   params = jax.eval_shape(
     lambda k: state_lib.init_variables(model, state_lib.zeros_like_episode(example), k)["params"],
@@ -235,9 +235,9 @@ def run(workdir: pathlib.Path, opts: Options = Options()) -> dict:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from fss_jax.train import loop
+  from fss_jax.train import loop, runtime
 
-  loop.quiet_library_logs()
+  runtime.quiet_library_logs()
   opts = Options(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Options)})
   workdir = fss_io.user_path(flags.FLAGS.workdir)
   try:

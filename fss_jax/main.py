@@ -205,9 +205,9 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     _fail("--workdir is required (checkpoints, logs and results go there)")
   # Imported here so that flag errors are reported without loading JAX.
-  from fss_jax.train import loop
+  from fss_jax.train import runtime
 
-  loop.quiet_library_logs()
+  runtime.quiet_library_logs()
   config = _CONFIG.value
   workdir = fss_io.user_path(_WORKDIR.value)
   with contextlib.ExitStack() as stack:

@@ -2,7 +2,7 @@
 
 `fss_jax.train.data.make_data` passes the dataset's class names, `fss_jax.eval.run.evaluate`
 writes its scores to TensorBoard, and both entry points log the devices and the mesh first
-(`fss_jax.train.loop.log_devices`).
+(`fss_jax.train.runtime.log_devices`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pytest
 import test_engine as te
 
 from fss_jax.models import registry
-from fss_jax.train import checkpointing, loop
+from fss_jax.train import checkpointing, loop, runtime
 from fss_jax.train import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -303,7 +303,7 @@ def test_orbax_tracebacks_of_a_failed_save_stay_off_the_console():
   one line, and log.txt (another handler) keeps the records."""
   import logging
 
-  quiet = loop._QuietLibraries()
+  quiet = runtime._QuietLibraries()
   path = "/venv/site-packages/orbax/checkpoint/_src/checkpointers/async_checkpointer.py"
   try:
     raise OSError(errno.ENOSPC, "No space left on device")
@@ -318,7 +318,7 @@ def test_orbax_tracebacks_of_a_failed_save_stay_off_the_console():
   assert quiet.filter(other) and quiet.filter(ours)
   # tensorstore's callbacks into the event loop orbax closed after the failure
   seen = []
-  hook = loop._without_closed_loop_noise(seen.append)
+  hook = runtime._without_closed_loop_noise(seen.append)
   unraisable = collections.namedtuple(
     "unraisable", "exc_type exc_value exc_traceback err_msg object"
   )

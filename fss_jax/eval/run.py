@@ -14,8 +14,8 @@ It writes ``<workdir>/results_<dataset>_f<fold>_[<way>way]<shot>shot<protocol ta
 ``config_eval.json`` (the run record), and TensorBoard scalars ``eval/miou``, ``eval/fb_iou``
 (+ ``_std``), ``eval/iou/<id>_<name>`` at the checkpoint's step (+ episode panels when
 ``config.eval.num_images`` > 0). The data comes from `fss_jax.train.data.make_data` (or an
-injected `fss_jax.train.data.Data`); the model, devices log and writer are the training loop's
-(`fss_jax.train.loop`).
+injected `fss_jax.train.data.Data`); the model, devices log and writer are set up as for training
+(`fss_jax.train.runtime`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from fss_jax.eval import evaluate as evaluate_lib
 from fss_jax.eval import protocol as protocol_lib
 from fss_jax.train import checkpointing as ckpt_lib
 from fss_jax.train import data as data_lib
-from fss_jax.train import loop
 from fss_jax.train import optim as optim_lib
+from fss_jax.train import runtime
 from fss_jax.train import state as state_lib
 from fss_jax.train import step as step_lib
 from fss_jax.train import workdir as workdir_lib
@@ -103,10 +103,10 @@ def evaluate(config, workdir: str | os.PathLike, *, data: data_lib.Data | None =
   workdir = fss_io.user_path(workdir)
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh(config.mesh)
-  loop.log_devices(mesh)
+  runtime.log_devices(mesh)
   eval_bs = data_lib.global_eval_batch_size(config, mesh)
   local_eval_bs = parallel.local_batch_size(eval_bs, mesh)
-  spec, model = loop.build_model(config, sizes=("test_size",))
+  spec, model = runtime.build_model(config, sizes=("test_size",))
   if data is None:
     data = data_lib.make_data(config, workdir, eval_batch_size=eval_bs)
   eval_data = data.eval
@@ -129,7 +129,7 @@ def evaluate(config, workdir: str | os.PathLike, *, data: data_lib.Data | None =
   )
   state, source = load_for_eval(train_config, workdir, model, opt.tx, example, mesh)
   logging.info("evaluating %s on %d seed(s) x %d episodes", source, len(seeds), num)
-  dtype = loop.compute_dtype_name(config)
+  dtype = runtime.compute_dtype_name(config)
   score = protocol_lib.scoring(config)
   eval_step = step_lib.make_eval_step(model=model, mesh=mesh, score=score, compute_dtype=dtype)
   t0 = time.time()
@@ -174,11 +174,11 @@ def evaluate(config, workdir: str | os.PathLike, *, data: data_lib.Data | None =
     visualize.summary_bar_chart(summary, visualize.chart_path(path), class_names=data.class_names)
   step = int(jax.device_get(parallel.to_host(state.step)))
   # TensorBoard: eval/miou, eval/fb_iou (+ _std), eval/iou/<id>_<name>
-  writer = loop.metric_writer(config, workdir)
+  writer = runtime.metric_writer(config, workdir)
   try:
     writer.write_scalars(step, evaluate_lib.summary_scalars(summary))
     if int(config.eval.get("num_images", 0)) > 0:
-      loop.write_episode_images(
+      runtime.write_episode_images(
         config,
         writer,
         step,
