@@ -405,7 +405,7 @@ def test_scales_must_follow_the_input_size():
   model = symnet.make_model(scales=(60, 30, 15, 8))
   with pytest.raises(ValueError, match="first pyramid bin .60. must equal the feature size 5"):
     _abstract_variables(model, size=33)
-  with pytest.raises(ValueError, match="built for 1-shot episodes, got 2"):
+  with pytest.raises(ValueError, match="2 supports per query but the model was built for 1-shot"):
     _abstract_variables(symnet.make_model(), shot=2)
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from fss_jax import keymaps
 from fss_jax.models import frozen
 from fss_jax.models import pspnet as pspnet_lib
+from fss_jax.models.inputs import check_episode
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.attention.hdm import (
   HierarchicalTransformer,
@@ -168,15 +169,8 @@ class HDMNet(nn.Module):
       "base_logits": [B, H, W, N], "corr": [B, h_i, w_i] x 3 (coarse to fine),
       "est_val": [B], "intermediates": {name: array}}.
     """
-    x = episode["query_image"]
-    s_x = episode["support_images"]
-    b, hh, ww, _ = x.shape
-    k = s_x.shape[1]
-    if k != self.shot:
-      raise ValueError(
-        f"the model was built for {self.shot}-shot episodes, got {k} supports; "
-        f"set config.shot={k} (model field shot)"
-      )
+    b, k, hh, ww = check_episode(episode, self.shot)
+    x, s_x = episode["query_image"], episode["support_images"]
     mid: dict[str, Any] = {}  # the intermediates the parity fixtures record
     psp = pspnet_lib.PSPNet(
       num_classes=self.num_base_classes, depth=self.depth, frozen=True, name="pspnet"

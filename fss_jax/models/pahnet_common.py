@@ -31,25 +31,6 @@ from fss_jax.nn.prototype import prototype_prior, select_prior
 from fss_jax.ops import losses
 from fss_jax.ops.resize import resize_nearest
 
-
-def check_episode(episode: Mapping[str, jax.Array], shot: int) -> tuple[int, int, int, int]:
-  """(B, K, H, W) of an episode; a clear error when K is not the model's shot."""
-  x, sx, sy = episode["query_image"], episode["support_images"], episode["support_masks"]
-  b, hh, ww, _ = x.shape
-  k = sx.shape[1]
-  if k != shot:
-    raise ValueError(
-      f"the model was built for {shot}-shot episodes, got {k} supports; "
-      f"set config.shot={k} (model field shot)"
-    )
-  if sx.shape[2:4] != (hh, ww) or sy.shape[2:] != (hh, ww):
-    raise ValueError(
-      f"support images {tuple(sx.shape)} / masks {tuple(sy.shape)} must share "
-      f"the query size {hh}x{ww}"
-    )
-  return b, k, hh, ww
-
-
 # The SSP predictor's backbone output among the cached features (`Encoders`).
 SSP_LAYER3 = "ssp_layer3"
 

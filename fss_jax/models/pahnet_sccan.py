@@ -33,8 +33,8 @@ from fss_jax.models import hdmnet as hdmnet_lib
 from fss_jax.models import pspnet as pspnet_lib
 from fss_jax.models import sccan as sccan_lib
 from fss_jax.models import ssp as ssp_lib
+from fss_jax.models.inputs import check_episode
 from fss_jax.models.pahnet_common import (
-  check_episode,
   frozen_features,
   level_priors,
   predictor_probability,

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from fss_jax import keymaps as K
 from fss_jax.models import frozen
+from fss_jax.models.inputs import check_episode
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.aspp import ASPPDecoder
 from fss_jax.nn.attention.sccan import SCCATransformer
@@ -96,21 +97,8 @@ class SCCAN(nn.Module):
       [B, 64, 64, 2], ``prior`` [B, 64, 64, 1], ``support_mask`` [B, 64, 64, 1], and
       ``intermediates`` {name: array} (nested by block: ``transformer/blocks_0/q_out``).
     """
-    x = episode["query_image"]
-    sx = episode["support_images"]
-    sy = episode["support_masks"]
-    b, hi, wi, _ = x.shape
-    k = sx.shape[1]
-    if k != self.shot:
-      raise ValueError(
-        f"episode has {k} supports per query but the model was built with "
-        f"shot={self.shot}; build it with shot={k} (config.shot) or fix the data"
-      )
-    if sx.shape[2:4] != (hi, wi) or sy.shape[2:] != (hi, wi):
-      raise ValueError(
-        f"support images {tuple(sx.shape)} / masks {tuple(sy.shape)} must share "
-        f"the query size {hi}x{wi}"
-      )
+    b, k, hi, wi = check_episode(episode, self.shot)
+    x, sx, sy = episode["query_image"], episode["support_images"], episode["support_masks"]
     size = (self.grid, self.grid)
     resize = lambda t, s=size: resize_bilinear(t, s, align_corners=True)
 

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from fss_jax.models import frozen
+from fss_jax.models.inputs import check_episode
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
 from fss_jax.nn.prototype import self_support_prototypes, ssp_masked_average, ssp_match
@@ -224,12 +225,7 @@ class SSP(nn.Module):
     """episode: query_image [B, H, W, 3], support_images [B, K, H, W, 3], support_masks
     [B, K, H, W]; query_mask [B, H, W] for training. Returns `SSPMatchingNet`'s dict
     (``logits`` [B, H, W, 2] at the image size)."""
-    k = episode["support_images"].shape[1]
-    if k != self.shot:
-      raise ValueError(
-        f"the SSP model was built for {self.shot}-shot episodes, got {k} "
-        f"supports; set config.shot={k}"
-      )
+    check_episode(episode, self.shot)
     net = SSPMatchingNet(refine=self.refine, depth=self.depth, name="ssp")
     out = net(
       episode["query_image"],

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from fss_jax import assets, keymaps
 from fss_jax.models import frozen
 from fss_jax.models import pspnet as pspnet_lib
+from fss_jax.models.inputs import check_episode
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
 from fss_jax.nn.block_features import ResNetBlocksDeepStem, stage_outputs
@@ -125,15 +126,8 @@ class SymNet(nn.Module):
       "intermediates" {name: array} (what the parity fixtures record)}.
       H' = (H - 1) / 8 * 8 + 1 = H.
     """
-    x = episode["query_image"]
-    s_x = episode["support_images"]
-    b, hh, ww, _ = x.shape
-    k = s_x.shape[1]
-    if k != self.shot:
-      raise ValueError(
-        f"the model was built for {self.shot}-shot episodes, got {k} supports; "
-        f"set config.shot={k} (model field shot)"
-      )
+    b, k, hh, ww = check_episode(episode, self.shot)
+    x, s_x = episode["query_image"], episode["support_images"]
     dataset = assets.canonical_dataset(self.dataset)
     want_base = pspnet_lib.num_base_classes(dataset)
     if self.num_base_classes != want_base:
