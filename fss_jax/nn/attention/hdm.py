@@ -394,7 +394,7 @@ class DownStage(nn.Module):
     return layer_norm(self.ln_eps, "norm")(x), hw, mid
 
 
-def tagged(mid: dict[str, jax.Array], tag: str) -> dict[str, jax.Array]:
+def _tagged(mid: dict[str, jax.Array], tag: str) -> dict[str, jax.Array]:
   """``{name + tag: value}``: a stage's intermediates for the query (``_query``) or the
   supports (``_support``)."""
   return {f"{name}{tag}": v for name, v in mid.items()}
@@ -551,12 +551,12 @@ class HierarchicalTransformer(nn.Module):
         # Query and supports share the stage and never interact in it: one batched call.
         ts, hw, both = stage(jnp.concatenate([q, s], axis=0), train=train)
         qt, st, shw = ts[:b], ts[b:], hw
-        q_mid = {n: v[:b] for n, v in both.items()}
-        s_mid = {n: v[b:] for n, v in both.items()}
+        q_mid = {name: v[:b] for name, v in both.items()}
+        s_mid = {name: v[b:] for name, v in both.items()}
       else:
         qt, hw, q_mid = stage(q, train=train)
         st, shw, s_mid = stage(s, train=train)
-      mid[f"down_{i}"] = {**tagged(q_mid, "_query"), **tagged(s_mid, "_support")}
+      mid[f"down_{i}"] = {**_tagged(q_mid, "_query"), **_tagged(s_mid, "_support")}
       mid[f"down{i}_norm_query"], mid[f"down{i}_norm_support"] = qt, st
       m = resize_nearest(support_mask[..., None].astype(query.dtype), shw)
       masks.append(m.reshape(b, k * shw[0] * shw[1]))  # shot-major keys
@@ -624,7 +624,7 @@ class TransformerPlus(HierarchicalTransformer):
       qt, hw, q_mid = stage(q, train=train)
       st, shw2, s_mid = stage(s, train=train, attn_kwargs=kwargs)
       assert shw2 == shw, (shw2, shw)
-      mid[f"down_{i}"] = {**tagged(q_mid, "_query"), **tagged(s_mid, "_support")}
+      mid[f"down_{i}"] = {**_tagged(q_mid, "_query"), **_tagged(s_mid, "_support")}
       mid[f"down{i}_norm_query"], mid[f"down{i}_norm_support"] = qt, st
       p_near = resize_nearest(prob[..., None], hw).reshape(b, -1)
       p_bil = resize_bilinear(prob[..., None], hw, align_corners=True)[..., 0]

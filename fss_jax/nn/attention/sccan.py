@@ -23,7 +23,7 @@ The pieces compose, so that SCCAN and PAHNet's SCCANPlus share them:
 
 Parameter names follow the official module names (``norm1``, ``attn_q.q``,
 ``attn_q.kv``, ``attn_q.proj``, ``mlp_q.fc1``, ...), blocks are ``blocks_{n}``.
-Each block returns its intermediates as its last output (big_vision's ``out``; ``mid`` here):
+Each block returns its intermediates last, as a dict (``mid``, big_vision's ``out``):
 ``window_index`` [B, n_windows], the residual branches (``attn_q_out`` / ``attn_s_out``
 windows [B, n_windows * T, C], ``mlp_q_out``, ``mlp_s_out``) and the block outputs
 ``q_out``, ``s_out`` (tokens [B, H * W, C]); `SCCAPlusBlock` also ``pe_q`` (PFE query
