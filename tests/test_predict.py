@@ -9,13 +9,13 @@ manager); the model input is 64 x 64.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import cv2
 import jax
 import numpy as np
 import pytest
+import random_weights
 from PIL import Image
 
 from checkpoints import io as ckpt_io
@@ -28,7 +28,8 @@ SIZE = 64
 
 
 def _random_variables(model, size: int) -> dict:
-  """Numpy weights in the shapes of ``model.init`` (no compilation of the init)."""
+  """Host-drawn weights (`random_weights.draw`) in the shapes of ``model.init`` at ``size``
+  (no compilation of the init)."""
   ep = {
     "query_image": np.zeros((1, size, size, 3), np.float32),
     "query_mask": np.zeros((1, size, size), np.int32),
@@ -37,16 +38,7 @@ def _random_variables(model, size: int) -> dict:
     "class_id": np.zeros((1,), np.int32),
   }
   shapes = jax.eval_shape(lambda k: state_lib.init_variables(model, ep, k), jax.random.PRNGKey(0))
-  rng = np.random.default_rng(0)
-
-  def leaf(s):
-    if len(s.shape) == 4:  # HWIO conv kernel (PANet: no BN)
-      return (rng.standard_normal(s.shape) * math.sqrt(2.0 / np.prod(s.shape[:3]))).astype(
-        np.float32
-      )
-    return (0.01 * rng.standard_normal(s.shape)).astype(np.float32)
-
-  return jax.tree.map(leaf, shapes)
+  return random_weights.draw(shapes)
 
 
 @pytest.fixture(scope="module")
@@ -497,10 +489,7 @@ def test_checkpoint_records_what_predict_needs(tmp_path, setup):
     **convert.paper_description("hdmnet", "coco20i", 0),
   }
   assert meta["output"] == "probabilities" and meta["labels"]["classes"]["1"] == "person"
-  variables = jax.tree_util.tree_map_with_path(  # BatchNorm variances must be positive
-    lambda path, x: np.ones_like(x) if str(path[-1]).endswith("'var']") else x,
-    _random_variables(model, 65),
-  )
+  variables = _random_variables(model, 65)  # BatchNorm variances 1
   ckpt = ckpt_io.write_orbax(variables, tmp_path / "hdmnet_coco", metadata=meta)
   p = predict.Predictor(None, ckpt)
   assert (p.size, p.resize, p.output) == (633, "squash", "probabilities")
