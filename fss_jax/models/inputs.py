@@ -1,5 +1,5 @@
 """What an episode model checks before its first step: the support count its ``shot`` field
-was built for, and supports of the query's size."""
+was built for (`check_episode`), and supports of the query's size (`check_supports`)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,16 @@ def check_episode(episode: Mapping[str, jax.Array], shot: int) -> tuple[int, int
       f"the episode has {k} supports per query but the model was built for {shot}-shot "
       f"episodes; set config.shot={k} (the model field shot) or fix the data"
     )
-  if sx.shape[2:4] != (hh, ww) or sy.shape[2:] != (hh, ww):
+  check_supports(x, sx, sy)
+  return b, k, hh, ww
+
+
+def check_supports(query: jax.Array, images: jax.Array, masks: jax.Array) -> None:
+  """Raises ValueError unless support images [B, K, H, W, 3] and masks [B, K, H, W] share
+  the query's [B, H, W, 3] size."""
+  hh, ww = query.shape[1:3]
+  if images.shape[2:4] != (hh, ww) or masks.shape[2:] != (hh, ww):
     raise ValueError(
-      f"support images {tuple(sx.shape)} / masks {tuple(sy.shape)} must share "
+      f"support images {tuple(images.shape)} / masks {tuple(masks.shape)} must share "
       f"the query size {hh}x{ww}"
     )
-  return b, k, hh, ww

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from fss_jax.models import frozen
-from fss_jax.models.inputs import check_episode
+from fss_jax.models.inputs import check_episode, check_supports
 from fss_jax.models.registry import ModelSpec
 from fss_jax.nn.backbones import resnet
 from fss_jax.nn.prototype import self_support_prototypes, ssp_masked_average, ssp_match
@@ -170,11 +170,7 @@ class SSPMatchingNet(nn.Module):
     """
     b, hh, ww, _ = query_image.shape
     k = support_images.shape[1]
-    if support_images.shape[2:4] != (hh, ww) or support_masks.shape[2:] != (hh, ww):
-      raise ValueError(
-        f"support images {tuple(support_images.shape)} / masks "
-        f"{tuple(support_masks.shape)} must share the query size {hh}x{ww}"
-      )
+    check_supports(query_image, support_images, support_masks)
     if features is None:
       backbone = resnet.ResNetSSP(depth=self.depth, frozen=True, name="backbone")
       imgs = jnp.concatenate([query_image, support_images.reshape(b * k, hh, ww, -1)], axis=0)

@@ -250,8 +250,7 @@ class SymNet(nn.Module):
     base = psp.base_logits(lq[4], train=train)  # no gradient reaches pspnet (frozen)
     mid["base_logits_lowres"] = base
     ens = ensemble(meta, base, est, exclude_channel=base_channel(episode) if train else None)
-    for name in ("gram_merge_in_bg", "gram_merge_in_fg", "cls_merge_in"):
-      mid[name] = ens[name]
+    mid.update(ens["intermediates"])
 
     # 10. outputs at the input resolution
     size = (pspnet_lib.output_size(hh), pspnet_lib.output_size(ww))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -401,9 +402,10 @@ class ShotWeightedEnsemble(nn.Module):
     est: jax.Array,
     *,
     exclude_channel: jax.Array | None = None,
-  ) -> dict[str, jax.Array]:
+  ) -> dict[str, Any]:
     """meta ``[B, h, w, 2]``, base ``[B, h, w, N]``, est ``[B]`` (= sum_k w_k e_k) ->
-    {"final" [B, h, w, 2], "base_map" [B, h, w, 1], "gram_merge_in_bg|fg", "cls_merge_in"}."""
+    {"final" [B, h, w, 2], "base_map" [B, h, w, 1], "intermediates": the merges' inputs
+    ``gram_merge_in_bg|fg``, ``cls_merge_in``} (as `LearnerEnsemble` returns them)."""
     meta_prob = jax.nn.softmax(meta_logits, axis=-1)
     base_map = base_foreground(jax.nn.softmax(base_logits, axis=-1), exclude_channel)
     est_map = jnp.broadcast_to(est[:, None, None, None], base_map.shape).astype(meta_prob.dtype)
@@ -414,9 +416,11 @@ class ShotWeightedEnsemble(nn.Module):
     return {
       "final": final,
       "base_map": base_map,
-      "gram_merge_in_bg": bg_in,
-      "gram_merge_in_fg": fg_in,
-      "cls_merge_in": merge_in,
+      "intermediates": {
+        "gram_merge_in_bg": bg_in,
+        "gram_merge_in_fg": fg_in,
+        "cls_merge_in": merge_in,
+      },
     }
 
 
