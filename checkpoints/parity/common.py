@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 
 def nchw(x) -> np.ndarray:
@@ -61,17 +62,10 @@ def apply_with_intermediates(module, variables, inputs):
   return out, {"intermediates": out.pop("intermediates", {})}
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict:
-  """Nested intermediates -> ``{"path/name": value}`` (the one-element tuples of Flax's
-  ``capture_intermediates`` unwrapped); nested blocks keep their path
+def flatten(tree: Mapping[str, Any]) -> dict:
+  """Nested intermediates -> ``{"path/name": value}``: nested blocks keep their path
   (``transformer/down_0/self1_query``)."""
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      flat.update(flatten(v, f"{prefix}{k}/"))
-    else:
-      flat[f"{prefix}{k}"] = v[0] if isinstance(v, tuple) and len(v) == 1 else v
-  return flat
+  return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 def state_shapes(meta: Mapping[str, Any], *, strip: str = "") -> dict[str, tuple[int, ...]]:
