@@ -27,7 +27,8 @@ class FakeLoader:
 
 
 class FakeEvalStep:
-  """An eval step with fixed counts that records the valid episodes of each batch it returns."""
+  """An eval step with fixed counts that records the valid episodes of each batch it is
+  dispatched (in order; `evaluate_episodes` fetches them one step later)."""
 
   def __init__(self):
     self.returned = []
@@ -54,7 +55,9 @@ def test_progress_counts_completed_valid_episodes(mesh):
   step, reported = FakeEvalStep(), []
 
   def progress(done, total):
-    assert done == sum(step.returned), "only batches whose results are on the host count"
+    fetched = len(reported) + 1  # progress runs once per batch whose counts are on the host
+    assert done == sum(step.returned[:fetched]), "only batches whose results are on the host count"
+    assert len(step.returned) <= fetched + 1, "at most one step in flight"
     reported.append((done, total))
 
   acc = evaluate_lib.evaluate_episodes(

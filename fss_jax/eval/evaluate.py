@@ -169,16 +169,28 @@ def evaluate_episodes(
   if total is None:
     total = getattr(batches, "episodes_per_epoch", None)
   progress = progress or ProgressLog("evaluation")
+
+  def count(step_out: Any) -> None:  # waits for one step's counts, adds them, reports
+    out = parallel.to_host(step_out)
+    acc.add(out["intersection"], out["union"], out["class_id"], out["valid"] > 0)
+    if baseline is not None:
+      baseline.add(*all_foreground_counts(out["target"]), out["class_id"], out["valid"] > 0)
+    progress(acc.episodes, total)
+
+  # One step in flight: batch i + 1 is read, given its cached features and dispatched
+  # before step i's counts are fetched, so the host's work overlaps the device's.
+  in_flight = None
   for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
     host = pad_batch(model_inputs(batch), local_batch_size)
     batch_in = to_global(host) if to_global is not None else parallel.to_global(host, mesh)
-    out = parallel.to_host(eval_fn(state, batch_in))
-    acc.add(out["intersection"], out["union"], out["class_id"], out["valid"] > 0)
-    if baseline is not None:
-      baseline.add(*all_foreground_counts(out["target"]), out["class_id"], out["valid"] > 0)
-    progress(acc.episodes, total)
+    step_out = eval_fn(state, batch_in)
+    if in_flight is not None:
+      count(in_flight)
+    in_flight = step_out
+  if in_flight is not None:
+    count(in_flight)
   if total != acc.episodes:  # stopped early (max_batches) or the total was unknown: a last line
     progress(acc.episodes, acc.episodes)
   return acc
