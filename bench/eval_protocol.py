@@ -16,7 +16,10 @@ temporary folder, as bench/data_pipeline.py does. Compilation is excluded from
 (``compile_s``). Output fields: ``episodes_per_s`` (all seeds' episodes / wall time),
 ``unique_images``, ``backbone_passes`` (encoder passes: cached = encoded images,
 uncached = (1 + K) per episode), ``cache_bytes``, ``cache_placement``, ``peak_mib``,
-``miou`` (mean over seeds), ``per_seed_miou``.
+``miou`` (mean over seeds), ``per_seed_miou``, and XLA's count of the model's arithmetic
+(HLO cost analysis, before optimisation): ``gflop_per_episode`` (cached: ``head_gflop``, the
+forward on cached features, plus ``encoder_gflop`` per image x passes / episodes; plain: the
+whole forward), so plain / cached is the speed-up the arithmetic allows at equal throughput.
 """
 
 from __future__ import annotations
@@ -38,6 +41,50 @@ def _episode_files(data_dir: str, folder: str, *, shot: int, num: int, seeds: li
     out[s] = f"{folder}/episodes_{shot}shot_s{s}_n{num}.jsonl"
     episodes.write_episodes(out[s], recs)
   return out
+
+
+def _gflop(fn, *args) -> float:
+  """XLA's FLOP count of ``fn(*args)`` (HLO cost analysis of the lowered program), in GFLOP."""
+  import jax
+
+  cost = jax.jit(fn).lower(*args).cost_analysis() or {}
+  return float(cost.get("flops", float("nan"))) / 1e9
+
+
+def _arithmetic(model, encoder, variables, example, cache, *, passes: int, episodes: int):
+  """GFLOP per episode of the path that ran: the whole forward (plain), or the forward on
+  cached features plus the encoder passes shared out over the episodes (cached)."""
+  import jax
+  import numpy as np
+
+  from fss_jax.models import frozen
+
+  ep = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in example.items()}
+  b, k = ep["support_images"].shape[:2]
+  forward = lambda v, e: model.apply(v, e, train=False)
+  if cache is None:
+    return {"gflop_per_episode": round(_gflop(forward, variables, ep) / b, 2)}
+  feats = lambda *lead: {
+    n: jax.ShapeDtypeStruct((*lead, *shape), dt) for n, (shape, dt) in cache.shapes.items()
+  }
+  ep[frozen.QUERY_FEATURES], ep[frozen.SUPPORT_FEATURES] = feats(b), feats(b, k)
+  head = _gflop(forward, variables, ep) / b
+  images = jax.ShapeDtypeStruct((2, *ep["query_image"].shape[1:]), np.float32)
+  masks = jax.ShapeDtypeStruct(images.shape[:3], np.int32)
+  enc = (
+    _gflop(
+      lambda v, x, m: encoder(v, x, m if encoder.masked_supports is not None else None),
+      encoder.variables(variables),
+      images,
+      masks,
+    )
+    / 2
+  )
+  return {
+    "gflop_per_episode": round(head + enc * passes / episodes, 2),
+    "head_gflop": round(head, 2),
+    "encoder_gflop": round(enc, 2),
+  }
 
 
 def run(args, build, peak_memory) -> dict[str, Any]:
@@ -123,6 +170,16 @@ def run(args, build, peak_memory) -> dict[str, Any]:
     summary, cache, seconds, lds = evaluate(files)
   episodes = args.episodes * len(seeds)
   stats = cache.stats() if cache is not None else {}
+  passes = stats.get("backbone_passes", episodes * (1 + args.shot))
+  arithmetic = _arithmetic(
+    model,
+    spec.encoder(**fields) if cache is not None else None,
+    state.variables(),
+    example,
+    cache,
+    passes=passes,
+    episodes=episodes,
+  )
   unique = {p for ld in lds.values() for sp in ld.specs for p in (sp.query, *sum(sp.supports, ()))}
   return {
     "model": args.model,
@@ -137,11 +194,12 @@ def run(args, build, peak_memory) -> dict[str, Any]:
     "seconds": round(seconds, 3),
     "compile_s": round(compile_s, 3),
     "unique_images": stats.get("unique_images", len(unique)),
-    "backbone_passes": stats.get("backbone_passes", episodes * (1 + args.shot)),
+    "backbone_passes": passes,
     "cache_bytes": stats.get("cache_bytes", 0),
     "cache_placement": stats.get("placement", "none"),
     "encode_s": stats.get("encode_s"),
     "peak_mib": round(peak_memory(jax.devices())["peak_memory_bytes"] / 2**20, 1),
     "miou": round(float(summary["miou_mean"]), 4),
     "per_seed_miou": {s: round(float(r["miou"]), 4) for s, r in summary["seeds"].items()},
+    **arithmetic,
   }

@@ -161,6 +161,31 @@ def test_eval_protocol_record(capsys):
   assert set(rec["per_seed_miou"]) == {"321", "322"} and np.isfinite(rec["miou"])
   assert 0 < rec["unique_images"] <= rec["backbone_passes"] < 2 * 3 * 2  # fewer than 1 + K each
   assert rec["cache_bytes"] > 0 and rec["cache_placement"] == "host" and rec["compile_s"] > 0
+  # XLA's arithmetic: the head on cached features plus the encoder passes shared out.
+  assert 0 < rec["head_gflop"] < rec["gflop_per_episode"] and rec["encoder_gflop"] > 0
+  shared = rec["encoder_gflop"] * rec["backbone_passes"] / 6
+  assert rec["gflop_per_episode"] == pytest.approx(rec["head_gflop"] + shared, abs=0.02)
+
+
+def test_results_protocol_table_compares_each_path_with_plain():
+  """The protocol table: speed-up and arithmetic ratio against the plain row of the same
+  (model, K, size); the latest record of a path wins."""
+  common = {"_file": "eval_protocol_cpu.jsonl", "model": "m", "shot": 5, "size": 241}
+  run = dict(common, mode="eval_protocol", episodes_per_seed=200, seeds=[321, 322])
+  recs = [
+    dict(run, cache=True, episodes_per_s=1.0, gflop_per_episode=100.0),  # superseded below
+    dict(run, cache=True, episodes_per_s=1.5, gflop_per_episode=60.0),
+    dict(run, cache=False, episodes_per_s=0.25, gflop_per_episode=480.0, episodes_per_seed=6),
+    dict(common, impl="torch", mode="eval", steps=3, episodes_per_s=0.3),
+  ]
+  page = results_lib.render(recs)
+  rows = [l for l in page.splitlines() if l.startswith("| m | 5 | 241 |")]
+  assert [r.split(" | ")[3:8] for r in rows] == [
+    ["cached", "200 × 2", "1.5", "6.00×", "60.0"],
+    ["plain", "6 × 2", "0.25", "1.00×", "480"],
+    ["official (forward only)", "3 steps", "0.3", "1.20×", "–"],
+  ]
+  assert [r.split(" | ")[8] for r in rows] == ["8.00×", "1.00×", "–"]
 
 
 def test_bfloat16_train_record(capsys):
