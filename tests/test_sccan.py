@@ -2,7 +2,7 @@
 
 * Parity runs the same path as ``python -m checkpoints.verify`` on every SCCAN
   fixture under shared/parity/sccan (the shipped 1-shot one is required); window
-  indices must match exactly.
+  indices must match exactly, except at float32 ties of the alignment scores.
 * Robustness: 5-shot at a non-square size is traced (shapes only) and the shot
   check fires with a clear message.
 * Key map: synthetic state dicts with every official key name (ResNet-50 from the
@@ -28,7 +28,7 @@ from conftest import (
   run_train_steps,
 )
 
-from checkpoints import parity
+from checkpoints import fixtures, parity
 from checkpoints.verify import verify_fixture
 from fss_jax import keymaps
 from fss_jax.models import registry, sccan
@@ -47,14 +47,41 @@ def _check_report(report, meta):
   mids = report["intermediates"]
   index_names = [n for n in meta["tensors"] if n.endswith("_window_index")]
   assert len(index_names) == 8
-  for name in index_names:  # integer window matches: exact
-    assert mids[name]["max_abs"] == 0.0, name
+  differing = [n for n in index_names if mids[n]["max_abs"] != 0.0]
+  if differing:  # integer window matches: exact, except where two windows tie in float32
+    _check_window_ties(report["fixture"], differing)
   for name in ("mid_prior_mask", "mid_meta_logits_64", "mid_transformer_out__c8"):
     e = mids[name]
     assert e["max_abs"] <= 1e-4 * max(1.0, e["scale"]), (name, e)
   # Deep backbone-derived maps: relative 1e-3 (shared/parity/README.md).
   for name, e in mids.items():
+    if name in index_names:
+      continue
     assert e["max_abs"] is not None and e["max_abs"] <= 1e-3 * max(1.0, e["scale"]), (name, e)
+
+
+def _check_window_ties(fixture: str, names: list[str]) -> None:
+  """Where our window index differs from the official one, both windows must score the same
+  to float32 rounding in our alignment (a tie: the argmax is then the rounding's choice)."""
+  arrays, meta = fixtures.load_fixture(fixture)
+  adapter = parity.for_fixture(meta)
+  fields = adapter.model_fields(meta)
+  state_dict = keymaps.strip_prefixes(fixtures.regenerate(meta))
+  variables = keymaps.convert(state_dict, sccan.keymap(**fields), model="sccan")
+  model = sccan.make_model(**fields)
+  with jax.default_matmul_precision("highest"):
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      variables, adapter.inputs(arrays, meta)
+    )
+  blocks = out["intermediates"]["transformer"]
+  for name in names:
+    n = int(re.search(r"block(\d+)_window_index", name).group(1))
+    ours = np.asarray(blocks[f"blocks_{n}"]["window_index"])
+    scores = np.asarray(blocks[f"blocks_{n}"]["window_scores"])  # [B, support, query]
+    ref = arrays[name].reshape(ours.shape)
+    for b, j in np.argwhere(ours != ref):
+      mine, theirs = scores[b, ours[b, j], j], scores[b, ref[b, j], j]
+      assert abs(mine - theirs) <= 1e-6 * abs(mine), (name, b, j, mine, theirs)
 
 
 def test_parity_official_fixture():

@@ -24,7 +24,8 @@ The pieces compose, so that SCCAN and PAHNet's SCCANPlus share them:
 Parameter names follow the official module names (``norm1``, ``attn_q.q``,
 ``attn_q.kv``, ``attn_q.proj``, ``mlp_q.fc1``, ...), blocks are ``blocks_{n}``.
 Each block returns its intermediates last, as a dict (``mid``, big_vision's ``out``):
-``window_index`` [B, n_windows], the residual branches (``attn_q_out`` / ``attn_s_out``
+``window_index`` [B, n_windows] and its alignment ``window_scores`` [B, n_windows,
+n_windows], the residual branches (``attn_q_out`` / ``attn_s_out``
 windows [B, n_windows * T, C], ``mlp_q_out``, ``mlp_s_out``) and the block outputs
 ``q_out``, ``s_out`` (tokens [B, H * W, C]); `SCCAPlusBlock` also ``pe_q`` (PFE query
 tokens) and ``pseudo`` (its pseudo mask). The transformer returns them as
@@ -185,14 +186,16 @@ class ShiftedWindowStreams:
   def _pad(self, x):
     return W.pad_half_window(x, self.window) if self.shifted else x
 
-  def _aligned_windows(self, qn, sn, mp):
+  def _aligned_windows(self, qn, sn, mp, mid: dict):
     """Windows of the normed, padded maps qn, sn [B, H', W', C] and the support window
-    aligned to each query window (mask mp [B, H', W', 1]).
+    aligned to each query window (mask mp [B, H', W', 1]); records ``window_index``
+    [B, N] and its ``window_scores`` [B, N, N] (support x query) in ``mid``.
 
     Returns (index [B, N], query windows, support windows, aligned support windows,
     each [B, N, T, C]).
     """
-    index = align_support_windows(qn, sn, mp, self.window)
+    index, mid["window_scores"] = align_support_windows(qn, sn, mp, self.window, return_scores=True)
+    mid["window_index"] = index
     s_win = W.window_partition(sn, self.window)
     return index, W.window_partition(qn, self.window), s_win, W.gather_windows(s_win, index)
 
@@ -268,8 +271,8 @@ class SCCABlock(ShiftedWindowStreams, nn.Module):
     sn = self._pad(self.norm1(s))
     mp = self._pad(s_mask.astype(q.dtype))
     hp, wp = qn.shape[1:3]
-    index, q_win, s_win, s_aligned = self._aligned_windows(qn, sn, mp)  # [B, N, T, C]
-    mid: dict[str, jnp.ndarray] = {"window_index": index}
+    mid: dict[str, jnp.ndarray] = {}
+    index, q_win, s_win, s_aligned = self._aligned_windows(qn, sn, mp, mid)  # [B, N, T, C]
     nw, t = q_win.shape[1:3]
     o = self.attn_q(q_win.reshape(b * nw, t, c), s_aligned.reshape(b * nw, t, c))
     q = self._residual_mlp(q, o, self.mlp_q, self.norm2, (hp, wp), mid, "q")
@@ -315,8 +318,8 @@ class SCCAPlusBlock(ShiftedWindowStreams, nn.Module):
     mp = self._pad(s_mask.astype(q.dtype))
     pp = self._pad(prob[..., None].astype(q.dtype))
     hp, wp = qn.shape[1:3]
-    index, q_win, s_win, s_al = self._aligned_windows(qn, sn, mp)  # [B, N, T, C]
-    mid: dict[str, jnp.ndarray] = {"pe_q": qt, "pseudo": pseudo, "window_index": index}
+    mid: dict[str, jnp.ndarray] = {"pe_q": qt, "pseudo": pseudo}
+    index, q_win, s_win, s_al = self._aligned_windows(qn, sn, mp, mid)  # [B, N, T, C]
     m_win = W.window_partition(mp, self.window)[..., 0]  # [B, N, T]
     p_win = W.window_partition(pp, self.window)[..., 0]
     m_al = jnp.take_along_axis(m_win, index[:, :, None], axis=1)
