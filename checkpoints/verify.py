@@ -45,6 +45,7 @@ import json
 import math
 import pathlib
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,38 @@ def _fmt(v) -> str:
   return "nan" if v is None else f"{v:.3e}"
 
 
+def model_outputs(
+  arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], *, compute_dtype: str = "float32"
+) -> tuple[Any, dict[str, Any]]:
+  """(the fixture's parity adapter, our model's outputs as numpy, intermediates included) for
+  a forward fixture: weights regenerated from its rule and converted with the key map, its
+  inputs through the adapter, float32 matmuls at "highest" (inputs cast to ``compute_dtype``
+  when that is not float32)."""
+  import jax
+
+  from checkpoints import parity  # the adapter modules (they import jax) load on lookup
+  from fss_jax import keymaps
+  from fss_jax.models import registry
+  from fss_jax.train import precision
+
+  adapter = parity.for_fixture(meta)
+  spec = registry.get(adapter.model)
+  state_dict = keymaps.strip_prefixes(fixtures.regenerate(meta))
+  fields = adapter.model_fields(meta)
+  variables = keymaps.convert(state_dict, spec.keymap(**fields), model=spec.name)
+  model = spec.make_model(**fields)
+  with jax.default_matmul_precision("highest"):
+    inputs = adapter.inputs(arrays, meta)
+    if not precision.is_float32(compute_dtype):
+      inputs = precision.cast_floating(inputs, precision.compute_dtype(compute_dtype))
+    if adapter.apply is not None:
+      outputs = adapter.apply(model, variables, inputs)
+    else:
+      outputs = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, inputs)
+    outputs = jax.tree.map(np.asarray, jax.device_get(precision.to_float32(outputs)))
+  return adapter, outputs
+
+
 def verify_fixture(
   path: str | pathlib.Path,
   *,
@@ -93,10 +126,6 @@ def verify_fixture(
     registry.UnsupportedModelError: no parity adapter handles the fixture.
     keymaps.ConversionError: the regenerated weights do not fit the key map.
   """
-  import jax
-
-  from checkpoints import parity  # the adapter modules (they import jax) load on lookup
-  from fss_jax import keymaps
   from fss_jax.models import registry
   from fss_jax.train import precision
 
@@ -111,21 +140,8 @@ def verify_fixture(
     from checkpoints import train_step
 
     return train_step.verify_train_fixture(path, arrays, meta, verbose=verbose, dtype=train_dtype)
-  adapter = parity.for_fixture(meta)
+  adapter, outputs = model_outputs(arrays, meta, compute_dtype=compute_dtype)
   spec = registry.get(adapter.model)
-  state_dict = keymaps.strip_prefixes(fixtures.regenerate(meta))
-  fields = adapter.model_fields(meta)
-  variables = keymaps.convert(state_dict, spec.keymap(**fields), model=spec.name)
-  model = spec.make_model(**fields)
-  with jax.default_matmul_precision("highest"):
-    inputs = adapter.inputs(arrays, meta)
-    if drift_only:
-      inputs = precision.cast_floating(inputs, precision.compute_dtype(compute_dtype))
-    if adapter.apply is not None:
-      outputs = adapter.apply(model, variables, inputs)
-    else:
-      outputs = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, inputs)
-    outputs = jax.tree.map(np.asarray, jax.device_get(precision.to_float32(outputs)))
   preds = adapter.outputs(outputs, meta)
 
   report: dict[str, Any] = {

@@ -29,7 +29,7 @@ from conftest import (
 )
 
 from checkpoints import fixtures, parity
-from checkpoints.verify import verify_fixture
+from checkpoints.verify import model_outputs, verify_fixture
 from fss_jax import keymaps
 from fss_jax.models import registry, sccan
 
@@ -64,15 +64,7 @@ def _check_window_ties(fixture: str, names: list[str]) -> None:
   """Where our window index differs from the official one, both windows must score the same
   to float32 rounding in our alignment (a tie: the argmax is then the rounding's choice)."""
   arrays, meta = fixtures.load_fixture(fixture)
-  adapter = parity.for_fixture(meta)
-  fields = adapter.model_fields(meta)
-  state_dict = keymaps.strip_prefixes(fixtures.regenerate(meta))
-  variables = keymaps.convert(state_dict, sccan.keymap(**fields), model="sccan")
-  model = sccan.make_model(**fields)
-  with jax.default_matmul_precision("highest"):
-    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, adapter.inputs(arrays, meta)
-    )
+  _, out = model_outputs(arrays, meta)  # the forward verify_fixture ran
   blocks = out["intermediates"]["transformer"]
   for name in names:
     n = int(re.search(r"block(\d+)_window_index", name).group(1))
