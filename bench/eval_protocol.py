@@ -71,15 +71,8 @@ def _arithmetic(model, encoder, variables, example, cache, *, passes: int, episo
   head = _gflop(forward, variables, ep) / b
   images = jax.ShapeDtypeStruct((2, *ep["query_image"].shape[1:]), np.float32)
   masks = jax.ShapeDtypeStruct(images.shape[:3], np.int32)
-  enc = (
-    _gflop(
-      lambda v, x, m: encoder(v, x, m if encoder.masked_supports is not None else None),
-      encoder.variables(variables),
-      images,
-      masks,
-    )
-    / 2
-  )
+  # Masks as the cache passes them (an encoder without masked_supports ignores them).
+  enc = _gflop(lambda v, x, m: encoder(v, x, m), encoder.variables(variables), images, masks) / 2
   return {
     "gflop_per_episode": round(head + enc * passes / episodes, 2),
     "head_gflop": round(head, 2),
